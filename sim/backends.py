@@ -1,0 +1,143 @@
+"""Backends are presets over a few toggles, not classes.
+
+Toggles (all visible in sim/data/backends.yaml, and definable in a scenario):
+  location       local: the client owns the GPU, nothing crosses a link; remote: client <-> link <-> server
+  weights        shared: one resident copy; per_agent: each agent's own process holds a copy (and a
+                 CUDA context) for its whole life; per_request: every request loads them from
+                 `weight_tier` and frees them after
+  kv             session: the KV cache stays on the GPU across steps and phases; request: it lives for
+                 one request and the next phase re-prefills the whole context; client: it travels to the
+                 client after every step and back with the next; none: there is no KV cache
+  step_compute   incremental: one token with the cached context; full_context: a forward over all L_t
+                 tokens; last_token: a 1-token forward with no past (the 1c1e018 bug)
+  round_trip     token: one request per generated token; phase: one request per generate call;
+                 op: one round trip per operator (ops_per_layer x layers per token, bytes_per_op each way)
+  send_ids       all: every request carries the whole sequence; new: only ids the server has not seen;
+                 last: the last id only
+  return_logits  none | last | all positions, per generated token
+  connection     per_request: a new TCP connection (1 RTT + setup) per request; persistent: opened once
+  memory_full    oom: an allocation that does not fit fails (an OOM record); wait: it queues until memory frees
+  scheduler      default GPU executor policy: serial_fcfs (one request at a time, as Djinn's server),
+                 time_sliced (independent processes interleave step by step), continuous_batching
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from djinnsim.errors import DjinnsimError
+
+from .specs import TOKEN_ID_BYTES, ModelSpec
+
+Scheduler = Literal["serial_fcfs", "time_sliced", "continuous_batching"]
+
+
+class Backend(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    description: str = ""
+    location: Literal["local", "remote"]
+    weights: Literal["shared", "per_agent", "per_request"]
+    weight_tier: Literal["disk", "pageable", "pinned"] = "disk"
+    kv: Literal["session", "request", "client", "none"]
+    step_compute: Literal["incremental", "full_context", "last_token"]
+    round_trip: Literal["token", "phase", "op"]
+    ops_per_layer: int = Field(default=0, ge=0)
+    bytes_per_op: int = Field(default=0, ge=0)
+    send_ids: Literal["all", "new", "last"]
+    return_logits: Literal["none", "last", "all"]
+    connection: Literal["per_request", "persistent"]
+    memory_full: Literal["oom", "wait"] = "oom"
+    scheduler: Scheduler = "serial_fcfs"
+
+    # --- bytes on the wire, per reference.md's formulas ------------------------------------
+    def step_bytes(self, model: ModelSpec, t: int, prompt_tokens: int) -> tuple[int, int]:
+        """Payload (up, down) bytes of generated token t (0-based) in a per-token decode.
+
+        L_t = prompt_tokens + t is the sequence length the step's forward ends at.
+        """
+        seq_len = prompt_tokens + t
+        if self.location == "local":
+            return 0, 0
+        if self.send_ids == "all":
+            ids = seq_len
+        elif self.send_ids == "new":
+            ids = prompt_tokens if t == 0 else 1
+        else:
+            ids = 1
+        up = ids * TOKEN_ID_BYTES
+        down = self._logits_bytes(model, seq_len)
+        if self.kv == "client":
+            up += (seq_len - 1) * model.kv_bytes_per_token
+            down += seq_len * model.kv_bytes_per_token
+        if self.round_trip == "op":
+            ops = self.ops_per_layer * model.num_layers
+            up += ops * self.bytes_per_op
+            down += ops * self.bytes_per_op
+        return up, down
+
+    def phase_bytes(self, model: ModelSpec, context_tokens: int, input_tokens: int, new_tokens: int) -> tuple[int, int]:
+        """Payload (up, down) bytes of one generate request (round_trip=phase).
+
+        `context_tokens` are already in the conversation (and in the session KV if kv=session);
+        `input_tokens` are new to it; the reply carries `new_tokens` ids and any logits.
+        """
+        if self.location == "local":
+            return 0, 0
+        if self.send_ids == "all" or self.kv != "session":
+            ids = context_tokens + input_tokens
+        else:
+            ids = input_tokens
+        up = ids * TOKEN_ID_BYTES
+        down = new_tokens * TOKEN_ID_BYTES
+        for t in range(new_tokens):
+            down += self._logits_bytes(model, context_tokens + input_tokens + t)
+        return up, down
+
+    def _logits_bytes(self, model: ModelSpec, seq_len: int) -> int:
+        per_position = model.logits_bytes_per_position
+        return {"none": 0, "last": per_position, "all": seq_len * per_position}[self.return_logits]
+
+
+@lru_cache(maxsize=1)
+def _preset_table() -> dict[str, dict[str, Any]]:
+    path = Path(str(resources.files("djinnsim.sim") / "data" / "backends.yaml"))
+    return yaml.safe_load(path.read_text())
+
+
+def _resolve(name: str, table: dict[str, dict[str, Any]], seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    if name in seen:
+        raise DjinnsimError(f"backend {name!r}: circular base chain {' -> '.join((*seen, name))}")
+    if name not in table:
+        raise DjinnsimError(f"unknown backend {name!r}; known backends: {', '.join(sorted(table))}")
+    fields = dict(table[name])
+    base = fields.pop("base", None)
+    if base is not None:
+        merged = _resolve(base, table, (*seen, name))
+        merged.pop("description", None)
+        merged.update(fields)
+        fields = merged
+    return fields
+
+
+def preset_names() -> list[str]:
+    return list(_preset_table())
+
+
+def get_backend(name: str, custom: dict[str, dict[str, Any]] | None = None) -> Backend:
+    """A preset by name, or a scenario-defined backend (which may take a preset as `base`)."""
+    table = {**_preset_table(), **(custom or {})}
+    fields = _resolve(name, table)
+    try:
+        return Backend.model_validate({"name": name, **fields})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise DjinnsimError(f"backend {name!r}: field {where}: {err['msg']}") from None

@@ -1,0 +1,370 @@
+"""The cost-model seam: everything the simulator knows about GPU, PCIe and host costs.
+
+`CostModel` is the interface. `ProfileCostModel` evaluates a calibration profile (measured,
+or transferred from another GPU by `transfer_profile`); `RooflineCostModel` derives costs from
+datasheet figures for GPUs that were never calibrated. Link bandwidth and RTT are not here:
+they belong to the scenario.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Literal
+
+import numpy as np
+
+from .profile import Bandwidth, LinearFit, PiecewiseFit, Profile, WeightLoad
+from .specs import GpuSpec, ModelSpec
+
+LoadTier = Literal["disk", "pageable", "pinned"]
+GB = 1e9
+
+
+def feature_value(name: str, inputs: dict[str, float]) -> float:
+    """Named regressors of the fitted cost functions (shared with calibrate's fitting code)."""
+    b = inputs.get("batch", 1.0)
+    p = inputs.get("prompt_tokens", 0.0)
+    c = inputs.get("context", 0.0)
+    s = inputs.get("sum_context", b * c)
+    table = {
+        "1": 1.0,
+        "batch": b,
+        "tokens": b * p,
+        "tokens_sq": b * p * p,
+        "tokens_ctx": b * p * c,
+        "sum_context": s,
+    }
+    try:
+        return table[name]
+    except KeyError:
+        raise ValueError(f"unknown fit feature {name!r}") from None
+
+
+def _in_domain(fit: LinearFit, inputs: dict[str, float]) -> bool:
+    return all(lo <= inputs.get(var, lo) <= hi for var, (lo, hi) in fit.domain.items())
+
+
+def evaluate_fit(fit: LinearFit | PiecewiseFit, inputs: dict[str, float]) -> tuple[float, bool]:
+    """Return (value, inside_domain). Outside every piece, the last piece extrapolates."""
+    if isinstance(fit, PiecewiseFit):
+        for piece in fit.pieces:
+            if _in_domain(piece, inputs):
+                return evaluate_fit(piece, inputs)
+        value, _ = evaluate_fit(fit.pieces[-1], inputs)
+        return value, False
+    value = sum(k * feature_value(f, inputs) for k, f in zip(fit.coef, fit.features))
+    return value, _in_domain(fit, inputs)
+
+
+class CostModel(ABC):
+    """What the simulator may ask about costs. Times in seconds, sizes in bytes."""
+
+    model: ModelSpec
+    gpu_name: str
+    source: str
+
+    def __init__(self) -> None:
+        self.out_of_range: set[str] = set()
+
+    # --- GPU compute -------------------------------------------------------------------
+    @abstractmethod
+    def prefill_s(self, prompt_tokens: int, batch: int = 1, context_tokens: int = 0) -> float:
+        """Forward over `prompt_tokens` new tokens per sequence, after `context_tokens` cached."""
+
+    @abstractmethod
+    def decode_step_s(self, batch: int, sum_context: int) -> float:
+        """One decode step for `batch` sequences whose cached contexts add up to `sum_context`."""
+
+    @abstractmethod
+    def jitter_samples(self, kind: Literal["decode", "prefill"]) -> np.ndarray:
+        """Empirical multiplicative step-time factors (median 1)."""
+
+    def jitter(self, rng: np.random.Generator, kind: Literal["decode", "prefill"], size: int) -> np.ndarray:
+        return rng.choice(self.jitter_samples(kind), size=size)
+
+    # --- weights, PCIe, host -------------------------------------------------------------
+    @abstractmethod
+    def weight_load(self, tier: LoadTier) -> WeightLoad:
+        """Fixed overhead, lone throughput and contention of a whole-model load from `tier`."""
+
+    def load_aggregate_gbps(self, tier: LoadTier, concurrent: int) -> float:
+        """Total throughput shared by `concurrent` simultaneous loads from `tier`."""
+        spec = self.weight_load(tier)
+        if concurrent <= 1 or not spec.aggregate_gbps:
+            return spec.gbps
+        ks = sorted(spec.aggregate_gbps)
+        return float(np.interp(concurrent, [1, *ks], [spec.gbps, *(spec.aggregate_gbps[k] for k in ks)]))
+
+    @abstractmethod
+    def copy_bandwidth(self, direction: Literal["h2d", "d2h"], pinned: bool) -> Bandwidth: ...
+
+    def copy_s(self, nbytes: float, direction: Literal["h2d", "d2h"] = "h2d", pinned: bool = True) -> float:
+        return self.copy_bandwidth(direction, pinned).time_s(nbytes) if nbytes > 0 else 0.0
+
+    @abstractmethod
+    def serde_bandwidth(self, which: Literal["serialize", "deserialize"]) -> Bandwidth: ...
+
+    def serialize_s(self, nbytes: float) -> float:
+        return self.serde_bandwidth("serialize").time_s(nbytes) if nbytes > 0 else 0.0
+
+    def deserialize_s(self, nbytes: float) -> float:
+        return self.serde_bandwidth("deserialize").time_s(nbytes) if nbytes > 0 else 0.0
+
+    @abstractmethod
+    def connect_s(self) -> float:
+        """Software cost of opening a connection (the handshake's RTT is the link's)."""
+
+    @abstractmethod
+    def per_message_s(self) -> float: ...
+
+    # --- memory ------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def capacity_bytes(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def weight_bytes(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def kv_bytes_per_token(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def context_bytes_per_process(self) -> int: ...
+
+    @abstractmethod
+    def workspace_bytes(self, tokens: int, batch: int = 1) -> int:
+        """Transient scratch of one execution over `tokens` tokens per sequence."""
+
+    def describe(self) -> str:
+        return f"{self.source} cost model: {self.model.model_id} on {self.gpu_name}"
+
+
+class ProfileCostModel(CostModel):
+    """Costs read from a calibration profile."""
+
+    def __init__(self, profile: Profile, model: ModelSpec) -> None:
+        super().__init__()
+        self.profile = profile
+        self.model = model
+        self.gpu_name = profile.metadata.gpu_name
+        self.source = profile.metadata.source
+        self._jitter = {
+            "decode": np.asarray(profile.jitter_decode, dtype=float),
+            "prefill": np.asarray(profile.jitter_prefill, dtype=float),
+        }
+
+    def _eval(self, name: str, fit: LinearFit | PiecewiseFit, inputs: dict[str, float]) -> float:
+        value, inside = evaluate_fit(fit, inputs)
+        if not inside:
+            self.out_of_range.add(f"{name} at {inputs}")
+        return max(value, 0.0)
+
+    def prefill_s(self, prompt_tokens: int, batch: int = 1, context_tokens: int = 0) -> float:
+        inputs = {"prompt_tokens": prompt_tokens, "batch": batch, "context": context_tokens}
+        return self._eval("prefill", self.profile.prefill, inputs)
+
+    def decode_step_s(self, batch: int, sum_context: int) -> float:
+        inputs = {"batch": batch, "sum_context": sum_context, "context": sum_context / max(batch, 1)}
+        return self._eval("decode_step", self.profile.decode_step, inputs)
+
+    def jitter_samples(self, kind: Literal["decode", "prefill"]) -> np.ndarray:
+        return self._jitter[kind]
+
+    def weight_load(self, tier: LoadTier) -> WeightLoad:
+        return self.profile.weight_load[tier]
+
+    def copy_bandwidth(self, direction: Literal["h2d", "d2h"], pinned: bool) -> Bandwidth:
+        return getattr(self.profile, f"{direction}_{'pinned' if pinned else 'pageable'}")
+
+    def serde_bandwidth(self, which: Literal["serialize", "deserialize"]) -> Bandwidth:
+        return getattr(self.profile, which)
+
+    def connect_s(self) -> float:
+        return self.profile.network.connect_s
+
+    def per_message_s(self) -> float:
+        return self.profile.network.per_message_s
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.profile.memory.total_bytes
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.profile.memory.weight_bytes
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.profile.memory.kv_bytes_per_token
+
+    @property
+    def context_bytes_per_process(self) -> int:
+        return self.profile.memory.context_bytes_per_process
+
+    def workspace_bytes(self, tokens: int, batch: int = 1) -> int:
+        fit = self.profile.memory.prefill_workspace
+        if fit is None:
+            return 0
+        value, _ = evaluate_fit(fit, {"prompt_tokens": tokens, "batch": batch})
+        return int(max(value, 0.0))
+
+
+class RooflineCostModel(CostModel):
+    """Analytic costs from a GPU datasheet: max(compute, memory) plus host-side overheads.
+
+    The host-side constants are assumptions, not measurements (documented in the README);
+    a measured profile replaces them.
+    """
+
+    compute_efficiency = 0.6
+    memory_efficiency = 0.8
+    host_overhead_per_layer_s = 2.0e-4  # eager PyTorch kernel launches per decoder layer
+    host_overhead_fixed_s = 1.0e-3
+    context_bytes = 512 * 2**20
+    serde_gbps = 5.0
+    connect_overhead_s = 1.0e-4
+    per_message_overhead_s = 5.0e-5
+    load_fixed_s = 0.5
+    jitter_sigma = 0.03
+
+    def __init__(self, gpu: GpuSpec, model: ModelSpec) -> None:
+        super().__init__()
+        self.gpu = gpu
+        self.model = model
+        self.gpu_name = gpu.name
+        self.source = "roofline"
+        quantiles = (np.arange(256) + 0.5) / 256
+        from scipy.stats import norm
+
+        self._jitter = np.exp(self.jitter_sigma * norm.ppf(quantiles))
+
+    def _roof(self, flops: float, nbytes: float) -> float:
+        compute = flops / (self.gpu.peak_tflops_fp16 * 1e12 * self.compute_efficiency)
+        memory = nbytes / (self.gpu.hbm_gbps * GB * self.memory_efficiency)
+        host = self.host_overhead_fixed_s + self.model.num_layers * self.host_overhead_per_layer_s
+        return host + max(compute, memory)
+
+    def prefill_s(self, prompt_tokens: int, batch: int = 1, context_tokens: int = 0) -> float:
+        m = self.model
+        avg_ctx = context_tokens + prompt_tokens / 2
+        flops = batch * prompt_tokens * m.flops_per_token(int(avg_ctx))
+        nbytes = m.weight_bytes + batch * (context_tokens + prompt_tokens) * m.kv_bytes_per_token
+        return self._roof(flops, nbytes)
+
+    def decode_step_s(self, batch: int, sum_context: int) -> float:
+        m = self.model
+        flops = batch * 2.0 * m.parameters + 4.0 * m.num_layers * m.hidden_size * sum_context
+        nbytes = m.weight_bytes + sum_context * m.kv_bytes_per_token
+        return self._roof(flops, nbytes)
+
+    def jitter_samples(self, kind: Literal["decode", "prefill"]) -> np.ndarray:
+        return self._jitter
+
+    def weight_load(self, tier: LoadTier) -> WeightLoad:
+        gbps = {"disk": self.gpu.disk_gbps, "pageable": self.gpu.pcie_pageable_gbps, "pinned": self.gpu.pcie_gbps}[tier]
+        return WeightLoad(fixed_s=self.load_fixed_s, gbps=gbps, aggregate_gbps={})
+
+    def copy_bandwidth(self, direction: Literal["h2d", "d2h"], pinned: bool) -> Bandwidth:
+        gbps = self.gpu.pcie_gbps if pinned else self.gpu.pcie_pageable_gbps
+        return Bandwidth(latency_s=1.0e-5, gbps=gbps)
+
+    def serde_bandwidth(self, which: Literal["serialize", "deserialize"]) -> Bandwidth:
+        return Bandwidth(latency_s=2.0e-5, gbps=self.serde_gbps)
+
+    def connect_s(self) -> float:
+        return self.connect_overhead_s
+
+    def per_message_s(self) -> float:
+        return self.per_message_overhead_s
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.gpu.memory_bytes
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.model.weight_bytes
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.model.kv_bytes_per_token
+
+    @property
+    def context_bytes_per_process(self) -> int:
+        return self.context_bytes
+
+    def workspace_bytes(self, tokens: int, batch: int = 1) -> int:
+        m = self.model
+        per_token = (4 * m.hidden_size + 2 * m.intermediate_size) * m.dtype_bytes
+        return int(batch * (tokens * per_token + m.vocab_size * 4))
+
+
+def transfer_profile(profile: Profile, source: GpuSpec, target: GpuSpec, model: ModelSpec) -> Profile:
+    """Move a measured profile to another GPU by the ratios of their datasheet figures.
+
+    Compute-bound terms scale by peak FLOP/s, memory-bound terms by HBM bandwidth, PCIe terms by
+    PCIe bandwidth; host-side terms stay. A 'mixed' intercept (decode) is split into the HBM time
+    for reading the weights once, which scales, and the rest, which is host time and stays.
+    """
+    compute = source.peak_tflops_fp16 / target.peak_tflops_fp16
+    memory = source.hbm_gbps / target.hbm_gbps
+    weight_read_s = model.weight_bytes / (source.hbm_gbps * GB)
+
+    def move(fit: LinearFit | PiecewiseFit) -> LinearFit | PiecewiseFit:
+        if isinstance(fit, PiecewiseFit):
+            return PiecewiseFit(pieces=[move(p) for p in fit.pieces])
+        coef = []
+        for k, cls in zip(fit.coef, fit.scale):
+            if cls == "compute":
+                coef.append(k * compute)
+            elif cls == "memory":
+                coef.append(k * memory)
+            elif cls == "mixed":
+                mem_part = min(max(k, 0.0), weight_read_s)
+                coef.append(k - mem_part + mem_part * memory)
+            else:
+                coef.append(k)
+        return fit.model_copy(update={"coef": coef})
+
+    pcie = source.pcie_gbps / target.pcie_gbps
+
+    def move_bw(bw: Bandwidth) -> Bandwidth:
+        return Bandwidth(latency_s=bw.latency_s, gbps=bw.gbps / pcie)
+
+    loads = {}
+    for tier, spec in profile.weight_load.items():
+        ratio = 1.0 if tier == "disk" else 1 / pcie
+        loads[tier] = WeightLoad(
+            fixed_s=spec.fixed_s,
+            gbps=spec.gbps * ratio,
+            aggregate_gbps={k: v * ratio for k, v in spec.aggregate_gbps.items()},
+        )
+    meta = profile.metadata.model_copy(
+        update={
+            "source": "transferred",
+            "gpu_name": target.name,
+            "gpu_key": target.key,
+            "gpu_memory_bytes": target.memory_bytes,
+            "notes": [*profile.metadata.notes, f"transferred from {source.name} by datasheet ratios"],
+        }
+    )
+    mem = profile.memory.model_copy(
+        update={"total_bytes": target.memory_bytes, "free_at_start_bytes": None, "oom_probe_copies": None}
+    )
+    return profile.model_copy(
+        update={
+            "metadata": meta,
+            "prefill": move(profile.prefill),
+            "decode_step": move(profile.decode_step),
+            "h2d_pinned": move_bw(profile.h2d_pinned),
+            "h2d_pageable": move_bw(profile.h2d_pageable),
+            "d2h_pinned": move_bw(profile.d2h_pinned),
+            "d2h_pageable": move_bw(profile.d2h_pageable),
+            "weight_load": loads,
+            "memory": mem,
+        }
+    )
+

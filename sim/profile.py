@@ -1,0 +1,159 @@
+"""The calibration profile: a versioned file written by `djinnsim calibrate`, read by the cost model.
+
+A profile holds fitted cost functions (each a linear model over named features, with its error
+and the domain it was measured on), primitive bandwidths, memory facts, the empirical step-time
+jitter and metadata saying where and with what it was measured. Raw samples live in a CSV beside it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from djinnsim.errors import DjinnsimError
+
+SCHEMA_VERSION = 1
+
+# How each fit feature scales when a profile is moved to another GPU (sim.costmodel.transfer_profile).
+ScaleClass = Literal["host", "compute", "memory", "pcie", "mixed"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LinearFit(_Strict):
+    """time_s = sum(coef[i] * feature_i(inputs)) over `features`; valid on `domain`."""
+
+    features: list[str]
+    coef: list[float]
+    scale: list[ScaleClass] = Field(description="scaling class of each feature, for transfer")
+    domain: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    r2: float | None = None
+    rmse_s: float | None = None
+    max_rel_err: float | None = None
+    n_samples: int = 0
+
+
+class PiecewiseFit(_Strict):
+    """Pieces tried in order; the first whose domain holds the point is used."""
+
+    pieces: list[LinearFit] = Field(min_length=1)
+
+
+class Bandwidth(_Strict):
+    """time_s = latency_s + bytes / (gbps * 1e9)."""
+
+    latency_s: float = Field(ge=0)
+    gbps: float = Field(gt=0)
+
+    def time_s(self, nbytes: float) -> float:
+        return self.latency_s + nbytes / (self.gbps * 1e9)
+
+
+class WeightLoad(_Strict):
+    """Loading the whole model to the GPU from one tier; aggregate throughput with k loads at once."""
+
+    fixed_s: float = Field(ge=0, description="per-load overhead (allocation, file open, framework)")
+    gbps: float = Field(gt=0, description="throughput of one load alone")
+    aggregate_gbps: dict[int, float] = Field(
+        default_factory=dict, description="total throughput with k concurrent loads (contention)"
+    )
+
+
+class Network(_Strict):
+    """Host-side costs of the wire protocol. Link bandwidth and RTT come from the scenario."""
+
+    connect_s: float = Field(ge=0, description="software cost of opening a connection, beyond 1 RTT")
+    per_message_s: float = Field(ge=0, description="software cost per framed message")
+    loopback_rtt_s: float | None = None
+    loopback_gbps: float | None = None
+
+
+class Memory(_Strict):
+    total_bytes: int = Field(gt=0)
+    free_at_start_bytes: int | None = None
+    weight_bytes: int = Field(gt=0)
+    kv_bytes_per_token: int = Field(gt=0)
+    context_bytes_per_process: int = Field(ge=0, description="CUDA context + allocator overhead")
+    prefill_workspace: LinearFit | None = None  # bytes, features over tokens
+    decode_workspace: LinearFit | None = None  # bytes, features over batch / context
+    oom_probe_copies: int | None = None
+
+
+class Metadata(_Strict):
+    source: Literal["measured", "roofline", "transferred"]
+    gpu_name: str
+    gpu_key: str | None = None
+    gpu_memory_bytes: int | None = None
+    driver: str | None = None
+    cuda: str | None = None
+    torch: str | None = None
+    transformers: str | None = None
+    python: str | None = None
+    host_cpu: str | None = None
+    device: str = "cuda"
+    date: str | None = None
+    model_id: str
+    dtype: str
+    weights: str = "random"
+    command: str | None = None
+    duration_s: float | None = None
+    quick: bool = False
+    notes: list[str] = Field(default_factory=list)
+
+
+class Profile(_Strict):
+    schema_version: int
+    metadata: Metadata
+    prefill: LinearFit | PiecewiseFit
+    decode_step: LinearFit | PiecewiseFit
+    jitter_decode: list[float] = Field(min_length=1, description="step time / median, empirical")
+    jitter_prefill: list[float] = Field(default_factory=lambda: [1.0])
+    h2d_pinned: Bandwidth
+    h2d_pageable: Bandwidth
+    d2h_pinned: Bandwidth
+    d2h_pageable: Bandwidth
+    serialize: Bandwidth
+    deserialize: Bandwidth
+    weight_load: dict[Literal["disk", "pageable", "pinned"], WeightLoad]
+    network: Network
+    memory: Memory
+    end_to_end: dict[str, float] = Field(
+        default_factory=dict, description="e.g. measured Exp 2.1 run percentiles, for the record"
+    )
+    samples_file: str | None = None
+
+
+def load_profile(path: str | Path) -> Profile:
+    """Read and validate a profile; every failure is a one-line DjinnsimError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DjinnsimError(f"calibration profile not found: {path}")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DjinnsimError(f"{path}: not a readable JSON profile ({exc})") from None
+    version = raw.get("schema_version") if isinstance(raw, dict) else None
+    if version != SCHEMA_VERSION:
+        raise DjinnsimError(
+            f"{path}: unknown profile schema_version {version!r} (this djinnsim reads {SCHEMA_VERSION})"
+        )
+    try:
+        return Profile.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise DjinnsimError(f"{path}: invalid profile field {where}: {err['msg']}") from None
+
+
+def save_profile(profile: Profile, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(profile.model_dump(mode="json"), indent=1, sort_keys=False) + "\n")
+    tmp.replace(path)
+    return path

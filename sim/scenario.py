@@ -1,0 +1,230 @@
+"""Scenario files: YAML validated by pydantic, expanded into simulation points."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from djinnsim.errors import DjinnsimError
+
+from .backends import Backend, Scheduler, get_backend
+from .specs import GpuSpec, ModelSpec, get_gpu, get_model
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Link(_Strict):
+    gbps: float = Field(default=25.0, gt=0, description="line rate each way (full duplex)")
+    rtt_ms: float = Field(default=0.2, ge=0, description="round-trip propagation time")
+    framing_bytes: int = Field(default=137, ge=0, description="1 B type + 8 B length + JSON header, per message")
+
+
+class Server(_Strict):
+    scheduler: Scheduler | None = Field(default=None, description="override the backends' default policy")
+    max_batch: int = Field(default=64, gt=0, description="continuous batching: most sequences per step")
+    kv_swap: Literal["none", "idle"] = Field(
+        default="none", description="idle: swap a session's KV to host memory during ACT, restore before REFLECT"
+    )
+    pinned_host_kv: bool = True
+
+
+class Fixed(_Strict):
+    kind: Literal["fixed"] = "fixed"
+    seconds: float = Field(ge=0)
+
+
+class Uniform(_Strict):
+    kind: Literal["uniform"]
+    low_s: float = Field(ge=0)
+    high_s: float = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Uniform":
+        if self.high_s < self.low_s:
+            raise ValueError("high_s must be >= low_s")
+        return self
+
+
+class Exponential(_Strict):
+    kind: Literal["exponential"]
+    mean_s: float = Field(gt=0)
+
+
+Duration = Annotated[Union[Fixed, Uniform, Exponential], Field(discriminator="kind")]
+
+
+class Phase(_Strict):
+    input_tokens: int = Field(ge=0, description="tokens new to the conversation this phase")
+    new_tokens: int = Field(gt=0, description="tokens generated")
+
+
+class Arrival(_Strict):
+    kind: Literal["simultaneous", "poisson"] = "simultaneous"
+    rate_per_s: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _rate(self) -> "Arrival":
+        if self.kind == "poisson" and self.rate_per_s is None:
+            raise ValueError("poisson arrivals need rate_per_s")
+        return self
+
+
+class DecodeWorkload(_Strict):
+    """Experiment 2.1: one client decoding, `runs` times."""
+
+    kind: Literal["decode"]
+    prompt_tokens: int = Field(default=72, gt=0)
+    new_tokens: int = Field(default=50, gt=0)
+    batch: int = Field(default=1, gt=0)
+    runs: int = Field(default=30, gt=0)
+    warmup_runs: int = Field(default=5, ge=0)
+
+    @model_validator(mode="after")
+    def _warmup(self) -> "DecodeWorkload":
+        if self.warmup_runs >= self.runs:
+            raise ValueError("warmup_runs must be < runs")
+        return self
+
+
+class AgentsWorkload(_Strict):
+    """Experiment 2.2: N agents, each REASON -> ACT -> REFLECT, `iterations` times."""
+
+    kind: Literal["agents"]
+    agents: list[int] = Field(default=[1, 2, 4, 8, 16, 32], min_length=1)
+    reason: Phase = Phase(input_tokens=72, new_tokens=50)
+    act: Duration = Fixed(seconds=10.0)
+    reflect: Phase = Phase(input_tokens=16, new_tokens=50)
+    iterations: int = Field(default=1, gt=0)
+    arrival: Arrival = Arrival()
+
+    @field_validator("agents")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if any(n <= 0 for n in value):
+            raise ValueError("every agent count must be > 0")
+        return value
+
+
+Workload = Annotated[Union[DecodeWorkload, AgentsWorkload], Field(discriminator="kind")]
+
+
+class Sweep(_Strict):
+    link_gbps: list[float] | None = Field(default=None, min_length=1)
+    model: list[str] | None = Field(default=None, min_length=1)
+    gpu: list[str] | None = Field(default=None, min_length=1)
+
+
+class Scenario(_Strict):
+    name: str
+    description: str = ""
+    seed: int = Field(default=0, ge=0)
+    model: str = "llama-2-7b"
+    gpu: str = "h100-80gb"
+    cost_model: Literal["profile", "transfer", "roofline"] = Field(
+        default="profile",
+        description="profile: the calibration as measured (its GPU and model must match); "
+        "transfer: the calibration moved to `gpu` by datasheet ratios; roofline: analytic",
+    )
+    backends: list[str] = Field(min_length=1)
+    custom_backends: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    link: Link = Link()
+    server: Server = Server()
+    workload: Workload
+    sweep: Sweep = Sweep()
+    trace_point: int = Field(default=-1, description="index of the point whose run goes to trace.json")
+
+    @model_validator(mode="after")
+    def _names_resolve(self) -> "Scenario":
+        for name in self.backends:
+            get_backend(name, self.custom_backends)
+        for model in self.sweep.model or [self.model]:
+            get_model(model)
+        for gpu in self.sweep.gpu or [self.gpu]:
+            get_gpu(gpu)
+        return self
+
+
+class Point(BaseModel):
+    """One simulation: a backend, a model, a GPU, a link and (for agents) N."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    index: int
+    backend: Backend
+    model: ModelSpec
+    gpu: GpuSpec
+    link: Link
+    n_agents: int | None = None
+
+    @property
+    def label(self) -> str:
+        parts = [self.backend.name, self.model.key, self.gpu.key, f"{self.link.gbps:g}gbps"]
+        if self.n_agents is not None:
+            parts.append(f"n{self.n_agents}")
+        return "__".join(parts)
+
+
+def expand_points(scenario: Scenario) -> list[Point]:
+    """The cartesian product of backends, models, GPUs, link rates and N, in a fixed order."""
+    models = scenario.sweep.model or [scenario.model]
+    gpus = scenario.sweep.gpu or [scenario.gpu]
+    rates = scenario.sweep.link_gbps or [scenario.link.gbps]
+    ns: list[int | None] = (
+        list(scenario.workload.agents) if isinstance(scenario.workload, AgentsWorkload) else [None]
+    )
+    points = []
+    for backend_name, model, gpu, rate, n in itertools.product(scenario.backends, models, gpus, rates, ns):
+        points.append(
+            Point(
+                index=len(points),
+                backend=get_backend(backend_name, scenario.custom_backends),
+                model=get_model(model),
+                gpu=get_gpu(gpu),
+                link=scenario.link.model_copy(update={"gbps": rate}),
+                n_agents=n,
+            )
+        )
+    return points
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = err["msg"].removeprefix("Value error, ")
+    extra = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"field {where}: {msg}{extra}"
+
+
+def parse_scenario(raw: Any, source: str = "<scenario>") -> Scenario:
+    if not isinstance(raw, dict):
+        raise DjinnsimError(f"{source}: a scenario must be a YAML mapping")
+    try:
+        return Scenario.model_validate(raw)
+    except ValidationError as exc:
+        raise DjinnsimError(f"{source}: {_first_error(exc)}") from None
+    except DjinnsimError as exc:
+        raise DjinnsimError(f"{source}: {exc}") from None
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    path = Path(path)
+    if not path.is_file():
+        raise DjinnsimError(f"scenario file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise DjinnsimError(f"{path}: malformed YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    return parse_scenario(raw, str(path))
+
+
+def dump_scenario(scenario: Scenario) -> str:
+    """The resolved scenario, defaults filled in, for writing next to results."""
+    return yaml.safe_dump(scenario.model_dump(mode="json"), sort_keys=False)
