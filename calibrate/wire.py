@@ -79,3 +79,22 @@ def recv_message(sock: socket.socket) -> tuple[int, dict, dict[str, np.ndarray],
     body = _recv_exact(sock, rest)
     msg_type, header, tensors = decode(msg_type, body)
     return msg_type, header, tensors, 9 + rest
+
+
+def pack(msg_type: int, header: dict, tensors: dict[str, np.ndarray] | None = None) -> bytearray:
+    """The whole message in one contiguous buffer: the one copy a sender pays to frame tensors."""
+    parts = encode(msg_type, header, tensors)
+    buf = bytearray(message_bytes(parts))
+    view, at = memoryview(buf), 0
+    for part in parts:
+        n = len(part) if isinstance(part, bytes) else part.nbytes
+        view[at : at + n] = part
+        at += n
+    return buf
+
+
+def unpack(buf: bytes | bytearray | memoryview) -> tuple[int, dict, dict[str, np.ndarray]]:
+    """Parse a whole message (prefix included); tensors are views into `buf`, no copy."""
+    view = memoryview(buf)
+    msg_type, rest = struct.unpack_from("!BQ", view, 0)
+    return decode(msg_type, view[9 : 9 + rest])

@@ -1,0 +1,218 @@
+"""The composition check: one real step of each remote backend, through the wire format and a real
+socket, next to what the fitted primitives predict for the same step.
+
+The server is a thread of this process holding the model; the client opens a new TCP connection per
+request (the presets' connection: per_request), frames its tensors with wire.pack, and reads the
+reply. If measured and predicted agree, the simulator's sum of primitives describes these backends.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from djinnsim.sim.backends import get_backend
+from djinnsim.sim.costmodel import CostModel
+from djinnsim.sim.specs import ModelSpec
+
+from . import wire
+from .session import Session
+from .timer import Timing
+
+BACKENDS = ("semantic_blind", "partially_aware", "full_djinn")
+REQUEST, REPLY, SETUP, STOP = 4, 5, 6, 9
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What one step at sequence length L moves and runs, per backend (payload bytes, tensor counts)."""
+
+    up_bytes: int
+    down_bytes: int
+    up_tensors: int
+    down_tensors: int
+    compute: str  # "prefill" (a full forward over L) or "decode" (one token over L-1 cached)
+
+
+def step_shape(backend_name: str, spec: ModelSpec, seq_len: int) -> StepShape:
+    backend = get_backend(backend_name)
+    up, down = backend.step_bytes(spec, t=1, prompt_tokens=seq_len - 1)
+    kv_tensors = 2 * spec.num_layers if backend.kv == "client" else 0
+    compute = "prefill" if backend.step_compute == "full_context" else "decode"
+    return StepShape(up, down, 1 + kv_tensors, 1 + kv_tensors, compute)
+
+
+def predict_step_s(cost: CostModel, link_gbps: float, backend_name: str, spec: ModelSpec, seq_len: int) -> dict[str, float]:
+    """The step's time as the sum of calibrated primitives (a per-request connection, two messages)."""
+    shape = step_shape(backend_name, spec, seq_len)
+    up_each, down_each = shape.up_bytes / shape.up_tensors, shape.down_bytes / shape.down_tensors
+    parts = {
+        "connect": cost.connect_s() + 2 * cost.per_message_s(),
+        "serialize": cost.serialize_s(shape.up_bytes) + cost.serialize_s(shape.down_bytes),
+        "wire": (shape.up_bytes + shape.down_bytes) / (link_gbps * 1e9),
+        "deserialize": cost.deserialize_s(shape.up_bytes) + cost.deserialize_s(shape.down_bytes),
+        "copies": shape.up_tensors * cost.copy_s(up_each, "h2d", pinned=False)
+        + shape.down_tensors * cost.copy_s(down_each, "d2h", pinned=False),
+        "compute": cost.prefill_s(seq_len, 1) if shape.compute == "prefill" else cost.decode_step_s(1, seq_len - 1),
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def _to_numpy(t) -> np.ndarray:
+    import torch
+
+    t = t.detach()
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: ship the bits
+        t = t.view(torch.int16)
+    return t.cpu().numpy()
+
+
+def _from_numpy(a: np.ndarray, s: Session):
+    import torch
+
+    t = torch.from_numpy(a)
+    if a.dtype == np.int16 and s.dtype == torch.bfloat16:
+        t = t.view(torch.bfloat16)
+    return t.to(s.device)
+
+
+class BackendServer:
+    """Serves one request per connection, as each remote backend's server does for one token."""
+
+    def __init__(self, s: Session) -> None:
+        self.s = s
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.port = self.listener.getsockname()[1]
+        self.session_kv: list | None = None
+        self.thread = threading.Thread(target=self._serve, name="backend-server", daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        import torch
+
+        while True:
+            conn, _ = self.listener.accept()
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with conn, torch.inference_mode():
+                msg_type, header, tensors, _ = wire.recv_message(conn)
+                if msg_type == STOP:
+                    return
+                if msg_type == SETUP:
+                    self.session_kv = [(_from_numpy(tensors[f"k{i}"], self.s), _from_numpy(tensors[f"v{i}"], self.s)) for i in range(self.s.spec.num_layers)]
+                    conn.sendall(wire.pack(REPLY, {}))
+                    continue
+                conn.sendall(self._step(header["backend"], tensors))
+
+    def _step(self, backend: str, tensors: dict) -> bytearray:
+        from .modeling import cache_from_tensors, cache_tensors, forward
+
+        s, marks = self.s, {}
+        t0 = time.perf_counter()
+        ids = _from_numpy(tensors["ids"], s)
+        if backend == "partially_aware":
+            pairs = [(_from_numpy(tensors[f"k{i}"], s), _from_numpy(tensors[f"v{i}"], s)) for i in range(s.spec.num_layers)]
+        s.sync()
+        marks["h2d_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if backend == "semantic_blind":
+            logits = s.model(ids, use_cache=False).logits
+            out_cache = None
+        else:
+            cache = cache_from_tensors(pairs if backend == "partially_aware" else self.session_kv)
+            logits, out_cache = forward(s.model, ids, cache)
+        s.sync()
+        marks["compute_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        reply = {"logits": _to_numpy(logits)}
+        if backend == "partially_aware":
+            for i, (k, v) in enumerate(cache_tensors(out_cache)):
+                reply[f"k{i}"], reply[f"v{i}"] = _to_numpy(k), _to_numpy(v)
+        marks["d2h_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        buf = wire.pack(REPLY, marks, reply)
+        marks["pack_s"] = time.perf_counter() - t0
+        return buf
+
+    def stop(self) -> None:
+        with socket.create_connection(("127.0.0.1", self.port)) as sock:
+            sock.sendall(wire.pack(STOP, {}))
+        self.thread.join(timeout=10)
+        self.listener.close()
+
+
+def _request(port: int, msg: bytearray) -> tuple[dict, dict, float]:
+    t0 = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(msg)
+        _, header, tensors, _ = wire.recv_message(sock)
+    return header, tensors, time.perf_counter() - t0
+
+
+def _random_kv(s: Session, tokens: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(tokens)
+    spec = s.spec
+    dtype = np.float16 if s.dtype.itemsize == 2 else np.float32
+    shape = (1, spec.num_kv_heads, tokens, spec.head_dim)
+    base = rng.standard_normal(shape).astype(dtype)
+    out = {}
+    for i in range(spec.num_layers):
+        out[f"k{i}"], out[f"v{i}"] = base, base  # same values, separate tensors on the wire
+    return out
+
+
+def run_composition(s: Session, cost: CostModel, link_gbps: float) -> list[dict]:
+    spec, plan = s.spec, s.plan
+    server = BackendServer(s)
+    rows = []
+    try:
+        for seq_len in plan.composition_contexts:
+            if seq_len >= spec.max_position_embeddings:
+                continue
+            kv = _random_kv(s, seq_len - 1)
+            _request(server.port, wire.pack(SETUP, {}, kv))  # full_djinn's resident session KV
+            for backend in BACKENDS:
+                if backend == "semantic_blind":
+                    ids = np.random.default_rng(seq_len).integers(0, spec.vocab_size, (1, seq_len), dtype=np.int64)
+                    tensors = {"ids": ids}
+                else:
+                    tensors = {"ids": np.array([[7]], dtype=np.int64), **(kv if backend == "partially_aware" else {})}
+                total, marks = Timing(), []
+                for rep in range(plan.composition_repeat + 1):
+                    t0 = time.perf_counter()
+                    msg = wire.pack(REQUEST, {"backend": backend}, tensors)  # client-side framing is timed
+                    header, _, _ = _request(server.port, msg)
+                    elapsed = time.perf_counter() - t0
+                    if rep > 0:  # the first is the warm-up
+                        total.samples_s.append(elapsed)
+                        marks.append(header)
+                s.log.add_timing("composition", f"{backend}_L{seq_len}", total.samples_s, context=seq_len)
+                predicted = predict_step_s(cost, link_gbps, backend, spec, seq_len)
+                shape = step_shape(backend, spec, seq_len)
+                server_side = {k: float(np.median([m[k] for m in marks])) for k in ("h2d_s", "compute_s", "d2h_s")}
+                rows.append({
+                    "backend": backend,
+                    "seq_len": seq_len,
+                    "up_bytes": shape.up_bytes,
+                    "down_bytes": shape.down_bytes,
+                    "measured_s": total.p50,
+                    "predicted_s": predicted["total"],
+                    "predicted": predicted,
+                    "server": server_side,
+                })
+                s.say(
+                    f"composition {backend:15} L={seq_len:>5}: measured {total.describe()} | predicted {predicted['total'] * 1e3:9.2f} ms "
+                    f"(ratio {total.p50 / predicted['total']:.2f}); server compute {server_side['compute_s'] * 1e3:.2f} ms, "
+                    f"up {shape.up_bytes / 1e6:.2f} MB, down {shape.down_bytes / 1e6:.2f} MB"
+                )
+                s.advance(1)
+    finally:
+        server.stop()
+    s.log.flush()
+    return rows
+

@@ -1,0 +1,157 @@
+"""Fit cost functions to measured points: linear in named features, piecewise where the data bends.
+
+Features are the ones `djinnsim.sim.costmodel.feature_value` evaluates, so a fit written here is
+read back by the simulator unchanged. Fits minimise relative error (grids span orders of magnitude,
+and a 1 ms error matters at 5 ms, not at 5 s) under non-negative coefficients (each term is a cost).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from djinnsim.sim.costmodel import feature_value
+from djinnsim.sim.profile import Bandwidth, LinearFit, PiecewiseFit
+
+PREFILL_FEATURES = ["1", "tokens", "tokens_sq"]
+PREFILL_SCALE = ["host", "compute", "compute"]
+DECODE_FEATURES = ["1", "batch", "sum_context"]
+DECODE_SCALE = ["mixed", "compute", "memory"]
+
+
+@dataclass(frozen=True)
+class FitPoint:
+    """One measured point: the cost-model inputs (prompt_tokens, batch, context, sum_context) and its value."""
+
+    inputs: dict[str, float]
+    value: float
+
+
+def _design(points: Sequence[FitPoint], features: Sequence[str]) -> np.ndarray:
+    return np.array([[feature_value(f, p.inputs) for f in features] for p in points], dtype=float)
+
+
+def solve_relative(a: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Non-negative coefficients minimising sum(((a @ coef) - y) / y)^2."""
+    from scipy.optimize import lsq_linear
+
+    weights = 1.0 / np.maximum(np.abs(y), np.finfo(float).tiny)
+    scaled = a * weights[:, None]
+    norms = np.linalg.norm(scaled, axis=0)
+    norms[norms == 0] = 1.0  # a feature that is zero everywhere: its coefficient stays 0
+    result = lsq_linear(scaled / norms, y * weights, bounds=(0.0, np.inf), method="bvls", tol=1e-12)
+    return result.x / norms
+
+
+def fit_stats(pred: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    resid = pred - y
+    ss_tot = float(np.sum((y - y.mean()) ** 2))
+    r2 = 1.0 - float(np.sum(resid**2)) / ss_tot if ss_tot > 0 else 1.0
+    return {
+        "r2": r2,
+        "rmse_s": float(np.sqrt(np.mean(resid**2))),
+        "max_rel_err": float(np.max(np.abs(resid) / np.maximum(np.abs(y), np.finfo(float).tiny))),
+    }
+
+
+def _domain(points: Sequence[FitPoint], variables: Sequence[str]) -> dict[str, tuple[float, float]]:
+    return {v: (min(p.inputs[v] for p in points), max(p.inputs[v] for p in points)) for v in variables}
+
+
+def fit_linear(
+    points: Sequence[FitPoint],
+    features: Sequence[str],
+    scale: Sequence[str],
+    domain_vars: Sequence[str],
+) -> LinearFit:
+    if len(points) < len(features):
+        raise ValueError(f"{len(points)} points cannot fit {len(features)} features")
+    a = _design(points, features)
+    y = np.array([p.value for p in points], dtype=float)
+    coef = solve_relative(a, y)
+    return LinearFit(
+        features=list(features),
+        coef=[float(c) for c in coef],
+        scale=list(scale),
+        domain=_domain(points, domain_vars),
+        n_samples=len(points),
+        **fit_stats(a @ coef, y),
+    )
+
+
+def predict(fit: LinearFit | PiecewiseFit, inputs: dict[str, float]) -> float:
+    from djinnsim.sim.costmodel import evaluate_fit
+
+    return evaluate_fit(fit, inputs)[0]
+
+
+def whole_fit_stats(fit: LinearFit | PiecewiseFit, points: Sequence[FitPoint]) -> dict[str, float]:
+    pred = np.array([predict(fit, p.inputs) for p in points])
+    return fit_stats(pred, np.array([p.value for p in points]))
+
+
+def fit_piecewise(
+    points: Sequence[FitPoint],
+    features: Sequence[str],
+    scale: Sequence[str],
+    domain_vars: Sequence[str],
+    split_vars: Sequence[str],
+    *,
+    max_pieces: int = 3,
+    min_gain: float = 0.25,
+) -> LinearFit | PiecewiseFit:
+    """One linear fit, or pieces split along `split_vars` where that cuts the worst relative error.
+
+    A split is kept only if it lowers the maximum relative error by at least `min_gain` (a fraction),
+    so smooth data stays one piece. Adjacent pieces share their boundary value, so the domains leave
+    no gap between measured grid values; the lower piece wins at the boundary.
+    """
+    single = fit_linear(points, features, scale, domain_vars)
+    if max_pieces < 2:
+        return single
+    best: tuple[float, list[LinearFit]] | None = None
+    min_points = len(features) + 1
+    for var in split_vars:
+        values = sorted({p.inputs[var] for p in points})
+        for cut in values[:-1]:
+            low = [p for p in points if p.inputs[var] <= cut]
+            high = [p for p in points if p.inputs[var] > cut]
+            if len(low) < min_points or len(high) < min_points:
+                continue
+            low_fit = fit_piecewise(low, features, scale, domain_vars, split_vars, max_pieces=max_pieces - 1, min_gain=min_gain)
+            high_fit = fit_linear(high, features, scale, domain_vars)
+            high_fit = high_fit.model_copy(update={"domain": {**high_fit.domain, var: (cut, high_fit.domain[var][1])}})
+            pieces = (low_fit.pieces if isinstance(low_fit, PiecewiseFit) else [low_fit]) + [high_fit]
+            err = whole_fit_stats(PiecewiseFit(pieces=pieces), points)["max_rel_err"]
+            if best is None or err < best[0]:
+                best = (err, pieces)
+    if best is None or best[0] > (1.0 - min_gain) * (single.max_rel_err or 0.0):
+        return single
+    return PiecewiseFit(pieces=best[1])
+
+
+def fit_bandwidth(nbytes: Sequence[float], seconds: Sequence[float]) -> tuple[Bandwidth, dict[str, float]]:
+    """time = latency + bytes / rate, fitted on relative error; returns the Bandwidth and its fit error."""
+    x = np.asarray(nbytes, dtype=float)
+    y = np.asarray(seconds, dtype=float)
+    a = np.column_stack([np.ones_like(x), x])
+    latency, per_byte = solve_relative(a, y)
+    if per_byte <= 0:  # flat data (all sizes cost the same): take the best observed rate
+        per_byte = float(np.min(y / x))
+    stats = fit_stats(a @ np.array([latency, per_byte]), y)
+    return Bandwidth(latency_s=float(latency), gbps=float(1.0 / per_byte / 1e9)), stats
+
+
+def describe_fit(fit: LinearFit | PiecewiseFit, unit: str = "s") -> list[str]:
+    pieces = fit.pieces if isinstance(fit, PiecewiseFit) else [fit]
+    lines = []
+    for i, piece in enumerate(pieces):
+        terms = " + ".join(f"{c:.4g}*{f}" if f != "1" else f"{c:.4g}" for c, f in zip(piece.coef, piece.features))
+        dom = ", ".join(f"{k} {lo:g}..{hi:g}" for k, (lo, hi) in piece.domain.items())
+        lines.append(
+            f"piece {i + 1}/{len(pieces)}: {unit} = {terms}  [{dom}]  "
+            f"r2={piece.r2:.4f} rmse={piece.rmse_s:.3g} {unit} max_rel_err={100 * (piece.max_rel_err or 0):.1f}% n={piece.n_samples}"
+        )
+    return lines

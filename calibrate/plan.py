@@ -1,0 +1,175 @@
+"""What a calibration measures: the grids and repetition counts for a device and a mode.
+
+The full GPU plan is sized to finish in well under 10 minutes for a 7B model on one H100 (eager
+decode at batch 1 is launch bound, ~20-30 ms a step); --quick keeps every stage but thins each grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KIB, MIB, GIB = 2**10, 2**20, 2**30
+
+
+@dataclass(frozen=True)
+class Plan:
+    prefill_prompts: tuple[int, ...]
+    prefill_batches: tuple[int, ...]
+    prefill_max_tokens: int  # batch * prompt cap: time and memory
+    prefill_repeat: int
+    decode_contexts: tuple[int, ...]
+    decode_batches: tuple[int, ...]
+    decode_max_sum_context: int
+    decode_warmup_steps: int
+    decode_steps: int
+    exp21_runs: int
+    exp21_discard: int
+    copy_sizes: tuple[int, ...]
+    serde_sizes: tuple[int, ...]
+    net_sizes: tuple[int, ...]
+    net_rtt_repeat: int
+    net_connect_repeat: int
+    composition_contexts: tuple[int, ...]
+    composition_repeat: int
+    weight_load_max_bytes: int | None  # None: the whole model; else a prefix of its tensors
+    weight_load_concurrency: tuple[int, ...]
+    weight_load_repeat: int
+    weight_load_cold: bool  # also a load after dropping the file from the page cache
+    repeat: int  # primitives (copies, serde)
+
+
+EXP21_PROMPT_TOKENS = 72
+EXP21_NEW_TOKENS = 50
+
+_GPU_FULL = Plan(
+    prefill_prompts=(16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
+    prefill_batches=(1, 2, 4, 8, 16, 32),
+    prefill_max_tokens=32768,
+    prefill_repeat=4,
+    decode_contexts=(64, 256, 512, 1024, 2048, 4096),
+    decode_batches=(1, 2, 4, 8, 16, 32, 64),
+    decode_max_sum_context=98304,
+    decode_warmup_steps=2,
+    decode_steps=8,
+    exp21_runs=12,
+    exp21_discard=2,
+    copy_sizes=(4 * KIB, 64 * KIB, MIB, 16 * MIB, 256 * MIB, GIB),
+    serde_sizes=(4 * KIB, 64 * KIB, MIB, 16 * MIB, 256 * MIB),
+    net_sizes=(64 * KIB, MIB, 16 * MIB, 256 * MIB),
+    net_rtt_repeat=500,
+    net_connect_repeat=200,
+    composition_contexts=(128, 512, 2048),
+    composition_repeat=4,
+    weight_load_max_bytes=None,
+    weight_load_concurrency=(2, 4),
+    weight_load_repeat=2,
+    weight_load_cold=True,
+    repeat=7,
+)
+
+_GPU_QUICK = Plan(
+    prefill_prompts=(16, 64, 256, 1024, 4096),
+    prefill_batches=(1, 4, 16),
+    prefill_max_tokens=16384,
+    prefill_repeat=3,
+    decode_contexts=(64, 512, 2048, 4096),
+    decode_batches=(1, 8, 32),
+    decode_max_sum_context=65536,
+    decode_warmup_steps=1,
+    decode_steps=4,
+    exp21_runs=4,
+    exp21_discard=1,
+    copy_sizes=(4 * KIB, 256 * KIB, 16 * MIB, 256 * MIB),
+    serde_sizes=(4 * KIB, 256 * KIB, 16 * MIB, 64 * MIB),
+    net_sizes=(64 * KIB, 4 * MIB, 64 * MIB),
+    net_rtt_repeat=200,
+    net_connect_repeat=50,
+    composition_contexts=(128, 1024),
+    composition_repeat=2,
+    weight_load_max_bytes=4 * GIB,
+    weight_load_concurrency=(2,),
+    weight_load_repeat=1,
+    weight_load_cold=False,
+    repeat=4,
+)
+
+# CPU calibration is for small models (CI's tiny model): grids that finish in seconds on 2 cores.
+_CPU_FULL = Plan(
+    prefill_prompts=(16, 64, 256, 1024),
+    prefill_batches=(1, 4, 16),
+    prefill_max_tokens=8192,
+    prefill_repeat=3,
+    decode_contexts=(64, 256, 1024),
+    decode_batches=(1, 4, 16),
+    decode_max_sum_context=16384,
+    decode_warmup_steps=1,
+    decode_steps=6,
+    exp21_runs=4,
+    exp21_discard=1,
+    copy_sizes=(4 * KIB, 256 * KIB, 16 * MIB, 64 * MIB),
+    serde_sizes=(4 * KIB, 256 * KIB, 16 * MIB),
+    net_sizes=(64 * KIB, 4 * MIB, 32 * MIB),
+    net_rtt_repeat=200,
+    net_connect_repeat=50,
+    composition_contexts=(128, 512),
+    composition_repeat=3,
+    weight_load_max_bytes=None,
+    weight_load_concurrency=(2, 4),
+    weight_load_repeat=2,
+    weight_load_cold=False,
+    repeat=5,
+)
+
+_CPU_QUICK = Plan(
+    prefill_prompts=(16, 64, 256, 1024),
+    prefill_batches=(1, 4),
+    prefill_max_tokens=2048,
+    prefill_repeat=2,
+    decode_contexts=(64, 256, 1024),
+    decode_batches=(1, 4),
+    decode_max_sum_context=4096,
+    decode_warmup_steps=1,
+    decode_steps=3,
+    exp21_runs=2,
+    exp21_discard=1,
+    copy_sizes=(4 * KIB, 256 * KIB, 8 * MIB),
+    serde_sizes=(4 * KIB, 256 * KIB, 8 * MIB),
+    net_sizes=(64 * KIB, 2 * MIB, 16 * MIB),
+    net_rtt_repeat=100,
+    net_connect_repeat=30,
+    composition_contexts=(128, 512),
+    composition_repeat=2,
+    weight_load_max_bytes=None,
+    weight_load_concurrency=(2,),
+    weight_load_repeat=1,
+    weight_load_cold=False,
+    repeat=3,
+)
+
+
+def plan_for(device: str, quick: bool) -> Plan:
+    if device.startswith("cuda"):
+        return _GPU_QUICK if quick else _GPU_FULL
+    return _CPU_QUICK if quick else _CPU_FULL
+
+
+def prefill_points(plan: Plan, max_position: int) -> list[tuple[int, int]]:
+    """(batch, prompt) pairs, smallest work first, within the token cap and the model's positions."""
+    pts = [
+        (b, p)
+        for b in plan.prefill_batches
+        for p in plan.prefill_prompts
+        if b * p <= plan.prefill_max_tokens and p <= max_position
+    ]
+    return sorted(pts, key=lambda bp: (bp[0], bp[1]))
+
+
+def decode_points(plan: Plan, max_position: int, max_sum_context: int) -> list[tuple[int, int]]:
+    """(batch, context) pairs whose KV cache fits `max_sum_context` tokens."""
+    cap = min(plan.decode_max_sum_context, max_sum_context)
+    return [
+        (b, c)
+        for b in plan.decode_batches
+        for c in plan.decode_contexts
+        if b * c <= cap and c + plan.decode_warmup_steps + plan.decode_steps < max_position
+    ]

@@ -1,0 +1,83 @@
+"""The summary a calibration prints last: fits and their errors, primitives, Exp 2.1, composition."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from djinnsim.sim.profile import PiecewiseFit, Profile
+
+
+def _fit_cell(fit) -> str:
+    pieces = fit.pieces if isinstance(fit, PiecewiseFit) else [fit]
+    worst = max((p.max_rel_err or 0.0) for p in pieces)
+    r2 = min((p.r2 if p.r2 is not None else 1.0) for p in pieces)
+    n = sum(p.n_samples for p in pieces)
+    return f"{len(pieces)} piece(s), min r2 {r2:.4f}, max rel err {100 * worst:.1f}%, {n} points"
+
+
+def summary_rows(profile: Profile, r: dict[str, Any]) -> list[tuple[str, str]]:
+    m, e = profile.metadata, profile.end_to_end
+    rows = [
+        ("device", f"{m.gpu_name} (driver {m.driver}, CUDA {m.cuda}, torch {m.torch}, transformers {m.transformers})"),
+        ("model", f"{m.model_id} {m.dtype}, weights {m.weights}{' (quick)' if m.quick else ''}"),
+        ("duration", f"{m.duration_s:.0f} s"),
+        ("prefill fit", _fit_cell(profile.prefill)),
+        ("decode fit", _fit_cell(profile.decode_step)),
+    ]
+    if "exp21.total_s.p50" in e:
+        ratio = e["exp21.total_s.p50"] / e["exp21.predicted.total_s"]
+        rows.append((
+            "Exp 2.1 (72+50, b=1)",
+            f"measured p50 {e['exp21.total_s.p50'] * 1e3:.1f} ms (p10 {e['exp21.total_s.p10'] * 1e3:.1f}, p90 {e['exp21.total_s.p90'] * 1e3:.1f}) "
+            f"vs predicted {e['exp21.predicted.total_s'] * 1e3:.1f} ms (x{ratio:.3f})",
+        ))
+        rows.append(("decode step b=1", f"p50 {e['exp21.step_s.p50'] * 1e3:.2f} ms, p90 {e['exp21.step_s.p90'] * 1e3:.2f} ms"))
+    for name in ("h2d_pinned", "h2d_pageable", "d2h_pinned", "d2h_pageable", "serialize", "deserialize"):
+        bw = getattr(profile, name)
+        rows.append((name, f"{bw.latency_s * 1e6:.1f} us + {bw.gbps:.2f} GB/s"))
+    n = profile.network
+    rows.append(("tcp loopback", f"connect {n.connect_s * 1e6:.0f} us, RTT {n.loopback_rtt_s * 1e6:.0f} us, {n.loopback_gbps:.2f} GB/s"))
+    for tier, load in profile.weight_load.items():
+        agg = ", ".join(f"x{k}: {v:.2f}" for k, v in sorted(load.aggregate_gbps.items()))
+        rows.append((f"weight load {tier}", f"{load.fixed_s * 1e3:.0f} ms + {load.gbps:.2f} GB/s; aggregate GB/s {agg or 'n/a'}"))
+    mem = profile.memory
+    rows.append((
+        "memory",
+        f"total {mem.total_bytes / 2**30:.1f} GiB, free at start {(mem.free_at_start_bytes or 0) / 2**30:.1f} GiB, "
+        f"weights {mem.weight_bytes / 2**30:.2f} GiB, KV {mem.kv_bytes_per_token} B/token, "
+        f"context {mem.context_bytes_per_process / 2**20:.0f} MiB"
+        + (f", oom-probe copies {mem.oom_probe_copies}" if mem.oom_probe_copies else ""),
+    ))
+    for row in r.get("composition", []):
+        rows.append((
+            f"{row['backend']} L={row['seq_len']}",
+            f"measured {row['measured_s'] * 1e3:.2f} ms vs primitives {row['predicted_s'] * 1e3:.2f} ms (x{row['measured_s'] / row['predicted_s']:.2f})",
+        ))
+    if "nvml.exp21.sm_util_pct.p50" in e:
+        rows.append((
+            "nvml during Exp 2.1",
+            f"SM util p50 {e['nvml.exp21.sm_util_pct.p50']:.0f}%, mem util p50 {e['nvml.exp21.mem_util_pct.p50']:.0f}%, "
+            f"power p50 {e['nvml.exp21.power_w.p50']:.0f} W, SM clock p50 {e['nvml.exp21.sm_clock_mhz.p50']:.0f} MHz",
+        ))
+    return rows
+
+
+def print_summary(console, profile: Profile, r: dict[str, Any], out: Path, samples: Path) -> None:
+    from rich.table import Table
+
+    from .fitting import describe_fit
+
+    for name, fit in (("prefill", profile.prefill), ("decode_step", profile.decode_step)):
+        for line in describe_fit(fit):
+            console.print(f"{name}: {line}", markup=False, highlight=False)
+    for name, fit in (("prefill_workspace", profile.memory.prefill_workspace), ("decode_workspace", profile.memory.decode_workspace)):
+        if fit is not None:
+            for line in describe_fit(fit, unit="B"):
+                console.print(f"{name}: {line}", markup=False, highlight=False)
+    table = Table(title=f"calibration summary -> {out} (+ {samples.name})", show_lines=False)
+    table.add_column("what", no_wrap=True)
+    table.add_column("measured")
+    for what, value in summary_rows(profile, r):
+        table.add_row(what, value)
+    console.print(table)
