@@ -1,0 +1,68 @@
+"""Whole-model weight loads for the serverless baseline: from a safetensors file or host memory.
+
+The model is built without initializing its weights (an allocation only), then filled by a
+copy from the source tier: `disk` reads the safetensors file (page cache and all, as a warm
+Ray worker would), `pageable` and `pinned` copy a state dict the worker keeps in host memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+from djinnsim.sim.specs import ModelSpec
+
+
+@contextlib.contextmanager
+def _no_init():
+    """Skip random initialization: the weights are about to be overwritten by a load."""
+    try:
+        from transformers.initialization import no_init_weights  # transformers 5.x
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights():
+        yield
+
+
+def empty_model(spec: ModelSpec, device: str, dtype):
+    """The model's modules with uninitialized weights allocated on `device`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from djinnsim.calibrate.modeling import _default_dtype, hf_config
+
+    with warnings.catch_warnings(), _no_init(), _default_dtype(dtype), torch.device(device):
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_config(hf_config(spec))
+    return model.to(dtype=dtype).eval()
+
+
+def save_weights(model, path: str) -> int:
+    """Write the model's state dict as one safetensors file; returns its size in bytes."""
+    import os
+
+    from safetensors.torch import save_file
+
+    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+    save_file(state, path)
+    return os.path.getsize(path)
+
+
+def host_state(path: str, pinned: bool) -> dict:
+    """The state dict read into (pinned or pageable) host memory, pages faulted in."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for name, tensor in load_file(path, device="cpu").items():
+        state[name] = tensor.pin_memory() if pinned else tensor.clone()
+    return state
+
+
+def load_model(spec: ModelSpec, device: str, dtype, path: str, host: dict | None):
+    """A ready model on `device`, its weights copied from `host` (a state dict) or read from `path`."""
+    from safetensors.torch import load_file
+
+    model = empty_model(spec, device, dtype)
+    state = host if host is not None else load_file(path, device="cpu")
+    model.load_state_dict(state, strict=True)
+    return model
