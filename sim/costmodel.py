@@ -9,6 +9,7 @@ they belong to the scenario.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from statistics import NormalDist
 from typing import Literal
 
 import numpy as np
@@ -236,10 +237,8 @@ class RooflineCostModel(CostModel):
         self.model = model
         self.gpu_name = gpu.name
         self.source = "roofline"
-        quantiles = (np.arange(256) + 0.5) / 256
-        from scipy.stats import norm
-
-        self._jitter = np.exp(self.jitter_sigma * norm.ppf(quantiles))
+        normal = NormalDist()
+        self._jitter = np.exp([self.jitter_sigma * normal.inv_cdf((i + 0.5) / 256) for i in range(256)])
 
     def _roof(self, flops: float, nbytes: float) -> float:
         compute = flops / (self.gpu.peak_tflops_fp16 * 1e12 * self.compute_efficiency)

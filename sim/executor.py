@@ -1,0 +1,183 @@
+"""The server's GPU executor and its scheduling policies.
+
+A unit of GPU work is a list of forward passes: ("prefill", tokens, cached_context) or
+("decode", cached_context), run for `batch` sequences. Pass durations come from the cost model
+times a jitter factor drawn from the calibrated step-time distribution.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import simpy
+
+from .costmodel import CostModel
+
+Pass = tuple  # ("prefill", tokens, context) | ("decode", context)
+
+
+@dataclass
+class GpuWork:
+    passes: list[Pass]
+    batch: int = 1
+
+
+@dataclass
+class Execution:
+    queued_s: float
+    compute_s: float
+    started_at: float
+
+
+class PassTimer:
+    """Pass durations with jitter, memoized on the deterministic part."""
+
+    def __init__(self, cost: CostModel, rng: np.random.Generator) -> None:
+        self.cost = cost
+        self.rng = rng
+        self._memo: dict[tuple, float] = {}
+
+    def base_s(self, p: Pass, batch: int) -> float:
+        key = (p, batch)
+        value = self._memo.get(key)
+        if value is None:
+            if p[0] == "prefill":
+                value = self.cost.prefill_s(p[1], batch, p[2])
+            else:
+                value = self.cost.decode_step_s(batch, batch * p[1])
+            self._memo[key] = value
+        return value
+
+    def durations_s(self, work: GpuWork) -> np.ndarray:
+        base = np.fromiter((self.base_s(p, work.batch) for p in work.passes), float, len(work.passes))
+        kinds = np.fromiter((p[0] == "prefill" for p in work.passes), bool, len(work.passes))
+        factors = np.empty(len(base))
+        n_prefill = int(kinds.sum())
+        if n_prefill:
+            factors[kinds] = self.cost.jitter(self.rng, "prefill", n_prefill)
+        if n_prefill < len(base):
+            factors[~kinds] = self.cost.jitter(self.rng, "decode", len(base) - n_prefill)
+        return base * factors
+
+    def batched_decode_s(self, batch: int, sum_context: int) -> float:
+        return self.cost.decode_step_s(batch, sum_context) * float(self.cost.jitter(self.rng, "decode", 1)[0])
+
+
+class SerialFCFS:
+    """One request at a time, in arrival order, each to completion (how Djinn's server runs)."""
+
+    def __init__(self, env: simpy.Environment, timer: PassTimer) -> None:
+        self.env = env
+        self.timer = timer
+        self.gpu = simpy.Resource(env, capacity=1)
+
+    def execute(self, work: GpuWork):
+        arrived_at = self.env.now
+        with self.gpu.request() as turn:
+            yield turn
+            started_at = self.env.now
+            compute_s = float(self.timer.durations_s(work).sum())
+            yield self.env.timeout(compute_s)
+        return Execution(started_at - arrived_at, compute_s, started_at)
+
+
+class TimeSliced:
+    """Independent processes sharing the GPU: their passes interleave, one pass at a time."""
+
+    def __init__(self, env: simpy.Environment, timer: PassTimer) -> None:
+        self.env = env
+        self.timer = timer
+        self.gpu = simpy.Resource(env, capacity=1)
+
+    def execute(self, work: GpuWork):
+        durations = self.timer.durations_s(work)
+        queued_s, started_at = 0.0, None
+        for duration in durations:
+            asked_at = self.env.now
+            with self.gpu.request() as turn:
+                yield turn
+                queued_s += self.env.now - asked_at
+                started_at = self.env.now if started_at is None else started_at
+                yield self.env.timeout(float(duration))
+        return Execution(queued_s, float(durations.sum()), started_at)
+
+
+@dataclass
+class _Sequence:
+    work: GpuWork
+    arrived_at: float
+    done: simpy.Event
+    started_at: float | None = None
+    next_pass: int = 0
+    compute_s: float = 0.0
+
+
+class ContinuousBatching:
+    """vLLM-style iteration-level batching: new sequences are prefilled, then all running ones decode
+    together, one token per iteration, up to `max_batch` sequences."""
+
+    def __init__(self, env: simpy.Environment, timer: PassTimer, max_batch: int) -> None:
+        self.env = env
+        self.timer = timer
+        self.max_batch = max_batch
+        self.waiting: deque[_Sequence] = deque()
+        self.running: list[_Sequence] = []
+        self._wakeup = env.event()
+        env.process(self._loop())
+
+    def execute(self, work: GpuWork):
+        seq = _Sequence(work, self.env.now, self.env.event())
+        self.waiting.append(seq)
+        if not self._wakeup.triggered:
+            self._wakeup.succeed()
+        yield seq.done
+        return Execution(seq.started_at - seq.arrived_at, seq.compute_s, seq.started_at)
+
+    def _finish_done(self) -> None:
+        still = []
+        for seq in self.running:
+            if seq.next_pass >= len(seq.work.passes):
+                seq.done.succeed()
+            else:
+                still.append(seq)
+        self.running = still
+
+    def _loop(self):
+        while True:
+            if not self.waiting and not self.running:
+                self._wakeup = self.env.event()
+                yield self._wakeup
+            while self.waiting and len(self.running) < self.max_batch:
+                seq = self.waiting.popleft()
+                seq.started_at = self.env.now
+                self.running.append(seq)
+            # Prefill-priority iterations (vLLM's default): pending prefills run before the next decode.
+            prefilling = [s for s in self.running if s.work.passes[s.next_pass][0] == "prefill"]
+            if prefilling:
+                iteration_s = sum(
+                    float(self.timer.durations_s(GpuWork([s.work.passes[s.next_pass]], s.work.batch))[0])
+                    for s in prefilling
+                )
+                stepping = prefilling
+            else:
+                batch = sum(s.work.batch for s in self.running)
+                sum_context = sum(s.work.batch * s.work.passes[s.next_pass][1] for s in self.running)
+                iteration_s = self.timer.batched_decode_s(batch, sum_context)
+                stepping = list(self.running)
+            yield self.env.timeout(iteration_s)
+            for seq in stepping:
+                seq.compute_s += iteration_s
+                seq.next_pass += 1
+            self._finish_done()
+
+
+def make_executor(policy: str, env: simpy.Environment, timer: PassTimer, max_batch: int):
+    if policy == "serial_fcfs":
+        return SerialFCFS(env, timer)
+    if policy == "time_sliced":
+        return TimeSliced(env, timer)
+    if policy == "continuous_batching":
+        return ContinuousBatching(env, timer, max_batch)
+    raise ValueError(f"unknown scheduler {policy!r}")

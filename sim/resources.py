@@ -1,0 +1,126 @@
+"""Things that own capacity: a bandwidth shared by concurrent transfers, a full-duplex link, GPU memory."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable
+
+import simpy
+
+_DONE_WITHIN_S = 1e-9  # a flow less than this from done is done (float round-off on GB-sized flows)
+
+
+class SharedPipe:
+    """A bandwidth split equally among the transfers in flight (processor sharing).
+
+    `rate_Bps(k)` is the total rate with k transfers in flight, so contention that lowers the
+    aggregate (k weight loads fighting over PCIe) is data, not code.
+    """
+
+    def __init__(self, env: simpy.Environment, rate_Bps: Callable[[int], float]) -> None:
+        self.env = env
+        self.rate_Bps = rate_Bps
+        self._flows: dict[int, list] = {}  # id -> [bytes_left, done_event]
+        self._next_id = 0
+        self._updated_at = env.now
+        self._version = 0
+        self.bytes_carried = 0.0
+
+    def transfer(self, nbytes: float) -> simpy.Event:
+        """An event that fires when `nbytes` have gone through."""
+        done = self.env.event()
+        if nbytes <= 0:
+            done.succeed()
+            return done
+        self._advance()
+        self._flows[self._next_id] = [float(nbytes), done]
+        self._next_id += 1
+        self.bytes_carried += nbytes
+        self._reschedule()
+        return done
+
+    def _per_flow_Bps(self) -> float:
+        k = len(self._flows)
+        return self.rate_Bps(k) / k
+
+    def _advance(self) -> None:
+        elapsed = self.env.now - self._updated_at
+        self._updated_at = self.env.now
+        if elapsed > 0 and self._flows:
+            moved = elapsed * self._per_flow_Bps()
+            for flow in self._flows.values():
+                flow[0] -= moved
+
+    def _reschedule(self) -> None:
+        self._version += 1
+        if not self._flows:
+            return
+        version = self._version
+        delay = max(min(f[0] for f in self._flows.values()), 0.0) / self._per_flow_Bps()
+        wake = self.env.timeout(delay)
+        wake.callbacks.append(lambda _event: self._wake(version))
+
+    def _wake(self, version: int) -> None:
+        if version != self._version:
+            return  # a transfer started or ended since this wake-up was planned
+        self._advance()
+        done_bytes = self._per_flow_Bps() * _DONE_WITHIN_S
+        for key in [k for k, f in self._flows.items() if f[0] <= done_bytes]:
+            self._flows.pop(key)[1].succeed()
+        self._reschedule()
+
+
+class Link:
+    """A full-duplex link: each direction is a SharedPipe at line rate; one-way delay is RTT/2."""
+
+    def __init__(self, env: simpy.Environment, gbps: float, rtt_s: float) -> None:
+        rate = gbps * 1e9 / 8
+        self.up = SharedPipe(env, lambda k: rate)
+        self.down = SharedPipe(env, lambda k: rate)
+        self.rtt_s = rtt_s
+
+
+class GpuMemory:
+    """GPU memory accounting. `try_alloc` fails at once (an OOM); `alloc_wait` queues FIFO until it fits."""
+
+    def __init__(self, env: simpy.Environment, capacity_bytes: int) -> None:
+        self.env = env
+        self.capacity_bytes = capacity_bytes
+        self.used_bytes = 0
+        self.peak_bytes = 0
+        self._waiting: deque[tuple[int, simpy.Event]] = deque()
+
+    @property
+    def free_bytes(self) -> int:
+        return self.capacity_bytes - self.used_bytes
+
+    def _take(self, nbytes: int) -> None:
+        self.used_bytes += nbytes
+        self.peak_bytes = max(self.peak_bytes, self.used_bytes)
+
+    def try_alloc(self, nbytes: int) -> bool:
+        if nbytes > self.free_bytes or self._waiting:
+            return False
+        self._take(nbytes)
+        return True
+
+    def alloc_wait(self, nbytes: int) -> simpy.Event:
+        """Fires once `nbytes` are allocated; a request larger than the GPU never fires."""
+        granted = self.env.event()
+        self._waiting.append((nbytes, granted))
+        self._grant()
+        return granted
+
+    def fits_ever(self, nbytes: int) -> bool:
+        return nbytes <= self.capacity_bytes
+
+    def free(self, nbytes: int) -> None:
+        self.used_bytes -= nbytes
+        assert self.used_bytes >= 0, "freed more GPU memory than was allocated"
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiting and self._waiting[0][0] <= self.free_bytes:
+            nbytes, granted = self._waiting.popleft()
+            self._take(nbytes)
+            granted.succeed()

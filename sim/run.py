@@ -1,0 +1,167 @@
+"""Run a scenario: pick a cost model per point, simulate every point, write the outputs."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from djinnsim.errors import DjinnsimError
+
+from .costmodel import CostModel, ProfileCostModel, RooflineCostModel, transfer_profile
+from .profile import Profile, load_profile
+from .records import Record
+from .scenario import Point, Scenario, dump_scenario, expand_points, load_scenario
+from .simulate import PointResult, simulate_point
+from .specs import get_gpu
+
+
+@dataclass
+class SimulationResult:
+    scenario: Scenario
+    points: list[PointResult]
+    warnings: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    @property
+    def records(self) -> list[Record]:
+        return [r for p in self.points for r in p.records]
+
+    @property
+    def events(self) -> int:
+        return sum(p.events for p in self.points)
+
+
+def bundled_profiles() -> list[Path]:
+    folder = Path(str(resources.files("djinnsim.sim") / "data" / "profiles"))
+    return sorted(folder.glob("*.json"))
+
+
+def _default_profile(model_id: str, gpu_key: str) -> Path | None:
+    """The bundled measured profile for this model, preferring one from this GPU."""
+    matches = []
+    for path in bundled_profiles():
+        profile = load_profile(path)
+        if profile.metadata.model_id == model_id:
+            matches.append((profile.metadata.gpu_key != gpu_key, path.name, path))
+    return min(matches)[2] if matches else None
+
+
+class CostModels:
+    """Builds (once) the cost model of each (model, GPU) a scenario needs."""
+
+    def __init__(self, scenario: Scenario, calibration: Path | None) -> None:
+        self.scenario = scenario
+        self.calibration = calibration
+        self.warnings: list[str] = []
+        self._built: dict[tuple[str, str], CostModel] = {}
+        self._profiles: dict[Path, Profile] = {}
+
+    def _profile(self, path: Path) -> Profile:
+        if path not in self._profiles:
+            self._profiles[path] = load_profile(path)
+        return self._profiles[path]
+
+    def for_point(self, point: Point) -> CostModel:
+        key = (point.model.model_id, point.gpu.key)
+        if key not in self._built:
+            self._built[key] = self._build(point)
+        return self._built[key]
+
+    def _build(self, point: Point) -> CostModel:
+        mode = self.scenario.cost_model
+        if mode == "roofline":
+            return RooflineCostModel(point.gpu, point.model)
+        path = self.calibration or _default_profile(point.model.model_id, point.gpu.key)
+        if path is None:
+            self.warnings.append(
+                f"no calibration profile for {point.model.model_id}: using the analytic roofline model of {point.gpu.name}"
+            )
+            return RooflineCostModel(point.gpu, point.model)
+        profile = self._profile(Path(path))
+        meta = profile.metadata
+        if meta.model_id != point.model.model_id:
+            raise DjinnsimError(
+                f"calibration {path} is for model {meta.model_id}, but the scenario asks {point.model.model_id}"
+            )
+        if meta.gpu_key == point.gpu.key:
+            return ProfileCostModel(profile, point.model)
+        if mode == "transfer":
+            if meta.gpu_key is None:
+                raise DjinnsimError(f"calibration {path}: GPU {meta.gpu_name!r} has no datasheet to transfer from")
+            moved = transfer_profile(profile, get_gpu(meta.gpu_key), point.gpu, point.model)
+            return ProfileCostModel(moved, point.model)
+        raise DjinnsimError(
+            f"calibration {path} was measured on {meta.gpu_name}, but the scenario asks {point.gpu.key}; "
+            "set cost_model: transfer (move it by datasheet ratios) or roofline"
+        )
+
+
+def simulate_scenario(scenario: Scenario, calibration: Path | None = None, seed: int | None = None,
+                      progress=None) -> SimulationResult:
+    """Simulate every point of a scenario. `progress(done, total, label)` is called after each point."""
+    started = time.perf_counter()
+    points = expand_points(scenario)
+    models = CostModels(scenario, calibration)
+    seeds = np.random.SeedSequence(scenario.seed if seed is None else seed).spawn(len(points))
+    results = []
+    for point, point_seed in zip(points, seeds):
+        cost = models.for_point(point)
+        results.append(simulate_point(scenario, point, cost, point_seed))
+        if progress is not None:
+            progress(len(results), len(points), point.label)
+    warnings = list(models.warnings)
+    for result in results:
+        for item in result.out_of_range[:3]:
+            warnings.append(f"{result.point.label}: cost asked outside the calibrated range: {item}")
+    return SimulationResult(scenario, results, warnings, time.perf_counter() - started)
+
+
+def default_out_dir(scenario: Scenario) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return Path("results") / scenario.name / stamp
+
+
+def run_scenario_file(path: Path, calibration: Path | None = None, out: Path | None = None,
+                      seed: int | None = None, quiet: bool = False) -> Path:
+    """`djinnsim run`: load, simulate, write results; returns the output folder."""
+    scenario = load_scenario(path)
+    if seed is not None:
+        scenario = scenario.model_copy(update={"seed": seed})
+    if calibration is not None and not Path(calibration).is_file():
+        raise DjinnsimError(f"calibration profile not found: {calibration}")
+    out_dir = Path(out) if out is not None else default_out_dir(scenario)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DjinnsimError(f"--out {out_dir} exists and is not a folder")
+
+    from rich.console import Console
+
+    console = Console(stderr=False, quiet=quiet)
+    if quiet:
+        result = simulate_scenario(scenario, calibration, progress=None)
+    else:
+        from rich.progress import Progress
+
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task(f"simulating {scenario.name}", total=None)
+
+            def progress(done: int, total: int, label: str) -> None:
+                bar.update(task, completed=done, total=total, description=label)
+
+            result = simulate_scenario(scenario, calibration, progress=progress)
+
+    from .report import print_summary, write_outputs
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "scenario.yaml").write_text(dump_scenario(scenario))
+    write_outputs(result, out_dir)
+    if not quiet:
+        print_summary(result, console)
+        for warning in result.warnings:
+            console.print(f"[yellow]warning:[/] {warning}")
+        console.print(f"results: {out_dir}")
+    return out_dir
