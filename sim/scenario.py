@@ -193,9 +193,13 @@ def expand_points(scenario: Scenario) -> list[Point]:
     return points
 
 
+_UNION_TAGS = {"decode", "agents", "fixed", "uniform", "exponential"}
+
+
 def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    loc = [str(p) for i, p in enumerate(err["loc"]) if not (i and p in _UNION_TAGS and err["loc"][i - 1] in ("workload", "act"))]
+    where = ".".join(loc) or "(top level)"
     msg = err["msg"].removeprefix("Value error, ")
     extra = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
     return f"field {where}: {msg}{extra}"
