@@ -1,6 +1,15 @@
-"""GPU compute: the prefill grid, the decode-step grid with a real KV cache, and the Exp 2.1 run."""
+"""GPU compute: the prefill grid, the decode-step grid with a real KV cache, and the Exp 2.1 run.
+
+Launch-bound points (small batches) depend on the host CPU, whose speed drifts by tens of percent
+over seconds on the lent machines. So each grid is walked in several interleaved passes, and a
+point's value is the median over all passes: drift then spreads over every point instead of
+biasing the ones measured first.
+"""
 
 from __future__ import annotations
+
+import time
+from collections import defaultdict
 
 import numpy as np
 
@@ -10,50 +19,78 @@ from .plan import EXP21_NEW_TOKENS, EXP21_PROMPT_TOKENS, decode_points, prefill_
 from .session import PeakMemory, Session, is_oom
 from .timer import Timing, fmt_s, measure
 
+BIG_ALLOCATION_BYTES = 4 * 2**30  # free the allocator cache after points this large, not after every point
+
+
+def warm_up(s: Session) -> None:
+    """Untimed prefill and greedy decode: lazy kernel loading, allocator pools and host caches settle."""
+    import torch
+
+    ids = random_ids(s.spec, 1, EXP21_PROMPT_TOKENS, "cpu", seed=1).to(s.device)
+    with torch.inference_mode():
+        started_at = time.perf_counter()
+        while time.perf_counter() - started_at < s.plan.warmup_s:
+            timed_greedy_decode(s.model, ids, 20, s.device)
+    s.sync()
+
 
 def run_prefill_grid(s: Session) -> dict:
     """Prefill latency over batch x prompt (logits for the last position, as generation needs)."""
     import torch
 
     spec, plan = s.spec, s.plan
-    points, workspace, jitter = [], [], []
+    grid = prefill_points(plan, spec.max_position_embeddings)
+    samples: dict[tuple[int, int], list[float]] = defaultdict(list)
+    workspace_of: dict[tuple[int, int], int] = {}
     kv_bytes_per_token = None
     skip_from: dict[int, int] = {}  # batch -> smallest prompt that ran out of memory
-    for batch, prompt in prefill_points(plan, spec.max_position_embeddings):
-        s.advance(1)
-        if prompt >= skip_from.get(batch, 1 << 62):
-            continue
-        ids = random_ids(spec, batch, prompt, "cpu", seed=batch * 7919 + prompt).to(s.device)
-        try:
-            with torch.inference_mode():
-                with PeakMemory(s) as peak:
-                    _, cache = forward(s.model, ids)  # doubles as the warm-up
-                if kv_bytes_per_token is None:
-                    held = sum(k.nbytes + v.nbytes for k, v in cache_tensors(cache))
-                    kv_bytes_per_token = held // (batch * prompt)
-                del cache
-                timing = measure(lambda: forward(s.model, ids), s.sync, warmup=0, repeat=plan.prefill_repeat, min_repeat=2, budget_s=3.0)
-        except (RuntimeError, MemoryError) as exc:
-            if not is_oom(exc):
-                raise
-            skip_from[batch] = prompt
-            s.log.add("prefill", f"b{batch}_p{prompt}", float("nan"), "oom", batch=batch, prompt_tokens=prompt)
-            s.say(f"prefill b={batch:>2} p={prompt:>5}: out of memory, skipped")
-            s.free()
-            continue
-        s.log.add_timing("prefill", f"b{batch}_p{prompt}", timing.samples_s, batch=batch, prompt_tokens=prompt)
+    for pass_ in range(plan.grid_passes):
+        for batch, prompt in grid:
+            s.advance(1 / plan.grid_passes)
+            if prompt >= skip_from.get(batch, 1 << 62):
+                continue
+            ids = random_ids(spec, batch, prompt, "cpu", seed=batch * 7919 + prompt).to(s.device)
+            try:
+                with torch.inference_mode():
+                    if pass_ == 0:  # the first visit warms the point up and reads its memory
+                        with PeakMemory(s) as peak:
+                            _, cache = forward(s.model, ids)
+                        if kv_bytes_per_token is None:
+                            held = sum(k.nbytes + v.nbytes for k, v in cache_tensors(cache))
+                            kv_bytes_per_token = held // (batch * prompt)
+                        if peak.workspace_bytes is not None:
+                            workspace_of[(batch, prompt)] = peak.workspace_bytes
+                        del cache
+                    timing = measure(lambda: forward(s.model, ids), s.sync, warmup=0, repeat=plan.prefill_repeat, min_repeat=1, budget_s=2.0)
+            except (RuntimeError, MemoryError) as exc:
+                if not is_oom(exc):
+                    raise
+                skip_from[batch] = prompt
+                s.log.add("prefill", f"b{batch}_p{prompt}", float("nan"), "oom", batch=batch, prompt_tokens=prompt)
+                s.say(f"prefill b={batch:>2} p={prompt:>5}: out of memory, skipped")
+                s.free()
+                continue
+            samples[(batch, prompt)].extend(timing.samples_s)
+            for rep, value in enumerate(timing.samples_s):
+                s.log.add("prefill", f"b{batch}_p{prompt}", value, "s", pass_ * 100 + rep, batch=batch, prompt_tokens=prompt)
+            del ids
+            if batch * prompt * (kv_bytes_per_token or 0) > BIG_ALLOCATION_BYTES:
+                s.free()
+    points, workspace, jitter = [], [], []
+    for (batch, prompt), values in samples.items():
+        timing = Timing(values)
         inputs = {"prompt_tokens": prompt, "batch": batch, "context": 0}
         points.append(FitPoint(inputs, timing.p50))
-        jitter.extend(np.asarray(timing.samples_s) / timing.p50)
+        jitter.extend(np.asarray(values) / timing.p50)
         flops = batch * prompt * spec.flops_per_token(prompt // 2)
         line = f"prefill b={batch:>2} p={prompt:>5}: {timing.describe()}  {flops / timing.p50 / 1e12:7.2f} TFLOP/s"
-        if peak.workspace_bytes is not None:
-            workspace.append(FitPoint(inputs, float(peak.workspace_bytes)))
-            s.log.add("prefill_workspace", f"b{batch}_p{prompt}", float(peak.workspace_bytes), "bytes", batch=batch, prompt_tokens=prompt)
-            line += f"  workspace {peak.workspace_bytes / 2**20:8.1f} MiB"
+        if (batch, prompt) in workspace_of:
+            ws = workspace_of[(batch, prompt)]
+            workspace.append(FitPoint(inputs, float(ws)))
+            s.log.add("prefill_workspace", f"b{batch}_p{prompt}", float(ws), "bytes", batch=batch, prompt_tokens=prompt)
+            line += f"  workspace {ws / 2**20:8.1f} MiB"
         s.say(line)
-        del ids
-        s.free()
+    s.free()
     s.log.flush()
     return {"points": points, "workspace": workspace, "jitter": jitter, "kv_bytes_per_token": kv_bytes_per_token}
 
@@ -72,61 +109,77 @@ def random_cache(s: Session, batch: int, context: int):
     return cache_from_tensors(pairs)
 
 
-def run_decode_grid(s: Session, max_sum_context: int) -> dict:
-    """Decode-step latency over batch x context, stepping a real (growing) KV cache."""
-    import time
-
+def _decode_point(s: Session, batch: int, context: int) -> tuple[list[float], list[int], int | None]:
+    """Step a fresh `context`-token cache; returns timed step times, contexts before each, peak scratch."""
     import torch
 
+    plan = s.plan
+    steps, contexts, ws = [], [], None
+    with torch.inference_mode():
+        cache = random_cache(s, batch, context)
+        token = random_ids(s.spec, batch, 1, "cpu", seed=batch).to(s.device)
+        for i in range(plan.decode_warmup_steps + plan.decode_steps):
+            ctx_before = cache.get_seq_length()
+            with PeakMemory(s) as peak:
+                s.sync()
+                t0 = time.perf_counter()
+                logits, cache = forward(s.model, token, cache)
+                token = logits[:, -1:].argmax(-1)
+                s.sync()
+                elapsed = time.perf_counter() - t0
+            if i >= plan.decode_warmup_steps:
+                steps.append(elapsed)
+                contexts.append(ctx_before)
+                if peak.workspace_bytes is not None:
+                    ws = max(ws or 0, peak.workspace_bytes)
+        del cache, logits, token
+    return steps, contexts, ws
+
+
+def run_decode_grid(s: Session, max_sum_context: int) -> dict:
+    """Decode-step latency over batch x context, stepping a real (growing) KV cache."""
     spec, plan = s.spec, s.plan
-    points, workspace = [], []
+    grid = decode_points(plan, spec.max_position_embeddings, max_sum_context)
+    samples: dict[tuple[int, int], list[tuple[float, int]]] = defaultdict(list)
+    workspace_of: dict[tuple[int, int], int] = {}
     skip_from: dict[int, int] = {}
-    kv_bytes = spec.kv_bytes_per_token
-    for batch, context in decode_points(plan, spec.max_position_embeddings, max_sum_context):
-        s.advance(1)
-        if context >= skip_from.get(batch, 1 << 62):
-            continue
-        try:
-            with torch.inference_mode():
-                cache = random_cache(s, batch, context)
-                token = random_ids(spec, batch, 1, "cpu", seed=batch).to(s.device)
-                steps, contexts, ws = [], [], None
-                for i in range(plan.decode_warmup_steps + plan.decode_steps):
-                    ctx_before = cache.get_seq_length()
-                    s.sync()
-                    with PeakMemory(s) as peak:
-                        t0 = time.perf_counter()
-                        logits, cache = forward(s.model, token, cache)
-                        token = logits[:, -1:].argmax(-1)
-                        s.sync()
-                        elapsed = time.perf_counter() - t0
-                    if i >= plan.decode_warmup_steps:
-                        steps.append(elapsed)
-                        contexts.append(ctx_before)
-                        ws = peak.workspace_bytes if ws is None else max(ws, peak.workspace_bytes or 0)
-                del cache, logits, token
-        except (RuntimeError, MemoryError) as exc:
-            if not is_oom(exc):
-                raise
-            skip_from[batch] = context
-            s.log.add("decode", f"b{batch}_c{context}", float("nan"), "oom", batch=batch, context=context)
-            s.say(f"decode  b={batch:>2} c={context:>5}: out of memory, skipped")
-            s.free()
-            continue
-        for rep, (step_s, ctx) in enumerate(zip(steps, contexts)):
-            s.log.add("decode", f"b{batch}_c{context}", step_s, "s", rep, batch=batch, context=ctx, sum_context=batch * ctx)
-        timing = Timing(steps)
-        mid_context = float(np.median(contexts))
+    for pass_ in range(plan.grid_passes):
+        for batch, context in grid:
+            s.advance(1 / plan.grid_passes)
+            if context >= skip_from.get(batch, 1 << 62):
+                continue
+            try:
+                steps, contexts, ws = _decode_point(s, batch, context)
+            except (RuntimeError, MemoryError) as exc:
+                if not is_oom(exc):
+                    raise
+                skip_from[batch] = context
+                s.log.add("decode", f"b{batch}_c{context}", float("nan"), "oom", batch=batch, context=context)
+                s.say(f"decode  b={batch:>2} c={context:>5}: out of memory, skipped")
+                s.free()
+                continue
+            for rep, (step_s, ctx) in enumerate(zip(steps, contexts)):
+                s.log.add("decode", f"b{batch}_c{context}", step_s, "s", pass_ * 100 + rep, batch=batch, context=ctx, sum_context=batch * ctx)
+            samples[(batch, context)].extend(zip(steps, contexts))
+            if ws is not None:
+                workspace_of[(batch, context)] = max(workspace_of.get((batch, context), 0), ws)
+            if batch * context * spec.kv_bytes_per_token > BIG_ALLOCATION_BYTES:
+                s.free()
+    points, workspace = [], []
+    for (batch, context), pairs in samples.items():
+        timing = Timing([p[0] for p in pairs])
+        mid_context = float(np.median([p[1] for p in pairs]))
         inputs = {"batch": batch, "context": mid_context, "sum_context": batch * mid_context}
         points.append(FitPoint(inputs, timing.p50))
-        hbm_bytes = spec.weight_bytes + batch * mid_context * kv_bytes
+        hbm_bytes = spec.weight_bytes + batch * mid_context * spec.kv_bytes_per_token
         line = f"decode  b={batch:>2} c={context:>5}: {timing.describe()}  {hbm_bytes / timing.p50 / 1e9:7.1f} GB/s (weights+KV read)"
-        if ws is not None:
+        if (batch, context) in workspace_of:
+            ws = workspace_of[(batch, context)]
             workspace.append(FitPoint(inputs, float(ws)))
             s.log.add("decode_workspace", f"b{batch}_c{context}", float(ws), "bytes", batch=batch, context=context, sum_context=batch * context)
             line += f"  workspace {ws / 2**20:8.1f} MiB"
         s.say(line)
-        s.free()
+    s.free()
     s.log.flush()
     return {"points": points, "workspace": workspace}
 

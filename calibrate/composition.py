@@ -82,31 +82,37 @@ def _from_numpy(a: np.ndarray, s: Session):
 
 
 class BackendServer:
-    """Serves one request per connection, as each remote backend's server does for one token."""
+    """Serves one request per connection, as each remote backend's server does for one token.
+
+    It runs in the calling (main) thread: on the lent machines a model stepped from a second
+    Python thread ran about 3x slower (eager decode is host bound), which would skew the check.
+    """
 
     def __init__(self, s: Session) -> None:
         self.s = s
         self.listener = socket.create_server(("127.0.0.1", 0), backlog=64)
         self.port = self.listener.getsockname()[1]
         self.session_kv: list | None = None
-        self.thread = threading.Thread(target=self._serve, name="backend-server", daemon=True)
-        self.thread.start()
 
-    def _serve(self) -> None:
+    def serve_forever(self) -> None:
         import torch
 
-        while True:
-            conn, _ = self.listener.accept()
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with conn, torch.inference_mode():
-                msg_type, header, tensors, _ = wire.recv_message(conn)
-                if msg_type == STOP:
-                    return
-                if msg_type == SETUP:
-                    self.session_kv = [(_from_numpy(tensors[f"k{i}"], self.s), _from_numpy(tensors[f"v{i}"], self.s)) for i in range(self.s.spec.num_layers)]
-                    conn.sendall(wire.pack(REPLY, {}))
-                    continue
-                conn.sendall(self._step(header["backend"], tensors))
+        with self.listener:
+            while True:
+                conn, _ = self.listener.accept()
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                with conn, torch.inference_mode():
+                    msg_type, header, tensors, _ = wire.recv_message(conn)
+                    if msg_type == STOP:
+                        conn.sendall(wire.pack(REPLY, {}))
+                        return
+                    if msg_type == SETUP:
+                        n = self.s.spec.num_layers
+                        self.session_kv = [(_from_numpy(tensors[f"k{i}"], self.s), _from_numpy(tensors[f"v{i}"], self.s)) for i in range(n)]
+                        self.s.sync()
+                        conn.sendall(wire.pack(REPLY, {}))
+                        continue
+                    conn.sendall(self._step(header["backend"], tensors))
 
     def _step(self, backend: str, tensors: dict) -> bytearray:
         from .modeling import cache_from_tensors, cache_tensors, forward
@@ -120,7 +126,7 @@ class BackendServer:
         marks["h2d_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         if backend == "semantic_blind":
-            logits = s.model(ids, use_cache=False).logits
+            logits = s.model(ids, use_cache=False).logits.to(s.dtype)  # logits travel in the model's dtype
             out_cache = None
         else:
             cache = cache_from_tensors(pairs if backend == "partially_aware" else self.session_kv)
@@ -128,21 +134,12 @@ class BackendServer:
         s.sync()
         marks["compute_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        reply = {"logits": _to_numpy(logits)}
+        reply = {"logits": _to_numpy(logits.to(s.dtype))}
         if backend == "partially_aware":
             for i, (k, v) in enumerate(cache_tensors(out_cache)):
                 reply[f"k{i}"], reply[f"v{i}"] = _to_numpy(k), _to_numpy(v)
         marks["d2h_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        buf = wire.pack(REPLY, marks, reply)
-        marks["pack_s"] = time.perf_counter() - t0
-        return buf
-
-    def stop(self) -> None:
-        with socket.create_connection(("127.0.0.1", self.port)) as sock:
-            sock.sendall(wire.pack(STOP, {}))
-        self.thread.join(timeout=10)
-        self.listener.close()
+        return wire.pack(REPLY, marks, reply)
 
 
 def _request(port: int, msg: bytearray) -> tuple[dict, dict, float]:
@@ -167,52 +164,69 @@ def _random_kv(s: Session, tokens: int) -> dict[str, np.ndarray]:
 
 
 def run_composition(s: Session, cost: CostModel, link_gbps: float) -> list[dict]:
-    spec, plan = s.spec, s.plan
+    """Client requests from a helper thread; the server (and so the model) stays in this thread."""
     server = BackendServer(s)
-    rows = []
-    try:
-        for seq_len in plan.composition_contexts:
-            if seq_len >= spec.max_position_embeddings:
-                continue
-            kv = _random_kv(s, seq_len - 1)
-            _request(server.port, wire.pack(SETUP, {}, kv))  # full_djinn's resident session KV
-            for backend in BACKENDS:
-                if backend == "semantic_blind":
-                    ids = np.random.default_rng(seq_len).integers(0, spec.vocab_size, (1, seq_len), dtype=np.int64)
-                    tensors = {"ids": ids}
-                else:
-                    tensors = {"ids": np.array([[7]], dtype=np.int64), **(kv if backend == "partially_aware" else {})}
-                total, marks = Timing(), []
-                for rep in range(plan.composition_repeat + 1):
-                    t0 = time.perf_counter()
-                    msg = wire.pack(REQUEST, {"backend": backend}, tensors)  # client-side framing is timed
-                    header, _, _ = _request(server.port, msg)
-                    elapsed = time.perf_counter() - t0
-                    if rep > 0:  # the first is the warm-up
-                        total.samples_s.append(elapsed)
-                        marks.append(header)
-                s.log.add_timing("composition", f"{backend}_L{seq_len}", total.samples_s, context=seq_len)
-                predicted = predict_step_s(cost, link_gbps, backend, spec, seq_len)
-                shape = step_shape(backend, spec, seq_len)
-                server_side = {k: float(np.median([m[k] for m in marks])) for k in ("h2d_s", "compute_s", "d2h_s")}
-                rows.append({
-                    "backend": backend,
-                    "seq_len": seq_len,
-                    "up_bytes": shape.up_bytes,
-                    "down_bytes": shape.down_bytes,
-                    "measured_s": total.p50,
-                    "predicted_s": predicted["total"],
-                    "predicted": predicted,
-                    "server": server_side,
-                })
-                s.say(
-                    f"composition {backend:15} L={seq_len:>5}: measured {total.describe()} | predicted {predicted['total'] * 1e3:9.2f} ms "
-                    f"(ratio {total.p50 / predicted['total']:.2f}); server compute {server_side['compute_s'] * 1e3:.2f} ms, "
-                    f"up {shape.up_bytes / 1e6:.2f} MB, down {shape.down_bytes / 1e6:.2f} MB"
-                )
-                s.advance(1)
-    finally:
-        server.stop()
+    rows: list[dict] = []
+    failure: list[BaseException] = []
+
+    def client() -> None:
+        try:
+            _client(s, server.port, cost, link_gbps, rows)
+        except BaseException as exc:  # reported in the main thread
+            failure.append(exc)
+        finally:
+            _request(server.port, wire.pack(STOP, {}))
+
+    thread = threading.Thread(target=client, name="composition-client", daemon=True)
+    thread.start()
+    server.serve_forever()
+    thread.join()
+    if failure:
+        raise failure[0]
     s.log.flush()
     return rows
 
+
+def _client(s: Session, port: int, cost: CostModel, link_gbps: float, rows: list[dict]) -> None:
+    spec, plan = s.spec, s.plan
+    for seq_len in plan.composition_contexts:
+        if seq_len >= spec.max_position_embeddings:
+            continue
+        kv = _random_kv(s, seq_len - 1)
+        _request(port, wire.pack(SETUP, {}, kv))  # full_djinn's resident session KV
+        for backend in BACKENDS:
+            if backend == "semantic_blind":
+                ids = np.random.default_rng(seq_len).integers(0, spec.vocab_size, (1, seq_len), dtype=np.int64)
+                tensors = {"ids": ids}
+            else:
+                tensors = {"ids": np.array([[7]], dtype=np.int64), **(kv if backend == "partially_aware" else {})}
+            total, marks = Timing(), []
+            for rep in range(plan.composition_repeat + 1):
+                t0 = time.perf_counter()
+                msg = wire.pack(REQUEST, {"backend": backend}, tensors)  # client-side framing is timed
+                header, _, _ = _request(port, msg)
+                elapsed = time.perf_counter() - t0
+                if rep > 0:  # the first is the warm-up
+                    total.samples_s.append(elapsed)
+                    marks.append(header)
+            s.log.add_timing("composition", f"{backend}_L{seq_len}", total.samples_s, context=seq_len)
+            predicted = predict_step_s(cost, link_gbps, backend, spec, seq_len)
+            shape = step_shape(backend, spec, seq_len)
+            server_side = {k: float(np.median([m[k] for m in marks])) for k in ("h2d_s", "compute_s", "d2h_s")}
+            rows.append({
+                "backend": backend,
+                "seq_len": seq_len,
+                "up_bytes": shape.up_bytes,
+                "down_bytes": shape.down_bytes,
+                "measured_s": total.p50,
+                "predicted_s": predicted["total"],
+                "predicted": predicted,
+                "server": server_side,
+            })
+            s.say(
+                f"composition {backend:15} L={seq_len:>5}: measured {total.describe()} | predicted {predicted['total'] * 1e3:9.2f} ms "
+                f"(ratio {total.p50 / predicted['total']:.2f}); server h2d {server_side['h2d_s'] * 1e3:.2f} ms, "
+                f"compute {server_side['compute_s'] * 1e3:.2f} ms (predicted {predicted['compute'] * 1e3:.2f}), "
+                f"d2h {server_side['d2h_s'] * 1e3:.2f} ms; up {shape.up_bytes / 1e6:.2f} MB, down {shape.down_bytes / 1e6:.2f} MB"
+            )
+            s.advance(1)

@@ -36,6 +36,8 @@ class Plan:
     weight_load_repeat: int
     weight_load_cold: bool  # also a load after dropping the file from the page cache
     repeat: int  # primitives (copies, serde)
+    grid_passes: int = 1  # interleaved walks over the prefill and decode grids
+    warmup_s: float = 1.0  # untimed decoding before the grids
 
 
 EXP21_PROMPT_TOKENS = 72
@@ -45,12 +47,12 @@ _GPU_FULL = Plan(
     prefill_prompts=(16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
     prefill_batches=(1, 2, 4, 8, 16, 32),
     prefill_max_tokens=32768,
-    prefill_repeat=4,
+    prefill_repeat=2,
     decode_contexts=(64, 256, 512, 1024, 2048, 4096),
     decode_batches=(1, 2, 4, 8, 16, 32, 64),
     decode_max_sum_context=98304,
     decode_warmup_steps=2,
-    decode_steps=8,
+    decode_steps=5,
     exp21_runs=12,
     exp21_discard=2,
     copy_sizes=(4 * KIB, 64 * KIB, MIB, 16 * MIB, 256 * MIB, GIB),
@@ -59,24 +61,26 @@ _GPU_FULL = Plan(
     net_rtt_repeat=500,
     net_connect_repeat=200,
     composition_contexts=(128, 512, 2048),
-    composition_repeat=4,
+    composition_repeat=3,
     weight_load_max_bytes=None,
     weight_load_concurrency=(2, 4),
     weight_load_repeat=2,
     weight_load_cold=True,
     repeat=7,
+    grid_passes=3,
+    warmup_s=5.0,
 )
 
 _GPU_QUICK = Plan(
     prefill_prompts=(16, 64, 256, 1024, 4096),
     prefill_batches=(1, 4, 16),
     prefill_max_tokens=16384,
-    prefill_repeat=3,
+    prefill_repeat=2,
     decode_contexts=(64, 512, 2048, 4096),
     decode_batches=(1, 8, 32),
     decode_max_sum_context=65536,
-    decode_warmup_steps=1,
-    decode_steps=4,
+    decode_warmup_steps=2,
+    decode_steps=3,
     exp21_runs=4,
     exp21_discard=1,
     copy_sizes=(4 * KIB, 256 * KIB, 16 * MIB, 256 * MIB),
@@ -91,6 +95,8 @@ _GPU_QUICK = Plan(
     weight_load_repeat=1,
     weight_load_cold=False,
     repeat=4,
+    grid_passes=2,
+    warmup_s=3.0,
 )
 
 # CPU calibration is for small models (CI's tiny model): grids that finish in seconds on 2 cores.
@@ -144,6 +150,7 @@ _CPU_QUICK = Plan(
     weight_load_repeat=1,
     weight_load_cold=False,
     repeat=3,
+    warmup_s=0.3,
 )
 
 

@@ -236,7 +236,7 @@ def _measure(s: Session, before, oom_probe: bool) -> None:
     """Every stage, in order; results land in s.results as each finishes."""
     import torch
 
-    from .bench_compute import run_decode_grid, run_exp21, run_prefill_grid
+    from .bench_compute import run_decode_grid, run_exp21, run_prefill_grid, warm_up
     from .bench_copies import run_copies
     from .bench_memory import context_overhead, oom_probe as probe, weight_bytes
     from .bench_network import run_loopback, run_serde
@@ -266,6 +266,7 @@ def _measure(s: Session, before, oom_probe: bool) -> None:
     r["copies"] = staged("copies", run_copies, s)
     r["serde"] = staged("serde", run_serde, s)
     r["network"] = staged("network", run_loopback, s)
+    staged("warm_up", warm_up, s)
     r["prefill"] = staged("prefill", run_prefill_grid, s)
 
     if s.is_cuda:
@@ -323,6 +324,8 @@ def _measure(s: Session, before, oom_probe: bool) -> None:
         key = f"composition.{row['backend']}.L{row['seq_len']}"
         r["end_to_end"][f"{key}.measured_s"] = row["measured_s"]
         r["end_to_end"][f"{key}.predicted_s"] = row["predicted_s"]
+        r["end_to_end"][f"{key}.server_compute_s"] = row["server"]["compute_s"]
+        r["end_to_end"][f"{key}.predicted_compute_s"] = row["predicted"]["compute"]
 
     if oom_probe:
         r["oom_copies"] = staged("oom_probe", probe, s, r["weight_bytes"])
