@@ -1,8 +1,65 @@
-"""`djinnsim validate` (placeholder until the validation issue lands)."""
+"""`djinnsim validate`: parse and check the options, then delegate to `pipeline.run_validation`.
+
+This module must not import torch (the CLI imports it to register the command).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
 
 
-def validate() -> None:
-    """Run a scenario's small points for real and compare them with the simulator."""
-    from djinnsim.errors import DjinnsimError
+def validate(
+    scenario: Annotated[Path, typer.Argument(help="scenario YAML whose points to run for real, e.g. scenarios/exp21_decode.yaml")],
+    *,
+    gpu: Annotated[int, typer.Option(help="CUDA device index to run on")] = 0,
+    device: Annotated[str, typer.Option(help="cuda, or cpu: the same pipeline with the tiny model (CI)")] = "cuda",
+    points: Annotated[
+        Optional[list[str]],
+        typer.Option("--points", help="points to run: an index or a label glob (e.g. 'full_djinn*', '*n2'); repeatable; default all"),
+    ] = None,
+    repeats: Annotated[int, typer.Option(help="real runs of each point, for the run-to-run spread")] = 3,
+    calibration: Annotated[
+        Optional[Path],
+        typer.Option(help="profile of THIS machine and model (refused otherwise); default: calibrate first (quick)"),
+    ] = None,
+    full_calibration: Annotated[bool, typer.Option(help="when calibrating first, run the full calibration, not --quick")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="report folder (default: results/validation/<timestamp>/)")] = None,
+    runs: Annotated[Optional[int], typer.Option(help="decode workloads: runs per repeat, warm-up included")] = 5,
+    warmup_runs: Annotated[Optional[int], typer.Option(help="decode workloads: runs discarded at the start of each repeat")] = 1,
+    new_tokens: Annotated[Optional[int], typer.Option(help="tokens generated per run or phase (default: the scenario's)")] = None,
+    agents: Annotated[Optional[str], typer.Option(help="agents workloads: comma-separated N values, e.g. 1,2")] = "1,2",
+    act_s: Annotated[Optional[float], typer.Option(help="agents workloads: ACT (tool call) seconds, fixed")] = 1.0,
+    iterations: Annotated[Optional[int], typer.Option(help="agents workloads: REASON/ACT/REFLECT cycles (default: the scenario's)")] = None,
+    oom_probe_max: Annotated[int, typer.Option(help="keep-alive: most model copies tried when looking for the OOM N (GPU only)")] = 8,
+    time_budget_s: Annotated[float, typer.Option(help="no new real run starts after this many seconds (calibration excluded)")] = 1800.0,
+    seed: Annotated[Optional[int], typer.Option(help="override the scenario's seed")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress lines or summary table")] = False,
+) -> None:
+    """Run a scenario's small points for real, simulate the same points, and report the difference."""
+    from djinnsim.validate.pipeline import ValidateRequest, run_validation
+    from djinnsim.validate.points import Shortening, parse_agents
 
-    raise DjinnsimError("validate is not implemented yet")
+    short = Shortening(runs=runs, warmup_runs=warmup_runs, new_tokens=new_tokens, agents=parse_agents(agents),
+                       act_s=act_s, iterations=iterations)
+    run_validation(
+        ValidateRequest(
+            scenario_path=scenario,
+            gpu=gpu,
+            device=device,
+            points=tuple(points or ()),
+            repeats=repeats,
+            calibration=calibration,
+            full_calibration=full_calibration,
+            out=out,
+            short=short,
+            time_budget_s=time_budget_s,
+            oom_probe_max=oom_probe_max,
+            seed=seed,
+            quiet=quiet,
+            command=" ".join(["djinnsim", *sys.argv[1:]]),
+        )
+    )

@@ -1,8 +1,9 @@
 """Whole-model weight loads for the serverless baseline: from a safetensors file or host memory.
 
-The model is built without initializing its weights (an allocation only), then filled by a
-copy from the source tier: `disk` reads the safetensors file (page cache and all, as a warm
-Ray worker would), `pageable` and `pinned` copy a state dict the worker keeps in host memory.
+The model is built without initializing its weights (an allocation only), then each tensor is
+filled from the source tier the way calibrate's weight-load benchmark reads it: `disk` reads the
+safetensors file straight to the device (page cache and all, as a warm Ray worker would),
+`pageable` and `pinned` copy a state dict the worker keeps in host memory.
 """
 
 from __future__ import annotations
@@ -60,9 +61,21 @@ def host_state(path: str, pinned: bool) -> dict:
 
 def load_model(spec: ModelSpec, device: str, dtype, path: str, host: dict | None):
     """A ready model on `device`, its weights copied from `host` (a state dict) or read from `path`."""
-    from safetensors.torch import load_file
+    import torch
+    from safetensors import safe_open
 
     model = empty_model(spec, device, dtype)
-    state = host if host is not None else load_file(path, device="cpu")
-    model.load_state_dict(state, strict=True)
+    targets = model.state_dict()
+    with torch.no_grad():
+        if host is not None:
+            for name, tensor in host.items():
+                targets[name].copy_(tensor, non_blocking=tensor.is_pinned())
+        else:
+            with safe_open(path, framework="pt", device=device) as fh:
+                names = list(fh.keys())
+                for name in names:
+                    targets[name].copy_(fh.get_tensor(name))
+    missing = set(targets) - set(host if host is not None else names)
+    if missing:
+        raise ValueError(f"weights file lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}")
     return model

@@ -1,0 +1,147 @@
+"""The comparison math of `djinnsim validate`, on synthetic records with hand-computed answers."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from djinnsim.sim.records import Record
+from djinnsim.validate import compare
+from djinnsim.validate.compare import METRIC_BY_NAME, busy_fraction, judge, judge_oom, record_metrics, relative_error
+
+BASE = Record(
+    point=0, backend="full_djinn", model="llama-2-7b", gpu="h100-80gb", link_gbps=25.0, n_agents=1, agent=0,
+    run=0, phase="decode", step=0, status="ok", warmup=False, issued_at=0.0, started_at=0.0, finished_at=1.0,
+    connect_s=0.0, uplink_s=0.0, queue_s=0.0, load_s=0.0, copy_s=0.0, compute_s=0.0, downlink_s=0.0,
+    context_tokens=0, input_tokens=1, new_tokens=1, bytes_up=8, bytes_down=64000, wire_bytes_up=150,
+    wire_bytes_down=64200, h2d_bytes=0, d2h_bytes=0, gpu_mem_bytes=0, gpu_mem_peak_bytes=100,
+)
+
+
+def rec(**changes) -> Record:
+    return replace(BASE, **changes)
+
+
+def decode_run(run: int, start: float, step_s: list[float], warmup: bool = False, **changes) -> list[Record]:
+    out, at = [], start
+    for t, d in enumerate(step_s):
+        out.append(rec(run=run, step=t, issued_at=at, started_at=at, finished_at=at + d, compute_s=d / 2,
+                       warmup=warmup, **changes))
+        at += d
+    return out
+
+
+def test_decode_metrics_by_hand():
+    records = (decode_run(0, 0.0, [9.0, 9.0], warmup=True)  # dropped: warm-up
+               + decode_run(1, 100.0, [0.4, 0.1, 0.1, 0.2])
+               + decode_run(2, 200.0, [0.6, 0.1, 0.1, 0.2]))
+    m = record_metrics(records, agents=False)
+    lat = [0.4, 0.1, 0.1, 0.2, 0.6, 0.1, 0.1, 0.2]
+    assert m["latency_mean_s"] == pytest.approx(np.mean(lat))
+    assert m["latency_p50_s"] == pytest.approx(0.15)
+    assert m["latency_p99_s"] == pytest.approx(np.percentile(lat, 99))
+    assert m["per_token_s"] == pytest.approx(np.mean([0.8 / 4, 1.0 / 4]))
+    assert m["ttft_s"] == pytest.approx(0.5)
+    # bytes are per measured run: 4 steps of 8 B up each
+    assert m["bytes_up"] == pytest.approx(32)
+    assert m["bytes_down"] == pytest.approx(4 * 64000)
+    assert m["wire_bytes_up"] == pytest.approx(4 * 150)
+    # half of every step computes; the runs are 100 s apart, so most of the window is idle
+    assert m["gpu_util"] == pytest.approx((0.4 + 0.5) / (200.0 + 1.0 - 100.0))
+
+
+def test_oom_records_are_counted_not_averaged():
+    ok = rec(phase="reason", step=-1, agent=0, new_tokens=50, finished_at=2.0)
+    oom = rec(phase="reason", step=-1, agent=1, status="oom", new_tokens=50, finished_at=1000.0)
+    m = record_metrics([ok, oom], agents=True)
+    assert m["latency_mean_s"] == pytest.approx(2.0)
+    assert m["per_token_s"] == pytest.approx(2.0 / 50)
+    assert m["ttft_s"] is None  # phase records carry no first-token time
+    assert m["bytes_up"] == pytest.approx(8)  # per agent that ran
+
+
+def test_no_measured_records_give_none():
+    m = record_metrics([rec(warmup=True)], agents=False)
+    assert all(v is None for v in m.values())
+
+
+def test_busy_fraction_merges_overlaps():
+    a = rec(issued_at=0.0, started_at=1.0, compute_s=2.0, finished_at=3.0)
+    b = rec(issued_at=0.0, started_at=2.0, compute_s=2.0, finished_at=4.0)  # overlaps a by 1 s
+    c = rec(issued_at=0.0, started_at=6.0, compute_s=1.0, finished_at=10.0)
+    assert busy_fraction([a, b, c]) == pytest.approx((3.0 + 1.0) / 10.0)
+    assert busy_fraction([]) is None
+
+
+def test_relative_error_and_zero_reference():
+    assert relative_error(1.05, 1.0) == pytest.approx(0.05)
+    assert relative_error(0.0, 0.0) == 0.0
+    assert math.isinf(relative_error(1.0, 0.0))
+
+
+def test_mean_rule_passes_inside_spread_even_beyond_five_percent():
+    metric = METRIC_BY_NAME["latency_mean_s"]
+    wide = judge(metric, 1.2, [0.8, 1.0, 1.3])  # real mean 1.033, sim +16% but inside min..max
+    assert wide.verdict == "PASS"
+    assert wide.real_min == 0.8 and wide.real_max == 1.3
+    assert wide.real_std == pytest.approx(np.std([0.8, 1.0, 1.3], ddof=1))
+    tight = judge(metric, 1.2, [0.99, 1.0, 1.01])
+    assert tight.verdict == "FAIL"
+    assert tight.rel_err == pytest.approx(0.2)
+    assert judge(metric, 1.049, [1.0, 1.0]).verdict == "PASS"
+
+
+def test_p99_and_bytes_tolerances():
+    p99 = METRIC_BY_NAME["latency_p99_s"]
+    assert judge(p99, 1.099, [1.0]).verdict == "PASS"
+    assert judge(p99, 1.101, [1.0]).verdict == "FAIL"
+    assert judge(p99, 1.101, [0.5, 1.5]).verdict == "FAIL"  # no spread allowance for P99
+    up = METRIC_BY_NAME["bytes_up"]
+    assert judge(up, 1009.0, [1000.0]).verdict == "PASS"
+    assert judge(up, 1011.0, [1000.0]).verdict == "FAIL"
+    assert judge(METRIC_BY_NAME["gpu_util"], 0.1, [0.9]).verdict == "info"
+
+
+def test_missing_sides_are_not_applicable():
+    metric = METRIC_BY_NAME["ttft_s"]
+    assert judge(metric, None, [0.1, 0.2]).verdict == "N/A"
+    assert judge(metric, 0.1, [None, None]).verdict == "N/A"
+    assert judge(metric, 0.1, []).real_mean is None
+
+
+def test_oom_n_must_match_exactly():
+    assert judge_oom(6, 6, 12) == "PASS"
+    assert judge_oom(5, 6, 12) == "FAIL"
+    assert judge_oom(None, 6, 12) == "FAIL"
+    assert judge_oom(13, None, 12) == "PASS"  # neither ran out within the probe
+    assert judge_oom(7, None, 12) == "FAIL"
+    assert judge_oom(6, None, None) == "N/A"  # not probed (CPU)
+
+
+@given(
+    real=st.lists(st.floats(min_value=1e-3, max_value=1e3), min_size=1, max_size=6),
+    factor=st.floats(min_value=0.5, max_value=1.5),
+)
+def test_mean_verdict_matches_its_definition(real, factor):
+    sim = float(np.mean(real)) * factor
+    c = judge(METRIC_BY_NAME["latency_mean_s"], sim, real)
+    inside = min(real) <= sim <= max(real)
+    within = abs(sim - np.mean(real)) / np.mean(real) <= compare.MEAN_TOLERANCE
+    assert (c.verdict == "PASS") == (inside or within)
+
+
+def test_compare_point_uses_real_repeats_and_sim_peak():
+    sim = decode_run(1, 0.0, [0.2, 0.1])
+    repeats = [{"latency_mean_s": 0.15, "bytes_up": 16.0}, {"latency_mean_s": 0.16, "bytes_up": 16.0}]
+    pc = compare.compare_point(0, "p", "full_djinn", None, 25.0, False, sim, 12345.0, repeats, {})
+    by = {c.metric: c for c in pc.metrics}
+    assert by["latency_mean_s"].verdict == "PASS"  # 0.15 vs mean 0.155: within 5%
+    assert by["bytes_up"].verdict == "PASS"
+    assert by["peak_gpu_mem_bytes"].sim == 12345.0
+    assert by["ttft_s"].verdict == "N/A"  # the real side did not report it
+    assert compare.summarize([pc])["PASS"] >= 2

@@ -1,0 +1,361 @@
+"""`run_validation`: profile (calibrating first if none is given), real runs, simulation of the
+same points, comparison, report. The CLI delegates here.
+
+This process is the client of the real runs and never creates a CUDA context: calibration runs
+in a child process, the servers in theirs, so the GPU memory this process would hold cannot
+distort the memory figures or the keep-alive OOM N.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import multiprocessing
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from djinnsim.errors import DjinnsimError
+from djinnsim.sim.profile import Profile, load_profile
+from djinnsim.sim.records import Record, records_frame
+from djinnsim.sim.scenario import AgentsWorkload, Scenario, dump_scenario, expand_points, load_scenario
+from djinnsim.sim.specs import ModelSpec, get_model
+
+from . import compare, report
+from .points import CPU_MODEL, Shortening, select_points, validation_scenario
+from .realrun import RealOptions, RealResult, RealRunner
+
+DEVICES = ("cuda", "cpu")
+
+
+@dataclass(frozen=True)
+class ValidateRequest:
+    scenario_path: Path
+    gpu: int = 0
+    device: str = "cuda"
+    points: tuple[str, ...] = ()
+    repeats: int = 3
+    calibration: Path | None = None
+    full_calibration: bool = False
+    out: Path | None = None
+    short: Shortening = Shortening()
+    time_budget_s: float = 1800.0
+    oom_probe_max: int = 8
+    seed: int | None = None
+    quiet: bool = False
+    command: str = "djinnsim validate"
+
+
+@dataclass
+class Machine:
+    device: str  # cuda | cpu
+    name: str  # the GPU's name as CUDA/NVML report it, or "cpu: <host cpu>" as calibrate writes it
+    gpu_index: int
+    memory_bytes: int | None
+    driver: str | None
+    torch: str
+    transformers: str
+    host_cpu: str
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "notes"}
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        raise DjinnsimError(f"{package} is not installed: validate runs models (pip install 'djinnsim[gpu]')") from None
+
+
+def this_machine(device: str, gpu: int) -> Machine:
+    """What this machine is, read without creating a CUDA context (NVML and package metadata)."""
+    from djinnsim.calibrate.environment import host_cpu
+
+    from .gpumon import gpu_facts
+
+    if device not in DEVICES:
+        raise DjinnsimError(f"--device must be one of {', '.join(DEVICES)}, not {device!r}")
+    versions = {"torch": _version("torch"), "transformers": _version("transformers")}
+    cpu = host_cpu()
+    if device == "cpu":
+        return Machine("cpu", f"cpu: {cpu}", gpu, None, None, host_cpu=cpu, **versions)
+    facts = gpu_facts(gpu)
+    if facts is None:
+        raise DjinnsimError(f"--device cuda: GPU {gpu} is not visible through NVML; use --device cpu for the tiny model")
+    return Machine("cuda", facts.name, gpu, facts.memory_bytes, facts.driver, host_cpu=cpu, **versions)
+
+
+def check_profile(profile: Profile, path: Path, machine: Machine, spec: ModelSpec, dtype: str) -> None:
+    """Refuse a profile from another GPU, model, dtype or software stack, in one line."""
+    meta = profile.metadata
+    problems = []
+    if meta.device != machine.device:
+        problems.append(f"device {meta.device} (this run: {machine.device})")
+    elif meta.gpu_name.strip().lower() != machine.name.strip().lower():
+        problems.append(f"GPU {meta.gpu_name!r} (this machine: {machine.name!r})")
+    if meta.model_id != spec.model_id:
+        problems.append(f"model {meta.model_id} (this run: {spec.model_id})")
+    if meta.dtype != dtype:
+        problems.append(f"dtype {meta.dtype} (this run: {dtype})")
+    for package in ("torch", "transformers"):
+        theirs, ours = getattr(meta, package), getattr(machine, package)
+        if theirs != ours:
+            problems.append(f"{package} {theirs} (this machine: {ours})")
+    if problems:
+        raise DjinnsimError(f"calibration {path} does not describe this machine: {'; '.join(problems)}; "
+                            "calibrate here first (leave out --calibration)")
+
+
+def _calibration_child(kwargs: dict) -> None:
+    from djinnsim.calibrate.runner import run_calibration
+
+    try:
+        run_calibration(**kwargs)
+    except DjinnsimError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+def calibrate_now(req: ValidateRequest, model_key: str, out_dir: Path, say: Callable[[str], None]) -> Path:
+    """Calibrate this machine in a child process (its CUDA context goes away with it)."""
+    path = out_dir / "calibration" / f"{'cpu' if req.device == 'cpu' else 'gpu'}-{model_key}.json"
+    kwargs = dict(gpu=req.gpu, device=req.device, model=model_key, quick=not req.full_calibration, out=path,
+                  command=f"{req.command} (calibrating first)", quiet=req.quiet)
+    say(f"calibrating {model_key} on {req.device} ({'full' if req.full_calibration else 'quick'}) first")
+    process = multiprocessing.get_context("spawn").Process(target=_calibration_child, args=(kwargs,))
+    process.start()
+    process.join(timeout=1800)
+    if process.is_alive():
+        process.terminate()
+        process.join(10)
+        raise DjinnsimError("calibration did not finish within 30 minutes")
+    if process.exitcode != 0 or not path.is_file():
+        raise DjinnsimError(f"calibration failed (exit code {process.exitcode}); its output is above")
+    return path
+
+
+def simulate(scenario: Scenario, profile_path: Path, profile: Profile) -> dict[int, object]:
+    """Simulate every point with this machine's profile as measured (no transfer)."""
+    if profile.metadata.gpu_key is not None:
+        from djinnsim.sim.run import simulate_scenario
+
+        result = simulate_scenario(scenario, calibration=profile_path)
+        return {p.point.index: p for p in result.points}
+    # A CPU profile names no GPU, so the scenario's GPU cannot match it: evaluate it directly, with
+    # the same per-point seeds as simulate_scenario.
+    from djinnsim.sim.costmodel import ProfileCostModel
+    from djinnsim.sim.simulate import simulate_point
+
+    points = expand_points(scenario)
+    seeds = np.random.SeedSequence(scenario.seed).spawn(len(points))
+    return {p.index: simulate_point(scenario, p, ProfileCostModel(profile, p.model), s) for p, s in zip(points, seeds)}
+
+
+def _sim_oom_n(point_results: list) -> int | None:
+    """The first N at which the simulated keep-alive runs out of memory."""
+    ooms = [pr.point.n_agents for pr in point_results if any(r.status == "oom" for r in pr.records)]
+    bounds = [pr.memory_bound_agents for pr in point_results if pr.memory_bound_agents is not None]
+    candidates = [n for n in ooms if n is not None] + [b + 1 for b in bounds]
+    return min(candidates) if candidates else None
+
+
+def _real_repeat_metrics(repeat, agents: bool, cuda: bool) -> dict:
+    metrics = compare.record_metrics(repeat.records, agents)
+    metrics["peak_gpu_mem_bytes"] = float(repeat.peak_mem_bytes) if repeat.peak_mem_bytes is not None else None
+    if cuda:
+        metrics["gpu_util"] = repeat.gpu_util  # NVML; on the CPU the servers' own compute stamps stay
+    if agents:
+        metrics["ttft_s"] = repeat.ttft_s
+    return metrics
+
+
+def _decode_curve(records: list[Record]) -> dict[int, float]:
+    rows = compare.measured(records)
+    by_t: dict[int, list[float]] = {}
+    for r in rows:
+        by_t.setdefault(r.step, []).append(r.latency_s * 1e3)
+    return {t: float(np.mean(v)) for t, v in sorted(by_t.items())}
+
+
+def _curves(agents: bool, comparisons: list[compare.PointComparison], real: RealResult, sims: dict) -> dict:
+    curves: dict[str, list[dict]] = {}
+    real_by_index = {p.point.index: p for p in real.points}
+    for pc in comparisons:
+        rp = real_by_index[pc.index]
+        if not rp.repeats:
+            continue
+        if agents:
+            m = {c.metric: c for c in pc.metrics}
+            mean, p99 = m["latency_mean_s"], m["latency_p99_s"]
+
+            def ms(v):
+                return None if v is None else v * 1e3
+
+            curves.setdefault(pc.backend, []).append({
+                "n": pc.n_agents, "real_mean": ms(mean.real_mean), "real_mean_min": ms(mean.real_min),
+                "real_mean_max": ms(mean.real_max), "sim_mean": ms(mean.sim), "real_p99": ms(p99.real_mean),
+                "real_p99_min": ms(p99.real_min), "real_p99_max": ms(p99.real_max), "sim_p99": ms(p99.sim)})
+        else:
+            per_repeat = [_decode_curve(rep.records) for rep in rp.repeats]
+            sim = _decode_curve(sims[pc.index].records)
+            ts = sorted(set.intersection(*(set(c) for c in per_repeat)) & set(sim)) if per_repeat else []
+            if not ts:
+                continue
+            curves.setdefault(pc.backend, []).append({
+                "label": f"{pc.link_gbps:g} Gbps", "t": ts,
+                "real_mean": [float(np.mean([c[t] for c in per_repeat])) for t in ts],
+                "real_min": [min(c[t] for c in per_repeat) for t in ts],
+                "real_max": [max(c[t] for c in per_repeat) for t in ts],
+                "sim": [sim[t] for t in ts]})
+    return curves
+
+
+def _write_records(path: Path, records: list[Record], repeats: list[int] | None = None) -> None:
+    frame = records_frame(records)
+    if repeats is not None:
+        frame.insert(0, "repeat", repeats)
+    frame.to_csv(path, index=False)
+
+
+def _say(quiet: bool) -> Callable[[str], None]:
+    return (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
+
+
+def run_validation(req: ValidateRequest) -> Path:
+    """Validate a scenario's small points on this machine; returns the report folder."""
+    started_wall = time.perf_counter()
+    started_at = datetime.now(timezone.utc).replace(microsecond=0)
+    say = _say(req.quiet)
+    if req.repeats < 1:
+        raise DjinnsimError(f"--repeats must be >= 1, not {req.repeats}")
+    if req.time_budget_s <= 0:
+        raise DjinnsimError(f"--time-budget-s must be > 0, not {req.time_budget_s}")
+    scenario = load_scenario(req.scenario_path)
+    machine = this_machine(req.device, req.gpu)
+    model_key = CPU_MODEL if req.device == "cpu" else scenario.model
+    spec = get_model(model_key)
+    if req.calibration is not None and not Path(req.calibration).is_file():
+        raise DjinnsimError(f"calibration profile not found: {req.calibration}")
+    out_dir = Path(req.out) if req.out is not None else (
+        Path("results") / "validation" / started_at.strftime("%Y%m%dT%H%M%SZ"))
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DjinnsimError(f"--out {out_dir} exists and is not a folder")
+    # Check what can be checked before spending minutes calibrating.
+    validation_scenario(scenario, req.short, model_key if req.device == "cpu" else None, None)
+    from djinnsim.calibrate.modeling import resolve_dtype
+
+    dtype = str(resolve_dtype(spec, None, req.device)).removeprefix("torch.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if req.calibration is not None:
+        profile_path, how = Path(req.calibration), "given with --calibration"
+    else:
+        profile_path = calibrate_now(req, model_key, out_dir, say)
+        how = f"calibrated by this validation ({'full' if req.full_calibration else 'quick'})"
+    profile = load_profile(profile_path)
+    check_profile(profile, profile_path, machine, spec, dtype)
+
+    scenario_v = validation_scenario(scenario, req.short, model_key if req.device == "cpu" else None,
+                                     profile.metadata.gpu_key)
+    if req.seed is not None:
+        scenario_v = scenario_v.model_copy(update={"seed": req.seed})
+    (out_dir / "scenario.yaml").write_text(dump_scenario(scenario_v))
+    points = select_points(expand_points(scenario_v), list(req.points) or None)
+    agents = isinstance(scenario_v.workload, AgentsWorkload)
+    cuda = req.device == "cuda"
+
+    options = RealOptions(
+        device=f"cuda:{req.gpu}" if cuda else "cpu", gpu_index=req.gpu, repeats=req.repeats, seed=scenario_v.seed,
+        deadline=time.perf_counter() + req.time_budget_s, oom_probe_max=req.oom_probe_max,
+        context_bytes_per_process=profile.memory.context_bytes_per_process, weight_bytes=profile.memory.weight_bytes,
+        dtype=profile.metadata.dtype,
+        request_timeout_s=300.0 if cuda else 60.0, start_timeout_s=600.0 if cuda else 120.0,
+    )
+    say(f"real runs: {len(points)} points x {req.repeats} repeats on {machine.name}")
+    real = RealRunner(scenario_v, points, options, say).run()
+    say("simulating the same points")
+    sims = simulate(scenario_v, profile_path, profile)
+
+    comparisons = []
+    for rp in real.points:
+        p = rp.point
+        repeats = [_real_repeat_metrics(rep, agents, cuda) for rep in rp.repeats]
+        all_real = [r for rep in rp.repeats for r in rep.records]
+        pc = compare.compare_point(p.index, p.label, p.backend.name, p.n_agents, p.link.gbps, agents,
+                                   sims[p.index].records, sims[p.index].peak_mem_bytes, repeats,
+                                   compare.stage_means(all_real))
+        pc.skipped = rp.skipped
+        pc.notes = [e for rep in rp.repeats for e in rep.errors]
+        pc.notes += [f"simulator asked outside the calibrated range: {item}"
+                     for item in getattr(sims[p.index], "out_of_range", [])[:2]]
+        comparisons.append(pc)
+
+    oom_rows = []
+    for probe in real.oom_probes:
+        sim_points = [pr for pr in sims.values() if pr.point.backend.name == probe.backend]
+        sim_n = _sim_oom_n(sim_points)
+        probe_max = probe.max_n if cuda else None
+        oom_rows.append({"backend": probe.backend, "real_oom_n": probe.oom_n if cuda else None, "sim_oom_n": sim_n,
+                         "real_loaded": probe.loaded, "probe_max": probe_max,
+                         "verdict": compare.judge_oom(sim_n, probe.oom_n, probe_max), "message": probe.message})
+    summary = compare.summarize(comparisons)
+    for row in oom_rows:
+        summary[row["verdict"]] = summary.get(row["verdict"], 0) + 1
+
+    figures = report.overlay_plots(out_dir, agents, _curves(agents, comparisons, real, sims))
+    workload = scenario_v.workload.model_dump(mode="json")
+    doc = {
+        "meta": {
+            "scenario": scenario.name, "scenario_path": str(req.scenario_path), "command": req.command,
+            "started_at": started_at.isoformat(), "wall_s": time.perf_counter() - started_wall,
+            "real_wall_s": real.wall_s, "machine": machine.to_dict(), "model": spec.model_id,
+            "repeats": req.repeats, "workload": workload, "seed": scenario_v.seed,
+            "profile": {"path": str(profile_path), "how": how, "date": profile.metadata.date,
+                        "quick": profile.metadata.quick, "gpu_name": profile.metadata.gpu_name},
+            "ray": "emulated with processes (Ray is not installable on the GPU machines used)",
+        },
+        "summary": summary,
+        "points": [pc.to_dict() for pc in comparisons],
+        "oom": oom_rows,
+        "notes": real.notes,
+        "figures": figures,
+    }
+    doc["meta"]["wall_s"] = time.perf_counter() - started_wall
+    report.write_json(doc, out_dir / "validation.json")
+    (out_dir / "validation.md").write_text(report.markdown(doc, comparisons))
+    real_records = [r for rp in real.points for rep in rp.repeats for r in rep.records]
+    real_repeats = [i for rp in real.points for i, rep in enumerate(rp.repeats) for _ in rep.records]
+    _write_records(out_dir / "records_real.csv", real_records, real_repeats)
+    _write_records(out_dir / "records_sim.csv", [r for p in points for r in sims[p.index].records])
+    if not req.quiet:
+        print(short_table(comparisons, oom_rows, summary))
+        print(f"report: {out_dir / 'validation.md'}")
+    return out_dir
+
+
+def short_table(comparisons: list[compare.PointComparison], oom_rows: list[dict], summary: dict) -> str:
+    """One line per point: mean and p99 latency real vs sim, payload bytes, verdicts."""
+    lines = [f"{'point':58} {'mean real':>11} {'mean sim':>11} {'err':>7} {'p99 err':>8} {'bytes err':>9}  verdicts"]
+    for pc in comparisons:
+        m = {c.metric: c for c in pc.metrics}
+        mean, p99 = m["latency_mean_s"], m["latency_p99_s"]
+        down, up = m["bytes_down"], m["bytes_up"]
+        bytes_err = max((abs(c.rel_err) for c in (up, down) if c.rel_err is not None), default=None)
+        verdicts = "".join({"PASS": "P", "FAIL": "F", "info": ".", "N/A": "-"}[v] for v in pc.verdicts)
+        if pc.skipped and not mean.real_values:
+            lines.append(f"{pc.label[:58]:58} not run: {pc.skipped}")
+            continue
+        lines.append(f"{pc.label[:58]:58} {report.fmt(mean.real_mean, 's'):>11} {report.fmt(mean.sim, 's'):>11} "
+                     f"{report.fmt_err(mean.rel_err):>7} {report.fmt_err(p99.rel_err):>8} "
+                     f"{report.fmt_err(bytes_err):>9}  {verdicts}")
+    for row in oom_rows:
+        lines.append(f"OOM N {row['backend']}: real {row['real_oom_n']} sim {row['sim_oom_n']} -> {row['verdict']}")
+    lines.append(f"summary: {summary.get('PASS', 0)} PASS, {summary.get('FAIL', 0)} FAIL, "
+                 f"{summary.get('info', 0)} info, {summary.get('N/A', 0)} N/A "
+                 f"(verdict letters in metric order: {', '.join(m.name for m in compare.METRICS)})")
+    return "\n".join(lines)

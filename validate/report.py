@@ -1,0 +1,179 @@
+"""The validation report: validation.json (every figure), validation.md (the tables), one overlay
+plot per backend (real points with their spread, the simulated curve), and both record tables."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from .compare import METRIC_BY_NAME, Comparison, PointComparison
+
+VERDICT_MARK = {"PASS": "PASS", "FAIL": "**FAIL**", "info": "info", "N/A": "N/A"}
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no inf/nan: write them as strings so the file stays standard JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def write_json(document: dict, path: Path) -> Path:
+    path.write_text(json.dumps(_finite(document), indent=1, sort_keys=False) + "\n")
+    return path
+
+
+def fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "N/A"
+    if unit == "s":
+        return f"{value * 1e3:.4g} ms"
+    if unit == "frac":
+        return f"{100 * value:.1f}%"
+    if unit == "B":
+        for scale, name in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+            if abs(value) >= scale:
+                return f"{value / scale:.4g} {name}"
+        return f"{value:.4g} B"
+    return f"{value:.4g}"
+
+
+def fmt_err(value: float | None) -> str:
+    if value is None:
+        return "N/A"
+    if not math.isfinite(value):
+        return "inf"
+    return f"{100 * value:+.1f}%"
+
+
+TARGET_TEXT = {"mean": "5% or in spread", "p99": "10%", "bytes": "1%", "info": "none"}
+
+
+def _metric_row(point: PointComparison, c: Comparison) -> str:
+    metric = METRIC_BY_NAME[c.metric]
+    unit = metric.unit
+    spread = "N/A" if c.real_min is None else f"{fmt(c.real_min, unit)} – {fmt(c.real_max, unit)}"
+    std = "N/A" if c.real_std is None else fmt(c.real_std, unit)
+    return (f"| {point.label} | {metric.label} | {fmt(c.real_mean, unit)} | {spread} | {std} | {len(c.real_values)} | "
+            f"{fmt(c.sim, unit)} | {fmt_err(c.rel_err)} | {TARGET_TEXT[c.rule]} | {VERDICT_MARK[c.verdict]} |")
+
+
+def markdown(doc: dict, points: list[PointComparison]) -> str:
+    meta = doc["meta"]
+    lines = [
+        f"# Validation: {meta['scenario']} on {meta['machine']['name']}",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Started {meta['started_at']}, took {meta['wall_s']:.0f} s (real runs {meta['real_wall_s']:.0f} s).  ",
+        f"Machine: {meta['machine']['name']} ({meta['machine']['device']}), driver {meta['machine'].get('driver') or 'N/A'}, "
+        f"torch {meta['machine']['torch']}, transformers {meta['machine']['transformers']}, host {meta['machine']['host_cpu']}.  ",
+        f"Profile: `{meta['profile']['path']}` ({meta['profile']['how']}; calibrated {meta['profile']['date']}, "
+        f"quick={meta['profile']['quick']}).  ",
+        f"Model {meta['model']}, {meta['repeats']} repeats per real point; workload as run: {meta['workload']}.",
+        "",
+        "Ray cannot be installed on the GPU machines used here: its two baselines are emulated with processes "
+        "(keep-alive: one resident worker process per agent with its own model copy and KV; serverless: one "
+        "worker process per agent that loads the weights for every phase and frees them after). The link is "
+        "emulated on loopback: each end paces its messages to the scenario's rate and holds each back half the RTT; "
+        "bytes are counted on the socket.",
+        "",
+        "Targets: mean latency within 5% or inside the real min–max across repeats; P99 within 10%; payload bytes "
+        "within 1%; keep-alive OOM N exact. p50, per-token latency and time to first token are judged like the mean. "
+        "Wire bytes (payload + framing), peak GPU memory and GPU utilization have no target (info). "
+        "The error is (sim - real mean) / real mean.",
+        "",
+        f"**Summary: {doc['summary']['PASS']} PASS, {doc['summary']['FAIL']} FAIL, {doc['summary']['info']} info, "
+        f"{doc['summary']['N/A']} N/A.**",
+        "",
+        "| point | metric | real mean | real min – max | real sd | repeats | sim | error | target | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for point in points:
+        if point.skipped and not any(c.real_values for c in point.metrics):
+            lines.append(f"| {point.label} | (not run for real: {point.skipped}) | | | | | | | | |")
+            continue
+        lines.extend(_metric_row(point, c) for c in point.metrics)
+    lines += ["", "## Keep-alive OOM N", ""]
+    if doc["oom"]:
+        lines += ["| backend | real OOM N | sim OOM N | copies that fit (real) | probed up to | verdict | note |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in doc["oom"]:
+            real = row["real_oom_n"] if row["real_oom_n"] is not None else (
+                f"none up to {row['probe_max']}" if row["probe_max"] else "N/A")
+            lines.append(f"| {row['backend']} | {real} | {row['sim_oom_n'] if row['sim_oom_n'] is not None else 'none'} | "
+                         f"{row['real_loaded']} | {row['probe_max'] or 'N/A'} | {VERDICT_MARK[row['verdict']]} | {row['message']} |")
+    else:
+        lines.append("No per-agent-weights backend in this validation.")
+    lines += ["", "## Where the time goes (mean seconds per request, by stage)", "",
+              "| point | side | connect | uplink | queue | load | copy | compute | downlink |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for point in points:
+        for side, stages in (("real", point.stages_real), ("sim", point.stages_sim)):
+            if stages:
+                cells = " | ".join(fmt(stages.get(k), "s") for k in
+                                   ("connect_s", "uplink_s", "queue_s", "load_s", "copy_s", "compute_s", "downlink_s"))
+                lines.append(f"| {point.label} | {side} | {cells} |")
+    skipped = [p for p in points if p.skipped]
+    if skipped:
+        lines += ["", "## Points not (fully) run for real", ""]
+        lines += [f"- {p.label}: {p.skipped}" for p in skipped]
+    notes = [*doc.get("notes", []), *(f"{p.label}: {n}" for p in points for n in p.notes)]
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    lines += ["", "Figures: " + ", ".join(f"`{name}`" for name in doc.get("figures", [])), ""]
+    return "\n".join(lines)
+
+
+def overlay_plots(out_dir: Path, agents: bool, curves: dict[str, list[dict]]) -> list[str]:
+    """One PNG per backend. `curves[backend]` holds one dict per point:
+    decode: {label, t, real_mean, real_min, real_max, sim}; agents: {n, real/sim mean & p99, min/max}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    for backend, rows in curves.items():
+        if not rows:
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        if agents:
+            rows = sorted(rows, key=lambda r: r["n"])
+            ns = [r["n"] for r in rows]
+            for key, style in (("mean", "o"), ("p99", "s")):
+                real = [r[f"real_{key}"] for r in rows]
+                if any(v is not None for v in real):
+                    lo = [max((r[f"real_{key}"] or 0) - (r[f"real_{key}_min"] or 0), 0) for r in rows]
+                    hi = [max((r[f"real_{key}_max"] or 0) - (r[f"real_{key}"] or 0), 0) for r in rows]
+                    ax.errorbar(ns, [v if v is not None else float("nan") for v in real], yerr=[lo, hi], fmt=style,
+                                capsize=4, label=f"real {key} (min–max of repeats)")
+                sim = [r[f"sim_{key}"] for r in rows]
+                ax.plot(ns, [v if v is not None else float("nan") for v in sim], "-", marker=style, mfc="none",
+                        label=f"simulated {key}")
+            ax.set_xlabel("agents N")
+            ax.set_ylabel("per-phase latency (ms)")
+            ax.set_xticks(ns)
+            ax.set_yscale("log")
+        else:
+            for row in rows:
+                ax.fill_between(row["t"], row["real_min"], row["real_max"], alpha=0.25,
+                                label=f"real min–max of repeats ({row['label']})")
+                ax.plot(row["t"], row["real_mean"], ".", label="real mean")
+                ax.plot(row["t"], row["sim"], "-", label="simulated")
+            ax.set_xlabel("generated token t")
+            ax.set_ylabel("step latency (ms)")
+        ax.set_title(backend)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        name = f"overlay_{backend}.png"
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        names.append(name)
+    return names
