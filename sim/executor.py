@@ -32,12 +32,16 @@ class Execution:
 
 
 class PassTimer:
-    """Pass durations with jitter, memoized on the deterministic part."""
+    """Pass durations with jitter. Base costs are memoized; jitter factors are drawn in blocks
+    from the point's own generator (the order of draws, hence the result, is deterministic)."""
+
+    block = 4096
 
     def __init__(self, cost: CostModel, rng: np.random.Generator) -> None:
         self.cost = cost
         self.rng = rng
         self._memo: dict[tuple, float] = {}
+        self._factors: dict[str, list[float]] = {"prefill": [], "decode": []}
 
     def base_s(self, p: Pass, batch: int) -> float:
         key = (p, batch)
@@ -50,19 +54,17 @@ class PassTimer:
             self._memo[key] = value
         return value
 
-    def durations_s(self, work: GpuWork) -> np.ndarray:
-        base = np.fromiter((self.base_s(p, work.batch) for p in work.passes), float, len(work.passes))
-        kinds = np.fromiter((p[0] == "prefill" for p in work.passes), bool, len(work.passes))
-        factors = np.empty(len(base))
-        n_prefill = int(kinds.sum())
-        if n_prefill:
-            factors[kinds] = self.cost.jitter(self.rng, "prefill", n_prefill)
-        if n_prefill < len(base):
-            factors[~kinds] = self.cost.jitter(self.rng, "decode", len(base) - n_prefill)
-        return base * factors
+    def factor(self, kind: str) -> float:
+        pool = self._factors[kind]
+        if not pool:
+            pool.extend(self.cost.jitter(self.rng, kind, self.block)[::-1].tolist())
+        return pool.pop()
+
+    def durations_s(self, work: GpuWork) -> list[float]:
+        return [self.base_s(p, work.batch) * self.factor(p[0]) for p in work.passes]
 
     def batched_decode_s(self, batch: int, sum_context: int) -> float:
-        return self.cost.decode_step_s(batch, sum_context) * float(self.cost.jitter(self.rng, "decode", 1)[0])
+        return self.cost.decode_step_s(batch, sum_context) * self.factor("decode")
 
 
 class SerialFCFS:
@@ -78,7 +80,7 @@ class SerialFCFS:
         with self.gpu.request() as turn:
             yield turn
             started_at = self.env.now
-            compute_s = float(self.timer.durations_s(work).sum())
+            compute_s = sum(self.timer.durations_s(work))
             yield self.env.timeout(compute_s)
         return Execution(started_at - arrived_at, compute_s, started_at)
 
@@ -100,8 +102,8 @@ class TimeSliced:
                 yield turn
                 queued_s += self.env.now - asked_at
                 started_at = self.env.now if started_at is None else started_at
-                yield self.env.timeout(float(duration))
-        return Execution(queued_s, float(durations.sum()), started_at)
+                yield self.env.timeout(duration)
+        return Execution(queued_s, sum(durations), started_at)
 
 
 @dataclass
@@ -133,7 +135,8 @@ class ContinuousBatching:
         if not self._wakeup.triggered:
             self._wakeup.succeed()
         yield seq.done
-        return Execution(seq.started_at - seq.arrived_at, seq.compute_s, seq.started_at)
+        # Time stalled behind other sequences' prefills counts as waiting, like time before admission.
+        return Execution(self.env.now - seq.arrived_at - seq.compute_s, seq.compute_s, seq.started_at)
 
     def _finish_done(self) -> None:
         still = []
@@ -157,7 +160,7 @@ class ContinuousBatching:
             prefilling = [s for s in self.running if s.work.passes[s.next_pass][0] == "prefill"]
             if prefilling:
                 iteration_s = sum(
-                    float(self.timer.durations_s(GpuWork([s.work.passes[s.next_pass]], s.work.batch))[0])
+                    self.timer.base_s(s.work.passes[s.next_pass], s.work.batch) * self.timer.factor("prefill")
                     for s in prefilling
                 )
                 stepping = prefilling

@@ -130,9 +130,13 @@ class PointSimulation:
         """Sender software + serialization, the wire, propagation, receiver deserialization."""
         framing = self.point.link.framing_bytes * messages
         start = self.env.now
-        yield self.env.timeout(messages * self.cost.per_message_s() + self.cost.serialize_s(payload))
+        before_s = messages * self.cost.per_message_s() + self.cost.serialize_s(payload)
+        if before_s > 0:
+            yield self.env.timeout(before_s)
         yield pipe.transfer(payload + framing)
-        yield self.env.timeout(messages * self.link.rtt_s / 2 + self.cost.deserialize_s(payload))
+        after_s = messages * self.link.rtt_s / 2 + self.cost.deserialize_s(payload)
+        if after_s > 0:
+            yield self.env.timeout(after_s)
         return self.env.now - start, payload + framing
 
     def _request(self, session: Session, work: GpuWork, up: int, down: int, grow_kv: int, transient_kv: int, messages: int = 1):
@@ -179,7 +183,8 @@ class PointSimulation:
         out.h2d_bytes = h2d
         if h2d:
             t0 = env.now
-            yield env.timeout(cost.copy_s(up, "h2d", pinned=False) if remote else 0.0)
+            if remote and up:
+                yield env.timeout(cost.copy_s(up, "h2d", pinned=False))
             if restore:
                 yield self.pcie.transfer(restore)
             out.copy_s += env.now - t0
