@@ -109,17 +109,28 @@ def random_cache(s: Session, batch: int, context: int):
     return cache_from_tensors(pairs)
 
 
-def _decode_point(s: Session, batch: int, context: int) -> tuple[list[float], list[int], int | None]:
-    """Step a fresh `context`-token cache; returns timed step times, contexts before each, peak scratch."""
+def _segments(s: Session) -> int:
+    """cudaMalloc calls so far (allocator segments created): a step that makes some pays for them."""
+    if not s.is_cuda:
+        return 0
+    import torch
+
+    return int(torch.cuda.memory_stats(s.device).get("segment.all.allocated", 0))
+
+
+def _decode_point(s: Session, batch: int, context: int) -> tuple[list[float], list[int], int | None, list[int]]:
+    """Step a fresh `context`-token cache; returns step times, contexts before each, peak scratch,
+    and the allocator segments each step had to create."""
     import torch
 
     plan = s.plan
-    steps, contexts, ws = [], [], None
+    steps, contexts, ws, new_segments = [], [], None, []
     with torch.inference_mode():
         cache = random_cache(s, batch, context)
         token = random_ids(s.spec, batch, 1, "cpu", seed=batch).to(s.device)
         for i in range(plan.decode_warmup_steps + plan.decode_steps):
             ctx_before = cache.get_seq_length()
+            segments_before = _segments(s)
             with PeakMemory(s) as peak:
                 s.sync()
                 t0 = time.perf_counter()
@@ -130,10 +141,11 @@ def _decode_point(s: Session, batch: int, context: int) -> tuple[list[float], li
             if i >= plan.decode_warmup_steps:
                 steps.append(elapsed)
                 contexts.append(ctx_before)
+                new_segments.append(_segments(s) - segments_before)
                 if peak.workspace_bytes is not None:
                     ws = max(ws or 0, peak.workspace_bytes)
         del cache, logits, token
-    return steps, contexts, ws
+    return steps, contexts, ws, new_segments
 
 
 def run_decode_grid(s: Session, max_sum_context: int) -> dict:
@@ -149,7 +161,7 @@ def run_decode_grid(s: Session, max_sum_context: int) -> dict:
             if context >= skip_from.get(batch, 1 << 62):
                 continue
             try:
-                steps, contexts, ws = _decode_point(s, batch, context)
+                steps, contexts, ws, new_segments = _decode_point(s, batch, context)
             except (RuntimeError, MemoryError) as exc:
                 if not is_oom(exc):
                     raise
@@ -158,9 +170,13 @@ def run_decode_grid(s: Session, max_sum_context: int) -> dict:
                 s.say(f"decode  b={batch:>2} c={context:>5}: out of memory, skipped")
                 s.free()
                 continue
-            for rep, (step_s, ctx) in enumerate(zip(steps, contexts)):
-                s.log.add("decode", f"b{batch}_c{context}", step_s, "s", pass_ * 100 + rep, batch=batch, context=ctx, sum_context=batch * ctx)
-            samples[(batch, context)].extend(zip(steps, contexts))
+            # The first pass(es) warm the allocator and the host up: logged, not fitted.
+            stage = "decode" if pass_ >= plan.decode_discard_passes else "decode_warm_pass"
+            for rep, (step_s, ctx, segs) in enumerate(zip(steps, contexts, new_segments)):
+                s.log.add(stage, f"b{batch}_c{context}", step_s, "s", pass_ * 100 + rep, batch=batch, context=ctx, sum_context=batch * ctx)
+                s.log.add("decode_new_segments", f"b{batch}_c{context}", float(segs), "count", pass_ * 100 + rep, batch=batch, context=ctx)
+            if stage == "decode":
+                samples[(batch, context)].extend(zip(steps, contexts))
             if ws is not None:
                 workspace_of[(batch, context)] = max(workspace_of.get((batch, context), 0), ws)
             if batch * context * spec.kv_bytes_per_token > BIG_ALLOCATION_BYTES:

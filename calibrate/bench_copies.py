@@ -31,7 +31,14 @@ def run_copies(s: Session) -> dict[str, Bandwidth]:
             dev = torch.empty(nbytes, dtype=torch.uint8, device=s.device)
             repeat = s.plan.repeat if nbytes < 2**28 else max(2, s.plan.repeat // 2)
             h2d = measure(lambda: dev.copy_(host, non_blocking=pinned), s.sync, warmup=1, repeat=repeat)
-            d2h = measure(lambda: host.copy_(dev, non_blocking=pinned), s.sync, warmup=1, repeat=repeat)
+            if pinned or not s.is_cuda:
+                d2h = measure(lambda: host.copy_(dev, non_blocking=pinned), s.sync, warmup=1, repeat=repeat)
+            else:
+                # Pageable D2H as PyTorch code pays it (tensor.cpu()): into freshly allocated host
+                # memory, page faults included. Into an already-touched buffer is logged for reference.
+                d2h = measure(lambda: dev.to("cpu"), s.sync, warmup=1, repeat=repeat)
+                warm = measure(lambda: host.copy_(dev), s.sync, warmup=1, repeat=repeat)
+                s.log.add_timing("copy_d2h_pageable_prefaulted", f"{nbytes}", warm.samples_s, nbytes=nbytes)
             for name, timing in (("h2d", h2d), ("d2h", d2h)):
                 s.log.add_timing(f"copy_{name}_{kind}", f"{nbytes}", timing.samples_s, nbytes=nbytes)
             s.say(

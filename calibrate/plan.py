@@ -37,6 +37,7 @@ class Plan:
     weight_load_cold: bool  # also a load after dropping the file from the page cache
     repeat: int  # primitives (copies, serde)
     grid_passes: int = 1  # interleaved walks over the prefill and decode grids
+    decode_discard_passes: int = 0  # leading decode passes kept as warm-up only
     warmup_s: float = 1.0  # untimed decoding before the grids
 
 
@@ -68,6 +69,7 @@ _GPU_FULL = Plan(
     weight_load_cold=True,
     repeat=7,
     grid_passes=3,
+    decode_discard_passes=1,
     warmup_s=5.0,
 )
 
@@ -96,6 +98,7 @@ _GPU_QUICK = Plan(
     weight_load_cold=False,
     repeat=4,
     grid_passes=2,
+    decode_discard_passes=1,
     warmup_s=3.0,
 )
 

@@ -256,9 +256,17 @@ def _measure(s: Session, before, oom_probe: bool) -> None:
     s.say(f"model: {s.spec.model_id} {s.dtype} built in {r['end_to_end']['model_build_s']:.1f} s, {r['weight_bytes'] / 2**30:.2f} GiB of weights")
     s.advance(1)
 
-    def staged(name: str, fn, *args):
+    def staged(name: str, fn, *args, optional: bool = False):
         t0 = time.perf_counter()
-        value = fn(*args)
+        try:
+            value = fn(*args)
+        except Exception as exc:  # an optional stage's failure is recorded, the rest still runs
+            if not optional:
+                raise
+            s.notes.append(f"stage {name} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            s.say(f"-- stage {name} FAILED ({type(exc).__name__}: {exc}); continuing")
+            s.free()
+            return None
         r["end_to_end"][f"stage.{name}_s"] = time.perf_counter() - t0
         s.say(f"-- stage {name} took {time.perf_counter() - t0:.1f} s")
         return value
@@ -318,7 +326,7 @@ def _measure(s: Session, before, oom_probe: bool) -> None:
         f"step p50 {exp21['step'].p50 * 1e3:.2f} vs mean {predicted['step_s_mean'] * 1e3:.2f} ms)"
     )
 
-    rows = staged("composition", run_composition, s, cost, r["network"].loopback_gbps)
+    rows = staged("composition", run_composition, s, cost, r["network"].loopback_gbps, optional=True) or []
     r["composition"] = rows
     for row in rows:
         key = f"composition.{row['backend']}.L{row['seq_len']}"
@@ -328,9 +336,11 @@ def _measure(s: Session, before, oom_probe: bool) -> None:
         r["end_to_end"][f"{key}.predicted_compute_s"] = row["predicted"]["compute"]
 
     if oom_probe:
-        r["oom_copies"] = staged("oom_probe", probe, s, r["weight_bytes"])
-    r["weights"] = staged("weights", run_weight_loads, s)
-    r["end_to_end"].update({k: float(v) for k, v in r["weights"]["extra"].items()})
+        r["oom_copies"] = staged("oom_probe", probe, s, r["weight_bytes"], optional=True)
+    weights = staged("weights", run_weight_loads, s, optional=True)
+    if weights is not None:
+        r["weights"] = weights
+        r["end_to_end"].update({k: float(v) for k, v in weights["extra"].items()})
 
 
 def _uuid(device: str) -> str | None:
