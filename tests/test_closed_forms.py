@@ -9,7 +9,7 @@ import pytest
 import simpy
 
 from djinnsim.sim.costmodel import RooflineCostModel
-from djinnsim.sim.executor import GpuWork, PassTimer, SerialFCFS, TimeSliced
+from djinnsim.sim.executor import ContinuousBatching, GpuWork, PassTimer, SerialFCFS, TimeSliced
 from djinnsim.sim.resources import GpuMemory, Link, SharedPipe
 from djinnsim.sim.run import simulate_scenario
 from djinnsim.sim.scenario import expand_points, parse_scenario
@@ -281,6 +281,37 @@ def test_time_sliced_equal_jobs_interleave_round_robin(n, m):
         assert execution.compute_s == pytest.approx(m * pass_s, rel=1e-12)
         assert execution.queued_s == pytest.approx(at - m * pass_s, rel=1e-9, abs=1e-12)
     assert max(at for at, _ in finished.values()) == pytest.approx(n * m * pass_s, rel=1e-9)
+
+
+def test_continuous_batching_timeline_and_accounting():
+    """P = 10 ms prefill, D = 4 ms decode. A (prefill + 3 decodes) at t=0; B (prefill + 1 decode)
+    at 12 ms, during A's first decode. B's prefill runs alone 14-24 ms (prefill priority) while A
+    waits; then both decode 24-28 ms (B done); A decodes alone 28-32 ms.
+
+    Every sequence's wall time must be queue + compute: A's 10 ms stall behind B's prefill is
+    waiting, not lost time."""
+    prefill_s, decode_s = 0.010, 0.004
+    cost = FakeCostModel(prefill_const_s=prefill_s, decode_const_s=decode_s)
+    env = simpy.Environment()
+    server = ContinuousBatching(env, PassTimer(cost, np.random.default_rng(0)), max_batch=4)
+    done = {}
+
+    def sequence(name, at, passes):
+        yield env.timeout(at)
+        arrived = env.now
+        execution = yield from server.execute(GpuWork(passes))
+        done[name] = (arrived, env.now, execution)
+
+    env.process(sequence("A", 0.0, [("prefill", 8, 0), ("decode", 8), ("decode", 9), ("decode", 10)]))
+    env.process(sequence("B", 0.012, [("prefill", 8, 0), ("decode", 8)]))
+    env.run(until=1.0)
+    a_arrived, a_end, a = done["A"]
+    b_arrived, b_end, b = done["B"]
+    assert a_end == pytest.approx(0.032, rel=1e-9)
+    assert b_end == pytest.approx(0.028, rel=1e-9)
+    assert b.started_at == pytest.approx(0.014, rel=1e-9)
+    assert b.queued_s + b.compute_s == pytest.approx(b_end - b_arrived, rel=1e-9)
+    assert a.queued_s + a.compute_s == pytest.approx(a_end - a_arrived, rel=1e-9)
 
 
 # --- memory -------------------------------------------------------------------------------------
