@@ -52,13 +52,15 @@ class GpuMonitor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.baseline_bytes = 0
+        self.total_bytes: int | None = None
         try:
             import pynvml
 
             pynvml.nvmlInit()
             self._nvml = pynvml
             self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            self.baseline_bytes = int(pynvml.nvmlDeviceGetMemoryInfo(self._handle).used)
+            info = pynvml.nvmlDeviceGetMemoryInfo(self._handle)
+            self.baseline_bytes, self.total_bytes = int(info.used), int(info.total)
             self.available = True
         except Exception:
             self._nvml = None
@@ -90,11 +92,6 @@ class GpuMonitor:
                 return
             self.samples.append((time.perf_counter(), float(util), int(used)))
             self._stop.wait(self.interval_s)
-
-    def free_bytes(self) -> int | None:
-        if not self.available:
-            return None
-        return int(self._nvml.nvmlDeviceGetMemoryInfo(self._handle).free)
 
     def window(self, start_at: float, end_at: float) -> tuple[float | None, int | None]:
         """(mean utilization as a fraction, peak memory in use above the idle baseline) in a window."""

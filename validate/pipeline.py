@@ -154,7 +154,7 @@ def simulate(scenario: Scenario, profile_path: Path, profile: Profile) -> dict[i
 
     points = expand_points(scenario)
     seeds = np.random.SeedSequence(scenario.seed).spawn(len(points))
-    return {p.index: simulate_point(scenario, p, ProfileCostModel(profile, p.model), s) for p, s in zip(points, seeds)}
+    return {p.index: simulate_point(scenario, p, ProfileCostModel(profile, p.model), s) for p, s in zip(points, seeds, strict=True)}
 
 
 def _sim_oom_n(point_results: list) -> int | None:

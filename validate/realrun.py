@@ -126,6 +126,8 @@ class ServerProcess:
     def start(self, timeout_s: float) -> tuple[str, str]:
         """Tell it to build; returns ("ready", "") or ("oom"|"error", message)."""
         if not self.wait_imported(timeout_s):
+            if not self.process.is_alive():
+                return "error", f"server process exited before its imports finished (exit code {self.process.exitcode})"
             return "error", "server process did not finish its imports"
         self.parent_end.send("go")
         deadline = time.perf_counter() + timeout_s
@@ -170,6 +172,7 @@ class RealRunner:
         self.say = say
         self.mp = multiprocessing.get_context("spawn")
         self.notes: list[str] = []
+        self._semaphores: list = []
         link = scenario.link
         self.results = {p.index: RealPointResult(p) for p in points}
         seeds = np.random.SeedSequence(scenario.seed).spawn(max((p.index for p in points), default=0) + 1)
@@ -189,28 +192,39 @@ class RealRunner:
             else:
                 runnable.append(point)
         shared = [p for p in runnable if p.backend.weights == "shared"]
-        per_agent = [p for p in runnable if p.backend.weights == "per_agent"]
-        per_request = [p for p in runnable if p.backend.weights == "per_request"]
+        per_agent = _by_backend(p for p in runnable if p.backend.weights == "per_agent")
+        per_request = _by_backend(p for p in runnable if p.backend.weights == "per_request")
+        pools: dict[str, list[ServerProcess]] = {}
         with GpuMonitor(self.opt.gpu_index) if self.cuda else _NoMonitor() as monitor:
             self.monitor = monitor
             workdir = Path(tempfile.mkdtemp(prefix="djinnsim-validate-"))
+            weights_file = workdir / "weights.safetensors" if per_request else None
+
+            def spawn_pools() -> None:
+                """Start the next groups' processes once the shared points are done: they import
+                while the weights file is written, and wait (no GPU touched) until their turn."""
+                if pools:
+                    return
+                for name, pts in per_agent.items():
+                    pools[name] = self._spawn_per_agent(pts)
+                for name, pts in per_request.items():
+                    pools[name] = self._spawn_per_request(pts, weights_file)
+
             try:
-                weights_file = self._run_shared(shared, workdir if per_request else None)
-                by_backend: dict[str, list[Point]] = {}
-                for p in per_agent:
-                    by_backend.setdefault(p.backend.name, []).append(p)
-                for name, pts in by_backend.items():
-                    probes.append(self._run_per_agent(name, pts))
-                by_backend = {}
-                for p in per_request:
-                    by_backend.setdefault(p.backend.name, []).append(p)
-                for name, pts in by_backend.items():
-                    if weights_file is None:
+                saved = self._run_shared(shared, weights_file, spawn_pools)
+                spawn_pools()
+                for name, pts in per_agent.items():
+                    probes.append(self._run_per_agent(name, pts, pools[name]))
+                for name, pts in per_request.items():
+                    if not saved:
                         for p in pts:
                             self.results[p.index].skipped = "no weights file (the shared server did not start)"
                         continue
-                    self._run_per_request(pts, weights_file)
+                    self._run_per_request(pts, pools[name])
             finally:
+                for workers in pools.values():
+                    for worker in workers:
+                        worker.stop()
                 shutil.rmtree(workdir, ignore_errors=True)
         return RealResult([self.results[p.index] for p in self.points], probes, self.notes,
                           time.perf_counter() - started)
@@ -275,23 +289,24 @@ class RealRunner:
                 return
 
     # --- groups of points by where their weights live -----------------------------------------------
-    def _run_shared(self, points: list[Point], weights_dir: Path | None) -> Path | None:
-        """Shared-weight points on one resident server; also writes the serverless weights file."""
-        if not points and weights_dir is None:
-            return None
-        template = points[0] if points else next(p for p in self.points)
+    def _run_shared(self, points: list[Point], weights_file: Path | None, when_done: Callable[[], None]) -> bool:
+        """Shared-weight points on one resident server; then it writes the serverless weights file.
+        Returns whether the weights file was written."""
+        if not points and weights_file is None:
+            return False
+        template = points[0] if points else self.points[0]
         server = ServerProcess(self.mp, self._config(template))
         try:
             status, message = server.start(self.opt.start_timeout_s)
             if status != "ready":
                 for p in points:
                     self.results[p.index].skipped = f"shared server did not start ({status}: {message})"
-                return None
+                return False
             for point in points:
                 if not self._time_left():
                     self.results[point.index].skipped = "time budget spent"
                     continue
-                # The link of each point: the server paces its replies with the point's rate.
+                # The server paces its replies at the point's link rate: a new rate, a new server.
                 if point.link.gbps != template.link.gbps:
                     server.stop()
                     template = point
@@ -301,21 +316,41 @@ class RealRunner:
                         self.results[point.index].skipped = f"server did not start ({status}: {message})"
                         continue
                 self._run_point(point, [server.port] * (point.n_agents or 1), [server.port])
-            if weights_dir is None:
-                return None
-            path = weights_dir / "weights.safetensors"
+            when_done()
+            if weights_file is None or server.port is None:
+                return False
             self.say("real: writing the weights file the serverless workers load")
-            clients.control(server.port, Op.SAVE_WEIGHTS, {"path": str(path)}, timeout_s=self.opt.start_timeout_s)
-            return path
+            clients.control(server.port, Op.SAVE_WEIGHTS, {"path": str(weights_file)}, timeout_s=self.opt.start_timeout_s)
+            return True
         finally:
             server.stop()
 
-    def _run_per_agent(self, backend: str, points: list[Point]) -> OomProbe:
+    def _spawn_per_agent(self, points: list[Point]) -> list[ServerProcess]:
+        need = max(p.n_agents or 1 for p in points)
+        count = max(need, self.opt.oom_probe_max) if self.cuda else need
+        return [ServerProcess(self.mp, self._config(points[0])) for _ in range(count)]
+
+    def _spawn_per_request(self, points: list[Point], weights_file: Path) -> list[ServerProcess]:
+        need = max(p.n_agents or 1 for p in points)
+        slots = need
+        if self.cuda and self.opt.weight_bytes and self.monitor.total_bytes:
+            # memory_full: wait. Loads beyond what fits beside the idle baseline queue for a slot.
+            room = self.monitor.total_bytes - self.monitor.baseline_bytes - 2**30
+            per_task = self.opt.weight_bytes + self.opt.context_bytes_per_process
+            slots = max(1, min(need, int(room // max(per_task, 1))))
+            if slots < need:
+                self.notes.append(f"serverless: {slots} weight loads fit at once; more wait (memory_full: wait)")
+        memory_slots = self.mp.BoundedSemaphore(slots)
+        self._semaphores.append(memory_slots)  # a semaphore must outlive its pickling into the children
+        first = points[0]
+        config = self._config(first, resident=False, weight_tier=first.backend.weight_tier,
+                              weights_file=str(weights_file))
+        return [ServerProcess(self.mp, config, memory_slots) for _ in range(need)]
+
+    def _run_per_agent(self, backend: str, points: list[Point], workers: list[ServerProcess]) -> OomProbe:
         """Keep-alive: copies loaded one at a time; the points in order of N, then on to the first OOM."""
         points = sorted(points, key=lambda p: p.n_agents or 1)
-        need = max(p.n_agents or 1 for p in points)
-        probe_max = max(need, self.opt.oom_probe_max) if self.cuda else need
-        workers = [ServerProcess(self.mp, self._config(points[0])) for _ in range(probe_max)]
+        probe_max = len(workers)
         for worker in workers:  # no import may run beside a measured request
             worker.wait_imported(self.opt.start_timeout_s)
         ports: list[int | None] = []
@@ -357,21 +392,8 @@ class RealRunner:
                 worker.stop()
         return probe
 
-    def _run_per_request(self, points: list[Point], weights_file: Path) -> None:
+    def _run_per_request(self, points: list[Point], workers: list[ServerProcess]) -> None:
         """Serverless: one non-resident worker per agent, weights loaded for every phase."""
-        need = max(p.n_agents or 1 for p in points)
-        slots = need
-        if self.cuda and self.opt.weight_bytes:
-            free = self.monitor.free_bytes() or 0
-            per_task = self.opt.weight_bytes + self.opt.context_bytes_per_process
-            slots = max(1, min(need, int((free - 2**30) // max(per_task, 1))))
-            if slots < need:
-                self.notes.append(f"serverless: {slots} weight loads fit at once; more wait (memory_full: wait)")
-        memory_slots = self.mp.BoundedSemaphore(slots)
-        first = points[0]
-        config = self._config(first, resident=False, weight_tier=first.backend.weight_tier,
-                              weights_file=str(weights_file))
-        workers = [ServerProcess(self.mp, config, memory_slots) for _ in range(need)]
         try:
             ports = []
             for worker in workers:
@@ -389,9 +411,17 @@ class RealRunner:
                 worker.stop()
 
 
+def _by_backend(points) -> dict[str, list[Point]]:
+    groups: dict[str, list[Point]] = {}
+    for p in points:
+        groups.setdefault(p.backend.name, []).append(p)
+    return groups
+
+
 class _NoMonitor:
     available = False
     baseline_bytes = 0
+    total_bytes = None
 
     def __enter__(self) -> "_NoMonitor":
         return self
@@ -401,6 +431,3 @@ class _NoMonitor:
 
     def window(self, start_at: float, end_at: float) -> tuple[None, None]:
         return None, None
-
-    def free_bytes(self) -> None:
-        return None
