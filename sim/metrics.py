@@ -76,13 +76,13 @@ def _group_spans(frame: "pd.DataFrame", keys: list[str]) -> "pd.DataFrame":
         return pd.DataFrame({c: pd.Series(dtype=float) for c in columns})
     work = frame.assign(is_oom=frame["status"] == "oom")
     grouped = work.groupby(keys, sort=True)
-    spans = grouped.agg(
-        issued_at=("issued_at", "min"),
-        finished_at=("finished_at", "max"),
-        records=("status", "size"),
-        oom=("is_oom", "any"),
-        **{name: (name, "sum") for name in _SUMMED},
-    ).reset_index()
+    # plain reductions per column: far faster than one named .agg over many columns
+    spans = grouped[list(_SUMMED)].sum()
+    spans.insert(0, "oom", grouped["is_oom"].any())
+    spans.insert(0, "records", grouped.size())
+    spans.insert(0, "finished_at", grouped["finished_at"].max())
+    spans.insert(0, "issued_at", grouped["issued_at"].min())
+    spans = spans.reset_index()
     spans["wall_s"] = spans["finished_at"] - spans["issued_at"]
     return spans
 
@@ -175,21 +175,22 @@ def agent_phases(frame: "pd.DataFrame") -> "pd.DataFrame":
     return spans
 
 
-def agent_iterations(frame: "pd.DataFrame", weight_bytes: int | None = None) -> "pd.DataFrame":
+def agent_iterations(frame: "pd.DataFrame", weight_bytes: int | None = None,
+                     phases: "pd.DataFrame | None" = None) -> "pd.DataFrame":
     """One row per (agent, iteration): the seed's per-run figures for an agent workload.
 
     total_ms sums the iteration's phase latencies (ACT, the tool's sleep, is not GPU work);
     gpu_util_pct is compute time over that total; bytes are the iteration's payload.
+    `phases` may pass agent_phases(frame) when the caller has it already.
     """
-    phases = agent_phases(frame)
+    phases = agent_phases(frame) if phases is None else phases
     if phases.empty:
         iterations = phases.reindex(columns=["agent", "run", "latency_ms", "oom", *_SUMMED])
     else:
-        iterations = (
-            phases.groupby(["agent", "run"], sort=True)
-            .agg(latency_ms=("latency_ms", "sum"), oom=("oom", "any"), **{c: (c, "sum") for c in _SUMMED})
-            .reset_index()
-        )
+        grouped = phases.groupby(["agent", "run"], sort=True)
+        iterations = grouped[["latency_ms", *_SUMMED]].sum()
+        iterations.insert(0, "oom", grouped["oom"].any())
+        iterations = iterations.reset_index()
     iterations["total_ms"] = iterations["latency_ms"]
     tokens = iterations["new_tokens"].astype(float)
     iterations["tokens_generated"] = iterations["new_tokens"].astype(int)
@@ -202,9 +203,9 @@ def agent_iterations(frame: "pd.DataFrame", weight_bytes: int | None = None) -> 
     return iterations
 
 
-def agent_summary(frame: "pd.DataFrame") -> dict[str, Any]:
+def agent_summary(frame: "pd.DataFrame", phases: "pd.DataFrame | None" = None) -> dict[str, Any]:
     """Per-phase and pooled (REASON + REFLECT of all agents) latency statistics of one N."""
-    phases = agent_phases(frame)
+    phases = agent_phases(frame) if phases is None else phases
     ok = phases[~phases["oom"].astype(bool)]
     per_phase = {}
     for name in AGENT_PHASES:

@@ -1,0 +1,79 @@
+"""A Chrome trace (Trace Event Format, opens in Perfetto / chrome://tracing) of one point's records.
+
+Per record: one complete event ("ph": "X") named `phase/step` spanning the request, with one
+nested child per non-zero duration field, in the order connect, uplink, queue, load, copy,
+compute, downlink, starting at `issued_at`. The fields add up to the latency by construction,
+so the children tile their parent. OOM records get an instant event ("ph": "i") instead.
+Processes are backends (pid = the point index + 1, named by process_name metadata); threads are
+agents (tid = agent + 1, named "agent k"). Times are microseconds rounded to nanoseconds so the
+file is byte-identical for identical records.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+from .records import DURATION_FIELDS, Record
+
+US_PER_S = 1e6
+_DECIMALS = 3  # of a microsecond: 1 ns
+
+
+def _us(seconds: float) -> float:
+    return round(seconds * US_PER_S, _DECIMALS)
+
+
+def record_events(record: Record, pid: int) -> list[dict[str, Any]]:
+    tid = record.agent + 1
+    name = f"{record.phase}/{record.step}"
+    args = {
+        "run": record.run,
+        "status": record.status,
+        "context_tokens": record.context_tokens,
+        "input_tokens": record.input_tokens,
+        "new_tokens": record.new_tokens,
+        "bytes_up": record.bytes_up,
+        "bytes_down": record.bytes_down,
+        "gpu_mem_bytes": record.gpu_mem_bytes,
+    }
+    if record.status == "oom":
+        return [{"name": f"OOM {name}", "ph": "i", "s": "t", "ts": _us(record.finished_at),
+                 "pid": pid, "tid": tid, "cat": record.phase, "args": args}]
+    children = []
+    cursor_s = 0.0
+    for field in DURATION_FIELDS:
+        duration_s = getattr(record, field)
+        if duration_s <= 0:
+            continue
+        children.append({"name": field.removesuffix("_s"), "ph": "X", "ts": _us(record.issued_at + cursor_s),
+                         "dur": _us(duration_s), "pid": pid, "tid": tid, "cat": record.phase})
+        cursor_s += duration_s
+    parent = {"name": name, "ph": "X", "ts": _us(record.issued_at), "dur": _us(record.latency_s),
+              "pid": pid, "tid": tid, "cat": record.phase, "args": args}
+    return [parent, *children]
+
+
+def trace_events(records: Iterable[Record], pid: int, process_name: str) -> list[dict[str, Any]]:
+    records = sorted(records, key=lambda r: (r.agent, r.issued_at, r.run, r.step, r.phase))
+    events: list[dict[str, Any]] = [
+        {"name": "process_name", "ph": "M", "pid": pid, "tid": 0, "args": {"name": process_name}}
+    ]
+    for agent in sorted({r.agent for r in records}):
+        events.append({"name": "thread_name", "ph": "M", "pid": pid, "tid": agent + 1,
+                       "args": {"name": f"agent {agent}"}})
+    for record in records:
+        events.extend(record_events(record, pid))
+    return events
+
+
+def write_trace(records: Iterable[Record], path: Path, *, pid: int, process_name: str,
+                metadata: dict[str, Any] | None = None) -> Path:
+    document = {
+        "traceEvents": trace_events(records, pid, process_name),
+        "displayTimeUnit": "ms",
+        "otherData": metadata or {},
+    }
+    path.write_text(json.dumps(document, sort_keys=True, separators=(",", ":")) + "\n")
+    return path

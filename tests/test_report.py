@@ -1,0 +1,353 @@
+"""Outputs from hand-built results: the seed's schema, Table 2 and claims verdicts, the trace,
+byte-identical rewrites, Figure 6."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from djinnsim.errors import DjinnsimError
+from djinnsim.sim import claims as claims_mod
+from djinnsim.sim import report
+from djinnsim.sim.records import DURATION_FIELDS, RECORD_COLUMNS, Record
+from djinnsim.sim.scenario import expand_points, parse_scenario
+
+SEED_TOP_KEYS = ["baseline", "model_id", "prompt_tokens", "new_tokens", "batch_size", "runs", "aggregates"]
+SEED_RUN_KEYS = ["run_id", "total_ms", "per_token_ms", "tokens_generated", "gpu_util_pct", "memory_bw_gbps",
+                 "host_to_device_mb", "device_to_host_mb"]
+SEED_AGGREGATE_KEYS = ["mean_total_ms", "p95_total_ms", "mean_per_token_ms"]
+
+
+@dataclass
+class FakePointResult:  # the attributes of sim.simulate.PointResult that outputs read
+    point: object
+    records: list[Record]
+    cost_model: str = "roofline"
+    events: int = 0
+    peak_mem_bytes: int = 0
+    capacity_bytes: int = 80 * 10**9
+    memory_bound_agents: int | None = None
+
+
+@dataclass
+class FakeResult:  # sim.run.SimulationResult
+    scenario: object
+    points: list[FakePointResult]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def records(self) -> list[Record]:
+        return [r for p in self.points for r in p.records]
+
+
+def _record(point, **fields) -> Record:
+    d = {k: fields.pop(k, 0.0) for k in DURATION_FIELDS}
+    issued_at = fields.pop("issued_at")
+    base = dict(point=point.index, backend=point.backend.name, model=point.model.key, gpu=point.gpu.key,
+                link_gbps=point.link.gbps, n_agents=point.n_agents or 1, agent=0, run=0, step=-1, status="ok",
+                warmup=False, context_tokens=0, input_tokens=1, new_tokens=1, bytes_up=8, bytes_down=64_000,
+                wire_bytes_up=145, wire_bytes_down=64_137, h2d_bytes=0, d2h_bytes=0, gpu_mem_bytes=14 * 10**9,
+                gpu_mem_peak_bytes=14 * 10**9)
+    started_at = issued_at + d["connect_s"] + d["uplink_s"] + d["queue_s"]
+    return Record(**{**base, **fields, **d, "issued_at": issued_at, "started_at": started_at,
+                     "finished_at": issued_at + sum(d.values())})
+
+
+# --- a tiny decode scenario: 3 runs (1 warm-up) of 4 tokens, blind vs full Djinn ---------------------
+
+STEP_S = {"semantic_blind": 0.400, "full_djinn": 0.010}
+DOWN_BYTES = {"semantic_blind": 80_000_000, "full_djinn": 64_000}
+
+
+def decode_result() -> FakeResult:
+    scenario = parse_scenario({
+        "name": "tiny_decode", "backends": ["semantic_blind", "full_djinn"], "model": "llama-2-7b",
+        "gpu": "a100-80gb", "workload": {"kind": "decode", "prompt_tokens": 5, "new_tokens": 4, "runs": 3,
+                                         "warmup_runs": 1}})
+    points = []
+    for point in expand_points(scenario):
+        step_s, clock, records = STEP_S[point.backend.name], 0.0, []
+        for run in range(3):
+            for t in range(4):
+                jitter = 0.001 * ((run * 4 + t) % 3)
+                rec = _record(point, issued_at=clock, run=run, step=t, phase="decode", warmup=run == 0,
+                              connect_s=0.0002, uplink_s=0.0001, queue_s=0.0, compute_s=step_s / 2 + jitter,
+                              downlink_s=step_s / 2 - 0.0003, bytes_down=DOWN_BYTES[point.backend.name])
+                records.append(rec)
+                clock = rec.finished_at
+        points.append(FakePointResult(point, records, events=len(records) * 5))
+    return FakeResult(scenario, points)
+
+
+# --- a tiny agents sweep: N = 1, 2, 4; keep-alive OOMs at N = 2 ------------------------------------
+
+PHASE_S = {"ray_keepalive": (0.10, 0.10), "ray_serverless": (5.0, 5.0), "djinn": (0.12, 0.02)}
+
+
+def agents_result(ns=(1, 2, 4), backends=("ray_keepalive", "ray_serverless", "djinn")) -> FakeResult:
+    scenario = parse_scenario({
+        "name": "tiny_agents", "backends": list(backends), "model": "llama-2-7b", "gpu": "h100-80gb",
+        "workload": {"kind": "agents", "agents": list(ns)}})
+    points = []
+    for point in expand_points(scenario):
+        name, n, records = point.backend.name, point.n_agents, []
+        reason_s, reflect_s = PHASE_S[name]
+        for agent in range(n):
+            if name == "ray_keepalive" and agent >= 1:  # the second actor's weights do not fit
+                records.append(_record(point, issued_at=0.0, agent=agent, phase="reason", status="oom",
+                                       new_tokens=0, bytes_down=0))
+                continue
+            wait = reason_s * agent if name == "djinn" else 0.0  # serial FCFS: k-th waits k-1 services
+            reason = _record(point, issued_at=0.0, agent=agent, phase="reason", queue_s=wait,
+                             load_s=reason_s * 0.5 if name == "ray_serverless" else 0.0,
+                             compute_s=reason_s * (0.5 if name == "ray_serverless" else 1.0) - 0.001,
+                             uplink_s=0.0005, downlink_s=0.0005, new_tokens=50, bytes_up=72 * 8, bytes_down=400)
+            reflect = _record(point, issued_at=reason.finished_at + 10.0, agent=agent, phase="reflect",
+                              compute_s=reflect_s - 0.001, uplink_s=0.0005, downlink_s=0.0005,
+                              new_tokens=50, bytes_up=16 * 8, bytes_down=400)
+            records += [reason, reflect]
+        bound = {"ray_keepalive": 1, "ray_serverless": 4, "djinn": 120}[name]
+        points.append(FakePointResult(point, records, events=len(records) * 7, memory_bound_agents=bound,
+                                      peak_mem_bytes=14 * 10**9 * (1 if name != "ray_keepalive" else 2)))
+    return FakeResult(scenario, points)
+
+
+# --- baseline JSON -------------------------------------------------------------------------------
+
+
+def test_decode_baseline_json_has_the_seed_schema_and_per_token_math(tmp_path):
+    report.write_outputs(decode_result(), tmp_path)
+    doc = json.loads((tmp_path / "baselines" / "full_djinn__llama-2-7b-hf__a100-80gb__25gbps.json").read_text())
+    assert list(doc)[:7] == SEED_TOP_KEYS
+    assert set(doc) - set(SEED_TOP_KEYS) == {"simulation"}
+    assert doc["baseline"] == "full_djinn" and doc["model_id"] == "meta-llama/Llama-2-7b-hf"
+    assert (doc["prompt_tokens"], doc["new_tokens"], doc["batch_size"]) == (5, 4, 1)
+    assert [r["run_id"] for r in doc["runs"]] == [2, 3]  # warm-up run 1 discarded, as in the seed
+    for run in doc["runs"]:
+        assert list(run) == SEED_RUN_KEYS
+        assert run["tokens_generated"] == 4
+        assert run["per_token_ms"] == pytest.approx(run["total_ms"] / 4, abs=1e-3)
+        assert run["device_to_host_mb"] == pytest.approx(4 * 0.064)
+        assert run["host_to_device_mb"] == pytest.approx(4 * 8e-6)
+    # steps of run_id 2 (records 4..7): 10 ms + jitter (1, 2, 0, 1) ms, half of the 10 ms computing
+    assert doc["runs"][0]["total_ms"] == pytest.approx(44.0, abs=1e-3)
+    assert doc["runs"][0]["gpu_util_pct"] == pytest.approx(100 * (4 * 5 + 4) / 44.0, abs=1e-2)
+    # weight-read floor: 4 forwards x 13.48 GB in 44 ms
+    assert doc["runs"][0]["memory_bw_gbps"] == pytest.approx(4 * 13.48e9 / 0.044 / 1e9, rel=1e-3)
+    agg = doc["aggregates"]
+    assert list(agg)[:3] == SEED_AGGREGATE_KEYS
+    assert {"p50_total_ms", "p99_total_ms", "p50_per_token_ms", "p99_per_token_ms"} <= set(agg)
+    totals = [r["total_ms"] for r in doc["runs"]]
+    assert agg["mean_total_ms"] == pytest.approx(sum(totals) / 2, abs=1e-3)
+    assert agg["p95_total_ms"] == pytest.approx(min(totals) + 0.95 * abs(totals[1] - totals[0]), abs=1e-3)
+
+
+def test_agents_baseline_json_runs_are_agent_iterations_with_phase_figures(tmp_path):
+    report.write_outputs(agents_result(), tmp_path)
+    doc = json.loads((tmp_path / "baselines" / "djinn__llama-2-7b-hf__h100-80gb__25gbps__n4.json").read_text())
+    assert list(doc)[:7] == SEED_TOP_KEYS
+    assert len(doc["runs"]) == 4 and all(list(r) == SEED_RUN_KEYS for r in doc["runs"])
+    assert doc["new_tokens"] == 100 and doc["runs"][0]["tokens_generated"] == 100
+    phases = doc["agent_phases"]
+    assert phases["n_agents"] == 4 and phases["oom"] is False and phases["memory_bound_agents"] == 120
+    # REASON latencies: 120 ms + k x 120 ms of queueing, k = 0..3
+    assert phases["reason"]["mean_ms"] == pytest.approx(120 * 2.5, abs=1e-3)
+    assert phases["reflect"]["p50_ms"] == pytest.approx(20.0, abs=1e-3)
+    # pooled sorted: 20, 20, 20, 20, 120, 240, 360, 480; rank 0.99 x 7 = 6.93
+    assert phases["p99_pooled_ms"] == pytest.approx(360 + 0.93 * 120, abs=1e-3)
+    keep = json.loads((tmp_path / "baselines" / "ray_keepalive__llama-2-7b-hf__h100-80gb__25gbps__n2.json").read_text())
+    assert keep["agent_phases"]["oom"] is True and keep["agent_phases"]["oom_agents"] == 1
+    assert len(keep["runs"]) == 1 and keep["simulation"]["runs_oom"] == 1
+
+
+# --- records.csv, trace, determinism, figure -----------------------------------------------------
+
+
+def test_records_csv_one_row_per_record_in_stable_columns(tmp_path):
+    result = agents_result()
+    report.write_outputs(result, tmp_path)
+    rows = list(csv.reader(io.StringIO((tmp_path / "records.csv").read_text())))
+    assert rows[0] == [*RECORD_COLUMNS, "latency_s"]
+    assert len(rows) - 1 == len(result.records)
+    assert rows[1][rows[0].index("issued_at")] == "0.000000000"
+
+
+def test_trace_children_tile_each_record_and_sum_to_its_latency(tmp_path):
+    result = agents_result()
+    report.write_outputs(result, tmp_path)
+    doc = json.loads((tmp_path / "trace.json").read_text())
+    events = doc["traceEvents"]
+    traced = result.points[-1]  # trace_point -1: djinn, N = 4
+    meta = [e for e in events if e["ph"] == "M"]
+    assert {e["name"] for e in meta} == {"process_name", "thread_name"}
+    assert len([e for e in meta if e["name"] == "thread_name"]) == 4
+    complete = [e for e in events if e["ph"] == "X"]
+    parents = [e for e in complete if "/" in e["name"]]
+    assert len(parents) == len(traced.records)
+    for parent in parents:
+        children = [e for e in complete if "/" not in e["name"] and e["tid"] == parent["tid"]
+                    and parent["ts"] <= e["ts"] < parent["ts"] + parent["dur"]]
+        assert [c["name"] for c in children] == [f.removesuffix("_s") for f in DURATION_FIELDS
+                                                 if f.removesuffix("_s") in {c["name"] for c in children}]
+        assert sum(c["dur"] for c in children) == pytest.approx(parent["dur"], abs=2e-3)
+        assert children[0]["ts"] == parent["ts"]
+        for a, b in zip(children, children[1:]):
+            assert b["ts"] == pytest.approx(a["ts"] + a["dur"], abs=2e-3)
+    latency_us = sorted(round(r.latency_s * 1e6, 3) for r in traced.records)
+    assert sorted(p["dur"] for p in parents) == pytest.approx(latency_us)
+
+
+def test_oom_record_is_an_instant_event(tmp_path):
+    result = agents_result()
+    result.scenario = result.scenario.model_copy(update={"trace_point": 1})  # keep-alive, N = 2
+    report.write_outputs(result, tmp_path)
+    events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    assert [e["name"] for e in events if e["ph"] == "i"] == ["OOM reason/-1"]
+
+
+def test_trace_point_out_of_range_is_a_one_line_error(tmp_path):
+    result = agents_result()
+    result.scenario = result.scenario.model_copy(update={"trace_point": 99})
+    with pytest.raises(DjinnsimError, match="trace_point 99 is out of range"):
+        report.write_outputs(result, tmp_path)
+
+
+@pytest.mark.parametrize("build", [decode_result, agents_result])
+def test_identical_records_give_byte_identical_files(tmp_path, build):
+    first = report.write_outputs(build(), tmp_path / "a")
+    second = report.write_outputs(build(), tmp_path / "b")
+    assert [p.relative_to(tmp_path / "a") for p in first] == [p.relative_to(tmp_path / "b") for p in second]
+    for a, b in zip(first, second):
+        assert a.read_bytes() == b.read_bytes(), a.name
+
+
+def test_figure6_written_for_agents_only(tmp_path):
+    written = report.write_outputs(agents_result(), tmp_path / "agents")
+    figure = tmp_path / "agents" / "figure6.png"
+    assert figure in written and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert figure.stat().st_size > 10_000
+    names = {p.name for p in report.write_outputs(decode_result(), tmp_path / "decode")}
+    assert "figure6.png" not in names and "table2.md" not in names and "claims.md" in names
+
+
+def test_figure6_one_panel_per_link_rate(tmp_path):
+    from PIL import Image
+
+    report.write_outputs(agents_result(), tmp_path / "one")
+    result = agents_result()
+    scenario = result.scenario.model_copy(update={"sweep": result.scenario.sweep.model_copy(
+        update={"link_gbps": [10.0, 25.0]})})
+    two_points = [FakePointResult(p, []) for p in expand_points(scenario)]
+    summaries = [report.point_summary(p, "agents") for p in two_points]
+    path = report.write_figure6(summaries, list(scenario.backends), tmp_path / "two.png")
+    width_one = Image.open(tmp_path / "one" / "figure6.png").size[0]
+    assert Image.open(path).size[0] == 2 * width_one
+
+
+# --- Table 2 and claims --------------------------------------------------------------------------
+
+
+def test_table2_rows_from_the_sweep(tmp_path):
+    report.write_outputs(agents_result(), tmp_path)
+    table = (tmp_path / "table2.md").read_text()
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines()
+            if line.startswith("| ray") or line.startswith("| djinn")}
+    # backend | max agents | memory bound | P99@1 | P99@8 | P99@32 | OOM at N
+    assert rows["ray_keepalive"][1] == "1" and rows["ray_keepalive"][-1].strip(" |") == "2"
+    assert rows["ray_keepalive"][4].startswith("OOM") and "(N=4)" in rows["ray_keepalive"][4]
+    assert rows["djinn"][1:3] == ["4", "120"] and rows["djinn"][-1].strip(" |") == "none"
+    assert rows["djinn"][3] == "119.0 ms"  # P99 of 120 and 20 ms
+    assert rows["ray_serverless"][3] == "5,000 ms"
+
+
+def _agents_summary(backend, n, p99_ms, oom=False, bound=None, model="llama-2-7b", gbps=25.0):
+    return {"backend": backend, "model": model, "gpu": "h100-80gb", "link_gbps": gbps, "n_agents": n, "oom": oom,
+            "memory_bound_agents": bound, "agents": {"pooled": {"p99_ms": p99_ms}}}
+
+
+def _decode_summary(backend, per_token_ms, bytes_up, bytes_down, gpu="a100-80gb"):
+    return {"backend": backend, "model": "llama-2-7b", "gpu": gpu, "link_gbps": 25.0, "n_agents": None,
+            "oom": False, "memory_bound_agents": None,
+            "decode": {"mean_per_token_ms": per_token_ms, "mean_bytes_up": bytes_up, "mean_bytes_down": bytes_down}}
+
+
+def _verdicts(summaries, workload):
+    return {c.name.split(" (")[0]: c for c in claims_mod.evaluate_claims(summaries, workload)}
+
+
+def test_density_claim_pass_fail_and_fallbacks():
+    keep = [_agents_summary("ray_keepalive", 1, 100), _agents_summary("ray_keepalive", 2, None, oom=True)]
+    passing = _verdicts(keep + [_agents_summary("djinn", 32, 180, bound=40)], "agents")["density"]
+    assert passing.verdict == "PASS" and passing.value == pytest.approx(20.0)
+    failing = _verdicts(keep + [_agents_summary("djinn", 32, 180, bound=39)], "agents")["density"]
+    assert failing.verdict == "FAIL" and failing.value == pytest.approx(19.5)
+    # keep-alive never OOMs: its memory bound + 1 stands in, and the detail says so
+    no_oom = [_agents_summary("ray_keepalive", 1, 100, bound=2), _agents_summary("djinn", 1, 120, bound=90)]
+    claim = _verdicts(no_oom, "agents")["density"]
+    assert claim.value == pytest.approx(30.0) and "memory bound + 1" in claim.detail
+    assert _verdicts([_agents_summary("djinn", 1, 120, bound=90)], "agents")["density"].verdict == "N/A"
+
+
+def test_latency_claim_uses_n32_or_the_largest_common_n():
+    at32 = [_agents_summary("ray_serverless", 32, 10_000), _agents_summary("djinn", 32, 999),
+            _agents_summary("ray_serverless", 16, 1), _agents_summary("djinn", 16, 1)]
+    claim = _verdicts(at32, "agents")["latency"]
+    assert claim.verdict == "PASS" and claim.value == pytest.approx(10_000 / 999)
+    no32 = [_agents_summary("ray_serverless", 16, 5_000), _agents_summary("djinn", 16, 600),
+            _agents_summary("ray_serverless", 8, 1), _agents_summary("djinn", 8, 1)]
+    claim = _verdicts(no32, "agents")["latency"]
+    assert claim.verdict == "FAIL" and claim.value == pytest.approx(5_000 / 600)
+    assert "at N = 16" in claim.detail and "largest common N" in claim.detail
+    assert _verdicts(no32, "agents")["Exp 2.1 latency"].verdict == "N/A"
+
+
+def test_decode_claims_thresholds_and_seed_ranges():
+    base = [_decode_summary("full_djinn", 15.0, 0, 4_000_000)]
+    claim = _verdicts(base + [_decode_summary("semantic_blind", 450.0, 0, 4_000_000_000)], "decode")
+    assert claim["Exp 2.1 latency"].verdict == "PASS" and claim["Exp 2.1 latency"].value == pytest.approx(30.0)
+    assert claim["Exp 2.1 bytes"].verdict == "PASS" and claim["Exp 2.1 bytes"].value == pytest.approx(1000.0)
+    claim = _verdicts(base + [_decode_summary("semantic_blind", 900.0, 0, 3_999_000_000)], "decode")
+    assert claim["Exp 2.1 latency"].verdict == "PASS" and "outside" in claim["Exp 2.1 latency"].detail
+    assert claim["Exp 2.1 bytes"].verdict == "FAIL"
+    claim = _verdicts(base + [_decode_summary("semantic_blind", 449.0, 0, 4e12)], "decode")
+    assert claim["Exp 2.1 latency"].verdict == "FAIL" and claim["Exp 2.1 bytes"].verdict == "PASS"
+    assert claim["density"].verdict == "N/A" and claim["latency"].verdict == "N/A"
+    assert _verdicts(base, "decode")["Exp 2.1 bytes"].verdict == "N/A"
+
+
+def test_claims_one_line_per_gpu_group(tmp_path):
+    summaries = [_decode_summary("full_djinn", 15.0, 600, 3_200_000, gpu=g) for g in ("a100-80gb", "h100-80gb")]
+    summaries += [_decode_summary("semantic_blind", 900.0, 0, 3e10, gpu=g) for g in ("a100-80gb", "h100-80gb")]
+    claims = [c for c in claims_mod.evaluate_claims(summaries, "decode") if c.name.startswith("Exp 2.1 latency")]
+    assert [c.group for c in claims] == ["llama-2-7b / a100-80gb / 25 Gbps", "llama-2-7b / h100-80gb / 25 Gbps"]
+    text = claims_mod.claims_markdown(summaries, "decode", claims)
+    assert "| semantic_blind | 900.0 ms | 850.0 ms |" in text
+
+
+def test_claims_report_from_a_written_sweep(tmp_path):
+    report.write_outputs(agents_result(), tmp_path)
+    text = (tmp_path / "claims.md").read_text()
+    # djinn memory bound 120 / keep-alive OOM at N = 2 = 60; serverless 5000 / djinn P99 at N = 4
+    assert "| density (Djinn max agents / keep-alive OOM N) | 60x | >= 20 | **PASS** |" in text
+    assert "largest common N used" in text and "flat ~100 ms, OOM at N = 2-3" in text
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [c["verdict"] for c in summary["claims"]] == ["PASS", "PASS", "N/A", "N/A"]
+    assert len(summary["points"]) == 9 and summary["points"][0]["label"].startswith("ray_keepalive")
+
+
+def test_summary_rows_and_printed_table():
+    result = decode_result()
+    rows = report.summary_rows(result)
+    assert [r["label"] for r in rows] == [p.point.label for p in result.points]
+    assert rows[1]["mean_ms"] == pytest.approx((44.0 + 45.0) / 8, abs=1e-3)  # full_djinn, runs 2 and 3
+    assert rows[0]["mb_down"] == pytest.approx(4 * 80.0) and rows[0]["oom"] is False
+    console = Console(record=True, width=160)
+    report.print_summary(result, console)
+    out = console.export_text()
+    assert "semantic_blind__llama-2-7b-hf__a100-80gb__25gbps" in out and "per-token" in out
