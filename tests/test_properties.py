@@ -167,6 +167,12 @@ def test_memory_never_exceeds_capacity_and_excess_demand_is_an_oom(scenario, cap
         for r in records:
             assert 0 <= r.gpu_mem_bytes <= capacity
             assert r.gpu_mem_peak_bytes <= capacity
+        peaks = [r.gpu_mem_peak_bytes for r in records]
+        assert peaks == sorted(peaks), "the running peak never decreases"
+        # Everything a point allocated is freed by its end, except a shared server's resident weights.
+        shared = point.backend.weights == "shared" and sim.server_ok
+        resident = sim.cost.weight_bytes + sim.cost.context_bytes_per_process if shared else 0
+        assert sim.memory.used_bytes == resident and not sim.memory._waiting
         assert not any(r.status == "oom" for r in free_records)
         demand = free_sim.memory.peak_bytes
         has_oom = any(r.status == "oom" for r in records)
