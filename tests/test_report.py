@@ -347,7 +347,26 @@ def test_summary_rows_and_printed_table():
     assert [r["label"] for r in rows] == [p.point.label for p in result.points]
     assert rows[1]["mean_ms"] == pytest.approx((44.0 + 45.0) / 8, abs=1e-3)  # full_djinn, runs 2 and 3
     assert rows[0]["mb_down"] == pytest.approx(4 * 80.0) and rows[0]["oom"] is False
-    console = Console(record=True, width=160)
+    console = Console(record=True, width=100)
     report.print_summary(result, console)
     out = console.export_text()
-    assert "semantic_blind__llama-2-7b-hf__a100-80gb__25gbps" in out and "per-token" in out
+    assert "semantic_blind" in out and "llama-2-7b-hf, a100-80gb, 25 Gbps" in out and "per-token" in out
+    assert " N " not in out  # a decode point has no N
+
+
+def test_printed_table_shows_the_columns_that_vary():
+    console = Console(record=True, width=100)
+    report.print_summary(agents_result(), console)
+    out = console.export_text()
+    assert "llama-2-7b-hf, h100-80gb, 25 Gbps" in out and "OOM" in out
+    header = next(line for line in out.splitlines() if "backend" in line)
+    assert " N " in header and "GPU" not in header
+
+
+def test_fast_frame_equals_records_frame():
+    import pandas.testing
+
+    from djinnsim.sim.records import records_frame
+
+    for point in agents_result().points + decode_result().points:
+        pandas.testing.assert_frame_equal(report._frame(point), records_frame(point.records))
