@@ -113,6 +113,12 @@ CONTINUOUS_BATCHING_ROUNDOFF = parse_scenario({
                  "act": {"kind": "fixed", "seconds": 1.0}, "reflect": {"input_tokens": 0, "new_tokens": 1}},
 })
 
+# Found by this suite: a per-agent backend (one process per client) in a decode workload.
+KEEPALIVE_DECODE = parse_scenario({
+    "name": "keepalive-decode", "cost_model": "roofline", "backends": ["ray_keepalive"],
+    "workload": {"kind": "decode", "prompt_tokens": 8, "new_tokens": 2, "runs": 1, "warmup_runs": 0},
+})
+
 capacities = st.sampled_from([1.0, 0.6, 0.35, 0.2, 0.12])
 
 
@@ -152,6 +158,17 @@ def test_duration_fields_add_up_to_latency(scenario, capacity_fraction):
             assert math.isclose(parts, r.finished_at - r.issued_at, rel_tol=1e-9, abs_tol=1e-12), (
                 r.backend, r.phase, r.step, parts, r.finished_at - r.issued_at
             )
+
+
+@SETTINGS
+@given(scenarios(), capacities)
+@example(KEEPALIVE_DECODE, 1.0)
+def test_computing_needs_the_weights_on_the_gpu(scenario, capacity_fraction):
+    """No backend computes a token without its weights in GPU memory: any point with a finished
+    request peaked at or above the weight bytes."""
+    for point, records, sim in _simulate(scenario, capacity_fraction):
+        if any(r.status == "ok" for r in records):
+            assert sim.memory.peak_bytes >= sim.cost.weight_bytes, (point.label, sim.memory.peak_bytes)
 
 
 @SETTINGS
