@@ -223,3 +223,27 @@ def test_same_scenario_same_records(scenario):
     second = simulate_scenario(scenario)
     assert first.records == second.records
     assert [p.events for p in first.points] == [p.events for p in second.points]
+
+
+def test_records_do_not_depend_on_the_hash_seed():
+    """Same scenario and seed in two processes with different string hashing: identical records."""
+    import subprocess
+    import sys
+
+    program = (
+        "import hashlib\n"
+        "from djinnsim.sim.backends import preset_names\n"
+        "from djinnsim.sim.run import simulate_scenario\n"
+        "from djinnsim.sim.scenario import parse_scenario\n"
+        "s = parse_scenario({'name': 'h', 'seed': 5, 'cost_model': 'roofline', 'backends': preset_names(),\n"
+        "    'workload': {'kind': 'agents', 'agents': [1, 3], 'reason': {'input_tokens': 8, 'new_tokens': 3},\n"
+        "                 'act': {'kind': 'exponential', 'mean_s': 0.5}, 'reflect': {'input_tokens': 4, 'new_tokens': 3},\n"
+        "                 'arrival': {'kind': 'poisson', 'rate_per_s': 4.0}}})\n"
+        "print(hashlib.sha256(repr(simulate_scenario(s).records).encode()).hexdigest())\n"
+    )
+    digests = {
+        subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip()
+        for seed in ("1", "2")
+    }
+    assert len(digests) == 1 and len(digests.pop()) == 64
