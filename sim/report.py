@@ -66,11 +66,11 @@ def _clean_ms(mapping: dict[str, Any]) -> dict[str, Any]:
     for key, value in mapping.items():
         if isinstance(value, dict):
             out[key] = _clean_ms(value)
-        elif isinstance(value, bool) or isinstance(value, int):
+        elif isinstance(value, (bool, int)):
             out[key] = value
         elif key.endswith("_pct"):
             out[key] = _clean(value, _PCT)
-        elif key.startswith("mean_bytes") or key.startswith("mean_wire_bytes") or key == "tokens_per_run":
+        elif key.startswith(("mean_bytes", "mean_wire_bytes")) or key == "tokens_per_run":
             out[key] = _clean(value, 1)
         else:
             out[key] = _clean(value, _MS)
@@ -248,7 +248,6 @@ def write_figure6(summaries: list[dict[str, Any]], backends: list[str], path: Pa
     the P99 of the phases that did finish there, or at the line's last value when none did.
     """
     import matplotlib
-
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -407,8 +406,10 @@ def print_summary(result: "SimulationResult", console: Any, summaries: list[dict
             varying.append((key, heading))
         elif key != "n_agents" or not decode:
             value = next(iter(values), None)
-            shared.append(f"{value:g} Gbps" if key == "link_gbps" else f"N={value}" if key == "n_agents" else str(value))
-    what = "per-token latency, payload MB per run" if decode else "per-phase latency (REASON+REFLECT), payload MB per phase"
+            shared.append(f"{value:g} Gbps" if key == "link_gbps" else f"N={value}" if key == "n_agents"
+                          else str(value))
+    what = ("per-token latency, payload MB per run" if decode
+            else "per-phase latency (REASON+REFLECT), payload MB per phase")
     table = Table(title=f"{result.scenario.name} ({', '.join(shared)}): {what}")
     table.add_column("backend")
     for _, heading in varying:

@@ -7,14 +7,15 @@ import csv
 import io
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from rich.console import Console
 
 from djinnsim.errors import DjinnsimError
 from djinnsim.sim import claims as claims_mod
-from djinnsim.sim import report
+from djinnsim.sim import report, trace
 from djinnsim.sim.records import DURATION_FIELDS, RECORD_COLUMNS, Record
 from djinnsim.sim.scenario import expand_points, parse_scenario
 
@@ -257,7 +258,7 @@ def test_table2_rows_from_the_sweep(tmp_path):
     report.write_outputs(agents_result(), tmp_path)
     table = (tmp_path / "table2.md").read_text()
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines()
-            if line.startswith("| ray") or line.startswith("| djinn")}
+            if line.startswith(("| ray", "| djinn"))}
     # backend | max agents | memory bound | P99@1 | P99@8 | P99@32 | OOM at N
     assert rows["ray_keepalive"][1] == "1" and rows["ray_keepalive"][-1].strip(" |") == "2"
     assert rows["ray_keepalive"][4].startswith("OOM") and "(N=4)" in rows["ray_keepalive"][4]
@@ -365,8 +366,25 @@ def test_printed_table_shows_the_columns_that_vary():
 
 def test_fast_frame_equals_records_frame():
     import pandas.testing
-
     from djinnsim.sim.records import records_frame
 
     for point in agents_result().points + decode_result().points:
         pandas.testing.assert_frame_equal(report._frame(point), records_frame(point.records))
+
+
+@settings(max_examples=60, deadline=None)
+@given(issued_at=st.floats(0, 1e4), durations=st.lists(st.one_of(st.just(0.0), st.floats(1e-6, 30.0)),
+                                                       min_size=len(DURATION_FIELDS), max_size=len(DURATION_FIELDS)))
+def test_trace_segments_follow_each_other_and_add_up_to_the_latency(issued_at, durations):
+    point = expand_points(parse_scenario({"name": "p", "backends": ["djinn"],
+                                          "workload": {"kind": "agents", "agents": [1]}}))[0]
+    record = _record(point, issued_at=issued_at, phase="reason", **dict(zip(DURATION_FIELDS, durations)))
+    parent, *children = trace.record_events(record, pid=1)
+    assert [c["name"] for c in children] == [f.removesuffix("_s") for f, d in zip(DURATION_FIELDS, durations) if d > 0]
+    assert parent["dur"] == pytest.approx(record.latency_s * 1e6, abs=1e-3 + 1e-9 * record.finished_at * 1e6)
+    assert sum(c["dur"] for c in children) == pytest.approx(parent["dur"], abs=1e-3 * (len(children) + 1)
+                                                            + 1e-9 * record.finished_at * 1e6)
+    cursor = parent["ts"]
+    for child in children:
+        assert child["ts"] == pytest.approx(cursor, abs=1e-3 * len(children) + 1e-9 * record.finished_at * 1e6)
+        cursor = child["ts"] + child["dur"]
