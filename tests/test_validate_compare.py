@@ -145,3 +145,17 @@ def test_compare_point_uses_real_repeats_and_sim_peak():
     assert by["peak_gpu_mem_bytes"].sim == 12345.0
     assert by["ttft_s"].verdict == "N/A"  # the real side did not report it
     assert compare.summarize([pc])["PASS"] >= 2
+
+
+def test_simulated_oom_n_from_bound_or_records():
+    from types import SimpleNamespace
+
+    from djinnsim.validate.pipeline import _sim_oom_n
+
+    def point(n, bound, statuses):
+        return SimpleNamespace(point=SimpleNamespace(n_agents=n), memory_bound_agents=bound,
+                               records=[rec(status=s) for s in statuses])
+
+    assert _sim_oom_n([point(1, 5, ["ok"]), point(2, 5, ["ok", "ok"])]) == 6  # 5 copies fit: the 6th fails
+    assert _sim_oom_n([point(1, 5, ["ok"]), point(4, 5, ["ok", "oom"])]) == 4  # an OOM seen at N = 4 first
+    assert _sim_oom_n([point(1, None, ["ok"])]) is None

@@ -322,7 +322,8 @@ def run_validation(req: ValidateRequest) -> Path:
         "summary": summary,
         "points": [pc.to_dict() for pc in comparisons],
         "oom": oom_rows,
-        "notes": real.notes,
+        "notes": real.notes + ([f"device cpu: point labels keep the scenario's GPU key ({scenario_v.gpu}); every "
+                                f"figure here is from this CPU and {spec.model_id}"] if not cuda else []),
         "figures": figures,
     }
     doc["meta"]["wall_s"] = time.perf_counter() - started_wall

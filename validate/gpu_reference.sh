@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The reference validation on one GPU with Llama-2-7B fp16, in one command of under 10 minutes:
+# calibrate (quick) and validate Exp 2.1 and Exp 2.2 back to back on the same machine (these
+# machines drift by tens of percent between runs; a profile from another day is no fair reference).
+#
+#   1. Exp 2.1 without --calibration: validate calibrates first (quick), then runs the 4 backends at
+#      25 Gbps, 3 repeats of 4 runs (1 warm-up) of 50 tokens each;
+#   2. Exp 2.2 with the profile just made: djinn, Ray keep-alive and Ray serverless (both emulated
+#      with processes) at N = 1, 2 with ACT 1 s, 3 repeats; keep-alive copies then loaded one at a
+#      time until the first CUDA out-of-memory (the OOM N).
+#
+# Run from the repository root with djinnsim installed. Everything lands in $OUT (at most 8 files:
+# the report folders travel as one tarball); the last lines printed are the short tables.
+set -uo pipefail
+OUT=${OUT:-results/validation/reference}
+WORK=$(mktemp -d /tmp/djinnsim-reference.XXXXXX)
+TOTAL_S=${TOTAL_S:-560}
+DEVICE=${DEVICE:-cuda}  # DEVICE=cpu runs the same plumbing with the tiny model (a dry run, no GPU)
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+t0=$(date +%s)
+elapsed() { echo $(( $(date +%s) - t0 )); }
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
+  nproc; free -g | head -2
+} > "$OUT/machine.txt" 2>&1
+
+timeout --kill-after=10 400 python3 -m djinnsim.cli validate scenarios/exp21_decode.yaml --gpu 0 --device "$DEVICE" \
+  --repeats 3 --runs 4 --warmup-runs 1 --time-budget-s 170 --out "$WORK/exp21" > "$OUT/exp21.log" 2>&1
+echo "exp21: exit $? at $(elapsed) s" >> "$OUT/machine.txt"
+
+profile=$(ls "$WORK"/exp21/calibration/*.json 2>/dev/null | head -1)
+left=$(( TOTAL_S - $(elapsed) ))
+if [ -n "$profile" ] && [ "$left" -gt 90 ]; then
+  timeout --kill-after=10 "$left" python3 -m djinnsim.cli validate scenarios/agents32.yaml --gpu 0 --device "$DEVICE" \
+    --calibration "$profile" --agents 1,2 --act-s 1 --repeats 3 --oom-probe-max 12 \
+    --time-budget-s $(( left - 60 )) --out "$WORK/agents" > "$OUT/agents.log" 2>&1
+  echo "agents: exit $? at $(elapsed) s" >> "$OUT/machine.txt"
+else
+  echo "agents: not run (profile '${profile}', ${left} s left)" >> "$OUT/machine.txt"
+fi
+
+tar czf "$OUT/reference.tar.gz" -C "$WORK" . 2>> "$OUT/machine.txt"
+for part in exp21 agents; do
+  [ -f "$WORK/$part/validation.md" ] && cp "$WORK/$part/validation.md" "$OUT/$part.md"
+done
+cat "$OUT/machine.txt"
+for part in exp21 agents; do
+  echo "== $part"
+  [ -f "$OUT/$part.log" ] && sed -n '/^point /,/^report:/p' "$OUT/$part.log" | grep -v '^report:'
+  [ -f "$OUT/$part.log" ] && grep -E '^error:|Traceback' "$OUT/$part.log" | head -3
+done
+echo "total $(elapsed) s"
