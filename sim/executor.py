@@ -136,7 +136,7 @@ class ContinuousBatching:
             self._wakeup.succeed()
         yield seq.done
         # Time stalled behind other sequences' prefills counts as waiting, like time before admission.
-        return Execution(self.env.now - seq.arrived_at - seq.compute_s, seq.compute_s, seq.started_at)
+        return Execution(max(self.env.now - seq.arrived_at - seq.compute_s, 0.0), seq.compute_s, seq.started_at)
 
     def _finish_done(self) -> None:
         still = []

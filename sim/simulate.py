@@ -265,7 +265,7 @@ class PointSimulation:
     def decode_client(self, workload: DecodeWorkload):
         """Exp 2.1: one client, `runs` greedy decodes, one after another."""
         for run in range(workload.runs):
-            session = Session(agent=0)
+            session = yield from self._open_session(0)
             warmup = run < workload.warmup_runs
 
             def on_token(t: int, out: Outcome, run=run, session=session, warmup=warmup) -> None:
@@ -281,16 +281,9 @@ class PointSimulation:
 
     def agent(self, agent_id: int, workload: AgentsWorkload, start_at: float):
         """Exp 2.2: REASON -> ACT -> REFLECT, `iterations` times."""
-        env, cost = self.env, self.cost
+        env = self.env
         yield env.timeout(start_at)
-        session = Session(agent=agent_id)
-        if self.backend.weights == "per_agent":
-            session.process_bytes = cost.weight_bytes + cost.context_bytes_per_process
-            if self.backend.memory_full == "wait":
-                yield self.memory.alloc_wait(session.process_bytes)
-            elif not self.memory.try_alloc(session.process_bytes):
-                session.process_bytes = 0
-                session.dead = True
+        session = yield from self._open_session(agent_id)
         context = 0
         for iteration in range(workload.iterations):
             for phase, spec in (("reason", workload.reason), ("reflect", workload.reflect)):
@@ -305,6 +298,23 @@ class PointSimulation:
                     self._maybe_swap_out(session)
                     yield env.timeout(self._act_s(workload))
         self._release_session(session)
+
+    def _open_session(self, agent_id: int):
+        """A new session; a per-agent backend first starts its own process (weights + CUDA context),
+        which fails with an OOM or waits for memory as the backend says."""
+        session = Session(agent=agent_id)
+        if self.backend.weights == "per_agent":
+            need = self.cost.weight_bytes + self.cost.context_bytes_per_process
+            if not self.memory.fits_ever(need):
+                session.dead = True
+            elif self.backend.memory_full == "wait":
+                yield self.memory.alloc_wait(need)
+                session.process_bytes = need
+            elif self.memory.try_alloc(need):
+                session.process_bytes = need
+            else:
+                session.dead = True
+        return session
 
     @staticmethod
     def _merge(outcomes: list[Outcome]) -> Outcome:
