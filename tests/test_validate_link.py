@@ -135,3 +135,37 @@ def test_check_profile_accepts_this_machine_and_refuses_others(tmp_path):
         with pytest.raises(DjinnsimError, match=what) as info:
             check_profile(profile, tmp_path / "p.json", machine, get_model(model), dtype)
         assert "\n" not in str(info.value)
+
+
+class _FakeWorker:
+    """Stands in for a keep-alive worker process: it fits, or its copy runs out of memory."""
+
+    def __init__(self, port: int, fits: bool) -> None:
+        self.port, self.fits, self.started, self.stopped = port, fits, False, False
+
+    def wait_imported(self, timeout_s: float) -> bool:
+        return True
+
+    def start(self, timeout_s: float):
+        self.started = True
+        return ("ready", "") if self.fits else ("oom", "CUDA out of memory")
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def test_keepalive_probe_loads_copies_in_order_until_the_first_oom():
+    from djinnsim.validate.realrun import RealOptions, RealRunner
+
+    s = validation_scenario(parse_scenario(AGENTS), Shortening(agents=(1, 2)), None, None)
+    points = [p for p in expand_points(s) if p.backend.name == "ray_keepalive"]
+    runner = RealRunner(s, points, RealOptions(device="cuda:0", gpu_index=0, repeats=1, seed=0,
+                                               deadline=time.perf_counter() + 60), say=lambda m: None)
+    ran = []
+    runner._run_point = lambda point, ports, reset: ran.append((point.n_agents, list(ports)))
+    workers = [_FakeWorker(1000 + i, fits=i < 3) for i in range(6)]
+    probe = runner._run_per_agent("ray_keepalive", points, workers)
+    assert ran == [(1, [1000]), (2, [1000, 1001])]  # each point with exactly N copies resident
+    assert (probe.loaded, probe.oom_n, probe.max_n) == (3, 4, 6)
+    assert [w.started for w in workers] == [True, True, True, True, False, False]  # stops at the first OOM
+    assert all(w.stopped for w in workers)

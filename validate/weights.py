@@ -19,8 +19,11 @@ def _no_init():
     """Skip random initialization: the weights are about to be overwritten by a load."""
     try:
         from transformers.initialization import no_init_weights  # transformers 5.x
-    except ImportError:  # transformers 4.x
-        from transformers.modeling_utils import no_init_weights
+    except ImportError:
+        try:
+            from transformers.modeling_utils import no_init_weights  # transformers 4.x
+        except ImportError:  # no such helper: initialize anyway (slower, same result after the copy)
+            no_init_weights = contextlib.nullcontext
     with no_init_weights():
         yield
 
