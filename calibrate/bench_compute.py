@@ -73,7 +73,6 @@ def run_prefill_grid(s: Session) -> dict:
             samples[(batch, prompt)].extend(timing.samples_s)
             for rep, value in enumerate(timing.samples_s):
                 s.log.add("prefill", f"b{batch}_p{prompt}", value, "s", pass_ * 100 + rep, batch=batch, prompt_tokens=prompt)
-            del ids
             if batch * prompt * (kv_bytes_per_token or 0) > BIG_ALLOCATION_BYTES:
                 s.free()
     points, workspace, jitter = [], [], []

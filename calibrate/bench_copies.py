@@ -48,7 +48,6 @@ def run_copies(s: Session) -> dict[str, Bandwidth]:
             sizes.append(nbytes)
             h2d_s.append(h2d.p50)
             d2h_s.append(d2h.p50)
-            del host, dev
             s.advance(1)
         for name, times in (("h2d", h2d_s), ("d2h", d2h_s)):
             bw, stats = fit_bandwidth(sizes, times)

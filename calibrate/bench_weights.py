@@ -64,7 +64,6 @@ def _two_point_fit(small_bytes: int, small_s: float, big_bytes: int, big_s: floa
 
 def run_weight_loads(s: Session) -> dict:
     """Measure loads; frees the resident model first (this is the last stage that needs memory)."""
-    import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 

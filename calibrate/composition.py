@@ -1,15 +1,14 @@
 """The composition check: one real step of each remote backend, through the wire format and a real
 socket, next to what the fitted primitives predict for the same step.
 
-The server is a thread of this process holding the model; the client opens a new TCP connection per
-request (the presets' connection: per_request), frames its tensors with wire.pack, and reads the
-reply. If measured and predicted agree, the simulator's sum of primitives describes these backends.
+The server is this process, holding the model; the client is a separate process
+(composition_client) that opens a new TCP connection per request (the presets' connection:
+per_request), frames its tensors with wire.pack, and reads the reply. If measured and predicted agree, the simulator's sum of primitives describes these backends.
 """
 
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from dataclasses import dataclass
 
@@ -94,12 +93,19 @@ class BackendServer:
         self.port = self.listener.getsockname()[1]
         self.session_kv: list | None = None
 
-    def serve_forever(self) -> None:
+    def serve_forever(self, client_alive=lambda: True) -> None:
         import torch
 
+        self.listener.settimeout(1.0)
         with self.listener:
             while True:
-                conn, _ = self.listener.accept()
+                try:
+                    conn, _ = self.listener.accept()
+                except socket.timeout:
+                    if not client_alive():
+                        return
+                    continue
+                conn.settimeout(None)
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 with conn, torch.inference_mode():
                     msg_type, header, tensors, _ = wire.recv_message(conn)
@@ -142,91 +148,59 @@ class BackendServer:
         return wire.pack(REPLY, marks, reply)
 
 
-def _request(port: int, msg: bytearray) -> tuple[dict, dict, float]:
-    t0 = time.perf_counter()
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.sendall(msg)
-        _, header, tensors, _ = wire.recv_message(sock)
-    return header, tensors, time.perf_counter() - t0
-
-
-def _random_kv(s: Session, tokens: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(tokens)
-    spec = s.spec
-    dtype = np.float16 if s.dtype.itemsize == 2 else np.float32
-    shape = (1, spec.num_kv_heads, tokens, spec.head_dim)
-    base = rng.standard_normal(shape).astype(dtype)
-    out = {}
-    for i in range(spec.num_layers):
-        out[f"k{i}"], out[f"v{i}"] = base, base  # same values, separate tensors on the wire
-    return out
-
-
 def run_composition(s: Session, cost: CostModel, link_gbps: float) -> list[dict]:
-    """Client requests from a helper thread; the server (and so the model) stays in this thread."""
+    """The client is its own process (composition_client); the server, and so the model, stays here."""
+    import json
+    import subprocess
+    import sys
+
+    from .runner import model_key
+
+    spec, plan = s.spec, s.plan
+    contexts = [c for c in plan.composition_contexts if c < spec.max_position_embeddings]
     server = BackendServer(s)
-    rows: list[dict] = []
-    failure: list[BaseException] = []
-
-    def client() -> None:
-        try:
-            _client(s, server.port, cost, link_gbps, rows)
-        except BaseException as exc:  # reported in the main thread
-            failure.append(exc)
-        finally:
-            _request(server.port, wire.pack(STOP, {}))
-
-    thread = threading.Thread(target=client, name="composition-client", daemon=True)
-    thread.start()
-    server.serve_forever()
-    thread.join()
-    if failure:
-        raise failure[0]
+    client = subprocess.Popen(
+        [
+            sys.executable, "-m", "djinnsim.calibrate.composition_client",
+            "--port", str(server.port), "--model", model_key(spec), "--dtype", str(s.dtype).removeprefix("torch."),
+            "--contexts", ",".join(map(str, contexts)), "--repeat", str(plan.composition_repeat),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        server.serve_forever(client_alive=lambda: client.poll() is None)
+        output, _ = client.communicate(timeout=60)
+    finally:
+        if client.poll() is None:
+            client.kill()
+    if client.returncode != 0:
+        raise RuntimeError(f"composition client exited with code {client.returncode}")
+    rows = []
+    for line in output.splitlines():
+        got = json.loads(line)
+        backend, seq_len = got["backend"], got["seq_len"]
+        total = Timing(got["samples_s"])
+        s.log.add_timing("composition", f"{backend}_L{seq_len}", total.samples_s, context=seq_len)
+        predicted = predict_step_s(cost, link_gbps, backend, spec, seq_len)
+        shape = step_shape(backend, spec, seq_len)
+        server_side = {k: float(np.median([m[k] for m in got["server"]])) for k in ("h2d_s", "compute_s", "d2h_s")}
+        rows.append({
+            "backend": backend,
+            "seq_len": seq_len,
+            "up_bytes": shape.up_bytes,
+            "down_bytes": shape.down_bytes,
+            "measured_s": total.p50,
+            "predicted_s": predicted["total"],
+            "predicted": predicted,
+            "server": server_side,
+        })
+        s.say(
+            f"composition {backend:15} L={seq_len:>5}: measured {total.describe()} | predicted {predicted['total'] * 1e3:9.2f} ms "
+            f"(ratio {total.p50 / predicted['total']:.2f}); server h2d {server_side['h2d_s'] * 1e3:.2f} ms, "
+            f"compute {server_side['compute_s'] * 1e3:.2f} ms (predicted {predicted['compute'] * 1e3:.2f}), "
+            f"d2h {server_side['d2h_s'] * 1e3:.2f} ms; up {shape.up_bytes / 1e6:.2f} MB, down {shape.down_bytes / 1e6:.2f} MB"
+        )
+        s.advance(1)
     s.log.flush()
     return rows
-
-
-def _client(s: Session, port: int, cost: CostModel, link_gbps: float, rows: list[dict]) -> None:
-    spec, plan = s.spec, s.plan
-    for seq_len in plan.composition_contexts:
-        if seq_len >= spec.max_position_embeddings:
-            continue
-        kv = _random_kv(s, seq_len - 1)
-        _request(port, wire.pack(SETUP, {}, kv))  # full_djinn's resident session KV
-        for backend in BACKENDS:
-            if backend == "semantic_blind":
-                ids = np.random.default_rng(seq_len).integers(0, spec.vocab_size, (1, seq_len), dtype=np.int64)
-                tensors = {"ids": ids}
-            else:
-                tensors = {"ids": np.array([[7]], dtype=np.int64), **(kv if backend == "partially_aware" else {})}
-            total, marks = Timing(), []
-            for rep in range(plan.composition_repeat + 1):
-                t0 = time.perf_counter()
-                msg = wire.pack(REQUEST, {"backend": backend}, tensors)  # client-side framing is timed
-                header, _, _ = _request(port, msg)
-                elapsed = time.perf_counter() - t0
-                if rep > 0:  # the first is the warm-up
-                    total.samples_s.append(elapsed)
-                    marks.append(header)
-            s.log.add_timing("composition", f"{backend}_L{seq_len}", total.samples_s, context=seq_len)
-            predicted = predict_step_s(cost, link_gbps, backend, spec, seq_len)
-            shape = step_shape(backend, spec, seq_len)
-            server_side = {k: float(np.median([m[k] for m in marks])) for k in ("h2d_s", "compute_s", "d2h_s")}
-            rows.append({
-                "backend": backend,
-                "seq_len": seq_len,
-                "up_bytes": shape.up_bytes,
-                "down_bytes": shape.down_bytes,
-                "measured_s": total.p50,
-                "predicted_s": predicted["total"],
-                "predicted": predicted,
-                "server": server_side,
-            })
-            s.say(
-                f"composition {backend:15} L={seq_len:>5}: measured {total.describe()} | predicted {predicted['total'] * 1e3:9.2f} ms "
-                f"(ratio {total.p50 / predicted['total']:.2f}); server h2d {server_side['h2d_s'] * 1e3:.2f} ms, "
-                f"compute {server_side['compute_s'] * 1e3:.2f} ms (predicted {predicted['compute'] * 1e3:.2f}), "
-                f"d2h {server_side['d2h_s'] * 1e3:.2f} ms; up {shape.up_bytes / 1e6:.2f} MB, down {shape.down_bytes / 1e6:.2f} MB"
-            )
-            s.advance(1)

@@ -8,7 +8,6 @@ Only sockets and numpy here, so it starts in a fraction of a second.
 from __future__ import annotations
 
 import socket
-import sys
 
 from djinnsim.calibrate.wire import encode, recv_message, send_message
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import signal
-import sys
 import threading
 import time
 from contextlib import contextmanager, nullcontext
