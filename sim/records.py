@@ -7,7 +7,8 @@ memory), load (weights), copy (host<->device), compute, downlink.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
+from operator import attrgetter
 
 DURATION_FIELDS = ("connect_s", "uplink_s", "queue_s", "load_s", "copy_s", "compute_s", "downlink_s")
 
@@ -60,6 +61,7 @@ def records_frame(records: list[Record]):
     """The table of records as a pandas DataFrame (pandas imported only here)."""
     import pandas as pd
 
-    frame = pd.DataFrame([asdict(r) for r in records], columns=list(RECORD_COLUMNS))
+    row = attrgetter(*RECORD_COLUMNS)
+    frame = pd.DataFrame.from_records([row(r) for r in records], columns=list(RECORD_COLUMNS))
     frame["latency_s"] = frame["finished_at"] - frame["issued_at"]
     return frame

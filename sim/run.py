@@ -154,13 +154,14 @@ def run_scenario_file(path: Path, calibration: Path | None = None, out: Path | N
 
             result = simulate_scenario(scenario, calibration, progress=progress)
 
-    from .report import print_summary, write_outputs
+    from .report import point_summaries, print_summary, write_outputs
 
+    summaries = point_summaries(result)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "scenario.yaml").write_text(dump_scenario(scenario))
-    write_outputs(result, out_dir)
+    write_outputs(result, out_dir, summaries=summaries)
     if not quiet:
-        print_summary(result, console)
+        print_summary(result, console, summaries=summaries)
         for warning in result.warnings:
             console.print(f"[yellow]warning:[/] {warning}")
         console.print(f"results: {out_dir}")

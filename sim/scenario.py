@@ -147,7 +147,16 @@ class Scenario(_Strict):
             get_model(model)
         for gpu in self.sweep.gpu or [self.gpu]:
             get_gpu(gpu)
+        count = self.point_count
+        if not -count <= self.trace_point < count:
+            raise ValueError(f"trace_point {self.trace_point} is outside the {count} points of this scenario")
         return self
+
+    @property
+    def point_count(self) -> int:
+        ns = len(self.workload.agents) if isinstance(self.workload, AgentsWorkload) else 1
+        sweep = self.sweep
+        return len(self.backends) * len(sweep.model or [0]) * len(sweep.gpu or [0]) * len(sweep.link_gbps or [0]) * ns
 
 
 class Point(BaseModel):
