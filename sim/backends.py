@@ -68,14 +68,17 @@ class Backend(BaseModel):
             return 0, 0
         if self.send_ids == "all":
             ids = seq_len
-        elif self.send_ids == "new":
+        elif self.send_ids == "new" or (self.kv == "client" and t == 0):
             ids = prompt_tokens if t == 0 else 1
         else:
             ids = 1
         up = ids * TOKEN_ID_BYTES
         down = self._logits_bytes(model, seq_len)
         if self.kv == "client":
-            up += (seq_len - 1) * model.kv_bytes_per_token
+            # reference.md writes the uplink as last id + KV(L_t - 1) for every t; at t = 0 no cache
+            # exists yet, so a real client sends the prompt ids and gets the first cache back.
+            if t > 0:
+                up += (seq_len - 1) * model.kv_bytes_per_token
             down += seq_len * model.kv_bytes_per_token
         if self.round_trip == "op":
             ops = self.ops_per_layer * model.num_layers

@@ -97,9 +97,9 @@ def token_pass(backend: Backend, prompt_tokens: int, t: int) -> tuple:
         return ("prefill", seq_len, 0)
     if backend.step_compute == "last_token":
         return ("prefill", 1, 0)
-    if backend.kv == "session" and t == 0:
+    if t == 0:
         return ("prefill", prompt_tokens, 0)
-    return ("decode", seq_len - 1)  # kv=client: the client sends the cache of L_t - 1 tokens
+    return ("decode", seq_len - 1)  # kv=client: the client sent the cache of L_t - 1 tokens
 
 
 class PointSimulation:

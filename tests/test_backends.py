@@ -44,7 +44,10 @@ def test_semantic_blind_bytes_per_token():
 
 
 def test_partially_aware_bytes_per_token():
-    assert _bytes("partially_aware") == [(8 + (L(t) - 1) * KV, V * 2 + L(t) * KV) for t in STEPS]
+    # reference.md: last id + KV(L_t - 1) up, last logits + KV(L_t) down. At t = 0 no cache exists
+    # yet: the prompt's ids go up and the first cache comes back.
+    expected = [(72 * 8 if t == 0 else 8 + (L(t) - 1) * KV, V * 2 + L(t) * KV) for t in STEPS]
+    assert _bytes("partially_aware") == expected
 
 
 def test_full_djinn_bytes_per_token():
@@ -61,7 +64,8 @@ def test_per_run_totals_match_reference_figures():
     assert blind_down == V * 2 * sum(L(t) for t in STEPS) == 308_800_000  # "about 309 MB down"
     assert blind_up == 8 * 4825
     partial_up, partial_down = totals["partially_aware"]
-    assert partial_up == pytest.approx(2.5e9, rel=0.01) and partial_down == pytest.approx(2.5e9, rel=0.02)
+    assert partial_up == 72 * 8 + sum(8 + (L(t) - 1) * KV for t in STEPS[1:])
+    assert partial_up == pytest.approx(2.5e9, rel=0.02) and partial_down == pytest.approx(2.5e9, rel=0.02)
     assert totals["full_djinn"] == (72 * 8 + 49 * 8, 3_200_000)  # "about 3.2 MB down"
 
 
@@ -69,7 +73,7 @@ def test_gqa_model_ships_a_quarter_of_the_kv():
     mistral = get_model("mistral-7b")
     llama_up = [up for up, _ in _bytes("partially_aware")]
     mistral_up = [up for up, _ in _bytes("partially_aware", mistral)]
-    assert mistral_up == [8 + (L(t) - 1) * 2 * 32 * 8 * 128 * 2 for t in STEPS]
+    assert mistral_up == [72 * 8 if t == 0 else 8 + (L(t) - 1) * 2 * 32 * 8 * 128 * 2 for t in STEPS]
     assert sum(mistral_up) < sum(llama_up) / 3.9
 
 
@@ -102,8 +106,8 @@ def test_token_passes_per_preset():
     assert passes("semantic_blind") == [("prefill", 72, 0), ("prefill", 73, 0), ("prefill", 74, 0)]
     assert passes("full_djinn") == [("prefill", 72, 0), ("decode", 72), ("decode", 73)]
     assert passes("native_pytorch") == [("prefill", 72, 0), ("decode", 72), ("decode", 73)]
-    # The client sends the cache of L_t - 1 tokens; the server decodes one token over it.
-    assert passes("partially_aware") == [("decode", 71), ("decode", 72), ("decode", 73)]
+    # First the prompt is prefilled; then the client sends the cache of L_t - 1 tokens back.
+    assert passes("partially_aware") == [("prefill", 72, 0), ("decode", 72), ("decode", 73)]
     assert passes("partially_aware_1c1e018") == [("prefill", 1, 0)] * 3
     assert passes("full_djinn_1c1e018") == passes("semantic_blind")
 
