@@ -23,8 +23,18 @@ def calibrate(
     oom_probe: Annotated[bool, typer.Option(help="also count how many model copies fit before an out-of-memory error")] = False,
     out: Annotated[Optional[Path], typer.Option(help="profile JSON to write (default: results/calibration/<gpu-key>-<model-key>.json); samples CSV beside it")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar, per-point lines or summary")] = False,
+    refit: Annotated[Optional[Path], typer.Option(help="measure nothing: recompute the fits of this profile from its samples CSV (rewritten in place, or to --out)")] = None,
 ) -> None:
     """Measure a GPU (or the CPU) with microbenchmarks and write a calibration profile."""
+    command = " ".join(["djinnsim", *sys.argv[1:]])
+    if refit is not None:
+        from djinnsim.calibrate.report import print_refit
+        from djinnsim.calibrate.refit import refit_file
+
+        profile, path = refit_file(refit, out=out, command=command)
+        if not quiet:
+            print_refit(profile, path)
+        return
     from djinnsim.calibrate.runner import run_calibration
 
     run_calibration(
@@ -36,6 +46,6 @@ def calibrate(
         quick=quick,
         oom_probe=oom_probe,
         out=out,
-        command=" ".join(["djinnsim", *sys.argv[1:]]),
+        command=command,
         quiet=quiet,
     )

@@ -132,16 +132,41 @@ def fit_piecewise(
     return PiecewiseFit(pieces=best[1])
 
 
-def fit_bandwidth(nbytes: Sequence[float], seconds: Sequence[float]) -> tuple[Bandwidth, dict[str, float]]:
-    """time = latency + bytes / rate, fitted on relative error; returns the Bandwidth and its fit error."""
-    x = np.asarray(nbytes, dtype=float)
-    y = np.asarray(seconds, dtype=float)
+SLOW_REGIME_RATIO = 0.5  # large sizes this much slower than the best rate below them form their own regime
+
+
+def _fit_latency_rate(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     a = np.column_stack([np.ones_like(x), x])
     latency, per_byte = solve_relative(a, y)
     if per_byte <= 0:  # flat data (all sizes cost the same): take the best observed rate
         per_byte = float(np.min(y / x))
-    stats = fit_stats(a @ np.array([latency, per_byte]), y)
-    return Bandwidth(latency_s=float(latency), gbps=float(1.0 / per_byte / 1e9)), stats
+    return float(latency), float(per_byte)
+
+
+def fit_bandwidth(nbytes: Sequence[float], seconds: Sequence[float]) -> tuple[Bandwidth, dict[str, float]]:
+    """time = latency + bytes / rate, fitted on relative error; returns the Bandwidth and its fit error.
+
+    If the largest sizes run at under half the best rate of the smaller ones (host buffers that are
+    freshly mapped and page-fault on first touch do this), they get their own rate (`large_gbps`)
+    above the largest size of the fast regime (`large_from_bytes`), instead of dragging one line.
+    """
+    order = np.argsort(np.asarray(nbytes, dtype=float))
+    x = np.asarray(nbytes, dtype=float)[order]
+    y = np.asarray(seconds, dtype=float)[order]
+    rate = x / y
+    split = len(x)
+    for i in range(2, len(x)):
+        if np.all(rate[i:] < SLOW_REGIME_RATIO * rate[:i].max()):
+            split = i
+            break
+    latency, per_byte = _fit_latency_rate(x[:split], y[:split])
+    extra = {}
+    if split < len(x):
+        large_per_byte = float(np.median((y[split:] - latency) / x[split:]))
+        extra = {"large_from_bytes": int(x[split - 1]), "large_gbps": 1.0 / large_per_byte / 1e9}
+    bw = Bandwidth(latency_s=latency, gbps=1.0 / per_byte / 1e9, **extra)
+    pred = np.array([bw.time_s(v) for v in x])
+    return bw, fit_stats(pred, y)
 
 
 def describe_fit(fit: LinearFit | PiecewiseFit, unit: str = "s") -> list[str]:

@@ -35,7 +35,8 @@ def summary_rows(profile: Profile, r: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("decode step b=1", f"p50 {e['exp21.step_s.p50'] * 1e3:.2f} ms, p90 {e['exp21.step_s.p90'] * 1e3:.2f} ms"))
     for name in ("h2d_pinned", "h2d_pageable", "d2h_pinned", "d2h_pageable", "serialize", "deserialize"):
         bw = getattr(profile, name)
-        rows.append((name, f"{bw.latency_s * 1e6:.1f} us + {bw.gbps:.2f} GB/s"))
+        large = f"; above {bw.large_from_bytes / 2**20:.0f} MiB: {bw.large_gbps:.2f} GB/s" if bw.large_gbps else ""
+        rows.append((name, f"{bw.latency_s * 1e6:.1f} us + {bw.gbps:.2f} GB/s{large}"))
     n = profile.network
     rows.append(("tcp loopback", f"connect {n.connect_s * 1e6:.0f} us, RTT {n.loopback_rtt_s * 1e6:.0f} us, {n.loopback_gbps:.2f} GB/s"))
     for tier, load in profile.weight_load.items():
@@ -81,3 +82,24 @@ def print_summary(console, profile: Profile, r: dict[str, Any], out: Path, sampl
     for what, value in summary_rows(profile, r):
         table.add_row(what, value)
     console.print(table)
+
+
+def print_refit(profile: Profile, path: Path) -> None:
+    """The summary of a refit profile (no stage results in memory: composition rows come from the profile)."""
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=170)
+    e = profile.end_to_end
+    rows = []
+    for key in sorted(k for k in e if k.startswith("composition.") and k.endswith(".measured_s")):
+        _, backend, length, _ = key.split(".")
+        rows.append({
+            "backend": backend,
+            "seq_len": int(length[1:]),
+            "measured_s": e[key],
+            "predicted_s": e[f"composition.{backend}.{length}.predicted_s"],
+        })
+    rows.sort(key=lambda r: (r["seq_len"], r["backend"]))
+    print_summary(console, profile, {"composition": rows}, path, Path(profile.samples_file or ""))

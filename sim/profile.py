@@ -45,12 +45,20 @@ class PiecewiseFit(_Strict):
 
 
 class Bandwidth(_Strict):
-    """time_s = latency_s + bytes / (gbps * 1e9)."""
+    """time_s = latency_s + bytes / (gbps * 1e9).
+
+    Optionally a second rate for buffers above `large_from_bytes` (for example host buffers large
+    enough to be freshly mapped, whose first touch page-faults): those take bytes / large_gbps.
+    """
 
     latency_s: float = Field(ge=0)
     gbps: float = Field(gt=0)
+    large_from_bytes: int | None = Field(default=None, gt=0)
+    large_gbps: float | None = Field(default=None, gt=0)
 
     def time_s(self, nbytes: float) -> float:
+        if self.large_from_bytes is not None and self.large_gbps is not None and nbytes > self.large_from_bytes:
+            return self.latency_s + nbytes / (self.large_gbps * 1e9)
         return self.latency_s + nbytes / (self.gbps * 1e9)
 
 

@@ -1,0 +1,153 @@
+"""Recompute a profile's fits from its samples CSV, with no device: the fitting stage on its own.
+
+Everything fitted (prefill, decode, workspace, copy, serde and loopback bandwidths) is redone from
+the raw samples; measured facts (memory, weight loads, jitter, connection costs) are kept; the
+predictions stored beside measurements (Exp 2.1, the composition check) are recomputed.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from djinnsim.errors import DjinnsimError
+from djinnsim.sim.costmodel import ProfileCostModel
+from djinnsim.sim.profile import Profile, load_profile, save_profile
+from djinnsim.sim.specs import get_model
+
+from .fitting import DECODE_FEATURES, DECODE_SCALE, PREFILL_FEATURES, PREFILL_SCALE, FitPoint, fit_bandwidth
+from .profile_builder import exp21_prediction, fit_decode, fit_prefill, fit_workspace
+
+
+def read_samples(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        raise DjinnsimError(f"samples file not found: {path}")
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _num(row: dict[str, str], key: str) -> float:
+    return float(row[key]) if row.get(key) not in (None, "") else 0.0
+
+
+def _timed(rows: list[dict[str, str]], stage: str) -> dict[str, list[dict[str, str]]]:
+    grouped: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for row in rows:
+        if row["stage"] == stage and row["unit"] == "s":
+            grouped[row["point"]].append(row)
+    return grouped
+
+
+def prefill_points(rows) -> list[FitPoint]:
+    points = []
+    for group in _timed(rows, "prefill").values():
+        inputs = {"prompt_tokens": _num(group[0], "prompt_tokens"), "batch": _num(group[0], "batch"), "context": 0.0}
+        points.append(FitPoint(inputs, float(np.median([_num(r, "value") for r in group]))))
+    return points
+
+
+def decode_points(rows) -> list[FitPoint]:
+    points = []
+    for group in _timed(rows, "decode").values():
+        batch = _num(group[0], "batch")
+        context = float(np.median([_num(r, "context") for r in group]))
+        inputs = {"batch": batch, "context": context, "sum_context": batch * context}
+        points.append(FitPoint(inputs, float(np.median([_num(r, "value") for r in group]))))
+    return points
+
+
+def workspace_points(rows, stage: str) -> list[FitPoint]:
+    points = []
+    for row in rows:
+        if row["stage"] != stage:
+            continue
+        batch = _num(row, "batch")
+        if stage == "prefill_workspace":
+            inputs = {"prompt_tokens": _num(row, "prompt_tokens"), "batch": batch, "context": 0.0}
+        else:
+            inputs = {"batch": batch, "context": _num(row, "context"), "sum_context": batch * _num(row, "context")}
+        points.append(FitPoint(inputs, _num(row, "value")))
+    return points
+
+
+def bandwidth_from(rows, stage: str):
+    by_size: dict[float, list[float]] = defaultdict(list)
+    for row in rows:
+        if row["stage"] == stage and row["unit"] == "s":
+            by_size[_num(row, "nbytes")].append(_num(row, "value"))
+    if len(by_size) < 2:
+        return None
+    sizes = sorted(by_size)
+    return fit_bandwidth(sizes, [float(np.median(by_size[n])) for n in sizes])[0]
+
+
+def refit(profile: Profile, rows: list[dict[str, str]], note: str) -> Profile:
+    spec = get_model(profile.metadata.model_id)
+    update: dict = {}
+    prefill, decode = prefill_points(rows), decode_points(rows)
+    if len(prefill) < len(PREFILL_FEATURES) or len(decode) < len(DECODE_FEATURES):
+        raise DjinnsimError("the samples hold too few prefill or decode points to fit")
+    update["prefill"] = fit_prefill(prefill)
+    update["decode_step"] = fit_decode(decode)
+    for field in ("h2d_pinned", "h2d_pageable", "d2h_pinned", "d2h_pageable"):
+        bw = bandwidth_from(rows, f"copy_{field}")
+        if bw is None and field.endswith("pinned"):  # device cpu: only host memcpy was measured
+            bw = bandwidth_from(rows, f"copy_{field.replace('pinned', 'pageable')}")
+        if bw is not None:
+            update[field] = bw
+    for field in ("serialize", "deserialize"):
+        bw = bandwidth_from(rows, field)
+        if bw is not None:
+            update[field] = bw
+    tcp = bandwidth_from(rows, "tcp_send")
+    if tcp is not None:
+        update["network"] = profile.network.model_copy(update={"loopback_gbps": tcp.gbps})
+    update["memory"] = profile.memory.model_copy(update={
+        "prefill_workspace": fit_workspace(workspace_points(rows, "prefill_workspace"), PREFILL_FEATURES, PREFILL_SCALE, ["prompt_tokens", "batch"]),
+        "decode_workspace": fit_workspace(workspace_points(rows, "decode_workspace"), DECODE_FEATURES, DECODE_SCALE, ["batch", "context", "sum_context"]),
+    })
+    update["metadata"] = profile.metadata.model_copy(update={"notes": [*profile.metadata.notes, note]})
+    new = profile.model_copy(update=update)
+    Profile.model_validate(new.model_dump())  # the refit must still be a valid profile
+    return new.model_copy(update={"end_to_end": _predictions(new, spec)})
+
+
+def _predictions(profile: Profile, spec) -> dict[str, float]:
+    """Recompute the predictions stored next to measurements with the new fits."""
+    from .composition import predict_step_s
+
+    e = dict(profile.end_to_end)
+    cost = ProfileCostModel(profile, spec)
+    if "exp21.total_s.p50" in e:
+        predicted = exp21_prediction(cost)
+        e["exp21.predicted.total_s"] = predicted["total_s"]
+        e["exp21.predicted.prefill_s"] = predicted["prefill_s"]
+        e["exp21.predicted.step_s_mean"] = predicted["step_s_mean"]
+    link_gbps = profile.network.loopback_gbps
+    for key in [k for k in e if k.startswith("composition.") and k.endswith(".measured_s")]:
+        _, backend, length, _ = key.split(".")
+        parts = predict_step_s(cost, link_gbps, backend, spec, int(length[1:]))
+        e[f"composition.{backend}.{length}.predicted_s"] = parts["total"]
+        e[f"composition.{backend}.{length}.predicted_compute_s"] = parts["compute"]
+    return e
+
+
+def refit_file(path: Path, out: Path | None = None, command: str | None = None) -> tuple[Profile, Path]:
+    profile = load_profile(path)
+    if not profile.samples_file:
+        raise DjinnsimError(f"{path}: the profile names no samples file to refit from")
+    rows = read_samples(Path(path).parent / profile.samples_file)
+    new = refit(profile, rows, f"fits recomputed from {profile.samples_file}" + (f" by `{command}`" if command else ""))
+    target = Path(out) if out is not None else Path(path)
+    if target.resolve() != Path(path).resolve():  # the samples travel with the profile
+        import shutil
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        samples = target.with_suffix(".csv")
+        shutil.copyfile(Path(path).parent / profile.samples_file, samples)
+        new = new.model_copy(update={"samples_file": samples.name})
+    save_profile(new, target)
+    return new, target
