@@ -5,7 +5,6 @@ This module must not import torch (the CLI imports it to register the command).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -26,7 +25,10 @@ def calibrate(
     refit: Annotated[Optional[Path], typer.Option(help="measure nothing: recompute the fits of this profile from its samples CSV (rewritten in place, or to --out)")] = None,
 ) -> None:
     """Measure a GPU (or the CPU) with microbenchmarks and write a calibration profile."""
-    command = " ".join(["djinnsim", *sys.argv[1:]])
+    from djinnsim.calibrate.options import command_line
+
+    command = command_line(gpu=gpu, device=device, model=model, dtype=dtype, weights=weights, quick=quick,
+                           oom_probe=oom_probe, out=out, refit=refit)
     if refit is not None:
         from djinnsim.calibrate.report import print_refit
         from djinnsim.calibrate.refit import refit_file

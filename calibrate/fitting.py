@@ -101,15 +101,17 @@ def fit_piecewise(
     *,
     max_pieces: int = 3,
     min_gain: float = 0.25,
+    good_enough: float = 0.02,
 ) -> LinearFit | PiecewiseFit:
     """One linear fit, or pieces split along `split_vars` where that cuts the worst relative error.
 
-    A split is kept only if it lowers the maximum relative error by at least `min_gain` (a fraction),
-    so smooth data stays one piece. Adjacent pieces share their boundary value, so the domains leave
+    A split is tried only if one piece misses some point by more than `good_enough`, and kept only
+    if it lowers the maximum relative error by at least `min_gain` (a fraction), so smooth data
+    stays one piece. Adjacent pieces share their boundary value, so the domains leave
     no gap between measured grid values; the lower piece wins at the boundary.
     """
     single = fit_linear(points, features, scale, domain_vars)
-    if max_pieces < 2:
+    if max_pieces < 2 or (single.max_rel_err or 0.0) <= good_enough:
         return single
     best: tuple[float, list[LinearFit]] | None = None
     min_points = len(features) + 1
@@ -120,7 +122,9 @@ def fit_piecewise(
             high = [p for p in points if p.inputs[var] > cut]
             if len(low) < min_points or len(high) < min_points:
                 continue
-            low_fit = fit_piecewise(low, features, scale, domain_vars, split_vars, max_pieces=max_pieces - 1, min_gain=min_gain)
+            low_fit = fit_piecewise(
+                low, features, scale, domain_vars, split_vars, max_pieces=max_pieces - 1, min_gain=min_gain, good_enough=good_enough
+            )
             high_fit = fit_linear(high, features, scale, domain_vars)
             high_fit = high_fit.model_copy(update={"domain": {**high_fit.domain, var: (cut, high_fit.domain[var][1])}})
             pieces = (low_fit.pieces if isinstance(low_fit, PiecewiseFit) else [low_fit]) + [high_fit]

@@ -142,6 +142,11 @@ def run_calibration(
 ) -> CalibrationResult:
     """Measure `model` on one device and write a calibration profile (JSON) and its samples (CSV)."""
     started_at = time.perf_counter()
+    if command is None:
+        from .options import command_line
+
+        command = command_line(gpu=gpu, device=device, model=model, dtype=dtype, weights=weights, quick=quick,
+                               oom_probe=oom_probe, out=out)
     spec = get_model(model)
     _check_inputs(device, gpu, spec, weights)
     import torch

@@ -1,0 +1,23 @@
+"""The calibrate command line as options, for the profile's record of how it was made."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DEFAULTS = {"gpu": 0, "device": "cuda", "model": "llama-2-7b", "dtype": None, "weights": "random",
+            "quick": False, "oom_probe": False, "out": None, "refit": None}
+
+
+def command_line(**options: object) -> str:
+    """`djinnsim calibrate` with every option that differs from its default (flags as flags)."""
+    parts = ["djinnsim", "calibrate"]
+    for name, value in options.items():
+        if value == DEFAULTS.get(name, object()) and name not in ("gpu", "model"):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            if value:
+                parts.append(flag)
+        elif value is not None:
+            parts += [flag, str(value) if not isinstance(value, Path) else value.as_posix()]
+    return " ".join(parts)

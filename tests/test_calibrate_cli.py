@@ -1,0 +1,176 @@
+"""`djinnsim calibrate --device cpu` end to end with the tiny model, bad input, interruption and OOM."""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from djinnsim.cli import app
+from djinnsim.sim.costmodel import ProfileCostModel
+from djinnsim.sim.profile import load_profile
+from djinnsim.sim.specs import get_model
+
+runner = CliRunner()
+TINY = get_model("tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def cpu_calibration(tmp_path_factory):
+    out = tmp_path_factory.mktemp("calibration") / "tiny.json"
+    started_at = time.perf_counter()
+    result = runner.invoke(app, ["calibrate", "--device", "cpu", "--model", "tiny-llama", "--quick", "--out", str(out)])
+    return result, out, time.perf_counter() - started_at
+
+
+def test_cpu_quick_calibration_runs_within_a_minute(cpu_calibration):
+    result, out, elapsed_s = cpu_calibration
+    assert result.exit_code == 0, result.output
+    assert elapsed_s < 60, f"took {elapsed_s:.1f} s"
+    assert "calibration summary" in result.output
+
+
+def test_profile_is_accepted_by_the_simulator(cpu_calibration):
+    _, out, _ = cpu_calibration
+    profile = load_profile(out)
+    meta = profile.metadata
+    assert meta.source == "measured" and meta.device == "cpu" and meta.quick
+    assert meta.model_id == TINY.model_id and meta.dtype == "float32" and meta.weights == "random"
+    assert meta.torch and meta.transformers and meta.python and meta.date and meta.command.startswith("djinnsim calibrate")
+    cost = ProfileCostModel(profile, TINY)
+    assert cost.prefill_s(64, 1) > 0
+    assert cost.decode_step_s(1, 100) > 0
+    assert cost.out_of_range == set()
+    assert cost.kv_bytes_per_token == TINY.kv_bytes_per_token  # measured from the cache, GQA included
+    assert cost.weight_bytes == pytest.approx(TINY.parameters * 4, rel=1e-3)  # + rotary buffers
+    for tier in ("disk", "pageable", "pinned"):
+        assert cost.weight_load(tier).gbps > 0
+    assert cost.serialize_s(2**20) > 0 and cost.copy_s(2**20) > 0
+    assert len(cost.jitter_samples("decode")) > 10
+    e = profile.end_to_end
+    assert e["exp21.total_s.p50"] > 0 and e["exp21.predicted.total_s"] > 0
+    for backend in ("semantic_blind", "partially_aware", "full_djinn"):
+        assert e[f"composition.{backend}.L128.measured_s"] > 0
+        assert e[f"composition.{backend}.L128.predicted_s"] > 0
+
+
+def test_samples_csv_holds_every_stage(cpu_calibration):
+    _, out, _ = cpu_calibration
+    profile = load_profile(out)
+    with (out.parent / profile.samples_file).open() as fh:
+        stages = {row["stage"] for row in csv.DictReader(fh)}
+    for stage in ("prefill", "decode", "exp21_step", "copy_h2d_pageable", "serialize", "deserialize", "tcp_connect",
+                  "tcp_rtt", "tcp_send", "composition", "weights_load_disk", "weights_load_pageable"):
+        assert stage in stages, stage
+
+
+def test_refit_reproduces_the_profile_from_its_samples(cpu_calibration, tmp_path):
+    _, out, _ = cpu_calibration
+    target = tmp_path / "refit" / "tiny.json"
+    result = runner.invoke(app, ["calibrate", "--refit", str(out), "--out", str(target), "--quiet"])
+    assert result.exit_code == 0, result.output
+    before, after = load_profile(out), load_profile(target)
+    assert after.samples_file == "tiny.csv" and (target.parent / "tiny.csv").is_file()
+    # The CSV keeps 9 significant digits: the same fits, up to that rounding.
+    assert _approx(after.prefill.model_dump()) == before.prefill.model_dump()
+    assert _approx(after.decode_step.model_dump()) == before.decode_step.model_dump()
+    assert any("fits recomputed" in note for note in after.metadata.notes)
+
+
+def _approx(value):
+    if isinstance(value, dict):
+        return {k: _approx(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_approx(v) for v in value)
+    if isinstance(value, float):
+        return pytest.approx(value, rel=1e-5, abs=1e-12)
+    return value
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--device", "tpu"], "--device must be one of"),
+        (["--device", "cpu", "--model", "no-such-model"], "unknown model"),
+        (["--device", "cpu", "--model", "tiny-llama", "--weights", "/no/such/folder"], "--weights"),
+        (["--device", "cpu", "--model", "tiny-llama", "--dtype", "int3"], "unknown dtype"),
+        (["--device", "cpu", "--model", "llama-2-7b"], "--device cpu is for small models"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_1(args, message, tmp_path):
+    result = runner.invoke(app, ["calibrate", *args, "--out", str(tmp_path / "p.json")])
+    assert result.exit_code == 1
+    text = result.output + (result.stderr if result.stderr_bytes is not None else "")
+    assert "error: " in text and message in text
+    assert "Traceback" not in text
+
+
+def test_cuda_without_a_gpu_is_refused(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    result = runner.invoke(app, ["calibrate", "--device", "cuda", "--model", "tiny-llama", "--out", str(tmp_path / "p.json")])
+    assert result.exit_code == 1
+    assert "no CUDA GPU is visible" in result.output + (result.stderr if result.stderr_bytes is not None else "")
+
+
+def test_interrupted_calibration_keeps_what_it_measured(tmp_path, monkeypatch):
+    """Ctrl-C during Exp 2.1: the grids are measured, so a profile is still written, and marked."""
+    from djinnsim.calibrate import bench_compute, runner as calibration
+
+    def interrupted(session):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_compute, "run_exp21", interrupted)
+    out = tmp_path / "partial.json"
+    with pytest.raises(KeyboardInterrupt):
+        calibration.run_calibration(device="cpu", model="tiny-llama", quick=True, out=out, quiet=True)
+    profile = load_profile(out)
+    assert any(note.startswith("interrupted") for note in profile.metadata.notes)
+    assert profile.jitter_decode == [1.0]
+    assert (tmp_path / "partial.csv").is_file()
+    ProfileCostModel(profile, TINY).decode_step_s(1, 100)
+
+
+def test_out_of_memory_at_one_grid_point_is_recorded_and_skipped(monkeypatch):
+    import torch
+
+    from djinnsim.calibrate import bench_compute
+    from djinnsim.calibrate.modeling import build_model
+    from djinnsim.calibrate.plan import plan_for
+    from djinnsim.calibrate.samples import SampleLog
+    from djinnsim.calibrate.session import Session
+
+    real_forward = bench_compute.forward
+
+    def forward(model, ids, cache=None, **kwargs):
+        if ids.shape[0] * ids.shape[1] >= 1024:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+        return real_forward(model, ids, cache, **kwargs)
+
+    monkeypatch.setattr(bench_compute, "forward", forward)
+    s = Session(spec=TINY, device="cpu", dtype=torch.float32, plan=plan_for("cpu", True), log=SampleLog(None), say=lambda m: None)
+    s.model = build_model(TINY, "cpu", torch.float32)
+    result = bench_compute.run_prefill_grid(s)
+    measured = {(p.inputs["batch"], p.inputs["prompt_tokens"]) for p in result["points"]}
+    assert (1, 256) in measured and (1, 1024) not in measured and (4, 256) not in measured
+    oom = [r for r in s.log.rows if r["unit"] == "oom"]
+    assert {(r["batch"], r["prompt_tokens"]) for r in oom} == {(1, 1024), (4, 256)}
+
+
+def test_module_import_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, djinnsim.calibrate.cli; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_default_output_is_named_after_gpu_and_model():
+    from djinnsim.calibrate.runner import default_out
+
+    assert default_out("h100-80gb", get_model("meta-llama/Llama-2-7b-hf")) == Path("results/calibration/h100-80gb-llama-2-7b.json")

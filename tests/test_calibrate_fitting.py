@@ -1,0 +1,133 @@
+"""Fitting recovers known synthetic cost functions (within 2%), and bends only where the data bends."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from djinnsim.calibrate.fitting import (
+    DECODE_FEATURES,
+    DECODE_SCALE,
+    PREFILL_FEATURES,
+    PREFILL_SCALE,
+    FitPoint,
+    fit_bandwidth,
+    fit_linear,
+    predict,
+)
+from djinnsim.calibrate.profile_builder import fit_decode, fit_prefill
+from djinnsim.sim.profile import LinearFit, PiecewiseFit
+
+PROMPTS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+BATCHES = (1, 2, 4, 8, 16, 32)
+CONTEXTS = (64, 256, 512, 1024, 2048, 4096)
+
+
+def prefill_grid(cost, noise: float = 0.0, seed: int = 0) -> list[FitPoint]:
+    rng = np.random.default_rng(seed)
+    points = []
+    for b in BATCHES:
+        for p in PROMPTS:
+            if b * p <= 32768:
+                inputs = {"prompt_tokens": p, "batch": b, "context": 0}
+                points.append(FitPoint(inputs, cost(b * p, b * p * p) * (1 + noise * rng.standard_normal())))
+    return points
+
+
+def decode_grid(cost, noise: float = 0.0, seed: int = 0) -> list[FitPoint]:
+    rng = np.random.default_rng(seed)
+    points = []
+    for b in (1, 2, 4, 8, 16, 32, 64):
+        for c in CONTEXTS:
+            if b * c <= 98304:
+                inputs = {"batch": b, "context": c, "sum_context": b * c}
+                points.append(FitPoint(inputs, cost(b, b * c) * (1 + noise * rng.standard_normal())))
+    return points
+
+
+def _close(got: list[float], want: list[float], rel: float = 0.02) -> None:
+    for g, w in zip(got, want):
+        assert g == pytest.approx(w, rel=rel), (got, want)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    a=st.floats(1e-3, 5e-2),
+    b=st.floats(1e-6, 1e-4),
+    c=st.floats(1e-11, 1e-8),
+)
+def test_prefill_fit_recovers_quadratic_costs(a, b, c):
+    points = prefill_grid(lambda tokens, tokens_sq: a + b * tokens + c * tokens_sq)
+    fit = fit_linear(points, PREFILL_FEATURES, PREFILL_SCALE, ["prompt_tokens", "batch"])
+    _close(fit.coef, [a, b, c])
+    assert fit.max_rel_err < 1e-6 and fit.r2 > 0.999999
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    a=st.floats(5e-3, 5e-2),
+    b=st.floats(1e-5, 1e-3),
+    c=st.floats(1e-8, 1e-6),
+)
+def test_decode_fit_recovers_linear_costs(a, b, c):
+    points = decode_grid(lambda batch, sum_context: a + b * batch + c * sum_context)
+    fit = fit_decode(points)
+    assert isinstance(fit, LinearFit), "smooth data must stay one piece"
+    _close(fit.coef, [a, b, c])
+    assert fit.features == DECODE_FEATURES and fit.scale == DECODE_SCALE
+
+
+def test_recovery_survives_measurement_noise():
+    a, b, c = 0.02, 3e-5, 6e-10
+    points = prefill_grid(lambda tokens, tokens_sq: a + b * tokens + c * tokens_sq, noise=0.003, seed=7)
+    fit = fit_linear(points, PREFILL_FEATURES, PREFILL_SCALE, ["prompt_tokens", "batch"])
+    # Every point is predicted within 2% (the coefficients themselves trade off under noise).
+    for p in points:
+        truth = a + b * p.inputs["batch"] * p.inputs["prompt_tokens"] + c * p.inputs["batch"] * p.inputs["prompt_tokens"] ** 2
+        assert predict(fit, p.inputs) == pytest.approx(truth, rel=0.02)
+
+
+def test_host_bound_then_compute_bound_prefill_becomes_piecewise():
+    """Eager prefill: flat (launch bound) for small inputs, then compute bound: a line cannot follow it."""
+    points = prefill_grid(lambda tokens, tokens_sq: max(0.03, 3e-5 * tokens + 5e-10 * tokens_sq))
+    single = fit_linear(points, PREFILL_FEATURES, PREFILL_SCALE, ["prompt_tokens", "batch"])
+    fit = fit_prefill(points)
+    assert isinstance(fit, PiecewiseFit)
+    worst = max(abs(predict(fit, p.inputs) - p.value) / p.value for p in points)
+    # The bend is in batch x prompt, but pieces can only split on one input: a clear gain, not a cure.
+    assert worst <= 0.75 * single.max_rel_err
+    assert all(piece.domain["context"] == (0.0, 0.0) for piece in fit.pieces)
+
+
+def test_pieces_cover_the_grid_without_gaps():
+    points = prefill_grid(lambda tokens, tokens_sq: max(0.03, 3e-5 * tokens))
+    fit = fit_prefill(points)
+    from djinnsim.sim.costmodel import evaluate_fit
+
+    for prompt in range(16, 4097, 37):  # also between grid values
+        _, inside = evaluate_fit(fit, {"prompt_tokens": prompt, "batch": 1, "context": 0})
+        assert inside, prompt
+
+
+SIZES = [4096, 65536, 2**20, 2**24, 2**28, 2**30]
+
+
+def test_bandwidth_fit_recovers_latency_and_rate():
+    seconds = [2e-5 + n / 12e9 for n in SIZES]
+    bw, stats = fit_bandwidth(SIZES, seconds)
+    assert bw.latency_s == pytest.approx(2e-5, rel=0.02)
+    assert bw.gbps == pytest.approx(12.0, rel=0.02)
+    assert bw.large_gbps is None and stats["max_rel_err"] < 1e-6
+
+
+def test_bandwidth_fit_gives_large_buffers_their_own_rate():
+    """Past 16 MiB the host pages are fresh and fault: 1.5 GB/s instead of 12."""
+    seconds = [2e-5 + n / (12e9 if n <= 2**24 else 1.5e9) for n in SIZES]
+    bw, _ = fit_bandwidth(SIZES, seconds)
+    assert bw.gbps == pytest.approx(12.0, rel=0.02)
+    assert bw.large_from_bytes == 2**24
+    assert bw.large_gbps == pytest.approx(1.5, rel=0.02)
+    assert bw.time_s(2**30) == pytest.approx(2e-5 + 2**30 / 1.5e9, rel=0.02)
+    assert bw.time_s(2**20) == pytest.approx(2e-5 + 2**20 / 12e9, rel=0.02)
