@@ -56,8 +56,9 @@ _GPU_FULL = Plan(
     decode_steps=5,
     exp21_runs=12,
     exp21_discard=2,
-    copy_sizes=(4 * KIB, 64 * KIB, MIB, 16 * MIB, 256 * MIB, GIB),
-    serde_sizes=(4 * KIB, 64 * KIB, MIB, 16 * MIB, 256 * MIB),
+    # 32 and 64 MiB bracket the knee where fresh host buffers start to page-fault (seen at 16-256 MiB).
+    copy_sizes=(4 * KIB, 64 * KIB, MIB, 16 * MIB, 32 * MIB, 64 * MIB, 256 * MIB, GIB),
+    serde_sizes=(4 * KIB, 64 * KIB, MIB, 16 * MIB, 32 * MIB, 64 * MIB, 256 * MIB),
     net_sizes=(64 * KIB, MIB, 16 * MIB, 256 * MIB),
     net_rtt_repeat=500,
     net_connect_repeat=200,
