@@ -14,7 +14,13 @@ from collections import defaultdict
 import numpy as np
 
 from .fitting import FitPoint
-from .modeling import cache_from_tensors, cache_tensors, forward, random_ids, timed_greedy_decode
+from .modeling import (
+    cache_from_tensors,
+    cache_tensors,
+    forward,
+    random_ids,
+    timed_greedy_decode,
+)
 from .plan import EXP21_NEW_TOKENS, EXP21_PROMPT_TOKENS, decode_points, prefill_points
 from .session import PeakMemory, Session, is_oom
 from .timer import Timing, fmt_s, measure

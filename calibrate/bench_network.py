@@ -12,7 +12,6 @@ import sys
 import time
 
 import numpy as np
-
 from djinnsim.sim.profile import Bandwidth, Network
 
 from . import wire
@@ -25,7 +24,7 @@ from .timer import Timing, measure
 def run_serde(s: Session) -> dict[str, Bandwidth]:
     """serialize: frame a tensor into one send buffer (wire.pack); deserialize: parse it back (zero-copy)."""
     sizes, ser_s, de_s = [], [], []
-    noop = lambda: None  # noqa: E731 - host-only work needs no device sync
+    noop = lambda: None
     for nbytes in s.plan.serde_sizes:
         array = np.random.default_rng(nbytes).integers(0, 255, size=nbytes // 2, dtype=np.uint16).view(np.float16)
         packed = wire.pack(3, {"op": "bench"}, {"x": array})

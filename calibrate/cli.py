@@ -6,7 +6,7 @@ This module must not import torch (the CLI imports it to register the command).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -16,13 +16,13 @@ def calibrate(
     gpu: Annotated[int, typer.Option(help="CUDA device index to calibrate")] = 0,
     device: Annotated[str, typer.Option(help="cuda, or cpu for small models (CI uses tiny-llama)")] = "cuda",
     model: Annotated[str, typer.Option(help="model key or Hugging Face id, e.g. llama-2-7b or meta-llama/Llama-2-7b-hf")] = "llama-2-7b",
-    dtype: Annotated[Optional[str], typer.Option(help="float16, bfloat16 or float32 (default: the model's; cpu runs float16 as float32)")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float16, bfloat16 or float32 (default: the model's; cpu runs float16 as float32)")] = None,
     weights: Annotated[str, typer.Option(help="'random' (built from the bundled config) or a local folder with the model's weights")] = "random",
     quick: Annotated[bool, typer.Option(help="thinner grids: every stage, about 2 minutes for a 7B model on an H100")] = False,
     oom_probe: Annotated[bool, typer.Option(help="also count how many model copies fit before an out-of-memory error")] = False,
-    out: Annotated[Optional[Path], typer.Option(help="profile JSON to write (default: results/calibration/<gpu-key>-<model-key>.json); samples CSV beside it")] = None,
+    out: Annotated[Path | None, typer.Option(help="profile JSON to write (default: results/calibration/<gpu-key>-<model-key>.json); samples CSV beside it")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar, per-point lines or summary")] = False,
-    refit: Annotated[Optional[Path], typer.Option(help="measure nothing: recompute the fits of this profile from its samples CSV (rewritten in place, or to --out)")] = None,
+    refit: Annotated[Path | None, typer.Option(help="measure nothing: recompute the fits of this profile from its samples CSV (rewritten in place, or to --out)")] = None,
 ) -> None:
     """Measure a GPU (or the CPU) with microbenchmarks and write a calibration profile."""
     from djinnsim.calibrate.options import command_line
@@ -30,8 +30,8 @@ def calibrate(
     command = command_line(gpu=gpu, device=device, model=model, dtype=dtype, weights=weights, quick=quick,
                            oom_probe=oom_probe, out=out, refit=refit)
     if refit is not None:
-        from djinnsim.calibrate.report import print_refit
         from djinnsim.calibrate.refit import refit_file
+        from djinnsim.calibrate.report import print_refit
 
         profile, path = refit_file(refit, out=out, command=command)
         if not quiet:

@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-
 from djinnsim.sim.backends import get_backend
 from djinnsim.sim.costmodel import CostModel
 from djinnsim.sim.specs import ModelSpec
@@ -101,7 +100,7 @@ class BackendServer:
             while True:
                 try:
                     conn, _ = self.listener.accept()
-                except socket.timeout:
+                except TimeoutError:
                     if not client_alive():
                         return
                     continue

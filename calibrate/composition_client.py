@@ -16,7 +16,6 @@ import sys
 import time
 
 import numpy as np
-
 from djinnsim.calibrate import wire
 from djinnsim.sim.specs import get_model
 

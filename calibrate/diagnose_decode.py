@@ -15,13 +15,13 @@ import time
 
 import numpy as np
 import torch
-
 from djinnsim.calibrate import modeling as m
 from djinnsim.calibrate.bench_compute import random_cache
 from djinnsim.calibrate.plan import plan_for
 from djinnsim.calibrate.samples import SampleLog
 from djinnsim.calibrate.session import PeakMemory, Session
 from djinnsim.sim.specs import get_model
+
 
 def main() -> None:
     name = sys.argv[1] if len(sys.argv) > 1 else "llama-2-7b"

@@ -7,11 +7,10 @@ and a 1 ms error matters at 5 ms, not at 5 s) under non-negative coefficients (e
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
-
 from djinnsim.sim.costmodel import feature_value
 from djinnsim.sim.profile import Bandwidth, LinearFit, PiecewiseFit
 

@@ -13,7 +13,6 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-
 from djinnsim.errors import DjinnsimError
 from djinnsim.sim.specs import ModelSpec
 

@@ -5,9 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-
 from djinnsim.errors import DjinnsimError
-from djinnsim.sim.profile import SCHEMA_VERSION, LinearFit, Memory, Metadata, PiecewiseFit, Profile
+from djinnsim.sim.profile import (
+    SCHEMA_VERSION,
+    LinearFit,
+    Memory,
+    Metadata,
+    PiecewiseFit,
+    Profile,
+)
 
 from .fitting import (
     DECODE_FEATURES,

@@ -12,13 +12,19 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-
 from djinnsim.errors import DjinnsimError
 from djinnsim.sim.costmodel import ProfileCostModel
 from djinnsim.sim.profile import Profile, load_profile, save_profile
 from djinnsim.sim.specs import get_model
 
-from .fitting import DECODE_FEATURES, DECODE_SCALE, PREFILL_FEATURES, PREFILL_SCALE, FitPoint, fit_bandwidth
+from .fitting import (
+    DECODE_FEATURES,
+    DECODE_SCALE,
+    PREFILL_FEATURES,
+    PREFILL_SCALE,
+    FitPoint,
+    fit_bandwidth,
+)
 from .profile_builder import exp21_prediction, fit_decode, fit_prefill, fit_workspace
 
 

@@ -90,7 +90,13 @@ def _sigterm_as_interrupt():
 
 def _progress(quiet: bool):
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     console = Console(highlight=False)
     if not console.is_terminal:  # logs and CI: wide enough that table rows stay on one line
@@ -242,12 +248,18 @@ def _measure(s: Session, before, oom_probe: bool) -> None:
 
     from .bench_compute import run_decode_grid, run_exp21, run_prefill_grid, warm_up
     from .bench_copies import run_copies
-    from .bench_memory import context_overhead, oom_probe as probe, weight_bytes
+    from .bench_memory import context_overhead, weight_bytes
+    from .bench_memory import oom_probe as probe
     from .bench_network import run_loopback, run_serde
     from .bench_weights import run_weight_loads
     from .composition import run_composition
     from .modeling import build_model
-    from .profile_builder import build_profile, exp21_prediction, fit_decode, fit_prefill
+    from .profile_builder import (
+        build_profile,
+        exp21_prediction,
+        fit_decode,
+        fit_prefill,
+    )
     from .telemetry import NvmlSampler, nvml_handle
 
     r = s.results

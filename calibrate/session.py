@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from djinnsim.sim.specs import ModelSpec
 
@@ -57,7 +58,7 @@ class PeakMemory:
         self.session = session
         self.workspace_bytes: int | None = None
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self.session.is_cuda:
             import torch
 

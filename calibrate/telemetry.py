@@ -92,7 +92,7 @@ class NvmlSampler:
             except Exception:
                 return
 
-    def __enter__(self) -> "NvmlSampler":
+    def __enter__(self) -> NvmlSampler:
         self._thread = threading.Thread(target=self._loop, name="nvml-sampler", daemon=True)
         self._thread.start()
         return self

@@ -7,8 +7,8 @@ caller sees it, kernel launches and Python overhead included, not only the GPU k
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 

@@ -13,7 +13,6 @@ import struct
 
 import numpy as np
 
-
 FRAMING_FIXED_BYTES = 1 + 8 + 4
 
 

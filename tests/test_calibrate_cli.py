@@ -7,12 +7,11 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
 from djinnsim.cli import app
 from djinnsim.sim.costmodel import ProfileCostModel
 from djinnsim.sim.profile import load_profile
 from djinnsim.sim.specs import get_model
+from typer.testing import CliRunner
 
 runner = CliRunner()
 TINY = get_model("tiny-llama")
@@ -120,7 +119,8 @@ def test_cuda_without_a_gpu_is_refused(tmp_path):
 
 def test_interrupted_calibration_keeps_what_it_measured(tmp_path, monkeypatch):
     """Ctrl-C during Exp 2.1: the grids are measured, so a profile is still written, and marked."""
-    from djinnsim.calibrate import bench_compute, runner as calibration
+    from djinnsim.calibrate import bench_compute
+    from djinnsim.calibrate import runner as calibration
 
     def interrupted(session):
         raise KeyboardInterrupt
@@ -138,7 +138,6 @@ def test_interrupted_calibration_keeps_what_it_measured(tmp_path, monkeypatch):
 
 def test_out_of_memory_at_one_grid_point_is_recorded_and_skipped(monkeypatch):
     import torch
-
     from djinnsim.calibrate import bench_compute
     from djinnsim.calibrate.modeling import build_model
     from djinnsim.calibrate.plan import plan_for

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from djinnsim.calibrate.fitting import (
     DECODE_FEATURES,
     DECODE_SCALE,
@@ -19,6 +16,8 @@ from djinnsim.calibrate.fitting import (
 )
 from djinnsim.calibrate.profile_builder import fit_decode, fit_prefill
 from djinnsim.sim.profile import LinearFit, PiecewiseFit
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 PROMPTS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 BATCHES = (1, 2, 4, 8, 16, 32)

@@ -6,7 +6,6 @@ import csv
 from pathlib import Path
 
 import pytest
-
 from djinnsim.calibrate.composition import predict_step_s, step_shape
 from djinnsim.sim.costmodel import ProfileCostModel
 from djinnsim.sim.profile import PiecewiseFit, load_profile, save_profile
