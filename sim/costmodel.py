@@ -164,7 +164,8 @@ class ProfileCostModel(CostModel):
         return max(value, 0.0)
 
     def prefill_s(self, prompt_tokens: int, batch: int = 1, context_tokens: int = 0) -> float:
-        inputs = {"prompt_tokens": prompt_tokens, "batch": batch, "context": context_tokens}
+        inputs = {"prompt_tokens": prompt_tokens, "batch": batch, "context": context_tokens,
+                  "tokens": batch * prompt_tokens}
         return self._eval("prefill", self.profile.prefill, inputs)
 
     def decode_step_s(self, batch: int, sum_context: int) -> float:
@@ -331,7 +332,8 @@ def transfer_profile(profile: Profile, source: GpuSpec, target: GpuSpec, model: 
     pcie = source.pcie_gbps / target.pcie_gbps
 
     def move_bw(bw: Bandwidth) -> Bandwidth:
-        return Bandwidth(latency_s=bw.latency_s, gbps=bw.gbps / pcie)
+        # The large-buffer rate is bound by host page faults, not PCIe: it stays.
+        return bw.model_copy(update={"gbps": bw.gbps / pcie})
 
     loads = {}
     for tier, spec in profile.weight_load.items():
