@@ -73,6 +73,11 @@ def _version(package: str) -> str:
         raise DjinnsimError(f"{package} is not installed: validate runs models (pip install 'djinnsim[gpu]')") from None
 
 
+def _public_version(version: str | None) -> str | None:
+    """`2.11.0+cu130` (torch.__version__) and `2.11.0` (package metadata) are the same release."""
+    return version.split("+", 1)[0] if version else version
+
+
 def this_machine(device: str, gpu: int) -> Machine:
     """What this machine is, read without creating a CUDA context (NVML and package metadata)."""
     from djinnsim.calibrate.environment import host_cpu
@@ -105,7 +110,7 @@ def check_profile(profile: Profile, path: Path, machine: Machine, spec: ModelSpe
         problems.append(f"dtype {meta.dtype} (this run: {dtype})")
     for package in ("torch", "transformers"):
         theirs, ours = getattr(meta, package), getattr(machine, package)
-        if theirs != ours:
+        if _public_version(theirs) != _public_version(ours):
             problems.append(f"{package} {theirs} (this machine: {ours})")
     if problems:
         raise DjinnsimError(f"calibration {path} does not describe this machine: {'; '.join(problems)}; "
