@@ -106,6 +106,7 @@ def available_models() -> dict[str, ModelSpec]:
     for path in sorted(_data_dir("models").glob("*.yaml")):
         spec = _load_yaml_model(path, ModelSpec)
         found[path.stem] = spec
+        found[spec.key] = spec
         found[spec.model_id.lower()] = spec
     return found
 
@@ -123,7 +124,7 @@ def get_model(name: str) -> ModelSpec:
     models = available_models()
     spec = models.get(name.lower())
     if spec is None:
-        known = sorted({m.key for m in models.values()})
+        known = sorted(path.stem for path in _data_dir("models").glob("*.yaml"))
         raise DjinnsimError(f"unknown model {name!r}; known models: {', '.join(known)}")
     return spec
 
