@@ -118,6 +118,15 @@ class CostModel(ABC):
     @abstractmethod
     def per_message_s(self) -> float: ...
 
+    def stream_gbps(self) -> float | None:
+        """Most GB/s one connection's host socket stack moves (None: no cap beyond the link)."""
+        return None
+
+    def gpu_busy_fraction(self) -> float:
+        """Share of a decode pass during which the GPU itself is busy; the rest is host time
+        (kernel launches) that another process can overlap with its own GPU work."""
+        return 1.0
+
     # --- memory ------------------------------------------------------------------------
     @property
     @abstractmethod
@@ -189,6 +198,13 @@ class ProfileCostModel(CostModel):
 
     def per_message_s(self) -> float:
         return self.profile.network.per_message_s
+
+    def stream_gbps(self) -> float | None:
+        return self.profile.network.loopback_gbps
+
+    def gpu_busy_fraction(self) -> float:
+        util = self.profile.end_to_end.get("nvml.exp21.sm_util_pct.p50")
+        return min(max(util / 100.0, 0.01), 1.0) if util else 1.0
 
     @property
     def capacity_bytes(self) -> int:
@@ -279,6 +295,12 @@ class RooflineCostModel(CostModel):
 
     def per_message_s(self) -> float:
         return self.per_message_overhead_s
+
+    def gpu_busy_fraction(self) -> float:
+        """The roof's share of a batch-1 decode step at a short context; the rest is host time."""
+        step_s = self.decode_step_s(1, 128)
+        host_s = self.host_overhead_fixed_s + self.model.num_layers * self.host_overhead_per_layer_s
+        return (step_s - host_s) / step_s
 
     @property
     def capacity_bytes(self) -> int:

@@ -86,23 +86,30 @@ class SerialFCFS:
 
 
 class TimeSliced:
-    """Independent processes sharing the GPU: their passes interleave, one pass at a time."""
+    """Independent processes sharing the GPU, pass by pass. Each pass is host time (kernel
+    launches, which processes run in parallel on their own CPU threads) then GPU time (which
+    they take in turns): `gpu_fraction` of the pass is the GPU's, from the cost model."""
 
     def __init__(self, env: simpy.Environment, timer: PassTimer) -> None:
         self.env = env
         self.timer = timer
         self.gpu = simpy.Resource(env, capacity=1)
+        self.gpu_fraction = timer.cost.gpu_busy_fraction()
 
     def execute(self, work: GpuWork):
         durations = self.timer.durations_s(work)
         queued_s, started_at = 0.0, None
         for duration in durations:
+            host_s = (1.0 - self.gpu_fraction) * duration
+            if started_at is None:
+                started_at = self.env.now
+            if host_s > 0:
+                yield self.env.timeout(host_s)
             asked_at = self.env.now
             with self.gpu.request() as turn:
                 yield turn
                 queued_s += self.env.now - asked_at
-                started_at = self.env.now if started_at is None else started_at
-                yield self.env.timeout(duration)
+                yield self.env.timeout(duration - host_s)
         return Execution(queued_s, sum(durations), started_at)
 
 

@@ -17,9 +17,11 @@ class SharedPipe:
     aggregate (k weight loads fighting over PCIe) is data, not code.
     """
 
-    def __init__(self, env: simpy.Environment, rate_Bps: Callable[[int], float]) -> None:
+    def __init__(self, env: simpy.Environment, rate_Bps: Callable[[int], float],
+                 flow_cap_Bps: float | None = None) -> None:
         self.env = env
         self.rate_Bps = rate_Bps
+        self.flow_cap_Bps = flow_cap_Bps
         self._flows: dict[int, list] = {}  # id -> [bytes_left, done_event]
         self._next_id = 0
         self._updated_at = env.now
@@ -41,7 +43,8 @@ class SharedPipe:
 
     def _per_flow_Bps(self) -> float:
         k = len(self._flows)
-        return self.rate_Bps(k) / k
+        share = self.rate_Bps(k) / k
+        return share if self.flow_cap_Bps is None else min(share, self.flow_cap_Bps)
 
     def _advance(self) -> None:
         elapsed = self.env.now - self._updated_at
@@ -71,12 +74,15 @@ class SharedPipe:
 
 
 class Link:
-    """A full-duplex link: each direction is a SharedPipe at line rate; one-way delay is RTT/2."""
+    """A full-duplex link: each direction is a SharedPipe at line rate; one-way delay is RTT/2.
 
-    def __init__(self, env: simpy.Environment, gbps: float, rtt_s: float) -> None:
+    `stream_cap_Bps` caps each transfer at what one connection's host socket stack can move,
+    whatever the line rate (calibrated on loopback TCP)."""
+
+    def __init__(self, env: simpy.Environment, gbps: float, rtt_s: float, stream_cap_Bps: float | None = None) -> None:
         rate = gbps * 1e9 / 8
-        self.up = SharedPipe(env, lambda k: rate)
-        self.down = SharedPipe(env, lambda k: rate)
+        self.up = SharedPipe(env, lambda k: rate, stream_cap_Bps)
+        self.down = SharedPipe(env, lambda k: rate, stream_cap_Bps)
         self.rtt_s = rtt_s
 
 

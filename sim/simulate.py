@@ -113,7 +113,9 @@ class PointSimulation:
         self.act_rng = np.random.default_rng(act_seed)
         self.arrival_rng = np.random.default_rng(arrival_seed)
         self.env = CountingEnvironment()
-        self.link = Link(self.env, point.link.gbps, point.link.rtt_ms / 1e3)
+        stream_gbps = cost.stream_gbps()
+        self.link = Link(self.env, point.link.gbps, point.link.rtt_ms / 1e3,
+                         stream_gbps * 1e9 if stream_gbps else None)
         self.memory = GpuMemory(self.env, cost.capacity_bytes)
         self.pcie = SharedPipe(self.env, lambda k: cost.copy_bandwidth("h2d", True).gbps * 1e9)
         tier = self.backend.weight_tier

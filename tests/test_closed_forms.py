@@ -390,3 +390,52 @@ def test_alloc_wait_holds_a_request_until_memory_is_freed():
     # a (50) fits after the first free (free = 60); b (40) waits for the second (free 10 -> 50).
     assert order == [("a", 2), ("b", 5)]
     assert memory.used_bytes == 90
+
+
+def test_time_sliced_overlaps_host_time_and_takes_gpu_time_in_turns():
+    """Two processes, one pass of d = 1 s each, GPU busy half of it: both launch (host) 0-0.5 s in
+    parallel; A's GPU half runs 0.5-1.0 s, B's waits for it and runs 1.0-1.5 s."""
+    cost = FakeCostModel(decode_const_s=1.0)
+    cost.gpu_busy_fraction = lambda: 0.5
+    env = simpy.Environment()
+    server = TimeSliced(env, PassTimer(cost, np.random.default_rng(0)))
+    done = {}
+
+    def job(name):
+        execution = yield from server.execute(GpuWork([("decode", 10)]))
+        done[name] = (env.now, execution)
+
+    env.process(job("A"))
+    env.process(job("B"))
+    env.run()
+    assert done["A"][0] == pytest.approx(1.0) and done["A"][1].queued_s == pytest.approx(0.0)
+    assert done["B"][0] == pytest.approx(1.5) and done["B"][1].queued_s == pytest.approx(0.5)
+    assert done["B"][1].compute_s == pytest.approx(1.0)
+
+
+def test_a_stream_cap_below_line_rate_sets_the_transfer_time():
+    """A 25 Gbps line (3.125 GB/s) but a host socket stack of 1.5 GB/s: 3 GB takes 2 s; two flows
+    share the line (1.5625 GB/s each), so the cap no longer binds."""
+    env = simpy.Environment()
+    link = Link(env, gbps=25, rtt_s=0.0, stream_cap_Bps=1.5e9)
+    ends = []
+
+    def send(nbytes):
+        yield link.up.transfer(nbytes)
+        ends.append(env.now)
+
+    env.process(send(3e9))
+    env.run()
+    assert ends == [pytest.approx(2.0, rel=1e-12)]
+    env2 = simpy.Environment()
+    link2 = Link(env2, gbps=25, rtt_s=0.0, stream_cap_Bps=1.6e9)
+    ends2 = []
+
+    def send2(nbytes):
+        yield link2.up.transfer(nbytes)
+        ends2.append(env2.now)
+
+    env2.process(send2(3.125e9))
+    env2.process(send2(3.125e9))
+    env2.run()
+    assert ends2 == [pytest.approx(2.0, rel=1e-12)] * 2
