@@ -115,9 +115,13 @@ def simulate_scenario(scenario: Scenario, calibration: Path | None = None, seed:
         if progress is not None:
             progress(len(results), len(points), point.label)
     warnings = list(models.warnings)
+    outside: dict[str, list[str]] = {}
     for result in results:
-        for item in result.out_of_range[:3]:
-            warnings.append(f"{result.point.label}: cost asked outside the calibrated range: {item}")
+        for item in result.out_of_range:
+            outside.setdefault(item, []).append(result.point.label)
+    for item, labels in list(outside.items())[:5]:
+        where = labels[0] if len(labels) == 1 else f"{len(labels)} points, first {labels[0]}"
+        warnings.append(f"cost asked outside the calibrated range: {item} ({where})")
     return SimulationResult(scenario, results, warnings, time.perf_counter() - started)
 
 
