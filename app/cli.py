@@ -15,6 +15,9 @@ import typer
 
 from djinnsim.errors import DjinnsimError
 
+# What `pip install 'djinnsim[gpu]'` brings; only calibrate and validate import them.
+GPU_EXTRA_MODULES = {"torch", "transformers", "pynvml", "safetensors"}
+
 app = typer.Typer(
     name="djinnsim",
     help="Simulate Djinn-style GPU disaggregation, calibrated by GPU microbenchmarks and validated on real runs.",
@@ -33,6 +36,12 @@ def one_line_errors(func):
             return func(*args, **kwargs)
         except DjinnsimError as exc:
             typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(code=1) from None
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").split(".")[0] not in GPU_EXTRA_MODULES:
+                raise
+            typer.echo(f"error: {exc.name} is not installed: this command needs the gpu extra "
+                       "(pip install 'djinnsim[gpu]')", err=True)
             raise typer.Exit(code=1) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)

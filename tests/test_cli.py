@@ -146,3 +146,15 @@ def test_help_works_from_any_directory(tmp_path, monkeypatch):
     assert result.exit_code == 0
     for command in ("run", "calibrate", "validate"):
         assert command in result.output
+
+
+def test_a_missing_gpu_extra_is_one_line(monkeypatch, tmp_path):
+    """calibrate/validate without torch installed: name the package and the extra, no traceback."""
+    import djinnsim.calibrate.runner as runner
+
+    def no_torch(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'torch'", name="torch")
+
+    monkeypatch.setattr(runner, "run_calibration", no_torch)
+    result = _run("calibrate", "--device", "cpu", "--model", "tiny-llama", "--out", str(tmp_path / "p.json"))
+    _one_line_error(result, "torch is not installed", "djinnsim[gpu]")
