@@ -13,8 +13,16 @@ import typer
 
 
 def validate(
-    scenario: Annotated[Path, typer.Argument(help="scenario YAML whose points to run for real, e.g. scenarios/exp21_decode.yaml")],
+    scenario: Annotated[
+        Optional[Path],
+        typer.Argument(help="scenario YAML whose points to run for real, e.g. scenarios/exp21_decode.yaml"),
+    ] = None,
     *,
+    from_real: Annotated[
+        Optional[Path],
+        typer.Option(help="a finished validation folder: re-simulate its points now and compare them with its real "
+                          "records, running nothing for real (no GPU needed); takes only --calibration, --out, --quiet"),
+    ] = None,
     gpu: Annotated[int, typer.Option(help="CUDA device index to run on")] = 0,
     device: Annotated[str, typer.Option(help="cuda, or cpu: the same pipeline with the tiny model (CI)")] = "cuda",
     points: Annotated[
@@ -24,10 +32,14 @@ def validate(
     repeats: Annotated[int, typer.Option(help="real runs of each point, for the run-to-run spread")] = 3,
     calibration: Annotated[
         Optional[Path],
-        typer.Option(help="profile of THIS machine and model (refused otherwise); default: calibrate first (quick)"),
+        typer.Option(help="profile of THIS machine and model (refused otherwise); default: calibrate first (quick); "
+                          "with --from-real: a profile of the real runs' machine, default the one they used"),
     ] = None,
     full_calibration: Annotated[bool, typer.Option(help="when calibrating first, run the full calibration, not --quick")] = False,
-    out: Annotated[Optional[Path], typer.Option(help="report folder (default: results/validation/<timestamp>/)")] = None,
+    out: Annotated[
+        Optional[Path],
+        typer.Option(help="report folder (default: results/validation/<timestamp>/; with --from-real DIR: DIR-resim)"),
+    ] = None,
     runs: Annotated[Optional[int], typer.Option(help="decode workloads: runs per repeat, warm-up included")] = 5,
     warmup_runs: Annotated[Optional[int], typer.Option(help="decode workloads: runs discarded at the start of each repeat")] = 1,
     new_tokens: Annotated[Optional[int], typer.Option(help="tokens generated per run or phase (default: the scenario's)")] = None,
@@ -40,6 +52,25 @@ def validate(
     quiet: Annotated[bool, typer.Option(help="no progress lines or summary table")] = False,
 ) -> None:
     """Run a scenario's small points for real, simulate the same points, and report the difference."""
+    from djinnsim.errors import DjinnsimError
+
+    command = " ".join(["djinnsim", *sys.argv[1:]])
+    if from_real is not None:
+        given = {"SCENARIO": scenario is not None, "--gpu": gpu != 0, "--device": device != "cuda",
+                 "--points": bool(points), "--repeats": repeats != 3, "--full-calibration": full_calibration,
+                 "--runs": runs != 5, "--warmup-runs": warmup_runs != 1, "--new-tokens": new_tokens is not None,
+                 "--agents": agents != "1,2", "--act-s": act_s != 1.0, "--iterations": iterations is not None,
+                 "--oom-probe-max": oom_probe_max != 8, "--time-budget-s": time_budget_s != 1800.0,
+                 "--seed": seed is not None}
+        clash = [name for name, on in given.items() if on]
+        if clash:
+            raise DjinnsimError(f"--from-real re-compares runs already made: {', '.join(clash)} cannot change them")
+        from djinnsim.validate.offline import OfflineRequest, run_offline
+
+        run_offline(OfflineRequest(from_real=from_real, calibration=calibration, out=out, quiet=quiet, command=command))
+        return
+    if scenario is None:
+        raise DjinnsimError("give a SCENARIO to validate, or --from-real DIR to re-compare a finished validation")
     from djinnsim.validate.pipeline import ValidateRequest, run_validation
     from djinnsim.validate.points import Shortening, parse_agents
 
@@ -60,6 +91,6 @@ def validate(
             oom_probe_max=oom_probe_max,
             seed=seed,
             quiet=quiet,
-            command=" ".join(["djinnsim", *sys.argv[1:]]),
+            command=command,
         )
     )

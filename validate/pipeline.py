@@ -96,7 +96,8 @@ def this_machine(device: str, gpu: int) -> Machine:
     return Machine("cuda", facts.name, gpu, facts.memory_bytes, facts.driver, host_cpu=cpu, **versions)
 
 
-def check_profile(profile: Profile, path: Path, machine: Machine, spec: ModelSpec, dtype: str) -> None:
+def check_profile(profile: Profile, path: Path, machine: Machine, spec: ModelSpec, dtype: str | None,
+                  hint: str = "calibrate here first (leave out --calibration)") -> None:
     """Refuse a profile from another GPU, model, dtype or software stack, in one line."""
     meta = profile.metadata
     problems = []
@@ -106,15 +107,14 @@ def check_profile(profile: Profile, path: Path, machine: Machine, spec: ModelSpe
         problems.append(f"GPU {meta.gpu_name!r} (this machine: {machine.name!r})")
     if meta.model_id != spec.model_id:
         problems.append(f"model {meta.model_id} (this run: {spec.model_id})")
-    if meta.dtype != dtype:
+    if dtype is not None and meta.dtype != dtype:
         problems.append(f"dtype {meta.dtype} (this run: {dtype})")
     for package in ("torch", "transformers"):
         theirs, ours = getattr(meta, package), getattr(machine, package)
         if _public_version(theirs) != _public_version(ours):
             problems.append(f"{package} {theirs} (this machine: {ours})")
     if problems:
-        raise DjinnsimError(f"calibration {path} does not describe this machine: {'; '.join(problems)}; "
-                            "calibrate here first (leave out --calibration)")
+        raise DjinnsimError(f"calibration {path} does not describe this machine: {'; '.join(problems)}; {hint}")
 
 
 def _calibration_child(kwargs: dict) -> None:
@@ -143,6 +143,9 @@ def calibrate_now(req: ValidateRequest, model_key: str, out_dir: Path, say: Call
     if process.exitcode != 0 or not path.is_file():
         raise DjinnsimError(f"calibration failed (exit code {process.exitcode}); its output is above")
     return path
+
+
+OUT_OF_RANGE_NOTE = "simulator asked outside the calibrated range: "
 
 
 def simulate(scenario: Scenario, profile_path: Path, profile: Profile) -> dict[int, object]:
@@ -271,7 +274,6 @@ def run_validation(req: ValidateRequest) -> Path:
         scenario_v = scenario_v.model_copy(update={"seed": req.seed})
     (out_dir / "scenario.yaml").write_text(dump_scenario(scenario_v))
     points = select_points(expand_points(scenario_v), list(req.points) or None)
-    agents = isinstance(scenario_v.workload, AgentsWorkload)
     cuda = req.device == "cuda"
 
     options = RealOptions(
@@ -283,6 +285,43 @@ def run_validation(req: ValidateRequest) -> Path:
     )
     say(f"real runs: {len(points)} points x {req.repeats} repeats on {machine.name}")
     real = RealRunner(scenario_v, points, options, say).run()
+    meta = {
+        "scenario": scenario.name, "scenario_path": str(req.scenario_path), "command": req.command,
+        "started_at": started_at.isoformat(), "wall_s": None, "real_wall_s": real.wall_s,
+        "machine": machine.to_dict(), "model": spec.model_id, "repeats": req.repeats,
+        "workload": scenario_v.workload.model_dump(mode="json"), "seed": scenario_v.seed,
+        "profile": profile_meta(profile_path, how, profile),
+        "ray": "emulated with processes (Ray is not installable on the GPU machines used)",
+    }
+    real_records = [r for rp in real.points for rep in rp.repeats for r in rep.records]
+    real_repeats = [i for rp in real.points for i, rep in enumerate(rp.repeats) for _ in rep.records]
+    _write_records(out_dir / "records_real.csv", real_records, real_repeats)
+    compare_and_report(out_dir, scenario_v, points, real, profile_path, profile, meta, say, req.quiet,
+                       started_wall=started_wall)
+    return out_dir
+
+
+def profile_meta(path: Path, how: str, profile: Profile) -> dict:
+    return {"path": str(path), "how": how, "date": profile.metadata.date, "quick": profile.metadata.quick,
+            "gpu_name": profile.metadata.gpu_name}
+
+
+def device_notes(scenario_v: Scenario, device: str, model_id: str) -> list[str]:
+    """Notes the report adds for the device the real runs used (not part of the real runs' own notes)."""
+    if device == "cuda":
+        return []
+    return [(f"device cpu: point labels keep the scenario's GPU key ({scenario_v.gpu}); every "
+             f"figure here is from this CPU and {model_id}")]
+
+
+def compare_and_report(out_dir: Path, scenario_v: Scenario, points: list, real: RealResult, profile_path: Path,
+                       profile: Profile, meta: dict, say: Callable[[str], None], quiet: bool,
+                       started_wall: float | None = None) -> dict:
+    """Simulate `points`, compare them with the real runs in `real` (live or read back from disk),
+    and write the report (validation.json and .md, overlays, records_sim.csv) into `out_dir`.
+    `meta` describes the real runs and the profile; `started_wall` (perf_counter) sets meta's wall_s."""
+    agents = isinstance(scenario_v.workload, AgentsWorkload)
+    cuda = meta["machine"]["device"] == "cuda"
     say("simulating the same points")
     sims = simulate(scenario_v, profile_path, profile)
 
@@ -296,8 +335,7 @@ def run_validation(req: ValidateRequest) -> Path:
                                    compare.stage_means(all_real))
         pc.skipped = rp.skipped
         pc.notes = [e for rep in rp.repeats for e in rep.errors]
-        pc.notes += [f"simulator asked outside the calibrated range: {item}"
-                     for item in getattr(sims[p.index], "out_of_range", [])[:2]]
+        pc.notes += [f"{OUT_OF_RANGE_NOTE}{item}" for item in getattr(sims[p.index], "out_of_range", [])[:2]]
         comparisons.append(pc)
 
     oom_rows = []
@@ -313,35 +351,23 @@ def run_validation(req: ValidateRequest) -> Path:
         summary[row["verdict"]] = summary.get(row["verdict"], 0) + 1
 
     figures = report.overlay_plots(out_dir, agents, _curves(agents, comparisons, real, sims))
-    workload = scenario_v.workload.model_dump(mode="json")
     doc = {
-        "meta": {
-            "scenario": scenario.name, "scenario_path": str(req.scenario_path), "command": req.command,
-            "started_at": started_at.isoformat(), "wall_s": time.perf_counter() - started_wall,
-            "real_wall_s": real.wall_s, "machine": machine.to_dict(), "model": spec.model_id,
-            "repeats": req.repeats, "workload": workload, "seed": scenario_v.seed,
-            "profile": {"path": str(profile_path), "how": how, "date": profile.metadata.date,
-                        "quick": profile.metadata.quick, "gpu_name": profile.metadata.gpu_name},
-            "ray": "emulated with processes (Ray is not installable on the GPU machines used)",
-        },
+        "meta": meta,
         "summary": summary,
         "points": [pc.to_dict() for pc in comparisons],
         "oom": oom_rows,
-        "notes": real.notes + ([f"device cpu: point labels keep the scenario's GPU key ({scenario_v.gpu}); every "
-                                f"figure here is from this CPU and {spec.model_id}"] if not cuda else []),
+        "notes": real.notes + device_notes(scenario_v, meta["machine"]["device"], meta["model"]),
         "figures": figures,
     }
-    doc["meta"]["wall_s"] = time.perf_counter() - started_wall
+    if started_wall is not None:
+        meta["wall_s"] = time.perf_counter() - started_wall
     report.write_json(doc, out_dir / "validation.json")
     (out_dir / "validation.md").write_text(report.markdown(doc, comparisons))
-    real_records = [r for rp in real.points for rep in rp.repeats for r in rep.records]
-    real_repeats = [i for rp in real.points for i, rep in enumerate(rp.repeats) for _ in rep.records]
-    _write_records(out_dir / "records_real.csv", real_records, real_repeats)
     _write_records(out_dir / "records_sim.csv", [r for p in points for r in sims[p.index].records])
-    if not req.quiet:
+    if not quiet:
         print(short_table(comparisons, oom_rows, summary))
         print(f"report: {out_dir / 'validation.md'}")
-    return out_dir
+    return doc
 
 
 def short_table(comparisons: list[compare.PointComparison], oom_rows: list[dict], summary: dict) -> str:

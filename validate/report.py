@@ -66,10 +66,22 @@ def _metric_row(point: PointComparison, c: Comparison) -> str:
 
 def markdown(doc: dict, points: list[PointComparison]) -> str:
     meta = doc["meta"]
+    offline = meta.get("offline")
+    command_label = "Real runs' command" if offline else "Command"
     lines = [
-        f"# Validation: {meta['scenario']} on {meta['machine']['name']}",
+        f"# Validation{' (offline re-comparison)' if offline else ''}: {meta['scenario']} on {meta['machine']['name']}",
         "",
-        f"Command: `{meta['command']}`  ",
+    ]
+    if offline:
+        lines += [
+            f"Offline re-comparison of `{offline['from_real']}`: its real runs (started {meta['started_at']}, "
+            f"described below) compared with the simulator re-run for this report, on the CPU of this machine "
+            f"({offline['host_cpu']}), {offline['simulator']}. Nothing was run for real.  ",
+            f"Re-comparison command: `{offline['command']}`",
+            "",
+        ]
+    lines += [
+        f"{command_label}: `{meta['command']}`  ",
         f"Started {meta['started_at']}, took {meta['wall_s']:.0f} s (real runs {meta['real_wall_s']:.0f} s).  ",
         f"Machine: {meta['machine']['name']} ({meta['machine']['device']}), driver {meta['machine'].get('driver') or 'N/A'}, "
         f"torch {meta['machine']['torch']}, transformers {meta['machine']['transformers']}, host {meta['machine']['host_cpu']}.  ",

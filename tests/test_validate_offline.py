@@ -1,0 +1,143 @@
+"""`djinnsim validate --from-real DIR`: a finished validation re-compared without running anything real.
+
+One small CPU validation (tiny model, a hand-made profile of this machine so no calibration runs)
+is made once; the offline re-comparison of it must reproduce its comparison exactly (the same
+simulator and profile), be byte-identical across runs, and refuse what it cannot do in one line.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from conftest import make_profile
+from djinnsim.calibrate.environment import host_cpu
+from djinnsim.cli import app
+from djinnsim.sim.profile import save_profile
+from djinnsim.sim.specs import get_model
+
+runner = CliRunner()
+
+DECODE = """
+name: tiny-decode
+seed: 5
+backends: [native_pytorch, full_djinn]
+link: {gbps: 25, rtt_ms: 0.2}
+workload: {kind: decode, prompt_tokens: 8, new_tokens: 4, runs: 3, warmup_runs: 1}
+"""
+H100 = Path(__file__).resolve().parent.parent / "docs" / "validation" / "h100-80gb"
+REPORT_FILES = ("validation.md", "validation.json", "records_sim.csv", "records_real.csv", "scenario.yaml")
+
+
+def _cpu_profile(path: Path) -> Path:
+    """A profile that passes validate's check for this CPU and the tiny model (its figures are made up)."""
+    profile = make_profile()
+    meta = profile.metadata.model_copy(update={
+        "device": "cpu", "gpu_name": f"cpu: {host_cpu()}", "gpu_key": None, "model_id": get_model("tiny-llama").model_id,
+        "dtype": "float32", "torch": importlib.metadata.version("torch"),
+        "transformers": importlib.metadata.version("transformers")})
+    save_profile(profile.model_copy(update={"metadata": meta}), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def real_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("offline")
+    scenario = folder / "decode.yaml"
+    scenario.write_text(DECODE)
+    profile = _cpu_profile(folder / "cpu-tiny.json")
+    out = folder / "real"
+    result = runner.invoke(app, ["validate", str(scenario), "--device", "cpu", "--calibration", str(profile),
+                                 "--out", str(out), "--runs", "3", "--warmup-runs", "1", "--repeats", "2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _offline(folder: Path, out: Path, *extra: str):
+    return runner.invoke(app, ["validate", "--from-real", str(folder), "--out", str(out), "--quiet", *extra])
+
+
+def test_offline_reproduces_the_comparison_byte_for_byte(real_folder, tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    for out in (first, second):
+        result = _offline(real_folder, out)
+        assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in first.iterdir())
+    assert names == sorted(p.name for p in second.iterdir())
+    assert set(REPORT_FILES) <= set(names) and {"overlay_native_pytorch.png", "overlay_full_djinn.png"} <= set(names)
+    for name in names:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    for name in ("records_real.csv", "scenario.yaml"):
+        assert (first / name).read_bytes() == (real_folder / name).read_bytes(), name
+    # Same simulator, same profile: every figure and verdict of the live comparison comes back.
+    live, offline = (json.loads((f / "validation.json").read_text()) for f in (real_folder, first))
+    assert offline["points"] == live["points"]
+    assert offline["summary"] == live["summary"] and offline["oom"] == live["oom"] and offline["notes"] == live["notes"]
+    assert (first / "records_sim.csv").read_bytes() == (real_folder / "records_sim.csv").read_bytes()
+    md = (first / "validation.md").read_text()
+    assert md.startswith("# Validation (offline re-comparison): tiny-decode")
+    assert f"Offline re-comparison of `{real_folder}`" in md and live["meta"]["started_at"] in md
+    assert md.split("**Summary")[1] == (real_folder / "validation.md").read_text().split("**Summary")[1]
+
+
+def test_offline_needs_a_profile_when_the_named_one_is_gone(real_folder, tmp_path):
+    moved = tmp_path / "moved"
+    shutil.copytree(real_folder, moved)
+    doc = json.loads((moved / "validation.json").read_text())
+    profile = Path(doc["meta"]["profile"]["path"])
+    doc["meta"]["profile"]["path"] = str(tmp_path / "gone" / "cpu-tiny.json")
+    (moved / "validation.json").write_text(json.dumps(doc))
+    result = _offline(moved, tmp_path / "r")
+    assert result.exit_code == 1
+    assert "no longer exists" in result.output and "--calibration" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    result = _offline(moved, tmp_path / "r", "--calibration", str(profile))
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "r" / "validation.json").read_text())["points"] == \
+        json.loads((real_folder / "validation.json").read_text())["points"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--repeats", "2"], "--repeats cannot change them"),
+    (["--device", "cpu"], "--device cannot change them"),
+    (["--out", "{real}"], "is the folder read with --from-real"),
+])
+def test_offline_refuses_what_it_cannot_do(real_folder, tmp_path, args, message):
+    args = [a.replace("{real}", str(real_folder)) for a in args]
+    result = runner.invoke(app, ["validate", "--from-real", str(real_folder), *args])
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+def test_offline_refuses_a_folder_without_real_records(real_folder, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(real_folder, partial)
+    (partial / "records_real.csv").unlink()
+    result = _offline(partial, tmp_path / "r")
+    assert result.exit_code == 1 and "no records_real.csv" in result.output
+
+
+@pytest.mark.skipif(not (H100 / "exp21" / "validation.json").is_file(), reason="no H100 reference validation here")
+@pytest.mark.parametrize("part", ["exp21", "agents"])
+def test_h100_reference_real_side_comes_back(part, tmp_path):
+    """NVML figures, first-token stamps and the OOM probe read back from the committed H100 runs."""
+    result = _offline(H100 / part, tmp_path / part, "--calibration", str(H100 / "gpu-llama-2-7b.json"))
+    assert result.exit_code == 0, result.output
+    live, offline = (json.loads((f / "validation.json").read_text()) for f in (H100 / part, tmp_path / part))
+    real_keys = ("real_mean", "real_min", "real_max", "real_std", "real_values")
+    for a, b in zip(live["points"], offline["points"], strict=True):
+        assert (a["label"], a["skipped"], a["stages_real"]) == (b["label"], b["skipped"], b["stages_real"])
+        for name, metric in a["metrics"].items():
+            assert {k: metric[k] for k in real_keys} == {k: b["metrics"][name][k] for k in real_keys}, (a["label"], name)
+    drop = ("sim_oom_n", "verdict")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in live["oom"]] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in offline["oom"]]
+    assert offline["notes"] == live["notes"]

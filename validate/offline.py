@@ -1,0 +1,198 @@
+"""`djinnsim validate --from-real DIR`: compare a finished validation's real runs, read back from
+its folder, with the simulator as it is now, on any machine (no GPU, no torch).
+
+A validation folder holds everything the real side of the comparison needs: the validation
+scenario as run (scenario.yaml), every real record with its repeat (records_real.csv), and in
+validation.json the figures no record carries (NVML peak memory and utilization, the servers'
+first-token stamps, the keep-alive OOM probe, the machine, the real runs' notes). They are put
+back together as the RealResult the real runner returned, and the comparison and report code of a
+live validation runs on it unchanged.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from djinnsim.errors import DjinnsimError
+from djinnsim.sim.profile import load_profile
+from djinnsim.sim.records import RECORD_COLUMNS, Record
+from djinnsim.sim.scenario import (
+    AgentsWorkload,
+    Point,
+    Scenario,
+    expand_points,
+    load_scenario,
+)
+from djinnsim.sim.specs import get_model
+
+from .pipeline import (
+    OUT_OF_RANGE_NOTE,
+    Machine,
+    _say,
+    check_profile,
+    compare_and_report,
+    device_notes,
+    profile_meta,
+)
+from .realrun import OomProbe, RealPointResult, RealResult, RepeatResult
+
+FOLDER_FILES = ("scenario.yaml", "records_real.csv", "validation.json")
+
+
+@dataclass(frozen=True)
+class OfflineRequest:
+    from_real: Path
+    calibration: Path | None = None
+    out: Path | None = None
+    quiet: bool = False
+    command: str = "djinnsim validate --from-real"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DjinnsimError(f"cannot read {path}: {exc}") from None
+    if not isinstance(doc, dict) or not all(key in doc for key in ("meta", "points", "oom")):
+        raise DjinnsimError(f"{path} is not a validation report (no meta, points or oom)")
+    return doc
+
+
+def read_real_records(path: Path) -> dict[tuple[int, int], list[Record]]:
+    """records_real.csv back into Records, by (point index, repeat), in file order."""
+    # The csv module and float(): every float comes back bit for bit (pandas' parser is exact
+    # only from pandas 3), so latencies and means are the ones measured.
+    types = {f.name: f.type for f in fields(Record)}
+    casts = {"int": int, "float": float, "str": str, "bool": lambda v: v == "True"}
+    out: dict[tuple[int, int], list[Record]] = {}
+    try:
+        with path.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            missing = [c for c in ("repeat", *RECORD_COLUMNS) if c not in (reader.fieldnames or [])]
+            if missing:
+                raise DjinnsimError(f"{path} lacks the columns {', '.join(missing)}")
+            for row in reader:
+                record = Record(**{name: casts[types[name]](row[name]) for name in RECORD_COLUMNS})
+                out.setdefault((record.point, int(row["repeat"])), []).append(record)
+    except (OSError, ValueError, csv.Error) as exc:
+        raise DjinnsimError(f"cannot read {path}: {exc}") from None
+    return out
+
+
+def _real_values(point: dict, metric: str) -> list[float]:
+    return list(point["metrics"].get(metric, {}).get("real_values") or [])
+
+
+def real_result(doc: dict, scenario_v: Scenario, records: dict[tuple[int, int], list[Record]]) -> RealResult:
+    """The real runs as the real runner returned them, from a validation folder's contents."""
+    meta = doc["meta"]
+    agents = isinstance(scenario_v.workload, AgentsWorkload)
+    cuda = meta["machine"]["device"] == "cuda"
+    by_index = {p.index: p for p in expand_points(scenario_v)}
+    # Figures no record carries; the comparison judges their list of values, so the order within
+    # a point is all that has to be kept.
+    extra = ["peak_gpu_mem_bytes"] + (["gpu_util"] if cuda else []) + (["ttft_s"] if agents else [])
+    points = []
+    for row in doc["points"]:
+        point: Point | None = by_index.get(row["index"])
+        if point is None or point.label != row["label"]:
+            raise DjinnsimError(f"point {row['index']} ({row['label']}) of validation.json is not a point of "
+                                "scenario.yaml as this simulator expands it")
+        run = sorted(repeat for (index, repeat) in records if index == point.index)
+        columns = {name: _real_values(row, name) for name in extra}
+        n_repeats = max([run[-1] + 1 if run else 0] + [len(v) for v in columns.values()])
+        repeats = [RepeatResult(records.get((point.index, i), []), 0.0, 0.0) for i in range(n_repeats)]
+        for i, repeat in enumerate(repeats):
+            take = {name: values[i] if i < len(values) else None for name, values in columns.items()}
+            repeat.peak_mem_bytes = take["peak_gpu_mem_bytes"]
+            repeat.gpu_util = take.get("gpu_util")
+            repeat.ttft_s = take.get("ttft_s")
+        errors = [n for n in row.get("notes", []) if not n.startswith(OUT_OF_RANGE_NOTE)]
+        if errors and repeats:
+            repeats[0].errors = errors  # the report lists a point's errors flattened over its repeats
+        points.append(RealPointResult(point, repeats, row.get("skipped")))
+    probes = [OomProbe(row["backend"], row["real_loaded"], row["real_oom_n"], row["probe_max"] or 0,
+                       row.get("message", "")) for row in doc["oom"]]
+    ours = set(device_notes(scenario_v, meta["machine"]["device"], meta["model"]))
+    notes = [n for n in doc.get("notes", []) if n not in ours]
+    return RealResult(points, probes, notes, float(meta.get("real_wall_s") or 0.0))
+
+
+def _profile_path(req: OfflineRequest, folder: Path, meta: dict) -> tuple[Path, str]:
+    if req.calibration is not None:
+        if not Path(req.calibration).is_file():
+            raise DjinnsimError(f"calibration profile not found: {req.calibration}")
+        return Path(req.calibration), "given with --calibration"
+    named = Path(meta["profile"]["path"])
+    # A validation that calibrated keeps its profile under calibration/; the folder may have moved.
+    for candidate in (named, folder / "calibration" / named.name):
+        if candidate.is_file():
+            return candidate, f"the real runs' profile ({meta['profile']['how']})"
+    raise DjinnsimError(f"the profile {named} named in {folder / 'validation.json'} no longer exists; "
+                        "pass --calibration PROFILE (the real machine's profile)")
+
+
+def simulator_version() -> str:
+    """djinnsim's version and, in a git checkout, its commit (marked when sim/ has uncommitted changes)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        text = f"djinnsim {version('djinnsim')}"
+    except PackageNotFoundError:
+        text = "djinnsim (not installed)"
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "sim"], cwd=root, capture_output=True,
+                               text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return text
+    return f"{text}, commit {commit}" + (" with uncommitted changes in sim/" if dirty else "")
+
+
+def run_offline(req: OfflineRequest) -> Path:
+    """Re-simulate a finished validation's points and compare them with its real runs; returns OUT."""
+    from djinnsim.calibrate.environment import host_cpu
+
+    say = _say(req.quiet)
+    folder = Path(req.from_real)
+    if not folder.is_dir():
+        raise DjinnsimError(f"--from-real {folder} is not a folder")
+    missing = [name for name in FOLDER_FILES if not (folder / name).is_file()]
+    if missing:
+        raise DjinnsimError(f"--from-real {folder} is not a finished validation: no {', '.join(missing)}")
+    out_dir = Path(req.out) if req.out is not None else folder.parent / f"{folder.name}-resim"
+    if out_dir.resolve() == folder.resolve():
+        raise DjinnsimError(f"--out {out_dir} is the folder read with --from-real; write the re-comparison elsewhere")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DjinnsimError(f"--out {out_dir} exists and is not a folder")
+    doc = _read_json(folder / "validation.json")
+    real_meta = doc["meta"]
+    scenario_v = load_scenario(folder / "scenario.yaml")
+    profile_path, how = _profile_path(req, folder, real_meta)
+    profile = load_profile(profile_path)
+    spec = get_model(scenario_v.model)
+    if spec.model_id != real_meta["model"]:
+        raise DjinnsimError(f"scenario.yaml's model {spec.model_id} is not validation.json's {real_meta['model']}")
+    # The real servers ran in the profile's dtype, which validation.json does not record: not checked.
+    check_profile(profile, profile_path, Machine(**real_meta["machine"]), spec, None,
+                  hint=f"pass --calibration with a profile of the machine the real runs in {folder} used")
+    real = real_result(doc, scenario_v, read_real_records(folder / "records_real.csv"))
+    say(f"offline re-comparison of {folder}: {len(real.points)} points, real runs of {real_meta['started_at']}")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(folder / "scenario.yaml", out_dir / "scenario.yaml")
+    shutil.copyfile(folder / "records_real.csv", out_dir / "records_real.csv")
+    # No clock time or wall seconds of this run: the same folder, profile and simulator give the same bytes.
+    meta = {**real_meta, "profile": profile_meta(profile_path, how, profile),
+            "offline": {"from_real": str(folder), "command": req.command, "simulator": simulator_version(),
+                        "host_cpu": host_cpu()}}
+    points = sorted((rp.point for rp in real.points), key=lambda p: p.index)
+    compare_and_report(out_dir, scenario_v, points, real, profile_path, profile, meta, say, req.quiet)
+    return out_dir
