@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Re-compare the H100 reference runs in this folder with the simulator as it is now (no GPU):
+# writes exp21-resim/ and agents-resim/ beside the originals. Run from anywhere.
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+djinnsim validate --from-real docs/validation/h100-80gb/exp21 --calibration docs/validation/h100-80gb/gpu-llama-2-7b.json --out docs/validation/h100-80gb/exp21-resim
+djinnsim validate --from-real docs/validation/h100-80gb/agents --calibration docs/validation/h100-80gb/gpu-llama-2-7b.json --out docs/validation/h100-80gb/agents-resim
