@@ -138,7 +138,9 @@ def _profile_path(req: OfflineRequest, folder: Path, meta: dict) -> tuple[Path, 
 
 
 def simulator_version() -> str:
-    """djinnsim's version and, in a git checkout, its commit (marked when sim/ has uncommitted changes)."""
+    """djinnsim's version and, in a git checkout, the last commit that changed sim/ or validate/ (the code
+    whose figures the report holds; a later commit elsewhere leaves the report's bytes alone), marked
+    when either has uncommitted changes."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -147,13 +149,15 @@ def simulator_version() -> str:
         text = "djinnsim (not installed)"
     root = Path(__file__).resolve().parent.parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "sim"], cwd=root, capture_output=True,
-                               text=True, timeout=10, check=True).stdout.strip()
+        commit = subprocess.run(["git", "log", "-1", "--format=%h", "--", "sim", "validate"], cwd=root,
+                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "sim", "validate"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return text
-    return f"{text}, commit {commit}" + (" with uncommitted changes in sim/" if dirty else "")
+    if not commit:
+        return text
+    return f"{text}, sim/ and validate/ as of commit {commit}" + (" plus uncommitted changes" if dirty else "")
 
 
 def run_offline(req: OfflineRequest) -> Path:
