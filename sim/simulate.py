@@ -396,6 +396,7 @@ def memory_bound_agents(scenario: Scenario, backend: Backend, cost: CostModel) -
 
 
 def simulate_point(scenario: Scenario, point: Point, cost: CostModel, seed: np.random.SeedSequence) -> PointResult:
+    cost.out_of_range.clear()  # one cost model serves many points: keep only this point's queries
     sim = PointSimulation(scenario, point, cost, seed)
     records = sim.run()
     return PointResult(

@@ -217,3 +217,19 @@ def test_profile_with_an_invalid_field_names_it(h100_profile, tmp_path):
 def test_missing_profile(tmp_path):
     with pytest.raises(DjinnsimError, match="calibration profile not found"):
         load_profile(tmp_path / "none.json")
+
+
+def test_out_of_range_queries_belong_to_the_point_that_asked_them():
+    """One cost model serves every point of a (model, GPU): a query outside the calibrated range
+    (a 1-token prefill, below the grid) is reported for the point that made it, not the next one."""
+    from djinnsim.sim.run import simulate_scenario
+    from djinnsim.sim.scenario import parse_scenario
+
+    scenario = parse_scenario({
+        "name": "oor", "backends": ["partially_aware_1c1e018", "full_djinn"],
+        "workload": {"kind": "decode", "prompt_tokens": 72, "new_tokens": 3, "runs": 2, "warmup_runs": 0},
+    })
+    result = simulate_scenario(scenario)
+    asked, clean = result.points
+    assert any("prefill" in item for item in asked.out_of_range)
+    assert clean.out_of_range == []
