@@ -104,6 +104,7 @@ def build_profile(r: dict[str, Any], metadata: Metadata, *, partial: bool = Fals
         prefill=r["fits"]["prefill"],
         decode_step=r["fits"]["decode"],
         jitter_decode=quantile_sample(jitter_decode),
+        jitter_decode_sequence=[float(v) for v in r["exp21"]["jitter"]] if "exp21" in r else [],
         jitter_prefill=quantile_sample(r["prefill"]["jitter"] or [1.0]),
         h2d_pinned=copies["h2d_pinned"],
         h2d_pageable=copies["h2d_pageable"],

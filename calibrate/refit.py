@@ -12,6 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
 from djinnsim.errors import DjinnsimError
 from djinnsim.sim.costmodel import ProfileCostModel
 from djinnsim.sim.profile import Profile, load_profile, save_profile
@@ -108,6 +109,10 @@ def refit(profile: Profile, rows: list[dict[str, str]], note: str) -> Profile:
         bw = bandwidth_from(rows, field)
         if bw is not None:
             update[field] = bw
+    steps = [float(row["value"]) for row in rows if row["stage"] == "exp21_step" and row["unit"] == "s"]
+    if steps:  # the samples file keeps Exp 2.1's steps in the order they ran
+        median = float(np.median(steps))
+        update["jitter_decode_sequence"] = [v / median for v in steps]
     tcp = bandwidth_from(rows, "tcp_send")
     if tcp is not None:
         update["network"] = profile.network.model_copy(update={"loopback_gbps": tcp.gbps})
@@ -115,7 +120,8 @@ def refit(profile: Profile, rows: list[dict[str, str]], note: str) -> Profile:
         "prefill_workspace": fit_workspace(workspace_points(rows, "prefill_workspace"), PREFILL_FEATURES, PREFILL_SCALE, ["prompt_tokens", "batch"]),
         "decode_workspace": fit_workspace(workspace_points(rows, "decode_workspace"), DECODE_FEATURES, DECODE_SCALE, ["batch", "context", "sum_context"]),
     })
-    update["metadata"] = profile.metadata.model_copy(update={"notes": [*profile.metadata.notes, note]})
+    notes = [n for n in profile.metadata.notes if n != note]  # refitting twice notes it once
+    update["metadata"] = profile.metadata.model_copy(update={"notes": [*notes, note]})
     new = profile.model_copy(update=update)
     Profile.model_validate(new.model_dump())  # the refit must still be a valid profile
     return new.model_copy(update={"end_to_end": _predictions(new, spec)})

@@ -81,7 +81,22 @@ class CostModel(ABC):
         """Empirical multiplicative step-time factors (median 1)."""
 
     def jitter(self, rng: np.random.Generator, kind: Literal["decode", "prefill"], size: int) -> np.ndarray:
-        return rng.choice(self.jitter_samples(kind), size=size)
+        """`size` factors in the order steps will use them. With a measured step sequence, decode
+        factors come as runs of consecutive measured steps from random starting points (a block
+        bootstrap), so a slow spell slows a whole generation as it did on the GPU."""
+        sequence = self.jitter_sequence() if kind == "decode" else None
+        if sequence is None or len(sequence) < 2:
+            return rng.choice(self.jitter_samples(kind), size=size)
+        block = min(self.jitter_block_steps, len(sequence))
+        starts = rng.integers(0, len(sequence), size=-(-size // block))
+        offsets = (starts[:, None] + np.arange(block)[None, :]).ravel()[:size]
+        return np.take(sequence, offsets, mode="wrap")
+
+    jitter_block_steps = 128
+
+    def jitter_sequence(self) -> np.ndarray | None:
+        """Measured decode factors in time order, when the cost model has them."""
+        return None
 
     # --- weights, PCIe, host -------------------------------------------------------------
     @abstractmethod
@@ -165,6 +180,7 @@ class ProfileCostModel(CostModel):
             "decode": np.asarray(profile.jitter_decode, dtype=float),
             "prefill": np.asarray(profile.jitter_prefill, dtype=float),
         }
+        self._sequence = np.asarray(profile.jitter_decode_sequence, dtype=float) if profile.jitter_decode_sequence else None
 
     def _eval(self, name: str, fit: LinearFit | PiecewiseFit, inputs: dict[str, float]) -> float:
         value, inside = evaluate_fit(fit, inputs)
@@ -183,6 +199,9 @@ class ProfileCostModel(CostModel):
 
     def jitter_samples(self, kind: Literal["decode", "prefill"]) -> np.ndarray:
         return self._jitter[kind]
+
+    def jitter_sequence(self) -> np.ndarray | None:
+        return self._sequence
 
     def weight_load(self, tier: LoadTier) -> WeightLoad:
         return self.profile.weight_load[tier]

@@ -121,6 +121,11 @@ class Profile(_Strict):
     decode_step: LinearFit | PiecewiseFit
     jitter_decode: list[float] = Field(min_length=1, description="step time / median, empirical")
     jitter_prefill: list[float] = Field(default_factory=lambda: [1.0])
+    jitter_decode_sequence: list[float] = Field(
+        default_factory=list,
+        description="step time / median in the order measured (consecutive Exp 2.1 runs): slow and fast "
+        "spells last many steps, so the simulator draws runs of consecutive factors from it",
+    )
     h2d_pinned: Bandwidth
     h2d_pageable: Bandwidth
     d2h_pinned: Bandwidth

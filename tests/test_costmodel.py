@@ -233,3 +233,24 @@ def test_out_of_range_queries_belong_to_the_point_that_asked_them():
     asked, clean = result.points
     assert any("prefill" in item for item in asked.out_of_range)
     assert clean.out_of_range == []
+
+
+def test_decode_jitter_draws_runs_of_consecutive_measured_steps():
+    """With a measured step sequence, factors come in blocks of consecutive steps (a slow spell
+    stays slow for a whole block), each block from a random start, wrapping at the end."""
+    import numpy as np
+    from conftest import FakeCostModel
+
+    sequence = np.arange(1.0, 1001.0)
+    cost = FakeCostModel()
+    cost.jitter_sequence = lambda: sequence
+    draws = cost.jitter(np.random.default_rng(3), "decode", 300)
+    block = cost.jitter_block_steps
+    assert len(draws) == 300
+    for start in range(0, 300, block):
+        run = draws[start:start + block]
+        steps = np.diff(run)
+        assert np.all((steps == 1) | (steps == -999)), run  # consecutive, or wrapped to the start
+    assert len({draws[0], draws[block], draws[2 * block]}) == 3  # blocks start at different places
+    iid = FakeCostModel().jitter(np.random.default_rng(3), "decode", 5)
+    assert np.all(iid == 1.0)  # no sequence: the i.i.d. distribution (constant for the fake)
