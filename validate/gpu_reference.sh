@@ -4,9 +4,10 @@
 # machines drift by tens of percent between runs; a profile from another day is no fair reference).
 #
 #   1. Exp 2.1 without --calibration: validate calibrates first (quick), then runs the 4 backends at
-#      25 Gbps, 3 repeats of 4 runs (1 warm-up) of 50 tokens each;
+#      25 Gbps, 3 repeats of 4 runs (1 warm-up) of 50 tokens each (240 s of real runs: the first
+#      reference run's 170 s ran out before full_djinn, behind partially_aware's 250 ms tokens);
 #   2. Exp 2.2 with the profile just made: djinn, Ray keep-alive and Ray serverless (both emulated
-#      with processes) at N = 1, 2 with ACT 1 s, 3 repeats; keep-alive copies then loaded one at a
+#      with processes) at N = 1, 2 with ACT 1 s, 2 repeats; keep-alive copies then loaded one at a
 #      time until the first CUDA out-of-memory (the OOM N).
 #
 # Run from the repository root with djinnsim installed. Everything lands in $OUT (at most 8 files:
@@ -14,7 +15,7 @@
 set -uo pipefail
 OUT=${OUT:-results/validation/reference}
 WORK=$(mktemp -d /tmp/djinnsim-reference.XXXXXX)
-TOTAL_S=${TOTAL_S:-540}  # seconds from the script's start; the device allows 600 per command
+TOTAL_S=${TOTAL_S:-570}  # seconds from the script's start; the device allows 600 per command
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu runs the same plumbing with the tiny model (a dry run, no GPU)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -28,14 +29,14 @@ elapsed() { echo $(( $(date +%s) - t0 )); }
 } > "$OUT/machine.txt" 2>&1
 
 timeout --kill-after=10 400 python3 -m djinnsim.cli validate scenarios/exp21_decode.yaml --gpu 0 --device "$DEVICE" \
-  --repeats 3 --runs 4 --warmup-runs 1 --time-budget-s 170 --out "$WORK/exp21" > "$OUT/exp21.log" 2>&1
+  --repeats 3 --runs 4 --warmup-runs 1 --time-budget-s 240 --out "$WORK/exp21" > "$OUT/exp21.log" 2>&1
 echo "exp21: exit $? at $(elapsed) s" >> "$OUT/machine.txt"
 
 profile=$(ls "$WORK"/exp21/calibration/*.json 2>/dev/null | head -1)
 left=$(( TOTAL_S - $(elapsed) ))
 if [ -n "$profile" ] && [ "$left" -gt 90 ]; then
   timeout --kill-after=10 "$left" python3 -m djinnsim.cli validate scenarios/agents32.yaml --gpu 0 --device "$DEVICE" \
-    --calibration "$profile" --agents 1,2 --act-s 1 --repeats 3 --oom-probe-max 12 \
+    --calibration "$profile" --agents 1,2 --act-s 1 --repeats 2 --oom-probe-max 12 \
     --time-budget-s $(( left - 60 )) --out "$WORK/agents" > "$OUT/agents.log" 2>&1
   echo "agents: exit $? at $(elapsed) s" >> "$OUT/machine.txt"
 else
