@@ -58,10 +58,11 @@ class Backend(BaseModel):
     scheduler: Scheduler = "serial_fcfs"
 
     # --- bytes on the wire, per reference.md's formulas ------------------------------------
-    def step_bytes(self, model: ModelSpec, t: int, prompt_tokens: int) -> tuple[int, int]:
+    def step_bytes(self, model: ModelSpec, t: int, prompt_tokens: int, cached_tokens: int = 0) -> tuple[int, int]:
         """Payload (up, down) bytes of generated token t (0-based) in a per-token decode.
 
-        L_t = prompt_tokens + t is the sequence length the step's forward ends at.
+        L_t = prompt_tokens + t is the sequence length the step's forward ends at; `cached_tokens`
+        of the prompt already have a KV cache from an earlier phase (kv = session or client).
         """
         seq_len = prompt_tokens + t
         if self.location == "local":
@@ -69,16 +70,17 @@ class Backend(BaseModel):
         if self.send_ids == "all":
             ids = seq_len
         elif self.send_ids == "new" or (self.kv == "client" and t == 0):
-            ids = prompt_tokens if t == 0 else 1
+            ids = prompt_tokens - cached_tokens if t == 0 else 1
         else:
             ids = 1
         up = ids * TOKEN_ID_BYTES
         down = self._logits_bytes(model, seq_len)
         if self.kv == "client":
-            # reference.md writes the uplink as last id + KV(L_t - 1) for every t; at t = 0 no cache
-            # exists yet, so a real client sends the prompt ids and gets the first cache back.
-            if t > 0:
-                up += (seq_len - 1) * model.kv_bytes_per_token
+            # reference.md writes the uplink as last id + KV(L_t - 1) for every t; at t = 0 of a
+            # conversation no cache exists yet, so a real client sends the prompt ids and gets the
+            # first cache back (later phases send the cache they hold with the new ids).
+            cache_up = seq_len - 1 if t > 0 else cached_tokens
+            up += cache_up * model.kv_bytes_per_token
             down += seq_len * model.kv_bytes_per_token
         if self.round_trip == "op":
             ops = self.ops_per_layer * model.num_layers

@@ -42,7 +42,24 @@ def feature_value(name: str, inputs: dict[str, float]) -> float:
 
 
 def _in_domain(fit: LinearFit, inputs: dict[str, float]) -> bool:
-    return all(lo <= inputs.get(var, lo) <= hi for var, (lo, hi) in fit.domain.items())
+    return _held(fit, inputs) == len(fit.domain)
+
+
+def _distance(fit: LinearFit, inputs: dict[str, float]) -> float:
+    """How far the inputs lie outside the fit's domain, each variable relative to the bound it passed."""
+    total = 0.0
+    for var, (lo, hi) in fit.domain.items():
+        x = inputs.get(var, lo)
+        if x < lo:
+            total += (lo - x) / max(abs(lo), 1.0)
+        elif x > hi:
+            total += (x - hi) / max(abs(hi), 1.0)
+    return total
+
+
+def _held(fit: LinearFit, inputs: dict[str, float]) -> int:
+    """How many of the fit's domain variables hold the inputs' values."""
+    return sum(lo <= inputs.get(var, lo) <= hi for var, (lo, hi) in fit.domain.items())
 
 
 def evaluate_fit(fit: LinearFit | PiecewiseFit, inputs: dict[str, float]) -> tuple[float, bool]:
@@ -51,7 +68,10 @@ def evaluate_fit(fit: LinearFit | PiecewiseFit, inputs: dict[str, float]) -> tup
         for piece in fit.pieces:
             if _in_domain(piece, inputs):
                 return evaluate_fit(piece, inputs)
-        value, _ = evaluate_fit(fit.pieces[-1], inputs)
+        # Outside every piece: the piece whose domain holds the most of the inputs, then the one
+        # nearest in the others, so a point off the grid in one variable keeps the piece of the rest.
+        best = min(fit.pieces, key=lambda piece: (-_held(piece, inputs), _distance(piece, inputs)))
+        value, _ = evaluate_fit(best, inputs)
         return value, False
     value = sum(k * feature_value(f, inputs) for k, f in zip(fit.coef, fit.features))
     return value, _in_domain(fit, inputs)

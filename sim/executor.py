@@ -86,9 +86,10 @@ class SerialFCFS:
 
 
 class TimeSliced:
-    """Independent processes sharing the GPU, pass by pass. Each pass is host time (kernel
+    """Independent processes sharing the GPU, pass by pass. A decode pass is host time (kernel
     launches, which processes run in parallel on their own CPU threads) then GPU time (which
-    they take in turns): `gpu_fraction` of the pass is the GPU's, from the cost model."""
+    they take in turns): `gpu_fraction` of it is the GPU's, from the cost model. A prefill pass
+    is GPU time throughout."""
 
     def __init__(self, env: simpy.Environment, timer: PassTimer) -> None:
         self.env = env
@@ -99,8 +100,9 @@ class TimeSliced:
     def execute(self, work: GpuWork):
         durations = self.timer.durations_s(work)
         queued_s, started_at = 0.0, None
-        for duration in durations:
-            host_s = (1.0 - self.gpu_fraction) * duration
+        for p, duration in zip(work.passes, durations):
+            # Only launch-bound decode passes leave the GPU idle; a prefill keeps it busy throughout.
+            host_s = (1.0 - self.gpu_fraction) * duration if p[0] == "decode" else 0.0
             if started_at is None:
                 started_at = self.env.now
             if host_s > 0:
@@ -166,10 +168,12 @@ class ContinuousBatching:
             # Prefill-priority iterations (vLLM's default): pending prefills run before the next decode.
             prefilling = [s for s in self.running if s.work.passes[s.next_pass][0] == "prefill"]
             if prefilling:
-                iteration_s = sum(
-                    self.timer.base_s(s.work.passes[s.next_pass], s.work.batch) * self.timer.factor("prefill")
-                    for s in prefilling
-                )
+                # One batched forward over the pending prompts (their mean length, their deepest cache).
+                batch = sum(s.work.batch for s in prefilling)
+                tokens = sum(s.work.batch * s.work.passes[s.next_pass][1] for s in prefilling)
+                context = max(s.work.passes[s.next_pass][2] for s in prefilling)
+                prompt = max(round(tokens / batch), 1)
+                iteration_s = self.timer.base_s(("prefill", prompt, context), batch) * self.timer.factor("prefill")
                 stepping = prefilling
             else:
                 batch = sum(s.work.batch for s in self.running)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Callable
 
 import simpy
@@ -87,18 +86,29 @@ class Link:
 
 
 class GpuMemory:
-    """GPU memory accounting. `try_alloc` fails at once (an OOM); `alloc_wait` queues FIFO until it fits."""
+    """GPU memory accounting. `try_alloc` fails at once (an OOM); `alloc_wait` queues until it fits.
+
+    Waiting requests are served in order of (priority, arrival), strictly: the first in that order
+    blocks those behind it, so a large request is never starved. Work already holding memory (a
+    running session's next request, priority 0) goes before starting a new process (priority 1),
+    which could otherwise wait at the head for memory that only the work behind it would free.
+    """
 
     def __init__(self, env: simpy.Environment, capacity_bytes: int) -> None:
         self.env = env
         self.capacity_bytes = capacity_bytes
         self.used_bytes = 0
         self.peak_bytes = 0
-        self._waiting: deque[tuple[int, simpy.Event]] = deque()
+        self._waiting: list[tuple[int, int, int, simpy.Event]] = []  # (priority, seq, bytes, event)
+        self._seq = 0
 
     @property
     def free_bytes(self) -> int:
         return self.capacity_bytes - self.used_bytes
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
 
     def _take(self, nbytes: int) -> None:
         self.used_bytes += nbytes
@@ -110,10 +120,12 @@ class GpuMemory:
         self._take(nbytes)
         return True
 
-    def alloc_wait(self, nbytes: int) -> simpy.Event:
+    def alloc_wait(self, nbytes: int, priority: int = 0) -> simpy.Event:
         """Fires once `nbytes` are allocated; a request larger than the GPU never fires."""
         granted = self.env.event()
-        self._waiting.append((nbytes, granted))
+        self._waiting.append((priority, self._seq, nbytes, granted))
+        self._seq += 1
+        self._waiting.sort(key=lambda w: (w[0], w[1]))
         self._grant()
         return granted
 
@@ -126,7 +138,7 @@ class GpuMemory:
         self._grant()
 
     def _grant(self) -> None:
-        while self._waiting and self._waiting[0][0] <= self.free_bytes:
-            nbytes, granted = self._waiting.popleft()
+        while self._waiting and self._waiting[0][2] <= self.free_bytes:
+            _, _, nbytes, granted = self._waiting.pop(0)
             self._take(nbytes)
             granted.succeed()

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import simpy
 
+from djinnsim.errors import DjinnsimError
+
 from .backends import Backend
 from .costmodel import CostModel
 from .executor import GpuWork, PassTimer, make_executor
@@ -63,6 +65,7 @@ class Session:
     connected: bool = False
     kv_tokens: int = 0
     kv_on_gpu: bool = True
+    swap_out: simpy.Process | None = None  # the KV's move to host memory, while in flight
     process_bytes: int = 0  # a per-agent process's own weights + CUDA context
     dead: bool = False
 
@@ -90,15 +93,16 @@ def phase_passes(backend: Backend, context: int, input_tokens: int, new_tokens: 
     return [("prefill", fed, cached)] + [("decode", cached + fed + t) for t in range(new_tokens - 1)]
 
 
-def token_pass(backend: Backend, prompt_tokens: int, t: int) -> tuple:
-    """The forward pass of generated token t in a per-token decode (L_t = prompt + t)."""
+def token_pass(backend: Backend, prompt_tokens: int, t: int, cached_tokens: int = 0) -> tuple:
+    """The forward pass of generated token t in a per-token decode (L_t = prompt + t), where
+    `cached_tokens` of the prompt already have a KV cache (session or client) from earlier phases."""
     seq_len = prompt_tokens + t
     if backend.step_compute == "full_context":
         return ("prefill", seq_len, 0)
     if backend.step_compute == "last_token":
         return ("prefill", 1, 0)
     if t == 0:
-        return ("prefill", prompt_tokens, 0)
+        return ("prefill", prompt_tokens - cached_tokens, cached_tokens)
     return ("decode", seq_len - 1)  # kv=client: the client sent the cache of L_t - 1 tokens
 
 
@@ -117,7 +121,10 @@ class PointSimulation:
         self.link = Link(self.env, point.link.gbps, point.link.rtt_ms / 1e3,
                          stream_gbps * 1e9 if stream_gbps else None)
         self.memory = GpuMemory(self.env, cost.capacity_bytes)
-        self.pcie = SharedPipe(self.env, lambda k: cost.copy_bandwidth("h2d", True).gbps * 1e9)
+        # Session KV swapped to host and back (kv_swap: idle); PCIe is full duplex.
+        pinned = scenario.server.pinned_host_kv
+        self.pcie_h2d = SharedPipe(self.env, lambda k: cost.copy_bandwidth("h2d", pinned).gbps * 1e9)
+        self.pcie_d2h = SharedPipe(self.env, lambda k: cost.copy_bandwidth("d2h", pinned).gbps * 1e9)
         tier = self.backend.weight_tier
         self.load_pipe = SharedPipe(self.env, lambda k: cost.load_aggregate_gbps(tier, k) * 1e9)
         policy = scenario.server.scheduler or self.backend.scheduler
@@ -156,6 +163,10 @@ class PointSimulation:
         # Memory admission: weights of a per-request task, the KV this request adds or holds,
         # the KV of a swapped-out session, and the pass's workspace.
         tokens = max((p[1] for p in work.passes if p[0] == "prefill"), default=1)
+        t0 = env.now
+        if session.swap_out is not None and not session.swap_out.processed:
+            yield session.swap_out  # its KV is still leaving the GPU: it must be gone to come back
+        out.queue_s += env.now - t0
         restore = 0 if session.kv_on_gpu else session.kv_tokens * cost.kv_bytes_per_token
         request_bytes = (transient_kv + grow_kv) * cost.kv_bytes_per_token + cost.workspace_bytes(tokens, work.batch)
         if backend.weights == "per_request":
@@ -188,7 +199,7 @@ class PointSimulation:
             if remote and up:
                 yield env.timeout(cost.copy_s(up, "h2d", pinned=False))
             if restore:
-                yield self.pcie.transfer(restore)
+                yield self.pcie_h2d.transfer(restore)
             out.copy_s += env.now - t0
             session.kv_on_gpu = True
         execution = yield from self.executor.execute(work)
@@ -245,14 +256,15 @@ class PointSimulation:
             return [out]
         outcomes = []
         prompt = context + input_tokens
+        cached = context if backend.kv in ("session", "client") and backend.step_compute == "incremental" else 0
         for t in range(new_tokens):
-            up, down = backend.step_bytes(self.model, t, prompt)
+            up, down = backend.step_bytes(self.model, t, prompt, cached)
             if backend.kv == "session":
-                grow = prompt if (t == 0 and context == 0) else (input_tokens if t == 0 else 1)
+                grow = (prompt - cached) if t == 0 else 1
             else:
                 grow = 0
             transient = (prompt + t) if backend.kv == "client" else 0
-            work = GpuWork([token_pass(backend, prompt, t)], batch)
+            work = GpuWork([token_pass(backend, prompt, t, cached)], batch)
             out = yield from self._request(
                 session, work, up * batch, down * batch, grow * batch, transient * batch, self._messages_per_token()
             )
@@ -310,7 +322,7 @@ class PointSimulation:
             if not self.memory.fits_ever(need):
                 session.dead = True
             elif self.backend.memory_full == "wait":
-                yield self.memory.alloc_wait(need)
+                yield self.memory.alloc_wait(need, priority=1)
                 session.process_bytes = need
             elif self.memory.try_alloc(need):
                 session.process_bytes = need
@@ -346,11 +358,11 @@ class PointSimulation:
         nbytes = session.kv_tokens * self.cost.kv_bytes_per_token
 
         def swap_out():
-            yield self.pcie.transfer(nbytes)
+            yield self.pcie_d2h.transfer(nbytes)
             self.memory.free(nbytes)
 
         session.kv_on_gpu = False
-        self.env.process(swap_out())
+        session.swap_out = self.env.process(swap_out())
 
     def _release_session(self, session: Session) -> None:
         if session.kv_on_gpu and session.kv_tokens:
@@ -372,6 +384,12 @@ class PointSimulation:
                     start_at += float(self.arrival_rng.exponential(1.0 / workload.arrival.rate_per_s))
                 self.env.process(self.agent(agent_id, workload, start_at))
         self.env.run()
+        if self.memory.waiting:
+            raise DjinnsimError(
+                f"point {self.point.label}: the simulation stalled with {self.memory.waiting} requests waiting for "
+                "GPU memory that only waiting work holds (memory_full: wait cannot progress); "
+                "use memory_full: oom or fewer agents"
+            )
         return self.records
 
 

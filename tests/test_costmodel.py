@@ -173,7 +173,23 @@ def test_piecewise_fit_picks_the_first_piece_whose_domain_holds():
     fit = PiecewiseFit(pieces=[small, large])
     assert evaluate_fit(fit, {"batch": 3}) == (1.0, True)
     assert evaluate_fit(fit, {"batch": 10}) == (20.0, True)
-    assert evaluate_fit(fit, {"batch": 100}) == (200.0, False)  # the last piece extrapolates
+    assert evaluate_fit(fit, {"batch": 100}) == (200.0, False)  # the nearest piece extrapolates
+    assert evaluate_fit(fit, {"batch": 0}) == (1.0, False)
+
+
+def test_off_grid_in_one_variable_keeps_the_piece_of_the_others():
+    """Prefill pieces were measured with an empty cache (context 0..0): one cached token must not
+    move a batch-1, 2000-token prefill onto the batch-16..32 piece."""
+    short = LinearFit(features=["1"], coef=[1.0], scale=["host"],
+                      domain={"prompt_tokens": (16, 256), "batch": (1, 16), "context": (0, 0)})
+    long = LinearFit(features=["1"], coef=[2.0], scale=["host"],
+                     domain={"prompt_tokens": (256, 4096), "batch": (1, 16), "context": (0, 0)})
+    batched = LinearFit(features=["1"], coef=[3.0], scale=["host"],
+                        domain={"prompt_tokens": (16, 1024), "batch": (16, 32), "context": (0, 0)})
+    fit = PiecewiseFit(pieces=[short, long, batched])
+    assert evaluate_fit(fit, {"prompt_tokens": 2000, "batch": 1, "context": 0}) == (2.0, True)
+    assert evaluate_fit(fit, {"prompt_tokens": 2000, "batch": 1, "context": 1}) == (2.0, False)
+    assert evaluate_fit(fit, {"prompt_tokens": 100, "batch": 1, "context": 122}) == (1.0, False)
 
 
 def test_feature_values():
