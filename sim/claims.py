@@ -117,11 +117,14 @@ def density_claim(group: str, points: dict[str, list[dict[str, Any]]]) -> Claim:
         djinn_note = "largest N run without OOM (no memory bound reported)"
     keep_n = oom_n(points[KEEPALIVE])
     keep_note = "first OOM in the sweep"
+    bound = memory_bound_agents(points[KEEPALIVE])
     if keep_n is None:
-        bound = memory_bound_agents(points[KEEPALIVE])
         if bound is None:
             return Claim(name, group, "N/A", None, threshold, "keep-alive never OOMed and reports no memory bound")
         keep_n, keep_note = bound + 1, "no OOM in the sweep; memory bound + 1"
+    elif bound is not None and bound + 1 < keep_n:
+        # Both sides by the same memory definition: the sweep may jump past the first N that OOMs.
+        keep_n, keep_note = bound + 1, f"memory bound + 1; the sweep's first OOM is at N = {keep_n}"
     if not djinn_max:
         return Claim(name, group, "N/A", None, threshold, "Djinn ran no N without OOM")
     ratio = djinn_max / keep_n

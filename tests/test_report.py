@@ -293,6 +293,11 @@ def test_density_claim_pass_fail_and_fallbacks():
     claim = _verdicts(no_oom, "agents")["density"]
     assert claim.value == pytest.approx(30.0) and "memory bound + 1" in claim.detail
     assert _verdicts([_agents_summary("djinn", 1, 120, bound=90)], "agents")["density"].verdict == "N/A"
+    # the sweep jumps from N = 4 to 8, past the N that first runs out of memory (bound 5 -> OOM at 6)
+    jumped = [_agents_summary("ray_keepalive", 4, 100, bound=5), _agents_summary("ray_keepalive", 8, None, oom=True, bound=5),
+              _agents_summary("djinn", 8, 120, bound=120)]
+    claim = _verdicts(jumped, "agents")["density"]
+    assert claim.value == pytest.approx(20.0) and "first OOM is at N = 8" in claim.detail
 
 
 def test_latency_claim_uses_n32_or_the_largest_common_n():
