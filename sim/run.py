@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import resources
@@ -101,17 +102,28 @@ class CostModels:
         )
 
 
+def point_seed(seed: int, point: Point) -> np.random.SeedSequence:
+    """The random streams of a point, keyed by what it simulates except the backend.
+
+    Backends compared at the same model, GPU, link and N draw the same step-time jitter, ACT times
+    and arrivals (common random numbers), so their difference is the backends', not the draws';
+    and a point draws the same whatever else its scenario sweeps.
+    """
+    key = f"{point.model.model_id}|{point.gpu.key}|{point.link.gbps:g}|{point.link.rtt_ms:g}|{point.n_agents}"
+    return np.random.SeedSequence([seed, zlib.crc32(key.encode())])
+
+
 def simulate_scenario(scenario: Scenario, calibration: Path | None = None, seed: int | None = None,
                       progress=None) -> SimulationResult:
     """Simulate every point of a scenario. `progress(done, total, label)` is called after each point."""
     started = time.perf_counter()
     points = expand_points(scenario)
     models = CostModels(scenario, calibration)
-    seeds = np.random.SeedSequence(scenario.seed if seed is None else seed).spawn(len(points))
+    base_seed = scenario.seed if seed is None else seed
     results = []
-    for point, point_seed in zip(points, seeds):
+    for point in points:
         cost = models.for_point(point)
-        results.append(simulate_point(scenario, point, cost, point_seed))
+        results.append(simulate_point(scenario, point, cost, point_seed(base_seed, point)))
         if progress is not None:
             progress(len(results), len(points), point.label)
     warnings = list(models.warnings)

@@ -137,3 +137,23 @@ def test_sweep_expands_in_product_order():
 def test_decode_points_have_no_agent_count():
     points = expand_points(parse_scenario({**_decode(), "backends": ["full_djinn", "semantic_blind"]}))
     assert [(p.backend.name, p.n_agents) for p in points] == [("full_djinn", None), ("semantic_blind", None)]
+
+
+def test_backends_at_the_same_point_draw_the_same_random_numbers():
+    """Common random numbers: a point's draws depend on what it simulates, not on the backend or on
+    what else the scenario sweeps. At N = 1, batching has nothing to batch: same latencies."""
+    from djinnsim.sim.run import simulate_scenario
+
+    workload = {"kind": "agents", "agents": [1, 4], "reason": {"input_tokens": 72, "new_tokens": 8},
+                "act": {"kind": "uniform", "low_s": 1, "high_s": 3}, "reflect": {"input_tokens": 8, "new_tokens": 8}}
+    both = parse_scenario({"name": "a", "seed": 5, "backends": ["djinn", "batched"], "workload": workload,
+                           "custom_backends": {"batched": {"base": "djinn", "scheduler": "continuous_batching"}}})
+    alone = parse_scenario({"name": "b", "seed": 5, "backends": ["djinn"], "workload": {**workload, "agents": [4]}})
+    result = simulate_scenario(both)
+
+    def latencies(point):
+        return [r.finished_at - r.issued_at for r in point.records]
+
+    djinn_n1, djinn_n4, batched_n1, _ = result.points
+    assert latencies(djinn_n1) == pytest.approx(latencies(batched_n1), rel=1e-12)  # summed in another order
+    assert latencies(simulate_scenario(alone).points[0]) == latencies(djinn_n4)

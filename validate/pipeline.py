@@ -160,9 +160,12 @@ def simulate(scenario: Scenario, profile_path: Path, profile: Profile) -> dict[i
     from djinnsim.sim.costmodel import ProfileCostModel
     from djinnsim.sim.simulate import simulate_point
 
-    points = expand_points(scenario)
-    seeds = np.random.SeedSequence(scenario.seed).spawn(len(points))
-    return {p.index: simulate_point(scenario, p, ProfileCostModel(profile, p.model), s) for p, s in zip(points, seeds, strict=True)}
+    from djinnsim.sim.run import point_seed
+
+    return {
+        p.index: simulate_point(scenario, p, ProfileCostModel(profile, p.model), point_seed(scenario.seed, p))
+        for p in expand_points(scenario)
+    }
 
 
 def _sim_oom_n(point_results: list) -> int | None:
