@@ -28,6 +28,16 @@ from .timer import Timing, fmt_s, measure
 BIG_ALLOCATION_BYTES = 4 * 2**30  # free the allocator cache after points this large, not after every point
 
 
+
+def _skip_oom(s, exc: BaseException, stage: str, label: str, what: str, **fields) -> None:
+    """An out-of-memory error at one grid point: log it, free memory, and let the grid go on.
+    Anything else is re-raised."""
+    if not is_oom(exc):
+        raise exc
+    s.log.add(stage, label, float("nan"), "oom", **fields)
+    s.say(f"{what}: out of memory, skipped")
+    s.free()
+
 def warm_up(s: Session) -> None:
     """Untimed prefill and greedy decode: lazy kernel loading, allocator pools and host caches settle."""
     import torch
@@ -69,12 +79,9 @@ def run_prefill_grid(s: Session) -> dict:
                         del cache
                     timing = measure(lambda: forward(s.model, ids), s.sync, warmup=0, repeat=plan.prefill_repeat, min_repeat=1, budget_s=2.0)
             except (RuntimeError, MemoryError) as exc:
-                if not is_oom(exc):
-                    raise
+                _skip_oom(s, exc, "prefill", f"b{batch}_p{prompt}", f"prefill b={batch:>2} p={prompt:>5}",
+                          batch=batch, prompt_tokens=prompt)
                 skip_from[batch] = prompt
-                s.log.add("prefill", f"b{batch}_p{prompt}", float("nan"), "oom", batch=batch, prompt_tokens=prompt)
-                s.say(f"prefill b={batch:>2} p={prompt:>5}: out of memory, skipped")
-                s.free()
                 continue
             samples[(batch, prompt)].extend(timing.samples_s)
             for rep, value in enumerate(timing.samples_s):
@@ -168,12 +175,9 @@ def run_decode_grid(s: Session, max_sum_context: int) -> dict:
             try:
                 steps, contexts, ws, new_segments = _decode_point(s, batch, context)
             except (RuntimeError, MemoryError) as exc:
-                if not is_oom(exc):
-                    raise
+                _skip_oom(s, exc, "decode", f"b{batch}_c{context}", f"decode  b={batch:>2} c={context:>5}",
+                          batch=batch, context=context)
                 skip_from[batch] = context
-                s.log.add("decode", f"b{batch}_c{context}", float("nan"), "oom", batch=batch, context=context)
-                s.say(f"decode  b={batch:>2} c={context:>5}: out of memory, skipped")
-                s.free()
                 continue
             # The first pass(es) warm the allocator and the host up: logged, not fitted.
             stage = "decode" if pass_ >= plan.decode_discard_passes else "decode_warm_pass"
