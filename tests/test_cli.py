@@ -158,3 +158,18 @@ def test_a_missing_gpu_extra_is_one_line(monkeypatch, tmp_path):
     monkeypatch.setattr(runner, "run_calibration", no_torch)
     result = _run("calibrate", "--device", "cpu", "--model", "tiny-llama", "--out", str(tmp_path / "p.json"))
     _one_line_error(result, "torch is not installed", "djinnsim[gpu]")
+
+
+def test_the_simulator_never_imports_torch():
+    """sim/ sees costs only through the cost model: a whole run leaves torch unimported."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, tempfile\n"
+        "from djinnsim.sim.run import run_scenario_file\n"
+        f"run_scenario_file({str(REPO / 'scenarios' / 'agents32.yaml')!r}, out=tempfile.mkdtemp(), quiet=True)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
