@@ -102,15 +102,18 @@ class CostModels:
         )
 
 
-def point_seed(seed: int, point: Point) -> np.random.SeedSequence:
+def point_seed(seed: int, point: Point, repeat: int = 0) -> np.random.SeedSequence:
     """The random streams of a point, keyed by what it simulates except the backend.
 
     Backends compared at the same model, GPU, link and N draw the same step-time jitter, ACT times
     and arrivals (common random numbers), so their difference is the backends', not the draws';
-    and a point draws the same whatever else its scenario sweeps.
+    and a point draws the same whatever else its scenario sweeps. `repeat` > 0 gives further
+    independent draws of the same point (validate simulates a point as often as it ran it for
+    real); repeat 0 is the draw `djinnsim run` makes.
     """
     key = f"{point.model.model_id}|{point.gpu.key}|{point.link.gbps:g}|{point.link.rtt_ms:g}|{point.n_agents}"
-    return np.random.SeedSequence([seed, zlib.crc32(key.encode())])
+    entropy = [seed, zlib.crc32(key.encode())]
+    return np.random.SeedSequence(entropy + [repeat] if repeat else entropy)
 
 
 def simulate_scenario(scenario: Scenario, calibration: Path | None = None, seed: int | None = None,

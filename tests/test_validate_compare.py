@@ -136,15 +136,39 @@ def test_mean_verdict_matches_its_definition(real, factor):
 
 
 def test_compare_point_uses_real_repeats_and_sim_peak():
-    sim = decode_run(1, 0.0, [0.2, 0.1])
+    sim = [compare.sim_repeat_metrics(decode_run(1, 0.0, [0.2, 0.1]), 12345.0, agents=False)]
     repeats = [{"latency_mean_s": 0.15, "bytes_up": 16.0}, {"latency_mean_s": 0.16, "bytes_up": 16.0}]
-    pc = compare.compare_point(0, "p", "full_djinn", None, 25.0, False, sim, 12345.0, repeats, {})
+    pc = compare.compare_point(0, "p", "full_djinn", None, 25.0, sim, {}, repeats, {})
     by = {c.metric: c for c in pc.metrics}
     assert by["latency_mean_s"].verdict == "PASS"  # 0.15 vs mean 0.155: within 5%
     assert by["bytes_up"].verdict == "PASS"
     assert by["peak_gpu_mem_bytes"].sim == 12345.0
     assert by["ttft_s"].verdict == "N/A"  # the real side did not report it
     assert compare.summarize([pc])["PASS"] >= 2
+
+
+def test_the_mean_of_simulated_repeats_is_judged_with_each_repeats_p99():
+    # Three simulated repeats: 0.10, 0.13 and 0.16 s per step. Their mean (0.13) is within 5% of the
+    # real 0.125; any one draw alone is not (0.10: -20%, 0.16: +28%, outside the real 0.12..0.13).
+    runs = [decode_run(1, 0.0, [d] * 4) for d in (0.10, 0.13, 0.16)]
+    sim = [compare.sim_repeat_metrics(r, None, agents=False) for r in runs]
+    real = [{"latency_mean_s": 0.12, "latency_p99_s": 0.3}, {"latency_mean_s": 0.13, "latency_p99_s": 0.35}]
+    pc = compare.compare_point(0, "p", "full_djinn", None, 25.0, sim, {}, real, {})
+    by = {c.metric: c for c in pc.metrics}
+    mean = by["latency_mean_s"]
+    per_repeat = [np.mean([x.latency_s for x in r]) for r in runs]
+    assert mean.sim_values == pytest.approx(per_repeat) and len(mean.sim_values) == 3
+    assert mean.sim == pytest.approx(np.mean(per_repeat))
+    assert (mean.sim_min, mean.sim_max) == (min(per_repeat), max(per_repeat))
+    assert mean.rel_err == pytest.approx((np.mean(per_repeat) - 0.125) / 0.125)
+    assert mean.verdict == "PASS"
+    for one in per_repeat[:1] + per_repeat[2:]:
+        assert judge(METRIC_BY_NAME["latency_mean_s"], one, [0.12, 0.13]).verdict == "FAIL"
+    p99 = by["latency_p99_s"]
+    each = [np.percentile([x.latency_s for x in r], 99) for r in runs]
+    assert p99.sim == pytest.approx(np.mean(each))  # mean of per-repeat P99s (0.13), as on the real side,
+    assert p99.sim != pytest.approx(np.percentile([x.latency_s for r in runs for x in r], 99))  # not pooled (0.16)
+    assert p99.verdict == "FAIL"  # 0.13 against the real 0.325
 
 
 def test_simulated_oom_n_from_bound_or_records():

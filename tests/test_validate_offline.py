@@ -141,3 +141,35 @@ def test_h100_reference_real_side_comes_back(part, tmp_path):
     assert [{k: v for k, v in r.items() if k not in drop} for r in live["oom"]] == \
         [{k: v for k, v in r.items() if k not in drop} for r in offline["oom"]]
     assert offline["notes"] == live["notes"]
+
+
+def test_every_point_is_simulated_as_often_as_it_ran_for_real(real_folder):
+    """Two real repeats: two simulated draws per point, each its own seed, repeat 0 being `djinnsim run`'s."""
+    import csv
+
+    from djinnsim.sim.costmodel import ProfileCostModel
+    from djinnsim.sim.profile import load_profile
+    from djinnsim.sim.records import RECORD_COLUMNS
+    from djinnsim.sim.run import point_seed
+    from djinnsim.sim.scenario import expand_points, load_scenario
+    from djinnsim.sim.simulate import simulate_point
+
+    doc = json.loads((real_folder / "validation.json").read_text())
+    assert doc["meta"]["repeats"] == 2
+    with (real_folder / "records_sim.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    scenario = load_scenario(real_folder / "scenario.yaml")
+    profile = load_profile(Path(doc["meta"]["profile"]["path"]))
+    differ = 0
+    for point in expand_points(scenario):
+        mine = [r for r in rows if int(r["point"]) == point.index]
+        assert {r["repeat"] for r in mine} == {"0", "1"}
+        draws = {rep: [r["latency_s"] for r in mine if r["repeat"] == rep] for rep in ("0", "1")}
+        one = simulate_point(scenario, point, ProfileCostModel(profile, point.model), point_seed(scenario.seed, point))
+        assert draws["0"] == [str(r.latency_s) for r in one.records]
+        differ += draws["0"] != draws["1"]
+        mean = next(p for p in doc["points"] if p["index"] == point.index)["metrics"]["latency_mean_s"]
+        assert len(mean["sim_values"]) == 2 and mean["sim"] == pytest.approx(sum(mean["sim_values"]) / 2)
+        assert mean["sim_min"] == min(mean["sim_values"]) and mean["sim_max"] == max(mean["sim_values"])
+    assert differ  # the profile's step-time jitter: repeat 1 is another draw
+    assert RECORD_COLUMNS[0] == "point" and rows and next(iter(rows[0])) == "repeat"

@@ -1,8 +1,10 @@
 """Metrics of a point from its records, and the simulated-vs-real comparison with its verdicts.
 
 The same functions compute every metric for both sides: real runs produce the same Record rows
-as the simulator. Each real point is repeated; the real value is the mean over repeats and the
-repeats' min/max/stdev are the spread each error is read against.
+as the simulator. Each real point is repeated, and simulated as many times, each simulated repeat
+with its own seed: a metric is computed per repeat on each side (a P99 is each repeat's P99), the
+compared values are the means over repeats, and the real repeats' min/max/stdev are the spread
+each error is read against (the simulated min/max are reported beside it).
 
 Targets (issue 4, §5): a mean within 5% or inside the real min..max (whichever is wider), P99 within
 10%, payload bytes within 1%, keep-alive OOM N exact. p50, per-token latency and TTFT are means of
@@ -119,7 +121,10 @@ def stage_means(records: list[Record]) -> dict[str, float]:
 @dataclass
 class Comparison:
     metric: str
-    sim: float | None
+    sim: float | None  # the mean over simulated repeats
+    sim_min: float | None
+    sim_max: float | None
+    sim_values: list[float]
     real_mean: float | None
     real_min: float | None
     real_max: float | None
@@ -139,24 +144,36 @@ def relative_error(sim: float, real: float) -> float:
     return (sim - real) / abs(real)
 
 
-def judge(metric: Metric, sim: float | None, real_values: list[float | None]) -> Comparison:
-    values = [float(v) for v in real_values if v is not None and not math.isnan(v)]
+def _values(values) -> list[float]:
+    return [float(v) for v in values if v is not None and not math.isnan(v)]
+
+
+def judge(metric: Metric, sim: float | None | list[float | None], real_values: list[float | None]) -> Comparison:
+    """`sim`: the value of each simulated repeat (or of the one draw); their mean is what is judged."""
+    sims = _values(sim if isinstance(sim, (list, tuple)) else [sim])
+    sim_mean = float(np.mean(sims)) if sims else None
+    sim_side = {"sim": sim_mean, "sim_min": min(sims) if sims else None, "sim_max": max(sims) if sims else None,
+                "sim_values": sims}
+    values = _values(real_values)
     if not values:
-        return Comparison(metric.name, sim, None, None, None, None, [], None, "N/A", metric.rule)
+        return Comparison(metric.name, **sim_side, real_mean=None, real_min=None, real_max=None, real_std=None,
+                          real_values=[], rel_err=None, verdict="N/A", rule=metric.rule)
     mean, lo, hi = float(np.mean(values)), min(values), max(values)
     std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-    if sim is None:
-        return Comparison(metric.name, None, mean, lo, hi, std, values, None, "N/A", metric.rule)
-    err = relative_error(sim, mean)
+    real_side = {"real_mean": mean, "real_min": lo, "real_max": hi, "real_std": std, "real_values": values}
+    if sim_mean is None:
+        return Comparison(metric.name, **sim_side, **real_side, rel_err=None, verdict="N/A", rule=metric.rule)
+    err = relative_error(sim_mean, mean)
     if metric.rule == "mean":
-        ok = abs(err) <= MEAN_TOLERANCE or lo <= sim <= hi
+        ok = abs(err) <= MEAN_TOLERANCE or lo <= sim_mean <= hi
     elif metric.rule == "p99":
         ok = abs(err) <= P99_TOLERANCE
     elif metric.rule == "bytes":
         ok = abs(err) <= BYTES_TOLERANCE
     else:
-        return Comparison(metric.name, sim, mean, lo, hi, std, values, err, "info", metric.rule)
-    return Comparison(metric.name, sim, mean, lo, hi, std, values, err, "PASS" if ok else "FAIL", metric.rule)
+        return Comparison(metric.name, **sim_side, **real_side, rel_err=err, verdict="info", rule=metric.rule)
+    return Comparison(metric.name, **sim_side, **real_side, rel_err=err, verdict="PASS" if ok else "FAIL",
+                      rule=metric.rule)
 
 
 def judge_oom(sim_n: int | None, real_n: int | None, probe_max: int | None) -> str:
@@ -190,17 +207,24 @@ class PointComparison:
                 "metrics": {c.metric: c.to_dict() for c in self.metrics}}
 
 
-def compare_point(index: int, label: str, backend: str, n_agents: int | None, link_gbps: float, agents: bool,
-                  sim_records: list[Record], sim_peak_mem: float | None,
+def sim_repeat_metrics(records: list[Record], peak_mem_bytes: float | None, agents: bool) -> dict[str, float | None]:
+    """The metrics of one simulated repeat: its records' metrics with the simulated memory peak."""
+    metrics = record_metrics(records, agents)
+    if peak_mem_bytes is not None:
+        metrics["peak_gpu_mem_bytes"] = float(peak_mem_bytes)
+    return metrics
+
+
+def compare_point(index: int, label: str, backend: str, n_agents: int | None, link_gbps: float,
+                  sim_repeats: list[dict[str, float | None]], sim_stage_means: dict[str, float],
                   real_repeats: list[dict[str, float | None]], real_stage_means: dict[str, float]) -> PointComparison:
-    """`real_repeats`: per repeat, its metrics (records' metrics with NVML and TTFT figures filled in)."""
-    sim = record_metrics(sim_records, agents)
-    if sim_peak_mem is not None:
-        sim["peak_gpu_mem_bytes"] = float(sim_peak_mem)
-    result = PointComparison(index, label, backend, n_agents, link_gbps, stages_sim=stage_means(sim_records),
+    """Per repeat, each side's metrics (`sim_repeat_metrics`; the real records' metrics with NVML and
+    TTFT figures filled in); the means over repeats are compared."""
+    result = PointComparison(index, label, backend, n_agents, link_gbps, stages_sim=sim_stage_means,
                              stages_real=real_stage_means)
     for metric in METRICS:
-        result.metrics.append(judge(metric, sim.get(metric.name), [r.get(metric.name) for r in real_repeats]))
+        result.metrics.append(judge(metric, [r.get(metric.name) for r in sim_repeats],
+                                    [r.get(metric.name) for r in real_repeats]))
     return result
 
 

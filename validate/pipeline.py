@@ -148,24 +148,22 @@ def calibrate_now(req: ValidateRequest, model_key: str, out_dir: Path, say: Call
 OUT_OF_RANGE_NOTE = "simulator asked outside the calibrated range: "
 
 
-def simulate(scenario: Scenario, profile_path: Path, profile: Profile) -> dict[int, object]:
-    """Simulate every point with this machine's profile as measured (no transfer)."""
-    if profile.metadata.gpu_key is not None:
-        from djinnsim.sim.run import simulate_scenario
-
-        result = simulate_scenario(scenario, calibration=profile_path)
-        return {p.point.index: p for p in result.points}
-    # A CPU profile names no GPU, so the scenario's GPU cannot match it: evaluate it directly, with
-    # the same per-point seeds as simulate_scenario.
+def simulate(scenario: Scenario, profile_path: Path, profile: Profile, repeats: int) -> dict[int, list]:
+    """Simulate every point `repeats` times with this machine's profile as measured (no transfer),
+    as often as it was run for real: one draw of a few runs moves by several percent (step-time
+    spells). Repeat r draws from `point_seed(seed, point, r)`; repeat 0 is `djinnsim run`'s draw."""
     from djinnsim.sim.costmodel import ProfileCostModel
+    from djinnsim.sim.run import CostModels, point_seed
     from djinnsim.sim.simulate import simulate_point
 
-    from djinnsim.sim.run import point_seed
-
-    return {
-        p.index: simulate_point(scenario, p, ProfileCostModel(profile, p.model), point_seed(scenario.seed, p))
-        for p in expand_points(scenario)
-    }
+    # A CPU profile names no GPU, so the scenario's GPU cannot match it: it is evaluated directly.
+    models = CostModels(scenario, profile_path) if profile.metadata.gpu_key is not None else None
+    out: dict[int, list] = {}
+    for point in expand_points(scenario):
+        cost = models.for_point(point) if models is not None else ProfileCostModel(profile, point.model)
+        out[point.index] = [simulate_point(scenario, point, cost, point_seed(scenario.seed, point, r))
+                            for r in range(repeats)]
+    return out
 
 
 def _sim_oom_n(point_results: list) -> int | None:
@@ -214,8 +212,9 @@ def _curves(agents: bool, comparisons: list[compare.PointComparison], real: Real
                 "real_p99_min": ms(p99.real_min), "real_p99_max": ms(p99.real_max), "sim_p99": ms(p99.sim)})
         else:
             per_repeat = [_decode_curve(rep.records) for rep in rp.repeats]
-            sim = _decode_curve(sims[pc.index].records)
-            ts = sorted(set.intersection(*(set(c) for c in per_repeat)) & set(sim)) if per_repeat else []
+            sim_repeats = [_decode_curve(pr.records) for pr in sims[pc.index]]
+            sim_ts = set.intersection(*(set(c) for c in sim_repeats)) if sim_repeats else set()
+            ts = sorted(set.intersection(*(set(c) for c in per_repeat)) & sim_ts) if per_repeat else []
             if not ts:
                 continue
             curves.setdefault(pc.backend, []).append({
@@ -223,7 +222,7 @@ def _curves(agents: bool, comparisons: list[compare.PointComparison], real: Real
                 "real_mean": [float(np.mean([c[t] for c in per_repeat])) for t in ts],
                 "real_min": [min(c[t] for c in per_repeat) for t in ts],
                 "real_max": [max(c[t] for c in per_repeat) for t in ts],
-                "sim": [sim[t] for t in ts]})
+                "sim": [float(np.mean([c[t] for c in sim_repeats])) for t in ts]})
     return curves
 
 
@@ -325,25 +324,29 @@ def compare_and_report(out_dir: Path, scenario_v: Scenario, points: list, real: 
     `meta` describes the real runs and the profile; `started_wall` (perf_counter) sets meta's wall_s."""
     agents = isinstance(scenario_v.workload, AgentsWorkload)
     cuda = meta["machine"]["device"] == "cuda"
-    say("simulating the same points")
-    sims = simulate(scenario_v, profile_path, profile)
+    n_repeats = int(meta["repeats"])
+    say(f"simulating the same points, {n_repeats} repeats each")
+    sims = simulate(scenario_v, profile_path, profile, n_repeats)
 
     comparisons = []
     for rp in real.points:
         p = rp.point
         repeats = [_real_repeat_metrics(rep, agents, cuda) for rep in rp.repeats]
         all_real = [r for rep in rp.repeats for r in rep.records]
-        pc = compare.compare_point(p.index, p.label, p.backend.name, p.n_agents, p.link.gbps, agents,
-                                   sims[p.index].records, sims[p.index].peak_mem_bytes, repeats,
-                                   compare.stage_means(all_real))
+        sim_repeats = [compare.sim_repeat_metrics(pr.records, pr.peak_mem_bytes, agents) for pr in sims[p.index]]
+        all_sim = [r for pr in sims[p.index] for r in pr.records]
+        pc = compare.compare_point(p.index, p.label, p.backend.name, p.n_agents, p.link.gbps,
+                                   sim_repeats, compare.stage_means(all_sim), repeats, compare.stage_means(all_real))
         pc.skipped = rp.skipped
         pc.notes = [e for rep in rp.repeats for e in rep.errors]
-        pc.notes += [f"{OUT_OF_RANGE_NOTE}{item}" for item in getattr(sims[p.index], "out_of_range", [])[:2]]
+        outside = sorted({item for pr in sims[p.index] for item in pr.out_of_range})
+        pc.notes += [f"{OUT_OF_RANGE_NOTE}{item}" for item in outside[:2]]
         comparisons.append(pc)
 
     oom_rows = []
     for probe in real.oom_probes:
-        sim_points = [pr for pr in sims.values() if pr.point.backend.name == probe.backend]
+        # Every simulated repeat counts: the first N at which any draw runs out.
+        sim_points = [pr for prs in sims.values() for pr in prs if pr.point.backend.name == probe.backend]
         sim_n = _sim_oom_n(sim_points)
         probe_max = probe.max_n if cuda else None
         oom_rows.append({"backend": probe.backend, "real_oom_n": probe.oom_n if cuda else None, "sim_oom_n": sim_n,
@@ -366,7 +369,9 @@ def compare_and_report(out_dir: Path, scenario_v: Scenario, points: list, real: 
         meta["wall_s"] = time.perf_counter() - started_wall
     report.write_json(doc, out_dir / "validation.json")
     (out_dir / "validation.md").write_text(report.markdown(doc, comparisons))
-    _write_records(out_dir / "records_sim.csv", [r for p in points for r in sims[p.index].records])
+    sim_runs = [(i, pr) for p in points for i, pr in enumerate(sims[p.index])]
+    _write_records(out_dir / "records_sim.csv", [r for _, pr in sim_runs for r in pr.records],
+                   [i for i, pr in sim_runs for _ in pr.records])
     if not quiet:
         print(short_table(comparisons, oom_rows, summary))
         print(f"report: {out_dir / 'validation.md'}")

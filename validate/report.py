@@ -59,9 +59,11 @@ def _metric_row(point: PointComparison, c: Comparison) -> str:
     metric = METRIC_BY_NAME[c.metric]
     unit = metric.unit
     spread = "N/A" if c.real_min is None else f"{fmt(c.real_min, unit)} – {fmt(c.real_max, unit)}"
+    sim_spread = "N/A" if c.sim_min is None else f"{fmt(c.sim_min, unit)} – {fmt(c.sim_max, unit)}"
     std = "N/A" if c.real_std is None else fmt(c.real_std, unit)
     return (f"| {point.label} | {metric.label} | {fmt(c.real_mean, unit)} | {spread} | {std} | {len(c.real_values)} | "
-            f"{fmt(c.sim, unit)} | {fmt_err(c.rel_err)} | {TARGET_TEXT[c.rule]} | {VERDICT_MARK[c.verdict]} |")
+            f"{fmt(c.sim, unit)} | {sim_spread} | {len(c.sim_values)} | {fmt_err(c.rel_err)} | {TARGET_TEXT[c.rule]} | "
+            f"{VERDICT_MARK[c.verdict]} |")
 
 
 def markdown(doc: dict, points: list[PointComparison]) -> str:
@@ -87,7 +89,8 @@ def markdown(doc: dict, points: list[PointComparison]) -> str:
         f"torch {meta['machine']['torch']}, transformers {meta['machine']['transformers']}, host {meta['machine']['host_cpu']}.  ",
         f"Profile: `{meta['profile']['path']}` ({meta['profile']['how']}; calibrated {meta['profile']['date']}, "
         f"quick={meta['profile']['quick']}).  ",
-        f"Model {meta['model']}, {meta['repeats']} repeats per real point; workload as run: {meta['workload']}.",
+        f"Model {meta['model']}, {meta['repeats']} repeats per point, real and simulated (each simulated repeat "
+        f"with its own seed); workload as run: {meta['workload']}.",
         "",
         "Ray cannot be installed on the GPU machines used here: its two baselines are emulated with processes "
         "(keep-alive: one resident worker process per agent with its own model copy and KV; serverless: one "
@@ -98,17 +101,19 @@ def markdown(doc: dict, points: list[PointComparison]) -> str:
         "Targets: mean latency within 5% or inside the real min–max across repeats; P99 within 10%; payload bytes "
         "within 1%; keep-alive OOM N exact. p50, per-token latency and time to first token are judged like the mean. "
         "Wire bytes (payload + framing), peak GPU memory and GPU utilization have no target (info). "
-        "The error is (sim - real mean) / real mean.",
+        "Each metric is computed per repeat (a P99 is one repeat's P99) and averaged over repeats on each side; "
+        "the error is (sim mean - real mean) / real mean.",
         "",
         f"**Summary: {doc['summary']['PASS']} PASS, {doc['summary']['FAIL']} FAIL, {doc['summary']['info']} info, "
         f"{doc['summary']['N/A']} N/A.**",
         "",
-        "| point | metric | real mean | real min – max | real sd | repeats | sim | error | target | verdict |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| point | metric | real mean | real min – max | real sd | real repeats | sim mean | sim min – max | "
+        "sim repeats | error | target | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for point in points:
         if point.skipped and not any(c.real_values for c in point.metrics):
-            lines.append(f"| {point.label} | (not run for real: {point.skipped}) | | | | | | | | |")
+            lines.append(f"| {point.label} | (not run for real: {point.skipped}) | | | | | | | | | | |")
             continue
         lines.extend(_metric_row(point, c) for c in point.metrics)
     lines += ["", "## Keep-alive OOM N", ""]
@@ -167,7 +172,7 @@ def overlay_plots(out_dir: Path, agents: bool, curves: dict[str, list[dict]]) ->
                                 capsize=4, label=f"real {key} (min–max of repeats)")
                 sim = [r[f"sim_{key}"] for r in rows]
                 ax.plot(ns, [v if v is not None else float("nan") for v in sim], "-", marker=style, mfc="none",
-                        label=f"simulated {key}")
+                        label=f"simulated {key} (mean of repeats)")
             ax.set_xlabel("agents N")
             ax.set_ylabel("per-phase latency (ms)")
             ax.set_xticks(ns)
@@ -177,7 +182,7 @@ def overlay_plots(out_dir: Path, agents: bool, curves: dict[str, list[dict]]) ->
                 ax.fill_between(row["t"], row["real_min"], row["real_max"], alpha=0.25,
                                 label=f"real min–max of repeats ({row['label']})")
                 ax.plot(row["t"], row["real_mean"], ".", label="real mean")
-                ax.plot(row["t"], row["sim"], "-", label="simulated")
+                ax.plot(row["t"], row["sim"], "-", label="simulated (mean of repeats)")
             ax.set_xlabel("generated token t")
             ax.set_ylabel("step latency (ms)")
         ax.set_title(backend)
