@@ -413,29 +413,24 @@ def test_time_sliced_overlaps_host_time_and_takes_gpu_time_in_turns():
     assert done["B"][1].compute_s == pytest.approx(1.0)
 
 
-def test_a_stream_cap_below_line_rate_sets_the_transfer_time():
-    """A 25 Gbps line (3.125 GB/s) but a host socket stack of 1.5 GB/s: 3 GB takes 2 s; two flows
-    share the line (1.5625 GB/s each), so the cap no longer binds."""
+def _finish_times(stream_cap_Bps: float, *sizes: float) -> list[float]:
+    """When each of `sizes` bytes, all sent at t = 0 on a 25 Gbps link, has arrived."""
     env = simpy.Environment()
-    link = Link(env, gbps=25, rtt_s=0.0, stream_cap_Bps=1.5e9)
+    link = Link(env, gbps=25, rtt_s=0.0, stream_cap_Bps=stream_cap_Bps)
     ends = []
 
     def send(nbytes):
         yield link.up.transfer(nbytes)
         ends.append(env.now)
 
-    env.process(send(3e9))
+    for nbytes in sizes:
+        env.process(send(nbytes))
     env.run()
-    assert ends == [pytest.approx(2.0, rel=1e-12)]
-    env2 = simpy.Environment()
-    link2 = Link(env2, gbps=25, rtt_s=0.0, stream_cap_Bps=1.6e9)
-    ends2 = []
+    return ends
 
-    def send2(nbytes):
-        yield link2.up.transfer(nbytes)
-        ends2.append(env2.now)
 
-    env2.process(send2(3.125e9))
-    env2.process(send2(3.125e9))
-    env2.run()
-    assert ends2 == [pytest.approx(2.0, rel=1e-12)] * 2
+def test_a_stream_cap_below_line_rate_sets_the_transfer_time():
+    """A 25 Gbps line (3.125 GB/s) but a host socket stack of 1.5 GB/s: 3 GB takes 2 s; two flows
+    share the line (1.5625 GB/s each), so a 1.6 GB/s cap no longer binds."""
+    assert _finish_times(1.5e9, 3e9) == [pytest.approx(2.0, rel=1e-12)]
+    assert _finish_times(1.6e9, 3.125e9, 3.125e9) == [pytest.approx(2.0, rel=1e-12)] * 2
