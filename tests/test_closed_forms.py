@@ -413,24 +413,13 @@ def test_time_sliced_overlaps_host_time_and_takes_gpu_time_in_turns():
     assert done["B"][1].compute_s == pytest.approx(1.0)
 
 
-def _finish_times(stream_cap_Bps: float, *sizes: float) -> list[float]:
-    """When each of `sizes` bytes, all sent at t = 0 on a 25 Gbps link, has arrived."""
-    env = simpy.Environment()
-    link = Link(env, gbps=25, rtt_s=0.0, stream_cap_Bps=stream_cap_Bps)
-    ends = []
-
-    def send(nbytes):
-        yield link.up.transfer(nbytes)
-        ends.append(env.now)
-
-    for nbytes in sizes:
-        env.process(send(nbytes))
-    env.run()
-    return ends
-
-
 def test_a_stream_cap_below_line_rate_sets_the_transfer_time():
     """A 25 Gbps line (3.125 GB/s) but a host socket stack of 1.5 GB/s: 3 GB takes 2 s; two flows
     share the line (1.5625 GB/s each), so a 1.6 GB/s cap no longer binds."""
-    assert _finish_times(1.5e9, 3e9) == [pytest.approx(2.0, rel=1e-12)]
-    assert _finish_times(1.6e9, 3.125e9, 3.125e9) == [pytest.approx(2.0, rel=1e-12)] * 2
+    env = simpy.Environment()
+    link = Link(env, gbps=25, rtt_s=0.0, stream_cap_Bps=1.5e9)
+    assert _finish_times(env, [(0.0, link.up, 3e9)]) == [pytest.approx(2.0, rel=1e-12)]
+    env = simpy.Environment()
+    link = Link(env, gbps=25, rtt_s=0.0, stream_cap_Bps=1.6e9)
+    both = _finish_times(env, [(0.0, link.up, 3.125e9), (0.0, link.up, 3.125e9)])
+    assert both == [pytest.approx(2.0, rel=1e-12)] * 2
