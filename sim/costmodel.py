@@ -114,6 +114,11 @@ class CostModel(ABC):
 
     jitter_block_steps = 128
 
+    def cold_shape_s(self, kind: Literal["decode", "prefill"], tokens: int) -> float:
+        """Extra time of a pass whose attention shapes its process has never run (`tokens`: the
+        pass's new tokens over the batch). Zero where not measured."""
+        return 0.0
+
     def jitter_sequence(self) -> np.ndarray | None:
         """Measured decode factors in time order, when the cost model has them."""
         return None
@@ -222,6 +227,10 @@ class ProfileCostModel(CostModel):
 
     def jitter_sequence(self) -> np.ndarray | None:
         return self._sequence
+
+    def cold_shape_s(self, kind: Literal["decode", "prefill"], tokens: int) -> float:
+        cold = self.profile.cold_shapes
+        return cold.extra_s(kind, tokens) if cold is not None else 0.0
 
     def weight_load(self, tier: LoadTier) -> WeightLoad:
         return self.profile.weight_load[tier]

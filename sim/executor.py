@@ -22,6 +22,7 @@ Pass = tuple  # ("prefill", tokens, context) | ("decode", context)
 class GpuWork:
     passes: list[Pass]
     batch: int = 1
+    process: object = "server"  # the GPU process that runs it: its attention-shape cache is its own
 
 
 @dataclass
@@ -37,11 +38,32 @@ class PassTimer:
 
     block = 4096
 
-    def __init__(self, cost: CostModel, rng: np.random.Generator) -> None:
+    def __init__(self, cost: CostModel, rng: np.random.Generator, cold_shapes: bool = False,
+                 seen: dict[object, set[tuple]] | None = None) -> None:
         self.cost = cost
         self.rng = rng
+        self.cold_shapes = cold_shapes
         self._memo: dict[tuple, float] = {}
         self._factors: dict[str, list[float]] = {"prefill": [], "decode": []}
+        self._seen = seen if seen is not None else {}  # process -> attention shapes it has run
+
+    @staticmethod
+    def shape(p: Pass, batch: int) -> tuple:
+        """The attention shape of a pass: (batch, query length, key length)."""
+        if p[0] == "prefill":
+            return (batch, p[1], p[2] + p[1])
+        return (batch, 1, p[1] + 1)
+
+    def cold_s(self, p: Pass, batch: int, process: object) -> float:
+        """The first-run cost of the pass's shape in `process` (then remembered as run), else 0."""
+        if not self.cold_shapes:
+            return 0.0
+        seen = self._seen.setdefault(process, set())
+        key = self.shape(p, batch)
+        if key in seen:
+            return 0.0
+        seen.add(key)
+        return self.cost.cold_shape_s(p[0], batch * p[1] if p[0] == "prefill" else batch)
 
     def base_s(self, p: Pass, batch: int) -> float:
         key = (p, batch)
@@ -60,8 +82,16 @@ class PassTimer:
             pool.extend(self.cost.jitter(self.rng, kind, self.block)[::-1].tolist())
         return pool.pop()
 
+    def costs_s(self, work: GpuWork) -> list[tuple[float, float]]:
+        """(duration, of which first-run host time of new shapes) per pass, in order."""
+        out = []
+        for p in work.passes:
+            cold = self.cold_s(p, work.batch, work.process)
+            out.append((self.base_s(p, work.batch) * self.factor(p[0]) + cold, cold))
+        return out
+
     def durations_s(self, work: GpuWork) -> list[float]:
-        return [self.base_s(p, work.batch) * self.factor(p[0]) for p in work.passes]
+        return [duration for duration, _ in self.costs_s(work)]
 
     def batched_decode_s(self, batch: int, sum_context: int) -> float:
         return self.cost.decode_step_s(batch, sum_context) * self.factor("decode")
@@ -98,11 +128,12 @@ class TimeSliced:
         self.gpu_fraction = timer.cost.gpu_busy_fraction()
 
     def execute(self, work: GpuWork):
-        durations = self.timer.durations_s(work)
+        costs = self.timer.costs_s(work)
         queued_s, started_at = 0.0, None
-        for p, duration in zip(work.passes, durations):
+        for p, (duration, cold_s) in zip(work.passes, costs):
             # Only launch-bound decode passes leave the GPU idle; a prefill keeps it busy throughout.
-            host_s = (1.0 - self.gpu_fraction) * duration if p[0] == "decode" else 0.0
+            # Building a new shape's attention plan is host work too.
+            host_s = cold_s + ((1.0 - self.gpu_fraction) * (duration - cold_s) if p[0] == "decode" else 0.0)
             if started_at is None:
                 started_at = self.env.now
             if host_s > 0:
@@ -112,7 +143,7 @@ class TimeSliced:
                 yield turn
                 queued_s += self.env.now - asked_at
                 yield self.env.timeout(duration - host_s)
-        return Execution(queued_s, sum(durations), started_at)
+        return Execution(queued_s, sum(d for d, _ in costs), started_at)
 
 
 @dataclass
@@ -127,7 +158,8 @@ class _Sequence:
 
 class ContinuousBatching:
     """vLLM-style iteration-level batching: new sequences are prefilled, then all running ones decode
-    together, one token per iteration, up to `max_batch` sequences."""
+    together, one token per iteration, up to `max_batch` sequences. Such an engine brings its own
+    attention kernels (paged, no per-shape plan), so no first-run cost of new shapes is charged."""
 
     def __init__(self, env: simpy.Environment, timer: PassTimer, max_batch: int) -> None:
         self.env = env

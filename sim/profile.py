@@ -92,6 +92,30 @@ class Memory(_Strict):
     oom_probe_copies: int | None = None
 
 
+class ColdShapes(_Strict):
+    """Extra host time of a forward pass whose attention shapes its process has never run.
+
+    PyTorch's cuDNN attention (the SDPA backend it picks on Hopper) builds an execution plan for
+    every new (batch, query length, key length) and caches it in the process: the first decode
+    step at a new context length, or the first prefill of a new prompt length, pays for the build.
+    Measured as cold minus warm time of the same pass in one process.
+    """
+
+    decode_extra_s: float = Field(ge=0, description="added to a decode step at a new context length")
+    prefill_extra_s: float = Field(default=0.0, ge=0, description="added to a prefill at new shapes: fixed part")
+    prefill_extra_per_token_s: float = Field(default=0.0, ge=0, description="... and per prompt token")
+    first_forward_s: float | None = Field(
+        default=None, ge=0, description="a process's first forward beyond a warm one (library set-up; "
+        "for the record: the simulated processes are warmed up at start, as servers are)")
+    n_samples: int = 0
+    source: str = Field(default="", description="how it was measured")
+
+    def extra_s(self, kind: str, tokens: int) -> float:
+        if kind == "decode":
+            return self.decode_extra_s
+        return self.prefill_extra_s + self.prefill_extra_per_token_s * tokens
+
+
 class Metadata(_Strict):
     source: Literal["measured", "roofline", "transferred"]
     gpu_name: str
@@ -138,6 +162,8 @@ class Profile(_Strict):
     end_to_end: dict[str, float] = Field(
         default_factory=dict, description="e.g. measured Exp 2.1 run percentiles, for the record"
     )
+    cold_shapes: ColdShapes | None = Field(
+        default=None, description="first-run cost of new attention shapes in a process; absent: not measured")
     samples_file: str | None = None
 
 

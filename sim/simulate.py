@@ -107,7 +107,8 @@ def token_pass(backend: Backend, prompt_tokens: int, t: int, cached_tokens: int 
 
 
 class PointSimulation:
-    def __init__(self, scenario: Scenario, point: Point, cost: CostModel, seed: np.random.SeedSequence) -> None:
+    def __init__(self, scenario: Scenario, point: Point, cost: CostModel, seed: np.random.SeedSequence,
+                 shapes_seen: dict[object, set] | None = None) -> None:
         self.scenario = scenario
         self.point = point
         self.backend = point.backend
@@ -128,7 +129,7 @@ class PointSimulation:
         tier = self.backend.weight_tier
         self.load_pipe = SharedPipe(self.env, lambda k: cost.load_aggregate_gbps(tier, k) * 1e9)
         policy = scenario.server.scheduler or self.backend.scheduler
-        self.executor = make_executor(policy, self.env, PassTimer(cost, np.random.default_rng(jitter_seed)), scenario.server.max_batch)
+        self.executor = make_executor(policy, self.env, PassTimer(cost, np.random.default_rng(jitter_seed), scenario.server.shapes == "cold", shapes_seen), scenario.server.max_batch)
         self.records: list[Record] = []
         self.server_ok = True
         if self.backend.weights == "shared":
@@ -238,6 +239,10 @@ class PointSimulation:
             )
         )
 
+    def _process(self, session: Session) -> object:
+        """The GPU process that serves `session`: the agent's own worker, or the one shared server."""
+        return session.agent if self.backend.weights in ("per_agent", "per_request") else "server"
+
     def _messages_per_token(self) -> int:
         return self.backend.ops_per_layer * self.model.num_layers if self.backend.round_trip == "op" else 1
 
@@ -251,7 +256,7 @@ class PointSimulation:
             up, down = backend.phase_bytes(self.model, context, input_tokens, new_tokens)
             grow = (input_tokens + new_tokens) if backend.kv == "session" else 0
             transient = (context + input_tokens + new_tokens) if backend.kv == "request" else 0
-            work = GpuWork(phase_passes(backend, context, input_tokens, new_tokens), batch)
+            work = GpuWork(phase_passes(backend, context, input_tokens, new_tokens), batch, self._process(session))
             out = yield from self._request(session, work, up * batch, down * batch, grow * batch, transient * batch)
             return [out]
         outcomes = []
@@ -264,7 +269,7 @@ class PointSimulation:
             else:
                 grow = 0
             transient = (prompt + t) if backend.kv == "client" else 0
-            work = GpuWork([token_pass(backend, prompt, t, cached)], batch)
+            work = GpuWork([token_pass(backend, prompt, t, cached)], batch, self._process(session))
             out = yield from self._request(
                 session, work, up * batch, down * batch, grow * batch, transient * batch, self._messages_per_token()
             )
@@ -413,9 +418,13 @@ def memory_bound_agents(scenario: Scenario, backend: Backend, cost: CostModel) -
     return None
 
 
-def simulate_point(scenario: Scenario, point: Point, cost: CostModel, seed: np.random.SeedSequence) -> PointResult:
+def simulate_point(scenario: Scenario, point: Point, cost: CostModel, seed: np.random.SeedSequence,
+                   shapes_seen: dict[object, set] | None = None) -> PointResult:
+    """`shapes_seen`: the attention shapes each GPU process ("server", or an agent's index for a
+    per-agent backend) has already run, carried in from earlier runs of the same processes and
+    updated in place; None: every process starts cold."""
     cost.out_of_range.clear()  # one cost model serves many points: keep only this point's queries
-    sim = PointSimulation(scenario, point, cost, seed)
+    sim = PointSimulation(scenario, point, cost, seed, shapes_seen)
     records = sim.run()
     return PointResult(
         point=point,

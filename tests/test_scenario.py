@@ -141,14 +141,17 @@ def test_decode_points_have_no_agent_count():
 
 def test_backends_at_the_same_point_draw_the_same_random_numbers():
     """Common random numbers: a point's draws depend on what it simulates, not on the backend or on
-    what else the scenario sweeps. At N = 1, batching has nothing to batch: same latencies."""
+    what else the scenario sweeps. At N = 1, batching has nothing to batch: same latencies (with warm
+    shapes: the batching engine's kernels have no first-run cost, the serial server's have)."""
     from djinnsim.sim.run import simulate_scenario
 
     workload = {"kind": "agents", "agents": [1, 4], "reason": {"input_tokens": 72, "new_tokens": 8},
                 "act": {"kind": "uniform", "low_s": 1, "high_s": 3}, "reflect": {"input_tokens": 8, "new_tokens": 8}}
     both = parse_scenario({"name": "a", "seed": 5, "backends": ["djinn", "batched"], "workload": workload,
+                           "server": {"shapes": "warm"},
                            "custom_backends": {"batched": {"base": "djinn", "scheduler": "continuous_batching"}}})
-    alone = parse_scenario({"name": "b", "seed": 5, "backends": ["djinn"], "workload": {**workload, "agents": [4]}})
+    alone = parse_scenario({"name": "b", "seed": 5, "backends": ["djinn"], "workload": {**workload, "agents": [4]},
+                            "server": {"shapes": "warm"}})
     result = simulate_scenario(both)
 
     def latencies(point):
