@@ -44,6 +44,13 @@ def warm_up(s: Session) -> None:
 
     ids = random_ids(s.spec, 1, EXP21_PROMPT_TOKENS, "cpu", seed=1).to(s.device)
     with torch.inference_mode():
+        # The process's very first forward (library and kernel set-up) against the same one warm.
+        for rep, stage in enumerate(("first_forward", "first_forward_warm", "first_forward_warm", "first_forward_warm")):
+            s.sync()
+            t0 = time.perf_counter()
+            forward(s.model, ids)
+            s.sync()
+            s.log.add(stage, f"p{EXP21_PROMPT_TOKENS}", time.perf_counter() - t0, "s", rep, batch=1, prompt_tokens=EXP21_PROMPT_TOKENS)
         started_at = time.perf_counter()
         while time.perf_counter() - started_at < s.plan.warmup_s:
             timed_greedy_decode(s.model, ids, 20, s.device)

@@ -116,4 +116,5 @@ def build_profile(r: dict[str, Any], metadata: Metadata, *, partial: bool = Fals
         network=r["network"],
         memory=memory,
         end_to_end=dict(r.get("end_to_end", {})),
+        cold_shapes=r.get("cold_shapes"),
     )

@@ -26,6 +26,7 @@ from .fitting import (
     FitPoint,
     fit_bandwidth,
 )
+from .bench_shapes import fit_cold_shapes
 from .profile_builder import exp21_prediction, fit_decode, fit_prefill, fit_workspace
 
 
@@ -113,6 +114,9 @@ def refit(profile: Profile, rows: list[dict[str, str]], note: str) -> Profile:
     if steps:  # the samples file keeps Exp 2.1's steps in the order they ran
         median = float(np.median(steps))
         update["jitter_decode_sequence"] = [v / median for v in steps]
+    cold = fit_cold_shapes(rows)
+    if cold is not None:
+        update["cold_shapes"] = cold
     tcp = bandwidth_from(rows, "tcp_send")
     if tcp is not None:
         update["network"] = profile.network.model_copy(update={"loopback_gbps": tcp.gbps})

@@ -248,6 +248,7 @@ def _measure(s: Session, before, oom_probe: bool) -> None:
 
     from .bench_compute import run_decode_grid, run_exp21, run_prefill_grid, warm_up
     from .bench_copies import run_copies
+    from .bench_shapes import run_cold_shapes
     from .bench_memory import context_overhead, weight_bytes
     from .bench_memory import oom_probe as probe
     from .bench_network import run_loopback, run_serde
@@ -291,6 +292,7 @@ def _measure(s: Session, before, oom_probe: bool) -> None:
     r["serde"] = staged("serde", run_serde, s)
     r["network"] = staged("network", run_loopback, s)
     staged("warm_up", warm_up, s)
+    r["cold_shapes"] = staged("cold_shapes", run_cold_shapes, s, optional=True)
     r["prefill"] = staged("prefill", run_prefill_grid, s)
 
     if s.is_cuda:
