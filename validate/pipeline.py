@@ -148,22 +148,53 @@ def calibrate_now(req: ValidateRequest, model_key: str, out_dir: Path, say: Call
 OUT_OF_RANGE_NOTE = "simulator asked outside the calibrated range: "
 
 
-def simulate(scenario: Scenario, profile_path: Path, profile: Profile, repeats: int) -> dict[int, list]:
+def simulate(scenario: Scenario, profile_path: Path, profile: Profile, repeats: int,
+             order: list[tuple[int, int]] | None = None) -> dict[int, list]:
     """Simulate every point `repeats` times with this machine's profile as measured (no transfer),
     as often as it was run for real: one draw of a few runs moves by several percent (step-time
-    spells). Repeat r draws from `point_seed(seed, point, r)`; repeat 0 is `djinnsim run`'s draw."""
+    spells). Repeat r draws from `point_seed(seed, point, r)`; repeat 0 is `djinnsim run`'s draw.
+
+    The real runs reuse their GPU processes from repeat to repeat and point to point, and a process
+    pays for an attention shape only the first time it runs it; so the simulated repeats run in
+    `order` ((point index, repeat) as they ran for real; the rest after, in order) and each real
+    process's shapes carry over to the next simulated run that uses it."""
     from djinnsim.sim.costmodel import ProfileCostModel
     from djinnsim.sim.run import CostModels, point_seed
     from djinnsim.sim.simulate import simulate_point
 
     # A CPU profile names no GPU, so the scenario's GPU cannot match it: it is evaluated directly.
     models = CostModels(scenario, profile_path) if profile.metadata.gpu_key is not None else None
-    out: dict[int, list] = {}
-    for point in expand_points(scenario):
+    points = {p.index: p for p in expand_points(scenario)}
+    runs = [run for run in (order or []) if run[0] in points and run[1] < repeats]
+    runs += [(i, r) for i in points for r in range(repeats) if (i, r) not in set(runs)]
+    seen_by_process: dict[tuple, set] = {}
+    out: dict[int, list] = {i: [None] * repeats for i in points}
+    for index, r in runs:
+        point = points[index]
         cost = models.for_point(point) if models is not None else ProfileCostModel(profile, point.model)
-        out[point.index] = [simulate_point(scenario, point, cost, point_seed(scenario.seed, point, r))
-                            for r in range(repeats)]
+        seen = {key: seen_by_process.setdefault(real, set()) for key, real in real_processes(point).items()}
+        out[index][r] = simulate_point(scenario, point, cost, point_seed(scenario.seed, point, r), seen)
     return out
+
+
+def real_processes(point) -> dict[object, tuple]:
+    """The simulator's GPU processes of a point -> the real runs' processes: one shared server per
+    link rate; keep-alive and serverless workers by agent index, reused across N."""
+    b = point.backend
+    if b.weights == "shared":
+        return {"server": ("shared", point.link.gbps)}
+    return {i: (b.weights, b.name, i) for i in range(point.n_agents or 1)}
+
+
+def real_order(real: RealResult) -> list[tuple[int, int]]:
+    """(point index, repeat) in the order the real repeats started."""
+    started = []
+    for rp in real.points:
+        for i, rep in enumerate(rp.repeats):
+            at = min((r.issued_at for r in rep.records), default=None)
+            if at is not None:
+                started.append((at, rp.point.index, i))
+    return [(index, i) for _, index, i in sorted(started)]
 
 
 def _sim_oom_n(point_results: list) -> int | None:
@@ -278,12 +309,14 @@ def run_validation(req: ValidateRequest) -> Path:
     points = select_points(expand_points(scenario_v), list(req.points) or None)
     cuda = req.device == "cuda"
 
+    draft = simulate(scenario_v, profile_path, profile, 1)  # how long each point should take: shortest runs first
+    expected_s = {i: max((r.finished_at for r in prs[0].records), default=0.0) for i, prs in draft.items()}
     options = RealOptions(
         device=f"cuda:{req.gpu}" if cuda else "cpu", gpu_index=req.gpu, repeats=req.repeats, seed=scenario_v.seed,
         deadline=time.perf_counter() + req.time_budget_s, oom_probe_max=req.oom_probe_max,
         context_bytes_per_process=profile.memory.context_bytes_per_process, weight_bytes=profile.memory.weight_bytes,
         dtype=profile.metadata.dtype,
-        request_timeout_s=300.0 if cuda else 60.0, start_timeout_s=600.0 if cuda else 120.0,
+        request_timeout_s=300.0 if cuda else 60.0, start_timeout_s=600.0 if cuda else 120.0, expected_s=expected_s,
     )
     say(f"real runs: {len(points)} points x {req.repeats} repeats on {machine.name}")
     real = RealRunner(scenario_v, points, options, say).run()
@@ -325,8 +358,8 @@ def compare_and_report(out_dir: Path, scenario_v: Scenario, points: list, real: 
     agents = isinstance(scenario_v.workload, AgentsWorkload)
     cuda = meta["machine"]["device"] == "cuda"
     n_repeats = int(meta["repeats"])
-    say(f"simulating the same points, {n_repeats} repeats each")
-    sims = simulate(scenario_v, profile_path, profile, n_repeats)
+    say(f"simulating the same points, {n_repeats} repeats each, in the order they ran for real")
+    sims = simulate(scenario_v, profile_path, profile, n_repeats, real_order(real))
 
     comparisons = []
     for rp in real.points:

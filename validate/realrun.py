@@ -82,6 +82,7 @@ class RealOptions:
     context_bytes_per_process: int = 0  # from the profile: sizes the serverless memory slots
     weight_bytes: int = 0
     dtype: str | None = None
+    expected_s: dict[int, float] | None = None  # point index -> simulated wall time: shortest run first
 
 
 def unsupported(point: Point, scenario: Scenario) -> str | None:
@@ -191,6 +192,8 @@ class RealRunner:
                 self.results[point.index].skipped = reason
             else:
                 runnable.append(point)
+        if self.opt.expected_s:  # a time budget then cuts the longest points, not whichever came last
+            runnable.sort(key=lambda p: self.opt.expected_s.get(p.index, 0.0))
         shared = [p for p in runnable if p.backend.weights == "shared"]
         per_agent = _by_backend(p for p in runnable if p.backend.weights == "per_agent")
         per_request = _by_backend(p for p in runnable if p.backend.weights == "per_request")

@@ -208,6 +208,11 @@ class _GpuState:
             self.model = None
             ones = torch.ones(8, 8, device=config.device, dtype=self.dtype)
             (ones @ ones).sum().item()  # the process is warm (context, cuBLAS) before its first load
+            # ... and its attention library is set up, as a resident server's warm-up does (the
+            # simulator charges a process only for attention shapes it has not run, not for set-up).
+            q = torch.ones(1, self.spec.num_heads, 8, self.spec.head_dim, device=config.device, dtype=self.dtype)
+            torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).sum().item()
+            torch.nn.functional.scaled_dot_product_attention(q[:, :, :1], q, q).sum().item()
             if config.weight_tier in ("pageable", "pinned"):
                 from .weights import host_state
 
