@@ -12,11 +12,19 @@
 #
 # Run from the repository root with djinnsim installed. Everything lands in $OUT (at most 8 files:
 # the report folders travel as one tarball); the last lines printed are the short tables.
+#
+# PART=exp21 then PART=agents splits the two steps over two commands on the same (warm) machine,
+# each with more time for real runs: the first keeps its profile in results/reference-profile/
+# (ignored by git, kept on the machine between commands), the second validates against it.
 set -uo pipefail
 OUT=${OUT:-results/validation/reference}
 WORK=$(mktemp -d /tmp/djinnsim-reference.XXXXXX)
 TOTAL_S=${TOTAL_S:-570}  # seconds from the script's start; the device allows 600 per command
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu runs the same plumbing with the tiny model (a dry run, no GPU)
+PART=${PART:-all}  # all | exp21 | agents
+KEEP=results/reference-profile
+EXP21_BUDGET_S=${EXP21_BUDGET_S:-240}  # seconds of real Exp 2.1 runs
+AGENT_REPEATS=${AGENT_REPEATS:-2}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
@@ -28,15 +36,25 @@ elapsed() { echo $(( $(date +%s) - t0 )); }
   nproc; free -g | head -2
 } > "$OUT/machine.txt" 2>&1
 
-timeout --kill-after=10 400 python3 -m djinnsim.cli validate scenarios/exp21_decode.yaml --gpu 0 --device "$DEVICE" \
-  --repeats 3 --runs 4 --warmup-runs 1 --time-budget-s 240 --out "$WORK/exp21" > "$OUT/exp21.log" 2>&1
-echo "exp21: exit $? at $(elapsed) s" >> "$OUT/machine.txt"
+if [ "$PART" != agents ]; then
+  timeout --kill-after=10 $(( EXP21_BUDGET_S + 160 )) python3 -m djinnsim.cli validate scenarios/exp21_decode.yaml --gpu 0 --device "$DEVICE" \
+    --repeats 3 --runs 4 --warmup-runs 1 --time-budget-s "$EXP21_BUDGET_S" --out "$WORK/exp21" > "$OUT/exp21.log" 2>&1
+  echo "exp21: exit $? at $(elapsed) s" >> "$OUT/machine.txt"
+  profile=$(ls "$WORK"/exp21/calibration/*.json 2>/dev/null | head -1)
+  if [ -n "$profile" ]; then
+    rm -rf "$KEEP" && mkdir -p "$KEEP" && cp "$WORK"/exp21/calibration/* "$KEEP"/
+  fi
+else
+  profile=$(ls "$KEEP"/*.json 2>/dev/null | head -1)
+  echo "agents: profile kept by PART=exp21: '${profile}'" >> "$OUT/machine.txt"
+fi
 
-profile=$(ls "$WORK"/exp21/calibration/*.json 2>/dev/null | head -1)
 left=$(( TOTAL_S - $(elapsed) ))
-if [ -n "$profile" ] && [ "$left" -gt 90 ]; then
+if [ "$PART" = exp21 ]; then
+  :
+elif [ -n "$profile" ] && [ "$left" -gt 90 ]; then
   timeout --kill-after=10 "$left" python3 -m djinnsim.cli validate scenarios/agents32.yaml --gpu 0 --device "$DEVICE" \
-    --calibration "$profile" --agents 1,2 --act-s 1 --repeats 2 --oom-probe-max 12 \
+    --calibration "$profile" --agents 1,2 --act-s 1 --repeats "$AGENT_REPEATS" --oom-probe-max 12 \
     --time-budget-s $(( left - 60 )) --out "$WORK/agents" > "$OUT/agents.log" 2>&1
   echo "agents: exit $? at $(elapsed) s" >> "$OUT/machine.txt"
 else
