@@ -35,6 +35,22 @@ def fit_prefill(points: list[FitPoint]) -> LinearFit | PiecewiseFit:
     return _with_domain(fit, {"context": (0.0, 0.0)})
 
 
+def exp21_decode_points(rows) -> list[FitPoint]:
+    """Exp 2.1's kept runs as decode-fit points (batch 1, the run's median context and step): a
+    launch-bound step flips between host speeds for seconds at a time, and a quick grid holds only
+    a few dozen steps, so the runs' hundreds of steps, measured later, anchor the level too."""
+    runs: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        if row["stage"] == "exp21_step" and row.get("unit", "s") == "s":
+            runs.setdefault(str(row["point"]), []).append((float(row["context"]), float(row["value"])))
+    points = []
+    for steps in runs.values():
+        context = float(np.median([c for c, _ in steps]))
+        points.append(FitPoint({"batch": 1.0, "context": context, "sum_context": context},
+                               float(np.median([v for _, v in steps]))))
+    return points
+
+
 def fit_decode(points: list[FitPoint]) -> LinearFit | PiecewiseFit:
     return fit_piecewise(points, DECODE_FEATURES, DECODE_SCALE, ["batch", "context", "sum_context"], ["batch", "context"])
 

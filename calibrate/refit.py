@@ -27,7 +27,7 @@ from .fitting import (
     fit_bandwidth,
 )
 from .bench_shapes import fit_cold_shapes
-from .profile_builder import exp21_prediction, fit_decode, fit_prefill, fit_workspace
+from .profile_builder import exp21_decode_points, exp21_prediction, fit_decode, fit_prefill, fit_workspace
 
 
 def read_samples(path: Path) -> list[dict[str, str]]:
@@ -64,7 +64,7 @@ def decode_points(rows) -> list[FitPoint]:
         context = float(np.median([_num(r, "context") for r in group]))
         inputs = {"batch": batch, "context": context, "sum_context": batch * context}
         points.append(FitPoint(inputs, float(np.median([_num(r, "value") for r in group]))))
-    return points
+    return points + exp21_decode_points(rows)
 
 
 def workspace_points(rows, stage: str) -> list[FitPoint]:

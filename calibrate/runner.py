@@ -257,6 +257,7 @@ def _measure(s: Session, before, oom_probe: bool) -> None:
     from .modeling import build_model
     from .profile_builder import (
         build_profile,
+        exp21_decode_points,
         exp21_prediction,
         fit_decode,
         fit_prefill,
@@ -318,7 +319,8 @@ def _measure(s: Session, before, oom_probe: bool) -> None:
     else:
         s.notes.append("no NVML telemetry (nvidia-ml-py or a driver missing, or device cpu)")
 
-    r["fits"] = {"prefill": fit_prefill(r["prefill"]["points"]), "decode": fit_decode(r["decode"]["points"])}
+    r["fits"] = {"prefill": fit_prefill(r["prefill"]["points"]),
+                 "decode": fit_decode(r["decode"]["points"] + exp21_decode_points(s.log.rows))}
     for name, fit in r["fits"].items():
         for line in describe_fit(fit):
             s.say(f"fit {name}: {line}")

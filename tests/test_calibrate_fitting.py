@@ -130,3 +130,14 @@ def test_bandwidth_fit_gives_large_buffers_their_own_rate():
     assert bw.large_gbps == pytest.approx(1.5, rel=0.02)
     assert bw.time_s(2**30) == pytest.approx(2e-5 + 2**30 / 1.5e9, rel=0.02)
     assert bw.time_s(2**20) == pytest.approx(2e-5 + 2**20 / 12e9, rel=0.02)
+
+
+def test_exp21_runs_become_decode_fit_points_one_per_run():
+    from djinnsim.calibrate.profile_builder import exp21_decode_points
+
+    rows = [{"stage": "exp21_step", "point": f"run{run}", "value": str(0.02 + 0.01 * run + 1e-4 * t), "unit": "s",
+             "context": str(72 + t)} for run in (2, 3) for t in range(49)]
+    rows.append({"stage": "decode", "point": "b1_c64", "value": "0.5", "unit": "s", "context": "64"})
+    points = sorted(exp21_decode_points(rows), key=lambda p: p.value)
+    assert [p.inputs for p in points] == [{"batch": 1.0, "context": 96.0, "sum_context": 96.0}] * 2
+    assert [p.value for p in points] == pytest.approx([0.0424, 0.0524])
