@@ -186,6 +186,34 @@ def real_processes(point) -> dict[object, tuple]:
     return {i: (b.weights, b.name, i) for i in range(point.n_agents or 1)}
 
 
+def _repeat_figures(records) -> tuple[float | None, float | None]:
+    """(mean latency, median compute per generated token) of a repeat's measured requests."""
+    measured = [r for r in records if not r.warmup and r.status == "ok"]
+    if not measured:
+        return None, None
+    per_token = [r.compute_s / r.new_tokens for r in measured if r.new_tokens > 0]
+    return float(np.mean([r.latency_s for r in measured])), float(np.median(per_token)) if per_token else None
+
+
+def repeat_rows(real: RealResult, sims: dict) -> list[dict]:
+    """Each real repeat beside its simulated twin, in the order they ran: the host's step-time drift
+    over the run and the repeats that met new attention shapes show here, not in the means."""
+    first = min((r.issued_at for rp in real.points for rep in rp.repeats for r in rep.records), default=0.0)
+    rows = []
+    for rp in real.points:
+        for i, rep in enumerate(rp.repeats):
+            if not rep.records:
+                continue
+            real_mean, real_tok = _repeat_figures(rep.records)
+            sim = sims.get(rp.point.index, [])
+            sim_mean, sim_tok = _repeat_figures(sim[i].records) if i < len(sim) and sim[i] is not None else (None, None)
+            rows.append({"point": rp.point.label, "repeat": i,
+                         "at_s": min(r.issued_at for r in rep.records) - first,
+                         "real_mean_s": real_mean, "sim_mean_s": sim_mean,
+                         "real_compute_per_token_s": real_tok, "sim_compute_per_token_s": sim_tok})
+    return sorted(rows, key=lambda row: row["at_s"])
+
+
 def real_order(real: RealResult) -> list[tuple[int, int]]:
     """(point index, repeat) in the order the real repeats started."""
     started = []
@@ -395,6 +423,7 @@ def compare_and_report(out_dir: Path, scenario_v: Scenario, points: list, real: 
         "summary": summary,
         "points": [pc.to_dict() for pc in comparisons],
         "oom": oom_rows,
+        "repeats": repeat_rows(real, sims),
         "notes": real.notes + device_notes(scenario_v, meta["machine"]["device"], meta["model"]),
         "figures": figures,
     }

@@ -136,6 +136,17 @@ def markdown(doc: dict, points: list[PointComparison]) -> str:
                 cells = " | ".join(fmt(stages.get(k), "s") for k in
                                    ("connect_s", "uplink_s", "queue_s", "load_s", "copy_s", "compute_s", "downlink_s"))
                 lines.append(f"| {point.label} | {side} | {cells} |")
+    if doc.get("repeats"):
+        lines += ["", "## Repeat by repeat, in the order run", "",
+                  "Mean latency and median GPU compute per generated token of each repeat's measured requests, "
+                  "real beside the simulated repeat that stands for it (same processes, same shapes already run). "
+                  "Warm-shape compute per token moving between repeats of one point is the host's step-time drift.",
+                  "", "| started (s) | point | repeat | real mean | sim mean | real compute/token | sim compute/token |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in doc["repeats"]:
+            lines.append(f"| {row['at_s']:.0f} | {row['point']} | {row['repeat']} | {fmt(row['real_mean_s'], 's')} | "
+                         f"{fmt(row['sim_mean_s'], 's')} | {fmt(row['real_compute_per_token_s'], 's')} | "
+                         f"{fmt(row['sim_compute_per_token_s'], 's')} |")
     skipped = [p for p in points if p.skipped]
     if skipped:
         lines += ["", "## Points not (fully) run for real", ""]
