@@ -25,6 +25,8 @@ PART=${PART:-all}  # all | exp21 | agents
 KEEP=results/reference-profile
 EXP21_BUDGET_S=${EXP21_BUDGET_S:-240}  # seconds of real Exp 2.1 runs
 AGENT_REPEATS=${AGENT_REPEATS:-2}
+FULL_CALIBRATION=${FULL_CALIBRATION:-0}  # 1: the full calibration (about 300 s on an H100), not --quick (about 110 s)
+if [ "$FULL_CALIBRATION" = 1 ]; then CALIBRATION_FLAG=--full-calibration; CALIBRATION_S=360; else CALIBRATION_FLAG=; CALIBRATION_S=160; fi
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
@@ -37,8 +39,8 @@ elapsed() { echo $(( $(date +%s) - t0 )); }
 } > "$OUT/machine.txt" 2>&1
 
 if [ "$PART" != agents ]; then
-  timeout --kill-after=10 $(( EXP21_BUDGET_S + 160 )) python3 -m djinnsim.cli validate scenarios/exp21_decode.yaml --gpu 0 --device "$DEVICE" \
-    --repeats 3 --runs 4 --warmup-runs 1 --time-budget-s "$EXP21_BUDGET_S" --out "$WORK/exp21" > "$OUT/exp21.log" 2>&1
+  timeout --kill-after=10 $(( EXP21_BUDGET_S + CALIBRATION_S )) python3 -m djinnsim.cli validate scenarios/exp21_decode.yaml --gpu 0 --device "$DEVICE" \
+    --repeats 3 --runs 4 --warmup-runs 1 --time-budget-s "$EXP21_BUDGET_S" $CALIBRATION_FLAG --out "$WORK/exp21" > "$OUT/exp21.log" 2>&1
   echo "exp21: exit $? at $(elapsed) s" >> "$OUT/machine.txt"
   profile=$(ls "$WORK"/exp21/calibration/*.json 2>/dev/null | head -1)
   if [ -n "$profile" ]; then
