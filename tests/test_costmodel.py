@@ -118,10 +118,17 @@ def test_transferred_decode_is_faster_on_faster_hbm(h100_profile):
 def test_profile_cost_model_evaluates_the_fits(h100_profile):
     cost = ProfileCostModel(h100_profile, LLAMA)
     assert cost.decode_step_s(2, 1000) == pytest.approx(0.012 + 2.0e-7 * 1000 + 1.0e-4 * 2, rel=1e-12)
-    assert cost.prefill_s(100, batch=2) == pytest.approx(0.002 + 3.0e-5 * 200 + 1.0e-9 * 2 * 100**2, rel=1e-12)
+    assert cost.prefill_s(400, batch=2) == pytest.approx(0.002 + 3.0e-5 * 800 + 1.0e-9 * 2 * 400**2, rel=1e-12)
     assert cost.copy_s(12e9, "h2d", pinned=False) == pytest.approx(2e-5 + 1.0, rel=1e-12)
     assert cost.copy_s(0) == 0.0
     assert cost.out_of_range == set()
+
+
+def test_a_prefill_never_costs_less_than_a_decode_step_at_its_batch_and_context(h100_profile):
+    cost = ProfileCostModel(h100_profile, LLAMA)
+    # The fit gives 0.002 + 3e-5 * 200 + 2e-9 * 100**2 = 8.02 ms; a decode step at batch 2 costs 12.2 ms.
+    assert cost.prefill_s(100, batch=2) == pytest.approx(0.012 + 1.0e-4 * 2, rel=1e-12)
+    assert cost.prefill_s(16, batch=1, context_tokens=1000) == pytest.approx(0.012 + 2.0e-7 * 1000 + 1.0e-4, rel=1e-12)
 
 
 def test_profile_cost_model_flags_out_of_range_queries(h100_profile):
