@@ -32,11 +32,11 @@ class Server(_Strict):
         default="none", description="idle: swap a session's KV to host memory during ACT, restore before REFLECT"
     )
     pinned_host_kv: bool = True
-    shapes: Literal["cold", "warm"] = Field(
-        default="cold",
-        description="cold: each GPU process starts having run no attention shape, and pays the profile's "
-        "cold_shapes cost the first time it meets one (as freshly started processes do); warm: every "
-        "shape was run before (a long-running deployment)",
+    shapes: Literal["warm", "cold"] = Field(
+        default="warm",
+        description="warm: every GPU process has run every attention shape before (a long-running "
+        "deployment); cold: each process starts having run none and pays the profile's cold_shapes "
+        "cost the first time it meets one, as freshly started processes do (validation runs this way)",
     )
 
 

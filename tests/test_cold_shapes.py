@@ -141,3 +141,11 @@ def test_validation_carries_shapes_across_repeats_of_the_same_processes(tmp_path
     cold_s = sum(DECODE_EXTRA if p[0] == "decode" else PREFILL_FIXED for p in passes)
     assert compute[0] - compute[1] == pytest.approx(cold_s, rel=1e-9)
     assert sum(r.compute_s for r in fresh[0][0].records) == pytest.approx(compute[0], rel=1e-12)
+
+
+def test_run_defaults_to_warm_shapes_and_validation_to_cold():
+    from djinnsim.validate.points import Shortening, validation_scenario
+
+    scenario = parse_scenario({"name": "s", "backends": ["djinn"], "workload": {"kind": "agents", "agents": [1]}})
+    assert scenario.server.shapes == "warm"
+    assert validation_scenario(scenario, Shortening(), None, None).server.shapes == "cold"

@@ -33,7 +33,7 @@ backends: [native_pytorch, full_djinn]
 link: {gbps: 25, rtt_ms: 0.2}
 workload: {kind: decode, prompt_tokens: 8, new_tokens: 4, runs: 3, warmup_runs: 1}
 """
-H100 = Path(__file__).resolve().parent.parent / "docs" / "validation" / "h100-80gb"
+H100 = Path(__file__).resolve().parents[1] / "docs" / "validation" / "h100-80gb" / "run4-full-calibration"
 REPORT_FILES = ("validation.md", "validation.json", "records_sim.csv", "records_real.csv", "scenario.yaml")
 
 
@@ -129,7 +129,7 @@ def test_offline_refuses_a_folder_without_real_records(real_folder, tmp_path):
 @pytest.mark.parametrize("part", ["exp21", "agents"])
 def test_h100_reference_real_side_comes_back(part, tmp_path):
     """NVML figures, first-token stamps and the OOM probe read back from the committed H100 runs."""
-    result = _offline(H100 / part, tmp_path / part, "--calibration", str(H100 / "gpu-llama-2-7b.json"))
+    result = _offline(H100 / part, tmp_path / part, "--calibration", str(H100 / "exp21" / "calibration" / "gpu-llama-2-7b.json"))
     assert result.exit_code == 0, result.output
     live, offline = (json.loads((f / "validation.json").read_text()) for f in (H100 / part, tmp_path / part))
     real_keys = ("real_mean", "real_min", "real_max", "real_std", "real_values")

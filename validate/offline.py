@@ -39,6 +39,7 @@ from .pipeline import (
     device_notes,
     profile_meta,
 )
+from .points import as_run_for_real
 from .realrun import OomProbe, RealPointResult, RealResult, RepeatResult
 
 FOLDER_FILES = ("scenario.yaml", "records_real.csv", "validation.json")
@@ -178,7 +179,7 @@ def run_offline(req: OfflineRequest) -> Path:
         raise DjinnsimError(f"--out {out_dir} exists and is not a folder")
     doc = _read_json(folder / "validation.json")
     real_meta = doc["meta"]
-    scenario_v = load_scenario(folder / "scenario.yaml")
+    scenario_v = as_run_for_real(load_scenario(folder / "scenario.yaml"))
     profile_path, how = _profile_path(req, folder, real_meta)
     profile = load_profile(profile_path)
     spec = get_model(scenario_v.model)

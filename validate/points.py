@@ -58,7 +58,13 @@ def validation_scenario(scenario: Scenario, short: Shortening, model: str | None
     raw["cost_model"] = "profile"
     raw["sweep"] = {"link_gbps": raw.get("sweep", {}).get("link_gbps")}
     raw["name"] = f"{scenario.name}-validation"
-    return parse_scenario(raw, f"validation of {scenario.name}")
+    return as_run_for_real(parse_scenario(raw, f"validation of {scenario.name}"))
+
+
+def as_run_for_real(scenario: Scenario) -> Scenario:
+    """The real runs start fresh GPU processes, which meet every attention shape for the first time
+    (and the simulated repeats carry each process's shapes over, in the order they ran)."""
+    return scenario.model_copy(update={"server": scenario.server.model_copy(update={"shapes": "cold"})})
 
 
 def select_points(points: list[Point], patterns: list[str] | None) -> list[Point]:
