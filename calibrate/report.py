@@ -33,6 +33,11 @@ def summary_rows(profile: Profile, r: dict[str, Any]) -> list[tuple[str, str]]:
             f"vs predicted {e['exp21.predicted.total_s'] * 1e3:.1f} ms (x{ratio:.3f})",
         ))
         rows.append(("decode step b=1", f"p50 {e['exp21.step_s.p50'] * 1e3:.2f} ms, p90 {e['exp21.step_s.p90'] * 1e3:.2f} ms"))
+    cold = profile.cold_shapes
+    if cold is not None:
+        first = f", first forward +{cold.first_forward_s:.2f} s" if cold.first_forward_s is not None else ""
+        rows.append(("new attention shape", f"decode step +{cold.decode_extra_s * 1e3:.1f} ms, prefill +{cold.prefill_extra_s * 1e3:.1f} ms "
+                     f"+ {cold.prefill_extra_per_token_s * 1e6:.2f} us/token{first} ({cold.n_samples} pairs)"))
     for name in ("h2d_pinned", "h2d_pageable", "d2h_pinned", "d2h_pageable", "serialize", "deserialize"):
         bw = getattr(profile, name)
         large = f"; above {bw.large_from_bytes / 2**20:.0f} MiB: {bw.large_gbps:.2f} GB/s" if bw.large_gbps else ""
