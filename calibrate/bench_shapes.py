@@ -92,7 +92,9 @@ def fit_cold_shapes(rows: list[dict]) -> ColdShapes | None:
             key = (row["point"], _f(row, "prompt_tokens"))
         else:
             continue
-        by_stage[stage][key].append(float(row["value"]))
+        value = _f(row, "value")
+        if value is not None and np.isfinite(value):
+            by_stage[stage][key].append(value)
 
     def paired(cold_stage: str, warm_stage: str) -> list[tuple[tuple, float]]:
         cold, warm = by_stage.get(cold_stage, {}), by_stage.get(warm_stage, {})

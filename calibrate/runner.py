@@ -248,7 +248,7 @@ def _measure(s: Session, before, oom_probe: bool) -> None:
 
     from .bench_compute import run_decode_grid, run_exp21, run_prefill_grid, warm_up
     from .bench_copies import run_copies
-    from .bench_shapes import run_cold_shapes
+    from .bench_shapes import fit_cold_shapes, run_cold_shapes
     from .bench_memory import context_overhead, weight_bytes
     from .bench_memory import oom_probe as probe
     from .bench_network import run_loopback, run_serde
@@ -319,6 +319,8 @@ def _measure(s: Session, before, oom_probe: bool) -> None:
     else:
         s.notes.append("no NVML telemetry (nvidia-ml-py or a driver missing, or device cpu)")
 
+    if r.get("cold_shapes") is None:  # the stage failed: the decode grid's first pass still tells
+        r["cold_shapes"] = fit_cold_shapes(s.log.rows)
     r["fits"] = {"prefill": fit_prefill(r["prefill"]["points"]),
                  "decode": fit_decode(r["decode"]["points"] + exp21_decode_points(s.log.rows))}
     for name, fit in r["fits"].items():
