@@ -149,3 +149,36 @@ def test_run_defaults_to_warm_shapes_and_validation_to_cold():
     scenario = parse_scenario({"name": "s", "backends": ["djinn"], "workload": {"kind": "agents", "agents": [1]}})
     assert scenario.server.shapes == "warm"
     assert validation_scenario(scenario, Shortening(), None, None).server.shapes == "cold"
+
+
+def _profile_file(tmp_path):
+    profile = make_profile().model_copy(update={
+        "jitter_decode": [1.0], "cold_shapes": ColdShapes(decode_extra_s=DECODE_EXTRA, prefill_extra_s=PREFILL_FIXED)})
+    return profile, save_profile(profile, tmp_path / "p.json")
+
+
+def test_the_repeat_that_ran_first_for_real_is_the_cold_one(tmp_path):
+    profile, path = _profile_file(tmp_path)
+    scenario = _agents("djinn", 1).model_copy(update={"cost_model": "profile"})
+    sims = simulate(scenario, path, profile, 2, order=[(0, 1), (0, 0)])
+    compute = [sum(r.compute_s for r in pr.records) for pr in sims[0]]
+    assert compute[1] > compute[0]  # repeat 1 ran first: it met the shapes
+    warm = simulate(scenario.model_copy(update={"server": scenario.server.model_copy(update={"shapes": "warm"})}),
+                    path, profile, 1)
+    assert compute[0] == pytest.approx(sum(r.compute_s for r in warm[0][0].records), rel=1e-12)
+
+
+def test_keepalive_workers_carry_their_shapes_from_n1_to_n2(tmp_path):
+    """N = 1 ran on worker 0; at N = 2 worker 0 is warm and worker 1 (fresh) is cold, as for real."""
+    profile, path = _profile_file(tmp_path)
+    scenario = parse_scenario({
+        "name": "ka", "backends": ["ray_keepalive"], "server": {"shapes": "cold"},
+        "workload": {"kind": "agents", "agents": [1, 2], "reason": {"input_tokens": 72, "new_tokens": 50},
+                     "act": {"kind": "fixed", "seconds": 30}, "reflect": {"input_tokens": 16, "new_tokens": 50}}})
+    n1, n2 = expand_points(scenario)
+    assert real_processes(n2) == {0: ("per_agent", "ray_keepalive", 0), 1: ("per_agent", "ray_keepalive", 1)}
+    sims = simulate(scenario, path, profile, 1, order=[(n1.index, 0), (n2.index, 0)])
+    by_agent = {a: sum(r.compute_s for r in sims[n2.index][0].records if r.agent == a) for a in (0, 1)}
+    passes = phase_passes(n2.backend, 0, 72, 50) + phase_passes(n2.backend, 0, 72 + 50 + 16, 50)
+    cold_s = sum(DECODE_EXTRA if p[0] == "decode" else PREFILL_FIXED for p in passes)
+    assert by_agent[1] - by_agent[0] == pytest.approx(cold_s, rel=1e-9)

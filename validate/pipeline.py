@@ -394,8 +394,11 @@ def compare_and_report(out_dir: Path, scenario_v: Scenario, points: list, real: 
         p = rp.point
         repeats = [_real_repeat_metrics(rep, agents, cuda) for rep in rp.repeats]
         all_real = [r for rep in rp.repeats for r in rep.records]
-        sim_repeats = [compare.sim_repeat_metrics(pr.records, pr.peak_mem_bytes, agents) for pr in sims[p.index]]
-        all_sim = [r for pr in sims[p.index] for r in pr.records]
+        # As many simulated repeats as real ones: a repeat cut by the budget has no twin (the extra
+        # simulated ones would run last, on warm processes, and pull the simulated mean down).
+        twins = sims[p.index][:len(rp.repeats) or len(sims[p.index])]
+        sim_repeats = [compare.sim_repeat_metrics(pr.records, pr.peak_mem_bytes, agents) for pr in twins]
+        all_sim = [r for pr in twins for r in pr.records]
         pc = compare.compare_point(p.index, p.label, p.backend.name, p.n_agents, p.link.gbps,
                                    sim_repeats, compare.stage_means(all_sim), repeats, compare.stage_means(all_real))
         pc.skipped = rp.skipped

@@ -194,6 +194,8 @@ class RealRunner:
                 runnable.append(point)
         if self.opt.expected_s:  # a time budget then cuts the longest points, not whichever came last
             runnable.sort(key=lambda p: self.opt.expected_s.get(p.index, 0.0))
+        # One shared server per link rate (it paces at its rate): the rates one after another.
+        runnable.sort(key=lambda p: p.link.gbps if p.backend.weights == "shared" else 0.0)
         shared = [p for p in runnable if p.backend.weights == "shared"]
         per_agent = _by_backend(p for p in runnable if p.backend.weights == "per_agent")
         per_request = _by_backend(p for p in runnable if p.backend.weights == "per_request")
