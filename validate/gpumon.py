@@ -10,6 +10,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from djinnsim.calibrate.telemetry import driver_version, nvml_handle
+
 
 @dataclass(frozen=True)
 class GpuFacts:
@@ -20,25 +22,16 @@ class GpuFacts:
 
 def gpu_facts(index: int) -> GpuFacts | None:
     """Name, memory and driver of GPU `index`, or None when NVML or the GPU is missing."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-        name = pynvml.nvmlDeviceGetName(handle)
-        facts = GpuFacts(
-            name=name.decode() if isinstance(name, bytes) else name,
-            memory_bytes=int(pynvml.nvmlDeviceGetMemoryInfo(handle).total),
-            driver=_text(pynvml.nvmlSystemGetDriverVersion()),
-        )
-        pynvml.nvmlShutdown()
-        return facts
-    except Exception:  # no NVML library, no driver, no such GPU: the caller says N/A
+    nvml, handle = nvml_handle(index)
+    driver = driver_version()
+    if handle is None or driver is None:  # no NVML library, no driver, no such GPU: the caller says N/A
         return None
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    try:
+        name = nvml.nvmlDeviceGetName(handle)
+        return GpuFacts(name=name.decode() if isinstance(name, bytes) else name,
+                        memory_bytes=int(nvml.nvmlDeviceGetMemoryInfo(handle).total), driver=driver)
+    except Exception:
+        return None
 
 
 class GpuMonitor:
@@ -53,16 +46,12 @@ class GpuMonitor:
         self._thread: threading.Thread | None = None
         self.baseline_bytes = 0
         self.total_bytes: int | None = None
+        self._nvml, self._handle = nvml_handle(index)
         try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            self._nvml = pynvml
-            self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            info = pynvml.nvmlDeviceGetMemoryInfo(self._handle)
+            info = self._nvml.nvmlDeviceGetMemoryInfo(self._handle)
             self.baseline_bytes, self.total_bytes = int(info.used), int(info.total)
             self.available = True
-        except Exception:
+        except Exception:  # no NVML library, no driver, no such GPU
             self._nvml = None
             self.available = False
 
