@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from djinnsim.errors import DjinnsimError
 
+from .engine.plan import GeneratePlan, ServingPlan, generate_plan, serving_plan
 from .specs import TOKEN_ID_BYTES, ModelSpec
 
 Scheduler = Literal["serial_fcfs", "time_sliced", "continuous_batching"]
@@ -101,10 +102,22 @@ class Backend(BaseModel):
         else:
             ids = input_tokens
         up = ids * TOKEN_ID_BYTES
-        down = new_tokens * TOKEN_ID_BYTES
-        for t in range(new_tokens):
-            down += self._logits_bytes(model, context_tokens + input_tokens + t)
-        return up, down
+        # logits of positions context + input + t for t < new_tokens, summed in closed form
+        seq_len = context_tokens + input_tokens
+        positions = {"none": 0, "last": new_tokens,
+                     "all": new_tokens * seq_len + new_tokens * (new_tokens - 1) // 2}[self.return_logits]
+        return up, new_tokens * TOKEN_ID_BYTES + positions * model.logits_bytes_per_position
+
+    # --- the plan the engine follows ----------------------------------------------------------
+    def serving(self, scheduler: str | None = None) -> ServingPlan:
+        """The serving path, resolved once; `scheduler` overrides the default policy."""
+        return serving_plan(self, scheduler)
+
+    def plan(self, model: ModelSpec, context_tokens: int, input_tokens: int, new_tokens: int,
+             batch: int = 1, scheduler: str | None = None) -> GeneratePlan:
+        """One typed plan of a generate call: its requests' passes, bytes and KV changes."""
+        return generate_plan(self, model, serving_plan(self, scheduler), context_tokens, input_tokens,
+                             new_tokens, batch)
 
     def _logits_bytes(self, model: ModelSpec, seq_len: int) -> int:
         per_position = model.logits_bytes_per_position

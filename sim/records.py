@@ -1,14 +1,20 @@
 """One immutable record per finished request (a decode step, or an agent phase).
 
-Every metric, figure and table is computed afterwards from the table of records. The duration
+Every metric, figure and table is computed afterwards from the table of records. A point's records
+are stored column-wise (`RecordTable`: a numpy column per field, fields equal for the whole point
+kept once); iterating it gives immutable `Record` rows. The duration
 fields of a record add up to its latency: connect, uplink, queue (waiting for the GPU or for
 memory), load (weights), copy (host<->device), compute, downlink.
 """
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, fields
 from operator import attrgetter
+from typing import Any, Iterable, Iterator
+
+import numpy as np
 
 DURATION_FIELDS = ("connect_s", "uplink_s", "queue_s", "load_s", "copy_s", "compute_s", "downlink_s")
 
@@ -57,8 +63,147 @@ class Record:
 RECORD_COLUMNS = tuple(f.name for f in fields(Record))
 
 
-def records_frame(records: list[Record]):
+POINT_COLUMNS = ("point", "backend", "model", "gpu", "link_gbps", "n_agents")  # one value per point
+ROW_COLUMNS = tuple(c for c in RECORD_COLUMNS if c not in POINT_COLUMNS)
+PHASES = ("decode", "reason", "reflect")
+STATUSES = ("ok", "oom")
+_CODED = {"phase": PHASES, "status": STATUSES}  # stored as small integer codes
+_FLOAT_COLUMNS = frozenset(f.name for f in fields(Record) if f.type == "float")
+_BOOL_COLUMNS = frozenset({"warmup"})
+
+
+def _array_type(name: str) -> str:
+    return "d" if name in _FLOAT_COLUMNS else "q"
+
+
+def _compact(values: np.ndarray) -> np.ndarray | Any:
+    """A column in the least memory that keeps every value exactly: one scalar when all are equal
+    (no row varies), else the narrowest integer type that holds it (floats stay float64)."""
+    bits = values.view(np.int64) if values.dtype == np.float64 else values  # -0.0 stays -0.0
+    if len(values) and (bits == bits[0]).all():
+        return values[0].item()
+    if values.dtype.kind == "i" and len(values):
+        low, high = int(values.min()), int(values.max())
+        for dtype in (np.int8, np.int16, np.int32):
+            info = np.iinfo(dtype)
+            if info.min <= low and high <= info.max:
+                return values.astype(dtype)
+    return values.copy() if values.base is not None else values
+
+
+class RecordBuilder:
+    """Collects one point's records as they finish, a typed array per column (no object per record)."""
+
+    def __init__(self, point: int, backend: str, model: str, gpu: str, link_gbps: float, n_agents: int) -> None:
+        self.constants = {"point": point, "backend": backend, "model": model, "gpu": gpu,
+                          "link_gbps": link_gbps, "n_agents": n_agents}
+        self._columns = [array(_array_type(name)) for name in ROW_COLUMNS]
+        self._appends = [column.append for column in self._columns]
+
+    def add(self, *values: float | int) -> None:
+        """One record: the values of ROW_COLUMNS in order; phase and status as codes (PHASES, STATUSES)."""
+        for append, value in zip(self._appends, values):
+            append(value)
+
+    def __len__(self) -> int:
+        return len(self._columns[0])
+
+    def table(self) -> "RecordTable":
+        columns = {}
+        for name, column in zip(ROW_COLUMNS, self._columns):
+            values = np.frombuffer(column, dtype=np.float64 if column.typecode == "d" else np.int64)
+            columns[name] = _compact(values)
+        self._columns = [array(c.typecode) for c in self._columns]
+        self._appends = [column.append for column in self._columns]
+        return RecordTable(len(values) if ROW_COLUMNS else 0, {**self.constants, **columns})
+
+
+class RecordTable:
+    """A point's records, column-wise and immutable. `column(name)` is a numpy array (a field equal
+    on every row is kept as one value and broadcast), `frame()` the pandas table; iteration and
+    indexing give `Record` rows."""
+
+    def __init__(self, length: int, columns: dict[str, Any]) -> None:
+        self._length = length
+        self._columns = columns
+
+    @classmethod
+    def from_records(cls, records: Iterable[Record]) -> "RecordTable":
+        rows = list(records)
+        columns: dict[str, Any] = {}
+        for name in RECORD_COLUMNS:
+            values = [getattr(r, name) for r in rows]
+            if name in _CODED:
+                values = [_CODED[name].index(v) for v in values]
+            if name in POINT_COLUMNS and values and all(v == values[0] for v in values):
+                columns[name] = values[0]
+            elif name in ("backend", "model", "gpu"):
+                columns[name] = np.array(values, dtype=object)
+            else:
+                columns[name] = _compact(np.array(values, dtype=np.float64 if name in _FLOAT_COLUMNS else np.int64))
+        return cls(len(rows), columns)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def column(self, name: str) -> np.ndarray:
+        """A column as a numpy array (codes decoded to strings, integers as int64)."""
+        value = self._columns[name]
+        if name in _CODED:
+            labels = np.array(_CODED[name], dtype=object)
+            return labels[np.broadcast_to(np.asarray(value), (self._length,))]
+        if not isinstance(value, np.ndarray):
+            dtype = bool if name in _BOOL_COLUMNS else None
+            return np.full(self._length, value, dtype=dtype if dtype else (object if isinstance(value, str) else None))
+        if name in _BOOL_COLUMNS:
+            return value.astype(bool)
+        if value.dtype.kind == "i":
+            return value.astype(np.int64)
+        return value
+
+    def frame(self):
+        """The table as a pandas DataFrame, RECORD_COLUMNS then latency_s (pandas imported only here)."""
+        import pandas as pd
+
+        frame = pd.DataFrame({name: self.column(name) for name in RECORD_COLUMNS})
+        frame["latency_s"] = frame["finished_at"] - frame["issued_at"]
+        return frame
+
+    def rows(self) -> Iterator[Record]:
+        columns = [self.column(name).tolist() for name in RECORD_COLUMNS]
+        for values in zip(*columns):
+            yield Record(*values)
+
+    def __iter__(self) -> Iterator[Record]:
+        return self.rows()
+
+    def __getitem__(self, index: int) -> Record:
+        if not -self._length <= index < self._length:
+            raise IndexError(index)
+        index %= self._length
+        values = []
+        for name in RECORD_COLUMNS:
+            value = self._columns[name]
+            if isinstance(value, np.ndarray):
+                value = value[index].item()
+            if name in _CODED:
+                value = _CODED[name][value]
+            elif name in _BOOL_COLUMNS:
+                value = bool(value)
+            values.append(value)
+        return Record(*values)
+
+    def __bool__(self) -> bool:
+        return self._length > 0
+
+    def nbytes(self) -> int:
+        return sum(v.nbytes for v in self._columns.values() if isinstance(v, np.ndarray))
+
+
+def records_frame(records: "list[Record] | RecordTable"):
     """The table of records as a pandas DataFrame (pandas imported only here)."""
+    if isinstance(records, RecordTable):
+        return records.frame()
     import pandas as pd
 
     row = attrgetter(*RECORD_COLUMNS)

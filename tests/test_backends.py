@@ -9,7 +9,7 @@ import pytest
 from djinnsim.errors import DjinnsimError
 from djinnsim.sim.backends import get_backend, preset_names
 from djinnsim.sim.scenario import expand_points, parse_scenario
-from djinnsim.sim.simulate import PointSimulation, phase_passes, token_pass
+from djinnsim.sim.simulate import World, phase_passes, token_pass
 from djinnsim.sim.specs import get_model
 
 LLAMA = get_model("llama-2-7b")
@@ -134,7 +134,7 @@ def test_simulated_run_moves_the_formula_bytes(name, down_total, fake_cost):
         "workload": {"kind": "decode", "prompt_tokens": PROMPT, "new_tokens": NEW, "runs": 2, "warmup_runs": 1},
     })
     point = expand_points(scenario)[0]
-    records = PointSimulation(scenario, point, fake_cost, np.random.SeedSequence(1)).run()
+    records = World(scenario, point, fake_cost, np.random.SeedSequence(1)).run()
     for run in (0, 1):
         run_records = [r for r in records if r.run == run]
         assert len(run_records) == NEW
@@ -161,7 +161,7 @@ def test_custom_backend_with_base_overrides_only_what_it_names(fake_cost):
     assert custom.model_dump(exclude={"name", "description", "connection"}) == \
         base.model_dump(exclude={"name", "description", "connection"})
     point = expand_points(scenario)[1]
-    records = PointSimulation(scenario, point, fake_cost, np.random.SeedSequence(0)).run()
+    records = World(scenario, point, fake_cost, np.random.SeedSequence(0)).run()
     assert [r.connect_s > 0 for r in records] == [True, False, False, False]  # one connection, kept
 
 

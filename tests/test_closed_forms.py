@@ -13,7 +13,7 @@ from djinnsim.sim.executor import ContinuousBatching, GpuWork, PassTimer, Serial
 from djinnsim.sim.resources import GpuMemory, Link, SharedPipe
 from djinnsim.sim.run import simulate_scenario
 from djinnsim.sim.scenario import expand_points, parse_scenario
-from djinnsim.sim.simulate import PointSimulation, memory_bound_agents
+from djinnsim.sim.simulate import World, memory_bound_agents
 from djinnsim.sim.specs import get_gpu, get_model
 
 from conftest import FakeCostModel
@@ -107,7 +107,7 @@ def _scenario(raw: dict):
 
 def _run_point(scenario, cost, index: int = 0):
     point = expand_points(scenario)[index]
-    sim = PointSimulation(scenario, point, cost, np.random.SeedSequence(0))
+    sim = World(scenario, point, cost, np.random.SeedSequence(0))
     return sim.run(), sim
 
 

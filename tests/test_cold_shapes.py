@@ -11,7 +11,7 @@ from djinnsim.calibrate.bench_shapes import fit_cold_shapes
 from djinnsim.sim.executor import GpuWork, PassTimer, SerialFCFS
 from djinnsim.sim.profile import ColdShapes, save_profile
 from djinnsim.sim.scenario import expand_points, parse_scenario
-from djinnsim.sim.simulate import PointSimulation, phase_passes
+from djinnsim.sim.simulate import World, phase_passes
 from djinnsim.validate.pipeline import real_processes, simulate
 
 from conftest import FakeCostModel, make_profile
@@ -76,7 +76,7 @@ def _agents(backend: str, n: int, shapes: str = "cold"):
 
 def _computes(scenario, cost):
     point = expand_points(scenario)[0]
-    sim = PointSimulation(scenario, point, cost, np.random.SeedSequence(0))
+    sim = World(scenario, point, cost, np.random.SeedSequence(0))
     records = sim.run()
     return point.backend, {(r.agent, r.phase): r.compute_s for r in records}
 

@@ -15,7 +15,7 @@ from djinnsim.sim.costmodel import RooflineCostModel
 from djinnsim.sim.records import DURATION_FIELDS
 from djinnsim.sim.run import simulate_scenario
 from djinnsim.sim.scenario import Scenario, expand_points, parse_scenario
-from djinnsim.sim.simulate import PointSimulation
+from djinnsim.sim.simulate import World
 
 MODELS = ["tiny-llama", "gpt2", "llama-2-7b", "llama-2-13b", "mistral-7b"]
 GPUS = ["a100-80gb", "h100-80gb", "h200"]
@@ -128,7 +128,7 @@ def _simulate(scenario: Scenario, capacity_fraction: float):
     seeds = np.random.SeedSequence(scenario.seed).spawn(len(expand_points(scenario)))
     for point, seed in zip(expand_points(scenario), seeds):
         cost = SizedRoofline(point.gpu, point.model, capacity_fraction)
-        sim = PointSimulation(scenario, point, cost, seed)
+        sim = World(scenario, point, cost, seed)
         out.append((point, sim.run(), sim))
     return out
 
@@ -168,7 +168,7 @@ def test_computing_needs_the_weights_on_the_gpu(scenario, capacity_fraction):
     request peaked at or above the weight bytes."""
     for point, records, sim in _simulate(scenario, capacity_fraction):
         if any(r.status == "ok" for r in records):
-            assert sim.memory.peak_bytes >= sim.cost.weight_bytes, (point.label, sim.memory.peak_bytes)
+            assert sim.server.memory.peak_bytes >= sim.cost.weight_bytes, (point.label, sim.server.memory.peak_bytes)
 
 
 @SETTINGS
@@ -180,18 +180,18 @@ def test_memory_never_exceeds_capacity_and_excess_demand_is_an_oom(scenario, cap
     unlimited = _simulate(scenario, math.inf)
     for (point, records, sim), (_, free_records, free_sim) in zip(limited, unlimited):
         capacity = sim.cost.capacity_bytes
-        assert sim.memory.peak_bytes <= capacity
+        assert sim.server.memory.peak_bytes <= capacity
         for r in records:
             assert 0 <= r.gpu_mem_bytes <= capacity
             assert r.gpu_mem_peak_bytes <= capacity
         peaks = [r.gpu_mem_peak_bytes for r in records]
         assert peaks == sorted(peaks), "the running peak never decreases"
         # Everything a point allocated is freed by its end, except a shared server's resident weights.
-        shared = point.backend.weights == "shared" and sim.server_ok
+        shared = point.backend.weights == "shared" and sim.server.ok
         resident = sim.cost.weight_bytes + sim.cost.context_bytes_per_process if shared else 0
-        assert sim.memory.used_bytes == resident and not sim.memory._waiting
+        assert sim.server.memory.used_bytes == resident and not sim.server.memory._waiting
         assert not any(r.status == "oom" for r in free_records)
-        demand = free_sim.memory.peak_bytes
+        demand = free_sim.server.memory.peak_bytes
         has_oom = any(r.status == "oom" for r in records)
         event(f"memory_full={point.backend.memory_full} oom={has_oom}")
         if point.backend.memory_full == "oom":

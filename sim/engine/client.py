@@ -1,0 +1,118 @@
+"""Clients and agents: plain generator processes (`env` first) that drive a GpuServer over a Link.
+
+A client asks the backend's `Planner` for the plan of each generate call and sends its requests
+one after another: connection (when the plan says so), uplink, the server's part
+(`GpuServer.serve`), downlink. Each finished request, or each agent phase, becomes one record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import simpy
+
+from ..records import PHASES, STATUSES, RecordBuilder
+from ..scenario import AgentsWorkload, DecodeWorkload
+from .link import Link
+from .outcome import Outcome, merge
+from .plan import GeneratePlan, Planner, RequestPlan
+from .server import GpuServer, ServerSession
+
+_PHASE = {name: code for code, name in enumerate(PHASES)}
+_STATUS = {name: code for code, name in enumerate(STATUSES)}
+
+
+@dataclass(slots=True)
+class Channel:
+    """A client's side of one session: the server's session and whether its connection is open."""
+
+    session: ServerSession
+    connected: bool = False
+
+
+def record(log: RecordBuilder, server: GpuServer, out: Outcome, agent: int, run: int, phase: str, step: int,
+           warmup: bool, context: int, input_tokens: int, new_tokens: int) -> None:
+    log.add(agent, run, _PHASE[phase], step, _STATUS[out.status], warmup, out.issued_at, out.started_at,
+            out.finished_at, out.connect_s, out.uplink_s, out.queue_s, out.load_s, out.copy_s, out.compute_s,
+            out.downlink_s, context, input_tokens, new_tokens, out.bytes_up, out.bytes_down, out.wire_bytes_up,
+            out.wire_bytes_down, out.h2d_bytes, out.d2h_bytes, out.gpu_mem_bytes, server.memory.peak_bytes)
+
+
+def request(env: simpy.Environment, server: GpuServer, link: Link, channel: Channel, plan: RequestPlan):
+    """One request through the backend's path; returns its Outcome."""
+    serving = server.serving
+    out = Outcome(issued_at=env.now)
+    if serving.remote:
+        if serving.connect_per_request or not channel.connected:
+            out.connect_s = link.rtt_s + server.cost.connect_s()
+            yield env.timeout(out.connect_s)
+            channel.connected = serving.keep_connection
+        out.uplink_s, out.wire_bytes_up = yield from link.send(link.up, plan.bytes_up, plan.messages)
+        out.bytes_up = plan.bytes_up
+    yield from server.serve(channel.session, plan, out)
+    if out.status != "ok":
+        return out
+    if serving.remote:
+        out.downlink_s, out.wire_bytes_down = yield from link.send(link.down, plan.bytes_down, plan.messages)
+        out.bytes_down = plan.bytes_down
+    out.finished_at = env.now
+    return out
+
+
+def generate(env: simpy.Environment, server: GpuServer, link: Link, channel: Channel, plan: GeneratePlan,
+             on_request: Callable[[int, Outcome], None] | None = None):
+    """A generate call's requests in turn (reported through `on_request` as each one finishes),
+    stopping at the first that fails. Returns the Outcomes."""
+    outcomes = []
+    for t, step in enumerate(plan.requests):
+        out = yield from request(env, server, link, channel, step)
+        outcomes.append(out)
+        if on_request is not None:
+            on_request(t, out)
+        if out.status != "ok":
+            break
+    return outcomes
+
+
+def decode_client(env: simpy.Environment, server: GpuServer, link: Link, planner: Planner, log: RecordBuilder,
+                  workload: DecodeWorkload):
+    """Exp 2.1: one client, `runs` greedy decodes, one after another, each in a new session."""
+    prompt = workload.prompt_tokens
+    plan = planner.generate(0, prompt, workload.new_tokens, workload.batch)
+    for run in range(workload.runs):
+        channel = Channel((yield from server.open_session(0)))
+        warmup = run < workload.warmup_runs
+
+        def on_token(t: int, out: Outcome, run=run, warmup=warmup) -> None:
+            record(log, server, out, 0, run, "decode", t, warmup, prompt + t - 1 if t else 0,
+                   prompt if t == 0 else 1, 1)
+
+        outcomes = yield from generate(env, server, link, channel, plan, on_token if plan.per_token else None)
+        if not plan.per_token:
+            record(log, server, outcomes[0], 0, run, "decode", -1, warmup, 0, prompt, workload.new_tokens)
+        server.release(channel.session)
+        if outcomes[-1].status != "ok":
+            return
+
+
+def agent(env: simpy.Environment, server: GpuServer, link: Link, planner: Planner, log: RecordBuilder,
+          agent_id: int, workload: AgentsWorkload, start_at: float, act_s: Callable[[], float]):
+    """Exp 2.2: REASON -> ACT -> REFLECT, `iterations` times; `act_s` draws an ACT duration."""
+    yield env.timeout(start_at)
+    channel = Channel((yield from server.open_session(agent_id)))
+    context = 0
+    for iteration in range(workload.iterations):
+        for phase, spec in (("reason", workload.reason), ("reflect", workload.reflect)):
+            plan = planner.generate(context, spec.input_tokens, spec.new_tokens)
+            outcomes = yield from generate(env, server, link, channel, plan)
+            record(log, server, merge(outcomes), agent_id, iteration, phase, -1, False, context,
+                   spec.input_tokens, spec.new_tokens)
+            if outcomes[-1].status != "ok":
+                server.release(channel.session)
+                return
+            context += spec.input_tokens + spec.new_tokens
+            if phase == "reason":
+                server.idle(channel.session)
+                yield env.timeout(act_s())
+    server.release(channel.session)

@@ -1,0 +1,238 @@
+"""The GPU executor's scheduling policies, in a registry keyed by their YAML tag.
+
+A unit of GPU work is a list of forward passes: ("prefill", tokens, cached_context) or
+("decode", cached_context), run for `batch` sequences. Pass durations come from the cost model
+times a jitter factor drawn from the calibrated step-time distribution.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import simpy
+
+from ..costmodel import CostModel
+
+Pass = tuple  # ("prefill", tokens, context) | ("decode", context)
+
+
+@dataclass
+class GpuWork:
+    passes: list[Pass]
+    batch: int = 1
+    process: object = "server"  # the GPU process that runs it: its attention-shape cache is its own
+
+
+@dataclass
+class Execution:
+    queued_s: float
+    compute_s: float
+    started_at: float
+
+
+class PassTimer:
+    """Pass durations with jitter. Base costs are memoized; jitter factors are drawn in blocks
+    from the point's own generator (the order of draws, hence the result, is deterministic)."""
+
+    block = 4096
+
+    def __init__(self, cost: CostModel, rng: np.random.Generator, cold_shapes: bool = False,
+                 seen: dict[object, set[tuple]] | None = None) -> None:
+        self.cost = cost
+        self.rng = rng
+        self.cold_shapes = cold_shapes
+        self._memo: dict[tuple, float] = {}
+        self._factors: dict[str, list[float]] = {"prefill": [], "decode": []}
+        self._seen = seen if seen is not None else {}  # process -> attention shapes it has run
+
+    @staticmethod
+    def shape(p: Pass, batch: int) -> tuple:
+        """The attention shape of a pass: (batch, query length, key length)."""
+        if p[0] == "prefill":
+            return (batch, p[1], p[2] + p[1])
+        return (batch, 1, p[1] + 1)
+
+    def cold_s(self, p: Pass, batch: int, process: object) -> float:
+        """The first-run cost of the pass's shape in `process` (then remembered as run), else 0."""
+        if not self.cold_shapes:
+            return 0.0
+        seen = self._seen.setdefault(process, set())
+        key = self.shape(p, batch)
+        if key in seen:
+            return 0.0
+        seen.add(key)
+        return self.cost.cold_shape_s(p[0], batch * p[1] if p[0] == "prefill" else batch)
+
+    def base_s(self, p: Pass, batch: int) -> float:
+        key = (p, batch)
+        value = self._memo.get(key)
+        if value is None:
+            if p[0] == "prefill":
+                value = self.cost.prefill_s(p[1], batch, p[2])
+            else:
+                value = self.cost.decode_step_s(batch, batch * p[1])
+            self._memo[key] = value
+        return value
+
+    def factor(self, kind: str) -> float:
+        pool = self._factors[kind]
+        if not pool:
+            pool.extend(self.cost.jitter(self.rng, kind, self.block)[::-1].tolist())
+        return pool.pop()
+
+    def costs_s(self, work: GpuWork) -> list[tuple[float, float]]:
+        """(duration, of which first-run host time of new shapes) per pass, in order."""
+        out = []
+        for p in work.passes:
+            cold = self.cold_s(p, work.batch, work.process)
+            out.append((self.base_s(p, work.batch) * self.factor(p[0]) + cold, cold))
+        return out
+
+    def durations_s(self, work: GpuWork) -> list[float]:
+        return [duration for duration, _ in self.costs_s(work)]
+
+    def batched_decode_s(self, batch: int, sum_context: int) -> float:
+        return self.cost.decode_step_s(batch, sum_context) * self.factor("decode")
+
+
+class SerialFCFS:
+    """One request at a time, in arrival order, each to completion (how Djinn's server runs)."""
+
+    def __init__(self, env: simpy.Environment, timer: PassTimer) -> None:
+        self.env = env
+        self.timer = timer
+        self.gpu = simpy.Resource(env, capacity=1)
+
+    def execute(self, work: GpuWork):
+        arrived_at = self.env.now
+        with self.gpu.request() as turn:
+            yield turn
+            started_at = self.env.now
+            compute_s = sum(self.timer.durations_s(work))
+            yield self.env.timeout(compute_s)
+        return Execution(started_at - arrived_at, compute_s, started_at)
+
+
+class TimeSliced:
+    """Independent processes sharing the GPU, pass by pass. A decode pass is host time (kernel
+    launches, which processes run in parallel on their own CPU threads) then GPU time (which
+    they take in turns): `gpu_fraction` of it is the GPU's, from the cost model. A prefill pass
+    is GPU time throughout."""
+
+    def __init__(self, env: simpy.Environment, timer: PassTimer) -> None:
+        self.env = env
+        self.timer = timer
+        self.gpu = simpy.Resource(env, capacity=1)
+        self.gpu_fraction = timer.cost.gpu_busy_fraction()
+
+    def execute(self, work: GpuWork):
+        costs = self.timer.costs_s(work)
+        queued_s, started_at = 0.0, None
+        for p, (duration, cold_s) in zip(work.passes, costs):
+            # Only launch-bound decode passes leave the GPU idle; a prefill keeps it busy throughout.
+            # Building a new shape's attention plan is host work too.
+            host_s = cold_s + ((1.0 - self.gpu_fraction) * (duration - cold_s) if p[0] == "decode" else 0.0)
+            if started_at is None:
+                started_at = self.env.now
+            if host_s > 0:
+                yield self.env.timeout(host_s)
+            asked_at = self.env.now
+            with self.gpu.request() as turn:
+                yield turn
+                queued_s += self.env.now - asked_at
+                yield self.env.timeout(duration - host_s)
+        return Execution(queued_s, sum(d for d, _ in costs), started_at)
+
+
+@dataclass
+class _Sequence:
+    work: GpuWork
+    arrived_at: float
+    done: simpy.Event
+    started_at: float | None = None
+    next_pass: int = 0
+    compute_s: float = 0.0
+
+
+class ContinuousBatching:
+    """vLLM-style iteration-level batching: new sequences are prefilled, then all running ones decode
+    together, one token per iteration, up to `max_batch` sequences. Such an engine brings its own
+    attention kernels (paged, no per-shape plan), so no first-run cost of new shapes is charged."""
+
+    def __init__(self, env: simpy.Environment, timer: PassTimer, max_batch: int) -> None:
+        self.env = env
+        self.timer = timer
+        self.max_batch = max_batch
+        self.waiting: deque[_Sequence] = deque()
+        self.running: list[_Sequence] = []
+        self._wakeup = env.event()
+        env.process(self._loop())
+
+    def execute(self, work: GpuWork):
+        seq = _Sequence(work, self.env.now, self.env.event())
+        self.waiting.append(seq)
+        if not self._wakeup.triggered:
+            self._wakeup.succeed()
+        yield seq.done
+        # Time stalled behind other sequences' prefills counts as waiting, like time before admission.
+        return Execution(max(self.env.now - seq.arrived_at - seq.compute_s, 0.0), seq.compute_s, seq.started_at)
+
+    def _finish_done(self) -> None:
+        still = []
+        for seq in self.running:
+            if seq.next_pass >= len(seq.work.passes):
+                seq.done.succeed()
+            else:
+                still.append(seq)
+        self.running = still
+
+    def _loop(self):
+        while True:
+            if not self.waiting and not self.running:
+                self._wakeup = self.env.event()
+                yield self._wakeup
+            while self.waiting and len(self.running) < self.max_batch:
+                seq = self.waiting.popleft()
+                seq.started_at = self.env.now
+                self.running.append(seq)
+            # Prefill-priority iterations (vLLM's default): pending prefills run before the next decode.
+            prefilling = [s for s in self.running if s.work.passes[s.next_pass][0] == "prefill"]
+            if prefilling:
+                # One batched forward over the pending prompts (their mean length, their deepest cache).
+                batch = sum(s.work.batch for s in prefilling)
+                tokens = sum(s.work.batch * s.work.passes[s.next_pass][1] for s in prefilling)
+                context = max(s.work.passes[s.next_pass][2] for s in prefilling)
+                prompt = max(round(tokens / batch), 1)
+                iteration_s = self.timer.base_s(("prefill", prompt, context), batch) * self.timer.factor("prefill")
+                stepping = prefilling
+            else:
+                batch = sum(s.work.batch for s in self.running)
+                sum_context = sum(s.work.batch * s.work.passes[s.next_pass][1] for s in self.running)
+                iteration_s = self.timer.batched_decode_s(batch, sum_context)
+                stepping = list(self.running)
+            yield self.env.timeout(iteration_s)
+            for seq in stepping:
+                seq.compute_s += iteration_s
+                seq.next_pass += 1
+            self._finish_done()
+
+
+# The registry of scheduling policies, keyed by their YAML tag (`server.scheduler`, a backend's
+# `scheduler`): each entry builds the executor from the environment, the pass timer and the server's
+# settings (`max_batch`).
+EXECUTORS: dict[str, Callable[..., object]] = {
+    "serial_fcfs": lambda env, timer, max_batch: SerialFCFS(env, timer),
+    "time_sliced": lambda env, timer, max_batch: TimeSliced(env, timer),
+    "continuous_batching": lambda env, timer, max_batch: ContinuousBatching(env, timer, max_batch),
+}
+
+
+def make_executor(policy: str, env: simpy.Environment, timer: PassTimer, max_batch: int):
+    try:
+        build = EXECUTORS[policy]
+    except KeyError:
+        raise ValueError(f"unknown scheduler {policy!r}; known: {', '.join(EXECUTORS)}") from None
+    return build(env, timer, max_batch)

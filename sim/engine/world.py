@@ -1,0 +1,87 @@
+"""One point wired together: the environment, a link, a GPU server, the clients; and its one run."""
+
+from __future__ import annotations
+
+import numpy as np
+import simpy
+
+from djinnsim.errors import DjinnsimError
+
+from ..costmodel import CostModel
+from ..records import RecordBuilder, RecordTable
+from ..scenario import AgentsWorkload, DecodeWorkload, Exponential, Fixed, Point, Scenario, Uniform
+from .client import agent, decode_client
+from .link import Link
+from .plan import Planner
+from .server import GpuServer
+
+
+class CountingEnvironment(simpy.Environment):
+    """A SimPy environment that counts the events it schedules (for the speed benchmark)."""
+
+    events_scheduled = 0
+
+    def schedule(self, event, priority=simpy.core.NORMAL, delay=0):
+        self.events_scheduled += 1
+        super().schedule(event, priority, delay)
+
+
+def act_sampler(workload: AgentsWorkload, rng: np.random.Generator):
+    """A function drawing one ACT duration (seconds) from the point's own stream."""
+    act = workload.act
+    if isinstance(act, Fixed):
+        return lambda: act.seconds
+    if isinstance(act, Uniform):
+        return lambda: float(rng.uniform(act.low_s, act.high_s))
+    assert isinstance(act, Exponential)
+    return lambda: float(rng.exponential(act.mean_s))
+
+
+class World:
+    """The entities of one point. `run()` starts the clients, runs the environment to the end and
+    returns the point's records."""
+
+    def __init__(self, scenario: Scenario, point: Point, cost: CostModel, seed: np.random.SeedSequence,
+                 shapes_seen: dict[object, set] | None = None) -> None:
+        self.scenario = scenario
+        self.point = point
+        self.cost = cost
+        jitter_seed, act_seed, arrival_seed = seed.spawn(3)
+        self.act_rng = np.random.default_rng(act_seed)
+        self.arrival_rng = np.random.default_rng(arrival_seed)
+        self.env = CountingEnvironment()
+        self.planner = Planner(point.backend, point.model, scenario.server.scheduler)
+        stream_gbps = cost.stream_gbps()
+        self.link = Link(self.env, point.link.gbps, point.link.rtt_ms / 1e3,
+                         stream_gbps * 1e9 if stream_gbps else None, point.link.framing_bytes, cost)
+        config = scenario.server
+        self.server = GpuServer(self.env, cost, self.planner.serving, max_batch=config.max_batch,
+                                kv_swap=config.kv_swap, pinned_host_kv=config.pinned_host_kv,
+                                cold_shapes=config.shapes == "cold", jitter_rng=np.random.default_rng(jitter_seed),
+                                shapes_seen=shapes_seen)
+        self.log = RecordBuilder(point.index, point.backend.name, point.model.key, point.gpu.key, point.link.gbps,
+                                 point.n_agents or 1)
+
+    def start_clients(self) -> None:
+        env, server, link, planner, log = self.env, self.server, self.link, self.planner, self.log
+        workload = self.scenario.workload
+        if isinstance(workload, DecodeWorkload):
+            env.process(decode_client(env, server, link, planner, log, workload))
+            return
+        act_s = act_sampler(workload, self.act_rng)
+        start_at = 0.0
+        for agent_id in range(self.point.n_agents or 1):
+            if workload.arrival.kind == "poisson" and agent_id:
+                start_at += float(self.arrival_rng.exponential(1.0 / workload.arrival.rate_per_s))
+            env.process(agent(env, server, link, planner, log, agent_id, workload, start_at, act_s))
+
+    def run(self) -> RecordTable:
+        self.start_clients()
+        self.env.run()
+        if self.server.memory.waiting:
+            raise DjinnsimError(
+                f"point {self.point.label}: the simulation stalled with {self.server.memory.waiting} requests waiting "
+                "for GPU memory that only waiting work holds (memory_full: wait cannot progress); "
+                "use memory_full: oom or fewer agents"
+            )
+        return self.log.table()
