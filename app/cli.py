@@ -70,6 +70,9 @@ def run(
     run_scenario_file(scenario, calibration=calibration, out=out, seed=seed, quiet=quiet)
 
 
+__import__("djinnsim.search_cli").search_cli.register(app, one_line_errors)
+
+
 def _register_optional_commands() -> None:
     """calibrate and validate live in their own packages; their modules import torch lazily."""
     from djinnsim.calibrate.cli import calibrate
