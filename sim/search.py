@@ -31,7 +31,13 @@ answer is still such a verified boundary, but a larger feasible N may exist; eve
 that still meets the SLO is reported as `limited_by: "cap"` with `max_agents` = the cap, meaning
 "at least the cap", never as a limit found.
 
-Break-even assumes the mean per-token latency does not rise as the link gets faster. It checks
+Break-even assumes the mean per-token latency does not rise as the link gets faster. So that it
+holds, every rate probed for one backend draws the random numbers (step-time jitter) of the
+scenario's own point at its own link rate (common random numbers): the probes differ by the link
+alone. Drawn per rate instead (as `djinnsim run` seeds a point), the draw-to-draw spread of a mean
+per-token latency on the bundled H100 profile is about +-10% (its decode step flips between ~21 and
+~42 ms), which would make the answer noise; `djinnsim run` at the answered rate therefore draws
+differently and its mean can differ by that spread. It checks
 both ends of `LINK_GBPS_BOUNDS` first, then bisects in log space over rates rounded to
 `LINK_SIGNIFICANT_DIGITS` significant digits (so the answer is a rate one can write in a scenario)
 until the bracket is within `LINK_REL_TOL`. The answer rate met the target and the rate below it
@@ -111,17 +117,21 @@ def agents_probe(scenario: Scenario, point: Point, cost, seed: int, n: int, slo_
     return Probe(n, p99, oom, rejected, ok)
 
 
-def decode_per_token_ms(scenario: Scenario, point: Point, cost, seed: int) -> tuple[float | None, bool, bool]:
-    """Mean per-token latency (ms) of the measured, OOM-free runs of a decode point; OOM; rejected."""
-    result = simulate_point(scenario, point, cost, point_seed(seed, point))
+def decode_per_token_ms(scenario: Scenario, point: Point, cost, seed: int,
+                        draws_of: Point | None = None) -> tuple[float | None, bool, bool]:
+    """Mean per-token latency (ms) of the measured, OOM-free runs of a decode point; OOM; rejected.
+    `draws_of`: the point whose random numbers to draw (default: `point`'s own, as djinnsim run)."""
+    result = simulate_point(scenario, point, cost, point_seed(seed, draws_of or point))
     frame = records_frame(result.records)
     oom, rejected = _statuses(frame)
     return metrics.decode_summary(frame)["mean_per_token_ms"], oom, rejected
 
 
 def link_probe(scenario: Scenario, point: Point, cost, seed: int, gbps: float, target_ms: float) -> Probe:
+    """Simulate `point` with its link at `gbps`, drawing the random numbers of `point` itself
+    (common random numbers across rates: the probes differ by the link alone)."""
     at_rate = point.model_copy(update={"link": point.link.model_copy(update={"gbps": gbps})})
-    per_token, oom, rejected = decode_per_token_ms(scenario, at_rate, cost, seed)
+    per_token, oom, rejected = decode_per_token_ms(scenario, at_rate, cost, seed, draws_of=point)
     ok = not oom and not rejected and per_token is not None and per_token <= target_ms
     return Probe(gbps, per_token, oom, rejected, ok)
 
@@ -411,7 +421,8 @@ def search_break_even(scenario: Scenario, target_ms: float | None = None, within
 
 def answer_keys(answers: list) -> list[str]:
     """The backend name when the scenario has one group; else backend/model/gpu[/link] (what varies)."""
-    varies = {name: len({getattr(a, name, None) for a in answers}) > 1 for name in ("model", "gpu", "link_gbps")}
+    names = ("model", "gpu", "link_gbps") if answers and isinstance(answers[0], CapacityAnswer) else ("model", "gpu")
+    varies = {name: name in names and len({getattr(a, name) for a in answers}) > 1 for name in ("model", "gpu", "link_gbps")}
     keys = []
     for a in answers:
         parts = [a.backend]
@@ -451,7 +462,8 @@ def break_even_markdown(answers: list[BreakEvenAnswer]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for a in answers:
         lines.append(f"| {a.backend} | {a.model} | {a.gpu} | {a.cost_model} | {a.target} | {_gbps(a.link_gbps)} | "
-                     f"{_ms(a.per_token_ms_at)} | {_gbps(a.link_gbps_below)} | {_ms(a.per_token_ms_below)} | {a.limited_by} |")
+                     f"{_ms(a.per_token_ms_at, 3)} | {_gbps(a.link_gbps_below)} | {_ms(a.per_token_ms_below, 3)} | "
+                     f"{a.limited_by} |")
     lines += ["", *_cost_model_notes(answers)]
     return "\n".join(lines) + "\n"
 
@@ -464,8 +476,8 @@ def _cost_model_notes(answers: list) -> list[str]:
     return notes
 
 
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:,.1f} ms"
+def _ms(value: float | None, decimals: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{decimals}f} ms"
 
 
 def _gbps(value: float | None) -> str:
