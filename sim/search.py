@@ -21,8 +21,9 @@ does). Queueing, memory and admission usually make it so, but jitter draws diffe
 nothing guarantees it. The search gallops up from N = 1 (doubling, or a step predicted by
 extrapolating the P99 of the last two feasible probes, at least x1.5 and at most x2) until a probe
 fails or the cap is reached, then narrows the bracket [largest feasible, smallest infeasible] by
-interpolating the P99 (bisection when the failure is memory or admission, and after two
-interpolations that did not halve the bracket). It stops when the two are adjacent, so the answer
+interpolating the P99, each interpolated probe followed by its neighbour on the far side (bisection
+when the failure is memory or admission, and after two interpolation rounds that did not halve the
+bracket). It stops when the two are adjacent, so the answer
 is always verified by simulation: N met the SLO with no OOM or rejection, and N + 1 did not
 (`limited_by` names why: "slo", "memory" for an OOM record, "admission" for a rejected record,
 in that order of precedence: memory, admission, slo). When the set is not downward closed the
@@ -181,6 +182,14 @@ def largest_feasible(evaluate: Callable[[int], Probe], target_ms: float,
             lo = p
         else:
             hi = p
+        if guess is not None and hi.x - lo.x > 1:
+            # An interpolated probe lands near the crossing: its neighbour on the far side often
+            # closes the bracket at once (jitter makes P99 too rough to interpolate to one agent).
+            p = probe(n + 1 if p.ok else n - 1)
+            if p.ok:
+                lo = p
+            else:
+                hi = p
         fruitless = 0 if guess is None or (hi.x - lo.x) * 2 <= width else fruitless + 1
     return lo, hi, order
 

@@ -68,7 +68,7 @@ def test_monotone_curves_give_the_exact_threshold(intercept, slope, power, cap, 
     else:
         assert above.x == truth + 1 and not above.ok
         assert above.failure == ("memory" if limit is not None and truth + 1 > limit else "slo")
-    assert len(probes) <= 4 * math.log2(cap + 1) + 4
+    assert len(probes) <= 6 * math.log2(cap + 1) + 4
 
 
 @settings(max_examples=150, deadline=None)
