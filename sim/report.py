@@ -334,7 +334,7 @@ def write_outputs(result: "SimulationResult", out_dir: Path,
         written.append(_write_json(baselines / f"{point_result.point.label}.json", document))
 
     written.append(write_records_csv(frames, out_dir / "records.csv"))
-    claims = claims_mod.evaluate_claims(summaries, workload)
+    claims = claims_mod.evaluate_claims(summaries, workload, result)
     if workload == "agents":
         written.append(write_figure6(summaries, list(scenario.backends), out_dir / "figure6.png"))
         written.append(_write_text(out_dir / "table2.md", claims_mod.table2_markdown(summaries)))

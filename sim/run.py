@@ -27,6 +27,7 @@ class SimulationResult:
     points: list[PointResult]
     warnings: list[str] = field(default_factory=list)
     wall_s: float = 0.0
+    costs: "CostModels | None" = None  # the cost models that served the points (claims search with them)
 
     @property
     def records(self) -> list[Record]:
@@ -137,7 +138,7 @@ def simulate_scenario(scenario: Scenario, calibration: Path | None = None, seed:
     for item, labels in list(outside.items())[:5]:
         where = labels[0] if len(labels) == 1 else f"{len(labels)} points, first {labels[0]}"
         warnings.append(f"cost asked outside the calibrated range: {item} ({where})")
-    return SimulationResult(scenario, results, warnings, time.perf_counter() - started)
+    return SimulationResult(scenario, results, warnings, time.perf_counter() - started, costs=models)
 
 
 def default_out_dir(scenario: Scenario) -> Path:

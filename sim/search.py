@@ -203,6 +203,8 @@ def _gallop_next(previous: Probe | None, last: Probe, target_ms: float) -> int:
     if slope <= 0:
         return high
     crossing = last.x + (target_ms - last.value_ms) / slope
+    if not math.isfinite(crossing):
+        return high
     return min(max(math.ceil(crossing * GALLOP_OVERSHOOT), low), high)
 
 

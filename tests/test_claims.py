@@ -1,0 +1,125 @@
+"""Claims from simulated data only: the searched density, the seed's checklist, GPU busy share."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+
+from djinnsim.sim import claims as claims_mod
+from djinnsim.sim.records import Record
+from djinnsim.sim.run import simulate_scenario
+from djinnsim.sim.scenario import parse_scenario
+from djinnsim.sim.search import CapacityAnswer, search_capacity
+
+GROUP = "llama-2-7b-hf / h100-80gb / 25 Gbps"
+
+
+def _answer(backend, n, limited_by="slo", at=150.0, above=250.0):
+    return CapacityAnswer(backend=backend, model="llama-2-7b-hf", gpu="h100-80gb", link_gbps=25.0,
+                          cost_model="measured", cost_model_detail="measured", slo_p99_ms=200.0, cap=65536,
+                          max_agents=n, p99_ms_at_max=at if n else None, p99_ms_above=above, limited_by=limited_by)
+
+
+@pytest.mark.parametrize("djinn,keep,verdict,value", [
+    (40, 2, "PASS", 20.0), (39, 2, "FAIL", 19.5), (25, 0, "PASS", None), (19, 0, "FAIL", None), (0, 0, "FAIL", None),
+])
+def test_searched_density_verdicts(djinn, keep, verdict, value):
+    claim = claims_mod.density_claim(GROUP, {"djinn": _answer("djinn", djinn), "ray_keepalive": _answer("ray_keepalive", keep)})
+    assert claim.verdict == verdict and claim.value == (None if value is None else pytest.approx(value))
+    assert f"Djinn {djinn} agents" in claim.detail and f"keep-alive {keep} agents" in claim.detail
+
+
+def test_searched_density_says_when_the_cap_was_reached():
+    capped = replace(_answer("djinn", 65536, "cap"), p99_ms_above=None)
+    claim = claims_mod.density_claim(GROUP, {"djinn": capped, "ray_keepalive": _answer("ray_keepalive", 2)})
+    assert claim.verdict == "PASS" and ">= 65536 agents (the search cap)" in claim.detail
+    assert claims_mod.density_claim(GROUP, {}).verdict == "N/A"
+
+
+@pytest.mark.parametrize("max_agents,limited_by,verdict", [
+    (1, "memory", "PASS"), (2, "memory", "PASS"), (3, "memory", "FAIL"), (5, "memory", "FAIL"), (9, "cap", "FAIL"),
+])
+def test_keepalive_oom_claim(max_agents, limited_by, verdict):
+    claim = claims_mod.keepalive_oom_claim(GROUP, _answer("ray_keepalive", max_agents, limited_by))
+    assert claim.verdict == verdict
+    if limited_by == "memory":
+        assert claim.value == max_agents + 1 and claim.unit == "N"
+    assert claims_mod.keepalive_oom_claim(GROUP, None).verdict == "N/A"
+
+
+def _point(backend, n, p99, oom=False, reason_ms=100.0, reflect_ms=40.0):
+    phases = {"reason": {"mean_ms": reason_ms, "breakdown_mean_ms": {"compute": reason_ms - 1}},
+              "reflect": {"mean_ms": reflect_ms, "breakdown_mean_ms": {"compute": reflect_ms - 1}}}
+    return {"backend": backend, "n_agents": n, "oom": oom, "agents": {"pooled": {"p99_ms": p99}, "phases": phases}}
+
+
+def test_checklist_claims_from_summaries():
+    points = {"djinn": [_point("djinn", 1, 120, reflect_ms=50.0), _point("djinn", 32, 199.9)],
+              "ray_serverless": [_point("ray_serverless", 32, 5000.1)]}
+    assert claims_mod.djinn_n32_claim(GROUP, points).verdict == "PASS"
+    assert claims_mod.serverless_claim(GROUP, points).verdict == "PASS"
+    reflect = claims_mod.reflect_claim(GROUP, points)
+    assert reflect.verdict == "PASS" and reflect.value == pytest.approx(0.5)
+    points = {"djinn": [_point("djinn", 1, 120, reflect_ms=50.1), _point("djinn", 32, 200.0)],
+              "ray_serverless": [_point("ray_serverless", 32, 5000.0)]}
+    assert claims_mod.djinn_n32_claim(GROUP, points).verdict == "FAIL"
+    assert claims_mod.serverless_claim(GROUP, points).verdict == "FAIL"
+    assert claims_mod.reflect_claim(GROUP, points).verdict == "FAIL"
+    assert claims_mod.djinn_n32_claim(GROUP, {"djinn": [_point("djinn", 16, 1.0)]}).verdict == "N/A"
+
+
+def _rec(issued_at, started_at, compute_s, finished_at, warmup=False, status="ok"):
+    return Record(point=0, backend="b", model="m", gpu="g", link_gbps=1.0, n_agents=1, agent=0, run=0, phase="decode",
+                  step=0, status=status, warmup=warmup, issued_at=issued_at, started_at=started_at,
+                  finished_at=finished_at, connect_s=0.0, uplink_s=0.0, queue_s=0.0, load_s=0.0, copy_s=0.0,
+                  compute_s=compute_s, downlink_s=0.0, context_tokens=0, input_tokens=1, new_tokens=1, bytes_up=0,
+                  bytes_down=0, wire_bytes_up=0, wire_bytes_down=0, h2d_bytes=0, d2h_bytes=0, gpu_mem_bytes=0,
+                  gpu_mem_peak_bytes=0)
+
+
+def test_gpu_busy_share_is_the_union_of_execution_intervals():
+    # busy [1, 3] and [2, 4] overlap -> [1, 4]; [6, 7]; wall 0 .. 10; the warm-up and the OOM do not count
+    records = [_rec(0.0, 1.0, 2.0, 3.5), _rec(0.5, 2.0, 2.0, 4.5), _rec(5.0, 6.0, 1.0, 10.0),
+               _rec(-5.0, -4.0, 3.0, -1.0, warmup=True), _rec(8.0, 8.0, 1.0, 8.0, status="oom")]
+    assert claims_mod.gpu_busy_share(records) == pytest.approx(4.0 / 10.0)
+    assert claims_mod.gpu_busy_share([]) is None
+
+
+SMALL = {
+    "name": "claims_small", "seed": 5, "backends": ["ray_keepalive", "ray_serverless", "djinn"],
+    "workload": {"kind": "agents", "agents": [1, 2], "reason": {"input_tokens": 8, "new_tokens": 4},
+                 "act": {"kind": "fixed", "seconds": 1}, "reflect": {"input_tokens": 4, "new_tokens": 4}},
+}
+
+
+def test_claims_of_a_simulation_search_with_its_cost_models():
+    from djinnsim.sim.report import point_summaries
+
+    scenario = parse_scenario(SMALL)
+    result = simulate_scenario(scenario)
+    claims = {c.name.split(" (")[0]: c for c in claims_mod.evaluate_claims(point_summaries(result), "agents", result)}
+    density = claims["density"]
+    answers = {a.backend: a for a in search_capacity(scenario, claims_mod.SEED_SLO_P99_MS, ["djinn", "ray_keepalive"])}
+    expected = answers["djinn"].max_agents / answers["ray_keepalive"].max_agents
+    assert density.verdict in ("PASS", "FAIL") and density.value == pytest.approx(expected)
+    oom = claims["keep-alive OOM at N = 2-3"]
+    assert oom.value == search_capacity(scenario, math.inf, ["ray_keepalive"])[0].max_agents + 1
+    for claim in claims.values():
+        assert claim.cost_model.startswith("measured cost model")
+        assert not (claim.verdict == "PASS" and "bound" in claim.name)
+
+
+def test_decode_utilization_claim_from_records():
+    from djinnsim.sim.report import point_summaries
+
+    raw = {"name": "u", "seed": 1, "backends": ["semantic_blind", "full_djinn"],
+           "workload": {"kind": "decode", "prompt_tokens": 16, "new_tokens": 4, "runs": 3, "warmup_runs": 1}}
+    result = simulate_scenario(parse_scenario(raw))
+    summaries = point_summaries(result)
+    [claim] = [c for c in claims_mod.evaluate_claims(summaries, "decode", result) if "utilization" in c.name]
+    shares = [claims_mod.gpu_busy_share(p.records) for p in result.points]
+    assert all(0 < s <= 1 for s in shares)
+    assert claim.value == pytest.approx(shares[1] / shares[0]) and claim.verdict == ("PASS" if shares[1] > shares[0] else "FAIL")
+    assert [c.verdict for c in claims_mod.evaluate_claims(summaries, "decode") if "utilization" in c.name] == ["N/A"]
