@@ -233,22 +233,32 @@ def reflect_claim(group: str, points: dict[str, list[dict[str, Any]]]) -> Claim:
     return Claim(name, group, _verdict(ratio <= REFLECT_RATIO), ratio, threshold, detail)
 
 
-def gpu_busy_share(records: list[Any]) -> float | None:
+def gpu_busy_share(records: Any) -> float | None:
     """Share of wall time (first measured request to last reply) with a request executing on the
-    GPU: the union of [started_at, started_at + compute_s] over measured, finished records."""
-    spans = sorted((r.started_at, r.started_at + r.compute_s) for r in records
-                   if not r.warmup and r.status == "ok" and r.compute_s > 0)
-    measured = [r for r in records if not r.warmup]
-    if not spans or not measured:
+    GPU: the union of [started_at, started_at + compute_s] over measured, finished records.
+    `records`: a point's RecordTable or a list of Records."""
+    import numpy as np
+
+    names = ("warmup", "status", "issued_at", "started_at", "compute_s", "finished_at")
+    if hasattr(records, "column"):
+        col = {name: records.column(name) for name in names}
+    else:
+        col = {name: np.array([getattr(r, name) for r in records]) for name in names}
+    measured = ~col["warmup"].astype(bool) if len(col["warmup"]) else np.zeros(0, dtype=bool)
+    executed = measured & (col["status"] == "ok") & (col["compute_s"] > 0)
+    if not executed.any():
         return None
-    wall = max(r.finished_at for r in measured) - min(r.issued_at for r in measured)
-    busy, start, end = 0.0, spans[0][0], spans[0][1]
-    for a, b in spans[1:]:
+    wall = col["finished_at"][measured].max() - col["issued_at"][measured].min()
+    order = np.argsort(col["started_at"][executed], kind="stable")
+    starts = col["started_at"][executed][order]
+    ends = starts + col["compute_s"][executed][order]
+    busy, start, end = 0.0, starts[0], ends[0]
+    for a, b in zip(starts[1:].tolist(), ends[1:].tolist()):
         if a > end:
             busy, start = busy + end - start, a
         end = max(end, b)
     busy += end - start
-    return busy / wall if wall > 0 else None
+    return float(busy / wall) if wall > 0 else None
 
 
 def utilization_claim(group: str, points: dict[str, list[dict[str, Any]]], records: dict[int, list[Any]] | None) -> Claim:
