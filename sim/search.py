@@ -537,7 +537,7 @@ def write_search_figure(answers: list, path: Path) -> Path:
         ax.set_xlabel("agents N" if capacity else "link (Gbps)")
         ax.set_ylabel("P99 per phase (ms)" if capacity else "mean per-token latency (ms)")
         where = f"{model} / {gpu}" + (f" / {gbps:g} Gbps" if capacity else "")
-        ax.set_title(f"{where}\n{kind} cost model; x: failed probe, circle: answer", fontsize=9)
+        ax.set_title(f"{where}\n{kind} cost model; dashed: target, x: failed probe, circle: answer", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.savefig(path, dpi=120)
