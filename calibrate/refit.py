@@ -27,6 +27,7 @@ from .fitting import (
     fit_bandwidth,
 )
 from .bench_shapes import fit_cold_shapes
+from .spread import with_spread
 from .profile_builder import exp21_decode_points, exp21_prediction, fit_decode, fit_prefill, fit_workspace
 
 
@@ -92,8 +93,11 @@ def bandwidth_from(rows, stage: str):
     return fit_bandwidth(sizes, [float(np.median(by_size[n])) for n in sizes])[0]
 
 
-def refit(profile: Profile, rows: list[dict[str, str]], note: str) -> Profile:
+def refit(profile: Profile, rows: list[dict[str, str]], note: str, left_out: tuple[str, ...] = ()) -> Profile:
+    """`left_out`: sample stages no fit (nor the spread) may use, e.g. ("exp21_step",) to hold
+    calibrate's own Exp 2.1 runs out of the decode fit; the measured jitter sequence stays."""
     spec = get_model(profile.metadata.model_id)
+    rows = [row for row in rows if row["stage"] not in left_out]
     update: dict = {}
     prefill, decode = prefill_points(rows), decode_points(rows)
     if len(prefill) < len(PREFILL_FEATURES) or len(decode) < len(DECODE_FEATURES):
@@ -126,7 +130,7 @@ def refit(profile: Profile, rows: list[dict[str, str]], note: str) -> Profile:
     })
     notes = [n for n in profile.metadata.notes if n != note]  # refitting twice notes it once
     update["metadata"] = profile.metadata.model_copy(update={"notes": [*notes, note]})
-    new = profile.model_copy(update=update)
+    new = with_spread(profile.model_copy(update=update), rows, left_out)
     Profile.model_validate(new.model_dump())  # the refit must still be a valid profile
     return new.model_copy(update={"end_to_end": _predictions(new, spec)})
 
@@ -151,12 +155,16 @@ def _predictions(profile: Profile, spec) -> dict[str, float]:
     return e
 
 
-def refit_file(path: Path, out: Path | None = None, command: str | None = None) -> tuple[Profile, Path]:
+def refit_file(path: Path, out: Path | None = None, command: str | None = None,
+               left_out: tuple[str, ...] = ()) -> tuple[Profile, Path]:
     profile = load_profile(path)
     if not profile.samples_file:
         raise DjinnsimError(f"{path}: the profile names no samples file to refit from")
     rows = read_samples(Path(path).parent / profile.samples_file)
-    new = refit(profile, rows, f"fits recomputed from {profile.samples_file}" + (f" by `{command}`" if command else ""))
+    note = f"fits recomputed from {profile.samples_file}" + (f" by `{command}`" if command else "")
+    if left_out:
+        note += f", leaving out {', '.join(left_out)}"
+    new = refit(profile, rows, note, left_out)
     target = Path(out) if out is not None else Path(path)
     if target.resolve() != Path(path).resolve():  # the samples travel with the profile
         import shutil

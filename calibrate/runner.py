@@ -225,7 +225,9 @@ def run_calibration(
             say(f"no profile written ({exc}); samples kept in {samples_path}")
             raise KeyboardInterrupt from None
         raise
-    profile = profile.model_copy(update={"samples_file": samples_path.name})
+    from .spread import with_spread
+
+    profile = with_spread(profile, s.log.rows).model_copy(update={"samples_file": samples_path.name})
     save_profile(profile, out)
     if not quiet:
         from .report import print_summary

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from djinnsim.errors import DjinnsimError
 
@@ -116,6 +116,37 @@ class ColdShapes(_Strict):
         return self.prefill_extra_s + self.prefill_extra_per_token_s * tokens
 
 
+class Spread(_Strict):
+    """The spread calibration saw, as multiplicative factors (measured / the profile's own
+    prediction of the same thing), for prediction bands (`djinnsim run --bands K`, sim.bands).
+
+    Each list is a sample to draw from; an empty one leaves its cost category unscaled.
+    """
+
+    decode_level: list[float] = Field(
+        default_factory=list, description="decode step level in separate spells: each Exp 2.1 calibration "
+        "run's median step over the decode fit at its median context")
+    decode_residual: list[float] = Field(
+        default_factory=list, description="each decode grid point's median step over the decode fit")
+    prefill_residual: list[float] = Field(
+        default_factory=list, description="each prefill grid point's median over the prefill fit")
+    weight_load: list[float] = Field(
+        default_factory=list, description="each lone whole-model load over the fitted load time of its tier")
+    copies: list[float] = Field(
+        default_factory=list, description="each host<->device copy over its fitted bandwidth's time")
+    left_out: list[str] = Field(
+        default_factory=list, description="sample stages left out of every fit and of this spread "
+        "(held out for a validation of the same workload)")
+    source: str = Field(default="", description="how it was computed")
+
+    @field_validator("decode_level", "decode_residual", "prefill_residual", "weight_load", "copies")
+    @classmethod
+    def _positive(cls, value: list[float]) -> list[float]:
+        if any(not (v > 0) for v in value):
+            raise ValueError("spread factors must be > 0")
+        return value
+
+
 class Metadata(_Strict):
     source: Literal["measured", "roofline", "transferred"]
     gpu_name: str
@@ -164,6 +195,8 @@ class Profile(_Strict):
     )
     cold_shapes: ColdShapes | None = Field(
         default=None, description="first-run cost of new attention shapes in a process; absent: not measured")
+    spread: Spread | None = Field(
+        default=None, description="the spread calibration saw, for prediction bands; absent: not computed")
     samples_file: str | None = None
 
 

@@ -1,0 +1,115 @@
+"""The spread calibration saw, from its raw samples, for the profile's `spread` section.
+
+Every factor is a measurement over what the profile itself predicts for it (its fits, its
+bandwidths, its load times), so a factor of 1.10 means "this sample ran 10% slower than the cost
+model says". The simulator's prediction bands (sim.bands) draw from these lists. Samples come as
+calibrate holds them in memory (numbers) or as read back from the samples CSV (strings).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+from djinnsim.sim.costmodel import evaluate_fit
+from djinnsim.sim.profile import Profile, Spread
+
+from .profile_builder import quantile_sample
+
+MAX_FACTORS = 64
+COPY_STAGES = ("h2d_pinned", "h2d_pageable", "d2h_pinned", "d2h_pageable")
+LOAD_TIERS = ("disk", "pageable", "pinned")
+
+
+def _num(row: dict, key: str) -> float | None:
+    value = row.get(key)
+    return None if value in (None, "") else float(value)
+
+
+def _groups(rows, stage: str) -> dict[str, list[dict]]:
+    grouped: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        if row["stage"] == stage and row.get("unit", "s") == "s":
+            grouped[str(row["point"])].append(row)
+    return grouped
+
+
+def _ratio(measured: float, predicted: float) -> float | None:
+    return measured / predicted if predicted > 0 and measured > 0 else None
+
+
+def _kept(values) -> list[float]:
+    return quantile_sample([v for v in values if v is not None], MAX_FACTORS)
+
+
+def decode_levels(rows, profile: Profile) -> list[float]:
+    """Each Exp 2.1 calibration run (a spell of ~50 steps): median step over the fit."""
+    out = []
+    for steps in _groups(rows, "exp21_step").values():
+        context = float(np.median([_num(r, "context") or 0.0 for r in steps]))
+        fitted, _ = evaluate_fit(profile.decode_step, {"batch": 1.0, "context": context, "sum_context": context})
+        out.append(_ratio(float(np.median([_num(r, "value") for r in steps])), fitted))
+    return _kept(out)
+
+
+def decode_residuals(rows, profile: Profile) -> list[float]:
+    out = []
+    for group in _groups(rows, "decode").values():
+        batch = _num(group[0], "batch") or 1.0
+        context = float(np.median([_num(r, "context") or 0.0 for r in group]))
+        fitted, _ = evaluate_fit(profile.decode_step, {"batch": batch, "context": context, "sum_context": batch * context})
+        out.append(_ratio(float(np.median([_num(r, "value") for r in group])), fitted))
+    return _kept(out)
+
+
+def prefill_residuals(rows, profile: Profile) -> list[float]:
+    out = []
+    for group in _groups(rows, "prefill").values():
+        batch, prompt = _num(group[0], "batch") or 1.0, _num(group[0], "prompt_tokens") or 0.0
+        fitted, _ = evaluate_fit(profile.prefill, {"prompt_tokens": prompt, "batch": batch, "context": 0.0,
+                                                   "tokens": batch * prompt})
+        out.append(_ratio(float(np.median([_num(r, "value") for r in group])), fitted))
+    return _kept(out)
+
+
+def load_factors(rows, profile: Profile) -> list[float]:
+    """Lone loads (one at a time) of each tier over fixed_s + bytes / gbps."""
+    out = []
+    for tier in LOAD_TIERS:
+        spec = profile.weight_load.get(tier)
+        if spec is None:
+            continue
+        for group in _groups(rows, f"weights_load_{tier}").values():
+            for row in group:
+                if (_num(row, "concurrent") or 1.0) != 1.0 or not _num(row, "nbytes"):
+                    continue
+                out.append(_ratio(_num(row, "value"), spec.fixed_s + _num(row, "nbytes") / (spec.gbps * 1e9)))
+    return _kept(out)
+
+
+def copy_factors(rows, profile: Profile) -> list[float]:
+    out = []
+    for name in COPY_STAGES:
+        bandwidth = getattr(profile, name)
+        for group in _groups(rows, f"copy_{name}").values():
+            out += [_ratio(_num(r, "value"), bandwidth.time_s(_num(r, "nbytes") or 0.0)) for r in group]
+    return _kept(out)
+
+
+def spread_from_samples(profile: Profile, rows, left_out: tuple[str, ...] = ()) -> Spread:
+    """The profile's spread from the raw samples its fits came from (`rows` without `left_out` stages)."""
+    rows = [row for row in rows if row["stage"] not in left_out]
+    return Spread(
+        decode_level=decode_levels(rows, profile),
+        decode_residual=decode_residuals(rows, profile),
+        prefill_residual=prefill_residuals(rows, profile),
+        weight_load=load_factors(rows, profile),
+        copies=copy_factors(rows, profile),
+        left_out=sorted(left_out),
+        source="calibrate.spread: raw samples over the profile's own predictions",
+    )
+
+
+def with_spread(profile: Profile, rows, left_out: tuple[str, ...] = ()) -> Profile:
+    return profile.model_copy(update={"spread": spread_from_samples(profile, rows, left_out)})
