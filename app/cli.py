@@ -63,11 +63,15 @@ def run(
     ] = None,
     seed: Annotated[Optional[int], typer.Option(help="override the scenario's seed")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar or summary table")] = False,
+    bands: Annotated[
+        Optional[int], typer.Option(help="prediction bands: K draws of the profile's spread per point, P10-P90 of "
+                                         "every metric in summary.json and bands.md (default: the scenario's bands)")
+    ] = None,
 ) -> None:
     """Simulate a scenario and write its results, figures and claims report."""
     from djinnsim.sim.run import run_scenario_file
 
-    run_scenario_file(scenario, calibration=calibration, out=out, seed=seed, quiet=quiet)
+    run_scenario_file(scenario, calibration=calibration, out=out, seed=seed, quiet=quiet, bands=bands)
 
 
 __import__("djinnsim.search_cli").search_cli.register(app, one_line_errors)

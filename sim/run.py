@@ -63,6 +63,10 @@ class CostModels:
         self._built: dict[tuple[str, str], CostModel] = {}
         self._profiles: dict[Path, Profile] = {}
 
+    @property
+    def profile_paths(self) -> list[Path]:
+        return list(self._profiles)
+
     def _profile(self, path: Path) -> Profile:
         if path not in self._profiles:
             self._profiles[path] = load_profile(path)
@@ -147,11 +151,16 @@ def default_out_dir(scenario: Scenario) -> Path:
 
 
 def run_scenario_file(path: Path, calibration: Path | None = None, out: Path | None = None,
-                      seed: int | None = None, quiet: bool = False) -> Path:
-    """`djinnsim run`: load, simulate, write results; returns the output folder."""
+                      seed: int | None = None, quiet: bool = False, bands: int | None = None) -> Path:
+    """`djinnsim run`: load, simulate, write results; returns the output folder.
+    `bands` (default: the scenario's `bands`): draws of the profile's spread for P10-P90 bands."""
     scenario = load_scenario(path)
     if seed is not None:
         scenario = scenario.model_copy(update={"seed": seed})
+    if bands is not None:
+        if bands < 0:
+            raise DjinnsimError(f"--bands must be >= 0, not {bands}")
+        scenario = scenario.model_copy(update={"bands": bands})
     if calibration is not None and not Path(calibration).is_file():
         raise DjinnsimError(f"calibration profile not found: {calibration}")
     out_dir = Path(out) if out is not None else default_out_dir(scenario)
@@ -177,9 +186,24 @@ def run_scenario_file(path: Path, calibration: Path | None = None, out: Path | N
     from .report import point_summaries, print_summary, write_outputs
 
     summaries = point_summaries(result)
+    if scenario.bands:
+        from .bands import bands_markdown, scenario_bands
+        from .report import point_summary
+
+        for summary, point_bands in zip(summaries, scenario_bands(
+                scenario, [p.point for p in result.points], result.costs.for_point, scenario.seed, scenario.bands,
+                lambda r: point_summary(r, scenario.workload.kind))):
+            summary["bands_p10_p90"] = point_bands
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "scenario.yaml").write_text(dump_scenario(scenario))
     write_outputs(result, out_dir, summaries=summaries)
+    from .provenance import provenance
+    from .report import _write_json
+
+    cost_models = [p.cost_model for p in result.points]
+    _write_json(out_dir / "provenance.json", provenance(result.costs.profile_paths, cost_models))
+    if scenario.bands:
+        (out_dir / "bands.md").write_text(bands_markdown(summaries, scenario.workload.kind, scenario.bands, cost_models))
     if not quiet:
         print_summary(result, console, summaries=summaries)
         for warning in result.warnings:

@@ -144,6 +144,8 @@ class Scenario(_Strict):
     workload: Workload
     sweep: Sweep = Sweep()
     trace_point: int = Field(default=-1, description="index of the point whose run goes to trace.json")
+    bands: int = Field(default=0, ge=0, description="prediction bands: simulate each point this many more times "
+                       "under draws of the profile's spread and report P10-P90 of every metric (0: none)")
 
     @model_validator(mode="after")
     def _names_resolve(self) -> "Scenario":
