@@ -93,8 +93,10 @@ def spread_of(cost: CostModel) -> tuple[Profile, Spread]:
 
 
 def banded_cost(cost: CostModel, f: Factors) -> ProfileCostModel:
-    profile, _ = spread_of(cost)
-    return ProfileCostModel(scale_profile(profile, f), cost.model)
+    """The cost model of a measured (or transferred) profile with its costs scaled by `f`."""
+    if not isinstance(cost, ProfileCostModel):
+        raise DjinnsimError(f"bands need a measured profile; the {cost.source} cost model has no spread to draw from")
+    return ProfileCostModel(scale_profile(cost.profile, f), cost.model)
 
 
 def factor_rng(seed: int, point, draw: int) -> np.random.Generator:

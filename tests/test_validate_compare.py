@@ -84,16 +84,45 @@ def test_relative_error_and_zero_reference():
     assert math.isinf(relative_error(1.0, 0.0))
 
 
-def test_mean_rule_passes_inside_spread_even_beyond_five_percent():
+def test_mean_rule_no_longer_passes_on_the_min_max_of_repeats():
     metric = METRIC_BY_NAME["latency_mean_s"]
-    wide = judge(metric, 1.2, [0.8, 1.0, 1.3])  # real mean 1.033, sim +16% but inside min..max
-    assert wide.verdict == "PASS"
+    wide = judge(metric, 1.2, [0.8, 1.0, 1.3])  # real mean 1.033, sim +16%, inside min..max: no longer enough
+    assert wide.verdict == "FAIL"
     assert wide.real_min == 0.8 and wide.real_max == 1.3
     assert wide.real_std == pytest.approx(np.std([0.8, 1.0, 1.3], ddof=1))
-    tight = judge(metric, 1.2, [0.99, 1.0, 1.01])
-    assert tight.verdict == "FAIL"
-    assert tight.rel_err == pytest.approx(0.2)
     assert judge(metric, 1.049, [1.0, 1.0]).verdict == "PASS"
+    assert judge(metric, 1.049, [1.0, 1.0]).passed_by == "error"
+
+
+def test_mean_rule_passes_when_the_interval_meets_a_narrow_band():
+    metric = METRIC_BY_NAME["latency_mean_s"]
+    real = [0.9, 1.0, 1.1, 1.05, 0.95]
+    narrow = [1.02 + 0.01 * i for i in range(10)]  # sim +6.5%, band 1.029-1.101: half-width 3.4%
+    c = judge(metric, 1.065, real, narrow)
+    assert c.real_ci is not None and c.real_ci[0] < 1.0 < c.real_ci[1]
+    assert c.band_half_width == pytest.approx((c.band[1] - c.band[0]) / (c.band[1] + c.band[0]))
+    assert c.band_half_width < compare.BAND_HALF_WIDTH_MAX
+    assert (c.verdict, c.passed_by) == ("PASS", "band")
+    assert c.coverage == pytest.approx(2 / 5)  # 1.05 and 1.1 are inside
+    wide = [0.6 + 0.1 * i for i in range(10)]  # band overlaps, but half-width > 10%
+    assert judge(metric, 1.065, real, wide).verdict == "FAIL"
+    far = [1.2 + 0.001 * i for i in range(10)]  # narrow but beyond the interval
+    assert judge(metric, 1.065, real, far).verdict == "FAIL"
+
+
+def test_bootstrap_interval_is_scipys_and_reproducible():
+    from scipy import stats
+
+    values = [1.0, 1.2, 0.9, 1.1, 1.05]
+    ci = compare.bootstrap_ci(values)
+    assert ci == compare.bootstrap_ci(values)
+    ref = stats.bootstrap((np.asarray(values),), np.mean, confidence_level=0.95, n_resamples=9999, method="BCa",
+                          rng=np.random.default_rng(0)).confidence_interval
+    assert ci == pytest.approx([ref.low, ref.high])
+    assert ci[0] < np.mean(values) < ci[1]
+    assert compare.bootstrap_ci([1.0]) is None
+    assert compare.bootstrap_ci([2.0, 2.0, 2.0]) == [2.0, 2.0]
+    assert compare.bootstrap_ci([1.0, 2.0]) is not None  # BCa undefined with 2 values: percentile
 
 
 def test_p99_and_bytes_tolerances():
@@ -101,9 +130,10 @@ def test_p99_and_bytes_tolerances():
     assert judge(p99, 1.099, [1.0]).verdict == "PASS"
     assert judge(p99, 1.101, [1.0]).verdict == "FAIL"
     assert judge(p99, 1.101, [0.5, 1.5]).verdict == "FAIL"  # no spread allowance for P99
+    assert judge(p99, 1.0, [0.9, 1.0, 1.1]).real_ci is not None  # P99 gets its interval too
     up = METRIC_BY_NAME["bytes_up"]
-    assert judge(up, 1009.0, [1000.0]).verdict == "PASS"
-    assert judge(up, 1011.0, [1000.0]).verdict == "FAIL"
+    assert judge(up, 1000.0, [1000.0]).verdict == "PASS"
+    assert judge(up, 1001.0, [1000.0]).verdict == "FAIL"  # bytes are exact
     assert judge(METRIC_BY_NAME["gpu_util"], 0.1, [0.9]).verdict == "info"
 
 
@@ -129,10 +159,13 @@ def test_oom_n_must_match_exactly():
 )
 def test_mean_verdict_matches_its_definition(real, factor):
     sim = float(np.mean(real)) * factor
-    c = judge(METRIC_BY_NAME["latency_mean_s"], sim, real)
-    inside = min(real) <= sim <= max(real)
+    band = [sim * 0.97, sim * 1.03]
+    c = judge(METRIC_BY_NAME["latency_mean_s"], sim, real, band)
     within = abs(sim - np.mean(real)) / np.mean(real) <= compare.MEAN_TOLERANCE
-    assert (c.verdict == "PASS") == (inside or within)
+    ci = c.real_ci
+    meets = ci is not None and ci[0] <= c.band[1] and c.band[0] <= ci[1]
+    assert (c.verdict == "PASS") == (within or meets)
+    assert c.coverage == pytest.approx(sum(c.band[0] <= v <= c.band[1] for v in real) / len(real))
 
 
 def test_compare_point_uses_real_repeats_and_sim_peak():

@@ -48,6 +48,11 @@ def _cpu_profile(path: Path) -> Path:
     return path
 
 
+def _figures(point: dict) -> dict:
+    """A report point without its held-out / in-sample label (which the re-comparison re-decides)."""
+    return {k: v for k, v in point.items() if k not in ("sample", "sample_reasons")}
+
+
 @pytest.fixture(scope="module")
 def real_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("offline")
@@ -79,13 +84,26 @@ def test_offline_reproduces_the_comparison_byte_for_byte(real_folder, tmp_path):
         assert (first / name).read_bytes() == (real_folder / name).read_bytes(), name
     # Same simulator, same profile: every figure and verdict of the live comparison comes back.
     live, offline = (json.loads((f / "validation.json").read_text()) for f in (real_folder, first))
-    assert offline["points"] == live["points"]
-    assert offline["summary"] == live["summary"] and offline["oom"] == live["oom"] and offline["notes"] == live["notes"]
+    # The live figures are held out (profile frozen before the runs); offline, the same profile (same
+    # hash) keeps them held out unless the model code is newer than the runs (here: uncommitted edits).
+    assert live["meta"]["sample"] == {"label": "held-out", "reasons": []}
+    assert live["meta"]["profile"]["frozen_sha256"] == offline["meta"]["profile"]["sha256"]
+    why = offline["meta"]["sample"]["reasons"]
+    assert all(reason.startswith("simulator:") for reason in why)
+    label = offline["meta"]["sample"]["label"]
+    assert label == ("in-sample" if why else "held-out")
+
+    assert [_figures(p) for p in offline["points"]] == [_figures(p) for p in live["points"]]
+    totals = ("PASS", "FAIL", "info", "N/A", "coverage")
+    assert {k: offline["summary"][k] for k in totals} == {k: live["summary"][k] for k in totals}
+    assert offline["summary"][label] == live["summary"]["held-out"]
+    assert offline["oom"] == live["oom"] and offline["notes"] == live["notes"]
     assert (first / "records_sim.csv").read_bytes() == (real_folder / "records_sim.csv").read_bytes()
     md = (first / "validation.md").read_text()
     assert md.startswith("# Validation (offline re-comparison): tiny-decode")
     assert f"Offline re-comparison of `{real_folder}`" in md and live["meta"]["started_at"] in md
-    assert md.split("**Summary")[1] == (real_folder / "validation.md").read_text().split("**Summary")[1]
+    table = md.split("| point | metric")[1].replace(f"| {label} |", "| held-out |")
+    assert table == (real_folder / "validation.md").read_text().split("| point | metric")[1]
 
 
 def test_offline_needs_a_profile_when_the_named_one_is_gone(real_folder, tmp_path):
@@ -101,8 +119,8 @@ def test_offline_needs_a_profile_when_the_named_one_is_gone(real_folder, tmp_pat
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
     result = _offline(moved, tmp_path / "r", "--calibration", str(profile))
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "r" / "validation.json").read_text())["points"] == \
-        json.loads((real_folder / "validation.json").read_text())["points"]
+    assert [_figures(p) for p in json.loads((tmp_path / "r" / "validation.json").read_text())["points"]] == \
+        [_figures(p) for p in json.loads((real_folder / "validation.json").read_text())["points"]]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -21,7 +21,7 @@ def validate(
     from_real: Annotated[
         Optional[Path],
         typer.Option(help="a finished validation folder: re-simulate its points now and compare them with its real "
-                          "records, running nothing for real (no GPU needed); takes only --calibration, --out, --quiet"),
+                          "records, running nothing for real (no GPU needed); takes only --calibration, --bands, --out, --quiet"),
     ] = None,
     gpu: Annotated[int, typer.Option(help="CUDA device index to run on")] = 0,
     device: Annotated[str, typer.Option(help="cuda, or cpu: the same pipeline with the tiny model (CI)")] = "cuda",
@@ -29,7 +29,10 @@ def validate(
         Optional[list[str]],
         typer.Option("--points", help="points to run: an index or a label glob (e.g. 'full_djinn*', '*n2'); repeatable; default all"),
     ] = None,
-    repeats: Annotated[int, typer.Option(help="real runs of each point, for the run-to-run spread")] = 3,
+    repeats: Annotated[int, typer.Option(help="real runs of each point (the real mean's 95% bootstrap interval is over "
+                                              "them; fewer than 5 is reported as too few)")] = 5,
+    bands: Annotated[int, typer.Option(help="band draws: the real runs' order simulated this many more times under "
+                                            "draws of the profile's spread, for P10-P90 bands (0: none)")] = 10,
     calibration: Annotated[
         Optional[Path],
         typer.Option(help="profile of THIS machine and model (refused otherwise); default: calibrate first (quick); "
@@ -57,7 +60,7 @@ def validate(
     command = " ".join(["djinnsim", *sys.argv[1:]])
     if from_real is not None:
         given = {"SCENARIO": scenario is not None, "--gpu": gpu != 0, "--device": device != "cuda",
-                 "--points": bool(points), "--repeats": repeats != 3, "--full-calibration": full_calibration,
+                 "--points": bool(points), "--repeats": repeats != 5, "--full-calibration": full_calibration,
                  "--runs": runs != 5, "--warmup-runs": warmup_runs != 1, "--new-tokens": new_tokens is not None,
                  "--agents": agents != "1,2", "--act-s": act_s != 1.0, "--iterations": iterations is not None,
                  "--oom-probe-max": oom_probe_max != 8, "--time-budget-s": time_budget_s != 1800.0,
@@ -67,7 +70,10 @@ def validate(
             raise DjinnsimError(f"--from-real re-compares runs already made: {', '.join(clash)} cannot change them")
         from djinnsim.validate.offline import OfflineRequest, run_offline
 
-        run_offline(OfflineRequest(from_real=from_real, calibration=calibration, out=out, quiet=quiet, command=command))
+        if bands == 1 or bands < 0:
+            raise DjinnsimError(f"--bands must be 0 (none) or >= 2, not {bands}")
+        run_offline(OfflineRequest(from_real=from_real, calibration=calibration, out=out, quiet=quiet, command=command,
+                                   bands=bands))
         return
     if scenario is None:
         raise DjinnsimError("give a SCENARIO to validate, or --from-real DIR to re-compare a finished validation")
@@ -83,6 +89,7 @@ def validate(
             device=device,
             points=tuple(points or ()),
             repeats=repeats,
+            bands=bands,
             calibration=calibration,
             full_calibration=full_calibration,
             out=out,

@@ -14,12 +14,12 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import subprocess
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from djinnsim.errors import DjinnsimError
 from djinnsim.sim.profile import load_profile
+from djinnsim.sim.provenance import simulator
 from djinnsim.sim.records import RECORD_COLUMNS, Record
 from djinnsim.sim.scenario import (
     AgentsWorkload,
@@ -52,6 +52,7 @@ class OfflineRequest:
     out: Path | None = None
     quiet: bool = False
     command: str = "djinnsim validate --from-real"
+    bands: int = 10
 
 
 def _read_json(path: Path) -> dict:
@@ -138,29 +139,6 @@ def _profile_path(req: OfflineRequest, folder: Path, meta: dict) -> tuple[Path, 
                         "pass --calibration PROFILE (the real machine's profile)")
 
 
-def simulator_version() -> str:
-    """djinnsim's version and, in a git checkout, the last commit that changed sim/ or validate/ (the code
-    whose figures the report holds; a later commit elsewhere leaves the report's bytes alone), marked
-    when either has uncommitted changes."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        text = f"djinnsim {version('djinnsim')}"
-    except PackageNotFoundError:
-        text = "djinnsim (not installed)"
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "log", "-1", "--format=%h", "--", "sim", "validate"], cwd=root,
-                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "sim", "validate"], cwd=root,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return text
-    if not commit:
-        return text
-    return f"{text}, sim/ and validate/ as of commit {commit}" + (" plus uncommitted changes" if dirty else "")
-
-
 def run_offline(req: OfflineRequest) -> Path:
     """Re-simulate a finished validation's points and compare them with its real runs; returns OUT."""
     from djinnsim.calibrate.environment import host_cpu
@@ -195,9 +173,13 @@ def run_offline(req: OfflineRequest) -> Path:
     shutil.copyfile(folder / "scenario.yaml", out_dir / "scenario.yaml")
     shutil.copyfile(folder / "records_real.csv", out_dir / "records_real.csv")
     # No clock time or wall seconds of this run: the same folder, profile and simulator give the same bytes.
-    meta = {**real_meta, "profile": profile_meta(profile_path, how, profile),
-            "offline": {"from_real": str(folder), "command": req.command, "simulator": simulator_version(),
-                        "host_cpu": host_cpu()}}
+    # The hash frozen before the real runs (recorded since issue 9) stays; the profile used now is hashed anew.
+    frozen = {k: real_meta["profile"][k] for k in ("frozen_sha256", "frozen_at") if k in real_meta.get("profile", {})}
+    meta = {**real_meta, "profile": {**profile_meta(profile_path, how, profile), **frozen},
+            "runs_started_at": real_meta.get("runs_started_at") or real_meta["started_at"],
+            "bands": req.bands,
+            "offline": {"from_real": str(folder), "command": req.command, "simulator": simulator(),
+                        "real_runs_simulator": real_meta.get("simulator"), "host_cpu": host_cpu()}}
     points = sorted((rp.point for rp in real.points), key=lambda p: p.index)
     compare_and_report(out_dir, scenario_v, points, real, profile_path, profile, meta, say, req.quiet)
     return out_dir

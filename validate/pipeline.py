@@ -25,7 +25,9 @@ from djinnsim.sim.records import Record, records_frame
 from djinnsim.sim.scenario import AgentsWorkload, Scenario, dump_scenario, expand_points, load_scenario
 from djinnsim.sim.specs import ModelSpec, get_model
 
-from . import compare, report
+from djinnsim.sim.provenance import file_sha256, simulator
+
+from . import compare, heldout, report
 from .points import CPU_MODEL, Shortening, select_points, validation_scenario
 from .realrun import RealOptions, RealResult, RealRunner
 
@@ -38,7 +40,8 @@ class ValidateRequest:
     gpu: int = 0
     device: str = "cuda"
     points: tuple[str, ...] = ()
-    repeats: int = 3
+    repeats: int = 5
+    bands: int = 10
     calibration: Path | None = None
     full_calibration: bool = False
     out: Path | None = None
@@ -149,7 +152,8 @@ OUT_OF_RANGE_NOTE = "simulator asked outside the calibrated range: "
 
 
 def simulate(scenario: Scenario, profile_path: Path, profile: Profile, repeats: int,
-             order: list[tuple[int, int]] | None = None) -> dict[int, list]:
+             order: list[tuple[int, int]] | None = None, band_draw: int | None = None,
+             spread=None) -> dict[int, list]:
     """Simulate every point `repeats` times with this machine's profile as measured (no transfer),
     as often as it was run for real: one draw of a few runs moves by several percent (step-time
     spells). Repeat r draws from `point_seed(seed, point, r)`; repeat 0 is `djinnsim run`'s draw.
@@ -157,7 +161,12 @@ def simulate(scenario: Scenario, profile_path: Path, profile: Profile, repeats: 
     The real runs reuse their GPU processes from repeat to repeat and point to point, and a process
     pays for an attention shape only the first time it runs it; so the simulated repeats run in
     `order` ((point index, repeat) as they ran for real; the rest after, in order) and each real
-    process's shapes carry over to the next simulated run that uses it."""
+    process's shapes carry over to the next simulated run that uses it.
+
+    `band_draw` d (with the profile's `spread`): a band draw of the same replay, each repeat r with
+    its own factors and streams (draw d * BAND_STRIDE + r of sim.bands): the level a repeat runs at
+    is drawn per repeat, as each real repeat met the machine in its own spell."""
+    from djinnsim.sim.bands import BAND_REPEAT_BASE, banded_cost, draw_factors, factor_rng
     from djinnsim.sim.costmodel import ProfileCostModel
     from djinnsim.sim.run import CostModels, point_seed
     from djinnsim.sim.simulate import simulate_point
@@ -172,9 +181,41 @@ def simulate(scenario: Scenario, profile_path: Path, profile: Profile, repeats: 
     for index, r in runs:
         point = points[index]
         cost = models.for_point(point) if models is not None else ProfileCostModel(profile, point.model)
+        seed = point_seed(scenario.seed, point, r)
+        if band_draw is not None:
+            draw = band_draw * BAND_STRIDE + r
+            cost = banded_cost(cost, draw_factors(spread, factor_rng(scenario.seed, point, draw)))
+            seed = point_seed(scenario.seed, point, BAND_REPEAT_BASE + draw)
         seen = {key: seen_by_process.setdefault(real, set()) for key, real in real_processes(point).items()}
-        out[index][r] = simulate_point(scenario, point, cost, point_seed(scenario.seed, point, r), seen)
+        out[index][r] = simulate_point(scenario, point, cost, seed, seen)
     return out
+
+
+BAND_STRIDE = 1000  # most repeats a band draw can stand for
+
+
+def simulate_bands(scenario: Scenario, profile_path: Path, profile: Profile, spread, repeats: int,
+                   order: list[tuple[int, int]] | None, draws: int) -> dict[int, list]:
+    """`draws` band replays of the real runs' order; per point, every draw's every repeat."""
+    out: dict[int, list] = {}
+    for d in range(draws):
+        for index, results in simulate(scenario, profile_path, profile, repeats, order, d, spread).items():
+            out.setdefault(index, []).append(results)
+    return out
+
+
+def spread_for(profile: Profile, profile_path: Path) -> tuple[object | None, str]:
+    """The spread to draw bands from: the profile's own, else computed now from its samples file
+    (nothing else in the profile changes), else none; with a sentence saying which."""
+    if profile.spread is not None:
+        return profile.spread, "the profile's spread section"
+    if profile.samples_file and (Path(profile_path).parent / profile.samples_file).is_file():
+        from djinnsim.calibrate.refit import read_samples
+        from djinnsim.calibrate.spread import spread_from_samples
+
+        rows = read_samples(Path(profile_path).parent / profile.samples_file)
+        return spread_from_samples(profile, rows), f"computed for this report from {profile.samples_file}"
+    return None, "none: the profile has no spread section and no samples file"
 
 
 def real_processes(point) -> dict[object, tuple]:
@@ -315,8 +356,10 @@ def run_validation(req: ValidateRequest) -> Path:
         Path("results") / "validation" / started_at.strftime("%Y%m%dT%H%M%SZ"))
     if out_dir.exists() and not out_dir.is_dir():
         raise DjinnsimError(f"--out {out_dir} exists and is not a folder")
+    if req.bands == 1 or req.bands < 0:
+        raise DjinnsimError(f"--bands must be 0 (none) or >= 2, not {req.bands}")
     # Check what can be checked before spending minutes calibrating.
-    validation_scenario(scenario, req.short, model_key if req.device == "cpu" else None, None)
+    draft_scenario = validation_scenario(scenario, req.short, model_key if req.device == "cpu" else None, None)
     from djinnsim.calibrate.modeling import resolve_dtype
 
     dtype = str(resolve_dtype(spec, None, req.device)).removeprefix("torch.")
@@ -328,6 +371,13 @@ def run_validation(req: ValidateRequest) -> Path:
         how = f"calibrated by this validation ({'full' if req.full_calibration else 'quick'})"
     profile = load_profile(profile_path)
     check_profile(profile, profile_path, machine, spec, dtype)
+    if heldout.is_exp21_workload(draft_scenario) and heldout.decode_fit_holds_exp21(profile, profile_path) \
+            and profile.samples_file and (profile_path.parent / profile.samples_file).is_file():
+        # Exp 2.1 is judged on a profile whose fits hold none of calibrate's own Exp 2.1 runs.
+        profile_path = heldout.held_out_profile(profile_path, out_dir / "calibration")
+        how += "; refitted without calibrate's own Exp 2.1 runs, held out for this workload"
+        say(f"Exp 2.1: judging with {profile_path}, refitted without calibrate's own Exp 2.1 runs")
+        profile = load_profile(profile_path)
 
     scenario_v = validation_scenario(scenario, req.short, model_key if req.device == "cpu" else None,
                                      profile.metadata.gpu_key)
@@ -346,14 +396,23 @@ def run_validation(req: ValidateRequest) -> Path:
         dtype=profile.metadata.dtype,
         request_timeout_s=300.0 if cuda else 60.0, start_timeout_s=600.0 if cuda else 120.0, expected_s=expected_s,
     )
+    # Frozen: the hash of the profile every figure is judged with, taken before the first real run.
+    frozen = {"sha256": file_sha256(profile_path),
+              "frozen_at": datetime.now(timezone.utc).replace(microsecond=0).isoformat()}
+    say(f"profile frozen before the real runs: {profile_path} sha256 {frozen['sha256'][:16]}")
+    runs_started_at = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
     say(f"real runs: {len(points)} points x {req.repeats} repeats on {machine.name}")
     real = RealRunner(scenario_v, points, options, say).run()
+    if file_sha256(profile_path) != frozen["sha256"]:
+        raise DjinnsimError(f"{profile_path} changed while the real runs ran: its figures would not be held out")
     meta = {
         "scenario": scenario.name, "scenario_path": str(req.scenario_path), "command": req.command,
         "started_at": started_at.isoformat(), "wall_s": None, "real_wall_s": real.wall_s,
         "machine": machine.to_dict(), "model": spec.model_id, "repeats": req.repeats,
         "workload": scenario_v.workload.model_dump(mode="json"), "seed": scenario_v.seed,
-        "profile": profile_meta(profile_path, how, profile),
+        "profile": {**profile_meta(profile_path, how, profile), "frozen_sha256": frozen["sha256"],
+                    "frozen_at": frozen["frozen_at"]},
+        "runs_started_at": runs_started_at, "simulator": simulator(), "bands": req.bands,
         "ray": "emulated with processes (Ray is not installable on the GPU machines used)",
     }
     real_records = [r for rp in real.points for rep in rp.repeats for r in rep.records]
@@ -366,7 +425,7 @@ def run_validation(req: ValidateRequest) -> Path:
 
 def profile_meta(path: Path, how: str, profile: Profile) -> dict:
     return {"path": str(path), "how": how, "date": profile.metadata.date, "quick": profile.metadata.quick,
-            "gpu_name": profile.metadata.gpu_name}
+            "gpu_name": profile.metadata.gpu_name, "sha256": file_sha256(path)}
 
 
 def device_notes(scenario_v: Scenario, device: str, model_id: str) -> list[str]:
@@ -387,7 +446,19 @@ def compare_and_report(out_dir: Path, scenario_v: Scenario, points: list, real: 
     cuda = meta["machine"]["device"] == "cuda"
     n_repeats = int(meta["repeats"])
     say(f"simulating the same points, {n_repeats} repeats each, in the order they ran for real")
-    sims = simulate(scenario_v, profile_path, profile, n_repeats, real_order(real))
+    order = real_order(real)
+    sims = simulate(scenario_v, profile_path, profile, n_repeats, order)
+    draws = int(meta.get("bands") or 0)
+    spread, spread_how = spread_for(profile, profile_path) if draws else (None, "no bands asked")
+    meta["band_spread"] = spread_how
+    band_sims: dict[int, list] = {}
+    if draws and spread is not None:
+        say(f"simulating {draws} band draws of every repeat (P10-P90 prediction bands)")
+        band_sims = simulate_bands(scenario_v, profile_path, profile, spread, n_repeats, order, draws)
+    why = heldout.reasons(scenario_v, profile, profile_path, meta["profile"]["sha256"],
+                          meta["profile"].get("frozen_sha256"), meta.get("runs_started_at"),
+                          meta.get("offline", {}).get("simulator"))
+    meta["sample"] = {"label": heldout.label(why), "reasons": why}
 
     comparisons = []
     for rp in real.points:
@@ -399,8 +470,13 @@ def compare_and_report(out_dir: Path, scenario_v: Scenario, points: list, real: 
         twins = sims[p.index][:len(rp.repeats) or len(sims[p.index])]
         sim_repeats = [compare.sim_repeat_metrics(pr.records, pr.peak_mem_bytes, agents) for pr in twins]
         all_sim = [r for pr in twins for r in pr.records]
+        n_twins = len(twins)
+        band_repeats = [compare.sim_repeat_metrics(pr.records, pr.peak_mem_bytes, agents)
+                        for draw in band_sims.get(p.index, []) for pr in draw[:n_twins]] if band_sims else None
         pc = compare.compare_point(p.index, p.label, p.backend.name, p.n_agents, p.link.gbps,
-                                   sim_repeats, compare.stage_means(all_sim), repeats, compare.stage_means(all_real))
+                                   sim_repeats, compare.stage_means(all_sim), repeats, compare.stage_means(all_real),
+                                   band_repeats)
+        pc.sample, pc.sample_reasons = meta["sample"]["label"], why
         pc.skipped = rp.skipped
         pc.notes = [e for rep in rp.repeats for e in rep.errors]
         outside = sorted({item for pr in sims[p.index] for item in pr.out_of_range})
@@ -418,7 +494,7 @@ def compare_and_report(out_dir: Path, scenario_v: Scenario, points: list, real: 
                          "verdict": compare.judge_oom(sim_n, probe.oom_n, probe_max), "message": probe.message})
     summary = compare.summarize(comparisons)
     for row in oom_rows:
-        summary[row["verdict"]] = summary.get(row["verdict"], 0) + 1
+        compare.add_oom(summary, row["verdict"], meta["sample"]["label"])
 
     figures = report.overlay_plots(out_dir, agents, _curves(agents, comparisons, real, sims))
     doc = {
@@ -460,7 +536,8 @@ def short_table(comparisons: list[compare.PointComparison], oom_rows: list[dict]
                      f"{report.fmt_err(bytes_err):>9}  {verdicts}")
     for row in oom_rows:
         lines.append(f"OOM N {row['backend']}: real {row['real_oom_n']} sim {row['sim_oom_n']} -> {row['verdict']}")
-    lines.append(f"summary: {summary.get('PASS', 0)} PASS, {summary.get('FAIL', 0)} FAIL, "
-                 f"{summary.get('info', 0)} info, {summary.get('N/A', 0)} N/A "
+    lines.append(f"summary: {report.summary_line(summary)} "
                  f"(verdict letters in metric order: {', '.join(m.name for m in compare.METRICS)})")
+    for sample in compare.SAMPLES:
+        lines.append(f"  {sample}: {report.summary_line(summary[sample])}")
     return "\n".join(lines)

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .compare import METRIC_BY_NAME, Comparison, PointComparison
+from .compare import METRIC_BY_NAME, MIN_REPEATS, SAMPLES, Comparison, PointComparison
 
 VERDICT_MARK = {"PASS": "PASS", "FAIL": "**FAIL**", "info": "info", "N/A": "N/A"}
 
@@ -52,18 +52,57 @@ def fmt_err(value: float | None) -> str:
     return f"{100 * value:+.1f}%"
 
 
-TARGET_TEXT = {"mean": "5% or in spread", "p99": "10%", "bytes": "1%", "info": "none"}
+TARGET_TEXT = {"mean": "5%, or CI meets band of half-width <= 10%", "p99": "10%", "bytes": "exact", "info": "none"}
+
+
+def _interval(values: list[float] | None, unit: str) -> str:
+    return "N/A" if not values else f"{fmt(values[0], unit)} – {fmt(values[1], unit)}"
+
+
+def _pct(value: float | None) -> str:
+    return "N/A" if value is None else f"{100 * value:.0f}%"
 
 
 def _metric_row(point: PointComparison, c: Comparison) -> str:
     metric = METRIC_BY_NAME[c.metric]
     unit = metric.unit
-    spread = "N/A" if c.real_min is None else f"{fmt(c.real_min, unit)} – {fmt(c.real_max, unit)}"
-    sim_spread = "N/A" if c.sim_min is None else f"{fmt(c.sim_min, unit)} – {fmt(c.sim_max, unit)}"
-    std = "N/A" if c.real_std is None else fmt(c.real_std, unit)
-    return (f"| {point.label} | {metric.label} | {fmt(c.real_mean, unit)} | {spread} | {std} | {len(c.real_values)} | "
-            f"{fmt(c.sim, unit)} | {sim_spread} | {len(c.sim_values)} | {fmt_err(c.rel_err)} | {TARGET_TEXT[c.rule]} | "
-            f"{VERDICT_MARK[c.verdict]} |")
+    n = len(c.real_values)
+    ci = _interval(c.real_ci, unit) + (" (n<5)" if c.real_ci and n < MIN_REPEATS else "")
+    verdict = VERDICT_MARK[c.verdict] + (" (band)" if c.passed_by == "band" else "")
+    half = "N/A" if c.band_half_width is None else f"{100 * c.band_half_width:.1f}%"
+    return (f"| {point.label} | {metric.label} | {point.sample} | {fmt(c.real_mean, unit)} | {ci} | {n} | "
+            f"{fmt(c.sim, unit)} | {_interval(c.band, unit)} | {half} | {_pct(c.coverage)} | {fmt_err(c.rel_err)} | "
+            f"{TARGET_TEXT[c.rule]} | {verdict} |")
+
+
+def summary_line(counts: dict) -> str:
+    cover = "" if counts.get("coverage") is None else (
+        f", band coverage {100 * counts['coverage']:.0f}% ({counts['covered']} of {counts['banded']} real repeat values)")
+    return (f"{counts.get('PASS', 0)} PASS, {counts.get('FAIL', 0)} FAIL, {counts.get('info', 0)} info, "
+            f"{counts.get('N/A', 0)} N/A{cover}")
+
+
+def provenance_lines(meta: dict) -> list[str]:
+    from djinnsim.sim.provenance import describe_simulator
+
+    offline = meta.get("offline")
+    profile = meta["profile"]
+    lines = []
+    if offline:
+        lines.append(f"Simulator of this re-comparison: {describe_simulator(offline['simulator'])}.  ")
+    sim = meta.get("simulator") if not offline else offline.get("real_runs_simulator")
+    lines.append(f"Simulator of the real runs' report: {describe_simulator(sim) if sim else 'not recorded'}.  ")
+    frozen = profile.get("frozen_sha256")
+    lines.append(f"Profile sha256 `{profile.get('sha256')}`; frozen before the real runs: "
+                 + (f"`{frozen}` at {profile.get('frozen_at')}" if frozen else "not recorded") + ".  ")
+    sample = meta.get("sample", {})
+    if sample:
+        why = "; ".join(sample.get("reasons") or []) or (
+            "profile frozen before the real runs, no fit holds them or calibrate's runs of the same workload, "
+            "model code not newer than the runs")
+        lines.append(f"Every figure here is **{sample.get('label')}**: {why}.  ")
+    lines.append(f"Bands: {meta.get('bands') or 0} draws of every repeat; spread: {meta.get('band_spread', 'N/A')}.")
+    return lines
 
 
 def markdown(doc: dict, points: list[PointComparison]) -> str:
@@ -78,7 +117,7 @@ def markdown(doc: dict, points: list[PointComparison]) -> str:
         lines += [
             f"Offline re-comparison of `{offline['from_real']}`: its real runs (started {meta['started_at']}, "
             f"described below) compared with the simulator re-run for this report, on the CPU of this machine "
-            f"({offline['host_cpu']}), {offline['simulator']}. Nothing was run for real.  ",
+            f"({offline['host_cpu']}). Nothing was run for real.  ",
             f"Re-comparison command: `{offline['command']}`",
             "",
         ]
@@ -89,6 +128,8 @@ def markdown(doc: dict, points: list[PointComparison]) -> str:
         f"torch {meta['machine']['torch']}, transformers {meta['machine']['transformers']}, host {meta['machine']['host_cpu']}.  ",
         f"Profile: `{meta['profile']['path']}` ({meta['profile']['how']}; calibrated {meta['profile']['date']}, "
         f"quick={meta['profile']['quick']}).  ",
+        *provenance_lines(meta),
+        "",
         f"Model {meta['model']}, {meta['repeats']} repeats per point, real and simulated (each simulated repeat "
         f"with its own seed); workload as run: {meta['workload']}.",
         "",
@@ -98,22 +139,25 @@ def markdown(doc: dict, points: list[PointComparison]) -> str:
         "emulated on loopback: each end paces its messages to the scenario's rate and holds each back half the RTT; "
         "bytes are counted on the socket.",
         "",
-        "Targets: mean latency within 5% or inside the real min–max across repeats; P99 within 10%; payload bytes "
-        "within 1%; keep-alive OOM N exact. p50, per-token latency and time to first token are judged like the mean. "
-        "Wire bytes (payload + framing), peak GPU memory and GPU utilization have no target (info). "
-        "Each metric is computed per repeat (a P99 is one repeat's P99) and averaged over repeats on each side; "
-        "the error is (sim mean - real mean) / real mean.",
+        "Targets (issue 9): a mean within 5% of the real mean, or the real mean's 95% bootstrap interval "
+        "(scipy.stats.bootstrap over repeats) overlapping the simulated P10–P90 band while the band's half-width "
+        "((P90 - P10) / (P90 + P10)) is at most 10% (marked '(band)'); P99 within 10%; payload bytes exact; keep-alive "
+        "OOM N exact. p50, per-token latency and time to first token are judged like the mean. Wire bytes "
+        "(payload + framing), peak GPU memory and GPU utilization have no target (info). Each metric is computed "
+        "per repeat (a P99 is one repeat's P99) and averaged over repeats on each side; the error is "
+        "(sim mean - real mean) / real mean; coverage is the share of real repeat values inside the band. "
+        "Held-out and in-sample figures are counted apart.",
         "",
-        f"**Summary: {doc['summary']['PASS']} PASS, {doc['summary']['FAIL']} FAIL, {doc['summary']['info']} info, "
-        f"{doc['summary']['N/A']} N/A.**",
+        f"**Summary: {summary_line(doc['summary'])}.**  ",
+        *(f"{sample}: {summary_line(doc['summary'][sample])}.  " for sample in SAMPLES if sample in doc["summary"]),
         "",
-        "| point | metric | real mean | real min – max | real sd | real repeats | sim mean | sim min – max | "
-        "sim repeats | error | target | verdict |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| point | metric | sample | real mean | real 95% CI | real repeats | sim mean | sim P10 – P90 | band half-width | "
+        "coverage | error | target | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for point in points:
         if point.skipped and not any(c.real_values for c in point.metrics):
-            lines.append(f"| {point.label} | (not run for real: {point.skipped}) | | | | | | | | | | |")
+            lines.append(f"| {point.label} | (not run for real: {point.skipped}) | | | | | | | | | | | |")
             continue
         lines.extend(_metric_row(point, c) for c in point.metrics)
     lines += ["", "## Keep-alive OOM N", ""]
