@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The H200 reference validation, item by item from docs/validation/h200/plan.yaml, each command
+# under 10 minutes. Run from the repository root with djinnsim installed:
+#
+#   ITEMS="calibrate exp21-25" bash validate/h200_reference.sh    # command 1: full calibration, then Exp 2.1
+#   ITEMS="agents-124" bash validate/h200_reference.sh            # command 2 (same warm machine, or carry results/h200)
+#   ITEMS="agents-8" bash validate/h200_reference.sh              # command 3
+#
+# `calibrate` writes the profile to results/h200/ (ignored by git; kept on a warm machine, else
+# carried back with the run tool's `carry: ["results/h200"]`) and a copy to $OUT/profile/ to commit.
+# Every later item validates against that profile, frozen (sha256) before its real runs start;
+# `python -m djinnsim.validate.plan docs/validation/h200/plan.yaml` lists the items and their
+# estimated device time. Every report folder travels in $OUT/h200-reference.tar.gz (the run tool
+# brings back few files); each item's validation.md and log also land in $OUT.
+set -uo pipefail
+PLAN=docs/validation/h200/plan.yaml
+OUT=${OUT:-results/validation/h200}
+TOTAL_S=${TOTAL_S:-570}  # seconds from the script's start; the device allows 600 per command
+ITEMS=${ITEMS:?set ITEMS, e.g. ITEMS=\"calibrate exp21-25\"}
+PROFILE=$(python3 -c "import yaml; print(yaml.safe_load(open('$PLAN'))['profile'])")
+WORK=$(mktemp -d /tmp/djinnsim-h200.XXXXXX)
+mkdir -p "$OUT" "$(dirname "$PROFILE")"
+export PYTHONUNBUFFERED=1
+t0=$(date +%s)
+elapsed() { echo $(( $(date +%s) - t0 )); }
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
+  git rev-parse HEAD 2>/dev/null || echo "no git"
+  nproc; free -g | head -2
+} > "$OUT/machine.txt" 2>&1
+
+for item in $ITEMS; do
+  left=$(( TOTAL_S - $(elapsed) ))
+  if [ "$item" = calibrate ]; then
+    cmd=$(python3 -c "import yaml; print(yaml.safe_load(open('$PLAN'))['calibration']['command'])")
+    echo "calibrate: $cmd" >> "$OUT/machine.txt"
+    timeout --kill-after=10 "$left" $cmd > "$OUT/calibrate.log" 2>&1
+    echo "calibrate: exit $? at $(elapsed) s" >> "$OUT/machine.txt"
+    mkdir -p "$WORK/profile" && cp "$(dirname "$PROFILE")"/* "$WORK/profile/" 2>> "$OUT/machine.txt"
+    continue
+  fi
+  if [ ! -f "$PROFILE" ]; then
+    echo "$item: not run: no profile at $PROFILE (run ITEMS=calibrate first, or carry results/h200)" >> "$OUT/machine.txt"
+    continue
+  fi
+  if [ "$left" -lt 90 ]; then
+    echo "$item: not run: ${left} s left" >> "$OUT/machine.txt"
+    continue
+  fi
+  cmd=$(python3 -m djinnsim.validate.plan "$PLAN" --command "$item" --profile "$PROFILE" --budget-s $(( left - 45 )))
+  echo "$item: $cmd" >> "$OUT/machine.txt"
+  OUT="$WORK" timeout --kill-after=10 "$left" bash -c "$cmd" > "$OUT/$item.log" 2>&1
+  echo "$item: exit $? at $(elapsed) s" >> "$OUT/machine.txt"
+  [ -f "$WORK/$item/validation.md" ] && cp "$WORK/$item/validation.md" "$OUT/$item.md"
+done
+
+tar czf "$OUT/h200-reference.tar.gz" -C "$WORK" . 2>> "$OUT/machine.txt"
+cat "$OUT/machine.txt"
+for item in $ITEMS; do
+  [ -f "$OUT/$item.log" ] || continue
+  echo "== $item"
+  sed -n '/^point /,/^report:/p' "$OUT/$item.log" | grep -v '^report:'
+  grep -E '^error:|Traceback' "$OUT/$item.log" | head -3
+done
+echo "total $(elapsed) s"
