@@ -1,0 +1,143 @@
+"""Prediction bands, the profile's spread, held-out labels, provenance and the H200 plan."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_profile
+
+from djinnsim.calibrate.refit import read_samples, refit
+from djinnsim.calibrate.spread import spread_from_samples
+from djinnsim.errors import DjinnsimError
+from djinnsim.sim import bands
+from djinnsim.sim.costmodel import ProfileCostModel
+from djinnsim.sim.profile import Spread, load_profile
+from djinnsim.sim.provenance import file_sha256
+from djinnsim.sim.run import bundled_profiles, run_scenario_file
+from djinnsim.sim.scenario import load_scenario
+from djinnsim.sim.specs import get_model
+from djinnsim.validate import heldout
+
+REPO = Path(__file__).resolve().parents[1]
+H100 = next(p for p in bundled_profiles() if p.name == "h100-80gb-llama-2-7b.json")
+SMALL = """
+name: small-agents
+seed: 3
+backends: [ray_keepalive, djinn]
+workload: {kind: agents, agents: [1, 2], act: {kind: fixed, seconds: 1}}
+"""
+
+
+def test_scaled_profile_scales_each_category_by_its_factor():
+    profile, spec = load_profile(H100), get_model("llama-2-7b")
+    base = ProfileCostModel(profile, spec)
+    f = bands.Factors(decode=1.3, prefill=0.8, load=1.5, copy=2.0)
+    scaled = bands.banded_cost(base, f)
+    assert scaled.decode_step_s(1, 100) == pytest.approx(1.3 * base.decode_step_s(1, 100))
+    assert scaled.prefill_s(2048, 4) == pytest.approx(0.8 * base.prefill_s(2048, 4))
+    assert scaled.copy_s(1e9) == pytest.approx(2.0 * base.copy_s(1e9))
+    one, fast = base.weight_load("disk"), scaled.weight_load("disk")
+    assert fast.fixed_s + 13e9 / (fast.gbps * 1e9) == pytest.approx(1.5 * (one.fixed_s + 13e9 / (one.gbps * 1e9)))
+
+
+def test_factor_draws_are_seeded_and_backend_free():
+    spread = Spread(decode_level=[0.8, 1.2], decode_residual=[1.0], prefill_residual=[0.9, 1.1])
+    point = load_scenario_points()[0]
+    a = bands.draw_factors(spread, bands.factor_rng(3, point, 5))
+    assert a == bands.draw_factors(spread, bands.factor_rng(3, point, 5))
+    assert a.decode in (0.8, 1.0, 1.2) and a.load == 1.0 and a.copy == 1.0  # empty lists: unscaled
+    other_backend = load_scenario_points()[2]  # djinn at the same N as point 0
+    assert other_backend.n_agents == point.n_agents and other_backend.backend.name != point.backend.name
+    assert bands.draw_factors(spread, bands.factor_rng(3, other_backend, 5)) == a
+
+
+def load_scenario_points():
+    from djinnsim.sim.scenario import expand_points, parse_scenario
+    import yaml
+
+    return expand_points(parse_scenario(yaml.safe_load(SMALL)))
+
+
+def test_run_bands_are_reproducible_and_bracket_the_spread(tmp_path):
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text(SMALL)
+    first = run_scenario_file(scenario, out=tmp_path / "a", quiet=True, bands=6)
+    second = run_scenario_file(scenario, out=tmp_path / "b", quiet=True, bands=6)
+    assert (first / "summary.json").read_bytes() == (second / "summary.json").read_bytes()
+    doc = json.loads((first / "summary.json").read_text())
+    for point in doc["points"]:
+        lo, hi = point["bands_p10_p90"]["agents.pooled.mean_ms"]
+        assert 0 < lo < hi  # the spread moves the mean
+        assert point["bands_p10_p90"]["agents.mean_bytes_up"][0] == point["bands_p10_p90"]["agents.mean_bytes_up"][1]
+    assert "P10-P90 over 6 draws" in (first / "bands.md").read_text()
+    plain = run_scenario_file(scenario, out=tmp_path / "c", quiet=True)
+    assert "bands_p10_p90" not in (plain / "summary.json").read_text() and not (plain / "bands.md").exists()
+    prov = json.loads((first / "provenance.json").read_text())
+    assert prov["profiles"] == [{"path": str(H100), "sha256": file_sha256(H100)}]
+    assert prov["simulator"]["package"]
+
+
+def test_bands_need_a_spread(tmp_path):
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text(SMALL)
+    with pytest.raises(DjinnsimError, match="at least 2 draws"):
+        run_scenario_file(scenario, out=tmp_path / "a", quiet=True, bands=1)
+    profile = make_profile()
+    assert profile.spread is None
+    with pytest.raises(DjinnsimError, match="spread section"):
+        bands.spread_of(ProfileCostModel(profile, get_model("llama-2-7b")))
+
+
+def test_spread_from_the_bundled_samples_and_a_held_out_refit():
+    profile = load_profile(H100)
+    rows = read_samples(H100.parent / profile.samples_file)
+    spread = spread_from_samples(profile, rows)
+    assert spread == profile.spread  # what --refit wrote is what the samples give
+    runs = {r["point"] for r in rows if r["stage"] == "exp21_step"}
+    assert len(spread.decode_level) == len(runs) and spread.decode_residual and spread.copies and spread.weight_load
+    assert 0.5 < float(np.median(spread.decode_residual)) < 1.5
+    assert heldout.decode_fit_holds_exp21(profile, H100)
+    held = refit(profile, rows, "test", left_out=("exp21_step",))
+    grid = {r["point"] for r in rows if r["stage"] == "decode"}
+    pieces = held.decode_step.pieces if hasattr(held.decode_step, "pieces") else [held.decode_step]
+    assert sum(p.n_samples for p in pieces) == len(grid)
+    assert held.spread.left_out == ["exp21_step"] and held.spread.decode_level == []
+    assert held.jitter_decode_sequence == profile.jitter_decode_sequence  # the shape stays
+
+
+def test_held_out_reasons(tmp_path):
+    profile = load_profile(H100)
+    exp21 = load_scenario(REPO / "docs" / "validation" / "h200" / "exp21.yaml")
+    agents = load_scenario(REPO / "docs" / "validation" / "h200" / "agents.yaml")
+    sha = file_sha256(H100)
+    assert heldout.reasons(agents, profile, H100, sha, sha, "2026-01-01T00:00:00+00:00", None) == []
+    why = heldout.reasons(exp21, profile, H100, sha, sha, "2026-01-01T00:00:00+00:00", None)
+    assert [w.split(":")[0] for w in why] == ["workload"]
+    assert heldout.reasons(agents, profile, H100, sha, None, None, None)[0].startswith("profile: no hash")
+    assert heldout.reasons(agents, profile, H100, sha, "0" * 64, None, None)[0].startswith("profile: not the profile")
+    newer = {"model_commit": "abc", "model_commit_at": "2026-02-01T00:00:00+00:00", "dirty": False}
+    older = {**newer, "model_commit_at": "2025-12-01T00:00:00+00:00"}
+    assert heldout.reasons(agents, profile, H100, sha, sha, "2026-01-01T00:00:00+00:00", newer)[0].startswith("simulator")
+    assert heldout.reasons(agents, profile, H100, sha, sha, "2026-01-01T00:00:00+00:00", older) == []
+    assert heldout.label([]) == "held-out" and heldout.label(["x"]) == "in-sample"
+
+
+def test_h200_plan_estimates_and_commands_the_validate_cli_accepts():
+    from typer.main import get_command
+
+    from djinnsim.cli import app
+    from djinnsim.validate import plan
+
+    doc = plan.load_plan(REPO / "docs" / "validation" / "h200" / "plan.yaml")
+    base = REPO / "docs" / "validation" / "h200"
+    validate = get_command(app).commands["validate"]
+    for item in doc["items"][:3]:
+        row = plan.estimate_item(item, base, None)
+        assert row["estimate_s"] > 0 and row["points"]
+        args = shlex.split(plan.command(doc, item, base, None, 500).replace('"$OUT/', '"out/'))
+        assert args[:2] == ["djinnsim", "validate"]
+        validate.make_context("validate", args[2:])  # every option exists and parses
