@@ -19,6 +19,8 @@ Toggles (all visible in sim/data/backends.yaml, and definable in a scenario):
   memory_full    oom: an allocation that does not fit fails (an OOM record); wait: it queues until memory frees
   scheduler      default GPU executor policy: serial_fcfs (one request at a time, as Djinn's server),
                  time_sliced (independent processes interleave step by step), continuous_batching
+  kv_policy      what a session KV does during ACT: preserve (default), swap, discard, ttl, min_waste
+                 (sim/server_rules.py, sim/engine/kvpolicy.py); the scenario's server.kv_policy overrides it
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from djinnsim.errors import DjinnsimError
 
 from .engine.plan import GeneratePlan, ServingPlan, generate_plan, serving_plan
+from .server_rules import KvPolicySpec
 from .specs import TOKEN_ID_BYTES, ModelSpec
 
 Scheduler = Literal["serial_fcfs", "time_sliced", "continuous_batching"]
@@ -57,6 +60,7 @@ class Backend(BaseModel):
     connection: Literal["per_request", "persistent"]
     memory_full: Literal["oom", "wait"] = "oom"
     scheduler: Scheduler = "serial_fcfs"
+    kv_policy: KvPolicySpec = KvPolicySpec()
 
     # --- bytes on the wire, per reference.md's formulas ------------------------------------
     def step_bytes(self, model: ModelSpec, t: int, prompt_tokens: int, cached_tokens: int = 0) -> tuple[int, int]:

@@ -31,7 +31,7 @@ class Record:
     run: int  # decode: run number; agents: iteration
     phase: str  # decode | reason | reflect
     step: int  # decode: generated-token index t; -1 for a whole generate call
-    status: str  # ok | oom
+    status: str  # ok | oom (no GPU memory) | rejected (over the server's admission limit)
     warmup: bool
     issued_at: float  # the client sends the request
     started_at: float  # the GPU starts executing it
@@ -54,6 +54,11 @@ class Record:
     d2h_bytes: int
     gpu_mem_bytes: int  # GPU memory in use when the request finished executing
     gpu_mem_peak_bytes: int  # highest GPU memory in use of the point so far
+    # What the request found of its session's KV after ACT (KV_STATES): none (no session KV carried
+    # over), resident, swapped (restored over PCIe in copy_s), discarded (by the KV policy) or
+    # evicted (idle eviction); the last two re-prefill `recomputed_tokens` of context.
+    kv_state: str = "none"
+    recomputed_tokens: int = 0
 
     @property
     def latency_s(self) -> float:
@@ -66,8 +71,9 @@ RECORD_COLUMNS = tuple(f.name for f in fields(Record))
 POINT_COLUMNS = ("point", "backend", "model", "gpu", "link_gbps", "n_agents")  # one value per point
 ROW_COLUMNS = tuple(c for c in RECORD_COLUMNS if c not in POINT_COLUMNS)
 PHASES = ("decode", "reason", "reflect")
-STATUSES = ("ok", "oom")
-_CODED = {"phase": PHASES, "status": STATUSES}  # stored as small integer codes
+STATUSES = ("ok", "oom", "rejected")
+KV_STATES = ("none", "resident", "swapped", "discarded", "evicted")
+_CODED = {"phase": PHASES, "status": STATUSES, "kv_state": KV_STATES}  # stored as small integer codes
 _FLOAT_COLUMNS = frozenset(f.name for f in fields(Record) if f.type == "float")
 _BOOL_COLUMNS = frozenset({"warmup"})
 
@@ -101,7 +107,8 @@ class RecordBuilder:
         self._appends = [column.append for column in self._columns]
 
     def add(self, *values: float | int) -> None:
-        """One record: the values of ROW_COLUMNS in order; phase and status as codes (PHASES, STATUSES)."""
+        """One record: the values of ROW_COLUMNS in order; phase, status and kv_state as codes
+        (PHASES, STATUSES, KV_STATES)."""
         for append, value in zip(self._appends, values):
             append(value)
 

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from djinnsim.errors import DjinnsimError
 
 from .backends import Backend, Scheduler, get_backend
+from .server_rules import KvPolicySpec, ServerRules
 from .specs import GpuSpec, ModelSpec, get_gpu, get_model
 
 
@@ -28,10 +29,24 @@ class Link(_Strict):
 class Server(_Strict):
     scheduler: Scheduler | None = Field(default=None, description="override the backends' default policy")
     max_batch: int = Field(default=64, gt=0, description="continuous batching: most sequences per step")
+    # --- KV during ACT and Djinn's server rules (sim/server_rules.py documents each default) ---
+    kv_policy: KvPolicySpec | None = Field(
+        default=None, description="override every backend's kv_policy: preserve | swap | discard | "
+        "{kind: ttl, ttl_s, then: swap|discard} | min_waste; null: each backend's own (preserve)")
     kv_swap: Literal["none", "idle"] = Field(
-        default="none", description="idle: swap a session's KV to host memory during ACT, restore before REFLECT"
-    )
-    pinned_host_kv: bool = True
+        default="none", description="deprecated alias: idle is kv_policy: swap")
+    pinned_host_kv: bool = Field(default=True, description="swapped KV goes to pinned host memory (else pageable)")
+    rules: ServerRules = Field(default_factory=ServerRules, description="Djinn's server rules, each off by "
+                               "default; `djinn` turns all on with Djinn's values")
+
+    @model_validator(mode="after")
+    def _kv_swap_alias(self) -> "Server":
+        if self.kv_swap == "idle":
+            if self.kv_policy is not None and self.kv_policy.kind != "swap":
+                raise ValueError(f"kv_swap: idle contradicts kv_policy: {self.kv_policy.kind}; drop kv_swap")
+            self.kv_policy = self.kv_policy or KvPolicySpec(kind="swap")
+        return self
+    # --- end of the KV / server-rules block ---
     shapes: Literal["warm", "cold"] = Field(
         default="warm",
         description="warm: every GPU process has run every attention shape before (a long-running "

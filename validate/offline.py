@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 from djinnsim.errors import DjinnsimError
@@ -65,6 +65,10 @@ def _read_json(path: Path) -> dict:
     return doc
 
 
+# Record fields with a default, added after reports were written (older records_real.csv lack them).
+_OPTIONAL = frozenset(f.name for f in fields(Record) if f.default is not MISSING)
+
+
 def read_real_records(path: Path) -> dict[tuple[int, int], list[Record]]:
     """records_real.csv back into Records, by (point index, repeat), in file order."""
     # The csv module and float(): every float comes back bit for bit (pandas' parser is exact
@@ -75,11 +79,13 @@ def read_real_records(path: Path) -> dict[tuple[int, int], list[Record]]:
     try:
         with path.open(newline="") as handle:
             reader = csv.DictReader(handle)
-            missing = [c for c in ("repeat", *RECORD_COLUMNS) if c not in (reader.fieldnames or [])]
+            present = set(reader.fieldnames or [])
+            missing = [c for c in ("repeat", *RECORD_COLUMNS) if c not in present and c not in _OPTIONAL]
             if missing:
                 raise DjinnsimError(f"{path} lacks the columns {', '.join(missing)}")
+            columns = [c for c in RECORD_COLUMNS if c in present]
             for row in reader:
-                record = Record(**{name: casts[types[name]](row[name]) for name in RECORD_COLUMNS})
+                record = Record(**{name: casts[types[name]](row[name]) for name in columns})
                 out.setdefault((record.point, int(row["repeat"])), []).append(record)
     except (OSError, ValueError, csv.Error) as exc:
         raise DjinnsimError(f"cannot read {path}: {exc}") from None

@@ -12,7 +12,7 @@ from typing import Callable
 
 import simpy
 
-from ..records import PHASES, STATUSES, RecordBuilder
+from ..records import KV_STATES, PHASES, STATUSES, RecordBuilder
 from ..scenario import AgentsWorkload, DecodeWorkload
 from .link import Link
 from .outcome import Outcome, merge
@@ -21,6 +21,7 @@ from .server import GpuServer, ServerSession
 
 _PHASE = {name: code for code, name in enumerate(PHASES)}
 _STATUS = {name: code for code, name in enumerate(STATUSES)}
+_KV_STATE = {name: code for code, name in enumerate(KV_STATES)}
 
 
 @dataclass(slots=True)
@@ -32,11 +33,13 @@ class Channel:
 
 
 def record(log: RecordBuilder, server: GpuServer, out: Outcome, agent: int, run: int, phase: str, step: int,
-           warmup: bool, context: int, input_tokens: int, new_tokens: int) -> None:
+           warmup: bool, context: int, input_tokens: int, new_tokens: int, kv_state: str = "none",
+           recomputed_tokens: int = 0) -> None:
     log.add(agent, run, _PHASE[phase], step, _STATUS[out.status], warmup, out.issued_at, out.started_at,
             out.finished_at, out.connect_s, out.uplink_s, out.queue_s, out.load_s, out.copy_s, out.compute_s,
             out.downlink_s, context, input_tokens, new_tokens, out.bytes_up, out.bytes_down, out.wire_bytes_up,
-            out.wire_bytes_down, out.h2d_bytes, out.d2h_bytes, out.gpu_mem_bytes, server.memory.peak_bytes)
+            out.wire_bytes_down, out.h2d_bytes, out.d2h_bytes, out.gpu_mem_bytes, server.memory.peak_bytes,
+            _KV_STATE[kv_state], recomputed_tokens)
 
 
 def request(env: simpy.Environment, server: GpuServer, link: Link, channel: Channel, plan: RequestPlan):
@@ -98,21 +101,29 @@ def decode_client(env: simpy.Environment, server: GpuServer, link: Link, planner
 
 def agent(env: simpy.Environment, server: GpuServer, link: Link, planner: Planner, log: RecordBuilder,
           agent_id: int, workload: AgentsWorkload, start_at: float, act_s: Callable[[], float]):
-    """Exp 2.2: REASON -> ACT -> REFLECT, `iterations` times; `act_s` draws an ACT duration."""
+    """Exp 2.2: REASON -> ACT -> REFLECT, `iterations` times; `act_s` draws an ACT duration.
+
+    During ACT the server does what the session's KV policy says with its KV; a phase after it is
+    planned with the context the session still holds, and re-prefills the rest (`recomputed_tokens`)."""
     yield env.timeout(start_at)
     channel = Channel((yield from server.open_session(agent_id)))
+    session = channel.session
     context = 0
+    kv_state = "none"
     for iteration in range(workload.iterations):
         for phase, spec in (("reason", workload.reason), ("reflect", workload.reflect)):
-            plan = planner.generate(context, spec.input_tokens, spec.new_tokens)
+            resident = server.resident_tokens(session, context) if planner.serving.session_kv else context
+            plan = planner.generate(context, spec.input_tokens, spec.new_tokens, resident=resident)
             outcomes = yield from generate(env, server, link, channel, plan)
             record(log, server, merge(outcomes), agent_id, iteration, phase, -1, False, context,
-                   spec.input_tokens, spec.new_tokens)
+                   spec.input_tokens, spec.new_tokens, kv_state, context - resident)
             if outcomes[-1].status != "ok":
-                server.release(channel.session)
+                server.release(session)
                 return
             context += spec.input_tokens + spec.new_tokens
+            kv_state = "resident" if planner.serving.session_kv else "none"
             if phase == "reason":
-                server.idle(channel.session)
+                server.idle(session)
                 yield env.timeout(act_s())
-    server.release(channel.session)
+                kv_state = server.wake(session)
+    server.release(session)

@@ -160,12 +160,15 @@ class _Sequence:
 class ContinuousBatching:
     """vLLM-style iteration-level batching: new sequences are prefilled, then all running ones decode
     together, one token per iteration, up to `max_batch` sequences. Such an engine brings its own
-    attention kernels (paged, no per-shape plan), so no first-run cost of new shapes is charged."""
+    attention kernels (paged, no per-shape plan), so no first-run cost of new shapes is charged.
+    `max_prefills` (Djinn's cap on concurrent prefills) bounds the prompts one iteration prefills;
+    the others wait for a later iteration, in arrival order."""
 
-    def __init__(self, env: simpy.Environment, timer: PassTimer, max_batch: int) -> None:
+    def __init__(self, env: simpy.Environment, timer: PassTimer, max_batch: int, max_prefills: int | None = None) -> None:
         self.env = env
         self.timer = timer
         self.max_batch = max_batch
+        self.max_prefills = max_prefills
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []
         self._wakeup = env.event()
@@ -200,6 +203,8 @@ class ContinuousBatching:
                 self.running.append(seq)
             # Prefill-priority iterations (vLLM's default): pending prefills run before the next decode.
             prefilling = [s for s in self.running if s.work.passes[s.next_pass][0] == "prefill"]
+            if self.max_prefills is not None:
+                prefilling = prefilling[:self.max_prefills]
             if prefilling:
                 # One batched forward over the pending prompts (their mean length, their deepest cache).
                 batch = sum(s.work.batch for s in prefilling)
@@ -222,17 +227,20 @@ class ContinuousBatching:
 
 # The registry of scheduling policies, keyed by their YAML tag (`server.scheduler`, a backend's
 # `scheduler`): each entry builds the executor from the environment, the pass timer and the server's
-# settings (`max_batch`).
+# settings (`max_batch`, `max_prefills`: the cap on concurrent prefills, which binds only batching:
+# serial FCFS and time slicing run one prefill at a time anyway).
 EXECUTORS: dict[str, Callable[..., object]] = {
-    "serial_fcfs": lambda env, timer, max_batch: SerialFCFS(env, timer),
-    "time_sliced": lambda env, timer, max_batch: TimeSliced(env, timer),
-    "continuous_batching": lambda env, timer, max_batch: ContinuousBatching(env, timer, max_batch),
+    "serial_fcfs": lambda env, timer, max_batch, max_prefills: SerialFCFS(env, timer),
+    "time_sliced": lambda env, timer, max_batch, max_prefills: TimeSliced(env, timer),
+    "continuous_batching": lambda env, timer, max_batch, max_prefills: ContinuousBatching(env, timer, max_batch,
+                                                                                          max_prefills),
 }
 
 
-def make_executor(policy: str, env: simpy.Environment, timer: PassTimer, max_batch: int):
+def make_executor(policy: str, env: simpy.Environment, timer: PassTimer, max_batch: int,
+                  max_prefills: int | None = None):
     try:
         build = EXECUTORS[policy]
     except KeyError:
         raise ValueError(f"unknown scheduler {policy!r}; known: {', '.join(EXECUTORS)}") from None
-    return build(env, timer, max_batch)
+    return build(env, timer, max_batch, max_prefills)

@@ -5,13 +5,16 @@ runs, what stays resident, what happens when memory is full) and, per generate c
 `GeneratePlan`: the requests it sends, each a `RequestPlan` of forward passes, payload bytes each
 way, messages, and what it does to the KV cache. The KV rules live here and only here
 (`_kv_tokens`): which context is already cached, what a request adds to a session's KV, and what it
-holds only while it runs.
+holds only while it runs. A session whose KV the server dropped during ACT (the KV policy's discard,
+an idle eviction) is planned with fewer `resident` tokens: the first forward re-prefills the rest.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from ..server_rules import KvPolicySpec
 
 if TYPE_CHECKING:
     from ..backends import Backend
@@ -36,6 +39,7 @@ class ServingPlan:
     per_token: bool  # one request per generated token (False: one per generate call)
     scheduler: str  # the executor policy (a key of executors.EXECUTORS)
     kv_cache: bool  # the model keeps a KV cache at all (in a session, for a request, or at the client)
+    kv_policy: KvPolicySpec  # what a session KV does during ACT (sim/engine/kvpolicy.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,8 +64,9 @@ class GeneratePlan:
     per_token: bool
 
 
-def serving_plan(backend: "Backend", scheduler: str | None = None) -> ServingPlan:
-    """`scheduler` overrides the backend's default policy (the scenario's `server.scheduler`)."""
+def serving_plan(backend: "Backend", scheduler: str | None = None, kv_policy: KvPolicySpec | None = None) -> ServingPlan:
+    """`scheduler` and `kv_policy` override the backend's own (the scenario's `server.scheduler`,
+    `server.kv_policy`)."""
     return ServingPlan(
         remote=backend.location == "remote",
         connect_per_request=backend.connection == "per_request",
@@ -75,10 +80,12 @@ def serving_plan(backend: "Backend", scheduler: str | None = None) -> ServingPla
         per_token=backend.round_trip != "phase",
         scheduler=scheduler or backend.scheduler,
         kv_cache=backend.kv != "none",
+        kv_policy=kv_policy or backend.kv_policy,
     )
 
 
-def _kv_tokens(backend: "Backend", per_token: bool, context: int, fed: int, n: int) -> tuple[int, int, int]:
+def _kv_tokens(backend: "Backend", per_token: bool, context: int, fed: int, n: int,
+               resident: int | None = None) -> tuple[int, int, int]:
     """The KV rules: (cached, grow, transient) tokens of one request, batch aside.
 
     `context` tokens came before this generate call; `fed` is the call's input in a per-phase
@@ -86,28 +93,31 @@ def _kv_tokens(backend: "Backend", per_token: bool, context: int, fed: int, n: i
     per-phase request generates, the generated-token index t of a per-token request.
     - cached: context whose KV the server already has (session KV; a client-held KV that comes
       back up with the step), so the first forward skips it. A per-phase request reuses only a
-      session KV; a step that recomputes the full context reuses nothing.
-    - grow: what a session KV keeps after the request: the phase's input and output; per token,
-      the uncached prompt at t = 0 and one token after.
+      session KV; a step that recomputes the full context reuses nothing. `resident` (None: all of
+      `context`) is what the session KV still holds: the server may have dropped it during ACT.
+    - grow: what a session KV keeps after the request: the phase's input and output, plus any
+      context re-prefilled; per token, the uncached prompt at t = 0 and one token after.
     - transient: a request-scoped KV (the whole conversation, for one phase), or the client KV
       that is on the GPU for one step (L_t = prompt + t tokens).
     """
     kv = backend.kv
+    held = context if resident is None or kv != "session" else min(resident, context)
     if per_token:
         reuses = kv in ("session", "client") and backend.step_compute == "incremental"
-        cached = context if reuses else 0
+        cached = held if reuses else 0
         grow = ((fed - cached) if n == 0 else 1) if kv == "session" else 0
         transient = (fed + n) if kv == "client" else 0
         return cached, grow, transient
-    cached = context if kv == "session" else 0
-    grow = fed + n if kv == "session" else 0
+    cached = held if kv == "session" else 0
+    grow = context - cached + fed + n if kv == "session" else 0
     transient = context + fed + n if kv == "request" else 0
     return cached, grow, transient
 
 
-def phase_passes(backend: "Backend", context: int, input_tokens: int, new_tokens: int) -> list[Pass]:
+def phase_passes(backend: "Backend", context: int, input_tokens: int, new_tokens: int,
+                 resident: int | None = None) -> list[Pass]:
     """Forward passes of one generate call of `new_tokens` after `context` + `input_tokens`."""
-    cached, _, _ = _kv_tokens(backend, False, context, input_tokens, new_tokens)
+    cached, _, _ = _kv_tokens(backend, False, context, input_tokens, new_tokens, resident)
     fed = context + input_tokens - cached
     if backend.step_compute == "full_context":
         return [("prefill", cached + fed + t, 0) for t in range(new_tokens)]
@@ -134,12 +144,13 @@ def _workspace_tokens(passes: tuple[Pass, ...]) -> int:
 
 
 def generate_plan(backend: "Backend", model: "ModelSpec", serving: ServingPlan, context: int, input_tokens: int,
-                  new_tokens: int, batch: int = 1) -> GeneratePlan:
-    """The requests of one generate call, in order."""
+                  new_tokens: int, batch: int = 1, resident: int | None = None) -> GeneratePlan:
+    """The requests of one generate call, in order. `resident`: context tokens the session KV still
+    holds (None: all). The server keeps a session's token ids, so a re-prefill moves no more bytes."""
     if not serving.per_token:
         up, down = backend.phase_bytes(model, context, input_tokens, new_tokens)
-        _, grow, transient = _kv_tokens(backend, False, context, input_tokens, new_tokens)
-        passes = tuple(phase_passes(backend, context, input_tokens, new_tokens))
+        _, grow, transient = _kv_tokens(backend, False, context, input_tokens, new_tokens, resident)
+        passes = tuple(phase_passes(backend, context, input_tokens, new_tokens, resident))
         request = RequestPlan(passes, batch, up * batch, down * batch, 1, grow * batch, transient * batch,
                               _workspace_tokens(passes))
         return GeneratePlan((request,), False)
@@ -148,7 +159,7 @@ def generate_plan(backend: "Backend", model: "ModelSpec", serving: ServingPlan, 
     messages = backend.ops_per_layer * model.num_layers if backend.round_trip == "op" else 1
     requests = []
     for t in range(new_tokens):
-        cached, grow, transient = _kv_tokens(backend, True, context, prompt, t)
+        cached, grow, transient = _kv_tokens(backend, True, context, prompt, t, resident)
         up, down = backend.step_bytes(model, t, prompt, cached)
         passes = (token_pass(backend, prompt, t, cached),)
         requests.append(RequestPlan(passes, batch, up * batch, down * batch, messages,
@@ -159,17 +170,23 @@ def generate_plan(backend: "Backend", model: "ModelSpec", serving: ServingPlan, 
 class Planner:
     """A backend's plans for one point's model, memoized (every agent asks the same few)."""
 
-    def __init__(self, backend: "Backend", model: "ModelSpec", scheduler: str | None = None) -> None:
+    def __init__(self, backend: "Backend", model: "ModelSpec", scheduler: str | None = None,
+                 kv_policy: KvPolicySpec | None = None) -> None:
         self.backend = backend
         self.model = model
-        self.serving = serving_plan(backend, scheduler)
-        self._plans: dict[tuple[int, int, int, int], GeneratePlan] = {}
+        self.serving = serving_plan(backend, scheduler, kv_policy)
+        self._plans: dict[tuple[int, int, int, int, int | None], GeneratePlan] = {}
 
-    def generate(self, context: int, input_tokens: int, new_tokens: int, batch: int = 1) -> GeneratePlan:
-        key = (context, input_tokens, new_tokens, batch)
+    def generate(self, context: int, input_tokens: int, new_tokens: int, batch: int = 1,
+                 resident: int | None = None) -> GeneratePlan:
+        """`resident`: context tokens whose KV the session still holds (None: all of them)."""
+        if resident is not None and resident >= context:
+            resident = None
+        key = (context, input_tokens, new_tokens, batch, resident)
         plan = self._plans.get(key)
         if plan is None:
-            plan = generate_plan(self.backend, self.model, self.serving, context, input_tokens, new_tokens, batch)
+            plan = generate_plan(self.backend, self.model, self.serving, context, input_tokens, new_tokens, batch,
+                                 resident)
             self._plans[key] = plan
         return plan
 

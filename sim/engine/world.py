@@ -37,6 +37,16 @@ def act_sampler(workload: AgentsWorkload, rng: np.random.Generator):
     return lambda: float(rng.exponential(act.mean_s))
 
 
+def act_mean_s(workload: AgentsWorkload) -> float:
+    """The mean of the workload's ACT distribution (what the min_waste KV policy expects an ACT to last)."""
+    act = workload.act
+    if isinstance(act, Fixed):
+        return act.seconds
+    if isinstance(act, Uniform):
+        return (act.low_s + act.high_s) / 2
+    return act.mean_s
+
+
 class World:
     """The entities of one point. `run()` starts the clients, runs the environment to the end and
     returns the point's records."""
@@ -50,13 +60,15 @@ class World:
         self.act_rng = np.random.default_rng(act_seed)
         self.arrival_rng = np.random.default_rng(arrival_seed)
         self.env = CountingEnvironment()
-        self.planner = Planner(point.backend, point.model, scenario.server.scheduler)
+        self.planner = Planner(point.backend, point.model, scenario.server.scheduler, scenario.server.kv_policy)
         stream_gbps = cost.stream_gbps()
         self.link = Link(self.env, point.link.gbps, point.link.rtt_ms / 1e3,
                          stream_gbps * 1e9 if stream_gbps else None, point.link.framing_bytes, cost)
         config = scenario.server
+        workload = scenario.workload
         self.server = GpuServer(self.env, cost, self.planner.serving, max_batch=config.max_batch,
-                                kv_swap=config.kv_swap, pinned_host_kv=config.pinned_host_kv,
+                                rules=config.rules, pinned_host_kv=config.pinned_host_kv,
+                                expected_act_s=act_mean_s(workload) if isinstance(workload, AgentsWorkload) else 0.0,
                                 cold_shapes=config.shapes == "cold", jitter_rng=np.random.default_rng(jitter_seed),
                                 shapes_seen=shapes_seen)
         self.log = RecordBuilder(point.index, point.backend.name, point.model.key, point.gpu.key, point.link.gbps,
