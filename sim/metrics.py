@@ -3,7 +3,8 @@
 Conventions, shared by every output:
 - Warm-up is a filter on records (`warmup == False`), applied first.
 - OOM records (`status == "oom"`) are counted, never averaged into a latency: a decode run or an
-  agent phase that contains one is left out of the latency statistics and reported as OOM.
+  agent phase that contains one is left out of the latency statistics and reported as OOM. Rejected
+  records (`status == "rejected"`, over the server's admission limit) are counted and left out alike.
 - Percentiles are `numpy.percentile(..., method="linear")`: linear interpolation between the two
   nearest order statistics (Hyndman & Fan type 7, numpy's and pandas' default). With one sample
   every percentile is that sample; with none it is None (null in JSON).
@@ -67,17 +68,22 @@ def oom_records(frame: "pd.DataFrame") -> int:
     return int((frame["status"] == "oom").sum())
 
 
+def rejected_records(frame: "pd.DataFrame") -> int:
+    return int((frame["status"] == "rejected").sum())
+
+
 def _group_spans(frame: "pd.DataFrame", keys: list[str]) -> "pd.DataFrame":
     """One row per group: first request, last reply, sums of durations/tokens/bytes, OOM flag."""
     import pandas as pd
 
     if frame.empty:
-        columns = [*keys, "issued_at", "finished_at", "records", "oom", *_SUMMED, "wall_s"]
+        columns = [*keys, "issued_at", "finished_at", "records", "oom", "rejected", *_SUMMED, "wall_s"]
         return pd.DataFrame({c: pd.Series(dtype=float) for c in columns})
-    work = frame.assign(is_oom=frame["status"] == "oom")
+    work = frame.assign(is_oom=frame["status"] == "oom", is_rejected=frame["status"] == "rejected")
     grouped = work.groupby(keys, sort=True)
     # plain reductions per column: far faster than one named .agg over many columns
     spans = grouped[list(_SUMMED)].sum()
+    spans.insert(0, "rejected", grouped["is_rejected"].any())
     spans.insert(0, "oom", grouped["is_oom"].any())
     spans.insert(0, "records", grouped.size())
     spans.insert(0, "finished_at", grouped["finished_at"].max())
@@ -138,7 +144,7 @@ def decode_runs(frame: "pd.DataFrame", weight_bytes: int | None = None) -> "pd.D
 def decode_summary(frame: "pd.DataFrame", weight_bytes: int | None = None) -> dict[str, Any]:
     """Aggregates over the measured, OOM-free runs of one decode point."""
     runs = decode_runs(frame, weight_bytes)
-    ok = runs[~runs["oom"].astype(bool)]
+    ok = runs[~(runs["oom"].astype(bool) | runs["rejected"].astype(bool))]
     steps = measured(frame[(frame["phase"] == "decode") & (frame["status"] == "ok")])
     total = describe_ms(ok["total_ms"])
     per_token = describe_ms(ok["per_token_ms"])
@@ -147,6 +153,7 @@ def decode_summary(frame: "pd.DataFrame", weight_bytes: int | None = None) -> di
         "runs": int(len(runs)),
         "oom_runs": int(runs["oom"].astype(bool).sum()),
         "oom_records": oom_records(frame),
+        "rejected_records": rejected_records(frame),
         "mean_total_ms": total["mean_ms"],
         "p50_total_ms": total["p50_ms"],
         "p95_total_ms": total["p95_ms"],
@@ -188,10 +195,11 @@ def agent_iterations(frame: "pd.DataFrame", weight_bytes: int | None = None,
     """
     phases = agent_phases(frame) if phases is None else phases
     if phases.empty:
-        iterations = phases.reindex(columns=["agent", "run", "latency_ms", "oom", *_SUMMED])
+        iterations = phases.reindex(columns=["agent", "run", "latency_ms", "oom", "rejected", *_SUMMED])
     else:
         grouped = phases.groupby(["agent", "run"], sort=True)
         iterations = grouped[["latency_ms", *_SUMMED]].sum()
+        iterations.insert(0, "rejected", grouped["rejected"].any())
         iterations.insert(0, "oom", grouped["oom"].any())
         iterations = iterations.reset_index()
     iterations["total_ms"] = iterations["latency_ms"]
@@ -209,7 +217,7 @@ def agent_iterations(frame: "pd.DataFrame", weight_bytes: int | None = None,
 def agent_summary(frame: "pd.DataFrame", phases: "pd.DataFrame | None" = None) -> dict[str, Any]:
     """Per-phase and pooled (REASON + REFLECT of all agents) latency statistics of one N."""
     phases = agent_phases(frame) if phases is None else phases
-    ok = phases[~phases["oom"].astype(bool)]
+    ok = phases[~(phases["oom"].astype(bool) | phases["rejected"].astype(bool))]
     per_phase = {}
     for name in AGENT_PHASES:
         rows = ok[ok["phase"] == name]
@@ -226,6 +234,7 @@ def agent_summary(frame: "pd.DataFrame", phases: "pd.DataFrame | None" = None) -
         "oom_records": oom_records(frame),
         "oom_phases": int(len(oom_phases)),
         "oom_agents": int(oom_phases["agent"].nunique()),
+        "rejected_records": rejected_records(frame),
         "breakdown_mean_ms": {g: _mean(ok[f"{g}_ms"]) for g in BREAKDOWN_GROUPS},
         "mean_bytes_up": _mean(ok["bytes_up"]),
         "mean_bytes_down": _mean(ok["bytes_down"]),

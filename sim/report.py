@@ -145,8 +145,13 @@ def _run_entries(runs: "pd.DataFrame", run_ids: list[int]) -> list[dict[str, Any
     return entries
 
 
+def _failed(runs: "pd.DataFrame") -> "pd.Series":
+    """Runs with an OOM or a rejected record: left out of runs and aggregates."""
+    return runs["oom"].astype(bool) | runs["rejected"].astype(bool)
+
+
 def _aggregates(runs: "pd.DataFrame") -> dict[str, Any]:
-    ok = runs[~runs["oom"].astype(bool)]
+    ok = runs[~_failed(runs)]
     total = metrics.describe_ms(ok["total_ms"], (50, 95, 99))
     per_token = metrics.describe_ms(ok["per_token_ms"], (50, 95, 99))
     return {
@@ -165,7 +170,7 @@ def baseline_document(point_result: "PointResult", scenario: Any, frame: "pd.Dat
                       summary: dict[str, Any], phases: "pd.DataFrame | None" = None) -> dict[str, Any]:
     """The seed's raw-run JSON for one point, extended with p50/p99, agent phases and a `simulation` block.
 
-    Runs with an OOM record are left out of `runs` and `aggregates` (counted in `simulation`).
+    Runs with an OOM or a rejected record are left out of `runs` and `aggregates` (counted in `simulation`).
     Decode: one run per measured run, run_id = the engine's 0-based run number + 1 (warm-up runs
     1..warmup_runs are discarded, as in the seed). Agents: one run per (agent, iteration).
     """
@@ -180,7 +185,7 @@ def baseline_document(point_result: "PointResult", scenario: Any, frame: "pd.Dat
         runs = metrics.decode_runs(frame, weight_bytes)
         prompt_tokens, new_tokens, batch = workload.prompt_tokens, workload.new_tokens, workload.batch
     run_ids = list(range(1, len(runs) + 1)) if workload.kind == "agents" else [int(r) + 1 for r in runs["run"]]
-    ok_mask = ~runs["oom"].astype(bool)
+    ok_mask = ~_failed(runs)
     ok_runs = runs[ok_mask]
     ok_ids = [rid for rid, ok in zip(run_ids, ok_mask) if ok]
     document: dict[str, Any] = {

@@ -14,6 +14,7 @@ import numpy as np
 from .backends import Backend
 from .costmodel import CostModel
 from .engine.plan import phase_passes, session_kv_tokens, token_pass
+from .engine.server import memory_bound_sessions
 from .engine.world import CountingEnvironment, World
 from .records import RecordTable
 from .scenario import AgentsWorkload, Point, Scenario
@@ -35,25 +36,15 @@ class PointResult:
 
 
 def memory_bound_agents(scenario: Scenario, backend: Backend, cost: CostModel) -> int | None:
-    """How many agents fit in GPU memory at once (agents workloads); None when they queue instead."""
+    """How many agents fit in GPU memory at once (agents workloads), every session's whole KV
+    resident (the preserve policy's worst case) plus its arena, by the engine's own memory model
+    (`server.memory_bound_sessions`, with the scenario's server rules); None when they queue instead."""
     workload = scenario.workload
     if not isinstance(workload, AgentsWorkload):
         return None
-    phases = (workload.reason, workload.reflect)
-    session_tokens = session_kv_tokens(workload.iterations, phases)
-    session_kv = session_tokens * cost.kv_bytes_per_token
-    process = cost.weight_bytes + cost.context_bytes_per_process
-    capacity = cost.capacity_bytes
-    serving = backend.serving()
-    if serving.shared_weights:
-        workspace = cost.workspace_bytes(max(workload.reason.input_tokens, session_tokens))
-        per_agent = session_kv if serving.session_kv else 0
-        if per_agent == 0:
-            return None
-        return max((capacity - process - workspace) // per_agent, 0)
-    if serving.process_per_agent:
-        return capacity // (process + (session_kv if serving.kv_cache else 0))
-    return None
+    session_tokens = session_kv_tokens(workload.iterations, (workload.reason, workload.reflect))
+    return memory_bound_sessions(cost, backend.serving(), scenario.server.rules, session_tokens,
+                                 max(workload.reason.input_tokens, session_tokens))
 
 
 def simulate_point(scenario: Scenario, point: Point, cost: CostModel, seed: np.random.SeedSequence,
