@@ -1,0 +1,176 @@
+"""KV policies during ACT, against closed forms: discard's REFLECT pays a prefill of the whole
+context, swap's pays the copies out and in at PCIe bandwidth, ttl below and above ACT, and
+min_waste picks what its formula says."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from djinnsim.errors import DjinnsimError
+from djinnsim.sim.engine.kvpolicy import IdleKv, decide, wastes
+from djinnsim.sim.profile import Bandwidth
+from djinnsim.sim.scenario import expand_points, parse_scenario
+from djinnsim.sim.server_rules import KvPolicySpec
+from djinnsim.sim.simulate import World
+
+from conftest import FakeCostModel
+
+REASON_IN, REFLECT_IN, NEW = 200, 16, 5
+CONTEXT = REASON_IN + NEW  # the tokens a REFLECT finds in its session's KV
+
+
+class LinearPrefill(FakeCostModel):
+    """A prefill that costs per token fed (its cached context aside), so a re-prefill shows."""
+
+    per_token_s = 1e-4
+
+    def prefill_s(self, prompt_tokens: int, batch: int = 1, context_tokens: int = 0) -> float:
+        return self.prefill_const_s + self.per_token_s * prompt_tokens
+
+
+def _run(policy, act_s: float = 1.0, cost: FakeCostModel | None = None, agents: int = 1, **server):
+    scenario = parse_scenario({
+        "name": "kv", "backends": ["djinn"], "cost_model": "roofline",
+        "server": {"kv_policy": policy, **server},
+        "workload": {"kind": "agents", "agents": [agents],
+                     "reason": {"input_tokens": REASON_IN, "new_tokens": NEW},
+                     "act": {"kind": "fixed", "seconds": act_s},
+                     "reflect": {"input_tokens": REFLECT_IN, "new_tokens": NEW}},
+    })
+    world = World(scenario, expand_points(scenario)[0], cost or LinearPrefill(), np.random.SeedSequence(0))
+    records = list(world.run())
+    return [r for r in records if r.phase == "reflect"], world
+
+
+def _kv_bytes(cost) -> int:
+    return CONTEXT * cost.kv_bytes_per_token
+
+
+def test_discard_reflect_pays_a_prefill_of_the_whole_context():
+    cost = LinearPrefill()
+    (kept,), _ = _run("preserve", cost=cost)
+    (dropped,), world = _run("discard", cost=cost)
+    assert (kept.kv_state, kept.recomputed_tokens) == ("resident", 0)
+    assert (dropped.kv_state, dropped.recomputed_tokens) == ("discarded", CONTEXT)
+    decodes_s = (NEW - 1) * cost.decode_const_s
+    assert dropped.compute_s == pytest.approx(cost.prefill_s(CONTEXT + REFLECT_IN) + decodes_s, rel=1e-12)
+    assert kept.compute_s == pytest.approx(cost.prefill_s(REFLECT_IN) + decodes_s, rel=1e-12)
+    assert dropped.latency_s - kept.latency_s == pytest.approx(cost.per_token_s * CONTEXT, rel=1e-9)
+    assert dropped.bytes_up == kept.bytes_up  # the server keeps the ids: only the new tokens go up
+
+
+@pytest.mark.parametrize("act_s", [0.0, 2.0])
+def test_swap_reflect_pays_out_and_in_at_pcie_bandwidth(act_s):
+    """ACT 0: REFLECT, once its uplink is done, waits for the KV to finish leaving (out less the
+    uplink, in queue_s), then brings it back (in, in copy_s); a long ACT hides the swap-out."""
+    cost = LinearPrefill()
+    (kept,), _ = _run("preserve", act_s, cost)
+    (swapped,), _ = _run("swap", act_s, cost)
+    one_way_s = _kv_bytes(cost) / (cost.copy_bandwidth("h2d", True).gbps * 1e9)
+    assert swapped.kv_state == "swapped"
+    assert swapped.h2d_bytes - kept.h2d_bytes == _kv_bytes(cost)
+    wait_s = max(one_way_s - swapped.uplink_s, 0.0) if act_s == 0 else 0.0
+    assert 0 < swapped.uplink_s < one_way_s
+    assert swapped.queue_s - kept.queue_s == pytest.approx(wait_s, rel=1e-9, abs=1e-15)
+    expected = wait_s + one_way_s
+    assert swapped.latency_s - kept.latency_s == pytest.approx(expected, rel=1e-9)
+
+
+def test_pageable_swap_is_slower_than_pinned():
+    (pinned,), _ = _run("swap", 2.0, pinned_host_kv=True)
+    (pageable,), _ = _run("swap", 2.0, pinned_host_kv=False)
+    assert pageable.copy_s > pinned.copy_s
+
+
+@pytest.mark.parametrize(("ttl_s", "then", "state"), [(0.5, "swap", "swapped"), (0.5, "discard", "discarded"),
+                                                      (5.0, "swap", "resident"), (5.0, "discard", "resident")])
+def test_ttl_below_act_then_acts_and_above_act_keeps(ttl_s, then, state):
+    cost = LinearPrefill()
+    (reflect,), _ = _run({"kind": "ttl", "ttl_s": ttl_s, "then": then}, act_s=2.0, cost=cost)
+    (same,), _ = _run(then if state != "resident" else "preserve", 2.0, cost)
+    assert reflect.kv_state == state
+    assert reflect.latency_s == pytest.approx(same.latency_s, rel=1e-12)
+
+
+def test_min_waste_formula_by_hand():
+    idle = IdleKv(kv_bytes=1000, expected_act_s=2.0, swap_out_s=0.3, swap_in_s=0.2, recompute_s=0.1,
+                  others_resident_bytes=4000)
+    assert wastes(idle) == {"preserve": 2000.0, "swap": 500.0, "discard": pytest.approx(500.0)}
+    spec = KvPolicySpec(kind="min_waste")
+    assert decide(spec, idle).now == "swap"  # a tie with discard goes to swap (less disruptive)
+    assert decide(spec, IdleKv(1000, 0.1, 0.3, 0.2, 0.1, 4000)).now == "preserve"
+    assert decide(spec, IdleKv(1000, 2.0, 0.3, 0.2, 0.01, 4000)).now == "discard"
+
+
+@pytest.mark.parametrize(("act_s", "pinned_gbps", "expected"), [
+    (0.0, 20.0, "preserve"),  # no ACT: holding costs nothing
+    (5.0, 20.0, "swap"),  # fast PCIe: out and in cost far less than holding 5 s
+    (5.0, 1e-4, "discard"),  # PCIe slower than a re-prefill
+])
+def test_min_waste_in_the_engine_does_what_the_formula_says(act_s, pinned_gbps, expected):
+    cost = LinearPrefill(pinned=Bandwidth(latency_s=1e-6, gbps=pinned_gbps))
+    kv = _kv_bytes(cost)
+    by_hand = {
+        "preserve": kv * act_s,
+        "swap": kv * 2 * (1e-6 + kv / (pinned_gbps * 1e9)),
+        "discard": cost.prefill_s(CONTEXT) * kv,  # one agent: no other session's KV resident
+    }
+    assert min(by_hand, key=by_hand.get) == expected
+    (reflect,), world = _run("min_waste", act_s, cost)
+    assert world.server.expected_act_s == act_s
+    state = {"preserve": "resident", "swap": "swapped", "discard": "discarded"}[expected]
+    assert reflect.kv_state == state
+
+
+def test_min_waste_expects_the_act_distributions_mean():
+    scenario = parse_scenario({
+        "name": "kv", "backends": ["djinn"], "cost_model": "roofline", "server": {"kv_policy": "min_waste"},
+        "workload": {"kind": "agents", "agents": [1], "act": {"kind": "uniform", "low_s": 10, "high_s": 20}},
+    })
+    world = World(scenario, expand_points(scenario)[0], LinearPrefill(), np.random.SeedSequence(0))
+    assert world.server.expected_act_s == 15.0
+
+
+def test_swap_and_discard_free_gpu_memory_during_act():
+    cost = LinearPrefill()
+    scenario = parse_scenario({"name": "kv", "backends": ["djinn"], "cost_model": "roofline",
+                               "workload": {"kind": "agents", "agents": [1], "act": {"kind": "fixed", "seconds": 5},
+                                            "reason": {"input_tokens": REASON_IN, "new_tokens": NEW}}})
+    used = {}
+    for policy in ("preserve", "swap", "discard"):
+        spec = scenario.model_copy(update={"server": scenario.server.model_copy(update={"kv_policy": KvPolicySpec(kind=policy)})})
+        world = World(spec, expand_points(spec)[0], cost, np.random.SeedSequence(0))
+        world.start_clients()
+        world.env.run(until=2.5)  # mid-ACT
+        used[policy] = world.server.memory.used_bytes
+    weights = cost.weight_bytes + cost.context_bytes_per_process
+    assert used == {"preserve": weights + _kv_bytes(cost), "swap": weights, "discard": weights}
+
+
+def test_kv_swap_idle_is_an_alias_of_swap():
+    base = {"name": "a", "backends": ["djinn"], "workload": {"kind": "agents"}}
+    assert parse_scenario({**base, "server": {"kv_swap": "idle"}}).server.kv_policy.kind == "swap"
+    with pytest.raises(DjinnsimError, match="kv_swap"):
+        parse_scenario({**base, "server": {"kv_swap": "idle", "kv_policy": "discard"}})
+
+
+def test_a_backend_carries_its_own_kv_policy_and_the_server_setting_overrides_it():
+    raw = {"name": "a", "backends": ["djinn", "djinn_swap"], "cost_model": "roofline",
+           "custom_backends": {"djinn_swap": {"base": "djinn", "kv_policy": "swap"}},
+           "workload": {"kind": "agents", "agents": [1], "act": {"kind": "fixed", "seconds": 1},
+                        "reason": {"input_tokens": REASON_IN, "new_tokens": NEW}}}
+    states = []
+    for server in ({}, {"kv_policy": "discard"}):
+        scenario = parse_scenario({**raw, "server": server})
+        for point in expand_points(scenario):
+            records = World(scenario, point, LinearPrefill(), np.random.SeedSequence(0)).run()
+            states.append(next(r.kv_state for r in records if r.phase == "reflect"))
+    assert states == ["resident", "swapped", "discarded", "discarded"]
+
+
+@pytest.mark.parametrize("bad", [{"kind": "ttl", "ttl_s": float("inf")}, {"kind": "ttl", "ttl_s": -1}, "forget"])
+def test_bad_kv_policies_are_named(bad):
+    with pytest.raises(DjinnsimError, match="kv_policy"):
+        parse_scenario({"name": "a", "backends": ["djinn"], "workload": {"kind": "agents"},
+                        "server": {"kv_policy": bad}})
