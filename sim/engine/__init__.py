@@ -7,6 +7,8 @@
                   serves one planned request (memory admission, weight load, copies, execution)
     plan.py       the typed plan of a backend: what a request computes, moves and does to the KV cache
     executors.py  GPU scheduling policies, in a registry keyed by their YAML tag
+    kvpolicy.py   what a session's KV does during ACT (preserve, swap, discard, ttl, min_waste), a
+                  registry keyed by its YAML tag; the server carries the decisions out
     pipe.py       processor-sharing bandwidth (virtual clock + heap of finish tags)
     memory.py     GPU memory accounting with heap-ordered waits
     world.py      wires one point together and runs its environment (the one `env.run()` call)
