@@ -74,5 +74,6 @@ KV_POLICIES: dict[str, Callable[[KvPolicySpec, IdleKv], KvDecision]] = {
 }
 
 
-def decide(spec: KvPolicySpec, idle: IdleKv) -> KvDecision:
+def decide(spec: KvPolicySpec, idle: IdleKv | None) -> KvDecision:
+    """`idle` may be None for a policy that does not weigh it (all but min_waste)."""
     return KV_POLICIES[spec.kind](spec, idle)

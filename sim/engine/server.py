@@ -219,7 +219,8 @@ class GpuServer:
         session.idle_epoch += 1
         epoch = session.idle_epoch
         if self.serving.session_kv and session.kv_tokens and session.kv_on_gpu:
-            decision = decide(self.serving.kv_policy, self.idle_facts(session))
+            policy = self.serving.kv_policy
+            decision = decide(policy, self.idle_facts(session) if policy.kind == "min_waste" else None)
             self._act(session, decision.now)
             if decision.after_s is not None:
                 self.env.process(self._later(session, epoch, decision.after_s, decision.then))
