@@ -24,6 +24,15 @@ class Link(_Strict):
     gbps: float = Field(default=25.0, gt=0, description="line rate each way (full duplex)")
     rtt_ms: float = Field(default=0.2, ge=0, description="round-trip propagation time")
     framing_bytes: int = Field(default=137, ge=0, description="1 B type + 8 B length + JSON header, per message")
+    host_stack: Literal["nic", "loopback"] = Field(
+        default="nic",
+        description="nic: the link is a NIC at its line rate, the hosts add the profile's per-message and "
+        "(de)serialization costs; loopback: also caps every connection at the TCP throughput the "
+        "profile measured on one host's loopback (how `validate` runs its real clients and server)",
+    )
+    stream_cap_gbps: float | None = Field(
+        default=None, gt=0, description="caps every connection at this many Gbps (overrides host_stack's cap)"
+    )
 
 
 class Server(_Strict):

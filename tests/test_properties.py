@@ -213,7 +213,7 @@ def test_bytes_sent_equal_bytes_received(scenario, capacity_fraction):
         if point.backend.location == "local":
             assert sim.link.up.bytes_carried == sim.link.down.bytes_carried == 0
         # Every flow drained: nothing left in flight when the simulation ends.
-        assert not sim.link.up._flows and not sim.link.down._flows
+        assert not sim.link.up.in_flight and not sim.link.down.in_flight
 
 
 @settings(max_examples=10, deadline=None, derandomize=True)

@@ -63,8 +63,10 @@ def validation_scenario(scenario: Scenario, short: Shortening, model: str | None
 
 def as_run_for_real(scenario: Scenario) -> Scenario:
     """The real runs start fresh GPU processes, which meet every attention shape for the first time
-    (and the simulated repeats carry each process's shapes over, in the order they ran)."""
-    return scenario.model_copy(update={"server": scenario.server.model_copy(update={"shapes": "cold"})})
+    (and the simulated repeats carry each process's shapes over, in the order they ran); their
+    sockets are on one host's loopback, so its measured TCP throughput caps every connection."""
+    return scenario.model_copy(update={"server": scenario.server.model_copy(update={"shapes": "cold"}),
+                                       "link": scenario.link.model_copy(update={"host_stack": "loopback"})})
 
 
 def select_points(points: list[Point], patterns: list[str] | None) -> list[Point]:

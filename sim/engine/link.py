@@ -11,7 +11,7 @@ class Link:
     """A full-duplex link: each direction is a SharedPipe at line rate; one-way delay is RTT/2.
 
     `stream_cap_Bps` caps each transfer at what one connection's host socket stack can move,
-    whatever the line rate (calibrated on loopback TCP). `send` adds the hosts' per-message and
+    whatever the line rate (None: a NIC at line rate; world.stream_cap_Bps says when it is set). `send` adds the hosts' per-message and
     (de)serialization costs of `host` (a CostModel) and `framing_bytes` per message."""
 
     def __init__(self, env: simpy.Environment, gbps: float, rtt_s: float, stream_cap_Bps: float | None = None,

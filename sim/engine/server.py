@@ -6,7 +6,8 @@ weights of a per-request task), weight load, host->device copy, queue + compute,
 The client (client.py) does the connection and the link on either side of it.
 
 A server is self-contained (its own resources, sessions keyed by agent), so a cluster can later hold
-several behind a router; PCIe is one pipe per direction (full duplex).
+several behind a router. Its PCIe link (pcie.py) is one full-duplex resource that request copies,
+weight loads and KV swaps share.
 
 It consults Djinn's server rules (sim/server_rules.py: memory split, arenas, admission, QoS, idle
 eviction, prefill cap, swap pool) and, at each ACT, the session's KV policy (sim/engine/kvpolicy.py).
@@ -25,7 +26,7 @@ from .executors import GpuWork, PassTimer, make_executor
 from .kvpolicy import IdleKv, decide
 from .memory import GpuMemory
 from .outcome import Outcome
-from .pipe import SharedPipe
+from .pcie import Pcie
 from .plan import RequestPlan, ServingPlan
 
 
@@ -150,13 +151,9 @@ class GpuServer:
         self.expected_act_s = expected_act_s
         self.memory = GpuMemory(env, cost.capacity_bytes)
         self.memory_plan = MemoryPlan(cost.capacity_bytes, self.rules)
-        # Session KV swapped to host and back (the KV policy); PCIe is full duplex. The swap pool is pinned.
+        # Session KV swapped to host and back (the KV policy) crosses the shared PCIe link; the swap pool is pinned.
         self.pinned_host_kv = pinned_host_kv or self.rules.swap_pool.enabled
-        pinned = self.pinned_host_kv
-        self.pcie_h2d = SharedPipe(env, lambda k: cost.copy_bandwidth("h2d", pinned).gbps * 1e9)
-        self.pcie_d2h = SharedPipe(env, lambda k: cost.copy_bandwidth("d2h", pinned).gbps * 1e9)
-        tier = serving.weight_tier
-        self.load_pipe = SharedPipe(env, lambda k: cost.load_aggregate_gbps(tier, k) * 1e9)
+        self.pcie = Pcie(env, cost)
         rng = jitter_rng if jitter_rng is not None else np.random.default_rng(0)
         self.executor = make_executor(serving.scheduler, env, PassTimer(cost, rng, cold_shapes, shapes_seen), max_batch,
                                       max_prefills=self.rules.max_concurrent_prefills)
@@ -285,7 +282,7 @@ class GpuServer:
         self.resident_kv_bytes -= nbytes
 
         def swap_out():
-            yield self.pcie_d2h.transfer(nbytes)
+            yield from self.pcie.copy("d2h", nbytes, self.pinned_host_kv)
             self.memory.free(nbytes)
             self.memory_plan.give(data=nbytes)
 
@@ -389,10 +386,8 @@ class GpuServer:
             return
         self.memory_plan.take(data=kv_request + restore, stack=workspace)
         if serving.load_per_request:
-            spec = cost.weight_load(serving.weight_tier)
             t0 = env.now
-            yield env.timeout(spec.fixed_s)
-            yield self.load_pipe.transfer(cost.weight_bytes)
+            yield from self.pcie.load(serving.weight_tier, cost.weight_bytes)
             out.load_s = env.now - t0
         up = plan.bytes_up if serving.remote else 0
         h2d = up + restore
@@ -400,9 +395,9 @@ class GpuServer:
         if h2d:
             t0 = env.now
             if up:
-                yield env.timeout(cost.copy_s(up, "h2d", pinned=False))
+                yield from self.pcie.copy("h2d", up, pinned=False)
             if restore:
-                yield self.pcie_h2d.transfer(restore)
+                yield from self.pcie.copy("h2d", restore, self.pinned_host_kv)
                 self._host_release(restore)
                 self.resident_kv_bytes += restore
             session.kv_on_gpu = True
@@ -425,7 +420,7 @@ class GpuServer:
         down = plan.bytes_down if serving.remote else 0
         if down:
             t0 = env.now
-            yield env.timeout(cost.copy_s(down, "d2h", pinned=False))
+            yield from self.pcie.copy("d2h", down, pinned=False)
             out.copy_s += env.now - t0
             out.d2h_bytes = down
         self.memory.free(request_bytes - plan.kv_grow_tokens * kv_bytes)

@@ -10,6 +10,7 @@ from djinnsim.errors import DjinnsimError
 from ..costmodel import CostModel
 from ..records import RecordBuilder, RecordTable
 from ..scenario import AgentsWorkload, DecodeWorkload, Exponential, Fixed, Point, Scenario, Uniform
+from ..scenario import Link as LinkSpec
 from .client import agent, decode_client
 from .link import Link
 from .plan import Planner
@@ -24,6 +25,17 @@ class CountingEnvironment(simpy.Environment):
     def schedule(self, event, priority=simpy.core.NORMAL, delay=0):
         self.events_scheduled += 1
         super().schedule(event, priority, delay)
+
+
+def stream_cap_Bps(link: LinkSpec, cost: CostModel) -> float | None:
+    """What one connection's host stack moves at most: the scenario's explicit cap, else the
+    profile's loopback TCP throughput when the link says it runs over loopback; a NIC: no cap."""
+    if link.stream_cap_gbps is not None:
+        return link.stream_cap_gbps * 1e9 / 8
+    if link.host_stack == "loopback":
+        loopback_GBps = cost.stream_gbps()  # GB/s (the profile's loopback_gbps is in GB/s)
+        return loopback_GBps * 1e9 if loopback_GBps else None
+    return None
 
 
 def act_sampler(workload: AgentsWorkload, rng: np.random.Generator):
@@ -61,9 +73,8 @@ class World:
         self.arrival_rng = np.random.default_rng(arrival_seed)
         self.env = CountingEnvironment()
         self.planner = Planner(point.backend, point.model, scenario.server.scheduler, scenario.server.kv_policy)
-        stream_gbps = cost.stream_gbps()
-        self.link = Link(self.env, point.link.gbps, point.link.rtt_ms / 1e3,
-                         stream_gbps * 1e9 if stream_gbps else None, point.link.framing_bytes, cost)
+        self.link = Link(self.env, point.link.gbps, point.link.rtt_ms / 1e3, stream_cap_Bps(point.link, cost),
+                         point.link.framing_bytes, cost)
         config = scenario.server
         workload = scenario.workload
         self.server = GpuServer(self.env, cost, self.planner.serving, max_batch=config.max_batch,

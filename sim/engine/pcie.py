@@ -1,0 +1,78 @@
+"""A GPU's PCIe link: one full-duplex resource shared by request copies, weight loads and KV swaps.
+
+Each direction (h2d, d2h) is one SharedPipe at the profile's pinned copy bandwidth in that
+direction: the most the bus moved for one copy from page-locked host memory, the closest measured
+figure to what the link itself carries. Every transfer crossing the bus is a flow of that pipe,
+and its class says what else holds it back (max-min fair shares, see pipe.py):
+
+- pinned copies (a KV swap to or from the pinned host pool): nothing but the bus;
+- pageable copies (a request's tensors, staged by the driver through a bounce buffer; KV swaps
+  when the host pool is not pinned): the profile's pageable rate, shared by the pageable copies in
+  flight. Sharing, not a rate per copy: the measured aggregate of concurrent loads from pageable
+  memory stays flat with k (7.3, 6.5, 7.1 GB/s at k = 1, 2, 4 on the H100);
+- weight loads from a tier (disk cache, pageable, pinned host memory): the measured aggregate of k
+  concurrent loads from that tier, `load_aggregate_gbps(tier, k)`, split among them.
+
+So two equal copies at once each take twice as long; a load and a swap-in at once split the bus
+when both could use more than half of it, and a load slower than half the bus (from disk) takes
+its own rate while the swap takes the rest. A copy's fixed latency (the profile's `latency_s`) is
+paid before it joins the pipe and does not hold the bus.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import simpy
+
+from ..costmodel import CostModel
+from .pipe import FlowClass, SharedPipe
+
+Direction = Literal["h2d", "d2h"]
+
+
+class Pcie:
+    """One GPU's PCIe link: `h2d` and `d2h` pipes; `copy` and `load` are processes to `yield from`."""
+
+    def __init__(self, env: simpy.Environment, cost: CostModel) -> None:
+        self.env = env
+        self.cost = cost
+        self.pipes = {d: SharedPipe(env, lambda k, rate=cost.copy_bandwidth(d, True).gbps * 1e9: rate)
+                      for d in ("h2d", "d2h")}
+        self._classes: dict[tuple, FlowClass] = {}
+
+    @property
+    def h2d(self) -> SharedPipe:
+        return self.pipes["h2d"]
+
+    @property
+    def d2h(self) -> SharedPipe:
+        return self.pipes["d2h"]
+
+    def _class(self, key: tuple, rate_Bps) -> FlowClass:
+        flow_class = self._classes.get(key)
+        if flow_class is None:
+            flow_class = self._classes[key] = FlowClass(":".join(map(str, key)), rate_Bps)
+        return flow_class
+
+    def copy(self, direction: Direction, nbytes: float, pinned: bool):
+        """A host<->device copy of `nbytes` from pinned or pageable host memory."""
+        if nbytes <= 0:
+            return
+        bandwidth = self.cost.copy_bandwidth(direction, pinned)
+        large = (bandwidth.large_from_bytes is not None and bandwidth.large_gbps is not None
+                 and nbytes > bandwidth.large_from_bytes)
+        rate_Bps = (bandwidth.large_gbps if large else bandwidth.gbps) * 1e9
+        if bandwidth.latency_s > 0:
+            yield self.env.timeout(bandwidth.latency_s)
+        flow_class = self._class(("copy", direction, pinned, large), lambda k, r=rate_Bps: r)
+        yield self.pipes[direction].transfer(nbytes, flow_class)
+
+    def load(self, tier: str, nbytes: float):
+        """A whole-model load from `tier`: its fixed overhead, then its bytes over h2d."""
+        spec = self.cost.weight_load(tier)
+        if spec.fixed_s > 0:
+            yield self.env.timeout(spec.fixed_s)
+        cost = self.cost
+        flow_class = self._class(("load", tier), lambda k: cost.load_aggregate_gbps(tier, k) * 1e9)
+        yield self.h2d.transfer(nbytes, flow_class)
