@@ -16,6 +16,11 @@ Conventions, shared by every output:
   to its last reply, queueing included.
 - Breakdown groups: queue = waiting for the GPU or for memory; transfer = connect + uplink +
   downlink + host<->device copy; load = weight loading; compute = GPU execution.
+- GPU utilization (`gpu_utilization`) is the share of wall time the GPU runs kernels: the
+  records' `gpu_busy_s` summed (the executor splits a shared step among its sequences, so the sum
+  is the union of the GPU's busy intervals) over the span from the first measured request to the
+  last measured reply. A launch-bound decode pass counts only its kernel share (the profile's NVML
+  SM utilization during Exp 2.1), as NVML's utilization would.
 """
 
 from __future__ import annotations
@@ -239,6 +244,18 @@ def agent_summary(frame: "pd.DataFrame", phases: "pd.DataFrame | None" = None) -
         "mean_bytes_up": _mean(ok["bytes_up"]),
         "mean_bytes_down": _mean(ok["bytes_down"]),
     }
+
+
+def gpu_utilization(frame: "pd.DataFrame") -> float | None:
+    """Share of the measured wall time (first request to last reply) the GPU ran kernels, in [0, 1];
+    None without measured records or with no time elapsed."""
+    rows = measured(frame)
+    if rows.empty:
+        return None
+    span_s = float(rows["finished_at"].max() - rows["issued_at"].min())
+    if span_s <= 0:
+        return None
+    return min(float(rows["gpu_busy_s"].sum()) / span_s, 1.0)
 
 
 def peak_gpu_mem_bytes(frame: "pd.DataFrame") -> int:

@@ -59,6 +59,10 @@ class Record:
     # evicted (idle eviction); the last two re-prefill `recomputed_tokens` of context.
     kv_state: str = "none"
     recomputed_tokens: int = 0
+    # Time the GPU ran this request's kernels (a pass's launch-bound host share and a new shape's
+    # plan building left out; a batched step's kernel time split among its sequences, so the sum
+    # over records is the time the GPU was busy). 0 where not known (a real run that did not time it).
+    gpu_busy_s: float = 0.0
 
     @property
     def latency_s(self) -> float:

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from .simulate import PointResult
 
 CSV_FLOAT_FORMAT = "%.9f"  # seconds to the nanosecond
-_MS, _MB, _PCT, _GBPS = 4, 6, 3, 3  # decimals kept in JSON per unit
+_MS, _MB, _PCT, _GBPS, _FRACTION = 4, 6, 3, 3, 6  # decimals kept in JSON per unit
 
 MEMORY_BW_NOTE = (
     "memory_bw_gbps is not simulated: it is a floor, every generated token's forward reading all weights "
@@ -105,6 +105,7 @@ def point_summary(point_result: "PointResult", workload: str, frame: "pd.DataFra
         "peak_gpu_mem_bytes": peak,
         "capacity_bytes": int(point_result.capacity_bytes),
         "memory_bound_agents": point_result.memory_bound_agents,
+        "gpu_utilization": _clean(metrics.gpu_utilization(frame), _FRACTION),
     }
     if workload == "agents":
         summary["agents"] = _clean_ms(metrics.agent_summary(frame, phases))

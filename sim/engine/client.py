@@ -39,7 +39,7 @@ def record(log: RecordBuilder, server: GpuServer, out: Outcome, agent: int, run:
             out.finished_at, out.connect_s, out.uplink_s, out.queue_s, out.load_s, out.copy_s, out.compute_s,
             out.downlink_s, context, input_tokens, new_tokens, out.bytes_up, out.bytes_down, out.wire_bytes_up,
             out.wire_bytes_down, out.h2d_bytes, out.d2h_bytes, out.gpu_mem_bytes, server.memory.peak_bytes,
-            _KV_STATE[kv_state], recomputed_tokens)
+            _KV_STATE[kv_state], recomputed_tokens, out.gpu_busy_s)
 
 
 def request(env: simpy.Environment, server: GpuServer, link: Link, channel: Channel, plan: RequestPlan):

@@ -31,6 +31,7 @@ class Execution:
     queued_s: float
     compute_s: float
     started_at: float
+    gpu_busy_s: float  # the part of compute_s the GPU ran kernels (its share of a batched step)
 
 
 class PassTimer:
@@ -47,6 +48,7 @@ class PassTimer:
         self._memo: dict[tuple, float] = {}
         self._factors: dict[str, list[float]] = {"prefill": [], "decode": []}
         self._seen = seen if seen is not None else {}  # process -> attention shapes it has run
+        self.gpu_fraction = cost.gpu_busy_fraction()
 
     @staticmethod
     def shape(p: Pass, batch: int) -> tuple:
@@ -91,6 +93,13 @@ class PassTimer:
             out.append((self.base_s(p, work.batch) * self.factor(p[0]) + cold, cold))
         return out
 
+    def host_s(self, kind: str, duration_s: float, cold_s: float = 0.0) -> float:
+        """The host part of a pass of `duration_s`, during which the GPU runs no kernel of it: a
+        new shape's plan building (`cold_s`) and, in a launch-bound decode pass, the share the
+        cost model says is kernel launches; a prefill keeps the GPU busy throughout."""
+        launches_s = (1.0 - self.gpu_fraction) * (duration_s - cold_s) if kind == "decode" else 0.0
+        return cold_s + launches_s
+
     def durations_s(self, work: GpuWork) -> list[float]:
         return [duration for duration, _ in self.costs_s(work)]
 
@@ -111,30 +120,30 @@ class SerialFCFS:
         with self.gpu.request() as turn:
             yield turn
             started_at = self.env.now
-            compute_s = sum(self.timer.durations_s(work))
+            costs = self.timer.costs_s(work)
+            compute_s = sum(duration for duration, _ in costs)
             yield self.env.timeout(compute_s)
-        return Execution(started_at - arrived_at, compute_s, started_at)
+        busy_s = sum(d - self.timer.host_s(p[0], d, cold) for p, (d, cold) in zip(work.passes, costs))
+        return Execution(started_at - arrived_at, compute_s, started_at, busy_s)
 
 
 class TimeSliced:
     """Independent processes sharing the GPU, pass by pass. A decode pass is host time (kernel
     launches, which processes run in parallel on their own CPU threads) then GPU time (which
-    they take in turns): `gpu_fraction` of it is the GPU's, from the cost model. A prefill pass
-    is GPU time throughout."""
+    they take in turns): `PassTimer.host_s` says which part is the host's. A prefill pass is GPU
+    time throughout."""
 
     def __init__(self, env: simpy.Environment, timer: PassTimer) -> None:
         self.env = env
         self.timer = timer
         self.gpu = simpy.Resource(env, capacity=1)
-        self.gpu_fraction = timer.cost.gpu_busy_fraction()
 
     def execute(self, work: GpuWork):
         costs = self.timer.costs_s(work)
-        queued_s, started_at = 0.0, None
+        queued_s, started_at, busy_s = 0.0, None, 0.0
         for p, (duration, cold_s) in zip(work.passes, costs):
-            # Only launch-bound decode passes leave the GPU idle; a prefill keeps it busy throughout.
-            # Building a new shape's attention plan is host work too.
-            host_s = cold_s + ((1.0 - self.gpu_fraction) * (duration - cold_s) if p[0] == "decode" else 0.0)
+            host_s = self.timer.host_s(p[0], duration, cold_s)
+            busy_s += duration - host_s
             if started_at is None:
                 started_at = self.env.now
             if host_s > 0:
@@ -144,7 +153,7 @@ class TimeSliced:
                 yield turn
                 queued_s += self.env.now - asked_at
                 yield self.env.timeout(duration - host_s)
-        return Execution(queued_s, sum(d for d, _ in costs), started_at)
+        return Execution(queued_s, sum(d for d, _ in costs), started_at, busy_s)
 
 
 @dataclass
@@ -155,6 +164,7 @@ class _Sequence:
     started_at: float | None = None
     next_pass: int = 0
     compute_s: float = 0.0
+    gpu_busy_s: float = 0.0
 
 
 class ContinuousBatching:
@@ -181,7 +191,8 @@ class ContinuousBatching:
             self._wakeup.succeed()
         yield seq.done
         # Time stalled behind other sequences' prefills counts as waiting, like time before admission.
-        return Execution(max(self.env.now - seq.arrived_at - seq.compute_s, 0.0), seq.compute_s, seq.started_at)
+        return Execution(max(self.env.now - seq.arrived_at - seq.compute_s, 0.0), seq.compute_s, seq.started_at,
+                         seq.gpu_busy_s)
 
     def _finish_done(self) -> None:
         still = []
@@ -212,15 +223,18 @@ class ContinuousBatching:
                 context = max(s.work.passes[s.next_pass][2] for s in prefilling)
                 prompt = max(round(tokens / batch), 1)
                 iteration_s = self.timer.base_s(("prefill", prompt, context), batch) * self.timer.factor("prefill")
-                stepping = prefilling
+                stepping, kind = prefilling, "prefill"
             else:
                 batch = sum(s.work.batch for s in self.running)
                 sum_context = sum(s.work.batch * s.work.passes[s.next_pass][1] for s in self.running)
                 iteration_s = self.timer.batched_decode_s(batch, sum_context)
-                stepping = list(self.running)
+                stepping, kind = list(self.running), "decode"
             yield self.env.timeout(iteration_s)
+            # The step's kernel time, split among its sequences by their batch (the sum is the step's).
+            busy_per_sequence_s = (iteration_s - self.timer.host_s(kind, iteration_s)) / batch
             for seq in stepping:
                 seq.compute_s += iteration_s
+                seq.gpu_busy_s += busy_per_sequence_s * seq.work.batch
                 seq.next_pass += 1
             self._finish_done()
 

@@ -27,10 +27,11 @@ class Outcome:
     h2d_bytes: int = 0
     d2h_bytes: int = 0
     gpu_mem_bytes: int = 0
+    gpu_busy_s: float = 0.0
 
 
 _SUMMED = ("connect_s", "uplink_s", "queue_s", "load_s", "copy_s", "compute_s", "downlink_s",
-           "bytes_up", "bytes_down", "wire_bytes_up", "wire_bytes_down", "h2d_bytes", "d2h_bytes")
+           "bytes_up", "bytes_down", "wire_bytes_up", "wire_bytes_down", "h2d_bytes", "d2h_bytes", "gpu_busy_s")
 
 
 def merge(outcomes: list[Outcome]) -> Outcome:

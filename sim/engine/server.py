@@ -413,6 +413,7 @@ class GpuServer:
             execution = yield from self.executor.execute(work)
         out.queue_s += execution.queued_s
         out.compute_s = execution.compute_s
+        out.gpu_busy_s = execution.gpu_busy_s
         out.started_at = execution.started_at
         session.kv_tokens += plan.kv_grow_tokens
         self.resident_kv_bytes += plan.kv_grow_tokens * kv_bytes if serving.session_kv else 0
