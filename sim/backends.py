@@ -16,6 +16,10 @@ Toggles (all visible in sim/data/backends.yaml, and definable in a scenario):
                  last: the last id only
   return_logits  none | last | all positions, per generated token
   connection     per_request: a new TCP connection (1 RTT + setup) per request; persistent: opened once
+  kv_between_phases  (kv: request) keep: the process holds its last request's KV on the GPU until its
+                 next request starts, which drops it and re-prefills the whole context into a fresh one
+                 (a keep-alive actor, as the seed describes it); free: the KV is freed when the request
+                 ends. A per-request task's process ends with its request, so it can only free.
   memory_full    oom: an allocation that does not fit fails (an OOM record); wait: it queues until memory frees
   scheduler      default GPU executor policy: serial_fcfs (one request at a time, as Djinn's server),
                  time_sliced (independent processes interleave step by step), continuous_batching
@@ -31,7 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from djinnsim.errors import DjinnsimError
 
@@ -58,9 +62,17 @@ class Backend(BaseModel):
     send_ids: Literal["all", "new", "last"]
     return_logits: Literal["none", "last", "all"]
     connection: Literal["per_request", "persistent"]
+    kv_between_phases: Literal["keep", "free"] = "keep"
     memory_full: Literal["oom", "wait"] = "oom"
     scheduler: Scheduler = "serial_fcfs"
     kv_policy: KvPolicySpec = KvPolicySpec()
+
+    @model_validator(mode="after")
+    def _kv_outlives_its_process(self) -> "Backend":
+        if self.weights == "per_request" and self.kv == "request" and self.kv_between_phases == "keep":
+            raise ValueError("kv_between_phases: keep needs a process that outlives its request; "
+                             "weights: per_request frees everything with it (set kv_between_phases: free)")
+        return self
 
     # --- bytes on the wire, per reference.md's formulas ------------------------------------
     def step_bytes(self, model: ModelSpec, t: int, prompt_tokens: int, cached_tokens: int = 0) -> tuple[int, int]:

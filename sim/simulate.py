@@ -36,9 +36,11 @@ class PointResult:
 
 
 def memory_bound_agents(scenario: Scenario, backend: Backend, cost: CostModel) -> int | None:
-    """How many agents fit in GPU memory at once (agents workloads), every session's whole KV
-    resident (the preserve policy's worst case) plus its arena, by the engine's own memory model
-    (`server.memory_bound_sessions`, with the scenario's server rules); None when they queue instead."""
+    """How many agents fit in GPU memory at once (agents workloads), each holding what it holds
+    between phases: every session's whole KV resident (the preserve policy's worst case) plus its
+    arena; a per-agent process with its KV only when it keeps it (kv: session, or kv: request with
+    kv_between_phases: keep). By the engine's own memory model (`server.memory_bound_sessions`,
+    with the scenario's server rules); None when they queue instead."""
     workload = scenario.workload
     if not isinstance(workload, AgentsWorkload):
         return None

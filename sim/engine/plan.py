@@ -40,6 +40,7 @@ class ServingPlan:
     scheduler: str  # the executor policy (a key of executors.EXECUTORS)
     kv_cache: bool  # the model keeps a KV cache at all (in a session, for a request, or at the client)
     kv_policy: KvPolicySpec  # what a session KV does during ACT (sim/engine/kvpolicy.py)
+    hold_request_kv: bool  # a request-scoped KV stays on the GPU until the session's next request starts
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +82,7 @@ def serving_plan(backend: "Backend", scheduler: str | None = None, kv_policy: Kv
         scheduler=scheduler or backend.scheduler,
         kv_cache=backend.kv != "none",
         kv_policy=kv_policy or backend.kv_policy,
+        hold_request_kv=backend.kv == "request" and backend.kv_between_phases == "keep",
     )
 
 

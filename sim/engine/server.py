@@ -85,7 +85,7 @@ def memory_bound_sessions(cost: CostModel, serving: ServingPlan, rules: ServerRu
             fit = min(fit, plan.caps["data"] // per_session)
         return fit
     if serving.process_per_agent:
-        return cost.capacity_bytes // (process + (kv if serving.kv_cache else 0))
+        return cost.capacity_bytes // (process + (kv if serving.session_kv or serving.hold_request_kv else 0))
     return None
 
 
@@ -103,6 +103,7 @@ class ServerSession:
     idle_epoch: int = 0  # bumps at each ACT's start and end: a timer of another ACT does nothing
     process_bytes: int = 0  # a per-agent process's own weights + CUDA context
     arena_bytes: int = 0  # its arena (server rule session_arena_mib)
+    held_kv_bytes: int = 0  # the last request's KV, held until the next one (kv_between_phases: keep)
     dead: bool = False
 
 
@@ -306,7 +307,15 @@ class GpuServer:
         session.kv_on_gpu = True
         session.kv_note = note
 
+    def drop_held_kv(self, session: ServerSession) -> None:
+        """Free the KV a keep-alive process held since its last request (kv_between_phases: keep)."""
+        if session.held_kv_bytes:
+            self.memory.free(session.held_kv_bytes)
+            self.memory_plan.give(data=session.held_kv_bytes)
+            session.held_kv_bytes = 0
+
     def release(self, session: ServerSession) -> None:
+        self.drop_held_kv(session)
         session.idle_epoch += 1
         if session.kv_tokens:
             if session.kv_on_gpu:
@@ -362,6 +371,7 @@ class GpuServer:
         if session.swap_out is not None and not session.swap_out.processed:
             yield session.swap_out  # its KV is still leaving the GPU: it must be gone to come back
         out.queue_s += env.now - t0
+        self.drop_held_kv(session)  # this request re-prefills the context into a KV of its own
         restore = 0 if session.kv_on_gpu else session.kv_tokens * kv_bytes
         kv_request = (plan.kv_transient_tokens + plan.kv_grow_tokens) * kv_bytes
         workspace = cost.workspace_bytes(plan.workspace_tokens, plan.batch)
@@ -424,5 +434,7 @@ class GpuServer:
             yield from self.pcie.copy("d2h", down, pinned=False)
             out.copy_s += env.now - t0
             out.d2h_bytes = down
-        self.memory.free(request_bytes - plan.kv_grow_tokens * kv_bytes)
-        self.memory_plan.give(data=plan.kv_transient_tokens * kv_bytes, stack=workspace)
+        if serving.hold_request_kv:
+            session.held_kv_bytes = plan.kv_transient_tokens * kv_bytes
+        self.memory.free(request_bytes - plan.kv_grow_tokens * kv_bytes - session.held_kv_bytes)
+        self.memory_plan.give(data=plan.kv_transient_tokens * kv_bytes - session.held_kv_bytes, stack=workspace)

@@ -1,0 +1,230 @@
+"""Closed forms of the shared physical resources: PCIe as one full-duplex resource per GPU, a link
+at its NIC's line rate (the loopback cap only when asked), GPU utilization from the executors'
+kernel time, and what a keep-alive actor holds between phases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import simpy
+
+from djinnsim.sim.engine.executors import GpuWork, PassTimer, SerialFCFS
+from djinnsim.sim.engine.pcie import Pcie
+from djinnsim.sim.engine.pipe import FlowClass, SharedPipe
+from djinnsim.sim.profile import Bandwidth, WeightLoad
+from djinnsim.sim.run import simulate_scenario
+from djinnsim.sim.scenario import expand_points, parse_scenario
+from djinnsim.sim.simulate import World, memory_bound_agents
+from djinnsim.sim import metrics
+
+from conftest import FakeCostModel
+
+REL = 1e-9
+GB = 1e9
+
+
+def _run(env: simpy.Environment, jobs: dict[str, tuple[float, object]]) -> dict[str, float]:
+    """Start each job's process (a generator factory) at its time; return when each one ends."""
+    ended = {}
+
+    def job(name, start_at, body):
+        yield env.timeout(start_at)
+        yield from body()
+        ended[name] = env.now
+
+    for name, (start_at, body) in jobs.items():
+        env.process(job(name, start_at, body))
+    env.run()
+    return ended
+
+
+# --- the pipe's flow classes -------------------------------------------------------------------
+
+
+def test_a_capped_class_takes_its_cap_and_the_rest_share_what_is_left():
+    """10 B/s in all; class A capped at 2 B/s in total: one A flow moves 2 B/s, the two plain flows
+    8 / 2 = 4 B/s each. A: 4 B -> 2 s; plain: 8 B -> 2 s each. Then nothing else."""
+    env = simpy.Environment()
+    pipe = SharedPipe(env, lambda k: 10.0)
+    capped = FlowClass("capped", lambda k: 2.0)
+    ended = _run(env, {
+        "a": (0.0, lambda: (yield pipe.transfer(4.0, capped))),
+        "b": (0.0, lambda: (yield pipe.transfer(8.0))),
+        "c": (0.0, lambda: (yield pipe.transfer(8.0))),
+    })
+    assert ended == {"a": pytest.approx(2.0, rel=REL), "b": pytest.approx(2.0, rel=REL), "c": pytest.approx(2.0, rel=REL)}
+    assert pipe.in_flight == 0 and pipe.bytes_carried == 20.0
+
+
+def test_a_class_cap_is_shared_by_its_flows_and_released_when_they_end():
+    """10 B/s; class cap 4 B/s total. Two class flows (2 B/s each) and a plain one (6 B/s):
+    class flows of 4 B end at 2 s; the plain flow has 12 B moved of 20, then alone at 10 B/s: 2.8 s."""
+    env = simpy.Environment()
+    pipe = SharedPipe(env, lambda k: 10.0)
+    cls = FlowClass("cls", lambda k: 4.0)
+    ended = _run(env, {
+        "x": (0.0, lambda: (yield pipe.transfer(4.0, cls))),
+        "y": (0.0, lambda: (yield pipe.transfer(4.0, cls))),
+        "plain": (0.0, lambda: (yield pipe.transfer(20.0))),
+    })
+    assert ended["x"] == pytest.approx(2.0, rel=REL) and ended["y"] == pytest.approx(2.0, rel=REL)
+    assert ended["plain"] == pytest.approx(2.8, rel=REL)
+
+
+# --- PCIe ----------------------------------------------------------------------------------------
+
+
+def _pcie_cost(**kwargs) -> FakeCostModel:
+    # Latencies zero so every time is bytes over a rate.
+    return FakeCostModel(
+        h2d_pageable=Bandwidth(latency_s=0.0, gbps=5.0), d2h_pageable=Bandwidth(latency_s=0.0, gbps=6.0),
+        pinned=Bandwidth(latency_s=0.0, gbps=20.0), **kwargs)
+
+
+@pytest.mark.parametrize("pinned, rate_gbps", [(True, 20.0), (False, 5.0)])
+def test_two_equal_copies_at_once_each_take_twice_as_long(pinned, rate_gbps):
+    env = simpy.Environment()
+    pcie = Pcie(env, _pcie_cost())
+    nbytes = 2 * GB
+    alone = nbytes / (rate_gbps * GB)
+    ended = _run(env, {name: (0.0, lambda: pcie.copy("h2d", nbytes, pinned)) for name in ("a", "b")})
+    assert ended == {"a": pytest.approx(2 * alone, rel=REL), "b": pytest.approx(2 * alone, rel=REL)}
+
+
+def test_the_two_directions_do_not_slow_each_other():
+    env = simpy.Environment()
+    pcie = Pcie(env, _pcie_cost())
+    ended = _run(env, {"in": (0.0, lambda: pcie.copy("h2d", 4 * GB, True)),
+                       "out": (0.0, lambda: pcie.copy("d2h", 4 * GB, True))})
+    assert ended == {"in": pytest.approx(0.2, rel=REL), "out": pytest.approx(0.2, rel=REL)}
+
+
+def test_a_swap_in_during_a_weight_load_slows_both():
+    """Bus 20 GB/s h2d; a load from pinned memory alone at 16 GB/s (its tier's measured rate), no
+    fixed cost. A 10 GB load starts at 0; a 3 GB swap-in (pinned) at 0.25 s, when the load has
+    moved 4 GB. Shared, each gets 10 GB/s (both can use more): the swap ends at 0.55 s; the load
+    has then 3 GB left, alone again at 16 GB/s: it ends at 0.55 + 3/16 = 0.7375 s (alone: 0.625 s)."""
+    cost = _pcie_cost(load=WeightLoad(fixed_s=0.0, gbps=16.0, aggregate_gbps={}))
+    env = simpy.Environment()
+    pcie = Pcie(env, cost)
+    ended = _run(env, {"load": (0.0, lambda: pcie.load("pinned", 10 * GB)),
+                       "swap": (0.25, lambda: pcie.copy("h2d", 3 * GB, True))})
+    assert ended["swap"] == pytest.approx(0.55, rel=REL)
+    assert ended["load"] == pytest.approx(0.7375, rel=REL)
+
+
+def test_a_load_slower_than_half_the_bus_keeps_its_rate_and_the_swap_takes_the_rest():
+    """A disk-cache load at 2 GB/s beside a pinned swap on a 20 GB/s bus: the load is held by its
+    tier, not the bus (2 GB/s); the swap gets 18 GB/s. Two loads share their tier's aggregate."""
+    cost = _pcie_cost(load=WeightLoad(fixed_s=0.1, gbps=2.0, aggregate_gbps={2: 3.0}))
+    env = simpy.Environment()
+    pcie = Pcie(env, cost)
+    ended = _run(env, {"load": (0.0, lambda: pcie.load("disk", 2 * GB)),
+                       "swap": (0.1, lambda: pcie.copy("h2d", 1.8 * GB, True))})
+    assert ended["load"] == pytest.approx(0.1 + 1.0, rel=REL)
+    assert ended["swap"] == pytest.approx(0.1 + 0.1, rel=REL)
+    env = simpy.Environment()
+    pcie = Pcie(env, cost)
+    ended = _run(env, {name: (0.0, lambda: pcie.load("disk", 3 * GB)) for name in ("a", "b")})
+    assert ended == {"a": pytest.approx(0.1 + 2.0, rel=REL), "b": pytest.approx(0.1 + 2.0, rel=REL)}
+
+
+def test_concurrent_request_copies_on_the_server_share_the_bus(fake_cost):
+    """Two serverless agents start at once: their weight loads run together through the load class
+    (aggregate = the lone rate here), so each load takes twice its lone time."""
+    scenario = parse_scenario({
+        "name": "loads", "cost_model": "roofline", "backends": ["ray_serverless"],
+        "workload": {"kind": "agents", "agents": [2], "reason": {"input_tokens": 8, "new_tokens": 2},
+                     "reflect": {"input_tokens": 4, "new_tokens": 2}, "act": {"kind": "fixed", "seconds": 5}},
+    })
+    point = expand_points(scenario)[0]
+    records = World(scenario, point, fake_cost, np.random.SeedSequence(0)).run()
+    load = fake_cost.weight_load("disk")
+    lone_s = load.fixed_s + fake_cost.weight_bytes / (load.gbps * GB)
+    reasons = [r for r in records if r.phase == "reason"]
+    assert [r.load_s for r in reasons] == [pytest.approx(load.fixed_s + 2 * (lone_s - load.fixed_s), rel=REL)] * 2
+
+
+# --- GPU utilization ----------------------------------------------------------------------------
+
+
+def test_gpu_utilization_is_kernel_time_over_the_measured_span():
+    """native_pytorch on the local GPU, one run: prefill p (all kernel time), then n - 1 decode steps
+    of d, of which the GPU runs kernels a share f; nothing else takes time. Utilization =
+    (p + f d (n - 1)) / (p + d (n - 1))."""
+    cost = FakeCostModel(prefill_const_s=0.010, decode_const_s=0.004)
+    cost.gpu_busy_fraction = lambda: 0.25
+    scenario = parse_scenario({
+        "name": "util", "cost_model": "roofline", "backends": ["native_pytorch"],
+        "workload": {"kind": "decode", "prompt_tokens": 8, "new_tokens": 5, "runs": 2, "warmup_runs": 1},
+    })
+    records = World(scenario, expand_points(scenario)[0], cost, np.random.SeedSequence(0)).run()
+    p, d, n, f = 0.010, 0.004, 5, 0.25
+    assert metrics.gpu_utilization(records.frame()) == pytest.approx((p + f * d * (n - 1)) / (p + d * (n - 1)), rel=REL)
+
+
+def test_serial_busy_time_is_the_union_of_its_passes():
+    cost = FakeCostModel(prefill_const_s=0.010, decode_const_s=0.004)
+    cost.gpu_busy_fraction = lambda: 0.5
+    env = simpy.Environment()
+    executor = SerialFCFS(env, PassTimer(cost, np.random.default_rng(0)))
+    executions = []
+
+    def work():
+        executions.append((yield from executor.execute(GpuWork([("prefill", 8, 0), ("decode", 8)]))))
+
+    env.process(work())
+    env.process(work())
+    env.run()
+    assert env.now == pytest.approx(0.028)
+    assert sum(e.gpu_busy_s for e in executions) == pytest.approx(2 * (0.010 + 0.5 * 0.004))
+
+
+def test_shipped_agents_scenarios_report_gpu_utilization_in_range():
+    scenario = parse_scenario({
+        "name": "util-agents", "backends": ["djinn", "djinn_batched", "ray_keepalive"],
+        "custom_backends": {"djinn_batched": {"base": "djinn", "scheduler": "continuous_batching"}},
+        "workload": {"kind": "agents", "agents": [4], "reason": {"input_tokens": 16, "new_tokens": 4},
+                     "reflect": {"input_tokens": 4, "new_tokens": 4}, "act": {"kind": "fixed", "seconds": 0.5}},
+    })
+    for p in simulate_scenario(scenario).points:
+        util = metrics.gpu_utilization(p.records.frame())
+        busy = float(p.records.frame()["gpu_busy_s"].sum())
+        assert 0.0 < util <= 1.0 and busy <= float(p.records.frame()["compute_s"].sum()) + 1e-12
+
+
+# --- keep-alive's KV between phases -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("between", ["keep", "free"])
+def test_what_a_keepalive_actor_holds_during_act_is_what_the_memory_bound_counts(fake_cost, between):
+    scenario = parse_scenario({
+        "name": "keepalive-kv", "cost_model": "roofline", "backends": ["actor"],
+        "custom_backends": {"actor": {"base": "ray_keepalive", "kv_between_phases": between}},
+        "workload": {"kind": "agents", "agents": [3], "reason": {"input_tokens": 72, "new_tokens": 50},
+                     "reflect": {"input_tokens": 16, "new_tokens": 50}, "act": {"kind": "fixed", "seconds": 10}},
+    })
+    point = expand_points(scenario)[0]
+    world = World(scenario, point, fake_cost, np.random.SeedSequence(0))
+    held = []
+
+    def probe():
+        yield world.env.timeout(5.0)  # every agent is in ACT
+        held.append(world.server.memory.used_bytes)
+
+    world.env.process(probe())
+    world.run()
+    process = fake_cost.weight_bytes + fake_cost.context_bytes_per_process
+    kv = (72 + 50) * fake_cost.kv_bytes_per_token if between == "keep" else 0
+    assert held == [3 * (process + kv)]
+    assert world.server.memory.used_bytes == 0  # all of it freed when the agents end
+    session_kv = (72 + 50 + 16 + 50) * fake_cost.kv_bytes_per_token if between == "keep" else 0
+    assert memory_bound_agents(scenario, point.backend, fake_cost) == fake_cost.capacity_bytes // (process + session_kv)
+
+
+def test_a_per_request_task_cannot_keep_its_kv():
+    from djinnsim.errors import DjinnsimError
+
+    with pytest.raises(DjinnsimError, match="kv_between_phases"):
+        parse_scenario({"name": "x", "backends": ["t"], "workload": {"kind": "agents"},
+                        "custom_backends": {"t": {"base": "ray_serverless", "kv_between_phases": "keep"}}})
