@@ -108,15 +108,16 @@ class CostModels:
 
 
 def point_seed(seed: int, point: Point, repeat: int = 0) -> np.random.SeedSequence:
-    """The random streams of a point, keyed by what it simulates except the backend.
+    """The random streams of a point, keyed by what it simulates except the backend and the link.
 
-    Backends compared at the same model, GPU, link and N draw the same step-time jitter, ACT times
-    and arrivals (common random numbers), so their difference is the backends', not the draws';
+    Backends and link rates compared at the same model, GPU and N draw the same step-time jitter,
+    ACT times and arrivals (common random numbers), so their difference is the backends' or the
+    links', not the draws' (a link sweep's per-token times then differ by bytes / rate alone);
     and a point draws the same whatever else its scenario sweeps. `repeat` > 0 gives further
     independent draws of the same point (validate simulates a point as often as it ran it for
     real); repeat 0 is the draw `djinnsim run` makes.
     """
-    key = f"{point.model.model_id}|{point.gpu.key}|{point.link.gbps:g}|{point.link.rtt_ms:g}|{point.n_agents}"
+    key = f"{point.model.model_id}|{point.gpu.key}|{point.n_agents}"
     entropy = [seed, zlib.crc32(key.encode())]
     return np.random.SeedSequence(entropy + [repeat] if repeat else entropy)
 

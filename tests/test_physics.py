@@ -145,6 +145,43 @@ def test_concurrent_request_copies_on_the_server_share_the_bus(fake_cost):
     assert [r.load_s for r in reasons] == [pytest.approx(load.fixed_s + 2 * (lone_s - load.fixed_s), rel=REL)] * 2
 
 
+# --- links: a NIC at line rate, the loopback cap only when asked -------------------------------
+
+
+def _link_sweep(host_stack: str = "nic"):
+    scenario = parse_scenario({
+        "name": "link-sweep", "backends": ["partially_aware"],
+        "link": {"gbps": 25, "rtt_ms": 0.2, "host_stack": host_stack},
+        "workload": {"kind": "decode", "prompt_tokens": 72, "new_tokens": 10, "runs": 2, "warmup_runs": 0},
+        "sweep": {"link_gbps": [10, 25, 100, 400]},
+    })
+    result = simulate_scenario(scenario)  # the bundled H100 profile
+    per_token_s, wire_bytes = {}, {}
+    for p in result.points:
+        frame = p.records.frame()
+        runs = metrics.decode_runs(frame)
+        per_token_s[p.point.link.gbps] = float(runs["per_token_ms"].mean()) / 1e3
+        wire_bytes[p.point.link.gbps] = float((frame["wire_bytes_up"] + frame["wire_bytes_down"]).sum()
+                                              / frame["new_tokens"].sum())
+    return per_token_s, wire_bytes
+
+
+def test_per_token_time_of_a_byte_heavy_backend_falls_with_the_nic_rate_as_bytes_over_rate_say():
+    per_token_s, wire_bytes = _link_sweep()
+    rates = [10.0, 25.0, 100.0, 400.0]
+    assert all(per_token_s[a] > per_token_s[b] for a, b in zip(rates, rates[1:])), per_token_s
+    assert wire_bytes[25.0] == wire_bytes[100.0]
+    predicted_s = wire_bytes[25.0] * 8 * (1 / (25 * GB) - 1 / (100 * GB))
+    assert per_token_s[25.0] - per_token_s[100.0] == pytest.approx(predicted_s, rel=0.10)
+
+
+def test_over_loopback_every_connection_is_capped_whatever_the_line_rate():
+    per_token_s, _ = _link_sweep("loopback")
+    # The bundled profile's loopback TCP moves 1.44 GB/s (11.5 Gbps): 100 and 400 Gbps both sit above it.
+    assert per_token_s[100.0] == pytest.approx(per_token_s[400.0], rel=1e-6)
+    assert per_token_s[10.0] > per_token_s[25.0]
+
+
 # --- GPU utilization ----------------------------------------------------------------------------
 
 
