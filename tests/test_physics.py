@@ -186,9 +186,10 @@ def test_over_loopback_every_connection_is_capped_whatever_the_line_rate():
 
 
 def test_gpu_utilization_is_kernel_time_over_the_measured_span():
-    """native_pytorch on the local GPU, one run: prefill p (all kernel time), then n - 1 decode steps
-    of d, of which the GPU runs kernels a share f; nothing else takes time. Utilization =
-    (p + f d (n - 1)) / (p + d (n - 1))."""
+    """native_pytorch on the local GPU, one run: prefill p, then n - 1 decode steps of d, of which
+    the GPU runs kernels a share f; the prefill launches what a decode step does ((1 - f) d of host
+    time) and the rest of it is kernels; nothing else takes time. Utilization =
+    (p - (1 - f) d + f d (n - 1)) / (p + d (n - 1))."""
     cost = FakeCostModel(prefill_const_s=0.010, decode_const_s=0.004)
     cost.gpu_busy_fraction = lambda: 0.25
     scenario = parse_scenario({
@@ -197,7 +198,8 @@ def test_gpu_utilization_is_kernel_time_over_the_measured_span():
     })
     records = World(scenario, expand_points(scenario)[0], cost, np.random.SeedSequence(0)).run()
     p, d, n, f = 0.010, 0.004, 5, 0.25
-    assert metrics.gpu_utilization(records.frame()) == pytest.approx((p + f * d * (n - 1)) / (p + d * (n - 1)), rel=REL)
+    kernel_s = p - (1 - f) * d + f * d * (n - 1)
+    assert metrics.gpu_utilization(records.frame()) == pytest.approx(kernel_s / (p + d * (n - 1)), rel=REL)
 
 
 def test_serial_busy_time_is_the_union_of_its_passes():
@@ -214,7 +216,8 @@ def test_serial_busy_time_is_the_union_of_its_passes():
     env.process(work())
     env.run()
     assert env.now == pytest.approx(0.028)
-    assert sum(e.gpu_busy_s for e in executions) == pytest.approx(2 * (0.010 + 0.5 * 0.004))
+    # each: a prefill of 10 ms less a decode step's launches (half of 4 ms), a decode step's half
+    assert sum(e.gpu_busy_s for e in executions) == pytest.approx(2 * (0.010 - 0.002 + 0.5 * 0.004))
 
 
 def test_shipped_agents_scenarios_report_gpu_utilization_in_range():

@@ -93,12 +93,28 @@ class PassTimer:
             out.append((self.base_s(p, work.batch) * self.factor(p[0]) + cold, cold))
         return out
 
-    def host_s(self, kind: str, duration_s: float, cold_s: float = 0.0) -> float:
-        """The host part of a pass of `duration_s`, during which the GPU runs no kernel of it: a
-        new shape's plan building (`cold_s`) and, in a launch-bound decode pass, the share the
-        cost model says is kernel launches; a prefill keeps the GPU busy throughout."""
-        launches_s = (1.0 - self.gpu_fraction) * (duration_s - cold_s) if kind == "decode" else 0.0
-        return cold_s + launches_s
+    def host_s(self, p: Pass, batch: int, duration_s: float, cold_s: float = 0.0) -> float:
+        """The host part of pass `p` taking `duration_s`, during which the GPU runs none of its
+        kernels: a new shape's plan building (`cold_s`) plus the kernel launches. A decode pass
+        launches for the share of it the cost model says is not the GPU's; a prefill launches the
+        same kernels as a decode step over its batch and context, so that step's launch time, and
+        the rest of a prefill is the GPU's (a short, launch-bound prompt is mostly host time; a
+        long one mostly kernels)."""
+        work_s = duration_s - cold_s
+        if p[0] == "decode":
+            return cold_s + (1.0 - self.gpu_fraction) * work_s
+        return cold_s + min((1.0 - self.gpu_fraction) * self._launch_step_s(p[2] + p[1], batch), work_s)
+
+    def _launch_step_s(self, context: int, batch: int) -> float:
+        """A decode step's time at `context`, as an estimate of a prefill's launches: a bound, not a
+        query, so never reported as outside the calibrated range (as the prefill floor in costmodel)."""
+        key = ("launch", context, batch)
+        value = self._memo.get(key)
+        if value is None:
+            flagged = set(self.cost.out_of_range)
+            value = self._memo[key] = self.cost.decode_step_s(batch, batch * context)
+            self.cost.out_of_range.intersection_update(flagged)
+        return value
 
     def durations_s(self, work: GpuWork) -> list[float]:
         return [duration for duration, _ in self.costs_s(work)]
@@ -123,15 +139,14 @@ class SerialFCFS:
             costs = self.timer.costs_s(work)
             compute_s = sum(duration for duration, _ in costs)
             yield self.env.timeout(compute_s)
-        busy_s = sum(d - self.timer.host_s(p[0], d, cold) for p, (d, cold) in zip(work.passes, costs))
+        busy_s = sum(d - self.timer.host_s(p, work.batch, d, cold) for p, (d, cold) in zip(work.passes, costs))
         return Execution(started_at - arrived_at, compute_s, started_at, busy_s)
 
 
 class TimeSliced:
     """Independent processes sharing the GPU, pass by pass. A decode pass is host time (kernel
     launches, which processes run in parallel on their own CPU threads) then GPU time (which
-    they take in turns): `PassTimer.host_s` says which part is the host's. A prefill pass is GPU
-    time throughout."""
+    they take in turns): `PassTimer.host_s` says which part is the host's, for a prefill too."""
 
     def __init__(self, env: simpy.Environment, timer: PassTimer) -> None:
         self.env = env
@@ -142,7 +157,7 @@ class TimeSliced:
         costs = self.timer.costs_s(work)
         queued_s, started_at, busy_s = 0.0, None, 0.0
         for p, (duration, cold_s) in zip(work.passes, costs):
-            host_s = self.timer.host_s(p[0], duration, cold_s)
+            host_s = self.timer.host_s(p, work.batch, duration, cold_s)
             busy_s += duration - host_s
             if started_at is None:
                 started_at = self.env.now
@@ -223,15 +238,15 @@ class ContinuousBatching:
                 context = max(s.work.passes[s.next_pass][2] for s in prefilling)
                 prompt = max(round(tokens / batch), 1)
                 iteration_s = self.timer.base_s(("prefill", prompt, context), batch) * self.timer.factor("prefill")
-                stepping, kind = prefilling, "prefill"
+                stepping, step = prefilling, ("prefill", prompt, context)
             else:
                 batch = sum(s.work.batch for s in self.running)
                 sum_context = sum(s.work.batch * s.work.passes[s.next_pass][1] for s in self.running)
                 iteration_s = self.timer.batched_decode_s(batch, sum_context)
-                stepping, kind = list(self.running), "decode"
+                stepping, step = list(self.running), ("decode", round(sum_context / batch))
             yield self.env.timeout(iteration_s)
             # The step's kernel time, split among its sequences by their batch (the sum is the step's).
-            busy_per_sequence_s = (iteration_s - self.timer.host_s(kind, iteration_s)) / batch
+            busy_per_sequence_s = (iteration_s - self.timer.host_s(step, batch, iteration_s)) / batch
             for seq in stepping:
                 seq.compute_s += iteration_s
                 seq.gpu_busy_s += busy_per_sequence_s * seq.work.batch
