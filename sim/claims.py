@@ -17,10 +17,9 @@ The seed's thresholds (EvaluationPlan, Experiment 2.1 / 2.2 README and its valid
 - Exp 2.1 latency: semantic_blind / full_djinn mean per-token latency in 30..57 (PASS if >= 30)
 - Exp 2.1 bytes: semantic_blind / full_djinn bytes moved in 1e3..1e5 (PASS if >= 1e3)
 
-GPU utilization is the share of a point's wall time (first measured request to last reply) during
-which the GPU runs kernels: the union of the records' execution intervals [started_at, started_at +
-compute_s]. The records carry no per-kernel timeline, so a request's compute is taken as one busy
-interval; a time-sliced process's interval may include slices of others (the union counts them once).
+GPU utilization is each point's `gpu_utilization` in summary.json (sim.metrics.gpu_utilization): the
+share of a point's wall time (first measured request to last reply) during which the GPU runs
+kernels, summed from the records' `gpu_busy_s` (a pass's kernel time, host-side launch time left out).
 """
 
 from __future__ import annotations
@@ -233,44 +232,16 @@ def reflect_claim(group: str, points: dict[str, list[dict[str, Any]]]) -> Claim:
     return Claim(name, group, _verdict(ratio <= REFLECT_RATIO), ratio, threshold, detail)
 
 
-def gpu_busy_share(records: Any) -> float | None:
-    """Share of wall time (first measured request to last reply) with a request executing on the
-    GPU: the union of [started_at, started_at + compute_s] over measured, finished records.
-    `records`: a point's RecordTable or a list of Records."""
-    import numpy as np
-
-    names = ("warmup", "status", "issued_at", "started_at", "compute_s", "finished_at")
-    if hasattr(records, "column"):
-        col = {name: records.column(name) for name in names}
-    else:
-        col = {name: np.array([getattr(r, name) for r in records]) for name in names}
-    measured = ~col["warmup"].astype(bool) if len(col["warmup"]) else np.zeros(0, dtype=bool)
-    executed = measured & (col["status"] == "ok") & (col["compute_s"] > 0)
-    if not executed.any():
-        return None
-    wall = col["finished_at"][measured].max() - col["issued_at"][measured].min()
-    order = np.argsort(col["started_at"][executed], kind="stable")
-    starts = col["started_at"][executed][order]
-    ends = starts + col["compute_s"][executed][order]
-    busy, start, end = 0.0, starts[0], ends[0]
-    for a, b in zip(starts[1:].tolist(), ends[1:].tolist()):
-        if a > end:
-            busy, start = busy + end - start, a
-        end = max(end, b)
-    busy += end - start
-    return float(busy / wall) if wall > 0 else None
-
-
-def utilization_claim(group: str, points: dict[str, list[dict[str, Any]]], records: dict[int, list[Any]] | None) -> Claim:
-    name, threshold = "higher GPU utilization (full_djinn / semantic_blind busy share)", "> 1"
+def utilization_claim(group: str, points: dict[str, list[dict[str, Any]]]) -> Claim:
+    """Judged with each point's `gpu_utilization` (metrics.gpu_utilization: the share of wall time
+    the GPU runs kernels, summed from the records' `gpu_busy_s`)."""
+    name, threshold = "higher GPU utilization (full_djinn / semantic_blind)", "> 1"
     if BLIND not in points or FULL not in points:
         return Claim(name, group, "N/A", None, threshold, f"needs backends {BLIND} and {FULL}")
-    if records is None:
-        return Claim(name, group, "N/A", None, threshold, "needs the points' records")
-    blind, full = (gpu_busy_share(records.get(points[b][0]["index"], [])) for b in (BLIND, FULL))
+    blind, full = (points[b][0].get("gpu_utilization") for b in (BLIND, FULL))
     if not blind or full is None:
         return Claim(name, group, "N/A", None, threshold, "a backend ran nothing on the GPU")
-    detail = f"GPU busy {full * 100:.1f}% of wall time (full_djinn) vs {blind * 100:.1f}% (semantic_blind)"
+    detail = f"GPU runs kernels {full * 100:.1f}% of wall time (full_djinn) vs {blind * 100:.1f}% (semantic_blind)"
     return Claim(name, group, _verdict(full > blind), full / blind, threshold, detail)
 
 
@@ -365,10 +336,9 @@ def _searched(result: Any, workload: str) -> tuple[dict, dict]:
 def evaluate_claims(summaries: list[dict[str, Any]], workload: str, result: Any = None) -> list[Claim]:
     """Every claim, for every (model, GPU, link) group; claims of the other experiment are N/A.
 
-    `result` (the SimulationResult) gives the records (GPU utilization) and the cost models the
-    searches run with; without it those claims are N/A."""
+    `result` (the SimulationResult) gives the cost models the searches run with; without it those
+    claims are N/A."""
     density, oom = _searched(result, workload)
-    records = {p.point.index: p.records for p in result.points} if result is not None else None
     claims: list[Claim] = []
     for key, members in groups(summaries).items():
         label, points = group_label(key), by_backend(members)
@@ -381,7 +351,7 @@ def evaluate_claims(summaries: list[dict[str, Any]], workload: str, result: Any 
         else:
             found += [Claim(c, label, "N/A", None, t, "needs an agents workload (Exp 2.2)") for c, t in _AGENTS_ONLY]
             found += [decode_latency_claim(label, points), decode_bytes_claim(label, points),
-                      utilization_claim(label, points, records)]
+                      utilization_claim(label, points)]
             # Which "blind" the seed meant changes its ratios: op-by-op remoting is judged too when run.
             for variant in BLIND_VARIANTS:
                 if variant in points:
