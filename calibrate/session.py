@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import gc
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from djinnsim.sim.specs import ModelSpec
@@ -27,6 +30,19 @@ class Session:
     model: Any = None
     results: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    weight_file: Path | None = None  # the model as a safetensors file, written by the weights stage
+    _scratch: Path | None = None
+
+    def scratch_dir(self) -> Path:
+        """A temporary folder for this calibration (large files: the weight file), made on first use."""
+        if self._scratch is None:
+            self._scratch = Path(tempfile.mkdtemp(prefix="djinnsim-calibrate-"))
+        return self._scratch
+
+    def remove_scratch(self) -> None:
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch, self.weight_file = None, None
 
     @property
     def is_cuda(self) -> bool:
