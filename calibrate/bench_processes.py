@@ -13,7 +13,6 @@ import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -42,13 +41,11 @@ def _wait_until(at: float) -> None:
 class ProcessWorker:
     """What one worker process does (built in the child by calibrate/workers.py)."""
 
-    def __init__(self, *, index: int, device: str, model_id: str | None = None, dtype: str | None = None,
-                 weights: str = "random", weight_file: str | None = None, threads: int = 1) -> None:
+    def __init__(self, *, index: int, device: str, threads: int = 1) -> None:
         import torch
 
         self.index = index
         self.device = device
-        self.weight_file = Path(weight_file) if weight_file else None
         self.host: dict = {}
         self.host_buffer = None
         self.model = None
@@ -57,15 +54,26 @@ class ProcessWorker:
             torch.zeros(1, device=device)  # this process's own CUDA context, created before any timing
         else:
             torch.set_num_threads(threads)
-        if model_id is not None:
-            from djinnsim.sim.specs import get_model
-
-            from .modeling import TORCH_DTYPES, build_model
-
-            torch.manual_seed(index)
-            self.model = build_model(get_model(model_id), device, TORCH_DTYPES[dtype], weights)
-            self.spec = get_model(model_id)
         self.info = {"pid": os.getpid()}
+
+    def build(self, model_id: str, dtype: str, weights: str = "random") -> int:
+        """This process's own copy of the model (random weights unless `weights` is a folder); its bytes."""
+        import torch
+
+        from djinnsim.sim.specs import get_model
+
+        from .modeling import TORCH_DTYPES, build_model
+
+        self.model = None
+        self._free()
+        torch.manual_seed(self.index)
+        self.spec = get_model(model_id)
+        self.model = build_model(self.spec, self.device, TORCH_DTYPES[dtype], weights)
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def drop_model(self) -> None:
+        self.model = None
+        self._free()
 
     def _sync(self) -> None:
         if self.device.startswith("cuda"):
@@ -83,7 +91,7 @@ class ProcessWorker:
             torch.cuda.empty_cache()
 
     # --- loads_mp ------------------------------------------------------------------------
-    def prepare(self, tier: str) -> int:
+    def prepare(self, tier: str, weight_file: str | None = None) -> int:
         """Hold this worker's own host copy of the weights for `tier` (pageable or pinned); 0 bytes otherwise."""
         import torch
         from safetensors import safe_open
@@ -92,7 +100,7 @@ class ProcessWorker:
         self._free()
         if tier not in ("pageable", "pinned"):
             return 0
-        with safe_open(str(self.weight_file), framework="pt", device="cpu") as fh:
+        with safe_open(str(weight_file), framework="pt", device="cpu") as fh:
             names = list(fh.keys())
             if tier == "pageable":  # private anonymous memory, not pages mapped from the file
                 self.host = {k: fh.get_tensor(k).clone() for k in names}
@@ -110,7 +118,7 @@ class ProcessWorker:
                 del tensors
         return sum(t.numel() * t.element_size() for t in self.host.values())
 
-    def load(self, tier: str, start_at: float) -> tuple[float, float, int]:
+    def load(self, tier: str, start_at: float, weight_file: str | None = None) -> tuple[float, float, int]:
         """The whole model onto the device from `tier`, starting at `start_at`: (start, finish, bytes)."""
         from .bench_weights import load_from_file, load_from_host
 
@@ -124,9 +132,9 @@ class ProcessWorker:
         if tier in ("disk", "disk_cold"):
             from safetensors import safe_open
 
-            with safe_open(str(self.weight_file), framework="pt", device="cpu") as fh:
+            with safe_open(str(weight_file), framework="pt", device="cpu") as fh:
                 names = list(fh.keys())
-            out = load_from_file(self.weight_file, names, self.device)
+            out = load_from_file(Path(weight_file), names, self.device)
         else:
             out = load_from_host(self.host, list(self.host), self.device, non_blocking=tier == "pinned")
         self._sync()
@@ -254,6 +262,22 @@ def _read_through(path: Path) -> None:
             pass
 
 
+def _pool(s: Session, n: int) -> WorkerPool:
+    """The session's worker processes (the two stages share them: spawning costs seconds), at least n."""
+    pool = s.workers
+    if pool is not None and pool.open and len(pool.alive) >= n:
+        return pool
+    if pool is not None:
+        pool.close()
+    s.workers = None
+    pool = WorkerPool(n, WORKER, {"device": s.device}, start_timeout_s=s.plan.workers_start_timeout_s)
+    pool.__enter__()
+    s.workers = pool
+    if pool.start_errors:
+        s.notes.append(f"{len(pool.start_errors)} worker process(es) did not start: {pool.start_errors[0]}")
+    return pool
+
+
 def _per_process_bytes(s: Session) -> int:
     """Device memory one worker process holds: its weights and its CUDA context."""
     ctx = int(s.results.get("memory_start", {}).get("context_bytes") or 0)
@@ -289,41 +313,38 @@ def run_loads_mp(s: Session) -> dict[str, ProcessLoads]:
         tiers.remove("disk_cold")
     started = time.monotonic()
     results: dict[str, ProcessLoads] = {}
-    kwargs = {"device": s.device, "weight_file": str(path)}
-    with WorkerPool(max(ks), WORKER, kwargs) as pool:
-        if pool.start_errors:
-            s.notes.append(f"loads_mp: {len(pool.start_errors)} worker(s) did not start: {pool.start_errors[0]}")
-        workers = pool.alive
-        ks = [k for k in ks if k <= len(workers)]
-        for tier in tiers:
-            if time.monotonic() - started > plan.loads_mp_budget_s:
-                s.notes.append(f"loads_mp: time budget {plan.loads_mp_budget_s:.0f} s spent before tier {tier}")
-                s.say(f"loads_mp: time budget spent, tier {tier} not measured")
-                break
-            tier_ks, limit = list(ks), gpu_limit
-            if tier in ("pageable", "pinned"):
-                host = _mem_available_bytes()
-                per = nbytes_file if tier == "pageable" else 1 << (nbytes_file - 1).bit_length()
-                if host is not None:
-                    fits_host = int(HOST_MEMORY_SHARE * host // per)
-                    if fits_host < max(tier_ks):
-                        tier_ks = [k for k in tier_ks if k <= fits_host]
-                        limit = f"k={min(k for k in ks if k > fits_host)} host copies need more host memory than {HOST_MEMORY_SHARE:.0%} of what is available"
-                if not tier_ks:
-                    s.notes.append(f"loads_mp {tier}: not even one host copy fits in host memory")
-                    continue
-                pool.call(workers[:max(tier_ks)], "prepare", 600.0, tier=tier)
-            elif tier == "disk":
-                _read_through(path)
-            measured = _measure_tier(s, pool, workers, tier, tier_ks, path)
-            pool.call(workers[:max(tier_ks)], "prepare", 60.0, tier="none")
-            if measured is None:
+    pool = _pool(s, max(ks))
+    workers = pool.alive
+    ks = [k for k in ks if k <= len(workers)]
+    for tier in tiers:
+        if time.monotonic() - started > plan.loads_mp_budget_s:
+            s.notes.append(f"loads_mp: time budget {plan.loads_mp_budget_s:.0f} s spent before tier {tier}")
+            s.say(f"loads_mp: time budget spent, tier {tier} not measured")
+            break
+        tier_ks, limit = list(ks), gpu_limit
+        if tier in ("pageable", "pinned"):
+            host = _mem_available_bytes()
+            per = nbytes_file if tier == "pageable" else 1 << (nbytes_file - 1).bit_length()
+            if host is not None:
+                fits_host = int(HOST_MEMORY_SHARE * host // per)
+                if fits_host < max(tier_ks):
+                    tier_ks = [k for k in tier_ks if k <= fits_host]
+                    limit = f"k={min(k for k in ks if k > fits_host)} host copies need more host memory than {HOST_MEMORY_SHARE:.0%} of what is available"
+            if not tier_ks:
+                s.notes.append(f"loads_mp {tier}: not even one host copy fits in host memory")
                 continue
-            aggregate, runs, oom_limit, note = measured
-            results[tier] = ProcessLoads(nbytes=nbytes_file, aggregate_gbps=aggregate, runs=runs,
-                                         limit=oom_limit or limit, note=note)
-            s.advance(1)
-            s.log.flush()
+            pool.call(workers[:max(tier_ks)], "prepare", 600.0, tier=tier, weight_file=str(path))
+        elif tier == "disk":
+            _read_through(path)
+        measured = _measure_tier(s, pool, workers, tier, tier_ks, path)
+        pool.call(workers[:max(tier_ks)], "prepare", 60.0, tier="none")
+        if measured is None:
+            continue
+        aggregate, runs, oom_limit, note = measured
+        results[tier] = ProcessLoads(nbytes=nbytes_file, aggregate_gbps=aggregate, runs=runs,
+                                     limit=oom_limit or limit, note=note)
+        s.advance(1)
+        s.log.flush()
     return results
 
 
@@ -344,7 +365,8 @@ def _measure_tier(s: Session, pool: WorkerPool, workers: list[int], tier: str, k
                     return None
             timeout_s = 60.0 + k * path.stat().st_size / 0.25e9
             try:
-                replies = pool.call(workers[:k], "load", timeout_s, tier=tier, start_at=time.monotonic() + START_DELAY_S)
+                replies = pool.call(workers[:k], "load", timeout_s, tier=tier, weight_file=str(path),
+                                    start_at=time.monotonic() + START_DELAY_S)
             except WorkerOOM as exc:
                 oom_limit = f"k={k}: out of memory ({exc})"
                 s.log.add(f"loads_mp_{tier}", f"k{k}", float("nan"), "oom", rep, concurrent=k)
@@ -388,8 +410,8 @@ def fit_busy_fraction(points: list[TimeslicePoint]) -> tuple[float, float | None
 
 
 def timeslice_budget_s(plan) -> float:
-    """What the stage should take: spawning and building (a minute at most), the warm-up, each k's run."""
-    return 60.0 + plan.timeslice_warmup_s + len(plan.timeslice_k) * (plan.timeslice_duration_s + 2 * START_DELAY_S)
+    """What the stage should take: building the copies (half a minute), the warm-up, each k's run."""
+    return 30.0 + plan.timeslice_warmup_s + len(plan.timeslice_k) * (plan.timeslice_duration_s + 2 * START_DELAY_S)
 
 
 def run_timeslice_mp(s: Session) -> Timeslice:
@@ -402,61 +424,64 @@ def run_timeslice_mp(s: Session) -> Timeslice:
         raise DjinnsimError(f"stage timeslice_mp: not even one model copy fits in device memory beside this process")
     limit = f"k={min(k for k in plan.timeslice_k if k > fits)} copies need more device memory than is free" \
         if len(ks) < len(plan.timeslice_k) else "the plan's largest k"
-    kwargs: dict[str, Any] = {"device": s.device, "model_id": s.spec.model_id,
-                              "dtype": str(s.dtype).removeprefix("torch."), "weights": s.weights}
     from .telemetry import NvmlSampler, nvml_handle
 
     nvml, handle = nvml_handle(int(s.device.split(":")[1])) if s.is_cuda else (None, None)
     points: list[TimeslicePoint] = []
     baseline = None
-    with WorkerPool(max(ks), WORKER, kwargs, start_timeout_s=plan.timeslice_start_timeout_s) as pool:
-        if pool.start_errors:
-            limit = f"only {len(pool.alive)} of {max(ks)} model copies could be built: {pool.start_errors[0]}"
-            s.notes.append(f"timeslice_mp: {limit}")
-        workers = pool.alive
-        ks = [k for k in ks if k <= len(workers)]
-        if not ks:
-            raise DjinnsimError(f"stage timeslice_mp: no worker built its model ({pool.start_errors[0]})")
-        # Every shape of the run, once per process: the first steps at a new length are slow (cold_shapes).
-        pool.call(workers, "decode", 600.0, start_at=time.monotonic() + START_DELAY_S, duration_s=plan.timeslice_warmup_s,
-                  min_steps=DECODE_CYCLE_STEPS + 1)
-        for k in ks:
-            sampler = NvmlSampler(nvml, handle, period_s=0.05) if handle is not None else None
-            start_at = time.monotonic() + START_DELAY_S
-            try:
-                with sampler or nullcontext():
-                    if sampler is not None:
-                        sampler.phase = f"k{k}"
-                    replies = pool.call(workers[:k], "decode", 120.0 + 4 * plan.timeslice_duration_s,
-                                        start_at=start_at, duration_s=plan.timeslice_duration_s)
-            except WorkerOOM as exc:
-                limit = f"k={k}: out of memory while decoding ({exc})"
-                s.log.add("timeslice_mp", f"k{k}", float("nan"), "oom", concurrent=k)
-                break
-            kept_from, kept_to = start_at + plan.timeslice_settle_s, start_at + plan.timeslice_duration_s
-            per_process = [[t1 - t0 for t0, t1 in spans if t0 >= kept_from and t1 <= kept_to] for spans in replies]
-            steps = np.array([v for proc in per_process for v in proc])
-            if len(steps) < k:
-                raise DjinnsimError(f"stage timeslice_mp: k={k} kept only {len(steps)} steps (timeslice_duration_s too short)")
-            for i, proc in enumerate(per_process):
-                for rep, value in enumerate(proc):
-                    s.log.add("timeslice_mp", f"k{k}", value, "s", i * 100000 + rep, concurrent=k, batch=1)
-            if baseline is None:
-                baseline = float(np.median(steps))
-            busy = None
-            if sampler is not None and sampler.rows:
-                busy = float(np.mean([v["sm_util_pct"] for _, _, v in sampler.rows])) / 100.0
-                s.log.add("timeslice_mp_gpu_busy", f"k{k}", busy, "share", concurrent=k)
-            p10, p50, p90 = (float(np.percentile(steps, q)) for q in (10, 50, 90))
-            points.append(TimeslicePoint(
-                processes=k, step_s_p10=p10, step_s_p50=p50, step_s_p90=p90,
-                slowdown_p10=p10 / baseline, slowdown_p50=p50 / baseline, slowdown_p90=p90 / baseline,
-                per_process_step_s_p50=[float(np.median(proc)) if proc else float("nan") for proc in per_process],
-                n_steps=int(len(steps)), gpu_busy_share=busy))
-            s.say(f"timeslice_mp x{k}: step p50 {p50 * 1e3:.2f} ms (p10 {p10 * 1e3:.2f}, p90 {p90 * 1e3:.2f}), "
-                  f"slowdown x{p50 / baseline:.2f}, {len(steps)} steps" + (f", GPU busy {busy:.0%}" if busy is not None else ""))
-            s.advance(1)
-        s.log.flush()
+    pool = _pool(s, max(ks))
+    built = pool.call(pool.alive[:max(ks)], "build", plan.workers_start_timeout_s, oom_ok=True, model_id=s.spec.model_id,
+                      dtype=str(s.dtype).removeprefix("torch."), weights=s.weights)
+    workers = [i for i, b in zip(pool.alive, built) if not isinstance(b, WorkerOOM)]
+    if len(workers) < len(built):
+        oom = next(b for b in built if isinstance(b, WorkerOOM))
+        limit = f"only {len(workers)} of {len(built)} model copies could be built ({oom})"
+        s.notes.append(f"timeslice_mp: {limit}")
+    ks = [k for k in ks if k <= len(workers)]
+    if not ks:
+        raise DjinnsimError("stage timeslice_mp: no worker could build its model copy (out of memory)")
+    # Every shape of the run, once per process: the first steps at a new length are slow (cold_shapes).
+    pool.call(workers, "decode", 600.0, start_at=time.monotonic() + START_DELAY_S, duration_s=plan.timeslice_warmup_s,
+              min_steps=DECODE_CYCLE_STEPS + 1)
+    for k in ks:
+        sampler = NvmlSampler(nvml, handle, period_s=0.05) if handle is not None else None
+        start_at = time.monotonic() + START_DELAY_S
+        try:
+            with sampler or nullcontext():
+                if sampler is not None:
+                    sampler.phase = f"k{k}"
+                replies = pool.call(workers[:k], "decode", 120.0 + 4 * plan.timeslice_duration_s,
+                                    start_at=start_at, duration_s=plan.timeslice_duration_s)
+        except WorkerOOM as exc:
+            limit = f"k={k}: out of memory while decoding ({exc})"
+            s.log.add("timeslice_mp", f"k{k}", float("nan"), "oom", concurrent=k)
+            break
+        kept_from, kept_to = start_at + plan.timeslice_settle_s, start_at + plan.timeslice_duration_s
+        per_process = [[t1 - t0 for t0, t1 in spans if t0 >= kept_from and t1 <= kept_to] for spans in replies]
+        steps = np.array([v for proc in per_process for v in proc])
+        if not all(per_process):
+            raise DjinnsimError(f"stage timeslice_mp: at k={k} a process ran no step inside the kept window "
+                                f"({plan.timeslice_settle_s}-{plan.timeslice_duration_s} s): the plan's window is too short")
+        for i, proc in enumerate(per_process):
+            for rep, value in enumerate(proc):
+                s.log.add("timeslice_mp", f"k{k}", value, "s", i * 100000 + rep, concurrent=k, batch=1)
+        if baseline is None:
+            baseline = float(np.median(steps))
+        busy = None
+        if sampler is not None and sampler.rows:
+            busy = float(np.mean([v["sm_util_pct"] for _, _, v in sampler.rows])) / 100.0
+            s.log.add("timeslice_mp_gpu_busy", f"k{k}", busy, "share", concurrent=k)
+        p10, p50, p90 = (float(np.percentile(steps, q)) for q in (10, 50, 90))
+        points.append(TimeslicePoint(
+            processes=k, step_s_p10=p10, step_s_p50=p50, step_s_p90=p90,
+            slowdown_p10=p10 / baseline, slowdown_p50=p50 / baseline, slowdown_p90=p90 / baseline,
+            per_process_step_s_p50=[float(np.median(proc)) for proc in per_process],
+            n_steps=int(len(steps)), gpu_busy_share=busy))
+        s.say(f"timeslice_mp x{k}: step p50 {p50 * 1e3:.2f} ms (p10 {p10 * 1e3:.2f}, p90 {p90 * 1e3:.2f}), "
+              f"slowdown x{p50 / baseline:.2f}, {len(steps)} steps" + (f", GPU busy {busy:.0%}" if busy is not None else ""))
+        s.advance(1)
+    s.log.flush()
+    pool.call(workers, "drop_model", 60.0)  # the device memory back for whatever runs next
     if not points:
         raise DjinnsimError("stage timeslice_mp: no k measured")
     f, err = fit_busy_fraction(points)

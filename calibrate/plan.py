@@ -58,7 +58,7 @@ class Plan:
     timeslice_duration_s: float = 1.5  # each k's run; steps in [settle, duration] are kept
     timeslice_settle_s: float = 0.3
     timeslice_warmup_s: float = 0.5  # all workers at once, at least one cache cycle (new shapes)
-    timeslice_start_timeout_s: float = 300.0  # spawning the workers and building their models
+    workers_start_timeout_s: float = 300.0  # spawning the worker processes, or building their model copies
 
 
 EXP21_PROMPT_TOKENS = 72
@@ -92,10 +92,10 @@ _GPU_FULL = Plan(
     grid_passes=3,
     decode_discard_passes=1,
     warmup_s=5.0,
-    # covers djinn's REFLECT (16-24 new tokens after ~122 cached) up to the batch of 16 agents32_batching asks
+    # covers djinn's REFLECT (16-24 new tokens after ~122 cached) up to the batch of 32 agents32_batching asks
     cached_prefill_tokens=(1, 8, 16, 24, 32, 64, 128),
     cached_prefill_contexts=(0, 64, 128, 256, 512, 1024),
-    cached_prefill_batches=(1, 2, 4, 8, 16),
+    cached_prefill_batches=(1, 2, 4, 8, 16, 32),
     cached_prefill_repeat=2,
     cached_prefill_budget_s=60.0,
     loads_mp_k=(1, 2, 4, 8),
@@ -137,7 +137,7 @@ _GPU_QUICK = Plan(
     warmup_s=3.0,
     cached_prefill_tokens=(1, 16, 32, 128),
     cached_prefill_contexts=(0, 128, 512, 1024),
-    cached_prefill_batches=(1, 4, 16),
+    cached_prefill_batches=(1, 4, 32),
     cached_prefill_repeat=2,
     cached_prefill_budget_s=30.0,
     loads_mp_k=(1, 2, 4),
@@ -205,10 +205,12 @@ _CPU_QUICK = Plan(
     weight_load_cold=False,
     repeat=3,
     warmup_s=0.3,
+    cached_prefill_tokens=(1, 16, 32),
+    cached_prefill_contexts=(0, 128),
     cached_prefill_repeat=1,
-    timeslice_duration_s=1.0,
-    timeslice_settle_s=0.2,
-    timeslice_warmup_s=0.2,
+    timeslice_duration_s=0.6,
+    timeslice_settle_s=0.1,
+    timeslice_warmup_s=0.0,
 )
 
 

@@ -31,6 +31,7 @@ class Session:
     results: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     weight_file: Path | None = None  # the model as a safetensors file, written by the weights stage
+    workers: Any = None  # the worker processes the multi-process stages share (calibrate/workers.py)
     _scratch: Path | None = None
 
     def scratch_dir(self) -> Path:
@@ -40,6 +41,10 @@ class Session:
         return self._scratch
 
     def remove_scratch(self) -> None:
+        """Stop the worker processes and remove the temporary folder."""
+        if self.workers is not None:
+            self.workers.close()
+            self.workers = None
         if self._scratch is not None:
             shutil.rmtree(self._scratch, ignore_errors=True)
             self._scratch, self.weight_file = None, None

@@ -92,6 +92,8 @@ class WorkerPool:
         self.close()
 
     def _gather(self, workers: list[int], what: str, timeout_s: float, raise_oom: bool = True) -> list[tuple[str, Any]]:
+        """Every worker's reply (all read, so no answer is left in a pipe), then the first failure
+        raised: an error or a timeout stops every worker; an out-of-memory leaves them running."""
         deadline = time.monotonic() + timeout_s
         replies = []
         for i in workers:
@@ -104,16 +106,20 @@ class WorkerPool:
             if reply is None:
                 self.close(grace_s=1.0)  # it is busy or stuck: it will not read a request to quit
                 raise DjinnsimError(f"worker {i} did not answer {what!r} within {timeout_s:.0f} s; all workers stopped")
-            kind, value = reply
-            if kind == "error" or (kind == "oom" and raise_oom):
-                self.close()
-                cls = WorkerOOM if kind == "oom" else DjinnsimError
-                raise cls(f"worker {i} failed in {what!r}: {value}")
             replies.append(reply)
+        failed = [(i, kind, value) for i, (kind, value) in zip(workers, replies) if kind == "error"]
+        if failed:
+            self.close()
+            i, _, value = failed[0]
+            raise DjinnsimError(f"worker {i} failed in {what!r}: {value}; all workers stopped")
+        oom = [(i, value) for i, (kind, value) in zip(workers, replies) if kind == "oom"]
+        if oom and raise_oom:
+            raise WorkerOOM(f"worker {oom[0][0]} ran out of memory in {what!r}: {oom[0][1]}")
         return replies
 
-    def call(self, workers: list[int], method: str, timeout_s: float, **kwargs: Any) -> list[Any]:
-        """Send `method(**kwargs)` to each of `workers` at once; their answers in the same order."""
+    def call(self, workers: list[int], method: str, timeout_s: float, *, oom_ok: bool = False, **kwargs: Any) -> list[Any]:
+        """Send `method(**kwargs)` to each of `workers` at once; their answers in the same order
+        (with `oom_ok`, a WorkerOOM in place of the answer of a worker that ran out of memory)."""
         for i in workers:
             try:
                 self.conns[i].send((method, kwargs))
@@ -121,7 +127,12 @@ class WorkerPool:
                 code = self.procs[i].exitcode
                 self.close()
                 raise DjinnsimError(f"worker {i} is gone (exit code {code}); all workers stopped") from None
-        return [value for _, value in self._gather(workers, method, timeout_s)]
+        replies = self._gather(workers, method, timeout_s, raise_oom=not oom_ok)
+        return [WorkerOOM(value) if kind == "oom" else value for kind, value in replies]
+
+    @property
+    def open(self) -> bool:
+        return bool(self.procs)
 
     def _stop(self, i: int, grace_s: float = 5.0) -> None:
         self._ask_to_quit(i)

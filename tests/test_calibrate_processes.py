@@ -78,10 +78,14 @@ def test_a_worker_that_dies_is_reported():
             pool.call([0], "prepare", 10.0, tier="none")
 
 
-def test_a_worker_that_cannot_start_is_one_line():
+def test_a_worker_that_cannot_start_or_build_is_one_line():
     with pytest.raises(DjinnsimError, match="worker 0 failed in 'start'"):
-        with WorkerPool(1, WORKER, {"device": "cpu", "model_id": "no/such-model", "dtype": "float32"}):
+        with WorkerPool(1, WORKER, {"device": "cpu", "no_such_option": 1}):
             pass
+    with WorkerPool(1, WORKER, {"device": "cpu"}) as pool:
+        with pytest.raises(DjinnsimError, match="worker 0 failed in 'build': DjinnsimError: unknown model"):
+            pool.call([0], "build", 30.0, model_id="no/such-model", dtype="float32")
+        assert not pool.open
 
 
 def test_timeslice_mp_measures_slowdown_against_one_process(session):
