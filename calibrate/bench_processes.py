@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from djinnsim.common.gpu_busy import sampled_busy_share
 from djinnsim.errors import DjinnsimError
 from djinnsim.sim.profile import ProcessLoads, ProcessRun, Timeslice, TimeslicePoint
 
@@ -468,8 +469,9 @@ def run_timeslice_mp(s: Session) -> Timeslice:
         if baseline is None:
             baseline = float(np.median(steps))
         busy = None
-        if sampler is not None and sampler.rows:
-            busy = float(np.mean([v["sm_util_pct"] for _, _, v in sampler.rows])) / 100.0
+        if sampler is not None:
+            busy = sampled_busy_share([(at, v["sm_util_pct"]) for _, at, v in sampler.rows], 0.0, float("inf"))
+        if busy is not None:
             s.log.add("timeslice_mp_gpu_busy", f"k{k}", busy, "share", concurrent=k)
         p10, p50, p90 = (float(np.percentile(steps, q)) for q in (10, 50, 90))
         points.append(TimeslicePoint(
