@@ -63,6 +63,9 @@ class Session:
             import torch
 
             torch.cuda.empty_cache()
+            release_pinned = getattr(torch._C, "_host_emptyCache", None)  # cached pinned host blocks, where torch has it
+            if release_pinned is not None:
+                release_pinned()
 
 
 def is_oom(exc: BaseException) -> bool:
