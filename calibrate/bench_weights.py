@@ -9,8 +9,6 @@ this process (each a whole model): the copy engines, PCIe and the page cache are
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -54,6 +52,21 @@ def _drop_page_cache(path: Path) -> bool:
         return False
 
 
+def load_from_file(path: Path, names, device: str) -> dict:
+    """Tensors `names` of a safetensors file, read onto `device` (the disk tiers)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device=device) as fh:
+        return {k: fh.get_tensor(k) for k in names}
+
+
+def load_from_host(state: dict, names, device: str, non_blocking: bool = False) -> dict:
+    """Host tensors copied to `device` (on the CPU: fresh copies, the host memcpy a load is there)."""
+    if device.startswith("cuda"):
+        return {k: state[k].to(device, non_blocking=non_blocking) for k in names}
+    return {k: state[k].clone() for k in names}
+
+
 def _two_point_fit(small_bytes: int, small_s: float, big_bytes: int, big_s: float) -> tuple[float, float]:
     """(fixed_s, gbps) through two sizes; falls back to a pure rate if the slope is not positive."""
     if big_bytes > small_bytes and big_s > small_s:
@@ -64,7 +77,6 @@ def _two_point_fit(small_bytes: int, small_s: float, big_bytes: int, big_s: floa
 
 def run_weight_loads(s: Session) -> dict:
     """Measure loads; frees the resident model first (this is the last stage that needs memory)."""
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     plan = s.plan
@@ -83,7 +95,7 @@ def run_weight_loads(s: Session) -> dict:
     if plan.weight_load_max_bytes is not None:
         s.notes.append(f"weight loads timed on a prefix of the model's tensors ({total_bytes} bytes), not the whole model")
 
-    folder = Path(tempfile.mkdtemp(prefix="djinnsim-weights-"))
+    folder = s.scratch_dir()
     results: dict = {"loads": {}, "extra": {}}
     pinned: dict = {}
     try:
@@ -98,22 +110,18 @@ def run_weight_loads(s: Session) -> dict:
         s.notes.append(f"weight file written to a {fstype} file system")
         s.advance(1)
 
-        def to_device(t, non_blocking: bool = False):
-            return t.to(s.device, non_blocking=non_blocking) if s.is_cuda else t.clone()
-
         def load_disk(names):
-            with safe_open(str(path), framework="pt", device=s.device if s.is_cuda else "cpu") as fh:
-                out = {k: fh.get_tensor(k) for k in names}
+            out = load_from_file(path, names, s.device)
             s.sync()
             return out
 
         def load_pageable(names):
-            out = {k: to_device(state[k]) for k in names}
+            out = load_from_host(state, names, s.device)
             s.sync()
             return out
 
         def load_pinned(names):
-            out = {k: to_device(pinned[k], non_blocking=True) for k in names}
+            out = load_from_host(pinned, names, s.device, non_blocking=True)
             s.sync()
             return out
 
@@ -153,9 +161,9 @@ def run_weight_loads(s: Session) -> dict:
             s.say(f"weights: {tier:8} fit: {fixed_s * 1e3:.1f} ms + bytes / {gbps:.2f} GB/s")
             s.advance(1)
             s.log.flush()
+        s.weight_file = path  # kept for the loads_mp stage; the runner removes the scratch folder
     finally:
         pinned.clear()
-        shutil.rmtree(folder, ignore_errors=True)
     if not s.is_cuda:
         results["loads"]["pinned"] = results["loads"]["pageable"]
         s.notes.append("device cpu: weight 'loads' are host memcpy; pinned = pageable")

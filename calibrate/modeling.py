@@ -119,6 +119,18 @@ def cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(k, v) for k, v in cache]
 
 
+def cut_cache(cache, length: int):
+    """The cache cut back to its first `length` tokens, in place where the class can crop (a negative
+    count removes that many tokens in both the 4.x and the 5.x API); None where it cannot."""
+    extra = cache.get_seq_length() - length
+    if extra <= 0:
+        return cache
+    if not hasattr(cache, "crop"):
+        return None
+    cache.crop(-extra)
+    return cache
+
+
 def cache_from_tensors(pairs: list[tuple[torch.Tensor, torch.Tensor]]):
     from transformers import DynamicCache
 

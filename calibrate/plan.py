@@ -1,7 +1,10 @@
 """What a calibration measures: the grids and repetition counts for a device and a mode.
 
-The full GPU plan is sized to finish in well under 10 minutes for a 7B model on one H100 (eager
-decode at batch 1 is launch bound, ~20-30 ms a step); --quick keeps every stage but thins each grid.
+The full GPU plan is sized to finish in well under 10 minutes for a 7B model on one H100 or H200
+(eager decode at batch 1 is launch bound, ~20-30 ms a step): 294 s on an H100 before the stages
+cached_prefill, loads_mp and timeslice_mp, which add at most their budgets (60 + 120 s, and about
+40 s: four 4 s runs after spawning 8 workers that build a model each). --quick keeps every stage
+but thins each grid.
 """
 
 from __future__ import annotations
@@ -39,6 +42,23 @@ class Plan:
     grid_passes: int = 1  # interleaved walks over the prefill and decode grids
     decode_discard_passes: int = 0  # leading decode passes kept as warm-up only
     warmup_s: float = 1.0  # untimed decoding before the grids
+    # cached_prefill: new tokens x cached context x batch, one warm-up pass then `repeat` timed
+    cached_prefill_tokens: tuple[int, ...] = (1, 16, 32)
+    cached_prefill_contexts: tuple[int, ...] = (0, 64, 128)
+    cached_prefill_batches: tuple[int, ...] = (1, 2)
+    cached_prefill_repeat: int = 2
+    cached_prefill_budget_s: float = 30.0
+    # loads_mp: whole-model loads by k worker processes at once, per tier
+    loads_mp_k: tuple[int, ...] = (1, 2)
+    loads_mp_repeat: int = 1
+    loads_mp_cold: bool = False  # also after dropping the page cache (disk_cold)
+    loads_mp_budget_s: float = 60.0  # no further tier is started past it
+    # timeslice_mp: k worker processes decoding at once, each its own model copy
+    timeslice_k: tuple[int, ...] = (1, 2)
+    timeslice_duration_s: float = 1.5  # each k's run; steps in [settle, duration] are kept
+    timeslice_settle_s: float = 0.3
+    timeslice_warmup_s: float = 0.5  # all workers at once, at least one cache cycle (new shapes)
+    workers_start_timeout_s: float = 300.0  # spawning the worker processes, or building their model copies
 
 
 EXP21_PROMPT_TOKENS = 72
@@ -65,13 +85,27 @@ _GPU_FULL = Plan(
     composition_contexts=(128, 512, 2048),
     composition_repeat=3,
     weight_load_max_bytes=None,
-    weight_load_concurrency=(2, 4),
+    weight_load_concurrency=(),  # concurrency is the loads_mp stage's, with processes
     weight_load_repeat=2,
     weight_load_cold=True,
     repeat=7,
     grid_passes=3,
     decode_discard_passes=1,
     warmup_s=5.0,
+    # covers djinn's REFLECT (16-24 new tokens after ~122 cached) up to the batch of 32 agents32_batching asks
+    cached_prefill_tokens=(1, 8, 16, 24, 32, 64, 128),
+    cached_prefill_contexts=(0, 64, 128, 256, 512, 1024),
+    cached_prefill_batches=(1, 2, 4, 8, 16, 32),
+    cached_prefill_repeat=2,
+    cached_prefill_budget_s=60.0,
+    loads_mp_k=(1, 2, 4, 8),
+    loads_mp_repeat=1,
+    loads_mp_cold=True,
+    loads_mp_budget_s=120.0,
+    timeslice_k=(1, 2, 4, 8),
+    timeslice_duration_s=4.0,
+    timeslice_settle_s=0.5,
+    timeslice_warmup_s=3.0,
 )
 
 _GPU_QUICK = Plan(
@@ -94,13 +128,26 @@ _GPU_QUICK = Plan(
     composition_contexts=(128, 1024),
     composition_repeat=2,
     weight_load_max_bytes=4 * GIB,
-    weight_load_concurrency=(2,),
+    weight_load_concurrency=(),
     weight_load_repeat=1,
     weight_load_cold=False,
     repeat=4,
     grid_passes=2,
     decode_discard_passes=1,
     warmup_s=3.0,
+    cached_prefill_tokens=(1, 16, 32, 128),
+    cached_prefill_contexts=(0, 128, 512, 1024),
+    cached_prefill_batches=(1, 4, 32),
+    cached_prefill_repeat=2,
+    cached_prefill_budget_s=30.0,
+    loads_mp_k=(1, 2, 4),
+    loads_mp_repeat=1,
+    loads_mp_cold=False,
+    loads_mp_budget_s=45.0,
+    timeslice_k=(1, 2, 4),
+    timeslice_duration_s=2.5,
+    timeslice_settle_s=0.4,
+    timeslice_warmup_s=2.0,
 )
 
 # CPU calibration is for small models (CI's tiny model): grids that finish in seconds on 2 cores.
@@ -124,10 +171,13 @@ _CPU_FULL = Plan(
     composition_contexts=(128, 512),
     composition_repeat=3,
     weight_load_max_bytes=None,
-    weight_load_concurrency=(2, 4),
+    weight_load_concurrency=(),
     weight_load_repeat=2,
     weight_load_cold=False,
     repeat=5,
+    cached_prefill_tokens=(1, 8, 16, 32, 64),
+    cached_prefill_contexts=(0, 64, 128, 256),
+    cached_prefill_batches=(1, 2, 4),
 )
 
 _CPU_QUICK = Plan(
@@ -150,11 +200,17 @@ _CPU_QUICK = Plan(
     composition_contexts=(128, 512),
     composition_repeat=2,
     weight_load_max_bytes=None,
-    weight_load_concurrency=(2,),
+    weight_load_concurrency=(),
     weight_load_repeat=1,
     weight_load_cold=False,
     repeat=3,
     warmup_s=0.3,
+    cached_prefill_tokens=(1, 16, 32),
+    cached_prefill_contexts=(0, 128),
+    cached_prefill_repeat=1,
+    timeslice_duration_s=0.6,
+    timeslice_settle_s=0.1,
+    timeslice_warmup_s=0.0,
 )
 
 

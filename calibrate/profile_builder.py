@@ -133,4 +133,7 @@ def build_profile(r: dict[str, Any], metadata: Metadata, *, partial: bool = Fals
         memory=memory,
         end_to_end=dict(r.get("end_to_end", {})),
         cold_shapes=r.get("cold_shapes"),
+        loads_mp=r.get("loads_mp", {}),
+        timeslice_mp=r.get("timeslice_mp"),
+        cached_prefill=r.get("cached_prefill", {}).get("fit"),
     )

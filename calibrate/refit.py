@@ -1,7 +1,8 @@
 """Recompute a profile's fits from its samples CSV, with no device: the fitting stage on its own.
 
-Everything fitted (prefill, decode, workspace, copy, serde and loopback bandwidths) is redone from
-the raw samples; measured facts (memory, weight loads, jitter, connection costs) are kept; the
+Everything fitted (prefill, cached-context prefill, decode, workspace, copy, serde and loopback
+bandwidths, new-shape costs) is redone from the raw samples; measured facts (memory, weight loads,
+loads and decoding by k processes, jitter, connection costs) are kept; the
 predictions stored beside measurements (Exp 2.1, the composition check) are recomputed.
 """
 
@@ -26,6 +27,7 @@ from .fitting import (
     FitPoint,
     fit_bandwidth,
 )
+from .bench_cached import fit_cached_prefill
 from .bench_shapes import fit_cold_shapes
 from .spread import with_spread
 from .profile_builder import exp21_decode_points, exp21_prediction, fit_decode, fit_prefill, fit_workspace
@@ -68,6 +70,14 @@ def decode_points(rows) -> list[FitPoint]:
     return points + exp21_decode_points(rows)
 
 
+def cached_prefill_points(rows) -> list[FitPoint]:
+    points = []
+    for group in _timed(rows, "cached_prefill").values():
+        inputs = {k: _num(group[0], k) for k in ("prompt_tokens", "batch", "context")}
+        points.append(FitPoint(inputs, float(np.median([_num(r, "value") for r in group]))))
+    return points
+
+
 def workspace_points(rows, stage: str) -> list[FitPoint]:
     points = []
     for row in rows:
@@ -104,6 +114,9 @@ def refit(profile: Profile, rows: list[dict[str, str]], note: str, left_out: tup
         raise DjinnsimError("the samples hold too few prefill or decode points to fit")
     update["prefill"] = fit_prefill(prefill)
     update["decode_step"] = fit_decode(decode)
+    cached = fit_cached_prefill(cached_prefill_points(rows))
+    if cached is not None:
+        update["cached_prefill"] = cached
     for field in ("h2d_pinned", "h2d_pageable", "d2h_pinned", "d2h_pageable"):
         bw = bandwidth_from(rows, f"copy_{field}")
         if bw is None and field.endswith("pinned"):  # device cpu: only host memcpy was measured

@@ -25,6 +25,8 @@ def summary_rows(profile: Profile, r: dict[str, Any]) -> list[tuple[str, str]]:
         ("prefill fit", _fit_cell(profile.prefill)),
         ("decode fit", _fit_cell(profile.decode_step)),
     ]
+    if profile.cached_prefill is not None:
+        rows.append(("cached-context prefill fit", _fit_cell(profile.cached_prefill)))
     if "exp21.total_s.p50" in e:
         ratio = e["exp21.total_s.p50"] / e["exp21.predicted.total_s"]
         rows.append((
@@ -37,7 +39,7 @@ def summary_rows(profile: Profile, r: dict[str, Any]) -> list[tuple[str, str]]:
     if cold is not None:
         first = f", first forward +{cold.first_forward_s:.2f} s" if cold.first_forward_s is not None else ""
         rows.append(("new attention shape", f"decode step +{cold.decode_extra_s * 1e3:.1f} ms, prefill +{cold.prefill_extra_s * 1e3:.1f} ms "
-                     f"+ {cold.prefill_extra_per_token_s * 1e6:.2f} us/token{first} ({cold.n_samples} pairs)"))
+                     f"+ {cold.prefill_extra_per_token_s * 1e6:.2f} us/token{first} ({cold.n_samples} pairs); from {cold.source}"))
     for name in ("h2d_pinned", "h2d_pageable", "d2h_pinned", "d2h_pageable", "serialize", "deserialize"):
         bw = getattr(profile, name)
         large = f"; above {bw.large_from_bytes / 2**20:.0f} MiB: {bw.large_gbps:.2f} GB/s" if bw.large_gbps else ""
@@ -47,6 +49,22 @@ def summary_rows(profile: Profile, r: dict[str, Any]) -> list[tuple[str, str]]:
     for tier, load in profile.weight_load.items():
         agg = ", ".join(f"x{k}: {v:.2f}" for k, v in sorted(load.aggregate_gbps.items()))
         rows.append((f"weight load {tier}", f"{load.fixed_s * 1e3:.0f} ms + {load.gbps:.2f} GB/s; aggregate GB/s {agg or 'n/a'}"))
+    for tier, loads in profile.loads_mp.items():
+        spread = []
+        for k in sorted(loads.runs):
+            run = loads.runs[k][-1]
+            spread.append(f"x{k}: {loads.aggregate_gbps[k]:.2f} (finishes {min(run.finished_s):.2f}-{max(run.finished_s):.2f} s)")
+        note = f"; {loads.note}" if loads.note else ""
+        rows.append((f"loads by k processes, {tier}", f"aggregate GB/s {', '.join(spread)}; stopped at: {loads.limit}{note}"))
+    ts = profile.timeslice_mp
+    if ts is not None:
+        steps = ", ".join(f"x{p.processes}: {p.slowdown_p50:.2f} ({p.slowdown_p10:.2f}-{p.slowdown_p90:.2f})"
+                          + (f" busy {p.gpu_busy_share:.0%}" if p.gpu_busy_share is not None else "") for p in ts.points)
+        rows.append(("decoding by k processes", f"step slowdown p50 (p10-p90) {steps}; time-sliced f = {ts.gpu_busy_fraction:.3f} "
+                     f"(worst rel err {100 * (ts.fit_max_rel_err or 0):.0f}%); stopped at: {ts.limit}"))
+    stages = [(k.removeprefix("stage.").removesuffix("_s"), v) for k, v in e.items() if k.startswith("stage.")]
+    if stages:
+        rows.append(("stage wall times", ", ".join(f"{name} {v:.0f} s" for name, v in stages)))
     mem = profile.memory
     rows.append((
         "memory",

@@ -118,6 +118,8 @@ def _progress(quiet: bool):
 
 def _work_units(plan: plans.Plan, spec: ModelSpec, device: str) -> float:
     """Progress units: one per grid point or load; a rough weight, refined by the observed rate."""
+    from .bench_cached import cached_prefill_points
+
     copy_kinds = 2 if device.startswith("cuda") else 1
     return float(
         len(plans.prefill_points(plan, spec.max_position_embeddings))
@@ -130,6 +132,9 @@ def _work_units(plan: plans.Plan, spec: ModelSpec, device: str) -> float:
         + 3 * len(plan.composition_contexts)
         + 4
         + 2
+        + len(cached_prefill_points(plan, spec.max_position_embeddings))
+        + 4
+        + len(plan.timeslice_k)
     )
 
 
@@ -246,25 +251,8 @@ def _driver() -> str | None:
 
 def _measure(s: Session, before, oom_probe: bool) -> None:
     """Every stage, in order; results land in s.results as each finishes."""
-    import torch
-
-    from .bench_compute import run_decode_grid, run_exp21, run_prefill_grid, warm_up
-    from .bench_copies import run_copies
-    from .bench_shapes import fit_cold_shapes, run_cold_shapes
     from .bench_memory import context_overhead, weight_bytes
-    from .bench_memory import oom_probe as probe
-    from .bench_network import run_loopback, run_serde
-    from .bench_weights import run_weight_loads
-    from .composition import run_composition
     from .modeling import build_model
-    from .profile_builder import (
-        build_profile,
-        exp21_decode_points,
-        exp21_prediction,
-        fit_decode,
-        fit_prefill,
-    )
-    from .telemetry import NvmlSampler, nvml_handle
 
     r = s.results
     r["memory_start"] = context_overhead(s, before)
@@ -276,7 +264,7 @@ def _measure(s: Session, before, oom_probe: bool) -> None:
     s.say(f"model: {s.spec.model_id} {s.dtype} built in {r['end_to_end']['model_build_s']:.1f} s, {r['weight_bytes'] / 2**30:.2f} GiB of weights")
     s.advance(1)
 
-    def staged(name: str, fn, *args, optional: bool = False):
+    def staged(name: str, fn, *args, optional: bool = False, budget_s: float | None = None):
         t0 = time.perf_counter()
         try:
             value = fn(*args)
@@ -287,16 +275,43 @@ def _measure(s: Session, before, oom_probe: bool) -> None:
             s.say(f"-- stage {name} FAILED ({type(exc).__name__}: {exc}); continuing")
             s.free()
             return None
-        r["end_to_end"][f"stage.{name}_s"] = time.perf_counter() - t0
-        s.say(f"-- stage {name} took {time.perf_counter() - t0:.1f} s")
+        took_s = time.perf_counter() - t0
+        r["end_to_end"][f"stage.{name}_s"] = took_s
+        budget = "" if budget_s is None else f" (budget {budget_s:.0f} s{', OVER' if took_s > budget_s else ''})"
+        s.say(f"-- stage {name} took {took_s:.1f} s{budget}")
         return value
 
+    try:
+        _stages(s, staged, oom_probe)
+    finally:
+        s.remove_scratch()
+
+
+def _stages(s: Session, staged, oom_probe: bool) -> None:
+    import torch
+
+    from .bench_cached import run_cached_prefill
+    from .bench_compute import run_decode_grid, run_exp21, run_prefill_grid, warm_up
+    from .bench_copies import run_copies
+    from .bench_memory import oom_probe as probe
+    from .bench_network import run_loopback, run_serde
+    from .bench_processes import run_loads_mp, run_timeslice_mp, timeslice_budget_s
+    from .bench_shapes import fit_cold_shapes, run_cold_shapes
+    from .bench_weights import run_weight_loads
+    from .composition import run_composition
+    from .profile_builder import build_profile, exp21_decode_points, exp21_prediction, fit_decode, fit_prefill
+    from .telemetry import NvmlSampler, nvml_handle
+
+    r = s.results
     r["copies"] = staged("copies", run_copies, s)
     r["serde"] = staged("serde", run_serde, s)
     r["network"] = staged("network", run_loopback, s)
     staged("warm_up", warm_up, s)
     r["cold_shapes"] = staged("cold_shapes", run_cold_shapes, s, optional=True)
     r["prefill"] = staged("prefill", run_prefill_grid, s)
+    cached = staged("cached_prefill", run_cached_prefill, s, optional=True, budget_s=s.plan.cached_prefill_budget_s)
+    if cached is not None:
+        r["cached_prefill"] = cached
 
     if s.is_cuda:
         free_now, _ = torch.cuda.mem_get_info(s.device)
@@ -365,6 +380,14 @@ def _measure(s: Session, before, oom_probe: bool) -> None:
     if weights is not None:
         r["weights"] = weights
         r["end_to_end"].update({k: float(v) for k, v in weights["extra"].items()})
+    s.model = None  # the process stages need the device memory: each worker holds its own copy
+    s.free()
+    loads = staged("loads_mp", run_loads_mp, s, optional=True, budget_s=s.plan.loads_mp_budget_s)
+    if loads:
+        r["loads_mp"] = loads
+    timeslice = staged("timeslice_mp", run_timeslice_mp, s, optional=True, budget_s=timeslice_budget_s(s.plan))
+    if timeslice is not None:
+        r["timeslice_mp"] = timeslice
 
 
 def _uuid(device: str) -> str | None:

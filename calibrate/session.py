@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import gc
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from djinnsim.sim.specs import ModelSpec
@@ -27,6 +30,24 @@ class Session:
     model: Any = None
     results: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    weight_file: Path | None = None  # the model as a safetensors file, written by the weights stage
+    workers: Any = None  # the worker processes the multi-process stages share (calibrate/workers.py)
+    _scratch: Path | None = None
+
+    def scratch_dir(self) -> Path:
+        """A temporary folder for this calibration (large files: the weight file), made on first use."""
+        if self._scratch is None:
+            self._scratch = Path(tempfile.mkdtemp(prefix="djinnsim-calibrate-"))
+        return self._scratch
+
+    def remove_scratch(self) -> None:
+        """Stop the worker processes and remove the temporary folder."""
+        if self.workers is not None:
+            self.workers.close()
+            self.workers = None
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch, self.weight_file = None, None
 
     @property
     def is_cuda(self) -> bool:
@@ -42,6 +63,9 @@ class Session:
             import torch
 
             torch.cuda.empty_cache()
+            release_pinned = getattr(torch._C, "_host_emptyCache", None)  # cached pinned host blocks, where torch has it
+            if release_pinned is not None:
+                release_pinned()
 
 
 def is_oom(exc: BaseException) -> bool:

@@ -129,7 +129,8 @@ class CostModel(ABC):
         """Fixed overhead, lone throughput and contention of a whole-model load from `tier`."""
 
     def load_aggregate_gbps(self, tier: LoadTier, concurrent: int) -> float:
-        """Total throughput shared by `concurrent` simultaneous loads from `tier`."""
+        """Total transfer throughput shared by `concurrent` simultaneous loads from `tier`, interpolated
+        over the concurrencies measured; past the largest one it stays flat."""
         spec = self.weight_load(tier)
         if concurrent <= 1 or not spec.aggregate_gbps:
             return spec.gbps
@@ -166,6 +167,12 @@ class CostModel(ABC):
         """Share of a decode pass during which the GPU itself is busy; the rest is host time
         (kernel launches) that another process can overlap with its own GPU work."""
         return 1.0
+
+    def timeslice_slowdown(self, processes: int) -> float:
+        """Median decode-step time with `processes` processes decoding at once on the GPU (each its
+        own CUDA context and model copy), relative to one alone. Without a measurement: the
+        time-sliced model over `gpu_busy_fraction()`, max(1, k * f)."""
+        return max(1.0, processes * self.gpu_busy_fraction())
 
     # --- memory ------------------------------------------------------------------------
     @property
@@ -221,7 +228,10 @@ class ProfileCostModel(CostModel):
         tokens took 21-27 ms)."""
         inputs = {"prompt_tokens": prompt_tokens, "batch": batch, "context": context_tokens,
                   "tokens": batch * prompt_tokens}
-        fitted = self._eval("prefill", self.profile.prefill, inputs)
+        if context_tokens > 0 and self.profile.cached_prefill is not None:
+            fitted = self._eval("cached_prefill", self.profile.cached_prefill, inputs)
+        else:  # without the cached_prefill stage a cached context lies outside the prefill fit's domain
+            fitted = self._eval("prefill", self.profile.prefill, inputs)
         step = {"batch": batch, "sum_context": batch * context_tokens, "context": context_tokens}
         floor, _ = evaluate_fit(self.profile.decode_step, step)  # a bound, not a query: never flagged
         return max(fitted, floor)
@@ -241,7 +251,20 @@ class ProfileCostModel(CostModel):
         return cold.extra_s(kind, tokens) if cold is not None else 0.0
 
     def weight_load(self, tier: LoadTier) -> WeightLoad:
-        return self.profile.weight_load[tier]
+        """The lone-load fit; with the loads_mp stage, its aggregates are the processes' (threads'
+        otherwise), turned into transfer rates: k loads of B bytes took wall W = k B / aggregate,
+        of which each load's fixed part is paid once in parallel, so the pipe moves k B in W - fixed."""
+        lone = self.profile.weight_load[tier]
+        measured = self.profile.loads_mp.get(tier)
+        if measured is None:
+            return lone
+        aggregate = {}
+        for k, gbps in measured.aggregate_gbps.items():
+            if k <= 1:
+                continue
+            wall_s = k * measured.nbytes / (gbps * GB)
+            aggregate[k] = k * measured.nbytes / max(wall_s - lone.fixed_s, 1e-3 * wall_s) / GB
+        return lone.model_copy(update={"aggregate_gbps": aggregate})
 
     def copy_bandwidth(self, direction: Literal["h2d", "d2h"], pinned: bool) -> Bandwidth:
         return getattr(self.profile, f"{direction}_{'pinned' if pinned else 'pageable'}")
@@ -259,8 +282,27 @@ class ProfileCostModel(CostModel):
         return self.profile.network.loopback_gbps
 
     def gpu_busy_fraction(self) -> float:
+        """From the timeslice_mp stage when measured: the f that makes the time-sliced model's
+        slowdown max(1, k * f) fit the measured one; else the GPU's NVML utilization in Exp 2.1."""
+        if self.profile.timeslice_mp is not None:
+            return self.profile.timeslice_mp.gpu_busy_fraction
         util = self.profile.end_to_end.get("nvml.exp21.sm_util_pct.p50")
         return min(max(util / 100.0, 0.01), 1.0) if util else 1.0
+
+    def load_aggregate_gbps(self, tier: LoadTier, concurrent: int) -> float:
+        """As measured; a concurrency past the largest measured one is flagged in the run's warnings."""
+        largest = max(self.weight_load(tier).aggregate_gbps, default=1)
+        if concurrent > largest:
+            self.out_of_range.add(f"weight loads from {tier} with more than {largest} at once (largest concurrency measured)")
+        return super().load_aggregate_gbps(tier, concurrent)
+
+    def timeslice_slowdown(self, processes: int) -> float:
+        measured = self.profile.timeslice_mp
+        if measured is None:
+            return super().timeslice_slowdown(processes)
+        if processes > measured.max_k:
+            self.out_of_range.add(f"time-sliced decoding with more than {measured.max_k} processes (largest measured)")
+        return measured.slowdown(processes)
 
     @property
     def capacity_bytes(self) -> int:
@@ -421,6 +463,9 @@ def transfer_profile(profile: Profile, source: GpuSpec, target: GpuSpec, model: 
             gbps=spec.gbps * ratio,
             aggregate_gbps={k: v * ratio for k, v in spec.aggregate_gbps.items()},
         )
+    loads_mp = {tier: spec.model_copy(update={"aggregate_gbps": {
+                    k: v * (1.0 if tier.startswith("disk") else 1 / pcie) for k, v in spec.aggregate_gbps.items()}})
+                for tier, spec in profile.loads_mp.items()}
     meta = profile.metadata.model_copy(
         update={
             "source": "transferred",
@@ -443,6 +488,8 @@ def transfer_profile(profile: Profile, source: GpuSpec, target: GpuSpec, model: 
             "d2h_pinned": move_bw(profile.d2h_pinned),
             "d2h_pageable": move_bw(profile.d2h_pageable),
             "weight_load": loads,
+            "loads_mp": loads_mp,
+            "cached_prefill": move(profile.cached_prefill) if profile.cached_prefill is not None else None,
             "memory": mem,
         }
     )

@@ -11,11 +11,15 @@ import json
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from djinnsim.errors import DjinnsimError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Version 1 lacks the optional sections version 2 added (loads_mp, timeslice_mp, cached_prefill): it
+# still reads, and the cost model falls back where a section is absent.
+READABLE_VERSIONS = (1, 2)
 
 # How each fit feature scales when a profile is moved to another GPU (sim.costmodel.transfer_profile).
 ScaleClass = Literal["host", "compute", "memory", "pcie", "mixed"]
@@ -147,6 +151,77 @@ class Spread(_Strict):
         return value
 
 
+ProcessLoadTier = Literal["disk", "disk_cold", "pageable", "pinned"]
+
+
+class ProcessRun(_Strict):
+    """One run of k processes loading at once: each one's start and finish, seconds after the first start."""
+
+    started_s: list[float]
+    finished_s: list[float]
+
+    @property
+    def wall_s(self) -> float:
+        return max(self.finished_s) - min(self.started_s)
+
+
+class ProcessLoads(_Strict):
+    """Whole-model loads by k separate worker processes at once (each its own CUDA context) from one tier.
+
+    `aggregate_gbps[k]` is k * nbytes / (last finish - first start), the median over the runs at k,
+    fixed per-load costs included (the cost model takes `weight_load[tier].fixed_s` back out)."""
+
+    nbytes: int = Field(gt=0, description="bytes each process loads")
+    aggregate_gbps: dict[int, float] = Field(min_length=1)
+    runs: dict[int, list[ProcessRun]] = Field(default_factory=dict)
+    limit: str = Field(default="", description="why no larger k was measured")
+    note: str = Field(default="", description="e.g. how the page cache was dropped before each run")
+
+    @property
+    def max_k(self) -> int:
+        return max(self.aggregate_gbps)
+
+
+class TimeslicePoint(_Strict):
+    """k processes decoding at once on one GPU, each with its own model copy: their step times."""
+
+    processes: int = Field(ge=1)
+    step_s_p10: float = Field(gt=0)
+    step_s_p50: float = Field(gt=0)
+    step_s_p90: float = Field(gt=0)
+    slowdown_p10: float = Field(gt=0, description="step time p10 / the median step time at k=1")
+    slowdown_p50: float = Field(gt=0)
+    slowdown_p90: float = Field(gt=0)
+    per_process_step_s_p50: list[float] = Field(default_factory=list)
+    n_steps: int = 0
+    gpu_busy_share: float | None = Field(
+        default=None, description="share of the window the GPU ran kernels (NVML utilization), absent without NVML")
+
+
+class Timeslice(_Strict):
+    """GPU sharing between processes without MPS: the driver time-slices their contexts."""
+
+    points: list[TimeslicePoint] = Field(min_length=1)
+    context_tokens: tuple[int, int] = Field(description="the cached contexts the decode steps ran at")
+    gpu_busy_fraction: float = Field(
+        gt=0, le=1, description="f of the time-sliced model: slowdown(k) = max(1, k * f), fitted to the points")
+    fit_max_rel_err: float | None = None
+    limit: str = Field(default="", description="why no larger k was measured")
+
+    def slowdown(self, processes: float) -> float:
+        """Median step-time slowdown at `processes`, interpolated; past the largest k measured the
+        GPU is taken as saturated (the slowdown grows in proportion to k)."""
+        ks = [1.0, *(float(p.processes) for p in self.points if p.processes > 1)]
+        ys = [1.0, *(p.slowdown_p50 for p in self.points if p.processes > 1)]
+        if processes <= ks[-1]:
+            return float(np.interp(processes, ks, ys))
+        return ys[-1] * processes / ks[-1]
+
+    @property
+    def max_k(self) -> int:
+        return max(p.processes for p in self.points)
+
+
 class Metadata(_Strict):
     source: Literal["measured", "roofline", "transferred"]
     gpu_name: str
@@ -197,6 +272,12 @@ class Profile(_Strict):
         default=None, description="first-run cost of new attention shapes in a process; absent: not measured")
     spread: Spread | None = Field(
         default=None, description="the spread calibration saw, for prediction bands; absent: not computed")
+    loads_mp: dict[ProcessLoadTier, ProcessLoads] = Field(
+        default_factory=dict, description="whole-model loads by k processes at once, per tier (stage loads_mp)")
+    timeslice_mp: Timeslice | None = Field(
+        default=None, description="k processes decoding at once on the GPU (stage timeslice_mp); absent: not measured")
+    cached_prefill: LinearFit | PiecewiseFit | None = Field(
+        default=None, description="prefill of new tokens on top of a cached context (stage cached_prefill)")
     samples_file: str | None = None
 
 
@@ -210,9 +291,10 @@ def load_profile(path: str | Path) -> Profile:
     except (OSError, ValueError) as exc:
         raise DjinnsimError(f"{path}: not a readable JSON profile ({exc})") from None
     version = raw.get("schema_version") if isinstance(raw, dict) else None
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
         raise DjinnsimError(
-            f"{path}: unknown profile schema_version {version!r} (this djinnsim reads {SCHEMA_VERSION})"
+            f"{path}: unknown profile schema_version {version!r} (this djinnsim reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))})"
         )
     try:
         return Profile.model_validate(raw)

@@ -1,0 +1,1 @@
+"""What the simulator, calibrate/ and validate/ share (no torch at import time)."""
