@@ -12,8 +12,11 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+import typer.core
 
 from djinnsim.errors import DjinnsimError
+
+LOCAL_RAY = "local"  # `--ray` with no address (sim.parallel.LOCAL_RAY; the CLI imports no simulator)
 
 # What `pip install 'djinnsim[gpu]'` brings; only calibrate and validate import them.
 GPU_EXTRA_MODULES = {"torch", "transformers", "pynvml", "safetensors"}
@@ -50,7 +53,20 @@ def one_line_errors(func):
     return wrapper
 
 
-@app.command()
+class _RunCommand(typer.core.TyperCommand):
+    """`run`, whose `--ray` takes an optional value (typer's parser has none): `--ray` alone (last,
+    or before another option or the scenario file) is a local Ray, `--ray ADDRESS` a cluster's."""
+
+    def parse_args(self, ctx, args):
+        args = list(args)
+        for i, arg in enumerate(args[: args.index("--") if "--" in args else len(args)]):
+            following = args[i + 1] if i + 1 < len(args) else "-"
+            if arg == "--ray" and (following.startswith("-") or following.endswith((".yaml", ".yml"))):
+                args[i] = f"--ray={LOCAL_RAY}"
+        return super().parse_args(ctx, args)
+
+
+@app.command(cls=_RunCommand)
 @one_line_errors
 def run(
     scenario: Annotated[Path, typer.Argument(help="scenario YAML, e.g. scenarios/agents32.yaml")],
@@ -67,11 +83,16 @@ def run(
         Optional[int], typer.Option(help="prediction bands: K draws of the profile's spread per point, P10-P90 of "
                                          "every metric in summary.json and bands.md (default: the scenario's bands)")
     ] = None,
+    jobs: Annotated[int, typer.Option(help="simulate points in this many local processes")] = 1,
+    ray: Annotated[Optional[str], typer.Option(
+        metavar="[ADDRESS]",
+        help="run each point as a Ray task on the cluster at ADDRESS (alone: a local Ray); needs the ray extra")] = None,
 ) -> None:
     """Simulate a scenario and write its results, figures and claims report."""
     from djinnsim.sim.run import run_scenario_file
 
-    run_scenario_file(scenario, calibration=calibration, out=out, seed=seed, quiet=quiet, bands=bands)
+    run_scenario_file(scenario, calibration=calibration, out=out, seed=seed, quiet=quiet, bands=bands, jobs=jobs,
+                      ray_address=ray)
 
 
 __import__("djinnsim.search_cli").search_cli.register(app, one_line_errors)

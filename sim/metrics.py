@@ -246,16 +246,16 @@ def agent_summary(frame: "pd.DataFrame", phases: "pd.DataFrame | None" = None) -
     }
 
 
-def gpu_utilization(frame: "pd.DataFrame") -> float | None:
-    """Share of the measured wall time (first request to last reply) the GPU ran kernels, in [0, 1];
-    None without measured records or with no time elapsed."""
+def gpu_utilization(frame: "pd.DataFrame", gpus: int = 1) -> float | None:
+    """Share of the measured wall time (first request to last reply) the GPU ran kernels, in [0, 1]
+    (a pool of `gpus`: their mean); None without measured records or with no time elapsed."""
     rows = measured(frame)
     if rows.empty:
         return None
     span_s = float(rows["finished_at"].max() - rows["issued_at"].min())
     if span_s <= 0:
         return None
-    return min(float(rows["gpu_busy_s"].sum()) / span_s, 1.0)
+    return min(float(rows["gpu_busy_s"].sum()) / (span_s * gpus), 1.0)
 
 
 def peak_gpu_mem_bytes(frame: "pd.DataFrame") -> int:

@@ -52,8 +52,8 @@ class Record:
     wire_bytes_down: int
     h2d_bytes: int
     d2h_bytes: int
-    gpu_mem_bytes: int  # GPU memory in use when the request finished executing
-    gpu_mem_peak_bytes: int  # highest GPU memory in use of the point so far
+    gpu_mem_bytes: int  # memory in use on its GPU when the request finished executing
+    gpu_mem_peak_bytes: int  # highest memory in use on its GPU in the point so far
     # What the request found of its session's KV after ACT (KV_STATES): none (no session KV carried
     # over), resident, swapped (restored over PCIe in copy_s), discarded (by the KV policy) or
     # evicted (idle eviction); the last two re-prefill `recomputed_tokens` of context.
@@ -63,6 +63,8 @@ class Record:
     # plan building left out; a batched step's kernel time split among its sequences, so the sum
     # over records is the time the GPU was busy). 0 where not known (a real run that did not time it).
     gpu_busy_s: float = 0.0
+    node: int = 0  # the pool node whose GPU served it (scenario `cluster`)
+    gpu_index: int = 0  # that GPU's index within its node
 
     @property
     def latency_s(self) -> float:

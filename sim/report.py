@@ -105,8 +105,12 @@ def point_summary(point_result: "PointResult", workload: str, frame: "pd.DataFra
         "peak_gpu_mem_bytes": peak,
         "capacity_bytes": int(point_result.capacity_bytes),
         "memory_bound_agents": point_result.memory_bound_agents,
-        "gpu_utilization": _clean(metrics.gpu_utilization(frame), _FRACTION),
+        "gpu_utilization": _clean(metrics.gpu_utilization(frame, point.cluster.gpus), _FRACTION),
     }
+    cluster = point.cluster
+    if cluster != type(cluster)():  # a pool: its size (peak and capacity are per GPU; the bound and utilization pool-wide)
+        summary["cluster"] = {"nodes": cluster.nodes, "gpus_per_node": cluster.gpus_per_node, "gpus": cluster.gpus,
+                              "router": cluster.router}
     if workload == "agents":
         summary["agents"] = _clean_ms(metrics.agent_summary(frame, phases))
     else:

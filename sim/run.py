@@ -14,6 +14,7 @@ import numpy as np
 from djinnsim.errors import DjinnsimError
 
 from .costmodel import CostModel, ProfileCostModel, RooflineCostModel, transfer_profile
+from .parallel import map_points
 from .profile import Profile, load_profile
 from .records import Record
 from .scenario import Point, Scenario, dump_scenario, expand_points, load_scenario
@@ -122,19 +123,21 @@ def point_seed(seed: int, point: Point, repeat: int = 0) -> np.random.SeedSequen
     return np.random.SeedSequence(entropy + [repeat] if repeat else entropy)
 
 
+def _simulate_task(task: tuple) -> PointResult:
+    return simulate_point(*task)
+
+
 def simulate_scenario(scenario: Scenario, calibration: Path | None = None, seed: int | None = None,
-                      progress=None) -> SimulationResult:
-    """Simulate every point of a scenario. `progress(done, total, label)` is called after each point."""
+                      progress=None, jobs: int = 1, ray_address: str | None = None) -> SimulationResult:
+    """Simulate every point of a scenario, in `jobs` local processes or as Ray tasks
+    (sim.parallel.map_points); `progress(done, total, label)` is called after each point."""
     started = time.perf_counter()
     points = expand_points(scenario)
     models = CostModels(scenario, calibration)
     base_seed = scenario.seed if seed is None else seed
-    results = []
-    for point in points:
-        cost = models.for_point(point)
-        results.append(simulate_point(scenario, point, cost, point_seed(base_seed, point)))
-        if progress is not None:
-            progress(len(results), len(points), point.label)
+    tasks = [(scenario, point, models.for_point(point), point_seed(base_seed, point)) for point in points]
+    results = map_points(_simulate_task, tasks, jobs=jobs, ray_address=ray_address,
+                         progress=progress and (lambda done, total, i: progress(done, total, points[i].label)))
     warnings = list(models.warnings)
     outside: dict[str, list[str]] = {}
     for result in results:
@@ -152,9 +155,11 @@ def default_out_dir(scenario: Scenario) -> Path:
 
 
 def run_scenario_file(path: Path, calibration: Path | None = None, out: Path | None = None,
-                      seed: int | None = None, quiet: bool = False, bands: int | None = None) -> Path:
+                      seed: int | None = None, quiet: bool = False, bands: int | None = None, jobs: int = 1,
+                      ray_address: str | None = None) -> Path:
     """`djinnsim run`: load, simulate, write results; returns the output folder.
-    `bands` (default: the scenario's `bands`): draws of the profile's spread for P10-P90 bands."""
+    `bands` (default: the scenario's `bands`): draws of the profile's spread for P10-P90 bands;
+    `jobs` / `ray_address`: where the points run (sim.parallel.map_points)."""
     scenario = load_scenario(path)
     if seed is not None:
         scenario = scenario.model_copy(update={"seed": seed})
@@ -172,7 +177,7 @@ def run_scenario_file(path: Path, calibration: Path | None = None, out: Path | N
 
     console = Console(stderr=False, quiet=quiet)
     if quiet:
-        result = simulate_scenario(scenario, calibration, progress=None)
+        result = simulate_scenario(scenario, calibration, progress=None, jobs=jobs, ray_address=ray_address)
     else:
         from rich.progress import Progress
 
@@ -182,7 +187,7 @@ def run_scenario_file(path: Path, calibration: Path | None = None, out: Path | N
             def progress(done: int, total: int, label: str) -> None:
                 bar.update(task, completed=done, total=total, description=label)
 
-            result = simulate_scenario(scenario, calibration, progress=progress)
+            result = simulate_scenario(scenario, calibration, progress=progress, jobs=jobs, ray_address=ray_address)
 
     from .report import point_summaries, print_summary, write_outputs
 

@@ -64,6 +64,19 @@ class Server(_Strict):
     )
 
 
+class Cluster(_Strict):
+    """A pool of GPUs: `nodes` nodes of `gpus_per_node` GPUs; each node's NIC (one link) carries its
+    GPUs' traffic; the router (sim/engine/router.py) places sessions and serverless tasks on GPUs."""
+
+    nodes: int = Field(default=1, ge=1, le=1024)
+    gpus_per_node: int = Field(default=1, ge=1, le=16)
+    router: Literal["session_affinity", "least_loaded", "round_robin"] = "session_affinity"
+
+    @property
+    def gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
 class Fixed(_Strict):
     kind: Literal["fixed"] = "fixed"
     seconds: float = Field(ge=0)
@@ -165,6 +178,7 @@ class Scenario(_Strict):
     custom_backends: dict[str, dict[str, Any]] = Field(default_factory=dict)
     link: Link = Link()
     server: Server = Server()
+    cluster: Cluster = Cluster()
     workload: Workload
     sweep: Sweep = Sweep()
     trace_point: int = Field(default=-1, description="index of the point whose run goes to trace.json")
@@ -202,12 +216,15 @@ class Point(BaseModel):
     gpu: GpuSpec
     link: Link
     n_agents: int | None = None
+    cluster: Cluster = Cluster()
 
     @property
     def label(self) -> str:
         parts = [self.backend.name, self.model.key, self.gpu.key, f"{self.link.gbps:g}gbps"]
         if self.n_agents is not None:
             parts.append(f"n{self.n_agents}")
+        if self.cluster != Cluster():  # one GPU keeps its label
+            parts.append(f"{self.cluster.nodes}x{self.cluster.gpus_per_node}gpu_{self.cluster.router}")
         return "__".join(parts)
 
 
@@ -229,6 +246,7 @@ def expand_points(scenario: Scenario) -> list[Point]:
                 gpu=get_gpu(gpu),
                 link=scenario.link.model_copy(update={"gbps": rate}),
                 n_agents=n,
+                cluster=scenario.cluster,
             )
         )
     return points

@@ -35,8 +35,9 @@ class PointResult:
     out_of_range: list[str] = field(default_factory=list)
 
 
-def memory_bound_agents(scenario: Scenario, backend: Backend, cost: CostModel) -> int | None:
-    """How many agents fit in GPU memory at once (agents workloads), each holding what it holds
+def memory_bound_agents(scenario: Scenario, backend: Backend, cost: CostModel, gpus: int = 1) -> int | None:
+    """How many agents fit at once in the memory of `gpus` GPUs (each GPU its own agents; agents
+    workloads), each holding what it holds
     between phases: every session's whole KV resident (the preserve policy's worst case) plus its
     arena; a per-agent process with its KV only when it keeps it (kv: session, or kv: request with
     kv_between_phases: keep). By the engine's own memory model (`server.memory_bound_sessions`,
@@ -45,8 +46,9 @@ def memory_bound_agents(scenario: Scenario, backend: Backend, cost: CostModel) -
     if not isinstance(workload, AgentsWorkload):
         return None
     session_tokens = session_kv_tokens(workload.iterations, (workload.reason, workload.reflect))
-    return memory_bound_sessions(cost, backend.serving(), scenario.server.rules, session_tokens,
-                                 max(workload.reason.input_tokens, session_tokens))
+    bound = memory_bound_sessions(cost, backend.serving(), scenario.server.rules, session_tokens,
+                                  max(workload.reason.input_tokens, session_tokens))
+    return None if bound is None else bound * gpus
 
 
 def simulate_point(scenario: Scenario, point: Point, cost: CostModel, seed: np.random.SeedSequence,
@@ -62,8 +64,8 @@ def simulate_point(scenario: Scenario, point: Point, cost: CostModel, seed: np.r
         records=records,
         cost_model=cost.describe(),
         events=world.env.events_scheduled,
-        peak_mem_bytes=world.server.memory.peak_bytes,
+        peak_mem_bytes=world.pool.peak_bytes,
         capacity_bytes=cost.capacity_bytes,
-        memory_bound_agents=memory_bound_agents(scenario, point.backend, cost),
+        memory_bound_agents=memory_bound_agents(scenario, point.backend, cost, point.cluster.gpus),
         out_of_range=sorted(cost.out_of_range),
     )

@@ -2,50 +2,46 @@
 
 A client asks the backend's `Planner` for the plan of each generate call and sends its requests
 one after another: connection (when the plan says so), uplink, the server's part
-(`GpuServer.serve`), downlink. Each finished request, or each agent phase, becomes one record.
+(`GpuServer.serve`), downlink. Its session lives on the GPU of a `GpuPool` that the pool's router
+chose (a serverless task is routed anew per request), over that GPU's node link. Each finished
+request, or each agent phase, becomes one record, naming the GPU that served it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import simpy
 
 from ..records import KV_STATES, PHASES, STATUSES, RecordBuilder
 from ..scenario import AgentsWorkload, DecodeWorkload
-from .link import Link
 from .outcome import Outcome, merge
 from .plan import GeneratePlan, Planner, RequestPlan
-from .server import GpuServer, ServerSession
+from .pool import Channel, GpuPool
 
 _PHASE = {name: code for code, name in enumerate(PHASES)}
 _STATUS = {name: code for code, name in enumerate(STATUSES)}
 _KV_STATE = {name: code for code, name in enumerate(KV_STATES)}
 
 
-@dataclass(slots=True)
-class Channel:
-    """A client's side of one session: the server's session and whether its connection is open."""
-
-    session: ServerSession
-    connected: bool = False
-
-
-def record(log: RecordBuilder, server: GpuServer, out: Outcome, agent: int, run: int, phase: str, step: int,
+def record(log: RecordBuilder, channel: Channel, out: Outcome, agent: int, run: int, phase: str, step: int,
            warmup: bool, context: int, input_tokens: int, new_tokens: int, kv_state: str = "none",
            recomputed_tokens: int = 0) -> None:
+    server = channel.server
     log.add(agent, run, _PHASE[phase], step, _STATUS[out.status], warmup, out.issued_at, out.started_at,
             out.finished_at, out.connect_s, out.uplink_s, out.queue_s, out.load_s, out.copy_s, out.compute_s,
             out.downlink_s, context, input_tokens, new_tokens, out.bytes_up, out.bytes_down, out.wire_bytes_up,
             out.wire_bytes_down, out.h2d_bytes, out.d2h_bytes, out.gpu_mem_bytes, server.memory.peak_bytes,
-            _KV_STATE[kv_state], recomputed_tokens, out.gpu_busy_s)
+            _KV_STATE[kv_state], recomputed_tokens, out.gpu_busy_s, server.node, server.index)
 
 
-def request(env: simpy.Environment, server: GpuServer, link: Link, channel: Channel, plan: RequestPlan):
+def request(env: simpy.Environment, pool: GpuPool, channel: Channel, plan: RequestPlan):
     """One request through the backend's path; returns its Outcome."""
+    pool.route(channel, plan)
+    server, link = channel.server, channel.link
     serving = server.serving
     out = Outcome(issued_at=env.now)
+    server.routed += 1  # routed here and not yet answered (what least_loaded counts)
     if serving.remote:
         if serving.connect_per_request or not channel.connected:
             out.connect_s = link.rtt_s + server.cost.connect_s()
@@ -55,21 +51,23 @@ def request(env: simpy.Environment, server: GpuServer, link: Link, channel: Chan
         out.bytes_up = plan.bytes_up
     yield from server.serve(channel.session, plan, out)
     if out.status != "ok":
+        server.routed -= 1
         return out
     if serving.remote:
         out.downlink_s, out.wire_bytes_down = yield from link.send(link.down, plan.bytes_down, plan.messages)
         out.bytes_down = plan.bytes_down
     out.finished_at = env.now
+    server.routed -= 1
     return out
 
 
-def generate(env: simpy.Environment, server: GpuServer, link: Link, channel: Channel, plan: GeneratePlan,
+def generate(env: simpy.Environment, pool: GpuPool, channel: Channel, plan: GeneratePlan,
              on_request: Callable[[int, Outcome], None] | None = None):
     """A generate call's requests in turn (reported through `on_request` as each one finishes),
     stopping at the first that fails. Returns the Outcomes."""
     outcomes = []
     for t, step in enumerate(plan.requests):
-        out = yield from request(env, server, link, channel, step)
+        out = yield from request(env, pool, channel, step)
         outcomes.append(out)
         if on_request is not None:
             on_request(t, out)
@@ -78,52 +76,53 @@ def generate(env: simpy.Environment, server: GpuServer, link: Link, channel: Cha
     return outcomes
 
 
-def decode_client(env: simpy.Environment, server: GpuServer, link: Link, planner: Planner, log: RecordBuilder,
+def decode_client(env: simpy.Environment, pool: GpuPool, planner: Planner, log: RecordBuilder,
                   workload: DecodeWorkload):
     """Exp 2.1: one client, `runs` greedy decodes, one after another, each in a new session."""
     prompt = workload.prompt_tokens
     plan = planner.generate(0, prompt, workload.new_tokens, workload.batch)
     for run in range(workload.runs):
-        channel = Channel((yield from server.open_session(0)))
+        channel = yield from pool.open(0)
         warmup = run < workload.warmup_runs
 
         def on_token(t: int, out: Outcome, run=run, warmup=warmup) -> None:
-            record(log, server, out, 0, run, "decode", t, warmup, prompt + t - 1 if t else 0,
+            record(log, channel, out, 0, run, "decode", t, warmup, prompt + t - 1 if t else 0,
                    prompt if t == 0 else 1, 1)
 
-        outcomes = yield from generate(env, server, link, channel, plan, on_token if plan.per_token else None)
+        outcomes = yield from generate(env, pool, channel, plan, on_token if plan.per_token else None)
         if not plan.per_token:
-            record(log, server, outcomes[0], 0, run, "decode", -1, warmup, 0, prompt, workload.new_tokens)
-        server.release(channel.session)
+            record(log, channel, outcomes[0], 0, run, "decode", -1, warmup, 0, prompt, workload.new_tokens)
+        pool.release(channel)
         if outcomes[-1].status != "ok":
             return
 
 
-def agent(env: simpy.Environment, server: GpuServer, link: Link, planner: Planner, log: RecordBuilder,
+def agent(env: simpy.Environment, pool: GpuPool, planner: Planner, log: RecordBuilder,
           agent_id: int, workload: AgentsWorkload, start_at: float, act_s: Callable[[], float]):
     """Exp 2.2: REASON -> ACT -> REFLECT, `iterations` times; `act_s` draws an ACT duration.
 
     During ACT the server does what the session's KV policy says with its KV; a phase after it is
     planned with the context the session still holds, and re-prefills the rest (`recomputed_tokens`)."""
     yield env.timeout(start_at)
-    channel = Channel((yield from server.open_session(agent_id)))
+    channel = yield from pool.open(agent_id)
     session = channel.session
     context = 0
     kv_state = "none"
     for iteration in range(workload.iterations):
         for phase, spec in (("reason", workload.reason), ("reflect", workload.reflect)):
-            resident = server.resident_tokens(session, context) if planner.serving.session_kv else context
+            # a session with KV on the GPU stays there (only a serverless task moves between GPUs)
+            resident = channel.server.resident_tokens(session, context) if planner.serving.session_kv else context
             plan = planner.generate(context, spec.input_tokens, spec.new_tokens, resident=resident)
-            outcomes = yield from generate(env, server, link, channel, plan)
-            record(log, server, merge(outcomes), agent_id, iteration, phase, -1, False, context,
+            outcomes = yield from generate(env, pool, channel, plan)
+            record(log, channel, merge(outcomes), agent_id, iteration, phase, -1, False, context,
                    spec.input_tokens, spec.new_tokens, kv_state, context - resident)
             if outcomes[-1].status != "ok":
-                server.release(session)
+                pool.release(channel)
                 return
             context += spec.input_tokens + spec.new_tokens
             kv_state = "resident" if planner.serving.session_kv else "none"
             if phase == "reason":
-                server.idle(session)
+                channel.server.idle(session)
                 yield env.timeout(act_s())
-                kv_state = server.wake(session)
-    server.release(session)
+                kv_state = channel.server.wake(session)
+    pool.release(channel)

@@ -5,7 +5,7 @@ admission (the KV the request adds or holds, a swapped-out session's KV, the pas
 weights of a per-request task), weight load, host->device copy, queue + compute, device->host copy.
 The client (client.py) does the connection and the link on either side of it.
 
-A server is self-contained (its own resources, sessions keyed by agent), so a cluster can later hold
+A server is self-contained (its own resources, sessions keyed by agent); a pool (pool.py) holds
 several behind a router. Its PCIe link (pcie.py) is one full-duplex resource that request copies,
 weight loads and KV swaps share.
 
@@ -142,10 +142,13 @@ class GpuServer:
     def __init__(self, env: simpy.Environment, cost: CostModel, serving: ServingPlan, *, max_batch: int,
                  rules: ServerRules | None = None, expected_act_s: float = 0.0, pinned_host_kv: bool = True,
                  cold_shapes: bool = False, jitter_rng: np.random.Generator | None = None,
-                 shapes_seen: dict[object, set] | None = None) -> None:
+                 shapes_seen: dict[object, set] | None = None, node: int = 0, index: int = 0) -> None:
         """`rules` bind only a shared-weight server (Djinn's); `expected_act_s` is the mean ACT the
-        min_waste KV policy weighs."""
+        min_waste KV policy weighs; `node`, `index`: where it sits in its pool."""
         self.env = env
+        self.node, self.index = node, index
+        self.sessions = 0  # sessions placed here that hold GPU state (what a router reads)
+        self.routed = 0  # requests routed here and not yet answered (the client counts them)
         self.cost = cost
         self.serving = serving
         self.rules = rules if rules is not None and serving.shared_weights else ServerRules()
@@ -336,6 +339,21 @@ class GpuServer:
     def gpu_process(self, session: ServerSession) -> object:
         """The GPU process that serves `session`: the agent's own worker, or the one shared server."""
         return session.agent if self.serving.process_per_agent or self.serving.load_per_request else "server"
+
+    # --- what a router reads ---------------------------------------------------------------------
+    @property
+    def used_bytes(self) -> int:
+        return self.memory.used_bytes
+
+    def task_bytes(self, plan: RequestPlan) -> int:
+        """The memory a request of a session that keeps nothing on the GPU (a serverless task) holds."""
+        kv_request = (plan.kv_transient_tokens + plan.kv_grow_tokens) * self.kv_bytes_per_token
+        weights = self.process_bytes if self.serving.load_per_request else 0
+        return kv_request + self.cost.workspace_bytes(plan.workspace_tokens, plan.batch) + weights
+
+    def fits_now(self, nbytes: int) -> bool:
+        """Whether `nbytes` could be allocated at once (free, nobody waiting before it)."""
+        return self.ok and nbytes <= self.memory.free_bytes and not self.memory.waiting
 
     # --- one request --------------------------------------------------------------------------------
     def _admit(self, session: ServerSession) -> bool:

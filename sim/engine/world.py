@@ -1,4 +1,5 @@
-"""One point wired together: the environment, a link, a GPU server, the clients; and its one run."""
+"""One point wired together: the environment, a pool of GPU servers with a link per node, the
+clients; and its one run."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from ..scenario import Link as LinkSpec
 from .client import agent, decode_client
 from .link import Link
 from .plan import Planner
+from .pool import GpuPool
 from .server import GpuServer
 
 
@@ -73,37 +75,48 @@ class World:
         self.arrival_rng = np.random.default_rng(arrival_seed)
         self.env = CountingEnvironment()
         self.planner = Planner(point.backend, point.model, scenario.server.scheduler, scenario.server.kv_policy)
-        self.link = Link(self.env, point.link.gbps, point.link.rtt_ms / 1e3, stream_cap_Bps(point.link, cost),
-                         point.link.framing_bytes, cost)
+        cluster = point.cluster
+        links = [Link(self.env, point.link.gbps, point.link.rtt_ms / 1e3, stream_cap_Bps(point.link, cost),
+                      point.link.framing_bytes, cost) for _ in range(cluster.nodes)]  # a node's NIC
         config = scenario.server
         workload = scenario.workload
-        self.server = GpuServer(self.env, cost, self.planner.serving, max_batch=config.max_batch,
-                                rules=config.rules, pinned_host_kv=config.pinned_host_kv,
-                                expected_act_s=act_mean_s(workload) if isinstance(workload, AgentsWorkload) else 0.0,
-                                cold_shapes=config.shapes == "cold", jitter_rng=np.random.default_rng(jitter_seed),
-                                shapes_seen=shapes_seen)
+        # GPU 0 draws from the point's jitter stream itself (one GPU: as before the pool); the
+        # others from streams spawned off it
+        jitter_seeds = [jitter_seed, *jitter_seed.spawn(cluster.gpus - 1)]
+        servers = []
+        for gpu, gpu_seed in enumerate(jitter_seeds):
+            # a process on another GPU is another process: its attention shapes are its own
+            seen = shapes_seen if gpu == 0 or shapes_seen is None else shapes_seen.setdefault(("gpu", gpu), {})
+            servers.append(GpuServer(
+                self.env, cost, self.planner.serving, max_batch=config.max_batch, rules=config.rules,
+                pinned_host_kv=config.pinned_host_kv,
+                expected_act_s=act_mean_s(workload) if isinstance(workload, AgentsWorkload) else 0.0,
+                cold_shapes=config.shapes == "cold", jitter_rng=np.random.default_rng(gpu_seed), shapes_seen=seen,
+                node=gpu // cluster.gpus_per_node, index=gpu % cluster.gpus_per_node))
+        self.pool = GpuPool(servers, links, cluster.gpus_per_node, cluster.router)
+        self.server = servers[0]  # the one GPU of a single-GPU point
         self.log = RecordBuilder(point.index, point.backend.name, point.model.key, point.gpu.key, point.link.gbps,
                                  point.n_agents or 1)
 
     def start_clients(self) -> None:
-        env, server, link, planner, log = self.env, self.server, self.link, self.planner, self.log
+        env, pool, planner, log = self.env, self.pool, self.planner, self.log
         workload = self.scenario.workload
         if isinstance(workload, DecodeWorkload):
-            env.process(decode_client(env, server, link, planner, log, workload))
+            env.process(decode_client(env, pool, planner, log, workload))
             return
         act_s = act_sampler(workload, self.act_rng)
         start_at = 0.0
         for agent_id in range(self.point.n_agents or 1):
             if workload.arrival.kind == "poisson" and agent_id:
                 start_at += float(self.arrival_rng.exponential(1.0 / workload.arrival.rate_per_s))
-            env.process(agent(env, server, link, planner, log, agent_id, workload, start_at, act_s))
+            env.process(agent(env, pool, planner, log, agent_id, workload, start_at, act_s))
 
     def run(self) -> RecordTable:
         self.start_clients()
         self.env.run()
-        if self.server.memory.waiting:
+        if self.pool.waiting:
             raise DjinnsimError(
-                f"point {self.point.label}: the simulation stalled with {self.server.memory.waiting} requests waiting "
+                f"point {self.point.label}: the simulation stalled with {self.pool.waiting} requests waiting "
                 "for GPU memory that only waiting work holds (memory_full: wait cannot progress); "
                 "use memory_full: oom or fewer agents"
             )
