@@ -42,7 +42,8 @@ class GpuPool:
 
     def open(self, agent: int):
         """Place a new session (generator: a per-agent process may wait for memory); returns its Channel."""
-        gpu = self.router.rank(self.servers, agent)[0] if len(self.servers) > 1 else 0
+        # a serverless session holds nothing on a GPU: each of its tasks is routed (route)
+        gpu = self.router.rank(self.servers, agent)[0] if len(self.servers) > 1 and not self.per_task else 0
         server = self.servers[gpu]
         session = yield from server.open_session(agent)
         if not self.per_task:
