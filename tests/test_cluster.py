@@ -17,7 +17,7 @@ from djinnsim.sim.simulate import memory_bound_agents
 
 
 def _gpus(*loads):
-    return [SimpleNamespace(sessions=s, in_flight=f, used_bytes=u) for s, f, u in loads]
+    return [SimpleNamespace(sessions=s, routed=f, used_bytes=u) for s, f, u in loads]
 
 
 def test_round_robin_moves_one_gpu_on_per_placement():
