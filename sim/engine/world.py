@@ -94,7 +94,7 @@ class World:
                 cold_shapes=config.shapes == "cold", jitter_rng=np.random.default_rng(gpu_seed), shapes_seen=seen,
                 node=gpu // cluster.gpus_per_node, index=gpu % cluster.gpus_per_node))
         self.pool = GpuPool(servers, links, cluster.gpus_per_node, cluster.router)
-        self.server = servers[0]  # the one GPU of a single-GPU point
+        self.server, self.link = servers[0], links[0]  # the GPU and link of a single-GPU point
         self.log = RecordBuilder(point.index, point.backend.name, point.model.key, point.gpu.key, point.link.gbps,
                                  point.n_agents or 1)
 
