@@ -1,0 +1,157 @@
+"""`python -m djinnsim.validate.kv_costs`: real KV swaps, re-prefills and reuse against what the
+engine charges. On the CPU with the tiny model and a hand-made profile of this machine (its figures
+are made up: the verdicts are not the point here, the wiring is); the GPU run skips without CUDA."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from typer.testing import CliRunner
+
+from conftest import make_profile
+from djinnsim.calibrate.environment import host_cpu
+from djinnsim.sim.costmodel import ProfileCostModel
+from djinnsim.sim.profile import Bandwidth, load_profile, save_profile
+from djinnsim.sim.specs import get_model
+from djinnsim.validate import kv_costs
+
+TINY = get_model("tiny-llama")
+CONTEXTS = (16, 48)
+
+
+def _cpu_profile(path: Path, **memory) -> Path:
+    profile = make_profile()
+    meta = profile.metadata.model_copy(update={
+        "device": "cpu", "gpu_name": f"cpu: {host_cpu()}", "gpu_key": None, "model_id": TINY.model_id,
+        "dtype": "float32", "torch": importlib.metadata.version("torch"),
+        "transformers": importlib.metadata.version("transformers")})
+    mem = profile.memory.model_copy(update={"kv_bytes_per_token": TINY.kv_bytes_per_token, **memory})
+    # A slow pageable copy, so the swap's share of a REFLECT shows in the simulated figures.
+    slow = Bandwidth(latency_s=2e-5, gbps=0.05)
+    save_profile(profile.model_copy(update={"metadata": meta, "memory": mem, "h2d_pageable": slow,
+                                            "d2h_pageable": slow}), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("kv_costs")
+    profile = _cpu_profile(folder / "cpu-tiny.json")
+    doc = kv_costs.run(profile, folder / "out", device="cpu", contexts=CONTEXTS, repeats=10, warmups=1,
+                       sim_draws=4, say=lambda _: None)
+    return profile, folder / "out", doc
+
+
+def test_every_op_at_every_context_with_its_real_interval_and_verdict(result):
+    profile, out, doc = result
+    rows = doc["rows"]
+    keys = {(r["op"], r["host"], r["context_tokens"]) for r in rows}
+    expected = {("swap_out", "pageable"), ("swap_in", "pageable"), ("reflect_after_swap", "pageable"),
+                ("reflect_discard", None), ("reflect_preserve", None)}
+    assert keys == {(op, host, c) for op, host in expected for c in CONTEXTS}
+    for r in rows:
+        lo, hi = r["real_ci_s"]
+        assert r["real_n"] == 10 and 0 < lo <= r["real_mean_s"] <= hi
+        err = 100 * (r["sim_s"] - r["real_mean_s"]) / r["real_mean_s"]
+        assert r["error_pct"] == pytest.approx(err)
+        assert r["verdict"] == kv_costs.verdict(r["sim_s"], r["real_mean_s"], (lo, hi))
+    assert doc["summary"]["PASS"] + doc["summary"]["FAIL"] == len(rows)
+    meta = doc["meta"]
+    assert meta["profile"]["sha256"] == kv_costs.file_sha256(profile)
+    assert meta["sample"].startswith("held-out") and "measured cost model" in meta["cost_model"]
+    assert json.loads((out / "kv_costs.json").read_text()) == doc
+    md = (out / "kv_costs.md").read_text()
+    assert meta["profile"]["sha256"] in md and "| reflect_discard | 48 |" in md and meta["target"] in md
+
+
+def test_swapped_and_reprefilled_caches_give_the_resident_caches_token(result):
+    _, _, doc = result
+    for context in CONTEXTS:
+        facts = doc["facts"][str(context)]
+        assert facts["kv_bytes"] == facts["sim_kv_bytes"] == context * TINY.kv_bytes_per_token
+        assert facts["kv_tensors"] == 2 * TINY.num_layers
+        assert set(facts["usable"]) == {"discard", "swap_pageable"}
+        assert all(u["usable"] and u["top1_agrees"] for u in facts["usable"].values())
+        assert facts["usable"]["swap_pageable"]["max_abs_diff"] == 0.0  # the same bytes, the same forward
+    assert doc["summary"]["all_usable"]
+
+
+def test_simulated_figures_are_what_the_engine_charges(result):
+    """Jitter-free profile (jitter_prefill = [1]): the REFLECTs cost the prefill fit at the engine's
+    passes, the swaps the KV's bytes over the profile's pageable bandwidth with no per-copy latency
+    (the engine's PCIe pipe charges bytes / rate)."""
+    profile, _, doc = result
+    cost = ProfileCostModel(load_profile(profile), TINY)
+    sim = {(r["op"], r["context_tokens"]): r["sim_s"] for r in doc["rows"]}
+    for c in CONTEXTS:
+        one_way_s = c * TINY.kv_bytes_per_token / (0.05 * 1e9)
+        assert sim[("reflect_preserve", c)] == pytest.approx(cost.prefill_s(kv_costs.REFLECT_TOKENS, 1, c))
+        assert sim[("reflect_discard", c)] == pytest.approx(cost.prefill_s(c + kv_costs.REFLECT_TOKENS, 1, 0))
+        assert sim[("swap_out", c)] == pytest.approx(one_way_s)
+        assert sim[("swap_in", c)] == pytest.approx(one_way_s)
+        assert sim[("reflect_after_swap", c)] == pytest.approx(one_way_s + sim[("reflect_preserve", c)])
+
+
+def test_verdict_is_the_interval_or_ten_percent():
+    assert kv_costs.verdict(1.05, 1.0, (0.99, 1.01)) == "PASS"  # within 10%
+    assert kv_costs.verdict(1.3, 1.0, (0.8, 1.4)) == "PASS"  # inside the interval
+    assert kv_costs.verdict(1.2, 1.0, (0.9, 1.1)) == "FAIL"
+    assert kv_costs.verdict(0.85, 1.0, (0.95, 1.05)) == "FAIL"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--profile", "/no/such.json"], "profile not found"),
+    (["--contexts", "a,b"], "--contexts"),
+    (["--device", "tpu"], "--device"),
+    (["--repeats", "1"], "--repeats"),
+])
+def test_bad_input_is_one_line(tmp_path, args, message):
+    profile = _cpu_profile(tmp_path / "p.json")
+    base = {"--profile": str(profile), "--out": str(tmp_path / "o"), "--device": "cpu"}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = value
+    result = CliRunner().invoke(_app(), [x for kv in base.items() for x in kv])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("meta, message", [
+    ({"model_id": "meta-llama/Llama-2-7b-hf"}, "runs only tiny-llama"),
+    ({"device": "cuda", "gpu_name": "NVIDIA H200"}, "does not describe this machine"),
+    ({"torch": "0.0.1"}, "does not describe this machine"),
+])
+def test_a_profile_of_another_model_or_machine_is_refused(tmp_path, meta, message):
+    path = _cpu_profile(tmp_path / "p.json")
+    profile = load_profile(path)
+    save_profile(profile.model_copy(update={"metadata": profile.metadata.model_copy(update=meta)}), path)
+    result = CliRunner().invoke(_app(), ["--profile", str(path), "--out", str(tmp_path / "o"), "--device", "cpu"])
+    assert result.exit_code == 1 and message in result.output and not (tmp_path / "o").exists()
+
+
+def _app():
+    import typer
+
+    app = typer.Typer()
+    app.command()(kv_costs.main)
+    return app
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_run_with_pinned_and_pageable_swaps(tmp_path):
+    """On a GPU: a profile of this GPU from a quick calibration, then both host-memory kinds."""
+    from djinnsim.calibrate.runner import run_calibration
+
+    profile = tmp_path / "gpu.json"
+    run_calibration(device="cuda", model="tiny-llama", quick=True, out=profile, quiet=True)
+    doc = kv_costs.run(profile, tmp_path / "out", device="cuda", contexts=(64,), repeats=10, warmups=2,
+                       sim_draws=4, say=lambda _: None)
+    hosts = {r["host"] for r in doc["rows"] if r["op"] == "swap_in"}
+    assert hosts == {"pinned", "pageable"} and doc["summary"]["all_usable"]

@@ -1,0 +1,422 @@
+"""What a session's KV costs during ACT, real against simulated: swap out and in, re-prefill, reuse.
+
+    python -m djinnsim.validate.kv_costs --device cuda|cpu --profile PROFILE --out DIR
+                                         [--contexts 128,512,1024,2048] [--repeats 12] [--warmups 3]
+
+The real side builds the profile's model from its bundled config with random weights, prefills a
+session of C tokens (batch 1) and, for each KV policy of `server.kv_policy`, times what the engine
+charges for it (host wall clock around synchronized calls, warm-ups dropped, as calibrate times):
+
+- swap_out / swap_in: the session's per-layer K and V tensors copied to host memory and back
+  (pinned: into buffers allocated once, as a swap pool holds them; pageable: `tensor.to("cpu")` and
+  back, as calibrate measures pageable copies); on a CPU device both are memcpy, as in calibrate;
+- reflect_after_swap: swap_in, then a REFLECT of 16 new tokens on the restored cache up to its first
+  new token (the swap-out happened during ACT, off the REFLECT's path);
+- reflect_discard: the KV freed, the REFLECT re-prefills the whole context (C + 16 tokens) up to its
+  first new token;
+- reflect_preserve: the REFLECT on the resident cache.
+
+The first new token's logits after a swap and after a re-prefill are checked against those on the
+resident cache (usable: top-1 agrees and cosine similarity >= 0.999).
+
+The simulated side is what the engine charges, taken from the engine itself: a one-agent Djinn
+scenario (REASON of C - 1 tokens + 1 new, so the session holds C tokens; ACT; REFLECT of 16 tokens
++ 1 new) simulated under preserve, swap (pinned and pageable host KV) and discard, `--sim-draws`
+times each with its own step-time jitter draws: reflect_* is the REFLECT record's compute_s (plus,
+after a swap, the restore: its copy_s less the preserve record's, which is the same payload copy);
+swap_out, which no record holds (it happens during ACT), is a transfer of the session's KV on the
+engine's own PCIe pipe at the profile's device->host bandwidth.
+
+The profile is held out: given, never fitted here, its sha256 recorded before the first real run and
+checked after the last. Verdict per row (TARGET): PASS when the simulated value lies in the real
+mean's 95% bootstrap interval or within 10% of the real mean.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Callable
+
+import numpy as np
+import typer
+
+from djinnsim.errors import DjinnsimError
+from djinnsim.sim.costmodel import ProfileCostModel
+from djinnsim.sim.profile import Profile, load_profile
+from djinnsim.sim.provenance import file_sha256, simulator
+from djinnsim.sim.specs import ModelSpec, get_model
+
+REFLECT_TOKENS = 16
+TOLERANCE = 0.10  # the target: within 10% of the real mean, or inside its 95% interval
+TARGET = ("PASS when the simulated value lies in the real mean's 95% bootstrap interval or within "
+          f"{TOLERANCE:.0%} of the real mean; FAIL otherwise")
+USABLE_COSINE = 0.999
+OPS = ("swap_out", "swap_in", "reflect_after_swap", "reflect_discard", "reflect_preserve")
+
+
+@dataclass(frozen=True)
+class Row:
+    op: str  # one of OPS
+    host: str | None  # pinned | pageable for the swap ops
+    context_tokens: int
+    real_mean_s: float
+    real_ci_s: tuple[float, float]
+    real_n: int
+    sim_s: float
+    error_pct: float  # (sim - real mean) / real mean
+    verdict: str  # PASS | FAIL
+
+    @property
+    def label(self) -> str:
+        return f"{self.op} ({self.host})" if self.host else self.op
+
+
+def bootstrap_ci(samples: list[float], seed: int) -> tuple[float, float]:
+    """The 95% bootstrap interval of the mean (scipy.stats.bootstrap, percentile method)."""
+    from scipy.stats import bootstrap
+
+    data = np.asarray(samples, dtype=float)
+    if np.ptp(data) == 0:
+        return float(data[0]), float(data[0])
+    res = bootstrap((data,), np.mean, confidence_level=0.95, n_resamples=2000, method="percentile",
+                    random_state=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def verdict(sim_s: float, mean_s: float, ci: tuple[float, float]) -> str:
+    inside = ci[0] <= sim_s <= ci[1]
+    return "PASS" if inside or abs(sim_s - mean_s) <= TOLERANCE * mean_s else "FAIL"
+
+
+# --- the simulated side: what the engine charges --------------------------------------------------
+
+def _scenario(spec: ModelSpec, context: int, policy: str, pinned: bool):
+    from djinnsim.sim.scenario import parse_scenario
+
+    return parse_scenario({
+        "name": "kv_costs", "model": spec.key, "backends": ["djinn"],
+        "server": {"kv_policy": policy, "pinned_host_kv": pinned},
+        "workload": {"kind": "agents", "agents": [1],
+                     "reason": {"input_tokens": context - 1, "new_tokens": 1},
+                     "act": {"kind": "fixed", "seconds": 60.0},
+                     "reflect": {"input_tokens": REFLECT_TOKENS, "new_tokens": 1}},
+    })
+
+
+def _reflects(cost: ProfileCostModel, spec: ModelSpec, context: int, policy: str, pinned: bool,
+              seeds: list[np.random.SeedSequence]) -> list:
+    """The REFLECT record of the one-agent scenario, one per seed (its own jitter draws)."""
+    from djinnsim.sim.scenario import expand_points
+    from djinnsim.sim.simulate import World
+
+    scenario = _scenario(spec, context, policy, pinned)
+    point = expand_points(scenario)[0]
+    out = []
+    for seed in seeds:
+        (reflect,) = [r for r in World(scenario, point, cost, seed).run() if r.phase == "reflect"]
+        if reflect.status != "ok":
+            raise DjinnsimError(f"the simulated REFLECT at C = {context} under {policy} ended {reflect.status}")
+        out.append(reflect)
+    return out
+
+
+def engine_swap_out_s(cost: ProfileCostModel, nbytes: int, pinned: bool) -> float:
+    """A session's KV leaving the GPU alone on the engine's device->host PCIe pipe (server.py's
+    `pcie_d2h`): the simulated time the transfer takes."""
+    import simpy
+
+    from djinnsim.sim.engine.pipe import SharedPipe
+
+    env = simpy.Environment()
+    pipe = SharedPipe(env, lambda k: cost.copy_bandwidth("d2h", pinned).gbps * 1e9)
+    env.run(pipe.transfer(nbytes))
+    return env.now
+
+
+def simulated_costs(cost: ProfileCostModel, spec: ModelSpec, context: int, hosts: tuple[str, ...],
+                    draws: int, seed: int) -> dict[tuple[str, str | None], float]:
+    """{(op, host): simulated seconds}, each a mean over `draws` jitter draws (the same draws for
+    every policy: common random numbers)."""
+    seeds = np.random.SeedSequence([seed, context]).spawn(draws)
+    preserve = _reflects(cost, spec, context, "preserve", True, seeds)
+    discard = _reflects(cost, spec, context, "discard", True, seeds)
+    if any(r.kv_state != "discarded" or r.recomputed_tokens != context for r in discard):
+        raise DjinnsimError(f"the simulated discard at C = {context} did not re-prefill {context} tokens")
+    out = {("reflect_preserve", None): float(np.mean([r.compute_s for r in preserve])),
+           ("reflect_discard", None): float(np.mean([r.compute_s for r in discard]))}
+    for host in hosts:
+        pinned = host == "pinned"
+        swapped = _reflects(cost, spec, context, "swap", pinned, seeds)
+        if any(r.kv_state != "swapped" for r in swapped):
+            raise DjinnsimError(f"the simulated swap at C = {context} did not restore a swapped KV")
+        restore = [s.copy_s - p.copy_s for s, p in zip(swapped, preserve)]
+        out[("swap_in", host)] = float(np.mean(restore))
+        out[("reflect_after_swap", host)] = float(np.mean([r + s.compute_s for r, s in zip(restore, swapped)]))
+        out[("swap_out", host)] = engine_swap_out_s(cost, context * cost.kv_bytes_per_token, pinned)
+    return out
+
+
+# --- the real side --------------------------------------------------------------------------------
+
+class RealSession:
+    """The profile's model on `device` and one session's KV of C tokens, with timed operations."""
+
+    def __init__(self, spec: ModelSpec, device: str, dtype: str | None, seed: int) -> None:
+        import torch
+
+        from djinnsim.calibrate.modeling import build_model, resolve_dtype
+
+        self.torch = torch
+        self.spec = spec
+        self.device = device
+        self.dtype = resolve_dtype(spec, dtype, device)
+        torch.manual_seed(seed)
+        self.model = build_model(spec, device, self.dtype)
+        self.seed = seed
+
+    def sync(self) -> None:
+        if self.device.startswith("cuda"):
+            self.torch.cuda.synchronize(self.device)
+
+    def timed(self, fn: Callable[[], object]) -> tuple[float, object]:
+        self.sync()
+        start = time.perf_counter()
+        result = fn()
+        self.sync()
+        return time.perf_counter() - start, result
+
+    def first_token(self, ids, pairs=None):
+        """One forward over `ids` (after the cache `pairs`, if any): the last position's logits,
+        and the new token picked from them (so the time includes what a server does for it)."""
+        from djinnsim.calibrate.modeling import cache_from_tensors, forward
+
+        cache = cache_from_tensors(pairs) if pairs is not None else None
+        logits, _ = forward(self.model, ids, cache)
+        last = logits[:, -1]
+        last.argmax(-1)
+        return last
+
+    def measure(self, context: int, hosts: tuple[str, ...], repeats: int, warmups: int) -> tuple[dict, dict]:
+        """({(op, host): [seconds per repeat]}, facts) for a session of `context` tokens."""
+        from djinnsim.calibrate.modeling import cache_tensors, forward, random_ids
+
+        torch = self.torch
+        with torch.inference_mode():
+            ids = random_ids(self.spec, 1, context + REFLECT_TOKENS, self.device, seed=self.seed + context)
+            prompt, reflect = ids[:, :context], ids[:, context:]
+            _, cache = forward(self.model, prompt)
+            pairs = [(k.contiguous(), v.contiguous()) for k, v in cache_tensors(cache)]
+            del cache
+            tensors = [t for pair in pairs for t in pair]
+            kv_bytes = sum(t.numel() * t.element_size() for t in tensors)
+            samples: dict[tuple[str, str | None], list[float]] = {}
+
+            def keep(key, value):
+                samples.setdefault(key, []).append(value)
+
+            reference = None
+            outputs = {}
+            for i in range(warmups + repeats):
+                record = i >= warmups
+                preserve_s, logits = self.timed(lambda: self.first_token(reflect, pairs))
+                reference = logits if reference is None else reference
+                discard_s, logits = self.timed(lambda: self.first_token(ids))
+                outputs.setdefault("discard", logits)
+                if record:
+                    keep(("reflect_preserve", None), preserve_s)
+                    keep(("reflect_discard", None), discard_s)
+                for host in hosts:
+                    out_s, host_kv = self.timed(self._swap_out(tensors, host))
+                    in_s, restored = self.timed(self._swap_in(host_kv, host))
+                    back = list(zip(restored[0::2], restored[1::2]))
+                    reflect_s, logits = self.timed(lambda: self.first_token(reflect, back))
+                    outputs.setdefault(f"swap_{host}", logits)
+                    del restored, back
+                    if record:
+                        keep(("swap_out", host), out_s)
+                        keep(("swap_in", host), in_s)
+                        keep(("reflect_after_swap", host), in_s + reflect_s)
+            facts = {"kv_bytes": kv_bytes, "kv_tensors": len(tensors),
+                     "usable": {name: _usable(reference, logits) for name, logits in outputs.items()}}
+        return samples, facts
+
+    def _swap_out(self, tensors: list, host: str) -> Callable[[], list]:
+        torch = self.torch
+        if not self.device.startswith("cuda"):
+            return lambda: [t.clone() for t in tensors]  # host memcpy, as calibrate copies on the CPU
+        if host == "pageable":
+            return lambda: [t.to("cpu") for t in tensors]
+        pool = getattr(self, "_pool", None)
+        if pool is None or [p.shape for p in pool] != [t.shape for t in tensors]:
+            pool = self._pool = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+        return lambda: [p.copy_(t, non_blocking=True) for p, t in zip(pool, tensors)]
+
+    def _swap_in(self, host_kv: list, host: str) -> Callable[[], list]:
+        if not self.device.startswith("cuda"):
+            return lambda: [t.clone() for t in host_kv]
+        pinned = host == "pinned"
+        return lambda: [t.to(self.device, non_blocking=pinned) for t in host_kv]
+
+
+def _usable(reference, logits) -> dict:
+    import torch
+
+    a, b = reference.float().flatten(), logits.float().flatten()
+    cosine = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+    top1 = bool(a.argmax() == b.argmax())
+    return {"top1_agrees": top1, "cosine": cosine, "max_abs_diff": float((a - b).abs().max()),
+            "usable": top1 and cosine >= USABLE_COSINE}
+
+
+# --- the comparison -------------------------------------------------------------------------------
+
+def _check_profile(profile: Profile, path: Path, device: str, gpu: int) -> ModelSpec:
+    from .pipeline import check_profile, this_machine
+    from .points import CPU_MODEL
+
+    spec = get_model(profile.metadata.model_id)
+    if device == "cpu" and spec.key != get_model(CPU_MODEL).key:
+        raise DjinnsimError(f"--device cpu runs only {CPU_MODEL}; profile {path} is of {spec.model_id}")
+    check_profile(profile, path, this_machine(device, gpu), spec, None,
+                  hint="calibrate this machine first (djinnsim calibrate) and pass that profile")
+    return spec
+
+
+def run(profile_path: Path, out_dir: Path, device: str = "cuda", gpu: int = 0,
+        contexts: tuple[int, ...] = (128, 512, 1024, 2048), repeats: int = 12, warmups: int = 3,
+        sim_draws: int = 64, seed: int = 0, say: Callable[[str], None] = print) -> dict:
+    """Measure, simulate, compare; writes kv_costs.json and kv_costs.md under `out_dir`."""
+    if repeats < 2 or warmups < 0 or sim_draws < 1 or not contexts or min(contexts) < 2:
+        raise DjinnsimError("kv_costs needs --repeats >= 2, --warmups >= 0, --sim-draws >= 1 and contexts of >= 2 tokens")
+    profile_path = Path(profile_path)
+    if not profile_path.is_file():
+        raise DjinnsimError(f"profile not found: {profile_path}")
+    frozen_sha256 = file_sha256(profile_path)
+    profile = load_profile(profile_path)
+    device_name = "cpu" if device == "cpu" else f"cuda:{gpu}"
+    spec = _check_profile(profile, profile_path, device, gpu)
+    too_long = [c for c in contexts if c + REFLECT_TOKENS > spec.max_position_embeddings]
+    if too_long:
+        raise DjinnsimError(f"contexts {too_long} + {REFLECT_TOKENS} exceed {spec.key}'s {spec.max_position_embeddings} positions")
+    cost = ProfileCostModel(profile, spec)
+    hosts = ("pinned", "pageable") if device == "cuda" else ("pageable",)
+    say(f"profile {profile_path} sha256 {frozen_sha256[:16]} frozen before the real runs; {cost.describe()}")
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    session = RealSession(spec, device_name, profile.metadata.dtype, seed)
+    rows: list[Row] = []
+    facts: dict[int, dict] = {}
+    for context in contexts:
+        t0 = time.perf_counter()
+        samples, facts[context] = session.measure(context, hosts, repeats, warmups)
+        cost.out_of_range.clear()
+        sim = simulated_costs(cost, spec, context, hosts, sim_draws, seed)
+        facts[context]["sim_kv_bytes"] = context * cost.kv_bytes_per_token
+        facts[context]["out_of_range"] = sorted(cost.out_of_range)
+        for (op, host), values in samples.items():
+            mean = float(np.mean(values))
+            ci = bootstrap_ci(values, seed + context)
+            sim_s = sim[(op, host)]
+            rows.append(Row(op, host, context, mean, ci, len(values), sim_s, 100 * (sim_s - mean) / mean,
+                            verdict(sim_s, mean, ci)))
+        say(f"C = {context}: measured and simulated in {time.perf_counter() - t0:.1f} s")
+    if file_sha256(profile_path) != frozen_sha256:
+        raise DjinnsimError(f"profile {profile_path} changed during the real runs; its figures are not held out")
+    rows.sort(key=lambda r: (OPS.index(r.op), r.host or "", r.context_tokens))
+    doc = {
+        "meta": {
+            "started_at": started_at, "device": device_name, "model": spec.model_id, "dtype": str(session.dtype),
+            "profile": {"path": str(profile_path), "sha256": frozen_sha256, "frozen_before_real_runs": True,
+                        "source": profile.metadata.source, "gpu_name": profile.metadata.gpu_name},
+            "cost_model": cost.describe(), "simulator": simulator(), "contexts": list(contexts),
+            "reflect_tokens": REFLECT_TOKENS, "repeats": repeats, "warmups": warmups, "sim_draws": sim_draws,
+            "seed": seed, "target": TARGET, "kv_bytes_per_token_profile": cost.kv_bytes_per_token,
+            "sample": "held-out: the profile was given, frozen (sha256) before the first real run and unchanged "
+                      "after the last; nothing here is fitted",
+        },
+        "facts": {str(c): f for c, f in facts.items()},
+        "rows": [{**asdict(r), "real_ci_s": list(r.real_ci_s)} for r in rows],
+        "summary": {"PASS": sum(r.verdict == "PASS" for r in rows), "FAIL": sum(r.verdict == "FAIL" for r in rows),
+                    "all_usable": all(u["usable"] for f in facts.values() for u in f["usable"].values())},
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "kv_costs.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (out_dir / "kv_costs.md").write_text(markdown(doc, rows))
+    return doc
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f}"
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| op | C | real mean ms [95% CI] | sim ms | error % | verdict |",
+             "|---|---:|---|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r.label} | {r.context_tokens} | {_ms(r.real_mean_s)} [{_ms(r.real_ci_s[0])}, "
+                     f"{_ms(r.real_ci_s[1])}] | {_ms(r.sim_s)} | {r.error_pct:+.1f} | {r.verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown(doc: dict, rows: list[Row]) -> str:
+    meta = doc["meta"]
+    out = [f"# KV costs during ACT: real against simulated ({meta['device']}, {meta['model']})", "",
+           f"- Cost model: {meta['cost_model']}, profile `{meta['profile']['path']}` "
+           f"sha256 `{meta['profile']['sha256']}` ({meta['sample']}).",
+           f"- Real: {meta['repeats']} repeats after {meta['warmups']} warm-ups, batch 1, {meta['dtype']}; "
+           f"REFLECT of {meta['reflect_tokens']} tokens to its first new token. Sim: mean of {meta['sim_draws']} "
+           "jitter draws of a one-agent Djinn scenario under each KV policy.",
+           f"- Target: {meta['target']}.", f"- Started {meta['started_at']}.", "", table(rows),
+           "| C | KV bytes real | KV bytes sim | tensors | usable after swap / discard | outside the calibrated range |",
+           "|---:|---:|---:|---:|---|---|"]
+    for c, f in doc["facts"].items():
+        usable = ", ".join(f"{k}: {'yes' if u['usable'] else 'NO'} (cos {u['cosine']:.5f})" for k, u in f["usable"].items())
+        out.append(f"| {c} | {f['kv_bytes']} | {f['sim_kv_bytes']} | {f['kv_tensors']} | {usable} | "
+                   f"{len(f['out_of_range'])} queries |")
+    s = doc["summary"]
+    out += ["", f"{s['PASS']} PASS, {s['FAIL']} FAIL; every swapped and re-prefilled cache usable: {s['all_usable']}.", ""]
+    return "\n".join(out)
+
+
+def main(
+    *,
+    profile: Annotated[Path, typer.Option(help="profile of THIS machine and model (calibrated minutes before); frozen, never refitted")],
+    out: Annotated[Path, typer.Option(help="folder for kv_costs.json and kv_costs.md")],
+    device: Annotated[str, typer.Option(help="cuda, or cpu (the tiny model in CI)")] = "cuda",
+    gpu: Annotated[int, typer.Option(help="CUDA device index")] = 0,
+    contexts: Annotated[str, typer.Option(help="session contexts C in tokens, comma-separated")] = "128,512,1024,2048",
+    repeats: Annotated[int, typer.Option(help="timed repeats of each operation (the 95% bootstrap interval is over them)")] = 12,
+    warmups: Annotated[int, typer.Option(help="untimed repeats first")] = 3,
+    sim_draws: Annotated[int, typer.Option(help="simulated jitter draws averaged per operation")] = 64,
+    seed: Annotated[int, typer.Option(help="seed of the ids, weights, bootstrap and simulated draws")] = 0,
+) -> None:
+    """Time real KV swaps, re-prefills and reuse, and compare them with what the simulator charges."""
+    import sys
+
+    try:
+        sizes = tuple(int(c) for c in contexts.split(","))
+    except ValueError:
+        sizes = ()
+    try:
+        if not sizes:
+            raise DjinnsimError(f"--contexts must be comma-separated token counts, not {contexts!r}")
+        if device not in ("cuda", "cpu"):
+            raise DjinnsimError(f"--device must be cuda or cpu, not {device!r}")
+        doc = run(profile, out, device, gpu, sizes, repeats, warmups, sim_draws, seed)
+    except DjinnsimError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise typer.Exit(1) from None
+    rows = [Row(**{**r, "real_ci_s": tuple(r["real_ci_s"])}) for r in doc["rows"]]
+    print(f"wrote {Path(out) / 'kv_costs.json'} and kv_costs.md")
+    print(f"{doc['meta']['cost_model']}; target: {TARGET}")
+    print(table(rows), end="")
+    s = doc["summary"]
+    print(f"{s['PASS']} PASS, {s['FAIL']} FAIL; caches usable after swap and re-prefill: {s['all_usable']}")
+
+
+if __name__ == "__main__":
+    typer.run(main)
