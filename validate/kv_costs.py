@@ -24,8 +24,8 @@ scenario (REASON of C - 1 tokens + 1 new, so the session holds C tokens; ACT; RE
 + 1 new) simulated under preserve, swap (pinned and pageable host KV) and discard, `--sim-draws`
 times each with its own step-time jitter draws: reflect_* is the REFLECT record's compute_s (plus,
 after a swap, the restore: its copy_s less the preserve record's, which is the same payload copy);
-swap_out, which no record holds (it happens during ACT), is a transfer of the session's KV on the
-engine's own PCIe pipe at the profile's device->host bandwidth.
+swap_out, which no record holds (it happens during ACT), is the session's KV copied alone over the
+engine's own PCIe link (sim/engine/pcie.py) at the profile's device->host bandwidth.
 
 The profile is held out: given, never fitted here, its sha256 recorded before the first real run and
 checked after the last. Verdict per row (TARGET): the simulated cost must be within 10% of the real
@@ -133,15 +133,14 @@ def _reflects(cost: ProfileCostModel, spec: ModelSpec, context: int, policy: str
 
 
 def engine_swap_out_s(cost: ProfileCostModel, nbytes: int, pinned: bool) -> float:
-    """A session's KV leaving the GPU alone on the engine's device->host PCIe pipe (server.py's
-    `pcie_d2h`): the simulated time the transfer takes."""
+    """A session's KV leaving the GPU alone on the engine's PCIe link (server.py's swap-out:
+    `Pcie.copy("d2h", ...)`): the simulated time the copy takes."""
     import simpy
 
-    from djinnsim.sim.engine.pipe import SharedPipe
+    from djinnsim.sim.engine.pcie import Pcie
 
     env = simpy.Environment()
-    pipe = SharedPipe(env, lambda k: cost.copy_bandwidth("d2h", pinned).gbps * 1e9)
-    env.run(pipe.transfer(nbytes))
+    env.run(env.process(Pcie(env, cost).copy("d2h", nbytes, pinned)))
     return env.now
 
 
