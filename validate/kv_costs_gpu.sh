@@ -24,9 +24,9 @@ t0=$(date +%s)
 if ! python3 -c "import simpy, pydantic" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/djinnsim-site .whl/*.whl && export PYTHONPATH=/tmp/djinnsim-site
 fi
-if ! python3 -c "import djinnsim.validate.kv_costs" 2>/dev/null; then
-  python3 -m pip install -q --no-deps --no-build-isolation --no-index . > "$OUT/install.log" 2>&1
-fi
+# Always this checkout: a djinnsim installed earlier on a warm machine may be another commit.
+python3 -m pip install -q --no-deps --no-build-isolation --no-index . > "$OUT/install.log" 2>&1 \
+  || { echo "error: cannot install djinnsim here (see $OUT/install.log)"; exit 1; }
 {
   [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
