@@ -188,6 +188,12 @@ class CostModel(ABC):
     def kv_bytes_per_token(self) -> int: ...
 
     @property
+    def kv_tensors(self) -> int:
+        """Buffers a session's KV cache is made of: one K and one V tensor per layer (a swap copies
+        each on its own)."""
+        return 2 * self.model.num_layers
+
+    @property
     @abstractmethod
     def context_bytes_per_process(self) -> int: ...
 

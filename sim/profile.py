@@ -60,10 +60,17 @@ class Bandwidth(_Strict):
     large_from_bytes: int | None = Field(default=None, gt=0)
     large_gbps: float | None = Field(default=None, gt=0)
 
-    def time_s(self, nbytes: float) -> float:
-        if self.large_from_bytes is not None and self.large_gbps is not None and nbytes > self.large_from_bytes:
-            return self.latency_s + nbytes / (self.large_gbps * 1e9)
-        return self.latency_s + nbytes / (self.gbps * 1e9)
+    def rate_gbps(self, nbytes_each: float) -> float:
+        """The rate for buffers of `nbytes_each` bytes: `large_gbps` above `large_from_bytes`."""
+        if self.large_from_bytes is not None and self.large_gbps is not None and nbytes_each > self.large_from_bytes:
+            return self.large_gbps
+        return self.gbps
+
+    def time_s(self, nbytes: float, pieces: int = 1) -> float:
+        """`nbytes` moved as `pieces` equal buffers, one after another (a KV cache is one K and one
+        V tensor per layer): the latency is paid per buffer, the rate is that of one buffer's size."""
+        pieces = max(int(pieces), 1)
+        return pieces * self.latency_s + nbytes / (self.rate_gbps(nbytes / pieces) * 1e9)
 
 
 class WeightLoad(_Strict):

@@ -15,8 +15,9 @@ and its class says what else holds it back (max-min fair shares, see pipe.py):
 
 So two equal copies at once each take twice as long; a load and a swap-in at once split the bus
 when both could use more than half of it, and a load slower than half the bus (from disk) takes
-its own rate while the swap takes the rest. A copy's fixed latency (the profile's `latency_s`) is
-paid before it joins the pipe and does not hold the bus.
+its own rate while the swap takes the rest. A copy's fixed latency (the profile's `latency_s`, once per
+buffer: a KV swap moves one K and one V tensor per layer) is paid before it joins the pipe and does
+not hold the bus.
 """
 
 from __future__ import annotations
@@ -55,17 +56,17 @@ class Pcie:
             flow_class = self._classes[key] = FlowClass(":".join(map(str, key)), rate_Bps)
         return flow_class
 
-    def copy(self, direction: Direction, nbytes: float, pinned: bool):
-        """A host<->device copy of `nbytes` from pinned or pageable host memory."""
+    def copy(self, direction: Direction, nbytes: float, pinned: bool, pieces: int = 1):
+        """A host<->device copy of `nbytes` from pinned or pageable host memory, as `pieces` equal
+        buffers copied one after another (Bandwidth.time_s: latency per buffer, rate by its size)."""
         if nbytes <= 0:
             return
         bandwidth = self.cost.copy_bandwidth(direction, pinned)
-        large = (bandwidth.large_from_bytes is not None and bandwidth.large_gbps is not None
-                 and nbytes > bandwidth.large_from_bytes)
-        rate_Bps = (bandwidth.large_gbps if large else bandwidth.gbps) * 1e9
+        pieces = max(int(pieces), 1)
+        rate_Bps = bandwidth.rate_gbps(nbytes / pieces) * 1e9
         if bandwidth.latency_s > 0:
-            yield self.env.timeout(bandwidth.latency_s)
-        flow_class = self._class(("copy", direction, pinned, large), lambda k, r=rate_Bps: r)
+            yield self.env.timeout(pieces * bandwidth.latency_s)
+        flow_class = self._class(("copy", direction, pinned, rate_Bps), lambda k, r=rate_Bps: r)
         yield self.pipes[direction].transfer(nbytes, flow_class)
 
     def load(self, tier: str, nbytes: float):

@@ -248,8 +248,8 @@ class GpuServer:
         return IdleKv(
             kv_bytes=nbytes,
             expected_act_s=self.expected_act_s,
-            swap_out_s=cost.copy_bandwidth("d2h", pinned).time_s(nbytes),
-            swap_in_s=cost.copy_bandwidth("h2d", pinned).time_s(nbytes),
+            swap_out_s=cost.copy_bandwidth("d2h", pinned).time_s(nbytes, cost.kv_tensors),
+            swap_in_s=cost.copy_bandwidth("h2d", pinned).time_s(nbytes, cost.kv_tensors),
             recompute_s=cost.prefill_s(session.kv_tokens, 1, 0),
             others_resident_bytes=self.resident_kv_bytes - nbytes,
         )
@@ -286,7 +286,7 @@ class GpuServer:
         self.resident_kv_bytes -= nbytes
 
         def swap_out():
-            yield from self.pcie.copy("d2h", nbytes, self.pinned_host_kv)
+            yield from self.pcie.copy("d2h", nbytes, self.pinned_host_kv, self.cost.kv_tensors)
             self.memory.free(nbytes)
             self.memory_plan.give(data=nbytes)
 
@@ -425,7 +425,7 @@ class GpuServer:
             if up:
                 yield from self.pcie.copy("h2d", up, pinned=False)
             if restore:
-                yield from self.pcie.copy("h2d", restore, self.pinned_host_kv)
+                yield from self.pcie.copy("h2d", restore, self.pinned_host_kv, cost.kv_tensors)
                 self._host_release(restore)
                 self.resident_kv_bytes += restore
             session.kv_on_gpu = True
