@@ -53,6 +53,7 @@ def validate(
     time_budget_s: Annotated[float, typer.Option(help="no new real run starts after this many seconds (calibration excluded)")] = 1800.0,
     seed: Annotated[Optional[int], typer.Option(help="override the scenario's seed")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress lines or summary table")] = False,
+    force: Annotated[bool, typer.Option(help="replace a non-empty --out that holds an earlier djinnsim output")] = False,
 ) -> None:
     """Run a scenario's small points for real, simulate the same points, and report the difference."""
     from djinnsim.errors import DjinnsimError
@@ -73,7 +74,7 @@ def validate(
         if bands == 1 or bands < 0:
             raise DjinnsimError(f"--bands must be 0 (none) or >= 2, not {bands}")
         run_offline(OfflineRequest(from_real=from_real, calibration=calibration, out=out, quiet=quiet, command=command,
-                                   bands=bands))
+                                   bands=bands, force=force))
         return
     if scenario is None:
         raise DjinnsimError("give a SCENARIO to validate, or --from-real DIR to re-compare a finished validation")
@@ -99,5 +100,6 @@ def validate(
             seed=seed,
             quiet=quiet,
             command=command,
+            force=force,
         )
     )
