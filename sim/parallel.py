@@ -16,6 +16,7 @@ runs. `fn` must be a module-level function and items and results picklable.
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import socket
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Callable, Sequence, TypeVar
@@ -50,7 +51,8 @@ def _in_processes(fn, items, jobs, progress) -> list:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["djinnsim.sim.simulate"])
     results: list = [None] * len(items)
-    with ProcessPoolExecutor(max_workers=min(jobs, len(items)), mp_context=context) as pool:
+    with ProcessPoolExecutor(max_workers=min(jobs, len(items)), mp_context=context,
+                             initializer=_leave_interrupts_to_the_parent) as pool:
         pending = {pool.submit(fn, item): index for index, item in enumerate(items)}
         try:
             while pending:
@@ -65,6 +67,12 @@ def _in_processes(fn, items, jobs, progress) -> list:
                 future.cancel()
             raise
     return results
+
+
+def _leave_interrupts_to_the_parent() -> None:
+    """A Ctrl-C reaches every process of the terminal's group: the parent cancels the pool and
+    cleans up (one `interrupted` line); a worker that also raised would print its own traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _on_ray(fn, items, jobs, address, progress) -> list:
