@@ -314,15 +314,15 @@ def _searched(result: Any, workload: str) -> tuple[dict, dict]:
     costs = getattr(result, "costs", None)
     if costs is None or workload != "agents":
         return {}, {}
-    from .search import search_capacity
+    from .search import search_capacities
 
     scenario = result.scenario
     wanted = [b for b in (DJINN, KEEPALIVE) if b in scenario.backends]
-    if len(wanted) < 2:
-        density = []
-    else:
-        density = search_capacity(scenario, SEED_SLO_P99_MS, wanted, costs=costs)
-    oom = search_capacity(scenario, math.inf, [KEEPALIVE], costs=costs) if KEEPALIVE in scenario.backends else []
+    questions = [(SEED_SLO_P99_MS, wanted if len(wanted) == 2 else [])]
+    if KEEPALIVE in scenario.backends:
+        questions.append((math.inf, [KEEPALIVE]))
+    # one map_points call: the groups run in parallel on the executor `djinnsim run` holds
+    density, oom = [*search_capacities(scenario, questions, costs=costs), []][:2]
 
     def table(answers):
         found: dict = {}

@@ -14,7 +14,7 @@ import numpy as np
 from djinnsim.errors import DjinnsimError
 
 from .costmodel import CostModel, ProfileCostModel, RooflineCostModel, transfer_profile
-from .parallel import map_points
+from .parallel import held, map_points
 from .profile import Profile, load_profile
 from .records import Record
 from .scenario import Point, Scenario, dump_scenario, expand_points, load_scenario
@@ -128,9 +128,10 @@ def _simulate_task(task: tuple) -> PointResult:
 
 
 def simulate_scenario(scenario: Scenario, calibration: Path | None = None, seed: int | None = None,
-                      progress=None, jobs: int = 1, ray_address: str | None = None) -> SimulationResult:
+                      progress=None, jobs: int | None = None, ray_address: str | None = None) -> SimulationResult:
     """Simulate every point of a scenario, in `jobs` local processes or as Ray tasks
-    (sim.parallel.map_points); `progress(done, total, label)` is called after each point."""
+    (sim.parallel.map_points; neither: on the executor held now, else one by one);
+    `progress(done, total, label)` is called after each point."""
     started = time.perf_counter()
     points = expand_points(scenario)
     models = CostModels(scenario, calibration)
@@ -173,11 +174,18 @@ def run_scenario_file(path: Path, calibration: Path | None = None, out: Path | N
     if out_dir.exists() and not out_dir.is_dir():
         raise DjinnsimError(f"--out {out_dir} exists and is not a folder")
 
+    # one executor for the sweep and the claims' searches: Ray starts (or connects) once
+    with held(jobs, ray_address):
+        _simulate_and_write(scenario, calibration, out_dir, quiet)
+    return out_dir
+
+
+def _simulate_and_write(scenario: Scenario, calibration: Path | None, out_dir: Path, quiet: bool) -> None:
     from rich.console import Console
 
     console = Console(stderr=False, quiet=quiet)
     if quiet:
-        result = simulate_scenario(scenario, calibration, progress=None, jobs=jobs, ray_address=ray_address)
+        result = simulate_scenario(scenario, calibration, progress=None)
     else:
         from rich.progress import Progress
 
@@ -187,7 +195,7 @@ def run_scenario_file(path: Path, calibration: Path | None = None, out: Path | N
             def progress(done: int, total: int, label: str) -> None:
                 bar.update(task, completed=done, total=total, description=label)
 
-            result = simulate_scenario(scenario, calibration, progress=progress, jobs=jobs, ray_address=ray_address)
+            result = simulate_scenario(scenario, calibration, progress=progress)
 
     from .report import point_summaries, print_summary, write_outputs
 
@@ -215,4 +223,3 @@ def run_scenario_file(path: Path, calibration: Path | None = None, out: Path | N
         for warning in result.warnings:
             console.print(f"[yellow]warning:[/] {warning}")
         console.print(f"results: {out_dir}")
-    return out_dir
