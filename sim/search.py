@@ -19,7 +19,9 @@ What the search assumes, and what it verifies
 Capacity assumes the set of feasible N is downward closed (if N meets the SLO, every smaller N
 does). Queueing, memory and admission usually make it so, but jitter draws differ from N to N and
 nothing guarantees it. The search gallops up from N = 1 (doubling, or a step predicted by
-extrapolating the P99 of the last two feasible probes, at least x1.5 and at most x2) until a probe
+extrapolating the P99 line through the last feasible probe and the earliest one at a quarter of its
+N or more, 5% past the crossing, at most x4; at least x1.5, except that one step of less may follow
+a step of x1.5 or more, as when the crossing is predicted close) until a probe
 fails or the cap is reached, then narrows the bracket [largest feasible, smallest infeasible] by
 interpolating the P99, each interpolated probe followed by its neighbour on the far side (bisection
 when the failure is memory or admission, and after two interpolation rounds that did not halve the
@@ -74,7 +76,8 @@ LINK_REL_TOL = 0.01
 LINK_SIGNIFICANT_DIGITS = 4
 NATIVE = "native_pytorch"
 
-GALLOP_MIN_GROWTH = 1.5  # each galloping probe is at least x1.5 the last feasible N, at most x2
+GALLOP_MIN_GROWTH = 1.5  # a galloping probe is at least x1.5 the last feasible N (but see below)
+GALLOP_MAX_GROWTH = 4  # and at most x4 (x2 when nothing can be extrapolated)
 GALLOP_OVERSHOOT = 1.05  # aim 5% past the extrapolated crossing, so the probe likely fails
 
 
@@ -160,17 +163,23 @@ def largest_feasible(evaluate: Callable[[int], Probe], target_ms: float,
         return seen[n]
 
     lo: Probe | None = None
-    previous: Probe | None = None
+    feasible: list[Probe] = []
+    small_step_ok = True
     n = 1
     while True:  # gallop
         p = probe(n)
         if not p.ok:
             hi = p
             break
-        previous, lo = lo, p
+        lo = p
+        feasible.append(p)
         if n >= cap:
             return lo, None, order
-        n = min(_gallop_next(previous, lo, target_ms), cap)
+        step = _gallop_next(feasible, target_ms, small_step_ok)
+        # a step below x1.5 (the crossing extrapolated close) that still meets the target is not
+        # followed by another: a curve bending away from its extrapolation must not cost many probes
+        small_step_ok = step >= math.ceil(n * GALLOP_MIN_GROWTH)
+        n = min(step, cap)
 
     fruitless = 0
     while lo is not None and hi.x - lo.x > 1:  # narrow
@@ -195,18 +204,25 @@ def largest_feasible(evaluate: Callable[[int], Probe], target_ms: float,
     return lo, hi, order
 
 
-def _gallop_next(previous: Probe | None, last: Probe, target_ms: float) -> int:
+def _gallop_next(feasible: list[Probe], target_ms: float, small_step_ok: bool = True) -> int:
+    """The next galloping probe after the feasible ones (in order): where the P99 line through the
+    last probe and the earliest one at or above a quarter of its N crosses the target, plus
+    GALLOP_OVERSHOOT, within [x1.5 (or N + 1 when `small_step_ok`), x4]; doubling when no line
+    can be drawn (one probe, no P99, a P99 that does not rise, a target it never reaches)."""
+    last = feasible[-1]
     n = int(last.x)
-    low, high = max(n + 1, math.ceil(n * GALLOP_MIN_GROWTH)), 2 * n
-    if previous is None or previous.value_ms is None or last.value_ms is None:
-        return high
-    slope = (last.value_ms - previous.value_ms) / (last.x - previous.x)
+    double = 2 * n
+    base = next((p for p in feasible[:-1] if p.x * GALLOP_MAX_GROWTH >= last.x), None)
+    if base is None or base.value_ms is None or last.value_ms is None:
+        return double
+    slope = (last.value_ms - base.value_ms) / (last.x - base.x)
     if slope <= 0:
-        return high
+        return double
     crossing = last.x + (target_ms - last.value_ms) / slope
     if not math.isfinite(crossing):
-        return high
-    return min(max(math.ceil(crossing * GALLOP_OVERSHOOT), low), high)
+        return double
+    low = n + 1 if small_step_ok else max(n + 1, math.ceil(n * GALLOP_MIN_GROWTH))
+    return min(max(math.ceil(crossing * GALLOP_OVERSHOOT), low), GALLOP_MAX_GROWTH * n)
 
 
 def _interpolate(lo: Probe, hi: Probe, target_ms: float) -> float | None:
