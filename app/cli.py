@@ -54,7 +54,7 @@ def one_line_errors(func):
 
 
 class _RunCommand(typer.core.TyperCommand):
-    """`run`, whose `--ray` takes an optional value (typer's parser has none): `--ray` alone (last,
+    """`run` and `search`, whose `--ray` takes an optional value (typer's parser has none): `--ray` alone (last,
     or before another option or the scenario file) is a local Ray, `--ray ADDRESS` a cluster's."""
 
     def parse_args(self, ctx, args):
@@ -96,7 +96,7 @@ def run(
                       ray_address=ray, force=force)
 
 
-__import__("djinnsim.search_cli").search_cli.register(app, one_line_errors)
+__import__("djinnsim.search_cli").search_cli.register(app, one_line_errors, _RunCommand)
 
 
 def _register_optional_commands() -> None:

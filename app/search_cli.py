@@ -30,10 +30,15 @@ def search(
         help="output folder (default: results/<scenario>/search-<timestamp>/)")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="print only the answers as one JSON object")] = False,
     force: Annotated[bool, typer.Option(help="replace a non-empty --out that holds earlier djinnsim results")] = False,
+    jobs: Annotated[int, typer.Option(help="search the groups (backend, model, GPU, link) in this many local processes")] = 1,
+    ray: Annotated[Optional[str], typer.Option(
+        metavar="[ADDRESS]",
+        help="search each group as a Ray task on the cluster at ADDRESS (alone: a local Ray); needs the ray extra")] = None,
 ) -> None:
     """Find capacities (agents under a P99 SLO) or break-even link rates by simulating, not by formula."""
     from djinnsim.sim import search as search_mod
     from djinnsim.sim.outputs import OutputFolder, utc_stamp
+    from djinnsim.sim.parallel import held
     from djinnsim.sim.safeyaml import require_file
     from djinnsim.sim.run import CostModels
     from djinnsim.sim.scenario import load_scenario
@@ -54,10 +59,11 @@ def search(
     loaded = load_scenario(scenario)
     folder = OutputFolder(out, Path("results") / loaded.name / f"search-{utc_stamp()}", force=force)
     costs = CostModels(loaded, calibration)
-    if slo_p99_ms is not None:
-        answers = search_mod.search_capacity(loaded, slo_p99_ms, backend, max_agents=max_agents, costs=costs)
-    else:
-        answers = search_mod.search_break_even(loaded, break_even_ms, within_native_pct, backend, costs=costs)
+    with held(jobs, ray):  # the groups run as `djinnsim run --jobs / --ray` runs points; answers do not change
+        if slo_p99_ms is not None:
+            answers = search_mod.search_capacity(loaded, slo_p99_ms, backend, max_agents=max_agents, costs=costs)
+        else:
+            answers = search_mod.search_break_even(loaded, break_even_ms, within_native_pct, backend, costs=costs)
     with folder as staging:
         search_mod.write_search_outputs(answers, staging)
     out_dir = folder.path
@@ -70,5 +76,6 @@ def search(
     typer.echo(f"results: {out_dir}")
 
 
-def register(app: typer.Typer, wrap: Callable) -> None:
-    app.command(name="search")(wrap(search))
+def register(app: typer.Typer, wrap: Callable, command_class: type | None = None) -> None:
+    """`command_class`: the click command class `run` uses (its `--ray` takes an optional value)."""
+    app.command(name="search", cls=command_class)(wrap(search))

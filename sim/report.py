@@ -294,7 +294,8 @@ def write_figure6(summaries: list[dict[str, Any]], backends: list[str], path: Pa
                 ax.set_xticks(ticks, [str(n) for n in ticks])
             else:
                 ax.text(0.5, 0.5, "no phase finished", ha="center", va="center", transform=ax.transAxes)
-            ax.set_xlabel("concurrent agents N")
+            gpus = claims_mod.gpus_of(members)
+            ax.set_xlabel("concurrent agents N" + (f" on {gpus} GPUs" if gpus > 1 else ""))
             ax.set_ylabel("P99 per-phase latency (ms)")
             # a fixed title height: placing it automatically measures every tick label (~0.4 s)
             ax.set_title(claims_mod.group_label(key), fontsize=10, y=1.01)

@@ -16,7 +16,7 @@ from djinnsim.errors import DjinnsimError
 from .costmodel import CostModel, ProfileCostModel, RooflineCostModel, transfer_profile
 from .estimate import check_workload
 from .outputs import OutputFolder, utc_stamp
-from .parallel import map_points
+from .parallel import held, map_points
 from .profile import Profile, load_profile
 from .records import Record
 from .safeyaml import require_file
@@ -131,9 +131,10 @@ def _simulate_task(task: tuple) -> PointResult:
 
 
 def simulate_scenario(scenario: Scenario, calibration: Path | None = None, seed: int | None = None,
-                      progress=None, jobs: int = 1, ray_address: str | None = None) -> SimulationResult:
+                      progress=None, jobs: int | None = None, ray_address: str | None = None) -> SimulationResult:
     """Simulate every point of a scenario, in `jobs` local processes or as Ray tasks
-    (sim.parallel.map_points); `progress(done, total, label)` is called after each point."""
+    (sim.parallel.map_points; neither: on the executor held now, else one by one);
+    `progress(done, total, label)` is called after each point."""
     started = time.perf_counter()
     points = expand_points(scenario)
     models = CostModels(scenario, calibration)
@@ -179,11 +180,17 @@ def run_scenario_file(path: Path, calibration: Path | None = None, out: Path | N
     if workload_warning and not quiet:
         print(f"warning: {workload_warning}", file=sys.stderr)
 
+    # one executor for the sweep and the claims' searches: Ray starts (or connects) once
+    with held(jobs, ray_address):
+        return _simulate_and_write(scenario, calibration, folder, quiet)
+
+
+def _simulate_and_write(scenario: Scenario, calibration: Path | None, folder: OutputFolder, quiet: bool) -> Path:
     from rich.console import Console
 
     console = Console(stderr=False, quiet=quiet)
     if quiet:
-        result = simulate_scenario(scenario, calibration, progress=None, jobs=jobs, ray_address=ray_address)
+        result = simulate_scenario(scenario, calibration, progress=None)
     else:
         from rich.progress import Progress
 
@@ -193,7 +200,7 @@ def run_scenario_file(path: Path, calibration: Path | None = None, out: Path | N
             def progress(done: int, total: int, label: str) -> None:
                 bar.update(task, completed=done, total=total, description=label)
 
-            result = simulate_scenario(scenario, calibration, progress=progress, jobs=jobs, ray_address=ray_address)
+            result = simulate_scenario(scenario, calibration, progress=progress)
 
     from .report import point_summaries, print_summary, write_outputs
 
