@@ -10,6 +10,7 @@ from typing import Annotated, Callable, Optional
 import typer
 
 from djinnsim.errors import DjinnsimError
+from djinnsim.overrides_cli import AgentsOption, BackendsOption, GpuOption, LinkGbpsOption, SetOption, collect
 
 
 def search(
@@ -28,13 +29,18 @@ def search(
     calibration: Annotated[Optional[Path], typer.Option(
         help="calibration profile JSON (default: the bundled profile for the model)")] = None,
     out: Annotated[Optional[Path], typer.Option(
-        help="output folder (default: results/<scenario>/search-<timestamp>/)")] = None,
+        help="output folder (default: results/<scenario file>[__<overrides' hash>]/search-<timestamp>/)")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="print only the answers as one JSON object")] = False,
+    set_: SetOption = None,
+    agents: AgentsOption = None,
+    backends: BackendsOption = None,
+    gpu: GpuOption = None,
+    link_gbps: LinkGbpsOption = None,
 ) -> None:
     """Find capacities (agents under a P99 SLO) or break-even link rates by simulating, not by formula."""
     from djinnsim.sim import search as search_mod
     from djinnsim.sim.run import CostModels
-    from djinnsim.sim.scenario import load_scenario
+    from djinnsim.sim.overrides import load_overridden
 
     chosen = [name for name, value in (("--slo-p99-ms", slo_p99_ms), ("--break-even-ms", break_even_ms),
                                        ("--within-native-pct", within_native_pct)) if value is not None]
@@ -43,19 +49,21 @@ def search(
                             + (f" (got {', '.join(chosen)})" if chosen else ""))
     if calibration is not None and not calibration.is_file():
         raise DjinnsimError(f"calibration profile not found: {calibration}")
-    loaded = load_scenario(scenario)
+    overrides = collect(set_, agents=agents, backends=backends, gpu=gpu, link_gbps=link_gbps)
+    loaded, folder = load_overridden(scenario, overrides)
     costs = CostModels(loaded, calibration)
     if slo_p99_ms is not None:
         answers = search_mod.search_capacity(loaded, slo_p99_ms, backend, max_agents=max_agents, costs=costs)
     else:
         answers = search_mod.search_break_even(loaded, break_even_ms, within_native_pct, backend, costs=costs)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out_dir = out if out is not None else Path("results") / loaded.name / f"search-{stamp}"
+    out_dir = out if out is not None else Path("results") / folder / f"search-{stamp}"
     if out_dir.exists() and not out_dir.is_dir():
         raise DjinnsimError(f"--out {out_dir} exists and is not a folder")
     search_mod.write_search_outputs(answers, out_dir)
-    for warning in costs.warnings:
-        typer.echo(f"warning: {warning}", err=True)
+    from djinnsim.sim.notices import emit
+
+    emit(costs.warnings)
     if json_output:
         typer.echo(json.dumps(search_mod.answers_json(answers)))
         return

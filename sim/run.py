@@ -8,16 +8,19 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from djinnsim.errors import DjinnsimError
 
 from .costmodel import CostModel, ProfileCostModel, RooflineCostModel, transfer_profile
+from . import notices
+from .overrides import Override, load_overridden
 from .parallel import map_points
 from .profile import Profile, load_profile
 from .records import Record
-from .scenario import Point, Scenario, dump_scenario, expand_points, load_scenario
+from .scenario import Point, Scenario, dump_scenario, expand_points
 from .simulate import PointResult, simulate_point
 from .specs import get_gpu
 
@@ -85,12 +88,12 @@ class CostModels:
             return RooflineCostModel(point.gpu, point.model)
         path = self.calibration or _default_profile(point.model.model_id, point.gpu.key)
         if path is None:
-            self.warnings.append(
-                f"no calibration profile for {point.model.model_id}: using the analytic roofline model of {point.gpu.name}"
-            )
+            self.warnings.append(notices.roofline_fallback(point.model.model_id, point.gpu.name))
             return RooflineCostModel(point.gpu, point.model)
         profile = self._profile(Path(path))
         meta = profile.metadata
+        if meta.device == "cpu":
+            self.warnings.append(notices.cpu_profile(str(path)))
         if meta.model_id != point.model.model_id:
             raise DjinnsimError(
                 f"calibration {path} is for model {meta.model_id}, but the scenario asks {point.model.model_id}"
@@ -104,7 +107,7 @@ class CostModels:
             return ProfileCostModel(moved, point.model)
         raise DjinnsimError(
             f"calibration {path} was measured on {meta.gpu_name}, but the scenario asks {point.gpu.key}; "
-            "set cost_model: transfer (move it by datasheet ratios) or roofline"
+            "set cost_model: transfer (move it by datasheet ratios, e.g. --set cost_model=transfer) or roofline"
         )
 
 
@@ -145,22 +148,25 @@ def simulate_scenario(scenario: Scenario, calibration: Path | None = None, seed:
             outside.setdefault(item, []).append(result.point.label)
     for item, labels in list(outside.items())[:5]:
         where = labels[0] if len(labels) == 1 else f"{len(labels)} points, first {labels[0]}"
-        warnings.append(f"cost asked outside the calibrated range: {item} ({where})")
-    return SimulationResult(scenario, results, warnings, time.perf_counter() - started, costs=models)
+        warnings.append(notices.outside_calibration(item, where))
+    return SimulationResult(scenario, results, notices.once(warnings), time.perf_counter() - started, costs=models)
 
 
-def default_out_dir(scenario: Scenario) -> Path:
+def default_out_dir(scenario: Scenario, folder: str | None = None) -> Path:
+    """results/<folder>/<UTC stamp>; `folder` (sim.overrides.results_folder) follows the scenario
+    file and its overrides, else the scenario's name."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return Path("results") / scenario.name / stamp
+    return Path("results") / (folder or scenario.name) / stamp
 
 
 def run_scenario_file(path: Path, calibration: Path | None = None, out: Path | None = None,
                       seed: int | None = None, quiet: bool = False, bands: int | None = None, jobs: int = 1,
-                      ray_address: str | None = None) -> Path:
+                      ray_address: str | None = None, overrides: Sequence[Override] = ()) -> Path:
     """`djinnsim run`: load, simulate, write results; returns the output folder.
+    `overrides`: `--set` and its shortcuts (sim.overrides), applied to the file before anything else.
     `bands` (default: the scenario's `bands`): draws of the profile's spread for P10-P90 bands;
     `jobs` / `ray_address`: where the points run (sim.parallel.map_points)."""
-    scenario = load_scenario(path)
+    scenario, folder = load_overridden(path, overrides)
     if seed is not None:
         scenario = scenario.model_copy(update={"seed": seed})
     if bands is not None:
@@ -169,7 +175,7 @@ def run_scenario_file(path: Path, calibration: Path | None = None, out: Path | N
         scenario = scenario.model_copy(update={"bands": bands})
     if calibration is not None and not Path(calibration).is_file():
         raise DjinnsimError(f"calibration profile not found: {calibration}")
-    out_dir = Path(out) if out is not None else default_out_dir(scenario)
+    out_dir = Path(out) if out is not None else default_out_dir(scenario, folder)
     if out_dir.exists() and not out_dir.is_dir():
         raise DjinnsimError(f"--out {out_dir} exists and is not a folder")
 
@@ -212,7 +218,7 @@ def run_scenario_file(path: Path, calibration: Path | None = None, out: Path | N
         (out_dir / "bands.md").write_text(bands_markdown(summaries, scenario.workload.kind, scenario.bands, cost_models))
     if not quiet:
         print_summary(result, console, summaries=summaries)
-        for warning in result.warnings:
-            console.print(f"[yellow]warning:[/] {warning}")
+    notices.emit(result.warnings)
+    if not quiet:
         console.print(f"results: {out_dir}")
     return out_dir
