@@ -36,9 +36,14 @@ def _figure(rows: int, columns: int, sharey: bool = True):
 
 
 def _save(figure, png: Path) -> list[Path]:
-    """png at DPI and an SVG beside it."""
+    """png at DPI and an SVG beside it. The layout is solved once, then frozen for both files (each
+    save would solve it again: most of a figure's cost is measuring its text)."""
     import matplotlib
 
+    engine = figure.get_layout_engine()
+    if engine is not None:
+        engine.execute(figure)
+        figure.set_layout_engine("none")
     svg = png.with_suffix(".svg")
     with matplotlib.rc_context({"svg.hashsalt": "djinnsim", "svg.fonttype": "path"}):
         figure.savefig(png, format="png", dpi=DPI, metadata={"Software": None})
@@ -67,7 +72,8 @@ def cost_line(text: str) -> str:
 
 
 def _title(ax, text: str) -> None:
-    ax.set_title(_wrap(text, PANEL_IN[0] - 0.4, 7), fontsize=7)
+    # a fixed height: placing a title automatically measures every tick label of its axes
+    ax.set_title(_wrap(text, PANEL_IN[0] - 0.4, 7), fontsize=7, y=1.02)
 
 
 def _suptitle(figure, text: str) -> None:
@@ -85,13 +91,14 @@ def _number(value: float) -> str:
 
 def _log_ticks(axis, values: Iterable[float]) -> None:
     """Decade ticks, with 2 and 5 between them when the data spans three decades or fewer."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
 
     positive = [v for v in values if v and v > 0]
     span = math.log10(max(positive) / min(positive)) if positive else 0.0
     subs = (1.0, 2.0, 5.0) if span <= 3 else (1.0,)
     axis.set_major_locator(LogLocator(base=10, subs=subs))
     axis.set_major_formatter(FuncFormatter(lambda v, _pos: _number(v)))
+    axis.set_minor_locator(NullLocator())  # unlabelled minor ticks cost more to draw than they tell
     axis.set_minor_formatter(NullFormatter())
 
 

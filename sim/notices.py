@@ -10,6 +10,7 @@ import sys
 from typing import Iterable, TextIO
 
 _WORDS = {"prompt_tokens": "prompt tokens", "context": "context tokens", "tokens": "tokens in the pass",
+          "sum_context": "context tokens over the batch",
           "batch": "batch", "processes": "processes"}
 
 
@@ -23,9 +24,26 @@ def fit_inputs(inputs: dict[str, float]) -> str:
     return ", ".join(parts)
 
 
-def outside_calibration(item: str, where: str) -> str:
-    return (f"the profile never measured {item}, so the cost there is extrapolated from its fit and carries an "
-            f"error the calibration did not measure ({where})")
+_COSTS = {"decode_step": "a decode step", "prefill": "a prefill", "cached_prefill": "a prefill after cached context"}
+
+
+def outside_calibration(outside: dict[str, list[str]]) -> list[str]:
+    """One warning per kind of cost asked outside what the profile measured. `outside` maps each
+    query (`<cost> at <inputs>`, as CostModel.out_of_range holds it) to the points that asked it."""
+    kinds: dict[str, list[str]] = {}
+    for item in outside:
+        kinds.setdefault(item.split(" at ", 1)[0], []).append(item)
+    found = []
+    for kind, items in kinds.items():
+        labels = list(dict.fromkeys(label for item in items for label in outside[item]))
+        where = labels[0] if len(labels) == 1 else f"{len(labels)} points, first {labels[0]}"
+        first = items[0]
+        if kind in _COSTS:
+            first = f"{_COSTS[kind]} at {first.split(' at ', 1)[1]}" if " at " in first else _COSTS[kind]
+        asked = first if len(items) == 1 else f"{first} and {len(items) - 1} more such queries"
+        found.append(f"the profile never measured {asked}, so these costs are extrapolated from its fits and carry "
+                     f"an error the calibration did not measure ({where})")
+    return found
 
 
 def roofline_fallback(model_id: str, gpu_name: str) -> str:

@@ -146,9 +146,7 @@ def simulate_scenario(scenario: Scenario, calibration: Path | None = None, seed:
     for result in results:
         for item in result.out_of_range:
             outside.setdefault(item, []).append(result.point.label)
-    for item, labels in list(outside.items())[:5]:
-        where = labels[0] if len(labels) == 1 else f"{len(labels)} points, first {labels[0]}"
-        warnings.append(notices.outside_calibration(item, where))
+    warnings += notices.outside_calibration(outside)
     return SimulationResult(scenario, results, notices.once(warnings), time.perf_counter() - started, costs=models)
 
 
