@@ -1,5 +1,5 @@
-"""`python -m djinnsim`: the same command as `djinnsim`."""
+"""`python -m djinnsim`: the same entry as the `djinnsim` command."""
 
-from djinnsim.cli import app
+from djinnsim.main import main
 
-app(prog_name="djinnsim")
+main()

@@ -170,7 +170,8 @@ def figure6_figure(summaries: list[dict[str, Any]], backends: list[str]):
             cost = cost_line(claims_mod.group_cost_model(members)) if members else "not simulated"
             _title(ax, f"{model} / {gpu} / {gbps:g} Gbps\n{cost}")
             if r == len(rows) - 1:
-                ax.set_xlabel("concurrent agents N", fontsize=8)
+                gpus = claims_mod.gpus_of(members) if members else 1
+                ax.set_xlabel("concurrent agents N" + (f" on {gpus} GPUs" if gpus > 1 else ""), fontsize=8)
             if c == 0:
                 ax.set_ylabel("P99 latency per phase (s)", fontsize=8)
             ax.tick_params(labelsize=7)

@@ -55,7 +55,7 @@ def test_shortcuts():
     (["workload.agents=[0]"], ["workload.agents", "> 0"]),
     (["workload.agnts=[1]"], ["workload.agnts", "Extra inputs"]),
     (["gpu=h900"], ["h900"]),
-    (["link.gbps=-1"], ["link.gbps", "greater than 0"]),
+    (["link.gbps=-1"], ["link.gbps", "greater than"]),
     (["workload.agents"], ["FIELD=VALUE"]),
     (["=3"], ["dotted field"]),
     (["workload..agents=[1]"], ["dotted field"]),

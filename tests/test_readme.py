@@ -36,7 +36,7 @@ BLOCK_AGENTS = "1,2"
 # Commands that run for minutes on real hardware: their options are checked, and the path they
 # stand for is tested elsewhere (tests/test_calibrate_cli.py, tests/test_validate_e2e.py).
 MEASURES = ("calibrate", "validate")
-PLACEHOLDER = re.compile(r"^[A-Z][A-Z0-9_]*(\.[a-z]+)?$|^\[|^\.\.\.$|\|")  # SCENARIO, PROFILE.json, [--x], a|b
+PLACEHOLDER = re.compile(r"^[A-Z][A-Z0-9_]*(\.[a-z]+)?$|^\[|^\.\.\.$|\||^/$")  # SCENARIO, PROFILE.json, [--x], a|b, a / b
 SUBCOMMANDS = {"run", "search", "calibrate", "validate"}
 
 
