@@ -22,10 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-import yaml
-
 from djinnsim.errors import DjinnsimError
 
+from .safeyaml import parse_yaml
 from .scenario import Scenario, load_scenario, parse_scenario
 
 MAX_VALUE_CHARS = 10_000  # a value typed on a command line; longer is a mistake
@@ -59,12 +58,11 @@ def _path(text: str, flag: str) -> tuple[str, ...]:
 
 
 def _yaml_value(text: str, flag: str) -> Any:
+    """The value parsed as YAML within the limits scenario files have (sim.safeyaml: nesting, alias
+    expansion)."""
     if len(text) > MAX_VALUE_CHARS:
         raise DjinnsimError(f"{flag}: the value is longer than {MAX_VALUE_CHARS} characters")
-    try:
-        return yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError as exc:
-        raise DjinnsimError(f"{flag}: the value is not valid YAML ({getattr(exc, 'problem', None) or 'unparsable'})") from None
+    return parse_yaml(text, f"{flag}: the value") if text.strip() else None
 
 
 def parse_set(text: str) -> Override:

@@ -59,7 +59,10 @@ def test_shortcuts():
     (["workload.agents"], ["FIELD=VALUE"]),
     (["=3"], ["dotted field"]),
     (["workload..agents=[1]"], ["dotted field"]),
-    (["workload.agents=[1, 2"], ["not valid YAML"]),
+    (["workload.agents=[1, 2"], ["malformed YAML"]),
+    (["description=" + "[" * 100 + "]" * 100], ["malformed YAML", "nest"]),
+    (["link.gbps=.nan"], ["link.gbps"]),
+    (["seed=-1"], ["seed"]),
     (["seed.x=1"], ["seed", "not a mapping"]),
     (["backends.7=djinn"], ["backends.7", "3 items"]),
 ])
