@@ -19,6 +19,7 @@ from djinnsim.errors import DjinnsimError
 from . import claims as claims_mod
 from . import metrics
 from .records import RECORD_COLUMNS, records_frame
+from .safeyaml import strict_json
 from .trace import write_trace
 
 if TYPE_CHECKING:
@@ -293,7 +294,8 @@ def write_figure6(summaries: list[dict[str, Any]], backends: list[str], path: Pa
                 ax.set_xticks(ticks, [str(n) for n in ticks])
             else:
                 ax.text(0.5, 0.5, "no phase finished", ha="center", va="center", transform=ax.transAxes)
-            ax.set_xlabel("concurrent agents N")
+            gpus = claims_mod.gpus_of(members)
+            ax.set_xlabel("concurrent agents N" + (f" on {gpus} GPUs" if gpus > 1 else ""))
             ax.set_ylabel("P99 per-phase latency (ms)")
             # a fixed title height: placing it automatically measures every tick label (~0.4 s)
             ax.set_title(claims_mod.group_label(key), fontsize=10, y=1.01)
@@ -316,7 +318,7 @@ def _trace_point(result: "SimulationResult") -> "PointResult":
 
 
 def _write_json(path: Path, document: Any) -> Path:
-    path.write_text(json.dumps(document, indent=2) + "\n")
+    path.write_text(strict_json(document, indent=2) + "\n")  # NaN / Infinity are not JSON
     return path
 
 
