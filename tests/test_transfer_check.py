@@ -147,3 +147,12 @@ def test_a_profile_without_a_bundled_gpu_cannot_be_moved(tmp_path, capsys):
                         tmp_path / "nokey.json")
     assert tc.main(["--no-runs", "--source", str(path)]) == 1
     assert "names no bundled GPU" in capsys.readouterr().err
+
+
+def test_only_folders_of_real_runs_are_re_simulated(tmp_path):
+    for name, meta in (("exp21-25", {}), ("exp21-25-resim", {"offline": {"from_real": "exp21-25"}}), ("notes", None)):
+        (tmp_path / name).mkdir()
+        if meta is not None:
+            (tmp_path / name / "validation.json").write_text(json.dumps({"meta": meta}))
+    assert tc.real_run_folders(tmp_path) == [tmp_path / "exp21-25"]
+    assert tc.real_run_folders(tmp_path / "nowhere") == []

@@ -194,6 +194,22 @@ def run_rows(run: str, reports: dict[str, dict]) -> list[RunRow]:
     return rows
 
 
+def real_run_folders(runs: Path) -> list[Path]:
+    """The validation folders under `runs` made with real runs (an offline re-comparison, whose
+    validation.json has meta.offline, holds the same real runs again and is left out)."""
+    if not runs.is_dir():
+        return []
+    folders = []
+    for report in sorted(runs.glob("*/validation.json")):
+        try:
+            offline = json.loads(report.read_text()).get("meta", {}).get("offline")
+        except ValueError as exc:
+            raise DjinnsimError(f"cannot read {report}: {exc}") from None
+        if not offline:
+            folders.append(report.parent)
+    return folders
+
+
 def _sample(sample: dict) -> str:
     """'held-out', or 'in-sample (simulator, profile)': the label and the kinds of its reasons."""
     kinds = [reason.split(":", 1)[0] for reason in sample.get("reasons", [])]
@@ -362,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         prim = primitives(measured, moved)
         rows = runs = None
         if not args.no_runs:
-            folders = sorted(p.parent for p in args.runs.glob("*/validation.json")) if args.runs.is_dir() else []
+            folders = real_run_folders(args.runs)
             if not folders:
                 raise DjinnsimError(f"--runs {args.runs} holds no validation folders (*/validation.json)")
             with tempfile.TemporaryDirectory(prefix="transfer-check-") as tmp:
