@@ -431,3 +431,12 @@ def test_python_m_djinnsim_and_the_console_script_are_one_entry():
                if line.startswith("djinnsim =")]
     assert scripts == ['djinnsim = "djinnsim.main:main"']
     assert "from djinnsim.main import main" in Path(entry.__file__).with_name("__main__.py").read_text()
+
+
+@pytest.mark.parametrize("file_name,folder", [("...yaml", "_"), ("..yaml", "scenario"), ("a b/../c.yaml", "c"),
+                                              ("ünï code.yaml", "_n__code"), (".hidden.yaml", "hidden")])
+def test_a_results_folder_named_after_the_file_stays_under_results(file_name, folder):
+    from djinnsim.sim.overrides import results_folder
+
+    name = results_folder(file_name)
+    assert name == folder and "/" not in name and ".." not in name and not name.startswith(".")
