@@ -87,12 +87,13 @@ def run(
     ray: Annotated[Optional[str], typer.Option(
         metavar="[ADDRESS]",
         help="run each point as a Ray task on the cluster at ADDRESS (alone: a local Ray); needs the ray extra")] = None,
+    force: Annotated[bool, typer.Option(help="replace a non-empty --out that holds earlier djinnsim results")] = False,
 ) -> None:
     """Simulate a scenario and write its results, figures and claims report."""
     from djinnsim.sim.run import run_scenario_file
 
     run_scenario_file(scenario, calibration=calibration, out=out, seed=seed, quiet=quiet, bands=bands, jobs=jobs,
-                      ray_address=ray)
+                      ray_address=ray, force=force)
 
 
 __import__("djinnsim.search_cli").search_cli.register(app, one_line_errors, _RunCommand)

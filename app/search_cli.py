@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
@@ -30,6 +29,7 @@ def search(
     out: Annotated[Optional[Path], typer.Option(
         help="output folder (default: results/<scenario>/search-<timestamp>/)")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="print only the answers as one JSON object")] = False,
+    force: Annotated[bool, typer.Option(help="replace a non-empty --out that holds earlier djinnsim results")] = False,
     jobs: Annotated[int, typer.Option(help="search the groups (backend, model, GPU, link) in this many local processes")] = 1,
     ray: Annotated[Optional[str], typer.Option(
         metavar="[ADDRESS]",
@@ -37,7 +37,9 @@ def search(
 ) -> None:
     """Find capacities (agents under a P99 SLO) or break-even link rates by simulating, not by formula."""
     from djinnsim.sim import search as search_mod
+    from djinnsim.sim.outputs import OutputFolder, utc_stamp
     from djinnsim.sim.parallel import held
+    from djinnsim.sim.safeyaml import require_file
     from djinnsim.sim.run import CostModels
     from djinnsim.sim.scenario import load_scenario
 
@@ -46,20 +48,25 @@ def search(
     if len(chosen) != 1:
         raise DjinnsimError("give exactly one of --slo-p99-ms, --break-even-ms, --within-native-pct"
                             + (f" (got {', '.join(chosen)})" if chosen else ""))
-    if calibration is not None and not calibration.is_file():
-        raise DjinnsimError(f"calibration profile not found: {calibration}")
+    if calibration is not None:
+        require_file(calibration, "calibration profile")
+    for name, value in (("--slo-p99-ms", slo_p99_ms), ("--break-even-ms", break_even_ms),
+                        ("--within-native-pct", within_native_pct)):
+        if value is not None and not -float("inf") < value < float("inf"):  # the range: sim.search
+            raise DjinnsimError(f"{name} must be a finite number, not {value}")
+    if not 1 <= max_agents <= search_mod.DEFAULT_MAX_AGENTS * 16:
+        raise DjinnsimError(f"--max-agents must be in 1..{search_mod.DEFAULT_MAX_AGENTS * 16}, not {max_agents}")
     loaded = load_scenario(scenario)
+    folder = OutputFolder(out, Path("results") / loaded.name / f"search-{utc_stamp()}", force=force)
     costs = CostModels(loaded, calibration)
     with held(jobs, ray):  # the groups run as `djinnsim run --jobs / --ray` runs points; answers do not change
         if slo_p99_ms is not None:
             answers = search_mod.search_capacity(loaded, slo_p99_ms, backend, max_agents=max_agents, costs=costs)
         else:
             answers = search_mod.search_break_even(loaded, break_even_ms, within_native_pct, backend, costs=costs)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out_dir = out if out is not None else Path("results") / loaded.name / f"search-{stamp}"
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DjinnsimError(f"--out {out_dir} exists and is not a folder")
-    search_mod.write_search_outputs(answers, out_dir)
+    with folder as staging:
+        search_mod.write_search_outputs(answers, staging)
+    out_dir = folder.path
     for warning in costs.warnings:
         typer.echo(f"warning: {warning}", err=True)
     if json_output:

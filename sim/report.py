@@ -19,6 +19,7 @@ from djinnsim.errors import DjinnsimError
 from . import claims as claims_mod
 from . import metrics
 from .records import RECORD_COLUMNS, records_frame
+from .safeyaml import strict_json
 from .trace import write_trace
 
 if TYPE_CHECKING:
@@ -317,7 +318,7 @@ def _trace_point(result: "SimulationResult") -> "PointResult":
 
 
 def _write_json(path: Path, document: Any) -> Path:
-    path.write_text(json.dumps(document, indent=2) + "\n")
+    path.write_text(strict_json(document, indent=2) + "\n")  # NaN / Infinity are not JSON
     return path
 
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 import time
 import zlib
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 
@@ -14,10 +14,13 @@ import numpy as np
 from djinnsim.errors import DjinnsimError
 
 from .costmodel import CostModel, ProfileCostModel, RooflineCostModel, transfer_profile
+from .estimate import check_workload
+from .outputs import OutputFolder, utc_stamp
 from .parallel import held, map_points
 from .profile import Profile, load_profile
 from .records import Record
-from .scenario import Point, Scenario, dump_scenario, expand_points, load_scenario
+from .safeyaml import require_file
+from .scenario import MAX_BANDS, Point, Scenario, check_seed, dump_scenario, expand_points, load_scenario
 from .simulate import PointResult, simulate_point
 from .specs import get_gpu
 
@@ -151,36 +154,38 @@ def simulate_scenario(scenario: Scenario, calibration: Path | None = None, seed:
 
 
 def default_out_dir(scenario: Scenario) -> Path:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return Path("results") / scenario.name / stamp
+    return Path("results") / scenario.name / utc_stamp()
 
 
 def run_scenario_file(path: Path, calibration: Path | None = None, out: Path | None = None,
                       seed: int | None = None, quiet: bool = False, bands: int | None = None, jobs: int = 1,
-                      ray_address: str | None = None) -> Path:
+                      ray_address: str | None = None, force: bool = False) -> Path:
     """`djinnsim run`: load, simulate, write results; returns the output folder.
     `bands` (default: the scenario's `bands`): draws of the profile's spread for P10-P90 bands;
-    `jobs` / `ray_address`: where the points run (sim.parallel.map_points)."""
+    `jobs` / `ray_address`: where the points run (sim.parallel.map_points); `force`: replace a
+    non-empty `out` (sim.outputs.OutputFolder: the folder appears only once complete)."""
     scenario = load_scenario(path)
     if seed is not None:
-        scenario = scenario.model_copy(update={"seed": seed})
+        scenario = scenario.model_copy(update={"seed": check_seed(seed)})
     if bands is not None:
         if bands < 0:
             raise DjinnsimError(f"--bands must be >= 0, not {bands}")
         scenario = scenario.model_copy(update={"bands": bands})
-    if calibration is not None and not Path(calibration).is_file():
-        raise DjinnsimError(f"calibration profile not found: {calibration}")
-    out_dir = Path(out) if out is not None else default_out_dir(scenario)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DjinnsimError(f"--out {out_dir} exists and is not a folder")
+    if bands is not None and bands > MAX_BANDS:
+        raise DjinnsimError(f"--bands must be <= {MAX_BANDS}, not {bands}")
+    if calibration is not None:
+        require_file(calibration, "calibration profile")
+    folder = OutputFolder(out, default_out_dir(scenario), force=force)
+    workload_warning = check_workload(scenario, jobs=jobs)
+    if workload_warning and not quiet:
+        print(f"warning: {workload_warning}", file=sys.stderr)
 
     # one executor for the sweep and the claims' searches: Ray starts (or connects) once
     with held(jobs, ray_address):
-        _simulate_and_write(scenario, calibration, out_dir, quiet)
-    return out_dir
+        return _simulate_and_write(scenario, calibration, folder, quiet)
 
 
-def _simulate_and_write(scenario: Scenario, calibration: Path | None, out_dir: Path, quiet: bool) -> None:
+def _simulate_and_write(scenario: Scenario, calibration: Path | None, folder: OutputFolder, quiet: bool) -> Path:
     from rich.console import Console
 
     console = Console(stderr=False, quiet=quiet)
@@ -208,18 +213,21 @@ def _simulate_and_write(scenario: Scenario, calibration: Path | None, out_dir: P
                 scenario, [p.point for p in result.points], result.costs.for_point, scenario.seed, scenario.bands,
                 lambda r: point_summary(r, scenario.workload.kind))):
             summary["bands_p10_p90"] = point_bands
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "scenario.yaml").write_text(dump_scenario(scenario))
-    write_outputs(result, out_dir, summaries=summaries)
-    from .provenance import provenance
-    from .report import _write_json
+    with folder as out_dir:
+        (out_dir / "scenario.yaml").write_text(dump_scenario(scenario))
+        write_outputs(result, out_dir, summaries=summaries)
+        from .provenance import provenance
+        from .report import _write_json
 
-    cost_models = [p.cost_model for p in result.points]
-    _write_json(out_dir / "provenance.json", provenance(result.costs.profile_paths, cost_models))
-    if scenario.bands:
-        (out_dir / "bands.md").write_text(bands_markdown(summaries, scenario.workload.kind, scenario.bands, cost_models))
+        cost_models = [p.cost_model for p in result.points]
+        _write_json(out_dir / "provenance.json", provenance(result.costs.profile_paths, cost_models))
+        if scenario.bands:
+            (out_dir / "bands.md").write_text(bands_markdown(summaries, scenario.workload.kind, scenario.bands,
+                                                             cost_models))
+    out_dir = folder.path
     if not quiet:
         print_summary(result, console, summaries=summaries)
         for warning in result.warnings:
             console.print(f"[yellow]warning:[/] {warning}")
         console.print(f"results: {out_dir}")
+    return out_dir
