@@ -421,41 +421,86 @@ def group_cost_model(members: list[dict[str, Any]]) -> str:
 # --- Markdown ------------------------------------------------------------------------------------
 
 
+TABLE2_COLUMNS = ("model", "gpu", "link_gbps", "cost_model", "backend", "n_agents", "mean_ms", "p50_ms", "p99_ms",
+                  "oom", "max_agents_no_oom", "memory_bound_agents", "oom_threshold_n")
+
+
 def table2_markdown(summaries: list[dict[str, Any]]) -> str:
+    """The seed's Table 2 ("summary statistics: mean, p50, p99, OOM thresholds") per (model, GPU,
+    link) group: each backend's max agents and OOM threshold, then mean, p50 and P99 at every N
+    swept. Each group is headed by its cost model (its kind and the hardware it was measured on)."""
     lines = ["# Table 2: agent scaling", "",
-             "P99 pools the REASON and REFLECT latencies of all agents (ms, at the client, queueing included).",
-             "A cell shows the nearest N swept when the column's N was not; `OOM` when that point had an OOM",
-             "record (in brackets: the P99 of the phases that did finish).", ""]
+             "Latency per phase pools the REASON and REFLECT latencies of all agents (ms, at the client, queueing",
+             "included). Max agents: the largest N swept with no OOM record; the memory bound is how many fit by the",
+             "memory model (computed, not simulated). OOM threshold: the smallest N swept with an OOM record. A row",
+             "marked OOM gives the statistics of the phases that did finish. Groups come from different cost models",
+             "when their headings say so: compare rows of the same cost model only.", ""]
     for key, members in groups(summaries).items():
         gpus = gpus_of(members)
         lines += [f"## {group_label(key)} ({group_cost_model(members)})", ""]
         if gpus > 1:
-            lines += [f"On a pool of {gpus} GPUs: the P99 columns are per GPU (N = {gpus} x the column's agents per",
-                      "GPU); max agents and the OOM N are the pool's.", ""]
-        header = ["backend", "max agents (no OOM in sweep)", "max agents (memory bound)",
-                  *(f"P99 @ N={n}" if gpus == 1 else f"P99 @ {n}/GPU" for n in TABLE2_NS), "OOM at N"]
-        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for backend, points in by_backend(members).items():
-            row = [backend, _opt(max_agents_without_oom(points), "none"), _opt(memory_bound_agents(points), "-")]
-            row += [_p99_cell(nearest_point(points, n * gpus), n * gpus) for n in TABLE2_NS]
-            row.append(_opt(oom_n(points), "none"))
-            lines.append("| " + " | ".join(row) + " |")
+            lines += [f"On a pool of {gpus} GPUs: N counts the agents of the whole pool ({gpus} x the agents per GPU);",
+                      "max agents and the OOM threshold are the pool's.", ""]
+        lines += ["| backend | max agents (no OOM in sweep) | max agents (memory bound) | OOM threshold (N) |",
+                  "|---|---|---|---|"]
+        backends = by_backend(members)
+        for backend, points in backends.items():
+            lines.append(f"| {backend} | {_opt(max_agents_without_oom(points), 'none')} | "
+                         f"{_opt(memory_bound_agents(points), '-')} | {_opt(oom_n(points), 'none')} |")
+        lines += ["", "| backend | N | mean | p50 | p99 | OOM |", "|---|---|---|---|---|---|"]
+        for backend, points in backends.items():
+            for p in points:
+                pooled = p["agents"]["pooled"]
+                lines.append(f"| {backend} | {p['n_agents']} | {_ms(pooled.get('mean_ms'))} | "
+                             f"{_ms(pooled.get('p50_ms'))} | {_ms(pooled.get('p99_ms'))} | {'OOM' if p['oom'] else ''} |")
         lines.append("")
     return "\n".join(lines)
 
 
+def table2_csv(summaries: list[dict[str, Any]]) -> str:
+    """Table 2 as CSV: one row per (group, backend, N) with the backend's max agents and OOM
+    threshold repeated on each of its rows (TABLE2_COLUMNS; empty: none)."""
+    rows = [",".join(TABLE2_COLUMNS)]
+    for (model, gpu, gbps), members in groups(summaries).items():
+        cost = group_cost_model(members)
+        for backend, points in by_backend(members).items():
+            per_backend = [max_agents_without_oom(points), memory_bound_agents(points), oom_n(points)]
+            for p in points:
+                pooled = p["agents"]["pooled"]
+                stats = [pooled.get("mean_ms"), pooled.get("p50_ms"), pooled.get("p99_ms")]
+                cells = [model, gpu, f"{gbps:g}", cost, backend, p["n_agents"], *stats, int(bool(p["oom"])),
+                         *per_backend]
+                rows.append(",".join("" if c is None else _csv_cell(c) for c in cells))
+    return "\n".join(rows) + "\n"
+
+
+def _csv_cell(value: Any) -> str:
+    text = f"{value:.4f}" if isinstance(value, float) else str(value)
+    return f'"{text}"' if "," in text else text
+
+
 def claims_markdown(summaries: list[dict[str, Any]], workload: str, claims: list[Claim]) -> str:
     lines = ["# Claims", "",
+             "The seed is Djinn's evaluation plan (its Experiments 2.1 and 2.2, their expected values and",
+             "validation checklist). Cost models: measured (a calibration profile measured on the GPU named),",
+             "transferred (a profile measured on one GPU, moved to another by datasheet ratios), roofline",
+             "(analytic, from a datasheet: an estimate, not a measurement).", "",
              "Each claim of the seed, checked on the simulated points of one model / GPU / link group, with",
              "the cost model that produced them. PASS or FAIL against the seed's threshold, from simulated",
              "behaviour only (sweep points, their records, and `djinnsim search` runs: \"searched\");",
              "`bound`: a closed-form memory bound shown for reference, never judged; N/A when the scenario",
-             "lacks what it needs. Compare groups of the same kind of cost model only.", "",
-             "| group | cost model | claim | value | threshold | verdict | numbers |", "|---|---|---|---|---|---|---|"]
-    for c in claims:
-        lines.append(f"| {c.group} | {c.cost_model} | {c.name} | {c.value_text} | {c.threshold} | **{c.verdict}** | "
-                     f"{c.detail} |")
-    lines += ["", "## Simulated vs the plan's expected values", "",
+             "lacks what it needs. Claims are listed apart per cost model: a verdict on one cost model says",
+             "nothing about another.", ""]
+    kinds = list(dict.fromkeys(c.cost_model for c in claims))
+    for kind in kinds:
+        lines += [f"## Claims on the {kind}", ""]
+        lines += ["| group | cost model | claim | value | threshold | verdict | numbers |", "|---|---|---|---|---|---|---|"]
+        for c in claims:
+            if c.cost_model == kind:
+                lines.append(f"| {c.group} | {c.cost_model} | {c.name} | {c.value_text} | {c.threshold} | "
+                             f"**{c.verdict}** | {c.detail} |")
+        lines.append("")
+    lines += ["## Simulated vs the plan's expected values", "",
               "The expected values are the plan's hypotheses (reference.md); none was ever measured.", ""]
     for key, members in groups(summaries).items():
         points = by_backend(members)

@@ -8,19 +8,22 @@ import zlib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from djinnsim.errors import DjinnsimError
 
 from .costmodel import CostModel, ProfileCostModel, RooflineCostModel, transfer_profile
+from . import notices
 from .estimate import check_workload
 from .outputs import OutputFolder, utc_stamp
+from .overrides import Override, load_overridden
 from .parallel import held, map_points
 from .profile import Profile, load_profile
 from .records import Record
 from .safeyaml import require_file
-from .scenario import MAX_BANDS, Point, Scenario, check_seed, dump_scenario, expand_points, load_scenario
+from .scenario import MAX_BANDS, Point, Scenario, check_seed, dump_scenario, expand_points
 from .simulate import PointResult, simulate_point
 from .specs import get_gpu
 
@@ -88,12 +91,12 @@ class CostModels:
             return RooflineCostModel(point.gpu, point.model)
         path = self.calibration or _default_profile(point.model.model_id, point.gpu.key)
         if path is None:
-            self.warnings.append(
-                f"no calibration profile for {point.model.model_id}: using the analytic roofline model of {point.gpu.name}"
-            )
+            self.warnings.append(notices.roofline_fallback(point.model.model_id, point.gpu.name))
             return RooflineCostModel(point.gpu, point.model)
         profile = self._profile(Path(path))
         meta = profile.metadata
+        if meta.device == "cpu":
+            self.warnings.append(notices.cpu_profile(str(path)))
         if meta.model_id != point.model.model_id:
             raise DjinnsimError(
                 f"calibration {path} is for model {meta.model_id}, but the scenario asks {point.model.model_id}"
@@ -107,7 +110,7 @@ class CostModels:
             return ProfileCostModel(moved, point.model)
         raise DjinnsimError(
             f"calibration {path} was measured on {meta.gpu_name}, but the scenario asks {point.gpu.key}; "
-            "set cost_model: transfer (move it by datasheet ratios) or roofline"
+            "set cost_model: transfer (move it by datasheet ratios, e.g. --set cost_model=transfer) or roofline"
         )
 
 
@@ -147,24 +150,26 @@ def simulate_scenario(scenario: Scenario, calibration: Path | None = None, seed:
     for result in results:
         for item in result.out_of_range:
             outside.setdefault(item, []).append(result.point.label)
-    for item, labels in list(outside.items())[:5]:
-        where = labels[0] if len(labels) == 1 else f"{len(labels)} points, first {labels[0]}"
-        warnings.append(f"cost asked outside the calibrated range: {item} ({where})")
-    return SimulationResult(scenario, results, warnings, time.perf_counter() - started, costs=models)
+    warnings += notices.outside_calibration(outside)
+    return SimulationResult(scenario, results, notices.once(warnings), time.perf_counter() - started, costs=models)
 
 
-def default_out_dir(scenario: Scenario) -> Path:
-    return Path("results") / scenario.name / utc_stamp()
+def default_out_dir(scenario: Scenario, folder: str | None = None) -> Path:
+    """results/<folder>/<UTC stamp>; `folder` (sim.overrides.results_folder) follows the scenario
+    file and its overrides, else the scenario's name."""
+    return Path("results") / (folder or scenario.name) / utc_stamp()
 
 
 def run_scenario_file(path: Path, calibration: Path | None = None, out: Path | None = None,
                       seed: int | None = None, quiet: bool = False, bands: int | None = None, jobs: int = 1,
-                      ray_address: str | None = None, force: bool = False) -> Path:
+                      ray_address: str | None = None, force: bool = False,
+                      overrides: Sequence[Override] = ()) -> Path:
     """`djinnsim run`: load, simulate, write results; returns the output folder.
+    `overrides`: `--set` and its shortcuts (sim.overrides), applied to the file before anything else.
     `bands` (default: the scenario's `bands`): draws of the profile's spread for P10-P90 bands;
     `jobs` / `ray_address`: where the points run (sim.parallel.map_points); `force`: replace a
     non-empty `out` (sim.outputs.OutputFolder: the folder appears only once complete)."""
-    scenario = load_scenario(path)
+    scenario, results_name = load_overridden(path, overrides)
     if seed is not None:
         scenario = scenario.model_copy(update={"seed": check_seed(seed)})
     if bands is not None:
@@ -175,7 +180,7 @@ def run_scenario_file(path: Path, calibration: Path | None = None, out: Path | N
         raise DjinnsimError(f"--bands must be <= {MAX_BANDS}, not {bands}")
     if calibration is not None:
         require_file(calibration, "calibration profile")
-    folder = OutputFolder(out, default_out_dir(scenario), force=force)
+    folder = OutputFolder(out, default_out_dir(scenario, results_name), force=force)
     workload_warning = check_workload(scenario, jobs=jobs)
     if workload_warning and not quiet:
         print(f"warning: {workload_warning}", file=sys.stderr)
@@ -227,7 +232,7 @@ def _simulate_and_write(scenario: Scenario, calibration: Path | None, folder: Ou
     out_dir = folder.path
     if not quiet:
         print_summary(result, console, summaries=summaries)
-        for warning in result.warnings:
-            console.print(f"[yellow]warning:[/] {warning}")
+    notices.emit(result.warnings)
+    if not quiet:
         console.print(f"results: {out_dir}")
     return out_dir

@@ -567,47 +567,8 @@ def probes_csv(answers: list) -> str:
     return "\n".join(rows) + "\n"
 
 
-def write_search_figure(answers: list, path: Path) -> Path:
-    """Every probe of every answer: P99 vs N (capacity) or per-token latency vs link Gbps
-    (break-even), log-log, with the target and the answer marked; one panel per group."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    capacity = bool(answers) and isinstance(answers[0], CapacityAnswer)
-    panels: dict[tuple, list] = {}
-    for a in answers:
-        panels.setdefault((a.model, a.gpu, a.link_gbps if capacity else None, a.cost_model), []).append(a)
-    fig = Figure(figsize=(6.0 * len(panels), 4.2), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, max(len(panels), 1), squeeze=False)[0]
-    for ax, ((model, gpu, gbps, kind), members) in zip(axes, panels.items()):
-        for a in members:
-            pts = sorted((p for p in a.probes if p.value_ms is not None), key=lambda p: p.x)
-            line, = ax.plot([p.x for p in pts], [p.value_ms for p in pts], marker="o", ms=3, lw=1, label=a.backend)
-            bad = [p for p in pts if not p.ok]
-            ax.scatter([p.x for p in bad], [p.value_ms for p in bad], marker="x", color=line.get_color(), zorder=3)
-            x, y = (a.max_agents, a.p99_ms_at_max) if capacity else (a.link_gbps, a.per_token_ms_at)
-            if x and y is not None:
-                ax.scatter([x], [y], s=80, facecolors="none", edgecolors=line.get_color(), zorder=4)
-            target = a.slo_p99_ms if capacity else a.target_ms
-            ax.axhline(target, color=line.get_color() if not capacity else "grey", ls="--", lw=0.8)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("agents N" if capacity else "link (Gbps)")
-        ax.set_ylabel("P99 per phase (ms)" if capacity else "mean per-token latency (ms)")
-        where = f"{model} / {gpu}" + (f" / {gbps:g} Gbps" if capacity else "")
-        ax.set_title(f"{where}\n{kind} cost model; dashed: target, x: failed probe, circle: answer", fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.savefig(path, dpi=120)
-    return path
-
-
 def write_search_outputs(answers: list, out_dir: Path) -> list[Path]:
-    """search.json (what --json prints), search.md, probes.csv and search.png in out_dir."""
+    """search.json (what --json prints), search.md, probes.csv, search.png and search.svg in out_dir."""
     import json
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -616,7 +577,9 @@ def write_search_outputs(answers: list, out_dir: Path) -> list[Path]:
     written[0].write_text(json.dumps(answers_json(answers), indent=2) + "\n")
     written[1].write_text(capacity_markdown(answers) if capacity else break_even_markdown(answers))
     written[2].write_text(probes_csv(answers))
-    written.append(write_search_figure(answers, out_dir / "search.png"))
+    from .figures import write_search_figure
+
+    written += write_search_figure(answers, out_dir / "search.png", capacity)
     return written
 
 
