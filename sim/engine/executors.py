@@ -15,6 +15,7 @@ import numpy as np
 import simpy
 
 from ..costmodel import CostModel
+from .pipe import FlowClass, SharedPipe
 
 Pass = tuple  # ("prefill", tokens, context) | ("decode", context)
 
@@ -144,9 +145,11 @@ class SerialFCFS:
 
 
 class TimeSliced:
-    """Independent processes sharing the GPU, pass by pass. A decode pass is host time (kernel
-    launches, which processes run in parallel on their own CPU threads) then GPU time (which
-    they take in turns): `PassTimer.host_s` says which part is the host's, for a prefill too."""
+    """Independent processes sharing the GPU, pass by pass (`time_sliced_per_pass`). A decode pass
+    is host time (kernel launches, which processes run in parallel on their own CPU threads) then
+    GPU time (which they take in turns): `PassTimer.host_s` says which part is the host's, for a
+    prefill too. One GPU request per pass: exact, but its cost grows with every pass of every
+    process; `FluidTimeSliced` is its fluid limit at a few events per request."""
 
     def __init__(self, env: simpy.Environment, timer: PassTimer) -> None:
         self.env = env
@@ -169,6 +172,40 @@ class TimeSliced:
                 queued_s += self.env.now - asked_at
                 yield self.env.timeout(duration - host_s)
         return Execution(queued_s, sum(d for d, _ in costs), started_at, busy_s)
+
+
+class FluidTimeSliced:
+    """Independent processes sharing the GPU as a fluid (`time_sliced`, the default): the per-pass
+    model (`TimeSliced`) with its turns made infinitely fine.
+
+    A unit of work needs G seconds of the GPU (its passes' kernel time) within D seconds of its
+    own (its passes' durations; D - G is host time, launches and new shapes, which processes run
+    in parallel). Alone it takes the GPU at the rate f = G / D and finishes in D, as pass by pass.
+    With others, the GPU (rate 1) is split max-min fairly: each process takes at most its f, and
+    those that want more than an equal share split what is left (a SharedPipe of GPU seconds).
+    That is the per-pass model's steady state: k equal processes cycle in max(D, k G) instead
+    of D. It differs within one round of turns: per pass, the first of k equal jobs finishes
+    (k - 1) passes before the last; here they finish together (tests/test_closed_forms.py).
+    One flow per unit of work: O(log k) per event in its class, classes sorted on each event.
+    """
+
+    def __init__(self, env: simpy.Environment, timer: PassTimer) -> None:
+        self.env = env
+        self.timer = timer
+        self.gpu = SharedPipe(env, lambda k: 1.0)  # GPU seconds per second
+
+    def execute(self, work: GpuWork):
+        started_at = self.env.now
+        costs = self.timer.costs_s(work)
+        compute_s = sum(d for d, _ in costs)
+        busy_s = sum(d - self.timer.host_s(p, work.batch, d, cold) for p, (d, cold) in zip(work.passes, costs))
+        if busy_s > 0:
+            share = busy_s / compute_s  # its rate alone: GPU seconds per second of its own
+            yield self.gpu.transfer(busy_s, FlowClass("process", lambda k, share=share: k * share))
+        elif compute_s > 0:
+            yield self.env.timeout(compute_s)
+        queued_s = max(self.env.now - started_at - compute_s, 0.0)
+        return Execution(queued_s, compute_s, started_at, busy_s)
 
 
 @dataclass
@@ -260,7 +297,8 @@ class ContinuousBatching:
 # serial FCFS and time slicing run one prefill at a time anyway).
 EXECUTORS: dict[str, Callable[..., object]] = {
     "serial_fcfs": lambda env, timer, max_batch, max_prefills: SerialFCFS(env, timer),
-    "time_sliced": lambda env, timer, max_batch, max_prefills: TimeSliced(env, timer),
+    "time_sliced": lambda env, timer, max_batch, max_prefills: FluidTimeSliced(env, timer),
+    "time_sliced_per_pass": lambda env, timer, max_batch, max_prefills: TimeSliced(env, timer),
     "continuous_batching": lambda env, timer, max_batch, max_prefills: ContinuousBatching(env, timer, max_batch,
                                                                                           max_prefills),
 }
