@@ -67,7 +67,7 @@ def test_swap_reflect_pays_out_and_in_at_pcie_bandwidth(act_s):
     cost = LinearPrefill()
     (kept,), _ = _run("preserve", act_s, cost)
     (swapped,), _ = _run("swap", act_s, cost)
-    one_way_s = cost.copy_bandwidth("h2d", True).time_s(_kv_bytes(cost))  # the copy's latency, then the bus
+    one_way_s = cost.copy_bandwidth("h2d", True).time_s(_kv_bytes(cost), cost.kv_tensors)  # a latency per K/V tensor, then the bus
     assert swapped.kv_state == "swapped"
     assert swapped.h2d_bytes - kept.h2d_bytes == _kv_bytes(cost)
     wait_s = max(one_way_s - swapped.uplink_s, 0.0) if act_s == 0 else 0.0
