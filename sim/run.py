@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import shutil
 import time
 import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -16,7 +20,7 @@ from djinnsim.errors import DjinnsimError
 from .costmodel import CostModel, ProfileCostModel, RooflineCostModel, transfer_profile
 from .parallel import map_points
 from .profile import Profile, load_profile
-from .records import Record
+from .records import Record, RecordTable
 from .scenario import Point, Scenario, dump_scenario, expand_points, load_scenario
 from .simulate import PointResult, simulate_point
 from .specs import get_gpu
@@ -128,16 +132,24 @@ def _simulate_task(task: tuple) -> PointResult:
 
 
 def simulate_scenario(scenario: Scenario, calibration: Path | None = None, seed: int | None = None,
-                      progress=None, jobs: int = 1, ray_address: str | None = None) -> SimulationResult:
+                      progress=None, jobs: int = 1, ray_address: str | None = None,
+                      on_point: Callable[[PointResult], PointResult] | None = None) -> SimulationResult:
     """Simulate every point of a scenario, in `jobs` local processes or as Ray tasks
-    (sim.parallel.map_points); `progress(done, total, label)` is called after each point."""
+    (sim.parallel.map_points); `progress(done, total, label)` is called after each point.
+    `on_point(result)` takes each point's result in point order and returns what the
+    SimulationResult keeps of it; run in this process, one point after another, it sees each as
+    soon as it is simulated (so a point's records need not outlive its outputs)."""
     started = time.perf_counter()
     points = expand_points(scenario)
     models = CostModels(scenario, calibration)
     base_seed = scenario.seed if seed is None else seed
     tasks = [(scenario, point, models.for_point(point), point_seed(base_seed, point)) for point in points]
-    results = map_points(_simulate_task, tasks, jobs=jobs, ray_address=ray_address,
+    streamed = on_point is not None and jobs == 1 and ray_address is None
+    results = map_points(functools.partial(_streamed_task, on_point) if streamed else _simulate_task, tasks,
+                         jobs=jobs, ray_address=ray_address,
                          progress=progress and (lambda done, total, i: progress(done, total, points[i].label)))
+    if on_point is not None and not streamed:
+        results = [on_point(result) for result in results]
     warnings = list(models.warnings)
     outside: dict[str, list[str]] = {}
     for result in results:
@@ -147,6 +159,15 @@ def simulate_scenario(scenario: Scenario, calibration: Path | None = None, seed:
         where = labels[0] if len(labels) == 1 else f"{len(labels)} points, first {labels[0]}"
         warnings.append(f"cost asked outside the calibrated range: {item} ({where})")
     return SimulationResult(scenario, results, warnings, time.perf_counter() - started, costs=models)
+
+
+def _streamed_task(on_point: Callable[[PointResult], PointResult], task: tuple) -> PointResult:
+    return on_point(simulate_point(*task))
+
+
+def without_records(result: PointResult) -> PointResult:
+    """A point's result once its records are written: its summary fields, no records."""
+    return dataclasses.replace(result, records=RecordTable(0, {}))
 
 
 def default_out_dir(scenario: Scenario) -> Path:
@@ -175,40 +196,29 @@ def run_scenario_file(path: Path, calibration: Path | None = None, out: Path | N
 
     from rich.console import Console
 
+    from .report import print_summary
+
     console = Console(stderr=False, quiet=quiet)
-    if quiet:
-        result = simulate_scenario(scenario, calibration, progress=None, jobs=jobs, ray_address=ray_address)
-    else:
-        from rich.progress import Progress
-
-        with Progress(console=console, transient=True) as bar:
-            task = bar.add_task(f"simulating {scenario.name}", total=None)
-
-            def progress(done: int, total: int, label: str) -> None:
-                bar.update(task, completed=done, total=total, description=label)
-
-            result = simulate_scenario(scenario, calibration, progress=progress, jobs=jobs, ray_address=ray_address)
-
-    from .report import point_summaries, print_summary, write_outputs
-
-    summaries = point_summaries(result)
-    if scenario.bands:
-        from .bands import bands_markdown, scenario_bands
-        from .report import point_summary
-
-        for summary, point_bands in zip(summaries, scenario_bands(
-                scenario, [p.point for p in result.points], result.costs.for_point, scenario.seed, scenario.bands,
-                lambda r: point_summary(r, scenario.workload.kind))):
-            summary["bands_p10_p90"] = point_bands
+    points = expand_points(scenario)
+    if not points:
+        raise DjinnsimError(f"scenario {scenario.name!r} expanded to no points")
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "scenario.yaml").write_text(dump_scenario(scenario))
-    write_outputs(result, out_dir, summaries=summaries)
+    try:
+        result, summaries = _simulate_and_write(scenario, points, calibration, out_dir, console, quiet, jobs,
+                                                ray_address)
+    except BaseException:
+        if created:  # no half-written results folder for a run that failed
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     from .provenance import provenance
     from .report import _write_json
 
     cost_models = [p.cost_model for p in result.points]
     _write_json(out_dir / "provenance.json", provenance(result.costs.profile_paths, cost_models))
     if scenario.bands:
+        from .bands import bands_markdown
+
         (out_dir / "bands.md").write_text(bands_markdown(summaries, scenario.workload.kind, scenario.bands, cost_models))
     if not quiet:
         print_summary(result, console, summaries=summaries)
@@ -216,3 +226,42 @@ def run_scenario_file(path: Path, calibration: Path | None = None, out: Path | N
             console.print(f"[yellow]warning:[/] {warning}")
         console.print(f"results: {out_dir}")
     return out_dir
+
+
+def _simulate_and_write(scenario: Scenario, points: list[Point], calibration: Path | None, out_dir: Path, console,
+                        quiet: bool, jobs: int, ray_address: str | None):
+    """Simulate the scenario and write its outputs; returns (result, summaries)."""
+    from .report import PointWriter
+
+    (out_dir / "scenario.yaml").write_text(dump_scenario(scenario))
+    # each point's outputs are written as it comes, then its records are dropped
+    with PointWriter(scenario, out_dir, len(points)) as writer:
+        def on_point(point_result: PointResult) -> PointResult:
+            writer.write_point(point_result)
+            return without_records(point_result)
+
+        if quiet:
+            result = simulate_scenario(scenario, calibration, progress=None, jobs=jobs, ray_address=ray_address,
+                                       on_point=on_point)
+        else:
+            from rich.progress import Progress
+
+            with Progress(console=console, transient=True) as bar:
+                task = bar.add_task(f"simulating {scenario.name}", total=None)
+
+                def progress(done: int, total: int, label: str) -> None:
+                    bar.update(task, completed=done, total=total, description=label)
+
+                result = simulate_scenario(scenario, calibration, progress=progress, jobs=jobs,
+                                           ray_address=ray_address, on_point=on_point)
+
+    bands_per_point = None
+    if scenario.bands:
+        from .bands import scenario_bands
+        from .report import point_summary
+
+        bands_per_point = scenario_bands(
+            scenario, [p.point for p in result.points], result.costs.for_point, scenario.seed, scenario.bands,
+            lambda r: point_summary(r, scenario.workload.kind))
+    _, summaries = writer.finish(result, bands=bands_per_point)
+    return result, summaries
