@@ -1,5 +1,6 @@
-"""Write a simulation's outputs: baseline JSONs (the seed's schema), records.csv, Figure 6, Table 2,
-the claims report, a Chrome trace and summary.json; and print the terminal summary.
+"""Write a simulation's outputs: baseline JSONs (the seed's schema), records.csv, Figure 6 or the
+Exp 2.1 figure (sim.figures), Table 2 (Markdown and CSV), the claims report, a Chrome trace and
+summary.json; and print the terminal summary.
 
 Every figure is computed from the records (sim.metrics) and PointResult's reported fields, never
 from engine internals. Files are byte-identical for identical records: fixed key order, floats
@@ -20,8 +21,10 @@ import numpy as np
 from djinnsim.errors import DjinnsimError
 
 from . import claims as claims_mod
+from . import figures
 from . import metrics
 from .records import RECORD_COLUMNS, Record, RecordTable, records_frame
+from .safeyaml import strict_json
 from .trace import write_trace
 
 if TYPE_CHECKING:
@@ -378,7 +381,7 @@ def write_figure6(summaries: list[dict[str, Any]], backends: list[str], path: Pa
 
 
 def _write_json(path: Path, document: Any) -> Path:
-    path.write_text(json.dumps(document, indent=2) + "\n")
+    path.write_text(strict_json(document, indent=2) + "\n")  # NaN / Infinity are not JSON
     return path
 
 
@@ -407,7 +410,7 @@ class PointWriter:
     point over as soon as it is simulated and then drops its records): a point's table of records
     becomes a frame, its summary, its baseline JSON and its rows of records.csv, then the frame is
     dropped; only the trace point keeps (at most TRACE_MAX_RECORDS of) its records. `finish`
-    writes what needs every point: Figure 6, Table 2, the claims, the trace and summary.json."""
+    writes what needs every point: the figures, Table 2, the claims, the trace and summary.json."""
 
     def __init__(self, scenario: Any, out_dir: Path, points: int,
                  summaries: list[dict[str, Any]] | None = None) -> None:
@@ -458,8 +461,11 @@ class PointWriter:
         written = [*self.written, self._csv.path]
         claims = claims_mod.evaluate_claims(summaries, workload, result)
         if workload == "agents":
-            written.append(write_figure6(summaries, list(scenario.backends), out_dir / "figure6.png"))
+            written += figures.write_figure6(summaries, list(scenario.backends), out_dir / "figure6.png")
             written.append(_write_text(out_dir / "table2.md", claims_mod.table2_markdown(summaries)))
+            written.append(_write_text(out_dir / "table2.csv", claims_mod.table2_csv(summaries)))
+        else:
+            written += figures.write_exp21_figure(summaries, list(scenario.backends), out_dir / "exp21.png")
         written.append(_write_text(out_dir / "claims.md", claims_mod.claims_markdown(summaries, workload, claims)))
         point, records = self._traced
         written.append(write_trace(records, out_dir / "trace.json", pid=point.index + 1, process_name=point.label,
@@ -501,7 +507,7 @@ def summary_rows(result: "SimulationResult", summaries: list[dict[str, Any]] | N
             "latency": unit, "mean_ms": mean_ms, "p99_ms": p99_ms,
             "mb_up": None if up is None else up / metrics.BYTES_PER_MB,
             "mb_down": None if down is None else down / metrics.BYTES_PER_MB,
-            "oom": s["oom"],
+            "oom": s["oom"], "cost_model": s.get("cost_model", ""),
         })
     return rows
 
@@ -513,14 +519,15 @@ def print_summary(result: "SimulationResult", console: Any, summaries: list[dict
     rows = summary_rows(result, summaries)
     decode = result.scenario.workload.kind != "agents"
     shared, varying = [], []
-    for key, heading in (("model", "model"), ("gpu", "GPU"), ("link_gbps", "Gbps"), ("n_agents", "N")):
+    for key, heading in (("model", "model"), ("gpu", "GPU"), ("link_gbps", "Gbps"), ("n_agents", "N"),
+                         ("cost_model", "cost model")):
         values = {row[key] for row in rows}
         if len(values) > 1:
             varying.append((key, heading))
         elif key != "n_agents" or not decode:
             value = next(iter(values), None)
             shared.append(f"{value:g} Gbps" if key == "link_gbps" else f"N={value}" if key == "n_agents"
-                          else str(value))
+                          else f"{value} cost model" if key == "cost_model" else str(value))
     what = ("per-token latency, payload MB per run" if decode
             else "per-phase latency (REASON+REFLECT), payload MB per phase")
     table = Table(title=f"{result.scenario.name} ({', '.join(shared)}): {what}")

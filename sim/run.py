@@ -4,24 +4,28 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import shutil
+import sys
 import time
 import zlib
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
 from djinnsim.errors import DjinnsimError
 
 from .costmodel import CostModel, ProfileCostModel, RooflineCostModel, transfer_profile
-from .parallel import map_points
+from . import notices
+from .estimate import check_workload
+from .outputs import OutputFolder, utc_stamp
+from .overrides import Override, load_overridden
+from .parallel import held, map_points
 from .profile import Profile, load_profile
 from .records import Record, RecordTable
-from .scenario import Point, Scenario, dump_scenario, expand_points, load_scenario
+from .safeyaml import require_file
+from .scenario import MAX_BANDS, Point, Scenario, check_seed, dump_scenario, expand_points
 from .simulate import PointResult, simulate_point
 from .specs import get_gpu
 
@@ -89,12 +93,12 @@ class CostModels:
             return RooflineCostModel(point.gpu, point.model)
         path = self.calibration or _default_profile(point.model.model_id, point.gpu.key)
         if path is None:
-            self.warnings.append(
-                f"no calibration profile for {point.model.model_id}: using the analytic roofline model of {point.gpu.name}"
-            )
+            self.warnings.append(notices.roofline_fallback(point.model.model_id, point.gpu.name))
             return RooflineCostModel(point.gpu, point.model)
         profile = self._profile(Path(path))
         meta = profile.metadata
+        if meta.device == "cpu":
+            self.warnings.append(notices.cpu_profile(str(path)))
         if meta.model_id != point.model.model_id:
             raise DjinnsimError(
                 f"calibration {path} is for model {meta.model_id}, but the scenario asks {point.model.model_id}"
@@ -108,7 +112,7 @@ class CostModels:
             return ProfileCostModel(moved, point.model)
         raise DjinnsimError(
             f"calibration {path} was measured on {meta.gpu_name}, but the scenario asks {point.gpu.key}; "
-            "set cost_model: transfer (move it by datasheet ratios) or roofline"
+            "set cost_model: transfer (move it by datasheet ratios, e.g. --set cost_model=transfer) or roofline"
         )
 
 
@@ -132,19 +136,21 @@ def _simulate_task(task: tuple) -> PointResult:
 
 
 def simulate_scenario(scenario: Scenario, calibration: Path | None = None, seed: int | None = None,
-                      progress=None, jobs: int = 1, ray_address: str | None = None,
-                      on_point: Callable[[PointResult], PointResult] | None = None) -> SimulationResult:
+                      progress=None, jobs: int | None = None, ray_address: str | None = None,
+                      on_point: Callable[[PointResult], PointResult] | None = None,
+                      in_process: bool = False) -> SimulationResult:
     """Simulate every point of a scenario, in `jobs` local processes or as Ray tasks
-    (sim.parallel.map_points); `progress(done, total, label)` is called after each point.
+    (sim.parallel.map_points; neither: on the executor held now, else one by one);
+    `progress(done, total, label)` is called after each point.
     `on_point(result)` takes each point's result in point order and returns what the
-    SimulationResult keeps of it; run in this process, one point after another, it sees each as
-    soon as it is simulated (so a point's records need not outlive its outputs)."""
+    SimulationResult keeps of it; with `in_process` (the points run here, one by one) it sees each
+    as soon as it is simulated, so a point's records need not outlive its outputs."""
     started = time.perf_counter()
     points = expand_points(scenario)
     models = CostModels(scenario, calibration)
     base_seed = scenario.seed if seed is None else seed
     tasks = [(scenario, point, models.for_point(point), point_seed(base_seed, point)) for point in points]
-    streamed = on_point is not None and jobs == 1 and ray_address is None
+    streamed = on_point is not None and in_process
     results = map_points(functools.partial(_streamed_task, on_point) if streamed else _simulate_task, tasks,
                          jobs=jobs, ray_address=ray_address,
                          progress=progress and (lambda done, total, i: progress(done, total, points[i].label)))
@@ -155,10 +161,8 @@ def simulate_scenario(scenario: Scenario, calibration: Path | None = None, seed:
     for result in results:
         for item in result.out_of_range:
             outside.setdefault(item, []).append(result.point.label)
-    for item, labels in list(outside.items())[:5]:
-        where = labels[0] if len(labels) == 1 else f"{len(labels)} points, first {labels[0]}"
-        warnings.append(f"cost asked outside the calibrated range: {item} ({where})")
-    return SimulationResult(scenario, results, warnings, time.perf_counter() - started, costs=models)
+    warnings += notices.outside_calibration(outside)
+    return SimulationResult(scenario, results, notices.once(warnings), time.perf_counter() - started, costs=models)
 
 
 def _streamed_task(on_point: Callable[[PointResult], PointResult], task: tuple) -> PointResult:
@@ -170,98 +174,97 @@ def without_records(result: PointResult) -> PointResult:
     return dataclasses.replace(result, records=RecordTable(0, {}))
 
 
-def default_out_dir(scenario: Scenario) -> Path:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return Path("results") / scenario.name / stamp
+def default_out_dir(scenario: Scenario, folder: str | None = None) -> Path:
+    """results/<folder>/<UTC stamp>; `folder` (sim.overrides.results_folder) follows the scenario
+    file and its overrides, else the scenario's name."""
+    return Path("results") / (folder or scenario.name) / utc_stamp()
 
 
 def run_scenario_file(path: Path, calibration: Path | None = None, out: Path | None = None,
                       seed: int | None = None, quiet: bool = False, bands: int | None = None, jobs: int = 1,
-                      ray_address: str | None = None) -> Path:
+                      ray_address: str | None = None, force: bool = False,
+                      overrides: Sequence[Override] = ()) -> Path:
     """`djinnsim run`: load, simulate, write results; returns the output folder.
+    `overrides`: `--set` and its shortcuts (sim.overrides), applied to the file before anything else.
     `bands` (default: the scenario's `bands`): draws of the profile's spread for P10-P90 bands;
-    `jobs` / `ray_address`: where the points run (sim.parallel.map_points)."""
-    scenario = load_scenario(path)
+    `jobs` / `ray_address`: where the points run (sim.parallel.map_points); `force`: replace a
+    non-empty `out` (sim.outputs.OutputFolder: the folder appears only once complete)."""
+    scenario, results_name = load_overridden(path, overrides)
     if seed is not None:
-        scenario = scenario.model_copy(update={"seed": seed})
+        scenario = scenario.model_copy(update={"seed": check_seed(seed)})
     if bands is not None:
         if bands < 0:
             raise DjinnsimError(f"--bands must be >= 0, not {bands}")
         scenario = scenario.model_copy(update={"bands": bands})
-    if calibration is not None and not Path(calibration).is_file():
-        raise DjinnsimError(f"calibration profile not found: {calibration}")
-    out_dir = Path(out) if out is not None else default_out_dir(scenario)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DjinnsimError(f"--out {out_dir} exists and is not a folder")
+    if bands is not None and bands > MAX_BANDS:
+        raise DjinnsimError(f"--bands must be <= {MAX_BANDS}, not {bands}")
+    if calibration is not None:
+        require_file(calibration, "calibration profile")
+    folder = OutputFolder(out, default_out_dir(scenario, results_name), force=force)
+    workload_warning = check_workload(scenario, jobs=jobs)
+    if workload_warning and not quiet:
+        print(f"warning: {workload_warning}", file=sys.stderr)
 
+    # one executor for the sweep and the claims' searches: Ray starts (or connects) once
+    with held(jobs, ray_address):
+        return _simulate_and_write(scenario, calibration, folder, quiet, in_process=jobs == 1 and ray_address is None)
+
+
+def _simulate_and_write(scenario: Scenario, calibration: Path | None, folder: OutputFolder, quiet: bool,
+                        in_process: bool = False) -> Path:
     from rich.console import Console
 
-    from .report import print_summary
+    from .report import PointWriter, print_summary
 
     console = Console(stderr=False, quiet=quiet)
     points = expand_points(scenario)
     if not points:
         raise DjinnsimError(f"scenario {scenario.name!r} expanded to no points")
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        result, summaries = _simulate_and_write(scenario, points, calibration, out_dir, console, quiet, jobs,
-                                                ray_address)
-    except BaseException:
-        if created:  # no half-written results folder for a run that failed
-            shutil.rmtree(out_dir, ignore_errors=True)
-        raise
-    from .provenance import provenance
-    from .report import _write_json
+    with folder as out_dir:
+        (out_dir / "scenario.yaml").write_text(dump_scenario(scenario))
+        # each point's outputs are written as it comes (in_process: as soon as it is simulated),
+        # then its records are dropped
+        with PointWriter(scenario, out_dir, len(points)) as writer:
+            def on_point(point_result: PointResult) -> PointResult:
+                writer.write_point(point_result)
+                return without_records(point_result)
 
-    cost_models = [p.cost_model for p in result.points]
-    _write_json(out_dir / "provenance.json", provenance(result.costs.profile_paths, cost_models))
-    if scenario.bands:
-        from .bands import bands_markdown
+            if quiet:
+                result = simulate_scenario(scenario, calibration, progress=None, on_point=on_point,
+                                           in_process=in_process)
+            else:
+                from rich.progress import Progress
 
-        (out_dir / "bands.md").write_text(bands_markdown(summaries, scenario.workload.kind, scenario.bands, cost_models))
+                with Progress(console=console, transient=True) as bar:
+                    task = bar.add_task(f"simulating {scenario.name}", total=None)
+
+                    def progress(done: int, total: int, label: str) -> None:
+                        bar.update(task, completed=done, total=total, description=label)
+
+                    result = simulate_scenario(scenario, calibration, progress=progress, on_point=on_point,
+                                               in_process=in_process)
+
+        bands_per_point = None
+        if scenario.bands:
+            from .bands import bands_markdown, scenario_bands
+            from .report import point_summary
+
+            bands_per_point = scenario_bands(
+                scenario, [p.point for p in result.points], result.costs.for_point, scenario.seed, scenario.bands,
+                lambda r: point_summary(r, scenario.workload.kind))
+        _, summaries = writer.finish(result, bands=bands_per_point)
+        from .provenance import provenance
+        from .report import _write_json
+
+        cost_models = [p.cost_model for p in result.points]
+        _write_json(out_dir / "provenance.json", provenance(result.costs.profile_paths, cost_models))
+        if scenario.bands:
+            (out_dir / "bands.md").write_text(bands_markdown(summaries, scenario.workload.kind, scenario.bands,
+                                                             cost_models))
+    out_dir = folder.path
     if not quiet:
         print_summary(result, console, summaries=summaries)
-        for warning in result.warnings:
-            console.print(f"[yellow]warning:[/] {warning}")
+    notices.emit(result.warnings)
+    if not quiet:
         console.print(f"results: {out_dir}")
     return out_dir
-
-
-def _simulate_and_write(scenario: Scenario, points: list[Point], calibration: Path | None, out_dir: Path, console,
-                        quiet: bool, jobs: int, ray_address: str | None):
-    """Simulate the scenario and write its outputs; returns (result, summaries)."""
-    from .report import PointWriter
-
-    (out_dir / "scenario.yaml").write_text(dump_scenario(scenario))
-    # each point's outputs are written as it comes, then its records are dropped
-    with PointWriter(scenario, out_dir, len(points)) as writer:
-        def on_point(point_result: PointResult) -> PointResult:
-            writer.write_point(point_result)
-            return without_records(point_result)
-
-        if quiet:
-            result = simulate_scenario(scenario, calibration, progress=None, jobs=jobs, ray_address=ray_address,
-                                       on_point=on_point)
-        else:
-            from rich.progress import Progress
-
-            with Progress(console=console, transient=True) as bar:
-                task = bar.add_task(f"simulating {scenario.name}", total=None)
-
-                def progress(done: int, total: int, label: str) -> None:
-                    bar.update(task, completed=done, total=total, description=label)
-
-                result = simulate_scenario(scenario, calibration, progress=progress, jobs=jobs,
-                                           ray_address=ray_address, on_point=on_point)
-
-    bands_per_point = None
-    if scenario.bands:
-        from .bands import scenario_bands
-        from .report import point_summary
-
-        bands_per_point = scenario_bands(
-            scenario, [p.point for p in result.points], result.costs.for_point, scenario.seed, scenario.bands,
-            lambda r: point_summary(r, scenario.workload.kind))
-    _, summaries = writer.finish(result, bands=bands_per_point)
-    return result, summaries

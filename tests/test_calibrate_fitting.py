@@ -141,3 +141,58 @@ def test_exp21_runs_become_decode_fit_points_one_per_run():
     points = sorted(exp21_decode_points(rows), key=lambda p: p.value)
     assert [p.inputs for p in points] == [{"batch": 1.0, "context": 96.0, "sum_context": 96.0}] * 2
     assert [p.value for p in points] == pytest.approx([0.0424, 0.0524])
+
+
+def _outside(fit, batches, contexts, max_sum_context) -> list[tuple[int, int]]:
+    from djinnsim.sim.costmodel import evaluate_fit
+
+    return [(b, c) for b in batches for c in contexts if b * c <= max_sum_context
+            and not evaluate_fit(fit, {"batch": b, "context": c, "sum_context": b * c})[1]]
+
+
+def test_reach_cut_stretches_sum_context_over_the_added_slab():
+    from djinnsim.calibrate.fitting import reach_cut
+
+    # A piece above a cut at context 96 whose points start at context 260 (batch 1-64).
+    domain = {"batch": (1.0, 64.0), "context": (260.0, 2052.0), "sum_context": (260.0, 65792.0)}
+    assert reach_cut(domain, "context", 96.0) == {"batch": (1.0, 64.0), "context": (96.0, 2052.0),
+                                                 "sum_context": (96.0, 65792.0)}
+    # Below a cut: the box grows up to it, sum_context up to the slab's largest batch x context.
+    low = {"batch": (2.0, 64.0), "context": (68.0, 68.0), "sum_context": (136.0, 4352.0)}
+    assert reach_cut(low, "context", 96.0)["sum_context"] == (136.0, 6144.0)
+    assert reach_cut(low, "batch", 1.0)["sum_context"] == (68.0, 4352.0)
+    # A cut already inside the box changes nothing; nor does a box without batch and context.
+    assert reach_cut(domain, "batch", 8.0) == domain
+    assert reach_cut({"prompt_tokens": (16.0, 256.0)}, "prompt_tokens", 512.0) == {"prompt_tokens": (16.0, 512.0)}
+
+
+def test_decode_pieces_leave_no_gap_where_split_points_sit_off_the_grid():
+    """Exp 2.1's runs are decode points at batch 1 and context 96, between the grid's 68 and 260, in
+    the slow host state: the fit cuts at context 96, and the piece above it must start there at
+    every batch (it used to start at sum_context 260, leaving batch 1 at context 97-259 outside)."""
+    contexts = (64, 256, 512, 1024, 2048)
+    points = [FitPoint({"batch": b, "context": c + 4, "sum_context": b * (c + 4)}, 0.026 + 5e-8 * b * c)
+              for b in (1, 2, 4, 8, 16, 32, 64) for c in contexts if b * c <= 65536]
+    points[0] = FitPoint(points[0].inputs, 0.023)  # batch 1 at context 68, fast state
+    points += [FitPoint({"batch": 1.0, "context": 96.0, "sum_context": 96.0}, v)
+               for v in (0.034, 0.035, 0.036, 0.037, 0.031, 0.033)]
+    fit = fit_decode(points)
+    assert isinstance(fit, PiecewiseFit)
+    assert _outside(fit, (1, 2, 3, 8, 64), range(68, 2053), 65792) == []
+
+
+def test_h200_decode_samples_refit_without_gaps():
+    """The bundled H200 samples refitted: the same pieces, domains that cover the grid's box."""
+    from pathlib import Path
+
+    from djinnsim.calibrate.refit import decode_points, read_samples
+    from djinnsim.sim.profile import load_profile
+
+    folder = Path(__file__).resolve().parents[1] / "sim" / "data" / "profiles"
+    bundled = load_profile(folder / "h200-llama-2-7b.json").decode_step
+    fit = fit_decode(decode_points(read_samples(folder / "h200-llama-2-7b.csv")))
+    assert len(fit.pieces) == len(bundled.pieces)
+    for ours, theirs in zip(fit.pieces, bundled.pieces):
+        assert ours.coef == pytest.approx(theirs.coef, rel=1e-9, abs=1e-15)
+    assert _outside(bundled, (1,), (100, 200, 259), 65792) == [(1, 100), (1, 200), (1, 259)]
+    assert _outside(fit, (1, 2, 3, 8, 64), range(68, 2053), 65792) == []

@@ -85,13 +85,13 @@ def test_swapped_and_reprefilled_caches_give_the_resident_caches_token(result):
 
 def test_simulated_figures_are_what_the_engine_charges(result):
     """Jitter-free profile (jitter_prefill = [1]): the REFLECTs cost the prefill fit at the engine's
-    passes, each swap one copy of the KV's bytes at the profile's pageable bandwidth (its latency
-    once: the engine copies a session's KV as one buffer)."""
+    passes, each swap one copy of the KV's bytes at the profile's pageable bandwidth, paying its latency
+    once per K/V tensor (the engine copies a session's KV as 2 x layers tensors)."""
     profile, _, doc = result
     cost = ProfileCostModel(load_profile(profile), TINY)
     sim = {(r["op"], r["context_tokens"]): r["sim_s"] for r in doc["rows"]}
     for c in CONTEXTS:
-        one_way_s = 2e-5 + c * TINY.kv_bytes_per_token / (0.05 * 1e9)
+        one_way_s = 2 * TINY.num_layers * 2e-5 + c * TINY.kv_bytes_per_token / (0.05 * 1e9)
         assert sim[("reflect_preserve", c)] == pytest.approx(cost.prefill_s(kv_costs.REFLECT_TOKENS, 1, c))
         assert sim[("reflect_discard", c)] == pytest.approx(cost.prefill_s(c + kv_costs.REFLECT_TOKENS, 1, 0))
         assert sim[("swap_out", c)] == pytest.approx(one_way_s)
