@@ -23,6 +23,7 @@ def calibrate(
     out: Annotated[Path | None, typer.Option(help="profile JSON to write (default: results/calibration/<gpu-key>-<model-key>.json); samples CSV beside it")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar, per-point lines or summary")] = False,
     refit: Annotated[Path | None, typer.Option(help="measure nothing: recompute the fits of this profile from its samples CSV (rewritten in place, or to --out)")] = None,
+    force: Annotated[bool, typer.Option(help="measuring: replace the profile at --out if it exists")] = False,
 ) -> None:
     """Measure a GPU (or the CPU) with microbenchmarks and write a calibration profile."""
     from djinnsim.calibrate.options import command_line, default_model
@@ -51,4 +52,5 @@ def calibrate(
         out=out,
         command=command,
         quiet=quiet,
+        force=force,
     )

@@ -11,7 +11,6 @@ pandas and matplotlib are imported inside the functions that use them (CLI start
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
