@@ -86,8 +86,8 @@ def main() -> None:
             code, stderr, _ = _run(work, [], delay_s, signum)
             codes[code] += 1
             tracebacks += "Traceback (most recent call last)" in stderr
-        results = work / "results" / SWEEP["name"]
-        folders = sorted(results.iterdir()) if results.is_dir() else []
+        # every run folder anywhere under results/ (its name follows the scenario file, not `name`)
+        folders = sorted(p for p in (work / "results").glob("*/*") if p.is_dir())
         verdicts = Counter()
         for folder in folders:
             if ".partial-" in folder.name:
