@@ -15,6 +15,7 @@ import typer
 import typer.core
 
 from djinnsim.errors import DjinnsimError
+from djinnsim.overrides_cli import AgentsOption, BackendsOption, GpuOption, LinkGbpsOption, SetOption, collect
 
 LOCAL_RAY = "local"  # `--ray` with no address (sim.parallel.LOCAL_RAY; the CLI imports no simulator)
 
@@ -28,6 +29,22 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from djinnsim import __version__
+
+        typer.echo(f"djinnsim {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="print the version and exit")] = False,
+) -> None:
+    """Simulate Djinn-style GPU disaggregation, calibrated by GPU microbenchmarks and validated on real runs."""
 
 
 def one_line_errors(func):
@@ -54,7 +71,7 @@ def one_line_errors(func):
 
 
 class _RunCommand(typer.core.TyperCommand):
-    """`run`, whose `--ray` takes an optional value (typer's parser has none): `--ray` alone (last,
+    """`run` and `search`, whose `--ray` takes an optional value (typer's parser has none): `--ray` alone (last,
     or before another option or the scenario file) is a local Ray, `--ray ADDRESS` a cluster's."""
 
     def parse_args(self, ctx, args):
@@ -75,7 +92,7 @@ def run(
         Optional[Path], typer.Option(help="calibration profile JSON (default: the bundled profile for the model)")
     ] = None,
     out: Annotated[
-        Optional[Path], typer.Option(help="output folder (default: results/<scenario>/<timestamp>/)")
+        Optional[Path], typer.Option(help="output folder (default: results/<scenario file>[__<overrides' hash>]/<timestamp>/)")
     ] = None,
     seed: Annotated[Optional[int], typer.Option(help="override the scenario's seed")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar or summary table")] = False,
@@ -87,15 +104,22 @@ def run(
     ray: Annotated[Optional[str], typer.Option(
         metavar="[ADDRESS]",
         help="run each point as a Ray task on the cluster at ADDRESS (alone: a local Ray); needs the ray extra")] = None,
+    force: Annotated[bool, typer.Option(help="replace a non-empty --out that holds earlier djinnsim results")] = False,
+    set_: SetOption = None,
+    agents: AgentsOption = None,
+    backends: BackendsOption = None,
+    gpu: GpuOption = None,
+    link_gbps: LinkGbpsOption = None,
 ) -> None:
     """Simulate a scenario and write its results, figures and claims report."""
     from djinnsim.sim.run import run_scenario_file
 
+    overrides = collect(set_, agents=agents, backends=backends, gpu=gpu, link_gbps=link_gbps)
     run_scenario_file(scenario, calibration=calibration, out=out, seed=seed, quiet=quiet, bands=bands, jobs=jobs,
-                      ray_address=ray)
+                      ray_address=ray, force=force, overrides=overrides)
 
 
-__import__("djinnsim.search_cli").search_cli.register(app, one_line_errors)
+__import__("djinnsim.search_cli").search_cli.register(app, one_line_errors, _RunCommand)
 
 
 def _register_optional_commands() -> None:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
 import typer
 
 from djinnsim.errors import DjinnsimError
+from djinnsim.overrides_cli import AgentsOption, BackendsOption, GpuOption, LinkGbpsOption, SetOption, collect
 
 
 def search(
@@ -28,34 +28,55 @@ def search(
     calibration: Annotated[Optional[Path], typer.Option(
         help="calibration profile JSON (default: the bundled profile for the model)")] = None,
     out: Annotated[Optional[Path], typer.Option(
-        help="output folder (default: results/<scenario>/search-<timestamp>/)")] = None,
+        help="output folder (default: results/<scenario file>[__<overrides' hash>]/search-<timestamp>/)")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="print only the answers as one JSON object")] = False,
+    force: Annotated[bool, typer.Option(help="replace a non-empty --out that holds earlier djinnsim results")] = False,
+    jobs: Annotated[int, typer.Option(help="search the groups (backend, model, GPU, link) in this many local processes")] = 1,
+    ray: Annotated[Optional[str], typer.Option(
+        metavar="[ADDRESS]",
+        help="search each group as a Ray task on the cluster at ADDRESS (alone: a local Ray); needs the ray extra")] = None,
+    set_: SetOption = None,
+    agents: AgentsOption = None,
+    backends: BackendsOption = None,
+    gpu: GpuOption = None,
+    link_gbps: LinkGbpsOption = None,
 ) -> None:
     """Find capacities (agents under a P99 SLO) or break-even link rates by simulating, not by formula."""
     from djinnsim.sim import search as search_mod
+    from djinnsim.sim.outputs import OutputFolder, utc_stamp
+    from djinnsim.sim.parallel import held
+    from djinnsim.sim.safeyaml import require_file
     from djinnsim.sim.run import CostModels
-    from djinnsim.sim.scenario import load_scenario
+    from djinnsim.sim.overrides import load_overridden
 
     chosen = [name for name, value in (("--slo-p99-ms", slo_p99_ms), ("--break-even-ms", break_even_ms),
                                        ("--within-native-pct", within_native_pct)) if value is not None]
     if len(chosen) != 1:
         raise DjinnsimError("give exactly one of --slo-p99-ms, --break-even-ms, --within-native-pct"
                             + (f" (got {', '.join(chosen)})" if chosen else ""))
-    if calibration is not None and not calibration.is_file():
-        raise DjinnsimError(f"calibration profile not found: {calibration}")
-    loaded = load_scenario(scenario)
+    if calibration is not None:
+        require_file(calibration, "calibration profile")
+    for name, value in (("--slo-p99-ms", slo_p99_ms), ("--break-even-ms", break_even_ms),
+                        ("--within-native-pct", within_native_pct)):
+        if value is not None and not -float("inf") < value < float("inf"):  # the range: sim.search
+            raise DjinnsimError(f"{name} must be a finite number, not {value}")
+    if not 1 <= max_agents <= search_mod.DEFAULT_MAX_AGENTS * 16:
+        raise DjinnsimError(f"--max-agents must be in 1..{search_mod.DEFAULT_MAX_AGENTS * 16}, not {max_agents}")
+    overrides = collect(set_, agents=agents, backends=backends, gpu=gpu, link_gbps=link_gbps)
+    loaded, results_name = load_overridden(scenario, overrides)
+    folder = OutputFolder(out, Path("results") / results_name / f"search-{utc_stamp()}", force=force)
     costs = CostModels(loaded, calibration)
-    if slo_p99_ms is not None:
-        answers = search_mod.search_capacity(loaded, slo_p99_ms, backend, max_agents=max_agents, costs=costs)
-    else:
-        answers = search_mod.search_break_even(loaded, break_even_ms, within_native_pct, backend, costs=costs)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out_dir = out if out is not None else Path("results") / loaded.name / f"search-{stamp}"
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DjinnsimError(f"--out {out_dir} exists and is not a folder")
-    search_mod.write_search_outputs(answers, out_dir)
-    for warning in costs.warnings:
-        typer.echo(f"warning: {warning}", err=True)
+    with held(jobs, ray):  # the groups run as `djinnsim run --jobs / --ray` runs points; answers do not change
+        if slo_p99_ms is not None:
+            answers = search_mod.search_capacity(loaded, slo_p99_ms, backend, max_agents=max_agents, costs=costs)
+        else:
+            answers = search_mod.search_break_even(loaded, break_even_ms, within_native_pct, backend, costs=costs)
+    with folder as staging:
+        search_mod.write_search_outputs(answers, staging)
+    out_dir = folder.path
+    from djinnsim.sim.notices import emit
+
+    emit(costs.warnings)
     if json_output:
         typer.echo(json.dumps(search_mod.answers_json(answers)))
         return
@@ -63,5 +84,6 @@ def search(
     typer.echo(f"results: {out_dir}")
 
 
-def register(app: typer.Typer, wrap: Callable) -> None:
-    app.command(name="search")(wrap(search))
+def register(app: typer.Typer, wrap: Callable, command_class: type | None = None) -> None:
+    """`command_class`: the click command class `run` uses (its `--ray` takes an optional value)."""
+    app.command(name="search", cls=command_class)(wrap(search))

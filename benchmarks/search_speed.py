@@ -3,9 +3,9 @@ the 2-core CPU machine).
 
     python benchmarks/search_speed.py [--repeats 1]
 
-Three figures, each the median of `--repeats` runs (wall and CPU seconds, probes, agents simulated):
+Four figures, each the median of `--repeats` runs (wall and CPU seconds, probes, agents simulated):
   1. the whole `djinnsim search scenarios/agents32.yaml --slo-p99-ms 5000 --json` command in a
-     fresh process (imports, every backend, outputs), as a user runs it;
+     fresh process (imports, every backend, outputs), as a user runs it; 1b. the same with --jobs 2;
   2. an in-process search whose answer is about 4096: Djinn (serial FCFS, bundled H100 profile)
      with short phases (8 + 4 tokens, then 4 + 4; a 1 s tool call), so memory allows ~6,000
      sessions and the P99 SLO (455 s, what about 4,100 queued generations take) is what binds;
@@ -49,13 +49,13 @@ def _in_process(slo_ms: float, max_agents: int, repeats: int):
     return statistics.median(walls), statistics.median(cpus), answer
 
 
-def _command(repeats: int):
+def _command(repeats: int, *extra: str):
     walls, stdout = [], ""
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(repeats):
             started = time.perf_counter()
             done = subprocess.run([sys.executable, "-m", "djinnsim.cli", "search", str(REPO / "scenarios" / "agents32.yaml"),
-                                   "--slo-p99-ms", "5000", "--json", "--out", f"{tmp}/{i}"],
+                                   "--slo-p99-ms", "5000", "--json", "--out", f"{tmp}/{i}", *extra],
                                   capture_output=True, text=True, check=True, cwd=REPO)
             walls.append(time.perf_counter() - started)
             stdout = done.stdout
@@ -72,6 +72,9 @@ def main() -> None:
     print(f"1. djinnsim search scenarios/agents32.yaml --slo-p99-ms 5000 --json: {wall:.2f} s (whole command)")
     for backend, answer in answers.items():
         print(f"     {backend}: {json.dumps(answer)}")
+    wall, parallel = _command(args.repeats, "--jobs", "2")
+    same = "the same answers" if parallel == answers else "DIFFERENT answers"
+    print(f"1b. the same with --jobs 2 (its three backends in two local processes): {wall:.2f} s, {same}")
 
     for label, slo_ms, cap in (("2. answer about 4096 (SLO binds)", LARGE_SLO_MS, 65536),
                                ("3. cap 4096 reached (no binding SLO)", 1e12, 4096)):

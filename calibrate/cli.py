@@ -15,7 +15,7 @@ def calibrate(
     *,
     gpu: Annotated[int, typer.Option(help="CUDA device index to calibrate")] = 0,
     device: Annotated[str, typer.Option(help="cuda, or cpu for small models (CI uses tiny-llama)")] = "cuda",
-    model: Annotated[str, typer.Option(help="model key or Hugging Face id, e.g. llama-2-7b or meta-llama/Llama-2-7b-hf")] = "llama-2-7b",
+    model: Annotated[str | None, typer.Option(help="model key or Hugging Face id, e.g. llama-2-7b or meta-llama/Llama-2-7b-hf (default: llama-2-7b; with --device cpu, tiny-llama)")] = None,
     dtype: Annotated[str | None, typer.Option(help="float16, bfloat16 or float32 (default: the model's; cpu runs float16 as float32)")] = None,
     weights: Annotated[str, typer.Option(help="'random' (built from the bundled config) or a local folder with the model's weights")] = "random",
     quick: Annotated[bool, typer.Option(help="thinner grids: every stage, about 2 minutes for a 7B model on an H100")] = False,
@@ -26,8 +26,9 @@ def calibrate(
     leave_out: Annotated[list[str] | None, typer.Option(help="with --refit: a sample stage no fit nor the spread may use, e.g. exp21_step to judge Exp 2.1 held out (repeatable)")] = None,
 ) -> None:
     """Measure a GPU (or the CPU) with microbenchmarks and write a calibration profile."""
-    from djinnsim.calibrate.options import command_line
+    from djinnsim.calibrate.options import command_line, default_model
 
+    model = model or default_model(device)
     command = command_line(gpu=gpu, device=device, model=model, dtype=dtype, weights=weights, quick=quick,
                            oom_probe=oom_probe, out=out, refit=refit, leave_out=leave_out or None)
     if leave_out and refit is None:

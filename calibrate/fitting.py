@@ -98,6 +98,27 @@ def whole_fit_stats(fit: LinearFit | PiecewiseFit, points: Sequence[FitPoint]) -
     return fit_stats(pred, np.array([p.value for p in points]))
 
 
+def reach_cut(domain: dict[str, tuple[float, float]], var: str, cut: float) -> dict[str, tuple[float, float]]:
+    """A piece's domain stretched along `var` to the cut that bounds it.
+
+    The box of a piece's own points stops at its last grid value, short of the cut when the other
+    side's points lie elsewhere in the other inputs (a decode piece above a cut at context 96 whose
+    points start at 260). `sum_context` is batch x context, so where the box grows in batch or
+    context it grows over the added slab too: without that a batch-1 step at context 100 would
+    sit inside the piece in batch and context and outside it in sum_context.
+    """
+    lo, hi = domain[var]
+    if lo <= cut <= hi:
+        return domain
+    out = {**domain, var: (min(lo, cut), max(hi, cut))}
+    if var in ("batch", "context") and {"batch", "context", "sum_context"} <= domain.keys():
+        slab = {**domain, var: (cut, lo) if cut < lo else (hi, cut)}
+        (b_lo, b_hi), (c_lo, c_hi) = slab["batch"], slab["context"]
+        s_lo, s_hi = domain["sum_context"]
+        out["sum_context"] = (min(s_lo, b_lo * c_lo), max(s_hi, b_hi * c_hi))
+    return out
+
+
 def fit_piecewise(
     points: Sequence[FitPoint],
     features: Sequence[str],
@@ -115,8 +136,9 @@ def fit_piecewise(
     if it lowers the maximum relative error by at least `min_gain` (a fraction), so smooth data
     stays one piece. Each piece's points must determine its coefficients (`determined`): repeats at
     one input (separate spells of the same step) measure the noise there, not a slope, and a piece
-    at one batch cannot tell a per-batch cost from a fixed one. Adjacent pieces share their boundary value, so the domains leave
-    no gap between measured grid values; the lower piece wins at the boundary.
+    at one batch cannot tell a per-batch cost from a fixed one. Every piece's domain reaches the
+    cuts that bound it (`reach_cut`), so adjacent pieces share their boundary value and the domains
+    leave no gap between measured grid values; the lower piece wins at the boundary.
     """
     single = fit_linear(points, features, scale, domain_vars)
     if max_pieces < 2 or (single.max_rel_err or 0.0) <= good_enough:
@@ -134,8 +156,8 @@ def fit_piecewise(
                 low, features, scale, domain_vars, split_vars, max_pieces=max_pieces - 1, min_gain=min_gain, good_enough=good_enough
             )
             high_fit = fit_linear(high, features, scale, domain_vars)
-            high_fit = high_fit.model_copy(update={"domain": {**high_fit.domain, var: (cut, high_fit.domain[var][1])}})
-            pieces = (low_fit.pieces if isinstance(low_fit, PiecewiseFit) else [low_fit]) + [high_fit]
+            low_pieces = low_fit.pieces if isinstance(low_fit, PiecewiseFit) else [low_fit]
+            pieces = [p.model_copy(update={"domain": reach_cut(p.domain, var, cut)}) for p in [*low_pieces, high_fit]]
             err = whole_fit_stats(PiecewiseFit(pieces=pieces), points)["max_rel_err"]
             if best is None or err < best[0]:
                 best = (err, pieces)

@@ -9,6 +9,16 @@ DEFAULTS = {"gpu": 0, "device": "cuda", "model": "llama-2-7b", "dtype": None, "w
             "leave_out": None}
 
 
+CPU_MODEL = "tiny-llama"  # the only bundled model a CPU calibrates in minutes
+CPU_PROFILE_NOTE = ("measured on a CPU (--device cpu): a profile for testing the calibrate and validate pipeline; "
+                    "its times are not predictions for any GPU")
+
+
+def default_model(device: str) -> str:
+    """--model's default: tiny-llama on the CPU, llama-2-7b on a GPU."""
+    return CPU_MODEL if device == "cpu" else DEFAULTS["model"]
+
+
 def command_line(**options: object) -> str:
     """`djinnsim calibrate` with every option that differs from its default (flags as flags)."""
     parts = ["djinnsim", "calibrate"]

@@ -183,6 +183,10 @@ def run_calibration(
     console, progress = _progress(quiet)
     say = (lambda msg: None) if quiet else (lambda msg: console.print(msg, markup=False, highlight=False))
     s = Session(spec=spec, device=dev, dtype=torch_dtype, plan=plan, log=SampleLog(samples_path), say=say, weights=weights)
+    if device == "cpu":
+        from .options import CPU_PROFILE_NOTE
+
+        s.notes.append(CPU_PROFILE_NOTE)
     if spec.dtype != dtype_name:
         s.notes.append(f"dtype {dtype_name} (the model's spec says {spec.dtype})")
     r = s.results

@@ -47,7 +47,7 @@ Scheduler = Literal["serial_fcfs", "time_sliced", "continuous_batching"]
 
 
 class Backend(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str
     description: str = ""
@@ -57,8 +57,8 @@ class Backend(BaseModel):
     kv: Literal["session", "request", "client", "none"]
     step_compute: Literal["incremental", "full_context", "last_token"]
     round_trip: Literal["token", "phase", "op"]
-    ops_per_layer: int = Field(default=0, ge=0)
-    bytes_per_op: int = Field(default=0, ge=0)
+    ops_per_layer: int = Field(default=0, ge=0, le=100_000)
+    bytes_per_op: int = Field(default=0, ge=0, le=2**40)
     send_ids: Literal["all", "new", "last"]
     return_logits: Literal["none", "last", "all"]
     connection: Literal["per_request", "persistent"]
@@ -152,7 +152,11 @@ def _resolve(name: str, table: dict[str, dict[str, Any]], seen: tuple[str, ...] 
     if name not in table:
         raise DjinnsimError(f"unknown backend {name!r}; known backends: {', '.join(sorted(table))}")
     fields = dict(table[name])
+    if "name" in fields:
+        raise DjinnsimError(f"backend {name!r}: a backend is named by its key; drop its field name")
     base = fields.pop("base", None)
+    if base is not None and not isinstance(base, str):
+        raise DjinnsimError(f"backend {name!r}: field base must be a backend's name, not {type(base).__name__}")
     if base is not None:
         merged = _resolve(base, table, (*seen, name))
         merged.pop("description", None)

@@ -17,6 +17,12 @@ The seed's thresholds (EvaluationPlan, Experiment 2.1 / 2.2 README and its valid
 - Exp 2.1 latency: semantic_blind / full_djinn mean per-token latency in 30..57 (PASS if >= 30)
 - Exp 2.1 bytes: semantic_blind / full_djinn bytes moved in 1e3..1e5 (PASS if >= 1e3)
 
+On a pool of G GPUs (`cluster:`) a claim about agents on one GPU is read per GPU: "N = 32" is 32
+agents per GPU (N = 32 G), REFLECT vs REASON is at one agent per GPU, the keep-alive OOM N is the
+actors on the fullest GPU at the first OOM (ceil(N / G): every router spreads actors that start
+together evenly), density compares agents per GPU, and Table 2's columns are per GPU. A single GPU
+reads as before.
+
 GPU utilization is each point's `gpu_utilization` in summary.json (sim.metrics.gpu_utilization): the
 share of a point's wall time (first measured request to last reply) during which the GPU runs
 kernels, summed from the records' `gpu_busy_s` (a pass's kernel time, host-side launch time left out).
@@ -35,6 +41,7 @@ SERVERLESS_ABOVE_MS = 5000.0  # the checklist: "Ray Serverless scales to N=32, l
 KEEPALIVE_OOM_NS = (2, 3)  # the checklist: "Ray Keep-Alive OOMs at expected N (2-3 agents)"
 REFLECT_RATIO = 0.5  # "significantly lower": REFLECT's mean latency at most half of REASON's
 DENSITY_RATIO = 20.0
+DENSITY_NAME = f"density (Djinn / keep-alive agents under P99 <= {SEED_SLO_P99_MS:g} ms, searched)"
 
 # Backend names the claims are about (the presets in sim/data/backends.yaml).
 KEEPALIVE, SERVERLESS, DJINN = "ray_keepalive", "ray_serverless", "djinn"
@@ -97,6 +104,16 @@ def groups(summaries: list[dict[str, Any]]) -> dict[tuple[str, str, float], list
     return found
 
 
+def gpus_of(members: list[dict[str, Any]]) -> int:
+    """The GPUs of a group's pool (1 without `cluster:`; a scenario has one cluster)."""
+    return max((m.get("cluster", {}).get("gpus", 1) for m in members), default=1)
+
+
+def per_gpu_n(n: int, gpus: int) -> str:
+    """How a claim names a per-GPU N: "N = 32", or on a pool "32 agents per GPU (N = 1024)"."""
+    return f"N = {n}" if gpus == 1 else f"{n} agent{'s' if n != 1 else ''} per GPU (N = {n * gpus})"
+
+
 def by_backend(summaries: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     found: dict[str, list[dict[str, Any]]] = {}
     for summary in summaries:
@@ -135,10 +152,12 @@ def nearest_point(points: list[dict[str, Any]], n: int) -> dict[str, Any] | None
     return min(points, key=lambda p: (abs(p["n_agents"] - n), p["n_agents"]), default=None)
 
 
-def density_bound_claim(group: str, points: dict[str, list[dict[str, Any]]]) -> Claim:
-    """Djinn's memory-bound agents / keep-alive's first OOM N, from the memory model: a closed-form
-    bound shown for reference, verdict "bound", never PASS (Djinn would serve them one at a time)."""
-    name, threshold = "density, memory bound (Djinn agents that fit / keep-alive OOM N)", "not judged"
+def density_bound_claim(group: str, points: dict[str, list[dict[str, Any]]], gpus: int = 1) -> Claim:
+    """Djinn's memory-bound agents / keep-alive's first OOM N, per GPU, from the memory model: a
+    closed-form bound shown for reference, verdict "bound", never PASS (Djinn would serve them one
+    at a time)."""
+    name = "density, memory bound (Djinn agents that fit / keep-alive OOM N" + (", per GPU)" if gpus > 1 else ")")
+    threshold = "not judged"
     if DJINN not in points or KEEPALIVE not in points:
         return Claim(name, group, "N/A", None, threshold, f"needs backends {DJINN} and {KEEPALIVE}")
     djinn_max = memory_bound_agents(points[DJINN])
@@ -148,62 +167,73 @@ def density_bound_claim(group: str, points: dict[str, list[dict[str, Any]]]) -> 
         keep_n, keep_note = bound + 1, "memory bound + 1"
     if not djinn_max or keep_n is None:
         return Claim(name, group, "N/A", None, threshold, "no memory bound for Djinn or no keep-alive OOM N")
-    detail = (f"Djinn sessions that fit in memory {djinn_max} / keep-alive OOM at N = {keep_n} ({keep_note}); "
-              "a bound from the memory model, not a capacity under any latency target")
-    return Claim(name, group, "bound", djinn_max / keep_n, threshold, detail)
+    djinn_per_gpu, keep_per_gpu = djinn_max / gpus, math.ceil(keep_n / gpus)
+    detail = (f"Djinn sessions that fit in memory {djinn_max} / keep-alive OOM at N = {keep_n} ({keep_note})"
+              + (f"; per GPU {djinn_per_gpu:g} / {keep_per_gpu} on the fullest of {gpus} GPUs" if gpus > 1 else "")
+              + "; a bound from the memory model, not a capacity under any latency target")
+    return Claim(name, group, "bound", djinn_per_gpu / keep_per_gpu, threshold, detail)
 
 
 def density_claim(group: str, answers: dict[str, Any]) -> Claim:
-    """Djinn's searched capacity / keep-alive's, both under the seed's P99 target (sim.search)."""
-    name = f"density (Djinn / keep-alive agents under P99 <= {SEED_SLO_P99_MS:g} ms, searched)"
+    """Djinn's searched capacity / keep-alive's, both under the seed's P99 target (sim.search), in
+    agents per GPU (the same ratio as the pool's totals)."""
+    gpus = max((a.gpus for a in answers.values()), default=1)
+    name = DENSITY_NAME.replace("agents", "agents per GPU") if gpus > 1 else DENSITY_NAME
     threshold = f">= {DENSITY_RATIO:g}"
     if DJINN not in answers or KEEPALIVE not in answers:
         return Claim(name, group, "N/A", None, threshold, f"needs backends {DJINN} and {KEEPALIVE} and a search")
     djinn, keep = answers[DJINN], answers[KEEPALIVE]
     detail = f"Djinn {_capacity(djinn)} / keep-alive {_capacity(keep)}"
     if keep.max_agents:
-        ratio = djinn.max_agents / keep.max_agents
+        ratio = djinn.max_agents_per_gpu / keep.max_agents_per_gpu
         return Claim(name, group, _verdict(ratio >= DENSITY_RATIO), ratio, threshold, detail)
     # keep-alive serves no agent at the target: the ratio is unbounded when Djinn serves any, so
-    # Djinn must serve DENSITY_RATIO agents on its own to pass
-    detail += f"; keep-alive meets the target at no N, so Djinn alone must serve >= {DENSITY_RATIO:g}"
-    return Claim(name, group, _verdict(djinn.max_agents >= DENSITY_RATIO), None, threshold, detail)
+    # Djinn must serve DENSITY_RATIO agents per GPU on its own to pass
+    detail += (f"; keep-alive meets the target at no N, so Djinn alone must serve >= {DENSITY_RATIO:g}"
+               + (" per GPU" if gpus > 1 else ""))
+    return Claim(name, group, _verdict(djinn.max_agents_per_gpu >= DENSITY_RATIO), None, threshold, detail)
 
 
 def _capacity(answer: Any) -> str:
+    pool = f" on {answer.gpus} GPUs ({answer.max_agents_per_gpu:.3g} per GPU)" if answer.gpus > 1 else ""
     if answer.limited_by == "cap":
-        return f">= {answer.max_agents} agents (the search cap)"
+        return f">= {answer.max_agents} agents{pool} (the search cap)"
     if answer.max_agents == 0:
         return f"0 agents (P99 {_ms(answer.p99_ms_above)} at N = 1, limited by {answer.limited_by})"
-    return (f"{answer.max_agents} agents (P99 {_ms(answer.p99_ms_at_max)}; N = {answer.max_agents + 1}: "
+    return (f"{answer.max_agents} agents{pool} (P99 {_ms(answer.p99_ms_at_max)}; N = {answer.max_agents + 1}: "
             f"{_ms(answer.p99_ms_above)}, limited by {answer.limited_by})")
 
 
 def _p99_at_n32_claim(name: str, group: str, points: dict[str, list[dict[str, Any]]], backend: str,
-                      threshold: str, passes) -> Claim:
-    """A checklist item on one backend's P99 at N = 32 of the sweep; an OOM there fails it."""
-    point = _at(points, backend, LATENCY_N)
+                      threshold: str, passes, gpus: int) -> Claim:
+    """A checklist item on one backend's P99 at N = 32 (per GPU) of the sweep; an OOM there fails it."""
+    where = per_gpu_n(LATENCY_N, gpus)
+    point = _at(points, backend, LATENCY_N * gpus)
     if point is None:
-        return Claim(name, group, "N/A", None, threshold, f"needs {backend} at N = {LATENCY_N} in the sweep")
+        return Claim(name, group, "N/A", None, threshold, f"needs {backend} at {where} in the sweep")
     value = p99_ms(point)
     if value is None:
-        return Claim(name, group, "FAIL", None, threshold, f"{backend} at N = {LATENCY_N} had an OOM")
+        return Claim(name, group, "FAIL", None, threshold, f"{backend} at {where} had an OOM")
     return Claim(name, group, _verdict(passes(value)), value, threshold, f"P99 {_ms(value)}", unit="ms")
 
 
-def djinn_n32_claim(group: str, points: dict[str, list[dict[str, Any]]]) -> Claim:
-    return _p99_at_n32_claim(f"Djinn P99 at N = {LATENCY_N} below {SEED_SLO_P99_MS:g} ms", group, points, DJINN,
-                             f"< {SEED_SLO_P99_MS:g} ms", lambda ms: ms < SEED_SLO_P99_MS)
+def djinn_n32_claim(group: str, points: dict[str, list[dict[str, Any]]], gpus: int = 1) -> Claim:
+    return _p99_at_n32_claim(f"Djinn P99 at {per_gpu_n(LATENCY_N, gpus)} below {SEED_SLO_P99_MS:g} ms", group, points,
+                             DJINN, f"< {SEED_SLO_P99_MS:g} ms", lambda ms: ms < SEED_SLO_P99_MS, gpus)
 
 
-def serverless_claim(group: str, points: dict[str, list[dict[str, Any]]]) -> Claim:
-    return _p99_at_n32_claim(f"serverless P99 at N = {LATENCY_N} above {SERVERLESS_ABOVE_MS / 1e3:g} s", group, points,
-                             SERVERLESS, f"> {SERVERLESS_ABOVE_MS:g} ms", lambda ms: ms > SERVERLESS_ABOVE_MS)
+def serverless_claim(group: str, points: dict[str, list[dict[str, Any]]], gpus: int = 1) -> Claim:
+    return _p99_at_n32_claim(f"serverless P99 at {per_gpu_n(LATENCY_N, gpus)} above {SERVERLESS_ABOVE_MS / 1e3:g} s",
+                             group, points, SERVERLESS, f"> {SERVERLESS_ABOVE_MS:g} ms",
+                             lambda ms: ms > SERVERLESS_ABOVE_MS, gpus)
 
 
 def keepalive_oom_claim(group: str, answer: Any | None) -> Claim:
-    """The first N at which keep-alive OOMs, searched with no latency target (sim.search)."""
-    name, threshold = "keep-alive OOM at N = 2-3 (searched)", "OOM N in 2..3"
+    """The first N at which keep-alive OOMs, searched with no latency target (sim.search); on a pool
+    of G GPUs, the actors on the fullest GPU then: ceil(N / G)."""
+    gpus = getattr(answer, "gpus", 1)
+    name = "keep-alive OOM at N = 2-3" + (" per GPU" if gpus > 1 else "") + " (searched)"
+    threshold = "OOM N in 2..3" + (" per GPU" if gpus > 1 else "")
     if answer is None:
         return Claim(name, group, "N/A", None, threshold, f"needs {KEEPALIVE} and a search")
     if answer.limited_by != "memory":
@@ -211,15 +241,19 @@ def keepalive_oom_claim(group: str, answer: Any | None) -> Claim:
                      f"no OOM up to N = {answer.max_agents} (limited by {answer.limited_by})")
     n = answer.max_agents + 1
     detail = f"N = {answer.max_agents} runs without OOM, N = {n} OOMs (both simulated)"
-    return Claim(name, group, _verdict(n in KEEPALIVE_OOM_NS), float(n), threshold, detail, unit="N")
+    if gpus > 1:
+        detail += f" on {gpus} GPUs: {math.ceil(n / gpus)} actors on the fullest GPU"
+    per_gpu = math.ceil(n / gpus)
+    return Claim(name, group, _verdict(per_gpu in KEEPALIVE_OOM_NS), float(per_gpu), threshold, detail, unit="N")
 
 
-def reflect_claim(group: str, points: dict[str, list[dict[str, Any]]]) -> Claim:
-    name = "Djinn REFLECT much cheaper than REASON (KV reuse, N = 1)"
+def reflect_claim(group: str, points: dict[str, list[dict[str, Any]]], gpus: int = 1) -> Claim:
+    where = per_gpu_n(1, gpus)
+    name = f"Djinn REFLECT much cheaper than REASON (KV reuse, {where})"
     threshold = f"REFLECT / REASON mean <= {REFLECT_RATIO:g}"
-    point = _at(points, DJINN, 1)
+    point = _at(points, DJINN, gpus)
     if point is None or point["oom"]:
-        return Claim(name, group, "N/A", None, threshold, f"needs {DJINN} at N = 1 without OOM in the sweep")
+        return Claim(name, group, "N/A", None, threshold, f"needs {DJINN} at {where} without OOM in the sweep")
     phases = point["agents"].get("phases", {})
     reason, reflect = phases.get("reason", {}), phases.get("reflect", {})
     if not reason.get("mean_ms") or reflect.get("mean_ms") is None:
@@ -249,8 +283,8 @@ def _at(points: dict[str, list[dict[str, Any]]], backend: str, n: int) -> dict[s
     return next((p for p in points.get(backend, []) if p["n_agents"] == n), None)
 
 
-def latency_claim(group: str, points: dict[str, list[dict[str, Any]]]) -> Claim:
-    name, threshold = f"latency (serverless P99 / Djinn P99 at N = {LATENCY_N})", ">= 10"
+def latency_claim(group: str, points: dict[str, list[dict[str, Any]]], gpus: int = 1) -> Claim:
+    name, threshold = f"latency (serverless P99 / Djinn P99 at {per_gpu_n(LATENCY_N, gpus)})", ">= 10"
     if DJINN not in points or SERVERLESS not in points:
         return Claim(name, group, "N/A", None, threshold, f"needs backends {DJINN} and {SERVERLESS}")
     serverless = {p["n_agents"]: p99_ms(p) for p in points[SERVERLESS]}
@@ -258,11 +292,12 @@ def latency_claim(group: str, points: dict[str, list[dict[str, Any]]]) -> Claim:
     common = sorted(n for n in serverless if n in djinn and serverless[n] and djinn[n])
     if not common:
         return Claim(name, group, "N/A", None, threshold, "no N where both ran without OOM")
-    n = LATENCY_N if LATENCY_N in common else common[-1]
+    wanted = LATENCY_N * gpus
+    n = wanted if wanted in common else common[-1]
     ratio = serverless[n] / djinn[n]
     detail = f"at N = {n}: serverless {_ms(serverless[n])} / Djinn {_ms(djinn[n])}"
-    if n != LATENCY_N:
-        detail += f" (N = {LATENCY_N} not available to both; largest common N used)"
+    if n != wanted:
+        detail += f" (N = {wanted} not available to both; largest common N used)"
     return Claim(name, group, _verdict(ratio >= 10), ratio, threshold, detail)
 
 
@@ -314,15 +349,15 @@ def _searched(result: Any, workload: str) -> tuple[dict, dict]:
     costs = getattr(result, "costs", None)
     if costs is None or workload != "agents":
         return {}, {}
-    from .search import search_capacity
+    from .search import search_capacities
 
     scenario = result.scenario
     wanted = [b for b in (DJINN, KEEPALIVE) if b in scenario.backends]
-    if len(wanted) < 2:
-        density = []
-    else:
-        density = search_capacity(scenario, SEED_SLO_P99_MS, wanted, costs=costs)
-    oom = search_capacity(scenario, math.inf, [KEEPALIVE], costs=costs) if KEEPALIVE in scenario.backends else []
+    questions = [(SEED_SLO_P99_MS, wanted if len(wanted) == 2 else [])]
+    if KEEPALIVE in scenario.backends:
+        questions.append((math.inf, [KEEPALIVE]))
+    # one map_points call: the groups run in parallel on the executor `djinnsim run` holds
+    density, oom = [*search_capacities(scenario, questions, costs=costs), []][:2]
 
     def table(answers):
         found: dict = {}
@@ -344,9 +379,11 @@ def evaluate_claims(summaries: list[dict[str, Any]], workload: str, result: Any 
         label, points = group_label(key), by_backend(members)
         found: list[Claim] = []
         if workload == "agents":
-            found += [density_claim(label, density.get(key, {})), density_bound_claim(label, points),
-                      latency_claim(label, points), djinn_n32_claim(label, points), serverless_claim(label, points),
-                      keepalive_oom_claim(label, oom.get(key, {}).get(KEEPALIVE)), reflect_claim(label, points)]
+            gpus = gpus_of(members)
+            found += [density_claim(label, density.get(key, {})), density_bound_claim(label, points, gpus),
+                      latency_claim(label, points, gpus), djinn_n32_claim(label, points, gpus),
+                      serverless_claim(label, points, gpus), keepalive_oom_claim(label, oom.get(key, {}).get(KEEPALIVE)),
+                      reflect_claim(label, points, gpus)]
             found += [Claim(c, label, "N/A", None, t, "needs a decode workload (Exp 2.1)") for c, t in _DECODE_ONLY]
         else:
             found += [Claim(c, label, "N/A", None, t, "needs an agents workload (Exp 2.2)") for c, t in _AGENTS_ONLY]
@@ -367,7 +404,7 @@ _DECODE_ONLY = (
     ("higher GPU utilization (full_djinn / semantic_blind busy share)", "> 1"),
 )
 _AGENTS_ONLY = (
-    (f"density (Djinn / keep-alive agents under P99 <= {SEED_SLO_P99_MS:g} ms, searched)", f">= {DENSITY_RATIO:g}"),
+    (DENSITY_NAME, f">= {DENSITY_RATIO:g}"),
     (f"latency (serverless P99 / Djinn P99 at N = {LATENCY_N})", ">= 10"),
 )
 
@@ -381,46 +418,97 @@ def group_cost_model(members: list[dict[str, Any]]) -> str:
 # --- Markdown ------------------------------------------------------------------------------------
 
 
+TABLE2_COLUMNS = ("model", "gpu", "link_gbps", "cost_model", "backend", "n_agents", "mean_ms", "p50_ms", "p99_ms",
+                  "oom", "max_agents_no_oom", "memory_bound_agents", "oom_threshold_n")
+
+
 def table2_markdown(summaries: list[dict[str, Any]]) -> str:
+    """The seed's Table 2 ("summary statistics: mean, p50, p99, OOM thresholds") per (model, GPU,
+    link) group: each backend's max agents and OOM threshold, then mean, p50 and P99 at every N
+    swept. Each group is headed by its cost model (its kind and the hardware it was measured on)."""
     lines = ["# Table 2: agent scaling", "",
-             "P99 pools the REASON and REFLECT latencies of all agents (ms, at the client, queueing included).",
-             "A cell shows the nearest N swept when the column's N was not; `OOM` when that point had an OOM",
-             "record (in brackets: the P99 of the phases that did finish).", ""]
+             "Latency per phase pools the REASON and REFLECT latencies of all agents (ms, at the client, queueing",
+             "included). Max agents: the largest N swept with no OOM record; the memory bound is how many fit by the",
+             "memory model (computed, not simulated). OOM threshold: the smallest N swept with an OOM record. A row",
+             "marked OOM gives the statistics of the phases that did finish. Groups come from different cost models",
+             "when their headings say so: compare rows of the same cost model only.", ""]
     for key, members in groups(summaries).items():
+        gpus = gpus_of(members)
         lines += [f"## {group_label(key)} ({group_cost_model(members)})", ""]
-        header = ["backend", "max agents (no OOM in sweep)", "max agents (memory bound)",
-                  *(f"P99 @ N={n}" for n in TABLE2_NS), "OOM at N"]
-        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for backend, points in by_backend(members).items():
-            row = [backend, _opt(max_agents_without_oom(points), "none"), _opt(memory_bound_agents(points), "-")]
-            row += [_p99_cell(nearest_point(points, n), n) for n in TABLE2_NS]
-            row.append(_opt(oom_n(points), "none"))
-            lines.append("| " + " | ".join(row) + " |")
+        if gpus > 1:
+            lines += [f"On a pool of {gpus} GPUs: N counts the agents of the whole pool ({gpus} x the agents per GPU);",
+                      "max agents and the OOM threshold are the pool's.", ""]
+        lines += ["| backend | max agents (no OOM in sweep) | max agents (memory bound) | OOM threshold (N) |",
+                  "|---|---|---|---|"]
+        backends = by_backend(members)
+        for backend, points in backends.items():
+            lines.append(f"| {backend} | {_opt(max_agents_without_oom(points), 'none')} | "
+                         f"{_opt(memory_bound_agents(points), '-')} | {_opt(oom_n(points), 'none')} |")
+        lines += ["", "| backend | N | mean | p50 | p99 | OOM |", "|---|---|---|---|---|---|"]
+        for backend, points in backends.items():
+            for p in points:
+                pooled = p["agents"]["pooled"]
+                lines.append(f"| {backend} | {p['n_agents']} | {_ms(pooled.get('mean_ms'))} | "
+                             f"{_ms(pooled.get('p50_ms'))} | {_ms(pooled.get('p99_ms'))} | {'OOM' if p['oom'] else ''} |")
         lines.append("")
     return "\n".join(lines)
 
 
+def table2_csv(summaries: list[dict[str, Any]]) -> str:
+    """Table 2 as CSV: one row per (group, backend, N) with the backend's max agents and OOM
+    threshold repeated on each of its rows (TABLE2_COLUMNS; empty: none)."""
+    rows = [",".join(TABLE2_COLUMNS)]
+    for (model, gpu, gbps), members in groups(summaries).items():
+        cost = group_cost_model(members)
+        for backend, points in by_backend(members).items():
+            per_backend = [max_agents_without_oom(points), memory_bound_agents(points), oom_n(points)]
+            for p in points:
+                pooled = p["agents"]["pooled"]
+                stats = [pooled.get("mean_ms"), pooled.get("p50_ms"), pooled.get("p99_ms")]
+                cells = [model, gpu, f"{gbps:g}", cost, backend, p["n_agents"], *stats, int(bool(p["oom"])),
+                         *per_backend]
+                rows.append(",".join("" if c is None else _csv_cell(c) for c in cells))
+    return "\n".join(rows) + "\n"
+
+
+def _csv_cell(value: Any) -> str:
+    text = f"{value:.4f}" if isinstance(value, float) else str(value)
+    return f'"{text}"' if "," in text else text
+
+
 def claims_markdown(summaries: list[dict[str, Any]], workload: str, claims: list[Claim]) -> str:
     lines = ["# Claims", "",
+             "The seed is Djinn's evaluation plan (its Experiments 2.1 and 2.2, their expected values and",
+             "validation checklist). Cost models: measured (a calibration profile measured on the GPU named),",
+             "transferred (a profile measured on one GPU, moved to another by datasheet ratios), roofline",
+             "(analytic, from a datasheet: an estimate, not a measurement).", "",
              "Each claim of the seed, checked on the simulated points of one model / GPU / link group, with",
              "the cost model that produced them. PASS or FAIL against the seed's threshold, from simulated",
              "behaviour only (sweep points, their records, and `djinnsim search` runs: \"searched\");",
              "`bound`: a closed-form memory bound shown for reference, never judged; N/A when the scenario",
-             "lacks what it needs. Compare groups of the same kind of cost model only.", "",
-             "| group | cost model | claim | value | threshold | verdict | numbers |", "|---|---|---|---|---|---|---|"]
-    for c in claims:
-        lines.append(f"| {c.group} | {c.cost_model} | {c.name} | {c.value_text} | {c.threshold} | **{c.verdict}** | "
-                     f"{c.detail} |")
-    lines += ["", "## Simulated vs the plan's expected values", "",
+             "lacks what it needs. Claims are listed apart per cost model: a verdict on one cost model says",
+             "nothing about another.", ""]
+    kinds = list(dict.fromkeys(c.cost_model for c in claims))
+    for kind in kinds:
+        lines += [f"## Claims on the {kind}", ""]
+        lines += ["| group | cost model | claim | value | threshold | verdict | numbers |", "|---|---|---|---|---|---|---|"]
+        for c in claims:
+            if c.cost_model == kind:
+                lines.append(f"| {c.group} | {c.cost_model} | {c.name} | {c.value_text} | {c.threshold} | "
+                             f"**{c.verdict}** | {c.detail} |")
+        lines.append("")
+    lines += ["## Simulated vs the plan's expected values", "",
               "The expected values are the plan's hypotheses (reference.md); none was ever measured.", ""]
     for key, members in groups(summaries).items():
         points = by_backend(members)
         lines += [f"### {group_label(key)} ({group_cost_model(members)})", ""]
         if workload == "agents":
-            lines += ["| backend | P99 @ N=1 | P99 @ N=32 | OOM at N | expected |", "|---|---|---|---|---|"]
+            gpus = gpus_of(members)
+            lines += [f"| backend | P99 @ {per_gpu_n(1, gpus)} | P99 @ {per_gpu_n(32, gpus)} | OOM at N | expected |",
+                      "|---|---|---|---|---|"]
             for backend, pts in points.items():
-                lines.append(f"| {backend} | {_p99_cell(nearest_point(pts, 1), 1)} | "
-                             f"{_p99_cell(nearest_point(pts, 32), 32)} | {_opt(oom_n(pts), 'none')} | "
+                lines.append(f"| {backend} | {_p99_cell(nearest_point(pts, gpus), gpus)} | "
+                             f"{_p99_cell(nearest_point(pts, 32 * gpus), 32 * gpus)} | {_opt(oom_n(pts), 'none')} | "
                              f"{EXPECTED_AGENTS.get(backend, '-')} |")
         else:
             lines += ["| backend | mean per-token | expected per-token | MB per run (up + down) | expected MB |",

@@ -14,6 +14,7 @@ from typing import Literal
 
 import numpy as np
 
+from .notices import fit_inputs
 from .profile import Bandwidth, LinearFit, PiecewiseFit, Profile, WeightLoad
 from .specs import GpuSpec, ModelSpec
 
@@ -220,10 +221,21 @@ class ProfileCostModel(CostModel):
         }
         self._sequence = np.asarray(profile.jitter_decode_sequence, dtype=float) if profile.jitter_decode_sequence else None
 
+    def describe(self) -> str:
+        """Its kind, model and GPU, and for a moved or CPU profile the hardware it was measured on."""
+        text = super().describe()
+        meta = self.profile.metadata
+        moved = [note for note in meta.notes if note.startswith("transferred from ")]
+        if moved:
+            return f"{text} ({moved[-1]})"
+        if meta.device == "cpu":
+            return f"{text} (measured on a CPU: not a prediction for any GPU)"
+        return text
+
     def _eval(self, name: str, fit: LinearFit | PiecewiseFit, inputs: dict[str, float]) -> float:
         value, inside = evaluate_fit(fit, inputs)
         if not inside:
-            self.out_of_range.add(f"{name} at {inputs}")
+            self.out_of_range.add(f"{name} at {fit_inputs(inputs)}")
         return max(value, 0.0)
 
     def prefill_s(self, prompt_tokens: int, batch: int = 1, context_tokens: int = 0) -> float:
@@ -299,7 +311,7 @@ class ProfileCostModel(CostModel):
         """As measured; a concurrency past the largest measured one is flagged in the run's warnings."""
         largest = max(self.weight_load(tier).aggregate_gbps, default=1)
         if concurrent > largest:
-            self.out_of_range.add(f"weight loads from {tier} with more than {largest} at once (largest concurrency measured)")
+            self.out_of_range.add(f"weight loads from {tier} with more than {largest} at once")
         return super().load_aggregate_gbps(tier, concurrent)
 
     def timeslice_slowdown(self, processes: int) -> float:
@@ -307,7 +319,7 @@ class ProfileCostModel(CostModel):
         if measured is None:
             return super().timeslice_slowdown(processes)
         if processes > measured.max_k:
-            self.out_of_range.add(f"time-sliced decoding with more than {measured.max_k} processes (largest measured)")
+            self.out_of_range.add(f"time-sliced decoding with more than {measured.max_k} processes")
         return measured.slowdown(processes)
 
     @property
@@ -360,6 +372,9 @@ class RooflineCostModel(CostModel):
         self.source = "roofline"
         normal = NormalDist()
         self._jitter = np.exp([self.jitter_sigma * normal.inv_cdf((i + 0.5) / 256) for i in range(256)])
+
+    def describe(self) -> str:
+        return f"{super().describe()} (analytic, from its datasheet; host costs assumed, not measured)"
 
     def _roof(self, flops: float, nbytes: float) -> float:
         compute = flops / (self.gpu.peak_tflops_fp16 * 1e12 * self.compute_efficiency)

@@ -11,6 +11,12 @@ runs. `fn` must be a module-level function and items and results picklable.
 - Ray: each item is a Ray task on the cluster at `ray_address`, or on a local Ray started for the
   call (`"local"`: `ray.init(num_cpus=max(jobs, 2))`). A cluster's workers need djinnsim installed.
   Ray is the optional extra `djinnsim[ray]`.
+
+A command that maps several times (`djinnsim run`: the sweep, then the claims' searches; `djinnsim
+search`: its groups) holds one executor for all of them with `held(jobs, ray_address)`: Ray is
+started (or connected to) once and the local processes are started once. Inside it, `map_points`
+called with neither `jobs` nor `ray_address` runs on the held executor (library code such as the
+claims' searches does so, and runs sequentially outside any `held`).
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ from __future__ import annotations
 import multiprocessing
 import socket
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from typing import Callable, Sequence, TypeVar
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from djinnsim.errors import DjinnsimError
 
@@ -28,80 +36,131 @@ Progress = Callable[[int, int, int], None]  # (done, total, index of the item ju
 LOCAL_RAY = "local"
 
 
-def map_points(fn: Callable[[T], R], items: Sequence[T], *, jobs: int = 1, ray_address: str | None = None,
-               progress: Progress | None = None) -> list[R]:
-    """`[fn(item) for item in items]`, run as `jobs` local processes or as Ray tasks (`ray_address`:
-    a cluster's address, or "local"); `progress(done, total, index)` after each item finishes."""
+@dataclass
+class Held:
+    """An executor held across map_points calls: its settings, its local processes (started on
+    first use), and the Ray module when Ray runs the points (`ray_started`: this Held started
+    or connected it, and shuts it down at the end)."""
+
+    jobs: int
+    ray_address: str | None
+    processes: ProcessPoolExecutor | None = None
+    ray: Any = None
+    ray_started: bool = False
+
+    def process_pool(self) -> ProcessPoolExecutor:
+        if self.processes is None:
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(["djinnsim.sim.simulate"])
+            self.processes = ProcessPoolExecutor(max_workers=self.jobs, mp_context=context)
+        return self.processes
+
+
+_HELD: list[Held] = []  # the executors held now, innermost last
+
+
+@contextmanager
+def held(jobs: int = 1, ray_address: str | None = None) -> Iterator[Held]:
+    """Hold an executor for the block: Ray started or connected once, local processes started once
+    (when first needed) and shut down at the end. Re-entering with the innermost held settings
+    reuses it."""
     if jobs < 1:
         raise DjinnsimError(f"--jobs must be at least 1, got {jobs}")
+    if _HELD and (_HELD[-1].jobs, _HELD[-1].ray_address) == (jobs, ray_address):
+        yield _HELD[-1]
+        return
+    executor = Held(jobs, ray_address)
     if ray_address is not None:
-        return _on_ray(fn, items, jobs, ray_address, progress)
-    if jobs == 1 or len(items) <= 1:
-        results = []
-        for index, item in enumerate(items):
-            results.append(fn(item))
-            if progress is not None:
-                progress(index + 1, len(items), index)
-        return results
-    return _in_processes(fn, items, jobs, progress)
+        executor.ray, executor.ray_started = _connect_ray(jobs, ray_address)
+    _HELD.append(executor)
+    try:
+        yield executor
+    finally:
+        _HELD.remove(executor)
+        if executor.processes is not None:
+            executor.processes.shutdown(wait=True, cancel_futures=True)
+        if executor.ray_started:
+            executor.ray.shutdown()
 
 
-def _in_processes(fn, items, jobs, progress) -> list:
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["djinnsim.sim.simulate"])
+def map_points(fn: Callable[[T], R], items: Sequence[T], *, jobs: int | None = None, ray_address: str | None = None,
+               progress: Progress | None = None) -> list[R]:
+    """`[fn(item) for item in items]`, run as `jobs` local processes or as Ray tasks (`ray_address`:
+    a cluster's address, or "local"); `progress(done, total, index)` after each item finishes.
+    With neither `jobs` nor `ray_address`: on the executor held now (see `held`), else one by one."""
+    if jobs is None and ray_address is None:
+        if _HELD:
+            jobs, ray_address = _HELD[-1].jobs, _HELD[-1].ray_address
+        else:
+            jobs = 1
+    with held(1 if jobs is None else jobs, ray_address) as executor:
+        if ray_address is not None:
+            return _on_ray(executor.ray, fn, items, progress)
+        if executor.jobs == 1 or len(items) <= 1:
+            results = []
+            for index, item in enumerate(items):
+                results.append(fn(item))
+                if progress is not None:
+                    progress(index + 1, len(items), index)
+            return results
+        return _in_processes(executor.process_pool(), fn, items, progress)
+
+
+def _in_processes(pool: ProcessPoolExecutor, fn, items, progress) -> list:
     results: list = [None] * len(items)
-    with ProcessPoolExecutor(max_workers=min(jobs, len(items)), mp_context=context) as pool:
-        pending = {pool.submit(fn, item): index for index, item in enumerate(items)}
-        try:
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in sorted(done, key=pending.get):
-                    index = pending.pop(future)
-                    results[index] = future.result()
-                    if progress is not None:
-                        progress(len(items) - len(pending), len(items), index)
-        except BaseException:
-            for future in pending:
-                future.cancel()
-            raise
+    pending = {pool.submit(fn, item): index for index, item in enumerate(items)}
+    try:
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in sorted(done, key=pending.get):
+                index = pending.pop(future)
+                results[index] = future.result()
+                if progress is not None:
+                    progress(len(items) - len(pending), len(items), index)
+    except BaseException:
+        for future in pending:
+            future.cancel()
+        raise
     return results
 
 
-def _on_ray(fn, items, jobs, address, progress) -> list:
+def _connect_ray(jobs: int, address: str):
+    """(the ray module, whether this call started or connected it): a Ray already initialized in
+    this process is used as it is and left running."""
     try:
         import ray
     except ModuleNotFoundError:
         raise DjinnsimError("--ray needs Ray: pip install 'djinnsim[ray]'") from None
-    started = not ray.is_initialized()
-    if started:
-        try:
-            if address == LOCAL_RAY:
-                ray.init(num_cpus=max(jobs, 2), include_dashboard=False, log_to_driver=False,
-                         configure_logging=False)
-            else:
-                _reachable(address)
-                ray.init(address=address, log_to_driver=False, configure_logging=False)
-        except DjinnsimError:
-            raise
-        except Exception as exc:  # Ray raises ConnectionError, ValueError, RuntimeError... for a bad address
-            raise DjinnsimError(f"--ray: cannot connect to Ray at {address}: {str(exc).splitlines()[0]}") from None
+    if ray.is_initialized():
+        return ray, False
     try:
-        remote = ray.remote(fn)
-        refs = [remote.remote(item) for item in items]
-        index_of = {ref: index for index, ref in enumerate(refs)}
-        results: list = [None] * len(items)
-        pending = list(refs)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            for ref in done:
-                index = index_of[ref]
-                results[index] = _ray_get(ray, ref)
-                if progress is not None:
-                    progress(len(items) - len(pending), len(items), index)
-        return results
-    finally:
-        if started:
-            ray.shutdown()
+        if address == LOCAL_RAY:
+            ray.init(num_cpus=max(jobs, 2), include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
+        else:
+            _reachable(address)
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+    except DjinnsimError:
+        raise
+    except Exception as exc:  # Ray raises ConnectionError, ValueError, RuntimeError... for a bad address
+        raise DjinnsimError(f"--ray: cannot connect to Ray at {address}: {str(exc).splitlines()[0]}") from None
+    return ray, True
+
+
+def _on_ray(ray, fn, items, progress) -> list:
+    remote = ray.remote(fn)
+    refs = [remote.remote(item) for item in items]
+    index_of = {ref: index for index, ref in enumerate(refs)}
+    results: list = [None] * len(items)
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        for ref in done:
+            index = index_of[ref]
+            results[index] = _ray_get(ray, ref)
+            if progress is not None:
+                progress(len(items) - len(pending), len(items), index)
+    return results
 
 
 def _reachable(address: str, timeout_s: float = 5.0) -> None:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from djinnsim.errors import DjinnsimError
+
+from .safeyaml import describe_path, parse_json, read_input_text
 
 SCHEMA_VERSION = 2
 # Version 1 lacks the optional sections version 2 added (loads_mp, timeslice_mp, cached_prefill): it
@@ -25,8 +27,14 @@ READABLE_VERSIONS = (1, 2)
 ScaleClass = Literal["host", "compute", "memory", "pcie", "mixed"]
 
 
+# The named regressors a fit may use (their values: sim.costmodel.feature_value).
+FIT_FEATURES = ("1", "batch", "tokens", "tokens_sq", "tokens_ctx", "sum_context")
+MAX_COEF = 1e6  # |coefficient| of a fit; seconds (or bytes) per unit of its feature
+MAX_FACTOR = 1e3  # a jitter or spread factor: step time over the median
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class LinearFit(_Strict):
@@ -40,6 +48,20 @@ class LinearFit(_Strict):
     rmse_s: float | None = None
     max_rel_err: float | None = None
     n_samples: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "LinearFit":
+        unknown = [name for name in self.features if name not in FIT_FEATURES]
+        if unknown:
+            raise ValueError(f"unknown fit feature {unknown[0]!r} (known: {', '.join(FIT_FEATURES)})")
+        if not len(self.features) == len(self.coef) == len(self.scale):
+            raise ValueError(f"features, coef and scale must be as long as each other, not "
+                             f"{len(self.features)}, {len(self.coef)} and {len(self.scale)}")
+        if any(abs(k) > MAX_COEF for k in self.coef):
+            raise ValueError(f"a coefficient beyond +-{MAX_COEF:g} is not a measured cost")
+        if any(not lo <= hi for lo, hi in self.domain.values()):
+            raise ValueError("a domain's low end must not exceed its high end")
+        return self
 
 
 class PiecewiseFit(_Strict):
@@ -78,7 +100,7 @@ class WeightLoad(_Strict):
 
     fixed_s: float = Field(ge=0, description="per-load overhead (allocation, file open, framework)")
     gbps: float = Field(gt=0, description="throughput of one load alone")
-    aggregate_gbps: dict[int, float] = Field(
+    aggregate_gbps: dict[int, Annotated[float, Field(gt=0)]] = Field(
         default_factory=dict, description="total throughput with k concurrent loads (contention)"
     )
 
@@ -88,8 +110,8 @@ class Network(_Strict):
 
     connect_s: float = Field(ge=0, description="software cost of opening a connection, beyond 1 RTT")
     per_message_s: float = Field(ge=0, description="software cost per framed message")
-    loopback_rtt_s: float | None = None
-    loopback_gbps: float | None = None
+    loopback_rtt_s: float | None = Field(default=None, ge=0)
+    loopback_gbps: float | None = Field(default=None, gt=0)
 
 
 class Memory(_Strict):
@@ -154,8 +176,8 @@ class Spread(_Strict):
     @field_validator("decode_level", "decode_residual", "prefill_residual", "weight_load", "copies")
     @classmethod
     def _positive(cls, value: list[float]) -> list[float]:
-        if any(not (v > 0) for v in value):
-            raise ValueError("spread factors must be > 0")
+        if any(not 0 < v <= MAX_FACTOR for v in value):
+            raise ValueError(f"spread factors must lie in (0, {MAX_FACTOR:g}]")
         return value
 
 
@@ -180,7 +202,7 @@ class ProcessLoads(_Strict):
     fixed per-load costs included (the cost model takes `weight_load[tier].fixed_s` back out)."""
 
     nbytes: int = Field(gt=0, description="bytes each process loads")
-    aggregate_gbps: dict[int, float] = Field(min_length=1)
+    aggregate_gbps: dict[int, Annotated[float, Field(gt=0)]] = Field(min_length=1)
     runs: dict[int, list[ProcessRun]] = Field(default_factory=dict)
     limit: str = Field(default="", description="why no larger k was measured")
     note: str = Field(default="", description="e.g. how the page cache was dropped before each run")
@@ -288,20 +310,23 @@ class Profile(_Strict):
         default=None, description="prefill of new tokens on top of a cached context (stage cached_prefill)")
     samples_file: str | None = None
 
+    @field_validator("jitter_decode", "jitter_prefill", "jitter_decode_sequence")
+    @classmethod
+    def _factors(cls, value: list[float]) -> list[float]:
+        if any(not 0 < v <= MAX_FACTOR for v in value):
+            raise ValueError(f"jitter factors (time over the median) must lie in (0, {MAX_FACTOR:g}]")
+        return value
+
 
 def load_profile(path: str | Path) -> Profile:
     """Read and validate a profile; every failure is a one-line DjinnsimError naming the file."""
     path = Path(path)
-    if not path.is_file():
-        raise DjinnsimError(f"calibration profile not found: {path}")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DjinnsimError(f"{path}: not a readable JSON profile ({exc})") from None
+    shown = describe_path(path)
+    raw = parse_json(read_input_text(path, "calibration profile"), shown, "profile")
     version = raw.get("schema_version") if isinstance(raw, dict) else None
     if version not in READABLE_VERSIONS:
         raise DjinnsimError(
-            f"{path}: unknown profile schema_version {version!r} (this djinnsim reads "
+            f"{shown}: unknown profile schema_version {version!r} (this djinnsim reads "
             f"{', '.join(map(str, READABLE_VERSIONS))})"
         )
     try:
@@ -309,7 +334,8 @@ def load_profile(path: str | Path) -> Profile:
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
-        raise DjinnsimError(f"{path}: invalid profile field {where}: {err['msg']}") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise DjinnsimError(f"{shown}: invalid profile field {where}: {msg}") from None
 
 
 def save_profile(profile: Profile, path: str | Path) -> Path:

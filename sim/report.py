@@ -1,5 +1,6 @@
-"""Write a simulation's outputs: baseline JSONs (the seed's schema), records.csv, Figure 6, Table 2,
-the claims report, a Chrome trace and summary.json; and print the terminal summary.
+"""Write a simulation's outputs: baseline JSONs (the seed's schema), records.csv, Figure 6 or the
+Exp 2.1 figure (sim.figures), Table 2 (Markdown and CSV), the claims report, a Chrome trace and
+summary.json; and print the terminal summary.
 
 Every figure is computed from the records (sim.metrics) and PointResult's reported fields, never
 from engine internals. Files are byte-identical for identical records: fixed key order, floats
@@ -17,8 +18,10 @@ from typing import TYPE_CHECKING, Any
 from djinnsim.errors import DjinnsimError
 
 from . import claims as claims_mod
+from . import figures
 from . import metrics
 from .records import RECORD_COLUMNS, records_frame
+from .safeyaml import strict_json
 from .trace import write_trace
 
 if TYPE_CHECKING:
@@ -243,67 +246,6 @@ def write_records_csv(frames: list["pd.DataFrame"], path: Path) -> Path:
     return path
 
 
-def write_figure6(summaries: list[dict[str, Any]], backends: list[str], path: Path) -> Path:
-    """P99 (REASON + REFLECT pooled) vs N, log y, a line per backend, an X where a backend first OOMs.
-
-    One panel per (model, GPU, link) group. The line stops before the first OOM N; the X sits at
-    the P99 of the phases that did finish there, or at the line's last value when none did.
-    """
-    import matplotlib
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    grouped = claims_mod.groups(summaries)
-    with matplotlib.rc_context({"svg.hashsalt": "djinnsim", "path.simplify": True}):
-        width_in = 6.4 * len(grouped)
-        figure = Figure(figsize=(width_in, 4.4), dpi=100)
-        FigureCanvasAgg(figure)
-        axes = figure.subplots(1, len(grouped), squeeze=False)[0]
-        # fixed margins: a layout engine costs ~0.4 s per figure
-        figure.subplots_adjust(left=0.8 / width_in, right=1 - 0.2 / width_in, bottom=0.12, top=0.85, wspace=0.3)
-        colors = matplotlib.colormaps["tab10"]
-        for ax, (key, members) in zip(axes, grouped.items()):
-            all_ns: set[int] = set()
-            plotted = False
-            for backend, points in claims_mod.by_backend(members).items():
-                color = colors(backends.index(backend) % 10 if backend in backends else 9)
-                first_oom = claims_mod.oom_n(points)
-                xs, ys = [], []
-                for p in points:
-                    all_ns.add(p["n_agents"])
-                    value = claims_mod.p99_ms(p)
-                    if (first_oom is None or p["n_agents"] < first_oom) and value:
-                        xs.append(p["n_agents"])
-                        ys.append(value)
-                ax.plot(xs, ys, marker="o", color=color, label=backend)
-                plotted = plotted or bool(ys)
-                if first_oom is not None:
-                    at = next(p for p in points if p["n_agents"] == first_oom)
-                    survivors = at["agents"]["pooled"]["p99_ms"]
-                    y = survivors or (ys[-1] if ys else None)
-                    if y:
-                        plotted = True
-                        ax.plot([first_oom], [y], marker="x", markersize=12, mew=2.5, color=color, linestyle="")
-                        ax.annotate(f"OOM @ N={first_oom}", (first_oom, y), textcoords="offset points",
-                                    xytext=(6, 6), color=color, fontsize=8)
-            if plotted:  # a log axis needs a positive value
-                ax.set_xscale("log", base=2)
-                ax.set_yscale("log")
-                ticks = sorted(all_ns)
-                ax.set_xticks(ticks, [str(n) for n in ticks])
-            else:
-                ax.text(0.5, 0.5, "no phase finished", ha="center", va="center", transform=ax.transAxes)
-            ax.set_xlabel("concurrent agents N")
-            ax.set_ylabel("P99 per-phase latency (ms)")
-            # a fixed title height: placing it automatically measures every tick label (~0.4 s)
-            ax.set_title(claims_mod.group_label(key), fontsize=10, y=1.01)
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8)
-        figure.suptitle("Figure 6: P99 per-phase latency (REASON + REFLECT) vs N")
-        figure.savefig(path, format="png", metadata={"Software": None})
-    return path
-
-
 # --- entry points --------------------------------------------------------------------------------
 
 
@@ -316,7 +258,7 @@ def _trace_point(result: "SimulationResult") -> "PointResult":
 
 
 def _write_json(path: Path, document: Any) -> Path:
-    path.write_text(json.dumps(document, indent=2) + "\n")
+    path.write_text(strict_json(document, indent=2) + "\n")  # NaN / Infinity are not JSON
     return path
 
 
@@ -346,8 +288,11 @@ def write_outputs(result: "SimulationResult", out_dir: Path,
     written.append(write_records_csv(frames, out_dir / "records.csv"))
     claims = claims_mod.evaluate_claims(summaries, workload, result)
     if workload == "agents":
-        written.append(write_figure6(summaries, list(scenario.backends), out_dir / "figure6.png"))
+        written += figures.write_figure6(summaries, list(scenario.backends), out_dir / "figure6.png")
         written.append(_write_text(out_dir / "table2.md", claims_mod.table2_markdown(summaries)))
+        written.append(_write_text(out_dir / "table2.csv", claims_mod.table2_csv(summaries)))
+    else:
+        written += figures.write_exp21_figure(summaries, list(scenario.backends), out_dir / "exp21.png")
     written.append(_write_text(out_dir / "claims.md", claims_mod.claims_markdown(summaries, workload, claims)))
 
     traced = _trace_point(result)
@@ -391,7 +336,7 @@ def summary_rows(result: "SimulationResult", summaries: list[dict[str, Any]] | N
             "latency": unit, "mean_ms": mean_ms, "p99_ms": p99_ms,
             "mb_up": None if up is None else up / metrics.BYTES_PER_MB,
             "mb_down": None if down is None else down / metrics.BYTES_PER_MB,
-            "oom": s["oom"],
+            "oom": s["oom"], "cost_model": s.get("cost_model", ""),
         })
     return rows
 
@@ -403,14 +348,15 @@ def print_summary(result: "SimulationResult", console: Any, summaries: list[dict
     rows = summary_rows(result, summaries)
     decode = result.scenario.workload.kind != "agents"
     shared, varying = [], []
-    for key, heading in (("model", "model"), ("gpu", "GPU"), ("link_gbps", "Gbps"), ("n_agents", "N")):
+    for key, heading in (("model", "model"), ("gpu", "GPU"), ("link_gbps", "Gbps"), ("n_agents", "N"),
+                         ("cost_model", "cost model")):
         values = {row[key] for row in rows}
         if len(values) > 1:
             varying.append((key, heading))
         elif key != "n_agents" or not decode:
             value = next(iter(values), None)
             shared.append(f"{value:g} Gbps" if key == "link_gbps" else f"N={value}" if key == "n_agents"
-                          else str(value))
+                          else f"{value} cost model" if key == "cost_model" else str(value))
     what = ("per-token latency, payload MB per run" if decode
             else "per-phase latency (REASON+REFLECT), payload MB per phase")
     table = Table(title=f"{result.scenario.name} ({', '.join(shared)}): {what}")

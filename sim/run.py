@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import sys
 import time
 import zlib
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from djinnsim.errors import DjinnsimError
 
 from .costmodel import CostModel, ProfileCostModel, RooflineCostModel, transfer_profile
-from .parallel import map_points
+from . import notices
+from .estimate import check_workload
+from .outputs import OutputFolder, utc_stamp
+from .overrides import Override, load_overridden
+from .parallel import held, map_points
 from .profile import Profile, load_profile
 from .records import Record
-from .scenario import Point, Scenario, dump_scenario, expand_points, load_scenario
+from .safeyaml import require_file
+from .scenario import MAX_BANDS, Point, Scenario, check_seed, dump_scenario, expand_points
 from .simulate import PointResult, simulate_point
 from .specs import get_gpu
 
@@ -85,12 +91,12 @@ class CostModels:
             return RooflineCostModel(point.gpu, point.model)
         path = self.calibration or _default_profile(point.model.model_id, point.gpu.key)
         if path is None:
-            self.warnings.append(
-                f"no calibration profile for {point.model.model_id}: using the analytic roofline model of {point.gpu.name}"
-            )
+            self.warnings.append(notices.roofline_fallback(point.model.model_id, point.gpu.name))
             return RooflineCostModel(point.gpu, point.model)
         profile = self._profile(Path(path))
         meta = profile.metadata
+        if meta.device == "cpu":
+            self.warnings.append(notices.cpu_profile(str(path)))
         if meta.model_id != point.model.model_id:
             raise DjinnsimError(
                 f"calibration {path} is for model {meta.model_id}, but the scenario asks {point.model.model_id}"
@@ -104,7 +110,7 @@ class CostModels:
             return ProfileCostModel(moved, point.model)
         raise DjinnsimError(
             f"calibration {path} was measured on {meta.gpu_name}, but the scenario asks {point.gpu.key}; "
-            "set cost_model: transfer (move it by datasheet ratios) or roofline"
+            "set cost_model: transfer (move it by datasheet ratios, e.g. --set cost_model=transfer) or roofline"
         )
 
 
@@ -128,9 +134,10 @@ def _simulate_task(task: tuple) -> PointResult:
 
 
 def simulate_scenario(scenario: Scenario, calibration: Path | None = None, seed: int | None = None,
-                      progress=None, jobs: int = 1, ray_address: str | None = None) -> SimulationResult:
+                      progress=None, jobs: int | None = None, ray_address: str | None = None) -> SimulationResult:
     """Simulate every point of a scenario, in `jobs` local processes or as Ray tasks
-    (sim.parallel.map_points); `progress(done, total, label)` is called after each point."""
+    (sim.parallel.map_points; neither: on the executor held now, else one by one);
+    `progress(done, total, label)` is called after each point."""
     started = time.perf_counter()
     points = expand_points(scenario)
     models = CostModels(scenario, calibration)
@@ -143,41 +150,52 @@ def simulate_scenario(scenario: Scenario, calibration: Path | None = None, seed:
     for result in results:
         for item in result.out_of_range:
             outside.setdefault(item, []).append(result.point.label)
-    for item, labels in list(outside.items())[:5]:
-        where = labels[0] if len(labels) == 1 else f"{len(labels)} points, first {labels[0]}"
-        warnings.append(f"cost asked outside the calibrated range: {item} ({where})")
-    return SimulationResult(scenario, results, warnings, time.perf_counter() - started, costs=models)
+    warnings += notices.outside_calibration(outside)
+    return SimulationResult(scenario, results, notices.once(warnings), time.perf_counter() - started, costs=models)
 
 
-def default_out_dir(scenario: Scenario) -> Path:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return Path("results") / scenario.name / stamp
+def default_out_dir(scenario: Scenario, folder: str | None = None) -> Path:
+    """results/<folder>/<UTC stamp>; `folder` (sim.overrides.results_folder) follows the scenario
+    file and its overrides, else the scenario's name."""
+    return Path("results") / (folder or scenario.name) / utc_stamp()
 
 
 def run_scenario_file(path: Path, calibration: Path | None = None, out: Path | None = None,
                       seed: int | None = None, quiet: bool = False, bands: int | None = None, jobs: int = 1,
-                      ray_address: str | None = None) -> Path:
+                      ray_address: str | None = None, force: bool = False,
+                      overrides: Sequence[Override] = ()) -> Path:
     """`djinnsim run`: load, simulate, write results; returns the output folder.
+    `overrides`: `--set` and its shortcuts (sim.overrides), applied to the file before anything else.
     `bands` (default: the scenario's `bands`): draws of the profile's spread for P10-P90 bands;
-    `jobs` / `ray_address`: where the points run (sim.parallel.map_points)."""
-    scenario = load_scenario(path)
+    `jobs` / `ray_address`: where the points run (sim.parallel.map_points); `force`: replace a
+    non-empty `out` (sim.outputs.OutputFolder: the folder appears only once complete)."""
+    scenario, results_name = load_overridden(path, overrides)
     if seed is not None:
-        scenario = scenario.model_copy(update={"seed": seed})
+        scenario = scenario.model_copy(update={"seed": check_seed(seed)})
     if bands is not None:
         if bands < 0:
             raise DjinnsimError(f"--bands must be >= 0, not {bands}")
         scenario = scenario.model_copy(update={"bands": bands})
-    if calibration is not None and not Path(calibration).is_file():
-        raise DjinnsimError(f"calibration profile not found: {calibration}")
-    out_dir = Path(out) if out is not None else default_out_dir(scenario)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DjinnsimError(f"--out {out_dir} exists and is not a folder")
+    if bands is not None and bands > MAX_BANDS:
+        raise DjinnsimError(f"--bands must be <= {MAX_BANDS}, not {bands}")
+    if calibration is not None:
+        require_file(calibration, "calibration profile")
+    folder = OutputFolder(out, default_out_dir(scenario, results_name), force=force)
+    workload_warning = check_workload(scenario, jobs=jobs)
+    if workload_warning and not quiet:
+        print(f"warning: {workload_warning}", file=sys.stderr)
 
+    # one executor for the sweep and the claims' searches: Ray starts (or connects) once
+    with held(jobs, ray_address):
+        return _simulate_and_write(scenario, calibration, folder, quiet)
+
+
+def _simulate_and_write(scenario: Scenario, calibration: Path | None, folder: OutputFolder, quiet: bool) -> Path:
     from rich.console import Console
 
     console = Console(stderr=False, quiet=quiet)
     if quiet:
-        result = simulate_scenario(scenario, calibration, progress=None, jobs=jobs, ray_address=ray_address)
+        result = simulate_scenario(scenario, calibration, progress=None)
     else:
         from rich.progress import Progress
 
@@ -187,7 +205,7 @@ def run_scenario_file(path: Path, calibration: Path | None = None, out: Path | N
             def progress(done: int, total: int, label: str) -> None:
                 bar.update(task, completed=done, total=total, description=label)
 
-            result = simulate_scenario(scenario, calibration, progress=progress, jobs=jobs, ray_address=ray_address)
+            result = simulate_scenario(scenario, calibration, progress=progress)
 
     from .report import point_summaries, print_summary, write_outputs
 
@@ -200,19 +218,21 @@ def run_scenario_file(path: Path, calibration: Path | None = None, out: Path | N
                 scenario, [p.point for p in result.points], result.costs.for_point, scenario.seed, scenario.bands,
                 lambda r: point_summary(r, scenario.workload.kind))):
             summary["bands_p10_p90"] = point_bands
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "scenario.yaml").write_text(dump_scenario(scenario))
-    write_outputs(result, out_dir, summaries=summaries)
-    from .provenance import provenance
-    from .report import _write_json
+    with folder as out_dir:
+        (out_dir / "scenario.yaml").write_text(dump_scenario(scenario))
+        write_outputs(result, out_dir, summaries=summaries)
+        from .provenance import provenance
+        from .report import _write_json
 
-    cost_models = [p.cost_model for p in result.points]
-    _write_json(out_dir / "provenance.json", provenance(result.costs.profile_paths, cost_models))
-    if scenario.bands:
-        (out_dir / "bands.md").write_text(bands_markdown(summaries, scenario.workload.kind, scenario.bands, cost_models))
+        cost_models = [p.cost_model for p in result.points]
+        _write_json(out_dir / "provenance.json", provenance(result.costs.profile_paths, cost_models))
+        if scenario.bands:
+            (out_dir / "bands.md").write_text(bands_markdown(summaries, scenario.workload.kind, scenario.bands,
+                                                             cost_models))
+    out_dir = folder.path
     if not quiet:
         print_summary(result, console, summaries=summaries)
-        for warning in result.warnings:
-            console.print(f"[yellow]warning:[/] {warning}")
+    notices.emit(result.warnings)
+    if not quiet:
         console.print(f"results: {out_dir}")
     return out_dir

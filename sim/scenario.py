@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -12,18 +13,55 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from djinnsim.errors import DjinnsimError
 
 from .backends import Backend, Scheduler, get_backend
+from .safeyaml import describe_path, load_yaml_file
 from .server_rules import KvPolicySpec, ServerRules
 from .specs import GpuSpec, ModelSpec, get_gpu, get_model
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+# Sane bounds (documented in the README's "Robustness" section): far beyond any real deployment, far
+# below where a float clock loses its resolution or a run its end.
+MIN_LINK_GBPS = 0.001  # 1 Mbit/s
+MAX_LINK_GBPS = 1e6  # 1 Pbit/s
+MAX_SECONDS = 1e6  # any one duration (ACT, RTT...): 11.6 days
+MAX_TOKENS = 1_000_000  # tokens in one phase or prompt
+MAX_COUNT = 10_000_000  # agents, runs, iterations
+MAX_SEED = 2**64 - 1
+MAX_BANDS = 1000
+# A scenario's name becomes a folder under results/: one plain path component
+NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,99}$"
+
+
+def check_name(value: str, what: str = "name") -> str:
+    """A name that is one safe path component: no separators, NUL, `..`, or leading dot; <= 100 chars."""
+    if not re.fullmatch(NAME_PATTERN, value) or ".." in value:
+        raise ValueError(f"{what} {value[:60]!r} must be 1-100 letters, digits, '_', '-', '+' or '.', not starting "
+                         "with '.' nor holding '..' (it names a results folder)")
+    return value
+
+
+def check_seed(seed: int, option: str = "--seed") -> int:
+    """A seed numpy's SeedSequence takes: 0 .. 2^64 - 1."""
+    if not 0 <= seed <= MAX_SEED:
+        raise DjinnsimError(f"{option} must be an integer in 0..{MAX_SEED}, not {seed}")
+    return seed
+
+
+def _no_duplicates(values: list, what: str) -> None:
+    seen = set()
+    for value in values:
+        if value in seen:
+            raise ValueError(f"{what} {value!r} appears twice (each point would overwrite the other's results)")
+        seen.add(value)
 
 
 class Link(_Strict):
-    gbps: float = Field(default=25.0, gt=0, description="line rate each way (full duplex)")
-    rtt_ms: float = Field(default=0.2, ge=0, description="round-trip propagation time")
-    framing_bytes: int = Field(default=137, ge=0, description="1 B type + 8 B length + JSON header, per message")
+    gbps: float = Field(default=25.0, ge=MIN_LINK_GBPS, le=MAX_LINK_GBPS, description="line rate each way (full duplex)")
+    rtt_ms: float = Field(default=0.2, ge=0, le=MAX_SECONDS, description="round-trip propagation time")
+    framing_bytes: int = Field(default=137, ge=0, le=2**30, description="1 B type + 8 B length + JSON header, per message")
     host_stack: Literal["nic", "loopback"] = Field(
         default="nic",
         description="nic: the link is a NIC at its line rate, the hosts add the profile's per-message and "
@@ -31,13 +69,13 @@ class Link(_Strict):
         "profile measured on one host's loopback (how `validate` runs its real clients and server)",
     )
     stream_cap_gbps: float | None = Field(
-        default=None, gt=0, description="caps every connection at this many Gbps (overrides host_stack's cap)"
+        default=None, ge=MIN_LINK_GBPS, le=MAX_LINK_GBPS, description="caps every connection at this many Gbps (overrides host_stack's cap)"
     )
 
 
 class Server(_Strict):
     scheduler: Scheduler | None = Field(default=None, description="override the backends' default policy")
-    max_batch: int = Field(default=64, gt=0, description="continuous batching: most sequences per step")
+    max_batch: int = Field(default=64, gt=0, le=MAX_COUNT, description="continuous batching: most sequences per step")
     # --- KV during ACT and Djinn's server rules (sim/server_rules.py documents each default) ---
     kv_policy: KvPolicySpec | None = Field(
         default=None, description="override every backend's kv_policy: preserve | swap | discard | "
@@ -79,13 +117,13 @@ class Cluster(_Strict):
 
 class Fixed(_Strict):
     kind: Literal["fixed"] = "fixed"
-    seconds: float = Field(ge=0)
+    seconds: float = Field(ge=0, le=MAX_SECONDS)
 
 
 class Uniform(_Strict):
     kind: Literal["uniform"]
-    low_s: float = Field(ge=0)
-    high_s: float = Field(ge=0)
+    low_s: float = Field(ge=0, le=MAX_SECONDS)
+    high_s: float = Field(ge=0, le=MAX_SECONDS)
 
     @model_validator(mode="after")
     def _ordered(self) -> "Uniform":
@@ -96,20 +134,20 @@ class Uniform(_Strict):
 
 class Exponential(_Strict):
     kind: Literal["exponential"]
-    mean_s: float = Field(gt=0)
+    mean_s: float = Field(gt=0, le=MAX_SECONDS)
 
 
 Duration = Annotated[Union[Fixed, Uniform, Exponential], Field(discriminator="kind")]
 
 
 class Phase(_Strict):
-    input_tokens: int = Field(ge=0, description="tokens new to the conversation this phase")
-    new_tokens: int = Field(gt=0, description="tokens generated")
+    input_tokens: int = Field(ge=0, le=MAX_TOKENS, description="tokens new to the conversation this phase")
+    new_tokens: int = Field(gt=0, le=MAX_TOKENS, description="tokens generated")
 
 
 class Arrival(_Strict):
     kind: Literal["simultaneous", "poisson"] = "simultaneous"
-    rate_per_s: float | None = Field(default=None, gt=0)
+    rate_per_s: float | None = Field(default=None, ge=1e-6, le=1e6)
 
     @model_validator(mode="after")
     def _rate(self) -> "Arrival":
@@ -122,11 +160,11 @@ class DecodeWorkload(_Strict):
     """Experiment 2.1: one client decoding, `runs` times."""
 
     kind: Literal["decode"]
-    prompt_tokens: int = Field(default=72, gt=0)
-    new_tokens: int = Field(default=50, gt=0)
-    batch: int = Field(default=1, gt=0)
-    runs: int = Field(default=30, gt=0)
-    warmup_runs: int = Field(default=5, ge=0)
+    prompt_tokens: int = Field(default=72, gt=0, le=MAX_TOKENS)
+    new_tokens: int = Field(default=50, gt=0, le=MAX_TOKENS)
+    batch: int = Field(default=1, gt=0, le=MAX_COUNT)
+    runs: int = Field(default=30, gt=0, le=MAX_COUNT)
+    warmup_runs: int = Field(default=5, ge=0, le=MAX_COUNT)
 
     @model_validator(mode="after")
     def _warmup(self) -> "DecodeWorkload":
@@ -143,7 +181,7 @@ class AgentsWorkload(_Strict):
     reason: Phase = Phase(input_tokens=72, new_tokens=50)
     act: Duration = Fixed(seconds=10.0)
     reflect: Phase = Phase(input_tokens=16, new_tokens=50)
-    iterations: int = Field(default=1, gt=0)
+    iterations: int = Field(default=1, gt=0, le=MAX_COUNT)
     arrival: Arrival = Arrival()
 
     @field_validator("agents")
@@ -151,6 +189,9 @@ class AgentsWorkload(_Strict):
     def _positive(cls, value: list[int]) -> list[int]:
         if any(n <= 0 for n in value):
             raise ValueError("every agent count must be > 0")
+        if any(n > MAX_COUNT for n in value):
+            raise ValueError(f"every agent count must be <= {MAX_COUNT}")
+        _no_duplicates(value, "agent count")
         return value
 
 
@@ -158,15 +199,22 @@ Workload = Annotated[Union[DecodeWorkload, AgentsWorkload], Field(discriminator=
 
 
 class Sweep(_Strict):
-    link_gbps: list[float] | None = Field(default=None, min_length=1)
+    link_gbps: list[Annotated[float, Field(ge=MIN_LINK_GBPS, le=MAX_LINK_GBPS)]] | None = Field(default=None, min_length=1)
     model: list[str] | None = Field(default=None, min_length=1)
     gpu: list[str] | None = Field(default=None, min_length=1)
+
+    @field_validator("link_gbps")
+    @classmethod
+    def _distinct_rates(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None:  # as a point's label writes it: 25 and 25.0000001 would share a file
+            _no_duplicates([f"{rate:g}" for rate in value], "link rate")
+        return value
 
 
 class Scenario(_Strict):
     name: str
-    description: str = ""
-    seed: int = Field(default=0, ge=0)
+    description: str = Field(default="", max_length=10_000)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     model: str = "llama-2-7b"
     gpu: str = "h100-80gb"
     cost_model: Literal["profile", "transfer", "roofline"] = Field(
@@ -182,17 +230,24 @@ class Scenario(_Strict):
     workload: Workload
     sweep: Sweep = Sweep()
     trace_point: int = Field(default=-1, description="index of the point whose run goes to trace.json")
-    bands: int = Field(default=0, ge=0, description="prediction bands: simulate each point this many more times "
+    bands: int = Field(default=0, ge=0, le=MAX_BANDS, description="prediction bands: simulate each point this many more times "
                        "under draws of the profile's spread and report P10-P90 of every metric (0: none)")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        return check_name(value)
 
     @model_validator(mode="after")
     def _names_resolve(self) -> "Scenario":
+        _no_duplicates(self.backends, "backends: backend")
+        for name in self.custom_backends:  # every one, used or not: a broken one is a broken file
+            check_name(name, "custom backend")
+            get_backend(name, self.custom_backends)
         for name in self.backends:
             get_backend(name, self.custom_backends)
-        for model in self.sweep.model or [self.model]:
-            get_model(model)
-        for gpu in self.sweep.gpu or [self.gpu]:
-            get_gpu(gpu)
+        _no_duplicates([get_model(model).key for model in self.sweep.model or [self.model]], "sweep.model: model")
+        _no_duplicates([get_gpu(gpu).key for gpu in self.sweep.gpu or [self.gpu]], "sweep.gpu: GPU")
         count = self.point_count
         if not -count <= self.trace_point < count:
             raise ValueError(f"trace_point {self.trace_point} is outside the {count} points of this scenario")
@@ -258,10 +313,9 @@ _UNION_TAGS = {"decode", "agents", "fixed", "uniform", "exponential"}
 def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     loc = [str(p) for i, p in enumerate(err["loc"]) if not (i and p in _UNION_TAGS and err["loc"][i - 1] in ("workload", "act"))]
-    where = ".".join(loc) or "(top level)"
     msg = err["msg"].removeprefix("Value error, ")
     extra = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    return f"field {where}: {msg}{extra}"
+    return f"field {'.'.join(loc)}: {msg}{extra}" if loc else f"{msg}{extra}"
 
 
 def parse_scenario(raw: Any, source: str = "<scenario>") -> Scenario:
@@ -276,16 +330,7 @@ def parse_scenario(raw: Any, source: str = "<scenario>") -> Scenario:
 
 
 def load_scenario(path: str | Path) -> Scenario:
-    path = Path(path)
-    if not path.is_file():
-        raise DjinnsimError(f"scenario file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise DjinnsimError(f"{path}: malformed YAML{where}: {getattr(exc, 'problem', exc)}") from None
-    return parse_scenario(raw, str(path))
+    return parse_scenario(load_yaml_file(path, "scenario file"), describe_path(path))
 
 
 def dump_scenario(scenario: Scenario) -> str:

@@ -19,7 +19,9 @@ What the search assumes, and what it verifies
 Capacity assumes the set of feasible N is downward closed (if N meets the SLO, every smaller N
 does). Queueing, memory and admission usually make it so, but jitter draws differ from N to N and
 nothing guarantees it. The search gallops up from N = 1 (doubling, or a step predicted by
-extrapolating the P99 of the last two feasible probes, at least x1.5 and at most x2) until a probe
+extrapolating the P99 line through the last feasible probe and the earliest one at a quarter of its
+N or more, 5% past the crossing, at most x4; at least x1.5, except that one step of less may follow
+a step of x1.5 or more, as when the crossing is predicted close) until a probe
 fails or the cap is reached, then narrows the bracket [largest feasible, smallest infeasible] by
 interpolating the P99, each interpolated probe followed by its neighbour on the far side (bisection
 when the failure is memory or admission, and after two interpolation rounds that did not halve the
@@ -58,6 +60,7 @@ from djinnsim.errors import DjinnsimError
 from . import metrics
 from .backends import get_backend
 from .records import records_frame
+from .parallel import map_points
 from .run import CostModels, point_seed
 from .scenario import AgentsWorkload, DecodeWorkload, Point, Scenario, expand_points
 from .simulate import simulate_point
@@ -73,7 +76,8 @@ LINK_REL_TOL = 0.01
 LINK_SIGNIFICANT_DIGITS = 4
 NATIVE = "native_pytorch"
 
-GALLOP_MIN_GROWTH = 1.5  # each galloping probe is at least x1.5 the last feasible N, at most x2
+GALLOP_MIN_GROWTH = 1.5  # a galloping probe is at least x1.5 the last feasible N (but see below)
+GALLOP_MAX_GROWTH = 4  # and at most x4 (x2 when nothing can be extrapolated)
 GALLOP_OVERSHOOT = 1.05  # aim 5% past the extrapolated crossing, so the probe likely fails
 
 
@@ -159,17 +163,23 @@ def largest_feasible(evaluate: Callable[[int], Probe], target_ms: float,
         return seen[n]
 
     lo: Probe | None = None
-    previous: Probe | None = None
+    feasible: list[Probe] = []
+    small_step_ok = True
     n = 1
     while True:  # gallop
         p = probe(n)
         if not p.ok:
             hi = p
             break
-        previous, lo = lo, p
+        lo = p
+        feasible.append(p)
         if n >= cap:
             return lo, None, order
-        n = min(_gallop_next(previous, lo, target_ms), cap)
+        step = _gallop_next(feasible, target_ms, small_step_ok)
+        # a step below x1.5 (the crossing extrapolated close) that still meets the target is not
+        # followed by another: a curve bending away from its extrapolation must not cost many probes
+        small_step_ok = step >= math.ceil(n * GALLOP_MIN_GROWTH)
+        n = min(step, cap)
 
     fruitless = 0
     while lo is not None and hi.x - lo.x > 1:  # narrow
@@ -194,18 +204,25 @@ def largest_feasible(evaluate: Callable[[int], Probe], target_ms: float,
     return lo, hi, order
 
 
-def _gallop_next(previous: Probe | None, last: Probe, target_ms: float) -> int:
+def _gallop_next(feasible: list[Probe], target_ms: float, small_step_ok: bool = True) -> int:
+    """The next galloping probe after the feasible ones (in order): where the P99 line through the
+    last probe and the earliest one at or above a quarter of its N crosses the target, plus
+    GALLOP_OVERSHOOT, within [x1.5 (or N + 1 when `small_step_ok`), x4]; doubling when no line
+    can be drawn (one probe, no P99, a P99 that does not rise, a target it never reaches)."""
+    last = feasible[-1]
     n = int(last.x)
-    low, high = max(n + 1, math.ceil(n * GALLOP_MIN_GROWTH)), 2 * n
-    if previous is None or previous.value_ms is None or last.value_ms is None:
-        return high
-    slope = (last.value_ms - previous.value_ms) / (last.x - previous.x)
+    double = 2 * n
+    base = next((p for p in feasible[:-1] if p.x * GALLOP_MAX_GROWTH >= last.x), None)
+    if base is None or base.value_ms is None or last.value_ms is None:
+        return double
+    slope = (last.value_ms - base.value_ms) / (last.x - base.x)
     if slope <= 0:
-        return high
+        return double
     crossing = last.x + (target_ms - last.value_ms) / slope
     if not math.isfinite(crossing):
-        return high
-    return min(max(math.ceil(crossing * GALLOP_OVERSHOOT), low), high)
+        return double
+    low = n + 1 if small_step_ok else max(n + 1, math.ceil(n * GALLOP_MIN_GROWTH))
+    return min(max(math.ceil(crossing * GALLOP_OVERSHOOT), low), GALLOP_MAX_GROWTH * n)
 
 
 def _interpolate(lo: Probe, hi: Probe, target_ms: float) -> float | None:
@@ -248,12 +265,20 @@ class CapacityAnswer:
     p99_ms_above: float | None
     limited_by: str  # slo | memory | admission | cap
     probes: list[Probe] = field(default_factory=list)
+    gpus: int = 1  # the GPUs of the pool the N agents share
+
+    @property
+    def max_agents_per_gpu(self) -> float:
+        return self.max_agents / self.gpus
 
     def as_json(self) -> dict[str, Any]:
-        return {"max_agents": self.max_agents, "p99_ms_at_max": _round(self.p99_ms_at_max),
-                "p99_ms_above": _round(self.p99_ms_above), "limited_by": self.limited_by,
-                "slo_p99_ms": self.slo_p99_ms, "cost_model": self.cost_model, "model": self.model,
-                "gpu": self.gpu, "link_gbps": self.link_gbps}
+        found = {"max_agents": self.max_agents, "p99_ms_at_max": _round(self.p99_ms_at_max),
+                 "p99_ms_above": _round(self.p99_ms_above), "limited_by": self.limited_by,
+                 "slo_p99_ms": self.slo_p99_ms, "cost_model": self.cost_model, "model": self.model,
+                 "gpu": self.gpu, "link_gbps": self.link_gbps}
+        if self.gpus > 1:  # a pool: max_agents is the pool's; per GPU beside it
+            found.update(gpus=self.gpus, max_agents_per_gpu=_round(self.max_agents_per_gpu))
+        return found
 
 
 @dataclass
@@ -312,29 +337,53 @@ def groups(scenario: Scenario, costs: CostModels, backends: Iterable[str] | None
 
 def search_capacity(scenario: Scenario, slo_p99_ms: float, backends: Iterable[str] | None = None,
                     calibration: Path | None = None, max_agents: int = DEFAULT_MAX_AGENTS,
-                    costs: CostModels | None = None, seed: int | None = None) -> list[CapacityAnswer]:
-    """The largest N per (backend, model, GPU, link) that meets the SLO, found by simulation."""
+                    costs: CostModels | None = None, seed: int | None = None, jobs: int | None = None,
+                    ray_address: str | None = None) -> list[CapacityAnswer]:
+    """The largest N per (backend, model, GPU, link) that meets the SLO, found by simulation.
+    Groups are searched in parallel as `sim.parallel.map_points` runs them (`jobs`, `ray_address`;
+    neither: on the executor held now); the answers do not depend on where they ran."""
+    return search_capacities(scenario, [(slo_p99_ms, backends)], calibration, max_agents, costs, seed, jobs,
+                             ray_address)[0]
+
+
+def search_capacities(scenario: Scenario, questions: list[tuple[float, Iterable[str] | None]],
+                      calibration: Path | None = None, max_agents: int = DEFAULT_MAX_AGENTS,
+                      costs: CostModels | None = None, seed: int | None = None, jobs: int | None = None,
+                      ray_address: str | None = None) -> list[list[CapacityAnswer]]:
+    """search_capacity for several (SLO, backends) questions at once: every group of every question
+    is one task of a single map_points call. Returns each question's answers, in order."""
     if not isinstance(scenario.workload, AgentsWorkload):
         raise DjinnsimError(f"--slo-p99-ms needs an agents workload; scenario {scenario.name!r} is "
                             f"{scenario.workload.kind} (use --break-even-ms for decode scenarios)")
-    if not slo_p99_ms > 0:
-        raise DjinnsimError(f"--slo-p99-ms must be > 0, got {slo_p99_ms:g}")
+    for slo_p99_ms, _ in questions:
+        if not slo_p99_ms > 0:
+            raise DjinnsimError(f"--slo-p99-ms must be > 0, got {slo_p99_ms:g}")
+    if max_agents < 1:
+        raise DjinnsimError(f"the agent cap must be >= 1, got {max_agents}")
     costs = costs or CostModels(scenario, calibration)
     base_seed = scenario.seed if seed is None else seed
-    answers = []
-    for group in groups(scenario, costs, backends):
-        def evaluate(n: int, group=group) -> Probe:
-            return agents_probe(scenario, group.point, group.cost, base_seed, n, slo_p99_ms)
-
-        at, above, probes = largest_feasible(evaluate, slo_p99_ms, max_agents)
-        answers.append(CapacityAnswer(
-            backend=group.point.backend.name, model=group.point.model.key, gpu=group.point.gpu.key,
-            link_gbps=float(group.point.link.gbps), cost_model=group.cost_model,
-            cost_model_detail=group.cost_model_detail, slo_p99_ms=float(slo_p99_ms), cap=max_agents,
-            max_agents=int(at.x) if at else 0, p99_ms_at_max=at.value_ms if at else None,
-            p99_ms_above=above.value_ms if above else None,
-            limited_by=above.failure if above else "cap", probes=probes))
+    asked = [[(float(slo), group) for group in groups(scenario, costs, backends)] for slo, backends in questions]
+    tasks = [(scenario, group.point, group.cost, base_seed, slo, max_agents) for each in asked for slo, group in each]
+    found = iter(map_points(_capacity_task, tasks, jobs=jobs, ray_address=ray_address))
+    answers: list[list[CapacityAnswer]] = []
+    for each in asked:
+        answers.append([])
+        for slo, group in each:
+            at, above, probes = next(found)
+            answers[-1].append(CapacityAnswer(
+                backend=group.point.backend.name, model=group.point.model.key, gpu=group.point.gpu.key,
+                link_gbps=float(group.point.link.gbps), gpus=group.point.cluster.gpus, cost_model=group.cost_model,
+                cost_model_detail=group.cost_model_detail, slo_p99_ms=slo, cap=max_agents,
+                max_agents=int(at.x) if at else 0, p99_ms_at_max=at.value_ms if at else None,
+                p99_ms_above=above.value_ms if above else None,
+                limited_by=above.failure if above else "cap", probes=probes))
     return answers
+
+
+def _capacity_task(task: tuple) -> tuple[Probe | None, Probe | None, list[Probe]]:
+    """One group's capacity search (a map_points task): largest_feasible over agents_probe."""
+    scenario, point, cost, seed, slo_ms, cap = task
+    return largest_feasible(lambda n: agents_probe(scenario, point, cost, seed, n, slo_ms), slo_ms, cap)
 
 
 def _rate(gbps: float) -> float:
@@ -377,8 +426,10 @@ def slowest_link(evaluate: Callable[[float], Probe], bounds: tuple[float, float]
 def search_break_even(scenario: Scenario, target_ms: float | None = None, within_native_pct: float | None = None,
                       backends: Iterable[str] | None = None, calibration: Path | None = None,
                       bounds: tuple[float, float] = LINK_GBPS_BOUNDS, rel_tol: float = LINK_REL_TOL,
-                      costs: CostModels | None = None) -> list[BreakEvenAnswer]:
-    """Per remote backend and (model, GPU): the slowest link rate meeting a per-token target."""
+                      costs: CostModels | None = None, jobs: int | None = None,
+                      ray_address: str | None = None) -> list[BreakEvenAnswer]:
+    """Per remote backend and (model, GPU): the slowest link rate meeting a per-token target.
+    Backends are searched in parallel as in search_capacity (`jobs`, `ray_address`)."""
     if not isinstance(scenario.workload, DecodeWorkload):
         raise DjinnsimError(f"--break-even-ms / --within-native-pct need a decode workload (Exp 2.1); "
                             f"scenario {scenario.name!r} is {scenario.workload.kind}")
@@ -393,30 +444,26 @@ def search_break_even(scenario: Scenario, target_ms: float | None = None, within
     scenario = scenario.model_copy(update={"sweep": scenario.sweep.model_copy(update={"link_gbps": None})})
     extra = [NATIVE] if within_native_pct is not None else []
     found = groups(scenario, costs, backends, extra_backends=extra)
-    natives = {g.key[:2]: g for g in found if g.point.backend.name == NATIVE}
-    native_ms_of: dict[tuple, float] = {}
-    answers = []
-    for group in found:
-        if group.point.backend.location != "remote":
-            continue
-        if within_native_pct is not None:
-            native = natives[group.key[:2]]
-            if group.key[:2] not in native_ms_of:
-                native_ms, oom, _ = decode_per_token_ms(scenario, native.point, native.cost, scenario.seed)
-                if native_ms is None or oom:
-                    raise DjinnsimError(f"{NATIVE} has no OOM-free run on {native.point.model.key} / "
-                                        f"{native.point.gpu.key}: no latency to compare with")
-                native_ms_of[group.key[:2]] = native_ms
+    remote = [g for g in found if g.point.backend.location == "remote"]
+    goals: list[tuple[float, str]] = [(float(target_ms), f"{target_ms:g} ms")] * len(remote) if target_ms is not None else []
+    if within_native_pct is not None:
+        natives = list({g.key[:2]: g for g in found if g.point.backend.name == NATIVE}.values())
+        measured = map_points(_native_task, [(scenario, g.point, g.cost, scenario.seed) for g in natives],
+                              jobs=jobs, ray_address=ray_address)
+        native_ms_of = {}
+        for native, (native_ms, oom, _) in zip(natives, measured):
+            if native_ms is None or oom:
+                raise DjinnsimError(f"{NATIVE} has no OOM-free run on {native.point.model.key} / "
+                                    f"{native.point.gpu.key}: no latency to compare with")
+            native_ms_of[native.key[:2]] = native_ms
+        for group in remote:
             native_ms = native_ms_of[group.key[:2]]
-            goal = native_ms * (1 + within_native_pct / 100)
-            label = f"within {within_native_pct:g}% of {NATIVE} ({native_ms:.3f} ms)"
-        else:
-            goal, label = float(target_ms), f"{target_ms:g} ms"
-
-        def evaluate(gbps: float, group=group, goal=goal) -> Probe:
-            return link_probe(scenario, group.point, group.cost, scenario.seed, gbps, goal)
-
-        at, below, probes = slowest_link(evaluate, bounds, rel_tol)
+            goals.append((native_ms * (1 + within_native_pct / 100),
+                          f"within {within_native_pct:g}% of {NATIVE} ({native_ms:.3f} ms)"))
+    tasks = [(scenario, g.point, g.cost, scenario.seed, goal, bounds, rel_tol) for g, (goal, _) in zip(remote, goals)]
+    answers = []
+    for group, (goal, label), (at, below, probes) in zip(
+            remote, goals, map_points(_break_even_task, tasks, jobs=jobs, ray_address=ray_address)):
         limited_by = "bound" if at is None else ("lowest_rate" if below is None else "target")
         answers.append(BreakEvenAnswer(
             backend=group.point.backend.name, model=group.point.model.key, gpu=group.point.gpu.key,
@@ -425,6 +472,16 @@ def search_break_even(scenario: Scenario, target_ms: float | None = None, within
             link_gbps_below=below.x if below else None, per_token_ms_below=below.value_ms if below else None,
             limited_by=limited_by, probes=probes))
     return answers
+
+
+def _native_task(task: tuple) -> tuple[float | None, bool, bool]:
+    return decode_per_token_ms(*task)
+
+
+def _break_even_task(task: tuple) -> tuple[Probe | None, Probe | None, list[Probe]]:
+    """One remote backend's break-even search (a map_points task): slowest_link over link_probe."""
+    scenario, point, cost, seed, goal, bounds, rel_tol = task
+    return slowest_link(lambda gbps: link_probe(scenario, point, cost, seed, gbps, goal), bounds, rel_tol)
 
 
 # --- output ----------------------------------------------------------------------------------------
@@ -458,6 +515,8 @@ def capacity_markdown(answers: list[CapacityAnswer]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for a in answers:
         most = f">= {a.max_agents}" if a.limited_by == "cap" else str(a.max_agents)
+        if a.gpus > 1:
+            most += f" on {a.gpus} GPUs ({a.max_agents_per_gpu:.3g} per GPU)"
         lines.append(f"| {a.backend} | {a.model} | {a.gpu} | {a.link_gbps:g} Gbps | {a.cost_model} | {most} | "
                      f"{_ms(a.p99_ms_at_max)} | {_ms(a.p99_ms_above)} | {a.limited_by} | {len(a.probes)} |")
     lines += ["", *_cost_model_notes(answers)]
@@ -505,47 +564,8 @@ def probes_csv(answers: list) -> str:
     return "\n".join(rows) + "\n"
 
 
-def write_search_figure(answers: list, path: Path) -> Path:
-    """Every probe of every answer: P99 vs N (capacity) or per-token latency vs link Gbps
-    (break-even), log-log, with the target and the answer marked; one panel per group."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    capacity = bool(answers) and isinstance(answers[0], CapacityAnswer)
-    panels: dict[tuple, list] = {}
-    for a in answers:
-        panels.setdefault((a.model, a.gpu, a.link_gbps if capacity else None, a.cost_model), []).append(a)
-    fig = Figure(figsize=(6.0 * len(panels), 4.2), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, max(len(panels), 1), squeeze=False)[0]
-    for ax, ((model, gpu, gbps, kind), members) in zip(axes, panels.items()):
-        for a in members:
-            pts = sorted((p for p in a.probes if p.value_ms is not None), key=lambda p: p.x)
-            line, = ax.plot([p.x for p in pts], [p.value_ms for p in pts], marker="o", ms=3, lw=1, label=a.backend)
-            bad = [p for p in pts if not p.ok]
-            ax.scatter([p.x for p in bad], [p.value_ms for p in bad], marker="x", color=line.get_color(), zorder=3)
-            x, y = (a.max_agents, a.p99_ms_at_max) if capacity else (a.link_gbps, a.per_token_ms_at)
-            if x and y is not None:
-                ax.scatter([x], [y], s=80, facecolors="none", edgecolors=line.get_color(), zorder=4)
-            target = a.slo_p99_ms if capacity else a.target_ms
-            ax.axhline(target, color=line.get_color() if not capacity else "grey", ls="--", lw=0.8)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("agents N" if capacity else "link (Gbps)")
-        ax.set_ylabel("P99 per phase (ms)" if capacity else "mean per-token latency (ms)")
-        where = f"{model} / {gpu}" + (f" / {gbps:g} Gbps" if capacity else "")
-        ax.set_title(f"{where}\n{kind} cost model; dashed: target, x: failed probe, circle: answer", fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.savefig(path, dpi=120)
-    return path
-
-
 def write_search_outputs(answers: list, out_dir: Path) -> list[Path]:
-    """search.json (what --json prints), search.md, probes.csv and search.png in out_dir."""
+    """search.json (what --json prints), search.md, probes.csv, search.png and search.svg in out_dir."""
     import json
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -554,7 +574,9 @@ def write_search_outputs(answers: list, out_dir: Path) -> list[Path]:
     written[0].write_text(json.dumps(answers_json(answers), indent=2) + "\n")
     written[1].write_text(capacity_markdown(answers) if capacity else break_even_markdown(answers))
     written[2].write_text(probes_csv(answers))
-    written.append(write_search_figure(answers, out_dir / "search.png"))
+    from .figures import write_search_figure
+
+    written += write_search_figure(answers, out_dir / "search.png", capacity)
     return written
 
 

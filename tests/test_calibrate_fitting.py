@@ -196,3 +196,62 @@ def test_decode_spells_take_every_batch1_spell_once():
     assert all(p.inputs["batch"] == 1.0 and p.inputs["sum_context"] == p.inputs["context"] for p in with_lone)
     anchors = sorted(p.value for p in decode_anchor_points(samples))  # the grid is in the fit already
     assert anchors == pytest.approx([0.031, 0.035])
+
+
+def _outside(fit, batches, contexts, max_sum_context) -> list[tuple[int, int]]:
+    from djinnsim.sim.costmodel import evaluate_fit
+
+    return [(b, c) for b in batches for c in contexts if b * c <= max_sum_context
+            and not evaluate_fit(fit, {"batch": b, "context": c, "sum_context": b * c})[1]]
+
+
+def test_reach_cut_stretches_sum_context_over_the_added_slab():
+    from djinnsim.calibrate.fitting import reach_cut
+
+    # A piece above a cut at context 96 whose points start at context 260 (batch 1-64).
+    domain = {"batch": (1.0, 64.0), "context": (260.0, 2052.0), "sum_context": (260.0, 65792.0)}
+    assert reach_cut(domain, "context", 96.0) == {"batch": (1.0, 64.0), "context": (96.0, 2052.0),
+                                                 "sum_context": (96.0, 65792.0)}
+    # Below a cut: the box grows up to it, sum_context up to the slab's largest batch x context.
+    low = {"batch": (2.0, 64.0), "context": (68.0, 68.0), "sum_context": (136.0, 4352.0)}
+    assert reach_cut(low, "context", 96.0)["sum_context"] == (136.0, 6144.0)
+    assert reach_cut(low, "batch", 1.0)["sum_context"] == (68.0, 4352.0)
+    # A cut already inside the box changes nothing; nor does a box without batch and context.
+    assert reach_cut(domain, "batch", 8.0) == domain
+    assert reach_cut({"prompt_tokens": (16.0, 256.0)}, "prompt_tokens", 512.0) == {"prompt_tokens": (16.0, 512.0)}
+
+
+def test_decode_pieces_leave_no_gap_where_split_points_sit_off_the_grid():
+    """Points off the grid's contexts (96, between the grid's 68 and 260, at batches 1-64) in a slow
+    state: the fit cuts at context 96, and the piece above it must start there at every batch (it
+    used to start at sum_context 260, leaving batch 1 at context 97-259 outside)."""
+    contexts = (64, 256, 512, 1024, 2048)
+    points = [FitPoint({"batch": b, "context": c + 4, "sum_context": b * (c + 4)}, 0.026 + 5e-8 * b * c)
+              for b in (1, 2, 4, 8, 16, 32, 64) for c in contexts if b * c <= 65536]
+    points = [FitPoint(p.inputs, 0.035) if p.inputs["context"] == 68 else p for p in points]
+    points += [FitPoint({"batch": float(b), "context": 96.0, "sum_context": 96.0 * b}, v)
+               for b, v in ((1, 0.034), (2, 0.036), (4, 0.035), (8, 0.037), (64, 0.035))]
+    fit = fit_decode(points)
+    assert isinstance(fit, PiecewiseFit)
+    assert _outside(fit, (1, 2, 3, 8, 64), range(68, 2053), 65792) == []
+
+
+def test_h200_decode_samples_refit_without_gaps():
+    """The bundled H200 samples refitted: the same pieces, domains that cover the grid's box (the
+    first bundled fit left batch 1 at contexts 97-259 outside every piece)."""
+    from pathlib import Path
+
+    from djinnsim.calibrate.refit import decode_points, read_samples
+    from djinnsim.sim.profile import load_profile
+
+    folder = Path(__file__).resolve().parents[1] / "sim" / "data" / "profiles"
+    bundled = load_profile(folder / "h200-llama-2-7b.json").decode_step
+    fit = fit_decode(decode_points(read_samples(folder / "h200-llama-2-7b.csv")))
+    def pieces(f):
+        return f.pieces if isinstance(f, PiecewiseFit) else [f]
+
+    assert len(pieces(fit)) == len(pieces(bundled))
+    for ours, theirs in zip(pieces(fit), pieces(bundled)):
+        assert ours.coef == pytest.approx(theirs.coef, rel=1e-9, abs=1e-15)
+    assert _outside(bundled, (1,), (100, 200, 259), 65792) == []
+    assert _outside(fit, (1, 2, 3, 8, 64), range(68, 2053), 65792) == []

@@ -70,6 +70,36 @@ def test_checklist_claims_from_summaries():
     assert claims_mod.djinn_n32_claim(GROUP, {"djinn": [_point("djinn", 16, 1.0)]}).verdict == "N/A"
 
 
+def test_pool_claims_are_per_gpu():
+    """On 4 GPUs "N = 32" is 32 agents per GPU (N = 128), REFLECT vs REASON is at one agent per GPU,
+    the keep-alive OOM N is the fullest GPU's actors, and density compares agents per GPU."""
+    gpus = 4
+    points = {"djinn": [_point("djinn", 32, 500.0), _point("djinn", 4, 120, reflect_ms=50.0),
+                        _point("djinn", 128, 199.9)],
+              "ray_serverless": [_point("ray_serverless", 32, 100.0), _point("ray_serverless", 128, 5000.1)]}
+    djinn32 = claims_mod.djinn_n32_claim(GROUP, points, gpus)
+    assert (djinn32.verdict, djinn32.value) == ("PASS", 199.9) and "(N = 128)" in djinn32.name
+    assert claims_mod.serverless_claim(GROUP, points, gpus).value == 5000.1
+    assert claims_mod.latency_claim(GROUP, points, gpus).value == pytest.approx(5000.1 / 199.9)
+    reflect = claims_mod.reflect_claim(GROUP, points, gpus)
+    assert reflect.verdict == "PASS" and reflect.value == pytest.approx(0.5) and "1 agent per GPU" in reflect.name
+    # keep-alive: N = 12 runs, 13 OOMs on 4 GPUs: 4 actors on the fullest GPU (fails 2..3); 9 OOMs: 3 (passes)
+    keep = replace(_answer("ray_keepalive", 12, "memory"), gpus=gpus)
+    assert (claims_mod.keepalive_oom_claim(GROUP, keep).value, claims_mod.keepalive_oom_claim(GROUP, keep).verdict) \
+        == (4.0, "FAIL")
+    assert claims_mod.keepalive_oom_claim(GROUP, replace(keep, max_agents=8)).verdict == "PASS"
+    # density per GPU: keep-alive serves none, so Djinn must serve 20 per GPU (80 on 4 GPUs) alone
+    none = replace(_answer("ray_keepalive", 0), gpus=gpus)
+    for djinn, verdict in ((79, "FAIL"), (80, "PASS")):
+        claim = claims_mod.density_claim(GROUP, {"djinn": replace(_answer("djinn", djinn), gpus=gpus),
+                                                 "ray_keepalive": none})
+        assert claim.verdict == verdict and "per GPU" in claim.name
+    bound = claims_mod.density_bound_claim(GROUP, {
+        "djinn": [{**_point("djinn", 4, 1.0), "memory_bound_agents": 2876}],
+        "ray_keepalive": [{**_point("ray_keepalive", 4, 1.0), "memory_bound_agents": 20}]}, gpus)
+    assert bound.verdict == "bound" and bound.value == pytest.approx((2876 / 4) / 6)  # 21 OOMs: 6 on the fullest GPU
+
+
 def _rec(issued_at, started_at, compute_s, finished_at, warmup=False, status="ok"):
     return Record(point=0, backend="b", model="m", gpu="g", link_gbps=1.0, n_agents=1, agent=0, run=0, phase="decode",
                   step=0, status=status, warmup=warmup, issued_at=issued_at, started_at=started_at,

@@ -67,7 +67,8 @@ def test_swap_reflect_pays_out_and_in_at_pcie_bandwidth(act_s):
     cost = LinearPrefill()
     (kept,), _ = _run("preserve", act_s, cost)
     (swapped,), _ = _run("swap", act_s, cost)
-    one_way_s = cost.copy_bandwidth("h2d", True).time_s(_kv_bytes(cost), pieces=cost.kv_tensors)  # one copy per K/V tensor: latency each, then the bus
+    # the copy's latency per K/V tensor, then the bus
+    one_way_s = cost.copy_bandwidth("h2d", True).time_s(_kv_bytes(cost), cost.kv_tensors)
     assert swapped.kv_state == "swapped"
     assert swapped.h2d_bytes - kept.h2d_bytes == _kv_bytes(cost)
     wait_s = max(one_way_s - swapped.uplink_s, 0.0) if act_s == 0 else 0.0
@@ -114,13 +115,30 @@ def test_min_waste_in_the_engine_does_what_the_formula_says(act_s, pinned_gbps, 
     by_hand = {
         "preserve": kv * act_s,
         "swap": kv * 2 * (1e-6 + kv / (pinned_gbps * 1e9)),
-        "discard": cost.prefill_s(CONTEXT) * kv,  # one agent: no other session's KV resident
+        # one agent: no other session's KV resident; the re-prefill's extra over preserve's prefill
+        "discard": (cost.prefill_s(CONTEXT + REFLECT_IN) - cost.prefill_s(REFLECT_IN, 1, CONTEXT)) * kv,
     }
     assert min(by_hand, key=by_hand.get) == expected
     (reflect,), world = _run("min_waste", act_s, cost)
     assert world.server.expected_act_s == act_s
     state = {"preserve": "resident", "swap": "swapped", "discard": "discarded"}[expected]
     assert reflect.kv_state == state
+
+
+@pytest.mark.parametrize(("margin", "expected"), [(0.98, "resident"), (1.02, "discarded")])
+def test_min_waste_weighs_the_recompute_the_engine_charges(margin, expected):
+    """With swaps out of reach, one agent discards iff the expected ACT exceeds the re-prefill's
+    cost; that cost is the extra compute a discarded REFLECT records over a preserved one (a
+    prefill of context + input with no cache against one of the input after the context), not a
+    prefill of the context alone (which here costs the prefill's constant more)."""
+    cost = LinearPrefill(pinned=Bandwidth(latency_s=1e-6, gbps=1e-6))
+    (kept,), _ = _run("preserve", cost=cost)
+    (dropped,), _ = _run("discard", cost=cost)
+    charged_s = dropped.compute_s - kept.compute_s
+    assert charged_s == pytest.approx(cost.per_token_s * CONTEXT, rel=1e-9)
+    assert charged_s < cost.prefill_s(CONTEXT)  # what the policy weighed before
+    (reflect,), _ = _run("min_waste", charged_s * margin, cost)
+    assert reflect.kv_state == expected
 
 
 def test_min_waste_expects_the_act_distributions_mean():

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -87,3 +89,134 @@ def test_ray_address_nobody_listens_at_is_one_line(sequential, tmp_path):
     result = CliRunner().invoke(app, ["run", str(sequential[0]), "--quiet", "--ray", "127.0.0.1:1"])
     assert result.exit_code == 1
     assert result.output.strip().splitlines()[-1].startswith("error: --ray: nothing answers at 127.0.0.1:1")
+
+
+# --- search on the same executor ------------------------------------------------------------------
+
+# Three backends (three groups) with short phases on a pool of two GPUs: searches of a few probes each.
+SEARCH = """
+name: search_sweep
+seed: 5
+backends: [ray_keepalive, ray_serverless, djinn]
+cluster: {nodes: 1, gpus_per_node: 2, router: least_loaded}
+workload:
+  kind: agents
+  agents: [1]
+  reason: {input_tokens: 8, new_tokens: 4}
+  act: {kind: fixed, seconds: 1}
+  reflect: {input_tokens: 4, new_tokens: 4}
+"""
+SEARCH_FILES = ("search.json", "search.md", "probes.csv", "search.png")
+
+
+@pytest.fixture(scope="module")
+def sequential_search(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("search")
+    path = folder / "search.yaml"
+    path.write_text(SEARCH)
+    result = CliRunner().invoke(app, ["search", str(path), "--slo-p99-ms", "3000", "--json", "--out",
+                                      str(folder / "sequential")])
+    assert result.exit_code == 0, result.output
+    return path, folder / "sequential", result.stdout
+
+
+def _same_search(one: Path, other: Path) -> None:
+    for name in SEARCH_FILES:
+        assert (one / name).read_bytes() == (other / name).read_bytes(), name
+
+
+def test_search_in_two_local_processes_gives_the_sequential_answers(sequential_search, tmp_path):
+    path, expected, stdout = sequential_search
+    result = CliRunner().invoke(app, ["search", str(path), "--slo-p99-ms", "3000", "--json", "--jobs", "2",
+                                      "--out", str(tmp_path / "jobs2")])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == stdout
+    _same_search(expected, tmp_path / "jobs2")
+    answers = json.loads(stdout)
+    # a pool: max_agents is the pool's, per GPU beside it
+    assert {a["gpus"] for a in answers.values()} == {2}
+    assert all(a["max_agents_per_gpu"] == a["max_agents"] / 2 for a in answers.values())
+
+
+@pytest.mark.ray
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed")
+def test_search_on_ray_gives_the_sequential_answers(sequential_search, tmp_path):
+    path, expected, stdout = sequential_search
+    result = CliRunner().invoke(app, ["search", str(path), "--slo-p99-ms", "3000", "--ray", "--json",
+                                      "--out", str(tmp_path / "ray")])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == json.loads(stdout)
+    _same_search(expected, tmp_path / "ray")
+
+
+def test_break_even_in_two_local_processes_gives_the_sequential_answers(tmp_path):
+    from djinnsim.sim.parallel import held
+    from djinnsim.sim.scenario import parse_scenario
+    from djinnsim.sim.search import answers_json, probes_csv, search_break_even
+
+    scenario = parse_scenario({
+        "name": "decode_small", "seed": 1, "backends": ["native_pytorch", "full_djinn", "partially_aware"],
+        "workload": {"kind": "decode", "prompt_tokens": 16, "new_tokens": 4, "runs": 3, "warmup_runs": 1}})
+    alone = search_break_even(scenario, within_native_pct=5.0)
+    with held(jobs=2):
+        together = search_break_even(scenario, within_native_pct=5.0)
+    assert answers_json(together) == answers_json(alone) and probes_csv(together) == probes_csv(alone)
+
+
+class _Ref:
+    def __init__(self, value):
+        self.value = value
+
+
+class _FakeRay(types.ModuleType):
+    """Just enough of Ray to count how often a command starts it and how many tasks it runs."""
+
+    class exceptions:  # noqa: N801 (ray.exceptions)
+        class RayTaskError(Exception):
+            pass
+
+    def __init__(self):
+        super().__init__("ray")
+        self.inits = self.shutdowns = self.tasks = 0
+        self._up = False
+
+    def is_initialized(self):
+        return self._up
+
+    def init(self, **kwargs):
+        self.inits += 1
+        self._up = True
+
+    def shutdown(self):
+        self.shutdowns += 1
+        self._up = False
+
+    def remote(self, fn):
+        fake = self
+
+        class Remote:
+            @staticmethod
+            def remote(item):
+                assert fake._up, "a task sent to a Ray that is not running"
+                fake.tasks += 1
+                return _Ref(fn(item))
+
+        return Remote
+
+    def wait(self, pending, num_returns=1):
+        return pending[:num_returns], pending[num_returns:]
+
+    def get(self, ref):
+        return ref.value
+
+
+def test_run_on_ray_starts_ray_once_for_the_sweep_and_the_claims_searches(tmp_path, monkeypatch):
+    fake = _FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    path = tmp_path / "two.yaml"
+    path.write_text(SEARCH.replace("agents: [1]", "agents: [1, 2]").replace("ray_serverless, ", ""))
+    result = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "out"), "--quiet", "--ray"])
+    assert result.exit_code == 0, result.output
+    # 4 points, then the claims' searches (density: djinn and keep-alive; keep-alive's OOM N) as 3 more tasks
+    assert (fake.inits, fake.shutdowns, fake.tasks) == (1, 1, 7)
+    _same_files(run_scenario_file(path, out=tmp_path / "sequential", quiet=True), tmp_path / "out")

@@ -237,34 +237,35 @@ def test_figure6_written_for_agents_only(tmp_path):
     assert "figure6.png" not in names and "table2.md" not in names and "claims.md" in names
 
 
-def test_figure6_one_panel_per_link_rate(tmp_path):
-    from PIL import Image
-
-    report.write_outputs(agents_result(), tmp_path / "one")
-    result = agents_result()
-    scenario = result.scenario.model_copy(update={"sweep": result.scenario.sweep.model_copy(
-        update={"link_gbps": [10.0, 25.0]})})
-    two_points = [FakePointResult(p, []) for p in expand_points(scenario)]
-    summaries = [report.point_summary(p, "agents") for p in two_points]
-    path = report.write_figure6(summaries, list(scenario.backends), tmp_path / "two.png")
-    width_one = Image.open(tmp_path / "one" / "figure6.png").size[0]
-    assert Image.open(path).size[0] == 2 * width_one
-
-
 # --- Table 2 and claims --------------------------------------------------------------------------
 
 
 def test_table2_rows_from_the_sweep(tmp_path):
+    """The seed's Table 2: per backend max agents and the OOM threshold, then mean, p50 and P99 per N."""
     report.write_outputs(agents_result(), tmp_path)
     table = (tmp_path / "table2.md").read_text()
-    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines()
-            if line.startswith(("| ray", "| djinn"))}
-    # backend | max agents | memory bound | P99@1 | P99@8 | P99@32 | OOM at N
-    assert rows["ray_keepalive"][1] == "1" and rows["ray_keepalive"][-1].strip(" |") == "2"
-    assert rows["ray_keepalive"][4].startswith("OOM") and "(N=4)" in rows["ray_keepalive"][4]
-    assert rows["djinn"][1:3] == ["4", "120"] and rows["djinn"][-1].strip(" |") == "none"
-    assert rows["djinn"][3] == "119.0 ms"  # P99 of 120 and 20 ms
-    assert rows["ray_serverless"][3] == "5,000 ms"
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()
+             if line.startswith(("| ray", "| djinn"))]
+    summary = {row[0]: row for row in cells if len(row) == 4}  # backend | max agents | memory bound | OOM N
+    assert summary["ray_keepalive"][1:] == ["1", "1", "2"]
+    assert summary["djinn"][1:] == ["4", "120", "none"]
+    stats = {(row[0], int(row[1])): row for row in cells if len(row) == 6}  # backend | N | mean | p50 | p99 | OOM
+    assert stats[("djinn", 1)][2:5] == ["70.0 ms", "70.0 ms", "119.0 ms"]  # phases of 120 and 20 ms
+    assert stats[("ray_keepalive", 2)][5] == "OOM" and stats[("djinn", 4)][5] == ""
+    assert stats[("ray_serverless", 1)][4] == "5,000 ms"
+    assert "(roofline)" in table  # each group names its cost model
+
+
+def test_table2_csv_matches_the_markdown(tmp_path):
+    report.write_outputs(agents_result(), tmp_path)
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "table2.csv").read_text())))
+    assert list(rows[0]) == list(claims_mod.TABLE2_COLUMNS)
+    djinn1 = next(r for r in rows if r["backend"] == "djinn" and r["n_agents"] == "1")
+    assert float(djinn1["mean_ms"]) == pytest.approx(70.0) and float(djinn1["p99_ms"]) == pytest.approx(119.0)
+    assert djinn1["oom"] == "0" and djinn1["oom_threshold_n"] == "" and djinn1["memory_bound_agents"] == "120"
+    keep2 = next(r for r in rows if r["backend"] == "ray_keepalive" and r["n_agents"] == "2")
+    assert keep2["oom"] == "1" and keep2["oom_threshold_n"] == "2" and keep2["max_agents_no_oom"] == "1"
+    assert {r["cost_model"] for r in rows} == {"roofline"}
 
 
 def _agents_summary(backend, n, p99_ms, oom=False, bound=None, model="llama-2-7b", gbps=25.0):

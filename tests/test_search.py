@@ -51,6 +51,18 @@ def _curve(value, limit_n=None):
     return evaluate, calls
 
 
+@pytest.mark.parametrize(("slope_ms", "target_ms", "answer"), [(110.0, 455_000.0, 4136), (3.0, 1000.0, 333),
+                                                              (0.5, 30_000.0, 60_000)])
+def test_a_straight_p99_line_costs_few_agents(slope_ms, target_ms, answer):
+    """The gallop extrapolates the P99 line and steps up to x4: the agents simulated over every probe
+    (the search's cost) stay under 4x the answer, where doubling and a x1.5 floor cost 7.5x on
+    the benchmark's 4096 search."""
+    evaluate, _ = _curve(lambda n: slope_ms * n * 1000.0 / target_ms)
+    at, above, probes = search.largest_feasible(evaluate, 1000.0)
+    assert (at.x, above.x) == (answer, answer + 1)
+    assert sum(p.x for p in probes) < 4 * answer
+
+
 @settings(max_examples=150, deadline=None)
 @given(intercept=st.floats(0, 2000), slope=st.floats(1e-3, 500), power=st.floats(0.3, 3.0),
        cap=st.integers(1, 10000), limit=st.one_of(st.none(), st.integers(0, 12000)))

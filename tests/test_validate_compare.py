@@ -204,15 +204,27 @@ def test_the_mean_of_simulated_repeats_is_judged_with_each_repeats_p99():
     assert p99.verdict == "FAIL"  # 0.13 against the real 0.325
 
 
-def test_simulated_oom_n_from_bound_or_records():
+def test_simulated_oom_n_from_records_never_the_bound():
+    """The OOM N judged against the real one is simulated: an OOM record at a swept N, or the first N
+    whose simulation OOMs below it (up to the cap); the memory bound (5 here, as if 5 copies fit
+    while the engine runs out at the 4th) is never the answer."""
     from types import SimpleNamespace
 
     from djinnsim.validate.pipeline import _sim_oom_n
 
-    def point(n, bound, statuses):
-        return SimpleNamespace(point=SimpleNamespace(n_agents=n), memory_bound_agents=bound,
+    def point(n, statuses):
+        return SimpleNamespace(point=SimpleNamespace(n_agents=n), memory_bound_agents=5,
                                records=[rec(status=s) for s in statuses])
 
-    assert _sim_oom_n([point(1, 5, ["ok"]), point(2, 5, ["ok", "ok"])]) == 6  # 5 copies fit: the 6th fails
-    assert _sim_oom_n([point(1, 5, ["ok"]), point(4, 5, ["ok", "oom"])]) == 4  # an OOM seen at N = 4 first
-    assert _sim_oom_n([point(1, None, ["ok"])]) is None
+    simulated = []
+
+    def simulate_at(n):  # the engine runs out of memory from N = 4 on
+        simulated.append(n)
+        return [rec(status="oom" if n >= 4 else "ok")]
+
+    assert _sim_oom_n([point(1, ["ok"]), point(2, ["ok", "ok"])]) is None  # nothing simulated OOMs
+    assert _sim_oom_n([point(1, ["ok"]), point(8, ["ok", "oom"])]) == 8  # the swept OOM
+    assert _sim_oom_n([point(1, ["ok"]), point(8, ["ok", "oom"])], simulate_at, cap=9) == 4
+    assert max(simulated) < 8 and simulated.count(4) == 1
+    assert _sim_oom_n([point(1, ["ok"])], simulate_at, cap=3) is None  # no OOM up to the cap
+    assert _sim_oom_n([point(1, ["ok"]), point(2, ["oom"])], simulate_at, cap=9) == 2

@@ -11,6 +11,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from djinnsim.overrides_cli import SetOption
+
 
 def validate(
     scenario: Annotated[
@@ -53,6 +55,8 @@ def validate(
     time_budget_s: Annotated[float, typer.Option(help="no new real run starts after this many seconds (calibration excluded)")] = 1800.0,
     seed: Annotated[Optional[int], typer.Option(help="override the scenario's seed")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress lines or summary table")] = False,
+    strict: Annotated[bool, typer.Option(help="exit with code 1 when any verdict is FAIL")] = False,
+    set_: SetOption = None,
 ) -> None:
     """Run a scenario's small points for real, simulate the same points, and report the difference."""
     from djinnsim.errors import DjinnsimError
@@ -72,8 +76,10 @@ def validate(
 
         if bands == 1 or bands < 0:
             raise DjinnsimError(f"--bands must be 0 (none) or >= 2, not {bands}")
-        run_offline(OfflineRequest(from_real=from_real, calibration=calibration, out=out, quiet=quiet, command=command,
-                                   bands=bands))
+        if set_:
+            raise DjinnsimError("--from-real re-compares runs already made: --set cannot change them")
+        _check_strict(run_offline(OfflineRequest(from_real=from_real, calibration=calibration, out=out, quiet=quiet,
+                                                 command=command, bands=bands)), strict)
         return
     if scenario is None:
         raise DjinnsimError("give a SCENARIO to validate, or --from-real DIR to re-compare a finished validation")
@@ -82,7 +88,9 @@ def validate(
 
     short = Shortening(runs=runs, warmup_runs=warmup_runs, new_tokens=new_tokens, agents=parse_agents(agents),
                        act_s=act_s, iterations=iterations)
-    run_validation(
+    from djinnsim.sim.overrides import collect
+
+    out_dir = run_validation(
         ValidateRequest(
             scenario_path=scenario,
             gpu=gpu,
@@ -99,5 +107,20 @@ def validate(
             seed=seed,
             quiet=quiet,
             command=command,
+            overrides=tuple(collect(set_)),
         )
     )
+    _check_strict(out_dir, strict)
+
+
+def _check_strict(out_dir: Path, strict: bool) -> None:
+    """`--strict`: exit 1, with one line on stderr, when the report holds a FAIL verdict."""
+    if not strict:
+        return
+    import json
+
+    summary = json.loads((Path(out_dir) / "validation.json").read_text())["summary"]
+    failed = int(summary.get("FAIL", 0))
+    if failed:
+        typer.echo(f"validate --strict: {failed} FAIL verdict(s); see {Path(out_dir) / 'validation.md'}", err=True)
+        raise typer.Exit(code=1)

@@ -9,19 +9,21 @@ distort the memory figures or the keep-alive OOM N.
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import multiprocessing
 import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
 from djinnsim.errors import DjinnsimError
 from djinnsim.sim.profile import Profile, load_profile
 from djinnsim.sim.records import Record, records_frame
+from djinnsim.sim.overrides import apply_overrides
 from djinnsim.sim.scenario import AgentsWorkload, Scenario, dump_scenario, expand_points, load_scenario
 from djinnsim.sim.specs import ModelSpec, get_model
 
@@ -32,6 +34,15 @@ from .points import CPU_MODEL, Shortening, select_points, validation_scenario
 from .realrun import RealOptions, RealResult, RealRunner
 
 DEVICES = ("cuda", "cpu")
+
+
+# Why processes stand for Ray here: what the baselines measure is one worker process per actor (its own
+# CUDA context and model copy, kernels time-sliced with the others) and a fresh process per serverless task;
+# Ray's scheduler and object store sit outside every measured interval.
+RAY_EMULATION = ("emulated with processes: a Ray actor is a worker process with its own CUDA context and model "
+                 "copy, and a serverless task a fresh process that loads the weights, so one process per actor "
+                 "and one per task reproduce what the baselines time; Ray's scheduler and object store lie "
+                 "outside every timed interval")
 
 
 @dataclass(frozen=True)
@@ -51,6 +62,7 @@ class ValidateRequest:
     seed: int | None = None
     quiet: bool = False
     command: str = "djinnsim validate"
+    overrides: tuple = ()  # sim.overrides.Override: `--set FIELD=VALUE`, applied to the scenario file first
 
 
 @dataclass
@@ -167,12 +179,10 @@ def simulate(scenario: Scenario, profile_path: Path, profile: Profile, repeats: 
     its own factors and streams (draw d * BAND_STRIDE + r of sim.bands): the level a repeat runs at
     is drawn per repeat, as each real repeat met the machine in its own spell."""
     from djinnsim.sim.bands import BAND_REPEAT_BASE, banded_cost, draw_factors, factor_rng
-    from djinnsim.sim.costmodel import ProfileCostModel
-    from djinnsim.sim.run import CostModels, point_seed
+    from djinnsim.sim.run import point_seed
     from djinnsim.sim.simulate import simulate_point
 
-    # A CPU profile names no GPU, so the scenario's GPU cannot match it: it is evaluated directly.
-    models = CostModels(scenario, profile_path) if profile.metadata.gpu_key is not None else None
+    cost_of = cost_for(scenario, profile_path, profile)
     points = {p.index: p for p in expand_points(scenario)}
     runs = [run for run in (order or []) if run[0] in points and run[1] < repeats]
     runs += [(i, r) for i in points for r in range(repeats) if (i, r) not in set(runs)]
@@ -180,7 +190,7 @@ def simulate(scenario: Scenario, profile_path: Path, profile: Profile, repeats: 
     out: dict[int, list] = {i: [None] * repeats for i in points}
     for index, r in runs:
         point = points[index]
-        cost = models.for_point(point) if models is not None else ProfileCostModel(profile, point.model)
+        cost = cost_of(point)
         seed = point_seed(scenario.seed, point, r)
         if band_draw is not None:
             draw = band_draw * BAND_STRIDE + r
@@ -189,6 +199,17 @@ def simulate(scenario: Scenario, profile_path: Path, profile: Profile, repeats: 
         seen = {key: seen_by_process.setdefault(real, set()) for key, real in real_processes(point).items()}
         out[index][r] = simulate_point(scenario, point, cost, seed, seen)
     return out
+
+
+def cost_for(scenario: Scenario, profile_path: Path, profile: Profile) -> Callable:
+    """point -> the cost model this machine's profile gives it, as measured (no transfer). A CPU
+    profile names no GPU, so the scenario's GPU cannot match it: it is evaluated directly."""
+    from djinnsim.sim.costmodel import ProfileCostModel
+    from djinnsim.sim.run import CostModels
+
+    if profile.metadata.gpu_key is None:
+        return lambda point: ProfileCostModel(profile, point.model)
+    return CostModels(scenario, profile_path).for_point
 
 
 BAND_STRIDE = 1000  # most repeats a band draw can stand for
@@ -266,12 +287,38 @@ def real_order(real: RealResult) -> list[tuple[int, int]]:
     return [(index, i) for _, index, i in sorted(started)]
 
 
-def _sim_oom_n(point_results: list) -> int | None:
-    """The first N at which the simulated keep-alive runs out of memory."""
-    ooms = [pr.point.n_agents for pr in point_results if any(r.status == "oom" for r in pr.records)]
-    bounds = [pr.memory_bound_agents for pr in point_results if pr.memory_bound_agents is not None]
-    candidates = [n for n in ooms if n is not None] + [b + 1 for b in bounds]
-    return min(candidates) if candidates else None
+def _sim_oom_n(point_results: list, simulate_at: Callable[[int], Any] | None = None,
+               cap: int | None = None) -> int | None:
+    """The first N at which the simulated keep-alive runs out of memory: the smallest swept N with an
+    OOM record in any repeat, or, with `simulate_at(n)` (n -> the records of a simulation at N = n),
+    a smaller one that sim.search finds by simulating N = 1 .. `cap` for OOM alone. Never the
+    closed-form memory bound: a verdict on this N rests on simulated behaviour."""
+    swept = min((pr.point.n_agents for pr in point_results
+                 if pr.point.n_agents is not None and any(r.status == "oom" for r in pr.records)), default=None)
+    limits = [x for x in (cap, None if swept is None else swept - 1) if x is not None]
+    if simulate_at is None or not limits or min(limits) < 1:
+        return swept
+    limit = min(limits)
+    from djinnsim.sim.search import Probe, largest_feasible
+
+    def evaluate(n: int) -> Probe:
+        oom = any(r.status == "oom" for r in simulate_at(n))
+        return Probe(n, None, oom, False, not oom)
+
+    _, above, _ = largest_feasible(evaluate, math.inf, limit)
+    return int(above.x) if above is not None else swept
+
+
+def _simulate_at(scenario: Scenario, point, cost) -> Callable[[int], Any]:
+    """n -> the records of `point` at N = n, drawn as `djinnsim run` draws it."""
+    from djinnsim.sim.run import point_seed
+    from djinnsim.sim.simulate import simulate_point
+
+    def at(n: int):
+        at_n = point.model_copy(update={"n_agents": n})
+        return simulate_point(scenario, at_n, cost, point_seed(scenario.seed, at_n)).records
+
+    return at
 
 
 def _real_repeat_metrics(repeat, agents: bool, cuda: bool) -> dict:
@@ -346,7 +393,7 @@ def run_validation(req: ValidateRequest) -> Path:
         raise DjinnsimError(f"--repeats must be >= 1, not {req.repeats}")
     if req.time_budget_s <= 0:
         raise DjinnsimError(f"--time-budget-s must be > 0, not {req.time_budget_s}")
-    scenario = load_scenario(req.scenario_path)
+    scenario = apply_overrides(load_scenario(req.scenario_path), req.overrides, str(req.scenario_path))
     machine = this_machine(req.device, req.gpu)
     model_key = CPU_MODEL if req.device == "cpu" else scenario.model
     spec = get_model(model_key)
@@ -413,7 +460,7 @@ def run_validation(req: ValidateRequest) -> Path:
         "profile": {**profile_meta(profile_path, how, profile), "frozen_sha256": frozen["sha256"],
                     "frozen_at": frozen["frozen_at"]},
         "runs_started_at": runs_started_at, "simulator": simulator(), "bands": req.bands,
-        "ray": "emulated with processes (Ray is not installable on the GPU machines used)",
+        "ray": RAY_EMULATION,
     }
     real_records = [r for rp in real.points for rep in rp.repeats for r in rep.records]
     real_repeats = [i for rp in real.points for i, rep in enumerate(rp.repeats) for _ in rep.records]
@@ -487,8 +534,13 @@ def compare_and_report(out_dir: Path, scenario_v: Scenario, points: list, real: 
     for probe in real.oom_probes:
         # Every simulated repeat counts: the first N at which any draw runs out.
         sim_points = [pr for prs in sims.values() for pr in prs if pr.point.backend.name == probe.backend]
-        sim_n = _sim_oom_n(sim_points)
         probe_max = probe.max_n if cuda else None
+        # judged (on a GPU): below the swept N, the first OOM N searched by simulation up to the probe's max + 1
+        at = None
+        if probe_max is not None and sim_points:
+            point = sim_points[0].point
+            at = _simulate_at(scenario_v, point, cost_for(scenario_v, profile_path, profile)(point))
+        sim_n = _sim_oom_n(sim_points, at, None if probe_max is None else probe_max + 1)
         oom_rows.append({"backend": probe.backend, "real_oom_n": probe.oom_n if cuda else None, "sim_oom_n": sim_n,
                          "real_loaded": probe.loaded, "probe_max": probe_max,
                          "verdict": compare.judge_oom(sim_n, probe.oom_n, probe_max), "message": probe.message})

@@ -4,7 +4,8 @@ Which processes serve a point is decided by the backend's toggles, not its name:
 - weights: shared  -> one resident server for all such points (native_pytorch decodes inside it,
   the remote backends reach it over the emulated link), reset between points;
 - weights: per_agent -> one resident worker process per agent (Ray keep-alive, emulated with
-  processes: Ray cannot be installed on the GPU machines); copies are loaded one at a time, so
+  processes: a Ray actor is exactly such a process, with its own CUDA context and model copy, and
+  Ray's scheduler is outside every timed interval); copies are loaded one at a time, so
   the first that does not fit is a real CUDA out-of-memory, and the loading goes on after the
   points up to the first failure (the OOM probe);
 - weights: per_request -> one non-resident worker per agent (Ray serverless, emulated likewise)

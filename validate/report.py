@@ -133,9 +133,10 @@ def markdown(doc: dict, points: list[PointComparison]) -> str:
         f"Model {meta['model']}, {meta['repeats']} repeats per point, real and simulated (each simulated repeat "
         f"with its own seed); workload as run: {meta['workload']}.",
         "",
-        "Ray cannot be installed on the GPU machines used here: its two baselines are emulated with processes "
-        "(keep-alive: one resident worker process per agent with its own model copy and KV; serverless: one "
-        "worker process per agent that loads the weights for every phase and frees them after). The link is "
+        "Ray's two baselines are emulated with processes, because a Ray actor or task is a worker process and "
+        "that process is what they time (keep-alive: one resident worker process per agent with its own CUDA "
+        "context, model copy and KV; serverless: one worker process per agent that loads the weights for every "
+        "phase and frees them after); Ray's scheduler and object store lie outside every timed interval. The link is "
         "emulated on loopback: each end paces its messages to the scenario's rate and holds each back half the RTT; "
         "bytes are counted on the socket.",
         "",

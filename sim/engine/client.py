@@ -122,7 +122,7 @@ def agent(env: simpy.Environment, pool: GpuPool, planner: Planner, log: RecordBu
             context += spec.input_tokens + spec.new_tokens
             kv_state = "resident" if planner.serving.session_kv else "none"
             if phase == "reason":
-                channel.server.idle(session)
+                channel.server.idle(session, workload.reflect.input_tokens)
                 yield env.timeout(act_s())
                 kv_state = channel.server.wake(session)
     pool.release(channel)

@@ -11,10 +11,14 @@ C tokens) and an expected ACT of T seconds (the mean of the workload's ACT distr
     preserve  M x T                                  memory held idle through ACT
     swap      M x (t_out + t_in)                     memory held while it is copied out and back,
                                                      t = M / PCIe bandwidth (+ latency) each way
-    discard   t_recompute x (M + M_others)           the re-prefill of C tokens (the cost model's
-                                                     prefill time, no jitter) holds its KV as it is
+    discard   t_recompute x (M + M_others)           the re-prefill of C tokens holds its KV as it is
                                                      rebuilt and stalls the other sessions' KV
                                                      resident on the GPU at the decision (M_others)
+
+t_recompute is what the engine charges a discard beyond what preserve costs (`recompute_s`): the
+next phase (REFLECT, input I tokens) then runs one prefill of C + I tokens with no cache where it
+would have run a prefill of I tokens after C cached ones; t_recompute is the difference of the cost
+model's times of those two passes (no jitter), so the policy and the engine count the same tokens.
 
 and picks the smallest (ties: preserve, then swap, then discard). InferCept pipelines swaps and
 chunks recomputes; here a swap moves over the server's PCIe pipes and a recompute is one prefill.
@@ -23,9 +27,12 @@ chunks recomputes; here a swap moves over the server's PCIe pipes and a recomput
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..server_rules import KvPolicySpec
+
+if TYPE_CHECKING:
+    from ..costmodel import CostModel
 
 ACTIONS = ("preserve", "swap", "discard")
 
@@ -38,7 +45,7 @@ class IdleKv:
     expected_act_s: float  # T: the mean of the workload's ACT distribution
     swap_out_s: float  # M over device->host PCIe
     swap_in_s: float  # M over host->device PCIe
-    recompute_s: float  # a prefill of the session's whole context
+    recompute_s: float  # what re-prefilling the session's context adds to the next phase (recompute_s)
     others_resident_bytes: int  # the other sessions' KV on the GPU now
 
 
@@ -47,6 +54,14 @@ class KvDecision:
     now: str  # one of ACTIONS
     after_s: float | None = None  # then, if the agent is still in ACT this long after it began
     then: str | None = None
+
+
+def recompute_s(cost: "CostModel", context_tokens: int, next_input_tokens: int) -> float:
+    """What re-prefilling a discarded KV of `context_tokens` adds to the next phase (fed
+    `next_input_tokens`): the plan's two first passes, discarded less preserved (never below 0)."""
+    rebuilt = cost.prefill_s(context_tokens + next_input_tokens, 1, 0)
+    kept = cost.prefill_s(next_input_tokens, 1, context_tokens) if next_input_tokens else 0.0
+    return max(rebuilt - kept, 0.0)
 
 
 def wastes(idle: IdleKv) -> dict[str, float]:

@@ -23,7 +23,7 @@ import simpy
 from ..costmodel import CostModel
 from ..server_rules import QOS_CLASSES, ServerRules
 from .executors import GpuWork, PassTimer, make_executor
-from .kvpolicy import IdleKv, decide
+from .kvpolicy import IdleKv, decide, recompute_s
 from .memory import GpuMemory
 from .outcome import Outcome
 from .pcie import Pcie
@@ -213,15 +213,16 @@ class GpuServer:
         memory): all, or none once its KV was dropped (a KV is kept or dropped whole)."""
         return context if session.kv_tokens else 0
 
-    def idle(self, session: ServerSession) -> None:
+    def idle(self, session: ServerSession, next_input_tokens: int = 0) -> None:
         """The session's agent went into ACT: its KV policy decides now (and maybe after a while) what
-        its KV does; with idle eviction a timer drops it if the agent stays away that long."""
+        its KV does; with idle eviction a timer drops it if the agent stays away that long.
+        `next_input_tokens`: the input of the phase after ACT (what a re-prefill is fed beside the context)."""
         session.idle = True
         session.idle_epoch += 1
         epoch = session.idle_epoch
         if self.serving.session_kv and session.kv_tokens and session.kv_on_gpu:
             policy = self.serving.kv_policy
-            decision = decide(policy, self.idle_facts(session) if policy.kind == "min_waste" else None)
+            decision = decide(policy, self.idle_facts(session, next_input_tokens) if policy.kind == "min_waste" else None)
             self._act(session, decision.now)
             if decision.after_s is not None:
                 self.env.process(self._later(session, epoch, decision.after_s, decision.then))
@@ -241,7 +242,7 @@ class GpuServer:
             return "none"
         return "resident" if session.kv_on_gpu else "swapped"
 
-    def idle_facts(self, session: ServerSession) -> IdleKv:
+    def idle_facts(self, session: ServerSession, next_input_tokens: int = 0) -> IdleKv:
         """What the KV policy weighs for `session`'s KV now (sim/engine/kvpolicy.py)."""
         nbytes = session.kv_tokens * self.kv_bytes_per_token
         cost, pinned = self.cost, self.pinned_host_kv
@@ -250,7 +251,7 @@ class GpuServer:
             expected_act_s=self.expected_act_s,
             swap_out_s=cost.copy_bandwidth("d2h", pinned).time_s(nbytes, cost.kv_tensors),
             swap_in_s=cost.copy_bandwidth("h2d", pinned).time_s(nbytes, cost.kv_tensors),
-            recompute_s=cost.prefill_s(session.kv_tokens, 1, 0),
+            recompute_s=recompute_s(cost, session.kv_tokens, next_input_tokens),
             others_resident_bytes=self.resident_kv_bytes - nbytes,
         )
 

@@ -3,6 +3,8 @@ clients; and its one run."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import simpy
 
@@ -12,6 +14,7 @@ from ..costmodel import CostModel
 from ..records import RecordBuilder, RecordTable
 from ..scenario import AgentsWorkload, DecodeWorkload, Exponential, Fixed, Point, Scenario, Uniform
 from ..scenario import Link as LinkSpec
+from . import guard
 from .client import agent, decode_client
 from .link import Link
 from .plan import Planner
@@ -20,12 +23,25 @@ from .server import GpuServer
 
 
 class CountingEnvironment(simpy.Environment):
-    """A SimPy environment that counts the events it schedules (for the speed benchmark)."""
+    """A SimPy environment that counts the events it schedules (for the speed benchmark) and
+    guards the clock (sim/engine/guard.py): no step that is negative, NaN or infinite, and the
+    clock moves at least once every `window` events."""
 
     events_scheduled = 0
 
+    def __init__(self, window: int = guard.PROGRESS_WINDOW) -> None:
+        super().__init__()
+        self.window = window
+        self._check_at = window
+        self._checked_now = -math.inf
+
     def schedule(self, event, priority=simpy.core.NORMAL, delay=0):
         self.events_scheduled += 1
+        guard.check_delay(delay)
+        if self.events_scheduled >= self._check_at:
+            if not self.now > self._checked_now:
+                raise guard.ClockStalled(f"the simulated clock stayed at {self.now!r} s for {self.window:,} events")
+            self._checked_now, self._check_at = self.now, self._check_at + self.window
         super().schedule(event, priority, delay)
 
 
@@ -73,7 +89,8 @@ class World:
         jitter_seed, act_seed, arrival_seed = seed.spawn(3)
         self.act_rng = np.random.default_rng(act_seed)
         self.arrival_rng = np.random.default_rng(arrival_seed)
-        self.env = CountingEnvironment()
+        clients = (point.n_agents or 1) if isinstance(scenario.workload, AgentsWorkload) else scenario.workload.batch
+        self.env = CountingEnvironment(guard.progress_window(clients))
         self.planner = Planner(point.backend, point.model, scenario.server.scheduler, scenario.server.kv_policy)
         cluster = point.cluster
         links = [Link(self.env, point.link.gbps, point.link.rtt_ms / 1e3, stream_cap_Bps(point.link, cost),
@@ -113,7 +130,13 @@ class World:
 
     def run(self) -> RecordTable:
         self.start_clients()
-        self.env.run()
+        try:
+            self.env.run()
+        except guard.ClockStalled as exc:
+            workload = self.scenario.workload
+            prompt = workload.reason.input_tokens if isinstance(workload, AgentsWorkload) else workload.prompt_tokens
+            raise DjinnsimError(f"point {self.point.label}: the run cannot progress: {exc}; "
+                                f"{guard.diagnose(self.cost, self.point, prompt)}") from None
         if self.pool.waiting:
             raise DjinnsimError(
                 f"point {self.point.label}: the simulation stalled with {self.pool.waiting} requests waiting "

@@ -1,0 +1,81 @@
+"""The `djinnsim` console entry (and `python -m djinnsim`): signal handlers first, then the CLI.
+
+The handlers are installed before anything heavy is imported (typer, pydantic, numpy, pandas take
+a second or more), so a Ctrl-C or SIGTERM at any moment ends the process with one line and exit
+code 130 (SIGINT) or 143 (SIGTERM), never a traceback. The first signal raises KeyboardInterrupt
+where the program is, so output folders clean up after themselves (sim/outputs.py); a second one
+while that happens exits at once. Usage errors (an unknown option, a missing argument, a value of
+the wrong type) are one line and exit code 1, like every other bad input.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+_received: list[int] = []
+
+
+def _on_signal(signum, frame) -> None:
+    if _received:  # a second signal while the first one unwinds: leave now
+        os.write(2, b"interrupted\n")
+        os._exit(128 + _received[0])
+    _received.append(signum)
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> None:
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _on_signal)
+    try:
+        for stream in (sys.stdout, sys.stderr):  # an undecodable file name prints escaped, not as a crash
+            if hasattr(stream, "reconfigure"):
+                stream.reconfigure(errors="backslashreplace")
+        code = _run(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    except BrokenPipeError:  # `djinnsim ... | head`: the reader left; nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 1
+    if _received:
+        code = 128 + _received[0]
+    sys.exit(code)
+
+
+def _click_exceptions():
+    """The exceptions of the click typer parses with: its own vendored copy in recent typer, else click's."""
+    import typer.core
+
+    vendored = getattr(typer.core, "_click", None)
+    return vendored.exceptions if vendored is not None else __import__("click").exceptions
+
+
+def _run(argv: list[str] | None) -> int:
+    from djinnsim.cli import app
+
+    errors = _click_exceptions()
+
+    try:
+        result = app(args=argv, prog_name="djinnsim", standalone_mode=False)
+    except errors.NoArgsIsHelpError as exc:
+        exc.show()
+        return 1
+    except errors.UsageError as exc:
+        where = f"{exc.ctx.command_path}: " if exc.ctx is not None else ""
+        hint = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+        message = " ".join(exc.format_message().split())
+        print(f"error: {where}{message}{hint}", file=sys.stderr)
+        return 1
+    except errors.Abort:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except errors.ClickException as exc:
+        print(f"error: {' '.join(exc.format_message().split())}", file=sys.stderr)
+        return 1
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""Output folders that either hold a complete result or do not exist.
+
+`OutputFolder` checks the destination before any work starts, hands out a temporary folder
+`.NAME.partial-XXXX` beside it, and renames that into place only when everything is written:
+
+- an explicit `--out` that exists and is not empty is refused unless `force`; with `force` it is
+  replaced only if it is a djinnsim output (`OUTPUT_MARKERS`), never an arbitrary folder;
+- a default destination (`results/<name>/<UTC second>`) that another run took first, even in the
+  same second, becomes `<stamp>-2`, `-3`...: the rename itself decides (it fails on a non-empty
+  folder), so two runs never mix their files;
+- on an error, SIGINT or SIGTERM the temporary folder is removed; only a SIGKILL or a power cut can
+  leave one, and its dotted `.partial-` name says it is not a result;
+- the commit and the clean-up run with SIGINT and SIGTERM blocked, so a signal cannot stop them
+  half way (it is delivered right after);
+- a full disk, a read-only file system, a permission or a name too long is one line.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+from djinnsim.errors import DjinnsimError
+
+from .safeyaml import describe_path
+
+# A folder holding one of these was written by djinnsim (run, search, validate): --force may replace it.
+OUTPUT_MARKERS = ("summary.json", "search.json", "validation.json", "provenance.json")
+PARTIAL_TAG = ".partial-"
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def utc_stamp() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def os_error_line(exc: OSError, doing: str) -> str:
+    """An OSError as one line: what was being done, where, and the system's reason."""
+    where = f" {describe_path(exc.filename)}" if exc.filename else ""
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.ENOSPC:
+        reason += " (disk full)"
+    return f"cannot {doing}{where}: {reason}"
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM held back (delivered on exit) while a short step must not be cut in two."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _absolute(path: Path, option: str) -> Path:
+    text = str(path)
+    if "\x00" in text:
+        raise DjinnsimError(f"{option} {describe_path(path)}: a path cannot hold a NUL byte")
+    if not text.strip():
+        raise DjinnsimError(f"{option} is empty")
+    return Path(os.path.abspath(path))
+
+
+def _is_empty_dir(path: Path) -> bool:
+    with os.scandir(path) as entries:
+        return next(entries, None) is None
+
+
+class OutputFolder:
+    """`with OutputFolder(out, default) as staging:` write into `staging`; `.path` is where the
+    complete folder ends up (known once the block has finished)."""
+
+    def __init__(self, out: Path | None, default: Path, *, force: bool = False, option: str = "--out") -> None:
+        self.explicit = out is not None
+        self.option = option
+        self.force = force
+        self.path = _absolute(Path(out) if out is not None else Path(default), option)
+        self._staging: Path | None = None
+        try:
+            self._check()
+        except OSError as exc:
+            raise DjinnsimError(os_error_line(exc, f"use {option}")) from None
+
+    def _check(self) -> None:
+        path, option = self.path, self.option
+        if path.parent == path:
+            raise DjinnsimError(f"{option} {describe_path(path)} is a file system root; name a folder in it")
+        cwd = Path.cwd().resolve()
+        if self.explicit and path.exists():
+            if not path.is_dir():
+                raise DjinnsimError(f"{option} {describe_path(path)} exists and is not a folder")
+            if path.resolve() in (cwd, *cwd.parents):
+                raise DjinnsimError(f"{option} {describe_path(path)} holds the current folder; name another")
+            if not _is_empty_dir(path):
+                if not self.force:
+                    raise DjinnsimError(f"{option} {describe_path(path)} is not empty; give --force to replace it")
+                if not any((path / marker).is_file() for marker in OUTPUT_MARKERS):
+                    raise DjinnsimError(f"{option} {describe_path(path)} is not empty and holds no djinnsim "
+                                        "output; not replacing it, even with --force")
+
+    def __enter__(self) -> Path:
+        parent = self.path.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            self._staging = Path(tempfile.mkdtemp(prefix=f".{self.path.name[:100]}{PARTIAL_TAG}", dir=parent))
+            os.chmod(self._staging, 0o777 & ~_umask())  # mkdtemp makes it private; a result folder is not
+        except OSError as exc:
+            raise DjinnsimError(os_error_line(exc, "create the output folder")) from None
+        return self._staging
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        staging = self._staging
+        assert staging is not None
+        with signals_deferred():
+            if exc_type is None:
+                try:
+                    self.path = self._commit(staging)
+                    return False
+                except OSError as error:
+                    shutil.rmtree(staging, ignore_errors=True)
+                    raise DjinnsimError(os_error_line(error, "write the results")) from None
+            shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise DjinnsimError(os_error_line(exc, "write the results")) from None
+        return False
+
+    def _commit(self, staging: Path) -> Path:
+        if not self.explicit:
+            return _rename_unique(staging, self.path)
+        target = self.path
+        if target.is_dir() and not _is_empty_dir(target):
+            if not self.force:  # appeared while this run worked
+                raise DjinnsimError(f"{self.option} {describe_path(target)} was filled by something else while "
+                                    f"this ran; the results were not written")
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name[:100]}.old-", dir=target.parent))
+            os.rename(target, old / "previous")
+            os.rename(staging, target)
+            shutil.rmtree(old, ignore_errors=True)
+            return target
+        os.rename(staging, target)  # onto nothing, or onto an empty folder
+        return target
+
+
+def _rename_unique(staging: Path, target: Path, attempts: int = 1000) -> Path:
+    """Rename `staging` to `target`, or `target-2`, `-3`... when another run holds the name."""
+    for attempt in range(1, attempts + 1):
+        candidate = target if attempt == 1 else target.with_name(f"{target.name}-{attempt}")
+        try:
+            os.rename(staging, candidate)
+            return candidate
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                raise
+    raise DjinnsimError(f"{attempts} folders named {describe_path(target)}-N exist already; clean up results/")
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write a text file; a failure (disk full, permissions) is one line."""
+    try:
+        path.write_text(text)
+    except OSError as exc:
+        raise DjinnsimError(os_error_line(exc, "write")) from None
+    return path

@@ -1,0 +1,61 @@
+"""Small CLI behaviours of issue 12: `validate --strict`, `calibrate --device cpu`'s default model,
+a CPU profile that says it predicts no GPU, and warnings printed once on stderr in plain words."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import typer
+from conftest import make_profile
+
+from djinnsim.calibrate.options import CPU_PROFILE_NOTE, default_model
+from djinnsim.sim.costmodel import ProfileCostModel
+from djinnsim.sim.notices import emit, fit_inputs
+from djinnsim.sim.profile import save_profile
+from djinnsim.errors import DjinnsimError
+from djinnsim.sim.run import CostModels, simulate_scenario
+from djinnsim.sim.scenario import expand_points, parse_scenario
+from djinnsim.sim.specs import get_model
+from djinnsim.validate.cli import _check_strict
+
+
+def _report(folder, fail: int):
+    folder.mkdir()
+    (folder / "validation.json").write_text(json.dumps({"summary": {"PASS": 3, "FAIL": fail, "N/A": 1}}))
+    return folder
+
+
+def test_strict_exits_one_on_any_fail(tmp_path, capsys):
+    with pytest.raises(typer.Exit) as caught:
+        _check_strict(_report(tmp_path / "failed", 2), strict=True)
+    assert caught.value.exit_code == 1 and "2 FAIL" in capsys.readouterr().err
+    _check_strict(_report(tmp_path / "passed", 0), strict=True)
+    _check_strict(tmp_path / "failed", strict=False)  # without --strict a FAIL is only reported
+
+
+def test_cpu_calibration_defaults_to_tiny_llama():
+    assert default_model("cpu") == "tiny-llama" and default_model("cuda") == "llama-2-7b"
+
+
+def test_a_cpu_profile_says_it_predicts_no_gpu(tmp_path):
+    profile = make_profile(gpu_key=None, gpu_name="cpu: some x86")
+    profile = profile.model_copy(update={"metadata": profile.metadata.model_copy(
+        update={"device": "cpu", "notes": [CPU_PROFILE_NOTE]})})
+    assert "not a prediction for any GPU" in ProfileCostModel(profile, get_model("llama-2-7b")).describe()
+    path = save_profile(profile, tmp_path / "cpu.json")
+    scenario = parse_scenario({"name": "c", "backends": ["full_djinn"], "gpu": "h100-80gb", "cost_model": "roofline",
+                               "workload": {"kind": "decode", "runs": 2, "warmup_runs": 0, "new_tokens": 2}})
+    # a CPU profile has no GPU of its own: a run refuses it for a GPU, and warns whenever it reads it
+    models = CostModels(scenario.model_copy(update={"cost_model": "profile"}), path)
+    with pytest.raises(DjinnsimError, match="measured on cpu"):
+        models.for_point(expand_points(scenario)[0])
+    assert any("measured on a CPU" in w and "not predictions for any GPU" in w for w in models.warnings)
+    assert simulate_scenario(scenario).warnings == []  # the roofline run never read it
+
+
+def test_warnings_once_on_stderr_in_words(capsys):
+    emit(["a thing happened, so X", "a thing happened, so X", "another"])
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == "warning: a thing happened, so X\nwarning: another\n"
+    assert fit_inputs({"prompt_tokens": 16, "batch": 1, "context": 122}) == "16 prompt tokens, batch 1, 122 context tokens"
