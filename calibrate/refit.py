@@ -79,6 +79,9 @@ def cached_prefill_points(rows) -> list[FitPoint]:
 
 
 def workspace_points(rows, stage: str) -> list[FitPoint]:
+    """A decode point's workspace sits at the median context its steps ran at, as calibrate fits it
+    (the workspace row records the grid's nominal context)."""
+    steps = _timed(rows, "decode")
     points = []
     for row in rows:
         if row["stage"] != stage:
@@ -87,7 +90,9 @@ def workspace_points(rows, stage: str) -> list[FitPoint]:
         if stage == "prefill_workspace":
             inputs = {"prompt_tokens": _num(row, "prompt_tokens"), "batch": batch, "context": 0.0}
         else:
-            inputs = {"batch": batch, "context": _num(row, "context"), "sum_context": batch * _num(row, "context")}
+            group = steps.get(row["point"])
+            context = float(np.median([_num(r, "context") for r in group])) if group else _num(row, "context")
+            inputs = {"batch": batch, "context": context, "sum_context": batch * context}
         points.append(FitPoint(inputs, _num(row, "value")))
     return points
 

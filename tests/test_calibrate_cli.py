@@ -98,6 +98,7 @@ def test_refit_reproduces_the_profile_from_its_samples(cpu_calibration, tmp_path
     assert _approx(after.prefill.model_dump()) == before.prefill.model_dump()
     assert _approx(after.decode_step.model_dump()) == before.decode_step.model_dump()
     assert _approx(after.cached_prefill.model_dump()) == before.cached_prefill.model_dump()
+    assert _approx(after.memory.model_dump()) == before.memory.model_dump()  # workspace fits included
     assert after.cold_shapes.source == before.cold_shapes.source and "stage cold_shapes" in after.cold_shapes.source
     assert any("fits recomputed" in note for note in after.metadata.notes)
 
