@@ -48,7 +48,8 @@ def _main(
 
 
 def one_line_errors(func):
-    """Turn a DjinnsimError (bad input, missing file) into `error: ...` and exit code 1."""
+    """Turn a DjinnsimError (bad input, missing file) into `error: ...` and exit code 1. (A Ctrl-C
+    is the console entry's: djinnsim.main says `interrupted` once, whenever it comes.)"""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -63,9 +64,6 @@ def one_line_errors(func):
             typer.echo(f"error: {exc.name} is not installed: this command needs the gpu extra "
                        "(pip install 'djinnsim[gpu]')", err=True)
             raise typer.Exit(code=1) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
-            raise typer.Exit(code=130) from None
 
     return wrapper
 

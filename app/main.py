@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from types import SimpleNamespace
 
 _received: list[int] = []
 
@@ -33,23 +34,32 @@ def main(argv: list[str] | None = None) -> None:
             if hasattr(stream, "reconfigure"):
                 stream.reconfigure(errors="backslashreplace")
         code = _run(argv)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # before the CLI took over (typer turns a later one into exit code 130)
         code = 130
     except BrokenPipeError:  # `djinnsim ... | head`: the reader left; nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 1
-    if _received:
-        code = 128 + _received[0]
+    if _received or code == 130:
+        print("interrupted", file=sys.stderr)
+        code = 128 + _received[0] if _received else code
     sys.exit(code)
 
 
-def _click_exceptions():
-    """The exceptions of the click typer parses with: its own vendored copy in recent typer, else click's."""
+def _click_exceptions() -> SimpleNamespace:
+    """The exception types of the click typer parses with: its own vendored copy in recent typer
+    (whose Abort is typer's), else click's."""
     import typer.core
 
     vendored = getattr(typer.core, "_click", None)
-    return vendored.exceptions if vendored is not None else __import__("click").exceptions
+    source = vendored.exceptions if vendored is not None else __import__("click").exceptions
+
+    class _Never(Exception):
+        pass
+
+    return SimpleNamespace(
+        UsageError=source.UsageError, ClickException=source.ClickException,
+        NoArgsIsHelpError=getattr(source, "NoArgsIsHelpError", _Never),
+        Abort=getattr(typer.core, "Abort", None) or getattr(source, "Abort", _Never))
 
 
 def _run(argv: list[str] | None) -> int:
@@ -69,7 +79,6 @@ def _run(argv: list[str] | None) -> int:
         print(f"error: {where}{message}{hint}", file=sys.stderr)
         return 1
     except errors.Abort:
-        print("interrupted", file=sys.stderr)
         return 130
     except errors.ClickException as exc:
         print(f"error: {' '.join(exc.format_message().split())}", file=sys.stderr)

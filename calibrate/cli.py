@@ -24,6 +24,7 @@ def calibrate(
     quiet: Annotated[bool, typer.Option(help="no progress bar, per-point lines or summary")] = False,
     refit: Annotated[Path | None, typer.Option(help="measure nothing: recompute the fits of this profile from its samples CSV (rewritten in place, or to --out)")] = None,
     leave_out: Annotated[list[str] | None, typer.Option(help="with --refit: a sample stage no fit nor the spread may use, e.g. exp21_step to judge Exp 2.1 held out (repeatable)")] = None,
+    force: Annotated[bool, typer.Option(help="measuring: replace the profile at --out if it exists")] = False,
 ) -> None:
     """Measure a GPU (or the CPU) with microbenchmarks and write a calibration profile."""
     from djinnsim.calibrate.options import command_line, default_model
@@ -56,4 +57,5 @@ def calibrate(
         out=out,
         command=command,
         quiet=quiet,
+        force=force,
     )

@@ -150,6 +150,7 @@ def run_calibration(
     out: Path | None = None,
     command: str | None = None,
     quiet: bool = False,
+    force: bool = False,
 ) -> CalibrationResult:
     """Measure `model` on one device and write a calibration profile (JSON) and its samples (CSV)."""
     started_at = time.perf_counter()
@@ -175,9 +176,12 @@ def run_calibration(
         gpu_key = gpu_key_for_device_name(gpu_name) or _slug(gpu_name)
     else:
         before, gpu_name, gpu_key = None, f"cpu: {host_cpu()}", "cpu"
+    explicit_out = out is not None
     out = Path(out) if out is not None else default_out(gpu_key, spec)
     if out.suffix != ".json":
         out = out / f"{gpu_key}-{model_key(spec)}.json" if out.suffix == "" else out.with_suffix(".json")
+    if explicit_out and out.exists() and not force:  # checked before minutes of measuring
+        raise DjinnsimError(f"--out {out} exists; give --force to replace it")
     samples_path = out.with_suffix(".csv")
     plan = plans.plan_for(dev, quick)
     console, progress = _progress(quiet)

@@ -8,12 +8,14 @@ The estimate is per point, from the tokens its workload generates and what each 
 engine in events, measured with `PointResult.events` on the shipped scenarios (see the README's
 "Robustness" section):
 
-- one request per token (round_trip token or op): about 18 events per token (uplink, GPU step,
+- one request per token (round_trip token or op): 18 events per token (uplink, GPU step,
   downlink, host costs);
 - a local backend (native_pytorch): 3 per token;
-- one request per phase on a time-sliced GPU (processes stepping in turn, ray_serverless): 4.5 per token;
-- one request per phase otherwise (a phase's steps run as one pass of the server): 0.4 per token;
-- and 12 per agent iteration (two phases' requests, ACT).
+- one request per phase on a time-sliced GPU (processes stepping in turn, the Ray baselines): 4 per
+  token, 4.5 counted;
+- one request per phase otherwise (a phase's steps run as one pass of Djinn's server): none per
+  token, 0.4 counted;
+- and about 20 per generate call (an agent's phase, a decode run: connection, prefill, ACT), 24 counted.
 
 It is an upper bound when requests fail early (an OOM ends an agent), and it is computed per
 dimension of the sweep, never by listing the points, so a sweep of a billion points is refused in
@@ -38,7 +40,7 @@ EVENTS_PER_TOKEN_REMOTE = 18.0
 EVENTS_PER_TOKEN_LOCAL = 3.0
 EVENTS_PER_TOKEN_TIMESLICED = 4.5
 EVENTS_PER_TOKEN_PHASE = 0.4
-EVENTS_PER_ITERATION = 12.0
+EVENTS_PER_CALL = 24.0
 
 
 def _events_per_token(backend, scheduler: str | None) -> float:
@@ -64,14 +66,14 @@ def estimate(scenario: Scenario) -> dict[str, float]:
         tokens = agents * workload.iterations * (workload.reason.new_tokens + workload.reflect.new_tokens)
         for backend in backends:
             events += tokens * _events_per_token(backend, scenario.server.scheduler)
-            events += agents * workload.iterations * EVENTS_PER_ITERATION
+            events += agents * workload.iterations * 2 * EVENTS_PER_CALL
             per_token = backend.round_trip in ("token", "op") and backend.location == "remote"
             records += tokens if per_token else agents * workload.iterations * 2
         points = len(backends) * len(workload.agents) * others
     else:
         tokens = float(workload.runs) * workload.new_tokens
         for backend in backends:
-            events += tokens * _events_per_token(backend, scenario.server.scheduler)
+            events += tokens * _events_per_token(backend, scenario.server.scheduler) + workload.runs * EVENTS_PER_CALL
             records += tokens if backend.round_trip in ("token", "op") or backend.location == "local" else workload.runs
         points = len(backends) * others
     events *= others * repeats

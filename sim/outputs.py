@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -40,6 +41,13 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 def utc_stamp() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def safe_name(text: str, fallback: str = "scenario") -> str:
+    """`text` as one plain path component (a results folder named after a file): characters other
+    than letters, digits and `_ + - .` become `_`, no leading dot, no `..`, at most 100 characters."""
+    cleaned = re.sub(r"[^A-Za-z0-9_.+-]", "_", text).replace("..", "_").lstrip(".")[:100]
+    return cleaned or fallback
 
 
 def os_error_line(exc: OSError, doing: str) -> str:

@@ -24,6 +24,7 @@ from typing import Any, Iterable, Sequence
 
 from djinnsim.errors import DjinnsimError
 
+from .outputs import safe_name
 from .safeyaml import parse_yaml
 from .scenario import Scenario, load_scenario, parse_scenario
 
@@ -194,6 +195,7 @@ def results_folder(scenario_path: str | Path, overrides: Sequence[Override] = ()
     stem = Path(scenario_path).name
     for suffix in (".yaml", ".yml"):
         stem = stem.removesuffix(suffix)
+    stem = safe_name(stem)  # a file named `...yaml` must not name results/..
     tag = overrides_tag(overrides)
     return stem if tag is None else f"{stem}__{tag}"
 

@@ -22,6 +22,7 @@ claims' searches does so, and runs sequentially outside any `held`).
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import socket
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
@@ -52,8 +53,15 @@ class Held:
         if self.processes is None:
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload(["djinnsim.sim.simulate"])
-            self.processes = ProcessPoolExecutor(max_workers=self.jobs, mp_context=context)
+            self.processes = ProcessPoolExecutor(max_workers=self.jobs, mp_context=context,
+                                                 initializer=_leave_interrupts_to_the_parent)
         return self.processes
+
+
+def _leave_interrupts_to_the_parent() -> None:
+    """A Ctrl-C reaches every process of the terminal's group: the parent cancels the pool and
+    cleans up (one `interrupted` line); a worker that also raised would print its own traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 _HELD: list[Held] = []  # the executors held now, innermost last

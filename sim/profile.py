@@ -7,7 +7,7 @@ jitter and metadata saying where and with what it was measured. Raw samples live
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from djinnsim.errors import DjinnsimError
 
-from .safeyaml import describe_path, parse_json, read_input_text
+from .outputs import os_error_line
+from .safeyaml import describe_path, parse_json, read_input_text, strict_json
 
 SCHEMA_VERSION = 2
 # Version 1 lacks the optional sections version 2 added (loads_mp, timeslice_mp, cached_prefill): it
@@ -30,7 +31,7 @@ ScaleClass = Literal["host", "compute", "memory", "pcie", "mixed"]
 # The named regressors a fit may use (their values: sim.costmodel.feature_value).
 FIT_FEATURES = ("1", "batch", "tokens", "tokens_sq", "tokens_ctx", "sum_context")
 MAX_COEF = 1e6  # |coefficient| of a fit; seconds (or bytes) per unit of its feature
-MAX_FACTOR = 1e3  # a jitter or spread factor: step time over the median
+MAX_FACTOR = 1e6  # a jitter or spread factor (time over the median or a fit), measured as far as 1.4e3 on a CPU
 
 
 class _Strict(BaseModel):
@@ -280,7 +281,7 @@ class Profile(_Strict):
     prefill: LinearFit | PiecewiseFit
     decode_step: LinearFit | PiecewiseFit
     jitter_decode: list[float] = Field(min_length=1, description="step time / median, empirical")
-    jitter_prefill: list[float] = Field(default_factory=lambda: [1.0])
+    jitter_prefill: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
     jitter_decode_sequence: list[float] = Field(
         default_factory=list,
         description="step time / median in the order measured (consecutive Exp 2.1 runs): slow and fast "
@@ -332,16 +333,28 @@ def load_profile(path: str | Path) -> Profile:
     try:
         return Profile.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
+        # a union (LinearFit | PiecewiseFit) reports each member's error: the deepest is the member
+        # the input was meant as
+        err = max(exc.errors(), key=lambda e: len(e["loc"]))
+        where = ".".join(str(p) for p in err["loc"]  # not the names pydantic gives a union's members
+                         if not (isinstance(p, str) and (p in ("LinearFit", "PiecewiseFit") or "[" in p)))
         msg = err["msg"].removeprefix("Value error, ")
         raise DjinnsimError(f"{shown}: invalid profile field {where}: {msg}") from None
 
 
 def save_profile(profile: Profile, path: str | Path) -> Path:
+    """Write `path` whole or not at all: into `.NAME.partial-PID` beside it, renamed into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(profile.model_dump(mode="json"), indent=1, sort_keys=False) + "\n")
-    tmp.replace(path)
+    text = strict_json(profile.model_dump(mode="json"), indent=1, sort_keys=False) + "\n"
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise DjinnsimError(os_error_line(exc, "write the profile")) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path

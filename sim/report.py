@@ -10,7 +10,6 @@ pandas and matplotlib are imported inside the functions that use them (CLI start
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any

@@ -147,8 +147,8 @@ def _where(exc: yaml.YAMLError) -> str:
 
 def _problem(exc: Exception) -> str:
     if isinstance(exc, yaml.reader.ReaderError):
-        return f"character {exc.character!r} is not allowed in YAML" if isinstance(exc.character, str) \
-            else "bytes that are not text"
+        code = exc.character if isinstance(exc.character, int) else ord(str(exc.character)[:1] or "\0")
+        return f"character U+{code:04X} is not allowed in YAML"
     text = getattr(exc, "problem", None) or str(exc)
     context = getattr(exc, "context", None)
     return " ".join(f"{context}: {text}".split()) if context and getattr(exc, "problem", None) else " ".join(text.split())
@@ -156,7 +156,11 @@ def _problem(exc: Exception) -> str:
 
 def parse_yaml(text: str, source: str) -> Any:
     """One YAML document from `text`, within the limits above; `source` names it in errors."""
-    loader = _LimitedLoader(text)
+    try:
+        loader = _LimitedLoader(text)
+    except yaml.reader.ReaderError as exc:  # the reader checks every character first
+        line = text.count("\n", 0, exc.position) + 1
+        raise DjinnsimError(f"{source}: malformed YAML at line {line}: {_problem(exc)}") from None
     try:
         node = loader.get_single_node()
         if node is None:

@@ -153,7 +153,7 @@ def test_out_of_range_reaches_the_run_warnings(h100_profile, tmp_path):
     result = simulate_scenario(scenario, calibration=path)
     assert result.points[0].out_of_range
     # in plain words (never a dict) and saying what it means for the result
-    assert any("never measured prefill at 700 prompt tokens" in w and "extrapolated" in w for w in result.warnings)
+    assert any("never measured a prefill at 700 prompt tokens" in w and "extrapolated" in w for w in result.warnings)
     assert not any("{" in w or "'" in w for w in result.warnings)
     inside = simulate_scenario(scenario.model_copy(update={"workload": scenario.workload.model_copy(
         update={"prompt_tokens": 100})}), calibration=path)

@@ -55,6 +55,7 @@ def validate(
     time_budget_s: Annotated[float, typer.Option(help="no new real run starts after this many seconds (calibration excluded)")] = 1800.0,
     seed: Annotated[Optional[int], typer.Option(help="override the scenario's seed")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress lines or summary table")] = False,
+    force: Annotated[bool, typer.Option(help="replace a non-empty --out that holds an earlier djinnsim output")] = False,
     strict: Annotated[bool, typer.Option(help="exit with code 1 when any verdict is FAIL")] = False,
     set_: SetOption = None,
 ) -> None:
@@ -79,7 +80,7 @@ def validate(
         if set_:
             raise DjinnsimError("--from-real re-compares runs already made: --set cannot change them")
         _check_strict(run_offline(OfflineRequest(from_real=from_real, calibration=calibration, out=out, quiet=quiet,
-                                                 command=command, bands=bands)), strict)
+                                                 command=command, bands=bands, force=force)), strict)
         return
     if scenario is None:
         raise DjinnsimError("give a SCENARIO to validate, or --from-real DIR to re-compare a finished validation")
@@ -107,6 +108,7 @@ def validate(
             seed=seed,
             quiet=quiet,
             command=command,
+            force=force,
             overrides=tuple(collect(set_)),
         )
     )

@@ -18,6 +18,7 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 from djinnsim.errors import DjinnsimError
+from djinnsim.sim.outputs import OutputFolder
 from djinnsim.sim.profile import load_profile
 from djinnsim.sim.provenance import simulator
 from djinnsim.sim.records import RECORD_COLUMNS, Record
@@ -52,6 +53,7 @@ class OfflineRequest:
     out: Path | None = None
     quiet: bool = False
     command: str = "djinnsim validate --from-real"
+    force: bool = False  # replace a non-empty --out holding an earlier djinnsim output
     bands: int = 10
 
 
@@ -147,8 +149,6 @@ def _profile_path(req: OfflineRequest, folder: Path, meta: dict) -> tuple[Path, 
 
 def run_offline(req: OfflineRequest) -> Path:
     """Re-simulate a finished validation's points and compare them with its real runs; returns OUT."""
-    from djinnsim.calibrate.environment import host_cpu
-
     say = _say(req.quiet)
     folder = Path(req.from_real)
     if not folder.is_dir():
@@ -159,8 +159,8 @@ def run_offline(req: OfflineRequest) -> Path:
     out_dir = Path(req.out) if req.out is not None else folder.parent / f"{folder.name}-resim"
     if out_dir.resolve() == folder.resolve():
         raise DjinnsimError(f"--out {out_dir} is the folder read with --from-real; write the re-comparison elsewhere")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DjinnsimError(f"--out {out_dir} exists and is not a folder")
+    # the default -resim folder is this command's own: replaced when run again, as before
+    output = OutputFolder(out_dir, out_dir, force=req.force or req.out is None)
     doc = _read_json(folder / "validation.json")
     real_meta = doc["meta"]
     scenario_v = as_run_for_real(load_scenario(folder / "scenario.yaml"))
@@ -175,7 +175,17 @@ def run_offline(req: OfflineRequest) -> Path:
     real = real_result(doc, scenario_v, read_real_records(folder / "records_real.csv"))
     say(f"offline re-comparison of {folder}: {len(real.points)} points, real runs of {real_meta['started_at']}")
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with output as staging:
+        _recompare_into(staging, req, folder, scenario_v, real, real_meta, profile_path, how, profile, say)
+    if not req.quiet:
+        print(f"report: {output.path / 'validation.md'}")
+    return output.path
+
+
+def _recompare_into(out_dir: Path, req: OfflineRequest, folder: Path, scenario_v, real, real_meta: dict,
+                    profile_path: Path, how: str, profile, say) -> None:
+    from djinnsim.calibrate.environment import host_cpu
+
     shutil.copyfile(folder / "scenario.yaml", out_dir / "scenario.yaml")
     shutil.copyfile(folder / "records_real.csv", out_dir / "records_real.csv")
     # No clock time or wall seconds of this run: the same folder, profile and simulator give the same bytes.
@@ -188,4 +198,3 @@ def run_offline(req: OfflineRequest) -> Path:
                         "real_runs_simulator": real_meta.get("simulator"), "host_cpu": host_cpu()}}
     points = sorted((rp.point for rp in real.points), key=lambda p: p.index)
     compare_and_report(out_dir, scenario_v, points, real, profile_path, profile, meta, say, req.quiet)
-    return out_dir

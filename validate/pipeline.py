@@ -21,6 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from djinnsim.errors import DjinnsimError
+from djinnsim.sim.outputs import OutputFolder
 from djinnsim.sim.profile import Profile, load_profile
 from djinnsim.sim.records import Record, records_frame
 from djinnsim.sim.overrides import apply_overrides
@@ -56,6 +57,7 @@ class ValidateRequest:
     calibration: Path | None = None
     full_calibration: bool = False
     out: Path | None = None
+    force: bool = False  # replace a non-empty `out` holding an earlier djinnsim output
     short: Shortening = Shortening()
     time_budget_s: float = 1800.0
     oom_probe_max: int = 8
@@ -399,10 +401,9 @@ def run_validation(req: ValidateRequest) -> Path:
     spec = get_model(model_key)
     if req.calibration is not None and not Path(req.calibration).is_file():
         raise DjinnsimError(f"calibration profile not found: {req.calibration}")
-    out_dir = Path(req.out) if req.out is not None else (
-        Path("results") / "validation" / started_at.strftime("%Y%m%dT%H%M%SZ"))
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DjinnsimError(f"--out {out_dir} exists and is not a folder")
+    # written into a temporary folder renamed into place at the end (sim/outputs.py)
+    folder = OutputFolder(req.out, Path("results") / "validation" / started_at.strftime("%Y%m%dT%H%M%SZ"),
+                          force=req.force)
     if req.bands == 1 or req.bands < 0:
         raise DjinnsimError(f"--bands must be 0 (none) or >= 2, not {req.bands}")
     # Check what can be checked before spending minutes calibrating.
@@ -410,68 +411,76 @@ def run_validation(req: ValidateRequest) -> Path:
     from djinnsim.calibrate.modeling import resolve_dtype
 
     dtype = str(resolve_dtype(spec, None, req.device)).removeprefix("torch.")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if req.calibration is not None:
-        profile_path, how = Path(req.calibration), "given with --calibration"
-    else:
-        profile_path = calibrate_now(req, model_key, out_dir, say)
-        how = f"calibrated by this validation ({'full' if req.full_calibration else 'quick'})"
-    profile = load_profile(profile_path)
-    check_profile(profile, profile_path, machine, spec, dtype)
-    if heldout.is_exp21_workload(draft_scenario) and heldout.decode_fit_holds_exp21(profile, profile_path) \
-            and profile.samples_file and (profile_path.parent / profile.samples_file).is_file():
-        # Exp 2.1 is judged on a profile whose fits hold none of calibrate's own Exp 2.1 runs.
-        profile_path = heldout.held_out_profile(profile_path, out_dir / "calibration")
-        how += "; refitted without calibrate's own Exp 2.1 runs, held out for this workload"
-        say(f"Exp 2.1: judging with {profile_path}, refitted without calibrate's own Exp 2.1 runs")
+    with folder as out_dir:
+        if req.calibration is not None:
+            profile_path, how = Path(req.calibration), "given with --calibration"
+        else:
+            profile_path = calibrate_now(req, model_key, out_dir, say)
+            how = f"calibrated by this validation ({'full' if req.full_calibration else 'quick'})"
         profile = load_profile(profile_path)
+        check_profile(profile, profile_path, machine, spec, dtype)
+        if heldout.is_exp21_workload(draft_scenario) and heldout.decode_fit_holds_exp21(profile, profile_path) \
+                and profile.samples_file and (profile_path.parent / profile.samples_file).is_file():
+            # Exp 2.1 is judged on a profile whose fits hold none of calibrate's own Exp 2.1 runs.
+            profile_path = heldout.held_out_profile(profile_path, out_dir / "calibration")
+            how += "; refitted without calibrate's own Exp 2.1 runs, held out for this workload"
+            say(f"Exp 2.1: judging with {profile_path}, refitted without calibrate's own Exp 2.1 runs")
+            profile = load_profile(profile_path)
 
-    scenario_v = validation_scenario(scenario, req.short, model_key if req.device == "cpu" else None,
-                                     profile.metadata.gpu_key)
-    if req.seed is not None:
-        scenario_v = scenario_v.model_copy(update={"seed": req.seed})
-    (out_dir / "scenario.yaml").write_text(dump_scenario(scenario_v))
-    points = select_points(expand_points(scenario_v), list(req.points) or None)
-    cuda = req.device == "cuda"
+        scenario_v = validation_scenario(scenario, req.short, model_key if req.device == "cpu" else None,
+                                         profile.metadata.gpu_key)
+        if req.seed is not None:
+            scenario_v = scenario_v.model_copy(update={"seed": req.seed})
+        (out_dir / "scenario.yaml").write_text(dump_scenario(scenario_v))
+        points = select_points(expand_points(scenario_v), list(req.points) or None)
+        cuda = req.device == "cuda"
 
-    draft = simulate(scenario_v, profile_path, profile, 1)  # how long each point should take: shortest runs first
-    expected_s = {i: max((r.finished_at for r in prs[0].records), default=0.0) for i, prs in draft.items()}
-    options = RealOptions(
-        device=f"cuda:{req.gpu}" if cuda else "cpu", gpu_index=req.gpu, repeats=req.repeats, seed=scenario_v.seed,
-        deadline=time.perf_counter() + req.time_budget_s, oom_probe_max=req.oom_probe_max,
-        context_bytes_per_process=profile.memory.context_bytes_per_process, weight_bytes=profile.memory.weight_bytes,
-        dtype=profile.metadata.dtype,
-        request_timeout_s=300.0 if cuda else 60.0, start_timeout_s=600.0 if cuda else 120.0, expected_s=expected_s,
-    )
-    # Frozen: the hash of the profile every figure is judged with, taken before the first real run.
-    frozen = {"sha256": file_sha256(profile_path),
-              "frozen_at": datetime.now(timezone.utc).replace(microsecond=0).isoformat()}
-    say(f"profile frozen before the real runs: {profile_path} sha256 {frozen['sha256'][:16]}")
-    runs_started_at = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
-    say(f"real runs: {len(points)} points x {req.repeats} repeats on {machine.name}")
-    real = RealRunner(scenario_v, points, options, say).run()
-    if file_sha256(profile_path) != frozen["sha256"]:
-        raise DjinnsimError(f"{profile_path} changed while the real runs ran: its figures would not be held out")
-    meta = {
-        "scenario": scenario.name, "scenario_path": str(req.scenario_path), "command": req.command,
-        "started_at": started_at.isoformat(), "wall_s": None, "real_wall_s": real.wall_s,
-        "machine": machine.to_dict(), "model": spec.model_id, "repeats": req.repeats,
-        "workload": scenario_v.workload.model_dump(mode="json"), "seed": scenario_v.seed,
-        "profile": {**profile_meta(profile_path, how, profile), "frozen_sha256": frozen["sha256"],
-                    "frozen_at": frozen["frozen_at"]},
-        "runs_started_at": runs_started_at, "simulator": simulator(), "bands": req.bands,
-        "ray": RAY_EMULATION,
-    }
-    real_records = [r for rp in real.points for rep in rp.repeats for r in rep.records]
-    real_repeats = [i for rp in real.points for i, rep in enumerate(rp.repeats) for _ in rep.records]
-    _write_records(out_dir / "records_real.csv", real_records, real_repeats)
-    compare_and_report(out_dir, scenario_v, points, real, profile_path, profile, meta, say, req.quiet,
-                       started_wall=started_wall)
-    return out_dir
+        draft = simulate(scenario_v, profile_path, profile, 1)  # how long each point should take: shortest runs first
+        expected_s = {i: max((r.finished_at for r in prs[0].records), default=0.0) for i, prs in draft.items()}
+        options = RealOptions(
+            device=f"cuda:{req.gpu}" if cuda else "cpu", gpu_index=req.gpu, repeats=req.repeats, seed=scenario_v.seed,
+            deadline=time.perf_counter() + req.time_budget_s, oom_probe_max=req.oom_probe_max,
+            context_bytes_per_process=profile.memory.context_bytes_per_process, weight_bytes=profile.memory.weight_bytes,
+            dtype=profile.metadata.dtype,
+            request_timeout_s=300.0 if cuda else 60.0, start_timeout_s=600.0 if cuda else 120.0, expected_s=expected_s,
+        )
+        # Frozen: the hash of the profile every figure is judged with, taken before the first real run.
+        frozen = {"sha256": file_sha256(profile_path),
+                  "frozen_at": datetime.now(timezone.utc).replace(microsecond=0).isoformat()}
+        say(f"profile frozen before the real runs: {profile_path} sha256 {frozen['sha256'][:16]}")
+        runs_started_at = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+        say(f"real runs: {len(points)} points x {req.repeats} repeats on {machine.name}")
+        real = RealRunner(scenario_v, points, options, say).run()
+        if file_sha256(profile_path) != frozen["sha256"]:
+            raise DjinnsimError(f"{profile_path} changed while the real runs ran: its figures would not be held out")
+        meta = {
+            "scenario": scenario.name, "scenario_path": str(req.scenario_path), "command": req.command,
+            "started_at": started_at.isoformat(), "wall_s": None, "real_wall_s": real.wall_s,
+            "machine": machine.to_dict(), "model": spec.model_id, "repeats": req.repeats,
+            "workload": scenario_v.workload.model_dump(mode="json"), "seed": scenario_v.seed,
+            "profile": {**profile_meta(profile_path, how, profile, (out_dir, folder.path)),
+                        "frozen_sha256": frozen["sha256"],
+                        "frozen_at": frozen["frozen_at"]},
+            "runs_started_at": runs_started_at, "simulator": simulator(), "bands": req.bands,
+            "ray": RAY_EMULATION,
+        }
+        real_records = [r for rp in real.points for rep in rp.repeats for r in rep.records]
+        real_repeats = [i for rp in real.points for i, rep in enumerate(rp.repeats) for _ in rep.records]
+        _write_records(out_dir / "records_real.csv", real_records, real_repeats)
+        compare_and_report(out_dir, scenario_v, points, real, profile_path, profile, meta, say, req.quiet,
+                           started_wall=started_wall)
+    if not req.quiet:
+        print(f"report: {folder.path / 'validation.md'}")
+    return folder.path
 
 
-def profile_meta(path: Path, how: str, profile: Profile) -> dict:
-    return {"path": str(path), "how": how, "date": profile.metadata.date, "quick": profile.metadata.quick,
+def profile_meta(path: Path, how: str, profile: Profile, moved: tuple[Path, Path] | None = None) -> dict:
+    """`moved` (staging, final): a profile written inside the temporary output folder is recorded
+    where it will be once the folder is renamed into place."""
+    recorded = path
+    if moved is not None and path.is_relative_to(moved[0]):
+        recorded = moved[1] / path.relative_to(moved[0])
+    return {"path": str(recorded), "how": how, "date": profile.metadata.date, "quick": profile.metadata.quick,
             "gpu_name": profile.metadata.gpu_name, "sha256": file_sha256(path)}
 
 
@@ -567,7 +576,6 @@ def compare_and_report(out_dir: Path, scenario_v: Scenario, points: list, real: 
                    [i for i, pr in sim_runs for _ in pr.records])
     if not quiet:
         print(short_table(comparisons, oom_rows, summary))
-        print(f"report: {out_dir / 'validation.md'}")
     return doc
 
 

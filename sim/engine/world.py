@@ -132,7 +132,9 @@ class World:
         self.start_clients()
         try:
             self.env.run()
-        except guard.ClockStalled as exc:
+        except (guard.ClockStalled, ValueError) as exc:
+            if isinstance(exc, ValueError) and not str(exc).startswith("Negative delay"):  # SimPy's own check
+                raise
             workload = self.scenario.workload
             prompt = workload.reason.input_tokens if isinstance(workload, AgentsWorkload) else workload.prompt_tokens
             raise DjinnsimError(f"point {self.point.label}: the run cannot progress: {exc}; "
