@@ -336,8 +336,14 @@ def main() -> None:
     cases = [maker.case(i) for i in range(opts.cases)]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="djinnsim-fuzz-") as tmp:
+        results = []
         with ThreadPoolExecutor(max_workers=opts.jobs) as pool:
-            results = list(pool.map(lambda ic: run_case(ic[0], ic[1], opts.timeout_s, Path(tmp)), enumerate(cases)))
+            for result in pool.map(lambda ic: run_case(ic[0], ic[1], opts.timeout_s, Path(tmp)), enumerate(cases)):
+                results.append(result)
+                if len(results) % 100 == 0:  # a running tally, so a long run shows where it stands
+                    tally = Counter(verdict for _, verdict, _, _ in results)
+                    print(f"{len(results)} cases: " + ", ".join(f"{k} {v}" for k, v in sorted(tally.items())),
+                          file=sys.stderr, flush=True)
     wall_s = time.perf_counter() - started
     outcomes = ["ok", "error", "traceback", "hang", "long", "other"]
     table = Counter((kind, verdict) for kind, verdict, _, _ in results)

@@ -31,7 +31,7 @@ AGENTS32 = REPO / "scenarios" / "agents32.yaml"
 TARGETS_S = {"agents32 simulated": 0.5, "1024 agents simulated": 10.0, "djinnsim run agents32": 3.0}
 
 
-def _simulated(scenario, repeats: int) -> tuple[float, float, int]:
+def simulated(scenario, repeats: int) -> tuple[float, float, int]:
     """Median wall and CPU seconds of simulate_scenario alone, and the events it scheduled."""
     from djinnsim.sim.run import simulate_scenario
 
@@ -83,7 +83,7 @@ def main() -> None:
 
     rows = []
     for label, scenario in (("agents32 simulated", agents32), ("1024 agents simulated", agents1024)):
-        rows.append((label, *_simulated(scenario, args.repeats)))
+        rows.append((label, *simulated(scenario, args.repeats)))
     rows.append(("djinnsim run agents32", *_whole_command(args.repeats), None))
 
     print(f"machine: {platform.machine()} {platform.processor() or platform.platform()}, "

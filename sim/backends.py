@@ -22,7 +22,8 @@ Toggles (all visible in sim/data/backends.yaml, and definable in a scenario):
                  ends. A per-request task's process ends with its request, so it can only free.
   memory_full    oom: an allocation that does not fit fails (an OOM record); wait: it queues until memory frees
   scheduler      default GPU executor policy: serial_fcfs (one request at a time, as Djinn's server),
-                 time_sliced (independent processes interleave step by step), continuous_batching
+                 time_sliced (independent processes share the GPU, as a fluid of their passes' turns),
+                 time_sliced_per_pass (the same, one GPU turn per pass: exact, slow), continuous_batching
   kv_policy      what a session KV does during ACT: preserve (default), swap, discard, ttl, min_waste
                  (sim/server_rules.py, sim/engine/kvpolicy.py); the scenario's server.kv_policy overrides it
 """
@@ -43,7 +44,7 @@ from .engine.plan import GeneratePlan, ServingPlan, generate_plan, serving_plan
 from .server_rules import KvPolicySpec
 from .specs import TOKEN_ID_BYTES, ModelSpec
 
-Scheduler = Literal["serial_fcfs", "time_sliced", "continuous_batching"]
+Scheduler = Literal["serial_fcfs", "time_sliced", "time_sliced_per_pass", "continuous_batching"]
 
 
 class Backend(BaseModel):

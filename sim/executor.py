@@ -4,6 +4,7 @@ from .engine.executors import (
     EXECUTORS,
     ContinuousBatching,
     Execution,
+    FluidTimeSliced,
     GpuWork,
     PassTimer,
     SerialFCFS,
@@ -11,5 +12,5 @@ from .engine.executors import (
     make_executor,
 )
 
-__all__ = ["EXECUTORS", "ContinuousBatching", "Execution", "GpuWork", "PassTimer", "SerialFCFS", "TimeSliced",
+__all__ = ["EXECUTORS", "ContinuousBatching", "Execution", "FluidTimeSliced", "GpuWork", "PassTimer", "SerialFCFS", "TimeSliced",
            "make_executor"]

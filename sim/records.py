@@ -174,6 +174,19 @@ class RecordTable:
             return value.astype(np.int64)
         return value
 
+    def constant(self, name: str) -> Any:
+        """The value of a column equal on every row (decoded), else None."""
+        value = self._columns[name]
+        if isinstance(value, np.ndarray) or not self._length:
+            return None
+        if name in _CODED:
+            return _CODED[name][value]
+        return bool(value) if name in _BOOL_COLUMNS else value
+
+    def codes(self, name: str) -> np.ndarray:
+        """A coded column (phase, status, kv_state) as its integer codes."""
+        return np.broadcast_to(np.asarray(self._columns[name], dtype=np.int64), (self._length,))
+
     def frame(self):
         """The table as a pandas DataFrame, RECORD_COLUMNS then latency_s (pandas imported only here)."""
         import pandas as pd

@@ -10,16 +10,19 @@ pandas and matplotlib are imported inside the functions that use them (CLI start
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from djinnsim.errors import DjinnsimError
 
 from . import claims as claims_mod
 from . import figures
 from . import metrics
-from .records import RECORD_COLUMNS, records_frame
+from .records import RECORD_COLUMNS, Record, RecordTable, records_frame
 from .safeyaml import strict_json
 from .trace import write_trace
 
@@ -236,24 +239,144 @@ def baseline_document(point_result: "PointResult", scenario: Any, frame: "pd.Dat
 # --- records, figure, tables ---------------------------------------------------------------------
 
 
-def write_records_csv(frames: list["pd.DataFrame"], path: Path) -> Path:
-    import pandas as pd
+class RecordsCsv:
+    """records.csv written a point at a time, straight from its table of records (no frame): the
+    columns RECORD_COLUMNS then latency_s, floats as CSV_FLOAT_FORMAT, as pandas' to_csv writes them."""
 
-    columns = [*RECORD_COLUMNS, "latency_s"]
-    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
-    table[columns].to_csv(path, index=False, float_format=CSV_FLOAT_FORMAT, lineterminator="\n")
+    chunk_rows = 65536  # rows formatted at once (bounds the strings held)
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._file = None
+
+    def __enter__(self) -> "RecordsCsv":
+        self._file = self.path.open("w", newline="")
+        self._file.write(",".join([*RECORD_COLUMNS, "latency_s"]) + "\n")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+
+    def write(self, records: "RecordTable | list[Record]") -> None:
+        table = records if isinstance(records, RecordTable) else RecordTable.from_records(records)
+        for start in range(0, len(table), self.chunk_rows):
+            stop = min(start + self.chunk_rows, len(table))
+            columns = [_csv_cells(table, name, start, stop) for name in RECORD_COLUMNS]
+            finished, issued = table.column("finished_at")[start:stop], table.column("issued_at")[start:stop]
+            columns.append(_csv_floats(finished - issued))
+            self._file.write("\n".join(map(",".join, zip(*columns))) + "\n")
+
+
+def _csv_cells(table: "RecordTable", name: str, start: int, stop: int):
+    """One column's cells of rows start..stop as strings (a column equal on every row: formatted once)."""
+    constant = table.constant(name)
+    if constant is not None:
+        return itertools.repeat(_csv_value(constant), stop - start)
+    values = table.column(name)[start:stop]
+    if values.dtype.kind == "f":
+        return _csv_floats(values)
+    return [_csv_value(v) for v in values.tolist()]
+
+
+def _csv_floats(values: "np.ndarray") -> list[str]:
+    return [_csv_value(v) for v in values.tolist()] if np.isnan(values).any() else [
+        CSV_FLOAT_FORMAT % v for v in values.tolist()]
+
+
+def _csv_value(value: Any) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else CSV_FLOAT_FORMAT % value
+    text = str(value)
+    if any(c in text for c in ',"\n\r'):
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
+def write_records_csv(tables: "list[RecordTable | list[Record]]", path: Path) -> Path:
+    """The points' records, in order, as records.csv."""
+    with RecordsCsv(path) as csv_file:
+        for table in tables:
+            csv_file.write(table)
+    return Path(path)
+
+
+TRACE_MAX_RECORDS = 20_000  # a trace beyond this is too large for a viewer to open
+
+
+def trace_records(records: "RecordTable | list[Record]") -> "list[Record]":
+    """The records trace.json shows: all of them, or past TRACE_MAX_RECORDS the first that many in
+    the trace's own order (agent, issued_at, run, step, phase)."""
+    if len(records) <= TRACE_MAX_RECORDS:
+        return list(records)
+    table = records if isinstance(records, RecordTable) else RecordTable.from_records(records)
+    # phase codes sort as the names do (decode < reason < reflect)
+    order = np.lexsort([table.column(name) if name != "phase" else table.codes("phase")
+                        for name in ("phase", "step", "run", "issued_at", "agent")])
+    return [table[int(i)] for i in order[:TRACE_MAX_RECORDS]]
+
+
+def write_figure6(summaries: list[dict[str, Any]], backends: list[str], path: Path) -> Path:
+    """P99 (REASON + REFLECT pooled) vs N, log y, a line per backend, an X where a backend first OOMs.
+
+    One panel per (model, GPU, link) group. The line stops before the first OOM N; the X sits at
+    the P99 of the phases that did finish there, or at the line's last value when none did.
+    """
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    grouped = claims_mod.groups(summaries)
+    with matplotlib.rc_context({"svg.hashsalt": "djinnsim", "path.simplify": True}):
+        width_in = 6.4 * len(grouped)
+        figure = Figure(figsize=(width_in, 4.4), dpi=100)
+        FigureCanvasAgg(figure)
+        axes = figure.subplots(1, len(grouped), squeeze=False)[0]
+        # fixed margins: a layout engine costs ~0.4 s per figure
+        figure.subplots_adjust(left=0.8 / width_in, right=1 - 0.2 / width_in, bottom=0.12, top=0.85, wspace=0.3)
+        colors = matplotlib.colormaps["tab10"]
+        for ax, (key, members) in zip(axes, grouped.items()):
+            all_ns: set[int] = set()
+            plotted = False
+            for backend, points in claims_mod.by_backend(members).items():
+                color = colors(backends.index(backend) % 10 if backend in backends else 9)
+                first_oom = claims_mod.oom_n(points)
+                xs, ys = [], []
+                for p in points:
+                    all_ns.add(p["n_agents"])
+                    value = claims_mod.p99_ms(p)
+                    if (first_oom is None or p["n_agents"] < first_oom) and value:
+                        xs.append(p["n_agents"])
+                        ys.append(value)
+                ax.plot(xs, ys, marker="o", color=color, label=backend)
+                plotted = plotted or bool(ys)
+                if first_oom is not None:
+                    at = next(p for p in points if p["n_agents"] == first_oom)
+                    survivors = at["agents"]["pooled"]["p99_ms"]
+                    y = survivors or (ys[-1] if ys else None)
+                    if y:
+                        plotted = True
+                        ax.plot([first_oom], [y], marker="x", markersize=12, mew=2.5, color=color, linestyle="")
+                        ax.annotate(f"OOM @ N={first_oom}", (first_oom, y), textcoords="offset points",
+                                    xytext=(6, 6), color=color, fontsize=8)
+            if plotted:  # a log axis needs a positive value
+                ax.set_xscale("log", base=2)
+                ax.set_yscale("log")
+                ticks = sorted(all_ns)
+                ax.set_xticks(ticks, [str(n) for n in ticks])
+            else:
+                ax.text(0.5, 0.5, "no phase finished", ha="center", va="center", transform=ax.transAxes)
+            ax.set_xlabel("concurrent agents N")
+            ax.set_ylabel("P99 per-phase latency (ms)")
+            # a fixed title height: placing it automatically measures every tick label (~0.4 s)
+            ax.set_title(claims_mod.group_label(key), fontsize=10, y=1.01)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+        figure.suptitle("Figure 6: P99 per-phase latency (REASON + REFLECT) vs N")
+        figure.savefig(path, format="png", metadata={"Software": None})
     return path
 
 
 # --- entry points --------------------------------------------------------------------------------
-
-
-def _trace_point(result: "SimulationResult") -> "PointResult":
-    index = result.scenario.trace_point
-    count = len(result.points)
-    if not -count <= index < count:
-        raise DjinnsimError(f"trace_point {index} is out of range: the scenario has {count} points")
-    return result.points[index]
 
 
 def _write_json(path: Path, document: Any) -> Path:
@@ -267,46 +390,94 @@ def write_outputs(result: "SimulationResult", out_dir: Path,
 
     `summaries` may pass point_summaries(result) computed already (print_summary takes them too).
     """
-    out_dir = Path(out_dir)
-    scenario = result.scenario
-    workload = scenario.workload.kind
+    return write_result(result, out_dir, summaries)[0]
+
+
+def write_result(result: "SimulationResult", out_dir: Path, summaries: list[dict[str, Any]] | None = None,
+                 bands: list[dict[str, Any]] | None = None) -> tuple[list[Path], list[dict[str, Any]]]:
+    """write_outputs, and the point summaries it wrote (each with its `bands_p10_p90` from `bands`)."""
     if not result.points:
-        raise DjinnsimError(f"scenario {scenario.name!r} expanded to no points")
-    frames = [_frame(p) for p in result.points]
-    phases = [metrics.agent_phases(f) if workload == "agents" else None for f in frames]
-    if summaries is None:
-        summaries = point_summaries(result, frames, phases)
-    written: list[Path] = []
+        raise DjinnsimError(f"scenario {result.scenario.name!r} expanded to no points")
+    with PointWriter(result.scenario, out_dir, len(result.points), summaries) as writer:
+        for point_result in result.points:
+            writer.write_point(point_result)
+    return writer.finish(result, bands)
 
-    baselines = out_dir / "baselines"
-    baselines.mkdir(parents=True, exist_ok=True)
-    for point_result, frame, summary, point_phases in zip(result.points, frames, summaries, phases):
-        document = baseline_document(point_result, scenario, frame, summary, point_phases)
-        written.append(_write_json(baselines / f"{point_result.point.label}.json", document))
 
-    written.append(write_records_csv(frames, out_dir / "records.csv"))
-    claims = claims_mod.evaluate_claims(summaries, workload, result)
-    if workload == "agents":
-        written += figures.write_figure6(summaries, list(scenario.backends), out_dir / "figure6.png")
-        written.append(_write_text(out_dir / "table2.md", claims_mod.table2_markdown(summaries)))
-        written.append(_write_text(out_dir / "table2.csv", claims_mod.table2_csv(summaries)))
-    else:
-        written += figures.write_exp21_figure(summaries, list(scenario.backends), out_dir / "exp21.png")
-    written.append(_write_text(out_dir / "claims.md", claims_mod.claims_markdown(summaries, workload, claims)))
+class PointWriter:
+    """A scenario's outputs written as its points come, in point order (`djinnsim run` hands each
+    point over as soon as it is simulated and then drops its records): a point's table of records
+    becomes a frame, its summary, its baseline JSON and its rows of records.csv, then the frame is
+    dropped; only the trace point keeps (at most TRACE_MAX_RECORDS of) its records. `finish`
+    writes what needs every point: the figures, Table 2, the claims, the trace and summary.json."""
 
-    traced = _trace_point(result)
-    written.append(write_trace(traced.records, out_dir / "trace.json", pid=traced.point.index + 1,
-                               process_name=traced.point.label,
-                               metadata={"scenario": scenario.name, "point": traced.point.label}))
-    written.append(_write_json(out_dir / "summary.json", {
-        "scenario": scenario.name,
-        "workload": workload,
-        "seed": scenario.seed,
-        "warnings": list(result.warnings),
-        "points": summaries,
-        "claims": [c.as_dict() for c in claims],
-    }))
-    return written
+    def __init__(self, scenario: Any, out_dir: Path, points: int,
+                 summaries: list[dict[str, Any]] | None = None) -> None:
+        if not -points <= scenario.trace_point < points:
+            raise DjinnsimError(f"trace_point {scenario.trace_point} is out of range: the scenario has {points} points")
+        self.scenario = scenario
+        self.out_dir = Path(out_dir)
+        self.trace_index = scenario.trace_point % points
+        self.given = summaries
+        self.summaries: list[dict[str, Any]] = []
+        self.written: list[Path] = []
+        self._traced: tuple[Any, list] | None = None
+        (self.out_dir / "baselines").mkdir(parents=True, exist_ok=True)
+        self._csv = RecordsCsv(self.out_dir / "records.csv")
+
+    def __enter__(self) -> "PointWriter":
+        self._csv.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._csv.__exit__(*exc)
+
+    def write_point(self, point_result: "PointResult") -> dict[str, Any]:
+        """One point's summary (returned), baseline JSON and rows of records.csv."""
+        i = len(self.summaries)
+        workload = self.scenario.workload.kind
+        frame = _frame(point_result)
+        point_phases = metrics.agent_phases(frame) if workload == "agents" else None
+        summary = (point_summary(point_result, workload, frame, point_phases) if self.given is None
+                   else self.given[i])
+        self.summaries.append(summary)
+        document = baseline_document(point_result, self.scenario, frame, summary, point_phases)
+        self.written.append(_write_json(self.out_dir / "baselines" / f"{point_result.point.label}.json", document))
+        del frame, point_phases, document
+        self._csv.write(point_result.records)
+        if i == self.trace_index:
+            self._traced = (point_result.point, trace_records(point_result.records))
+        return summary
+
+    def finish(self, result: "SimulationResult", bands: list[dict[str, Any]] | None = None,
+               ) -> tuple[list[Path], list[dict[str, Any]]]:
+        """The outputs of the whole scenario (after every point); returns (paths written, summaries)."""
+        scenario, summaries, out_dir = self.scenario, self.summaries, self.out_dir
+        workload = scenario.workload.kind
+        if bands is not None:
+            for summary, point_bands in zip(summaries, bands):
+                summary["bands_p10_p90"] = point_bands
+        written = [*self.written, self._csv.path]
+        claims = claims_mod.evaluate_claims(summaries, workload, result)
+        if workload == "agents":
+            written += figures.write_figure6(summaries, list(scenario.backends), out_dir / "figure6.png")
+            written.append(_write_text(out_dir / "table2.md", claims_mod.table2_markdown(summaries)))
+            written.append(_write_text(out_dir / "table2.csv", claims_mod.table2_csv(summaries)))
+        else:
+            written += figures.write_exp21_figure(summaries, list(scenario.backends), out_dir / "exp21.png")
+        written.append(_write_text(out_dir / "claims.md", claims_mod.claims_markdown(summaries, workload, claims)))
+        point, records = self._traced
+        written.append(write_trace(records, out_dir / "trace.json", pid=point.index + 1, process_name=point.label,
+                                   metadata={"scenario": scenario.name, "point": point.label}))
+        written.append(_write_json(out_dir / "summary.json", {
+            "scenario": scenario.name,
+            "workload": workload,
+            "seed": scenario.seed,
+            "warnings": list(result.warnings),
+            "points": summaries,
+            "claims": [c.as_dict() for c in claims],
+        }))
+        return written, summaries
 
 
 def _write_text(path: Path, text: str) -> Path:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import sys
 import time
 import zlib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -21,7 +23,7 @@ from .outputs import OutputFolder, utc_stamp
 from .overrides import Override, load_overridden
 from .parallel import held, map_points
 from .profile import Profile, load_profile
-from .records import Record
+from .records import Record, RecordTable
 from .safeyaml import require_file
 from .scenario import MAX_BANDS, Point, Scenario, check_seed, dump_scenario, expand_points
 from .simulate import PointResult, simulate_point
@@ -134,17 +136,26 @@ def _simulate_task(task: tuple) -> PointResult:
 
 
 def simulate_scenario(scenario: Scenario, calibration: Path | None = None, seed: int | None = None,
-                      progress=None, jobs: int | None = None, ray_address: str | None = None) -> SimulationResult:
+                      progress=None, jobs: int | None = None, ray_address: str | None = None,
+                      on_point: Callable[[PointResult], PointResult] | None = None,
+                      in_process: bool = False) -> SimulationResult:
     """Simulate every point of a scenario, in `jobs` local processes or as Ray tasks
     (sim.parallel.map_points; neither: on the executor held now, else one by one);
-    `progress(done, total, label)` is called after each point."""
+    `progress(done, total, label)` is called after each point.
+    `on_point(result)` takes each point's result in point order and returns what the
+    SimulationResult keeps of it; with `in_process` (the points run here, one by one) it sees each
+    as soon as it is simulated, so a point's records need not outlive its outputs."""
     started = time.perf_counter()
     points = expand_points(scenario)
     models = CostModels(scenario, calibration)
     base_seed = scenario.seed if seed is None else seed
     tasks = [(scenario, point, models.for_point(point), point_seed(base_seed, point)) for point in points]
-    results = map_points(_simulate_task, tasks, jobs=jobs, ray_address=ray_address,
+    streamed = on_point is not None and in_process
+    results = map_points(functools.partial(_streamed_task, on_point) if streamed else _simulate_task, tasks,
+                         jobs=jobs, ray_address=ray_address,
                          progress=progress and (lambda done, total, i: progress(done, total, points[i].label)))
+    if on_point is not None and not streamed:
+        results = [on_point(result) for result in results]
     warnings = list(models.warnings)
     outside: dict[str, list[str]] = {}
     for result in results:
@@ -152,6 +163,15 @@ def simulate_scenario(scenario: Scenario, calibration: Path | None = None, seed:
             outside.setdefault(item, []).append(result.point.label)
     warnings += notices.outside_calibration(outside)
     return SimulationResult(scenario, results, notices.once(warnings), time.perf_counter() - started, costs=models)
+
+
+def _streamed_task(on_point: Callable[[PointResult], PointResult], task: tuple) -> PointResult:
+    return on_point(simulate_point(*task))
+
+
+def without_records(result: PointResult) -> PointResult:
+    """A point's result once its records are written: its summary fields, no records."""
+    return dataclasses.replace(result, records=RecordTable(0, {}))
 
 
 def default_out_dir(scenario: Scenario, folder: str | None = None) -> Path:
@@ -187,40 +207,52 @@ def run_scenario_file(path: Path, calibration: Path | None = None, out: Path | N
 
     # one executor for the sweep and the claims' searches: Ray starts (or connects) once
     with held(jobs, ray_address):
-        return _simulate_and_write(scenario, calibration, folder, quiet)
+        return _simulate_and_write(scenario, calibration, folder, quiet, in_process=jobs == 1 and ray_address is None)
 
 
-def _simulate_and_write(scenario: Scenario, calibration: Path | None, folder: OutputFolder, quiet: bool) -> Path:
+def _simulate_and_write(scenario: Scenario, calibration: Path | None, folder: OutputFolder, quiet: bool,
+                        in_process: bool = False) -> Path:
     from rich.console import Console
 
+    from .report import PointWriter, print_summary
+
     console = Console(stderr=False, quiet=quiet)
-    if quiet:
-        result = simulate_scenario(scenario, calibration, progress=None)
-    else:
-        from rich.progress import Progress
-
-        with Progress(console=console, transient=True) as bar:
-            task = bar.add_task(f"simulating {scenario.name}", total=None)
-
-            def progress(done: int, total: int, label: str) -> None:
-                bar.update(task, completed=done, total=total, description=label)
-
-            result = simulate_scenario(scenario, calibration, progress=progress)
-
-    from .report import point_summaries, print_summary, write_outputs
-
-    summaries = point_summaries(result)
-    if scenario.bands:
-        from .bands import bands_markdown, scenario_bands
-        from .report import point_summary
-
-        for summary, point_bands in zip(summaries, scenario_bands(
-                scenario, [p.point for p in result.points], result.costs.for_point, scenario.seed, scenario.bands,
-                lambda r: point_summary(r, scenario.workload.kind))):
-            summary["bands_p10_p90"] = point_bands
+    points = expand_points(scenario)
+    if not points:
+        raise DjinnsimError(f"scenario {scenario.name!r} expanded to no points")
     with folder as out_dir:
         (out_dir / "scenario.yaml").write_text(dump_scenario(scenario))
-        write_outputs(result, out_dir, summaries=summaries)
+        # each point's outputs are written as it comes (in_process: as soon as it is simulated),
+        # then its records are dropped
+        with PointWriter(scenario, out_dir, len(points)) as writer:
+            def on_point(point_result: PointResult) -> PointResult:
+                writer.write_point(point_result)
+                return without_records(point_result)
+
+            if quiet:
+                result = simulate_scenario(scenario, calibration, progress=None, on_point=on_point,
+                                           in_process=in_process)
+            else:
+                from rich.progress import Progress
+
+                with Progress(console=console, transient=True) as bar:
+                    task = bar.add_task(f"simulating {scenario.name}", total=None)
+
+                    def progress(done: int, total: int, label: str) -> None:
+                        bar.update(task, completed=done, total=total, description=label)
+
+                    result = simulate_scenario(scenario, calibration, progress=progress, on_point=on_point,
+                                               in_process=in_process)
+
+        bands_per_point = None
+        if scenario.bands:
+            from .bands import bands_markdown, scenario_bands
+            from .report import point_summary
+
+            bands_per_point = scenario_bands(
+                scenario, [p.point for p in result.points], result.costs.for_point, scenario.seed, scenario.bands,
+                lambda r: point_summary(r, scenario.workload.kind))
+        _, summaries = writer.finish(result, bands=bands_per_point)
         from .provenance import provenance
         from .report import _write_json
 

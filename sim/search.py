@@ -346,34 +346,37 @@ def search_capacity(scenario: Scenario, slo_p99_ms: float, backends: Iterable[st
                              ray_address)[0]
 
 
-def search_capacities(scenario: Scenario, questions: list[tuple[float, Iterable[str] | None]],
+def search_capacities(scenario: Scenario, questions: list[tuple],
                       calibration: Path | None = None, max_agents: int = DEFAULT_MAX_AGENTS,
                       costs: CostModels | None = None, seed: int | None = None, jobs: int | None = None,
                       ray_address: str | None = None) -> list[list[CapacityAnswer]]:
-    """search_capacity for several (SLO, backends) questions at once: every group of every question
-    is one task of a single map_points call. Returns each question's answers, in order."""
+    """search_capacity for several (SLO, backends) or (SLO, backends, cap) questions at once (a
+    question's cap replaces `max_agents`): every group of every question is one task of a single
+    map_points call. Returns each question's answers, in order."""
     if not isinstance(scenario.workload, AgentsWorkload):
         raise DjinnsimError(f"--slo-p99-ms needs an agents workload; scenario {scenario.name!r} is "
                             f"{scenario.workload.kind} (use --break-even-ms for decode scenarios)")
-    for slo_p99_ms, _ in questions:
+    caps = [question[2] if len(question) > 2 else max_agents for question in questions]
+    for (slo_p99_ms, *_), cap in zip(questions, caps):
         if not slo_p99_ms > 0:
             raise DjinnsimError(f"--slo-p99-ms must be > 0, got {slo_p99_ms:g}")
-    if max_agents < 1:
-        raise DjinnsimError(f"the agent cap must be >= 1, got {max_agents}")
+        if cap < 1:
+            raise DjinnsimError(f"the agent cap must be >= 1, got {cap}")
     costs = costs or CostModels(scenario, calibration)
     base_seed = scenario.seed if seed is None else seed
-    asked = [[(float(slo), group) for group in groups(scenario, costs, backends)] for slo, backends in questions]
-    tasks = [(scenario, group.point, group.cost, base_seed, slo, max_agents) for each in asked for slo, group in each]
+    asked = [[(float(slo), group, cap) for group in groups(scenario, costs, backends)]
+             for (slo, backends, *_), cap in zip(questions, caps)]
+    tasks = [(scenario, group.point, group.cost, base_seed, slo, cap) for each in asked for slo, group, cap in each]
     found = iter(map_points(_capacity_task, tasks, jobs=jobs, ray_address=ray_address))
     answers: list[list[CapacityAnswer]] = []
     for each in asked:
         answers.append([])
-        for slo, group in each:
+        for slo, group, cap in each:
             at, above, probes = next(found)
             answers[-1].append(CapacityAnswer(
                 backend=group.point.backend.name, model=group.point.model.key, gpu=group.point.gpu.key,
                 link_gbps=float(group.point.link.gbps), gpus=group.point.cluster.gpus, cost_model=group.cost_model,
-                cost_model_detail=group.cost_model_detail, slo_p99_ms=slo, cap=max_agents,
+                cost_model_detail=group.cost_model_detail, slo_p99_ms=slo, cap=cap,
                 max_agents=int(at.x) if at else 0, p99_ms_at_max=at.value_ms if at else None,
                 p99_ms_above=above.value_ms if above else None,
                 limited_by=above.failure if above else "cap", probes=probes))

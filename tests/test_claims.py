@@ -146,3 +146,20 @@ def test_decode_utilization_claim_from_summaries():
     assert claim.value == pytest.approx(shares[1] / shares[0]) and claim.verdict == ("PASS" if shares[1] > shares[0] else "FAIL")
     # judged from the summaries alone: the records are not needed
     assert [c.verdict for c in claims_mod.evaluate_claims(summaries, "decode") if "utilization" in c.name] == [claim.verdict]
+
+
+def test_keepalive_oom_search_stops_at_its_cap_per_gpu():
+    """Actors that leave (Poisson arrivals, short tool calls) on a pool of 2 GPUs never run out of
+    memory: the claims' OOM search stops at 64 actors per GPU instead of galloping to 65536."""
+    from djinnsim.sim.report import point_summaries
+
+    raw = {"name": "leaving", "seed": 7, "backends": ["ray_keepalive"],
+           "cluster": {"nodes": 2, "gpus_per_node": 1, "router": "least_loaded"},
+           "workload": {"kind": "agents", "agents": [1], "reason": {"input_tokens": 16, "new_tokens": 6},
+                        "act": {"kind": "exponential", "mean_s": 0.5}, "reflect": {"input_tokens": 8, "new_tokens": 6},
+                        "arrival": {"kind": "poisson", "rate_per_s": 4}}}
+    result = simulate_scenario(parse_scenario(raw))
+    [claim] = [c for c in claims_mod.evaluate_claims(point_summaries(result), "agents", result)
+               if c.name.startswith("keep-alive OOM")]
+    cap = claims_mod.OOM_SEARCH_CAP_PER_GPU * 2
+    assert claim.verdict == "FAIL" and claim.detail == f"no OOM up to N = {cap} (limited by cap)"

@@ -9,7 +9,7 @@ import pytest
 import simpy
 
 from djinnsim.sim.costmodel import RooflineCostModel
-from djinnsim.sim.executor import ContinuousBatching, GpuWork, PassTimer, SerialFCFS, TimeSliced
+from djinnsim.sim.executor import ContinuousBatching, FluidTimeSliced, GpuWork, PassTimer, SerialFCFS, TimeSliced
 from djinnsim.sim.resources import GpuMemory, Link, SharedPipe
 from djinnsim.sim.run import simulate_scenario
 from djinnsim.sim.scenario import expand_points, parse_scenario
@@ -281,6 +281,69 @@ def test_time_sliced_equal_jobs_interleave_round_robin(n, m):
         assert execution.compute_s == pytest.approx(m * pass_s, rel=1e-12)
         assert execution.queued_s == pytest.approx(at - m * pass_s, rel=1e-9, abs=1e-12)
     assert max(at for at, _ in finished.values()) == pytest.approx(n * m * pass_s, rel=1e-9)
+
+
+def _time_sliced_finishes(kind, jobs: list[tuple[float, int]], pass_s: float, gpu_fraction: float):
+    """Jobs of `m` decode passes of `pass_s` each, started at their `start_at`, on the executor
+    `kind`: (finish time, Execution) per job."""
+    cost = FakeCostModel(decode_const_s=pass_s)
+    cost.gpu_busy_fraction = lambda: gpu_fraction
+    env = simpy.Environment()
+    server = _executor(kind, env, cost)
+    finished = {}
+
+    def job(k, start_at, m):
+        yield env.timeout(start_at)
+        execution = yield from server.execute(GpuWork([("decode", 10 + i) for i in range(m)]))
+        finished[k] = (env.now, execution)
+
+    for k, (start_at, m) in enumerate(jobs):
+        env.process(job(k, start_at, m))
+    env.run()
+    return [finished[k] for k in range(len(jobs))]
+
+
+@pytest.mark.parametrize("n,m", [(1, 5), (3, 4), (6, 10)])
+def test_fluid_time_slicing_of_equal_gpu_bound_jobs_is_processor_sharing(n, m):
+    """n equal jobs of m GPU-bound passes: under processor sharing all finish at n m S, the
+    per-pass model's makespan; per pass, job k finishes (n - 1 - k) passes before that."""
+    pass_s = 0.004
+    fluid = _time_sliced_finishes(FluidTimeSliced, [(0.0, m)] * n, pass_s, 1.0)
+    per_pass = _time_sliced_finishes(TimeSliced, [(0.0, m)] * n, pass_s, 1.0)
+    for k, ((at, execution), (per_pass_at, _)) in enumerate(zip(fluid, per_pass)):
+        assert at == pytest.approx(n * m * pass_s, rel=1e-9)
+        assert execution.compute_s == pytest.approx(m * pass_s, rel=1e-12)
+        assert execution.gpu_busy_s == pytest.approx(m * pass_s, rel=1e-12)
+        assert execution.queued_s == pytest.approx(at - m * pass_s, rel=1e-9, abs=1e-12)
+        assert at - per_pass_at == pytest.approx((n - 1 - k) * pass_s, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("gpu_fraction", [0.25, 0.5, 0.8])
+@pytest.mark.parametrize("n", [1, 2, 3, 6])
+def test_fluid_time_slicing_matches_the_per_pass_steady_state(n, gpu_fraction):
+    """n equal processes of m passes of D, G = f D of it on the GPU: in steady state a pass cycles
+    in max(D, n G) (host time overlaps while the GPU is free, turns queue once it is full), so
+    all finish at m max(D, n G). The fluid model says exactly that; the per-pass model agrees
+    within the first round of turns (at most n passes of GPU time)."""
+    pass_s, m = 0.01, 200
+    fluid = _time_sliced_finishes(FluidTimeSliced, [(0.0, m)] * n, pass_s, gpu_fraction)
+    per_pass = _time_sliced_finishes(TimeSliced, [(0.0, m)] * n, pass_s, gpu_fraction)
+    cycle_s = max(pass_s, n * gpu_fraction * pass_s)
+    for (at, execution), (per_pass_at, _) in zip(fluid, per_pass):
+        assert at == pytest.approx(m * cycle_s, rel=1e-9)
+        assert execution.queued_s == pytest.approx(m * cycle_s - m * pass_s, rel=1e-9, abs=1e-12)
+        assert abs(at - per_pass_at) <= n * gpu_fraction * pass_s + 1e-12
+
+
+def test_fluid_time_slicing_of_a_late_job_shares_only_while_both_run():
+    """A: 100 GPU-bound passes of 10 ms from t = 0 (1 s alone). B: 20 such passes from t = 0.5 s.
+    Sharing equally from 0.5 s, B's 0.2 s of GPU time end at 0.9 s, A's last 0.3 s at 1.2 s.
+    The per-pass model alternates turns: A ends at 1.2 s too, B within one pass of 0.9 s."""
+    fluid = _time_sliced_finishes(FluidTimeSliced, [(0.0, 100), (0.5, 20)], 0.01, 1.0)
+    per_pass = _time_sliced_finishes(TimeSliced, [(0.0, 100), (0.5, 20)], 0.01, 1.0)
+    assert [at for at, _ in fluid] == [pytest.approx(1.2), pytest.approx(0.9)]
+    assert [at for at, _ in per_pass] == [pytest.approx(1.2), pytest.approx(0.9, abs=0.01 + 1e-12)]
+    assert fluid[1][1].queued_s == pytest.approx(0.2)
 
 
 def test_continuous_batching_timeline_and_accounting():

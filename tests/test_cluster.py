@@ -145,3 +145,23 @@ def test_a_serverless_task_waits_on_its_first_choice_when_no_gpu_has_room(fake_c
     world.env.run(until=4.0)
     assert world.pool.servers[0].memory.waiting == 1  # round robin's first choice: GPU 0, full, so it waits
     assert world.pool.servers[1].memory.waiting == 0
+
+
+@pytest.mark.parametrize("router", ["session_affinity", "least_loaded"])
+def test_an_exp21_point_on_a_pool_draws_as_on_one_gpu(router):
+    """Exp 2.1's one client on a 2 x 2 pool: every backend's per-token latency is the single GPU's
+    (its sessions land on GPU 0, whose draws are the point's own), so the pool changes no comparison
+    between backends (semantic_blind's edge over native comes from the profile, not the pool).
+    round_robin moves each run to the next GPU, with that GPU's draws."""
+    from djinnsim.sim.metrics import decode_summary
+    from djinnsim.sim.records import records_frame
+    from djinnsim.sim.run import simulate_scenario
+
+    raw = {"name": "e21", "seed": 7, "backends": ["native_pytorch", "semantic_blind", "full_djinn"],
+           "workload": {"kind": "decode", "prompt_tokens": 16, "new_tokens": 6, "runs": 4, "warmup_runs": 1}}
+    per_token = {}
+    for nodes in (1, 2):
+        cluster = {"nodes": nodes, "gpus_per_node": nodes, "router": router}
+        result = simulate_scenario(parse_scenario({**raw, "cluster": cluster}))
+        per_token[nodes] = [decode_summary(records_frame(p.records))["mean_per_token_ms"] for p in result.points]
+    assert per_token[2] == per_token[1]

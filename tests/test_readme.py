@@ -23,7 +23,7 @@ runner = CliRunner()
 # Commands too slow to run whole in the tests, with the override that makes them small (the same
 # command, fewer points or runs); anything else is run exactly as the README writes it.
 REDUCED = {
-    "djinnsim run scenarios/agents32.yaml --set workload.agents=[1,1024] --set gpu=h200":
+    "djinnsim run scenarios/agents32.yaml --set 'workload.agents=[1,1024]' --set gpu=h200":
         ["--set", "workload.agents=[1,64]"],
     "djinnsim search scenarios/exp21_decode.yaml --break-even-ms 30":
         ["--set", "workload.runs=3", "--set", "workload.warmup_runs=1", "--set", "workload.new_tokens=8"],

@@ -204,6 +204,10 @@ def test_rejected_records_limit_by_admission():
     probe = Probe(4, 10.0, False, True, False)
     assert probe.failure == "admission"
     assert Probe(4, 10.0, True, True, False).failure == "memory"
+    # through the engine: Djinn's admission rule at 3 requests, every agent arriving at once
+    raw = {**SMALL, "backends": ["djinn"], "server": {"rules": {"admission": {"enabled": True, "max_concurrent": 3}}}}
+    [answer] = search.search_capacity(parse_scenario(raw), 1e9)
+    assert (answer.max_agents, answer.limited_by) == (3, "admission")
 
 
 # --- break-even -----------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ times a jitter factor drawn from the calibrated step-time distribution.
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable
@@ -15,6 +16,7 @@ import numpy as np
 import simpy
 
 from ..costmodel import CostModel
+from .pipe import FlowClass, SharedPipe
 
 Pass = tuple  # ("prefill", tokens, context) | ("decode", context)
 
@@ -46,7 +48,9 @@ class PassTimer:
         self.rng = rng
         self.cold_shapes = cold_shapes
         self._memo: dict[tuple, float] = {}
-        self._factors: dict[str, list[float]] = {"prefill": [], "decode": []}
+        self._factors: dict[str, np.ndarray] = {"prefill": np.empty(0), "decode": np.empty(0)}
+        self._used = {"prefill": 0, "decode": 0}  # factors of each block taken so far
+        self._work_memo: dict[int, tuple] = {}  # id(passes), batch -> (passes, batch, runs, base, launch)
         self._seen = seen if seen is not None else {}  # process -> attention shapes it has run
         self.gpu_fraction = cost.gpu_busy_fraction()
 
@@ -80,10 +84,69 @@ class PassTimer:
         return value
 
     def factor(self, kind: str) -> float:
-        pool = self._factors[kind]
-        if not pool:
-            pool.extend(self.cost.jitter(self.rng, kind, self.block)[::-1].tolist())
-        return pool.pop()
+        return float(self.factors(kind, 1)[0])
+
+    def factors(self, kind: str, count: int) -> np.ndarray:
+        """The next `count` jitter factors of `kind`, in the order passes use them: a new block is
+        drawn when the last one runs out, as `count` draws of one factor would."""
+        taken = []
+        while count:
+            pool, used = self._factors[kind], self._used[kind]
+            if used == len(pool):
+                pool, used = self._factors[kind], self._used[kind] = self.cost.jitter(self.rng, kind, self.block), 0
+            step = min(count, len(pool) - used)
+            taken.append(pool[used:used + step])
+            self._used[kind] = used + step
+            count -= step
+        return taken[0] if len(taken) == 1 else np.concatenate(taken)
+
+    def totals_s(self, work: GpuWork) -> tuple[float, float]:
+        """(duration, GPU kernel time) of the work's passes, summed in pass order: what the
+        per-pass `costs_s` and `host_s` add up to, without a Python step per pass (no new shapes:
+        with cold shapes every pass goes through `costs_s`)."""
+        if self.cold_shapes:
+            costs = self.costs_s(work)
+            return (sum(d for d, _ in costs),
+                    sum(d - self.host_s(p, work.batch, d, cold) for p, (d, cold) in zip(work.passes, costs)))
+        if not work.passes:
+            return 0.0, 0.0
+        _, _, runs, base, launch = self._work_plan(work)
+        if len(runs) == 1:
+            factors = self.factors(runs[0][0], runs[0][1])
+        else:
+            factors = np.concatenate([self.factors(kind, count) for kind, count in runs])
+        durations = base * factors
+        # host time as host_s says: (1 - f) of a decode pass; a prefill's launches, at most all of it
+        host = (1.0 - self.gpu_fraction) * durations
+        if launch is not None:
+            decode, prefill_launch = launch
+            host = np.where(decode, host, np.minimum(prefill_launch, durations))
+        busy = durations - host
+        # cumsum adds left to right, as sum() over the passes does (same float rounding)
+        return float(np.cumsum(durations)[-1]), float(np.cumsum(busy)[-1])
+
+    def _work_plan(self, work: GpuWork) -> tuple:
+        """Per (passes, batch), memoized: runs of consecutive passes of one kind (the order factors
+        are drawn in), the base durations, and each pass's host-time bound (None: all decode)."""
+        passes, batch = work.passes, work.batch
+        plan = self._work_memo.get(id(passes))
+        if plan is not None and plan[0] is passes and plan[1] == batch:
+            return plan
+        runs: list[list] = []
+        for p in passes:
+            if runs and runs[-1][0] == p[0]:
+                runs[-1][1] += 1
+            else:
+                runs.append([p[0], 1])
+        base = np.array([self.base_s(p, batch) for p in passes])
+        launch = None  # (decode mask, a prefill's launch time): None when every pass decodes
+        if any(p[0] == "prefill" for p in passes):
+            launch = (np.array([p[0] == "decode" for p in passes]),
+                      np.array([(1.0 - self.gpu_fraction) * self._launch_step_s(p[2] + p[1], batch)
+                                if p[0] == "prefill" else np.inf for p in passes]))
+        plan = (passes, batch, [tuple(r) for r in runs], base, launch)
+        self._work_memo[id(passes)] = plan  # holds `passes`, so its id is not reused meanwhile
+        return plan
 
     def costs_s(self, work: GpuWork) -> list[tuple[float, float]]:
         """(duration, of which first-run host time of new shapes) per pass, in order."""
@@ -136,17 +199,17 @@ class SerialFCFS:
         with self.gpu.request() as turn:
             yield turn
             started_at = self.env.now
-            costs = self.timer.costs_s(work)
-            compute_s = sum(duration for duration, _ in costs)
+            compute_s, busy_s = self.timer.totals_s(work)
             yield self.env.timeout(compute_s)
-        busy_s = sum(d - self.timer.host_s(p, work.batch, d, cold) for p, (d, cold) in zip(work.passes, costs))
         return Execution(started_at - arrived_at, compute_s, started_at, busy_s)
 
 
 class TimeSliced:
-    """Independent processes sharing the GPU, pass by pass. A decode pass is host time (kernel
-    launches, which processes run in parallel on their own CPU threads) then GPU time (which
-    they take in turns): `PassTimer.host_s` says which part is the host's, for a prefill too."""
+    """Independent processes sharing the GPU, pass by pass (`time_sliced_per_pass`). A decode pass
+    is host time (kernel launches, which processes run in parallel on their own CPU threads) then
+    GPU time (which they take in turns): `PassTimer.host_s` says which part is the host's, for a
+    prefill too. One GPU request per pass: exact, but its cost grows with every pass of every
+    process; `FluidTimeSliced` is its fluid limit at a few events per request."""
 
     def __init__(self, env: simpy.Environment, timer: PassTimer) -> None:
         self.env = env
@@ -171,15 +234,53 @@ class TimeSliced:
         return Execution(queued_s, sum(d for d, _ in costs), started_at, busy_s)
 
 
-@dataclass
+class FluidTimeSliced:
+    """Independent processes sharing the GPU as a fluid (`time_sliced`, the default): the per-pass
+    model (`TimeSliced`) with its turns made infinitely fine.
+
+    A unit of work needs G seconds of the GPU (its passes' kernel time) within D seconds of its
+    own (its passes' durations; D - G is host time, launches and new shapes, which processes run
+    in parallel). Alone it takes the GPU at the rate f = G / D and finishes in D, as pass by pass.
+    With others, the GPU (rate 1) is split max-min fairly: each process takes at most its f, and
+    those that want more than an equal share split what is left (a SharedPipe of GPU seconds).
+    That is the per-pass model's steady state: k equal processes cycle in max(D, k G) instead
+    of D. It differs within one round of turns: per pass, the first of k equal jobs finishes
+    (k - 1) passes before the last; here they finish together (tests/test_closed_forms.py).
+    One flow per unit of work: O(log k) per event in its class, classes sorted on each event.
+    """
+
+    def __init__(self, env: simpy.Environment, timer: PassTimer) -> None:
+        self.env = env
+        self.timer = timer
+        self.gpu = SharedPipe(env, lambda k: 1.0)  # GPU seconds per second
+
+    def execute(self, work: GpuWork):
+        started_at = self.env.now
+        compute_s, busy_s = self.timer.totals_s(work)
+        if busy_s > 0:
+            share = busy_s / compute_s  # its rate alone: GPU seconds per second of its own
+            yield self.gpu.transfer(busy_s, FlowClass("process", lambda k, share=share: k * share))
+        elif compute_s > 0:
+            yield self.env.timeout(compute_s)
+        queued_s = max(self.env.now - started_at - compute_s, 0.0)
+        return Execution(queued_s, compute_s, started_at, busy_s)
+
+
+@dataclass(slots=True)
 class _Sequence:
     work: GpuWork
     arrived_at: float
     done: simpy.Event
+    order: int  # arrival order: ties between sequences go to the earlier one
+    segments: tuple = ()  # the work's passes as segments (ContinuousBatching._segments)
     started_at: float | None = None
-    next_pass: int = 0
+    segment: int = 0  # the segment it runs next
     compute_s: float = 0.0
     gpu_busy_s: float = 0.0
+    # in a decode segment: the decode clocks when it joined, and its context's share of the sum then
+    joined_decode_s: float = 0.0
+    joined_busy_s: float = 0.0
+    context_weight: int = 0
 
 
 class ContinuousBatching:
@@ -187,7 +288,13 @@ class ContinuousBatching:
     together, one token per iteration, up to `max_batch` sequences. Such an engine brings its own
     attention kernels (paged, no per-shape plan), so no first-run cost of new shapes is charged.
     `max_prefills` (Djinn's cap on concurrent prefills) bounds the prompts one iteration prefills;
-    the others wait for a later iteration, in arrival order."""
+    the others wait for a later iteration, in arrival order.
+
+    An iteration costs O(log running), not O(running): a work's passes are segments (one prefill,
+    or a run of decode passes over consecutive contexts); a decoding sequence is touched only when
+    its decode run ends (a heap on that iteration), the batch's summed context moves by the batch
+    size per decode iteration, and a sequence's compute and kernel time in a run are differences of
+    running sums of the decode iterations (the same figures up to float rounding)."""
 
     def __init__(self, env: simpy.Environment, timer: PassTimer, max_batch: int, max_prefills: int | None = None) -> None:
         self.env = env
@@ -195,12 +302,22 @@ class ContinuousBatching:
         self.max_batch = max_batch
         self.max_prefills = max_prefills
         self.waiting: deque[_Sequence] = deque()
-        self.running: list[_Sequence] = []
+        self.running = 0
+        self._order = 0
+        self._prefill: list[tuple[int, _Sequence]] = []  # (order, seq) whose next pass is a prefill
+        self._decode_ends: list[tuple[int, int, _Sequence]] = []  # (decode iteration it ends at, order, seq)
+        self._decoding_batch = 0  # sequences x batch decoding
+        self._sum_context = 0  # their next passes' contexts, times batch
+        self._decode_iterations = 0
+        self._decode_s = 0.0  # running sums over decode iterations: duration, kernel time per sequence
+        self._busy_s = 0.0
+        self._segment_memo: dict[int, tuple] = {}
         self._wakeup = env.event()
         env.process(self._loop())
 
     def execute(self, work: GpuWork):
-        seq = _Sequence(work, self.env.now, self.env.event())
+        seq = _Sequence(work, self.env.now, self.env.event(), self._order, self._segments(work.passes))
+        self._order += 1
         self.waiting.append(seq)
         if not self._wakeup.triggered:
             self._wakeup.succeed()
@@ -209,49 +326,106 @@ class ContinuousBatching:
         return Execution(max(self.env.now - seq.arrived_at - seq.compute_s, 0.0), seq.compute_s, seq.started_at,
                          seq.gpu_busy_s)
 
-    def _finish_done(self) -> None:
-        still = []
-        for seq in self.running:
-            if seq.next_pass >= len(seq.work.passes):
-                seq.done.succeed()
+    def _segments(self, passes) -> tuple:
+        """("prefill", pass) or ("decode", first context, passes) per segment, memoized per plan."""
+        memo = self._segment_memo.get(id(passes))
+        if memo is not None and memo[0] is passes:
+            return memo[1]
+        segments: list = []
+        for p in passes:
+            last = segments[-1] if segments else None
+            if p[0] == "decode" and last is not None and last[0] == "decode" and last[1] + last[2] == p[1]:
+                segments[-1] = ("decode", last[1], last[2] + 1)
+            elif p[0] == "decode":
+                segments.append(("decode", p[1], 1))
             else:
-                still.append(seq)
-        self.running = still
+                segments.append(("prefill", p))
+        self._segment_memo[id(passes)] = (passes, tuple(segments))  # holds `passes`: its id stays its own
+        return tuple(segments)
+
+    def _next(self, seq: _Sequence, finished: list[_Sequence]) -> None:
+        """`seq` starts its next segment (or is finished)."""
+        if seq.segment >= len(seq.segments):
+            finished.append(seq)
+            return
+        segment = seq.segments[seq.segment]
+        if segment[0] == "prefill":
+            heapq.heappush(self._prefill, (seq.order, seq))
+            return
+        batch = seq.work.batch
+        seq.joined_decode_s, seq.joined_busy_s = self._decode_s, self._busy_s
+        seq.context_weight = batch * segment[1]
+        self._decoding_batch += batch
+        self._sum_context += seq.context_weight
+        heapq.heappush(self._decode_ends, (self._decode_iterations + segment[2], seq.order, seq))
 
     def _loop(self):
+        env, timer = self.env, self.timer
         while True:
             if not self.waiting and not self.running:
-                self._wakeup = self.env.event()
+                self._wakeup = env.event()
                 yield self._wakeup
-            while self.waiting and len(self.running) < self.max_batch:
+            admitted: list[_Sequence] = []
+            while self.waiting and self.running < self.max_batch:
                 seq = self.waiting.popleft()
-                seq.started_at = self.env.now
-                self.running.append(seq)
+                seq.started_at = env.now
+                self.running += 1
+                admitted.append(seq)
+            finished: list[_Sequence] = []
+            for seq in admitted:
+                self._next(seq, finished)
+            self._finish(finished)
+            if not self.running:
+                continue
             # Prefill-priority iterations (vLLM's default): pending prefills run before the next decode.
-            prefilling = [s for s in self.running if s.work.passes[s.next_pass][0] == "prefill"]
-            if self.max_prefills is not None:
-                prefilling = prefilling[:self.max_prefills]
-            if prefilling:
+            if self._prefill:
+                count = len(self._prefill) if self.max_prefills is None else min(self.max_prefills, len(self._prefill))
+                prefilling = [heapq.heappop(self._prefill)[1] for _ in range(count)]
                 # One batched forward over the pending prompts (their mean length, their deepest cache).
+                passes = [s.segments[s.segment][1] for s in prefilling]
                 batch = sum(s.work.batch for s in prefilling)
-                tokens = sum(s.work.batch * s.work.passes[s.next_pass][1] for s in prefilling)
-                context = max(s.work.passes[s.next_pass][2] for s in prefilling)
+                tokens = sum(s.work.batch * p[1] for s, p in zip(prefilling, passes))
+                context = max(p[2] for p in passes)
                 prompt = max(round(tokens / batch), 1)
-                iteration_s = self.timer.base_s(("prefill", prompt, context), batch) * self.timer.factor("prefill")
-                stepping, step = prefilling, ("prefill", prompt, context)
+                iteration_s = timer.base_s(("prefill", prompt, context), batch) * timer.factor("prefill")
+                yield env.timeout(iteration_s)
+                # The step's kernel time, split among its sequences by their batch (the sum is the step's).
+                busy_per_sequence_s = (iteration_s - timer.host_s(("prefill", prompt, context), batch,
+                                                                  iteration_s)) / batch
+                for seq in prefilling:
+                    seq.compute_s += iteration_s
+                    seq.gpu_busy_s += busy_per_sequence_s * seq.work.batch
+                    seq.segment += 1
+                    self._next(seq, finished)
             else:
-                batch = sum(s.work.batch for s in self.running)
-                sum_context = sum(s.work.batch * s.work.passes[s.next_pass][1] for s in self.running)
-                iteration_s = self.timer.batched_decode_s(batch, sum_context)
-                stepping, step = list(self.running), ("decode", round(sum_context / batch))
-            yield self.env.timeout(iteration_s)
-            # The step's kernel time, split among its sequences by their batch (the sum is the step's).
-            busy_per_sequence_s = (iteration_s - self.timer.host_s(step, batch, iteration_s)) / batch
-            for seq in stepping:
-                seq.compute_s += iteration_s
-                seq.gpu_busy_s += busy_per_sequence_s * seq.work.batch
-                seq.next_pass += 1
-            self._finish_done()
+                batch, sum_context = self._decoding_batch, self._sum_context
+                iteration_s = timer.batched_decode_s(batch, sum_context)
+                yield env.timeout(iteration_s)
+                step = ("decode", round(sum_context / batch))
+                self._decode_s += iteration_s
+                self._busy_s += (iteration_s - timer.host_s(step, batch, iteration_s)) / batch
+                self._decode_iterations += 1
+                self._sum_context += batch  # every decoding sequence's context grows by one
+                ends = self._decode_ends
+                while ends and ends[0][0] == self._decode_iterations:
+                    _, _, seq = heapq.heappop(ends)
+                    segment = seq.segments[seq.segment]
+                    self._decoding_batch -= seq.work.batch
+                    self._sum_context -= seq.work.batch * (segment[1] + segment[2])
+                    seq.compute_s += self._decode_s - seq.joined_decode_s
+                    seq.gpu_busy_s += (self._busy_s - seq.joined_busy_s) * seq.work.batch
+                    seq.segment += 1
+                    self._next(seq, finished)
+            self._finish(finished)
+
+    def _finish(self, finished: list[_Sequence]) -> None:
+        """Done in arrival order, as they leave the batch."""
+        if len(finished) > 1:
+            finished.sort(key=lambda seq: seq.order)
+        for seq in finished:
+            self.running -= 1
+            seq.done.succeed()
+        finished.clear()
 
 
 # The registry of scheduling policies, keyed by their YAML tag (`server.scheduler`, a backend's
@@ -260,7 +434,8 @@ class ContinuousBatching:
 # serial FCFS and time slicing run one prefill at a time anyway).
 EXECUTORS: dict[str, Callable[..., object]] = {
     "serial_fcfs": lambda env, timer, max_batch, max_prefills: SerialFCFS(env, timer),
-    "time_sliced": lambda env, timer, max_batch, max_prefills: TimeSliced(env, timer),
+    "time_sliced": lambda env, timer, max_batch, max_prefills: FluidTimeSliced(env, timer),
+    "time_sliced_per_pass": lambda env, timer, max_batch, max_prefills: TimeSliced(env, timer),
     "continuous_batching": lambda env, timer, max_batch, max_prefills: ContinuousBatching(env, timer, max_batch,
                                                                                           max_prefills),
 }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import heapq
+
 import simpy
 
 
@@ -12,6 +14,7 @@ class GpuMemory:
     blocks those behind it, so a large request is never starved. Work already holding memory (a
     running session's next request, priority 0) goes before starting a new process (priority 1),
     which could otherwise wait at the head for memory that only the work behind it would free.
+    The waiting requests are a heap on (priority, arrival): a wait or a grant costs O(log waiting).
     """
 
     def __init__(self, env: simpy.Environment, capacity_bytes: int) -> None:
@@ -43,9 +46,8 @@ class GpuMemory:
     def alloc_wait(self, nbytes: int, priority: int = 0) -> simpy.Event:
         """Fires once `nbytes` are allocated; a request larger than the GPU never fires."""
         granted = self.env.event()
-        self._waiting.append((priority, self._seq, nbytes, granted))
+        heapq.heappush(self._waiting, (priority, self._seq, nbytes, granted))
         self._seq += 1
-        self._waiting.sort(key=lambda w: (w[0], w[1]))
         self._grant()
         return granted
 
@@ -58,7 +60,8 @@ class GpuMemory:
         self._grant()
 
     def _grant(self) -> None:
-        while self._waiting and self._waiting[0][2] <= self.free_bytes:
-            _, _, nbytes, granted = self._waiting.pop(0)
+        waiting = self._waiting
+        while waiting and waiting[0][2] <= self.free_bytes:
+            _, _, nbytes, granted = heapq.heappop(waiting)
             self._take(nbytes)
             granted.succeed()

@@ -22,6 +22,7 @@ not hold the bus.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import simpy
@@ -75,5 +76,5 @@ class Pcie:
         if spec.fixed_s > 0:
             yield self.env.timeout(spec.fixed_s)
         cost = self.cost
-        flow_class = self._class(("load", tier), lambda k: cost.load_aggregate_gbps(tier, k) * 1e9)
+        flow_class = self._class(("load", tier), functools.cache(lambda k: cost.load_aggregate_gbps(tier, k) * 1e9))
         yield self.h2d.transfer(nbytes, flow_class)

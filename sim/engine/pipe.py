@@ -87,6 +87,11 @@ class SharedPipe:
     def _allocate(self) -> None:
         """Max-min fair rates: classes in order of their per-flow cap, each taking its cap or an
         equal share of what the classes before it left."""
+        if len(self._classes) == 1:  # the same arithmetic, without the sort
+            for flows in self._classes.values():
+                k = len(flows.heap)
+                flows.rate = min(flows.cap_of(k), self.rate_Bps(k) / k)
+            return
         active = [(c.cap_of(len(c.heap)), i, c) for i, c in enumerate(self._classes.values())]
         left_flows = sum(len(c.heap) for _, _, c in active)
         left_Bps = self.rate_Bps(left_flows) if left_flows else 0.0
@@ -105,11 +110,11 @@ class SharedPipe:
 
     def _reschedule(self) -> None:
         self._version += 1
-        delays = [max(c.heap[0][0] - c.served, 0.0) / c.rate for c in self._classes.values()]
-        if not delays:
+        if not self._classes:
             return
+        delay = min(max(c.heap[0][0] - c.served, 0.0) / c.rate for c in self._classes.values())
         version = self._version
-        wake = self.env.timeout(min(delays))
+        wake = self.env.timeout(delay)
         wake.callbacks.append(lambda _event: self._wake(version))
 
     def _wake(self, version: int) -> None:
@@ -124,7 +129,9 @@ class SharedPipe:
             if not flows.heap:
                 del self._classes[key]  # its virtual clock restarts from 0 with its next flow
                 flows.served = 0.0
-        for _, done in sorted(finished, key=lambda f: f[0]):
+        if len(finished) > 1:
+            finished.sort(key=lambda f: f[0])
+        for _, done in finished:
             done.succeed()
         self._allocate()
         self._reschedule()

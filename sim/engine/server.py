@@ -403,7 +403,8 @@ class GpuServer:
                 or not self.memory_plan.fits(data=kv_request + restore, stack=workspace)):
             granted = False
         elif serving.wait_for_memory:
-            yield self.memory.alloc_wait(need)
+            if not self.memory.try_alloc(need):  # at once when it fits and nobody waits: no event
+                yield self.memory.alloc_wait(need)
             granted = True
         else:
             granted = self.memory.try_alloc(need)

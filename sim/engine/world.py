@@ -56,6 +56,16 @@ def stream_cap_Bps(link: LinkSpec, cost: CostModel) -> float | None:
     return None
 
 
+def _delay_to(now: float, at: float) -> float:
+    """The delay after which the clock (now + delay, as SimPy adds it) reads exactly `at`."""
+    delay = at - now
+    while now + delay < at:
+        delay = math.nextafter(delay, math.inf)
+    while now + delay > at:
+        delay = math.nextafter(delay, -math.inf)
+    return delay
+
+
 def act_sampler(workload: AgentsWorkload, rng: np.random.Generator):
     """A function drawing one ACT duration (seconds) from the point's own stream."""
     act = workload.act
@@ -122,11 +132,23 @@ class World:
             env.process(decode_client(env, pool, planner, log, workload))
             return
         act_s = act_sampler(workload, self.act_rng)
+        if workload.arrival.kind == "poisson":
+            env.process(self._poisson_arrivals(act_s))
+            return
+        for agent_id in range(self.point.n_agents or 1):
+            env.process(agent(env, pool, planner, log, agent_id, workload, 0.0, act_s))
+
+    def _poisson_arrivals(self, act_s):
+        """Agents arriving as a Poisson process, each started at its arrival: only the agents that
+        have arrived exist (a million agents are not a million processes waiting from t = 0)."""
+        env, workload = self.env, self.scenario.workload
         start_at = 0.0
         for agent_id in range(self.point.n_agents or 1):
-            if workload.arrival.kind == "poisson" and agent_id:
+            if agent_id:
                 start_at += float(self.arrival_rng.exponential(1.0 / workload.arrival.rate_per_s))
-            env.process(agent(env, pool, planner, log, agent_id, workload, start_at, act_s))
+                if start_at > env.now:
+                    yield env.timeout(_delay_to(env.now, start_at))
+            env.process(agent(env, self.pool, self.planner, self.log, agent_id, workload, 0.0, act_s))
 
     def run(self) -> RecordTable:
         self.start_clients()
