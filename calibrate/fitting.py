@@ -59,6 +59,13 @@ def _domain(points: Sequence[FitPoint], variables: Sequence[str]) -> dict[str, t
     return {v: (min(p.inputs[v] for p in points), max(p.inputs[v] for p in points)) for v in variables}
 
 
+def determined(points: Sequence[FitPoint], features: Sequence[str]) -> bool:
+    """Whether `points` pin down every coefficient with some left over: more distinct feature rows
+    than features, and no feature a combination of the others over them."""
+    a = _design(points, features)
+    return len({tuple(row) for row in a}) > len(features) and np.linalg.matrix_rank(a) == len(features)
+
+
 def fit_linear(
     points: Sequence[FitPoint],
     features: Sequence[str],
@@ -127,9 +134,11 @@ def fit_piecewise(
 
     A split is tried only if one piece misses some point by more than `good_enough`, and kept only
     if it lowers the maximum relative error by at least `min_gain` (a fraction), so smooth data
-    stays one piece. Every piece's domain reaches the cuts that bound it (`reach_cut`), so
-    adjacent pieces share their boundary value and the domains leave no gap between measured
-    grid values; the lower piece wins at the boundary.
+    stays one piece. Each piece's points must determine its coefficients (`determined`): repeats at
+    one input (separate spells of the same step) measure the noise there, not a slope, and a piece
+    at one batch cannot tell a per-batch cost from a fixed one. Every piece's domain reaches the
+    cuts that bound it (`reach_cut`), so adjacent pieces share their boundary value and the domains
+    leave no gap between measured grid values; the lower piece wins at the boundary.
     """
     single = fit_linear(points, features, scale, domain_vars)
     if max_pieces < 2 or (single.max_rel_err or 0.0) <= good_enough:
@@ -141,7 +150,7 @@ def fit_piecewise(
         for cut in values[:-1]:
             low = [p for p in points if p.inputs[var] <= cut]
             high = [p for p in points if p.inputs[var] > cut]
-            if len(low) < min_points or len(high) < min_points:
+            if len(low) < min_points or len(high) < min_points or not (determined(low, features) and determined(high, features)):
                 continue
             low_fit = fit_piecewise(
                 low, features, scale, domain_vars, split_vars, max_pieces=max_pieces - 1, min_gain=min_gain, good_enough=good_enough

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 DEFAULTS = {"gpu": 0, "device": "cuda", "model": "llama-2-7b", "dtype": None, "weights": "random",
-            "quick": False, "oom_probe": False, "out": None, "refit": None}
+            "quick": False, "oom_probe": False, "out": None, "refit": None,
+            "leave_out": None}
 
 
 CPU_MODEL = "tiny-llama"  # the only bundled model a CPU calibrates in minutes
@@ -22,7 +23,7 @@ def command_line(**options: object) -> str:
     """`djinnsim calibrate` with every option that differs from its default (flags as flags)."""
     parts = ["djinnsim", "calibrate"]
     if options.get("refit") is not None:  # a refit measures nothing: the other options do not apply
-        options = {k: options.get(k) for k in ("refit", "out")}
+        options = {k: options.get(k) for k in ("refit", "out", "leave_out")}
     for name, value in options.items():
         if value == DEFAULTS.get(name, object()) and name not in ("gpu", "model"):
             continue
@@ -30,6 +31,9 @@ def command_line(**options: object) -> str:
         if isinstance(value, bool):
             if value:
                 parts.append(flag)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                parts += [flag, str(item)]
         elif value is not None:
             parts += [flag, str(value) if not isinstance(value, Path) else value.as_posix()]
     return " ".join(parts)

@@ -35,20 +35,42 @@ def fit_prefill(points: list[FitPoint]) -> LinearFit | PiecewiseFit:
     return _with_domain(fit, {"context": (0.0, 0.0)})
 
 
-def exp21_decode_points(rows) -> list[FitPoint]:
-    """Exp 2.1's kept runs as decode-fit points (batch 1, the run's median context and step): a
-    launch-bound step flips between host speeds for seconds at a time, and a quick grid holds only
-    a few dozen steps, so the runs' hundreds of steps, measured later, anchor the level too."""
-    runs: dict[str, list[tuple[float, float]]] = {}
+# Stages whose runs are batch-1 decode spells: steps in a row at one batch and a narrow context
+# range, on one model in one process. A launch-bound step keeps one host speed for seconds and then
+# flips, so each spell's median step is one draw of that level.
+LEVEL_ANCHOR_STAGES = ("exp21_step", "warm_decode")  # measured before the decode fit, beside the grid
+
+
+def decode_spells(rows, stages=("decode", *LEVEL_ANCHOR_STAGES), timeslice_context: float | None = None) -> list[FitPoint]:
+    """Every batch-1 decode spell in `rows` from `stages`, as one point at its median context valued
+    at its median step: a decode grid point at batch 1, the warm passes of a cold_shapes context,
+    an Exp 2.1 run, and (when `timeslice_context` gives the context its rows do not record) the lone
+    process of timeslice_mp."""
+    spells: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for row in rows:
-        if row["stage"] == "exp21_step" and row.get("unit", "s") == "s":
-            runs.setdefault(str(row["point"]), []).append((float(row["context"]), float(row["value"])))
+        stage = row["stage"]
+        if stage not in stages or row.get("unit", "s") != "s" or float(row.get("batch") or 1) != 1.0:
+            continue
+        if stage == "timeslice_mp":
+            if timeslice_context is None or float(row.get("concurrent") or 1) != 1.0:
+                continue
+            context = timeslice_context
+        else:
+            context = float(row.get("context") or 0)
+        spells.setdefault((stage, str(row["point"])), []).append((context, float(row["value"])))
     points = []
-    for steps in runs.values():
+    for steps in spells.values():
         context = float(np.median([c for c, _ in steps]))
         points.append(FitPoint({"batch": 1.0, "context": context, "sum_context": context},
                                float(np.median([v for _, v in steps]))))
     return points
+
+
+def decode_anchor_points(rows) -> list[FitPoint]:
+    """Batch-1 spells that join the decode grid in the decode fit: Exp 2.1's kept runs and the
+    cold_shapes stage's warm passes. A quick grid point holds ten steps, so it may sit in one host
+    speed only; these spells, measured at other times, anchor the batch-1 level with it."""
+    return decode_spells(rows, LEVEL_ANCHOR_STAGES)
 
 
 def fit_decode(points: list[FitPoint]) -> LinearFit | PiecewiseFit:

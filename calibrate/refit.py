@@ -30,7 +30,7 @@ from .fitting import (
 from .bench_cached import fit_cached_prefill
 from .bench_shapes import fit_cold_shapes
 from .spread import with_spread
-from .profile_builder import exp21_decode_points, exp21_prediction, fit_decode, fit_prefill, fit_workspace
+from .profile_builder import decode_anchor_points, exp21_prediction, fit_decode, fit_prefill, fit_workspace
 
 
 def read_samples(path: Path) -> list[dict[str, str]]:
@@ -67,7 +67,7 @@ def decode_points(rows) -> list[FitPoint]:
         context = float(np.median([_num(r, "context") for r in group]))
         inputs = {"batch": batch, "context": context, "sum_context": batch * context}
         points.append(FitPoint(inputs, float(np.median([_num(r, "value") for r in group]))))
-    return points + exp21_decode_points(rows)
+    return points + decode_anchor_points(rows)
 
 
 def cached_prefill_points(rows) -> list[FitPoint]:
@@ -79,6 +79,9 @@ def cached_prefill_points(rows) -> list[FitPoint]:
 
 
 def workspace_points(rows, stage: str) -> list[FitPoint]:
+    """A decode point's workspace sits at the median context its steps ran at, as calibrate fits it
+    (the workspace row records the grid's nominal context)."""
+    steps = _timed(rows, "decode")
     points = []
     for row in rows:
         if row["stage"] != stage:
@@ -87,7 +90,9 @@ def workspace_points(rows, stage: str) -> list[FitPoint]:
         if stage == "prefill_workspace":
             inputs = {"prompt_tokens": _num(row, "prompt_tokens"), "batch": batch, "context": 0.0}
         else:
-            inputs = {"batch": batch, "context": _num(row, "context"), "sum_context": batch * _num(row, "context")}
+            group = steps.get(row["point"])
+            context = float(np.median([_num(r, "context") for r in group])) if group else _num(row, "context")
+            inputs = {"batch": batch, "context": context, "sum_context": batch * context}
         points.append(FitPoint(inputs, _num(row, "value")))
     return points
 
@@ -174,6 +179,10 @@ def refit_file(path: Path, out: Path | None = None, command: str | None = None,
     if not profile.samples_file:
         raise DjinnsimError(f"{path}: the profile names no samples file to refit from")
     rows = read_samples(Path(path).parent / profile.samples_file)
+    stages = {row["stage"] for row in rows}
+    unknown = [stage for stage in left_out if stage not in stages]
+    if unknown:
+        raise DjinnsimError(f"{profile.samples_file} holds no samples of stage {', '.join(unknown)} to leave out")
     note = f"fits recomputed from {profile.samples_file}" + (f" by `{command}`" if command else "")
     if left_out:
         note += f", leaving out {', '.join(left_out)}"

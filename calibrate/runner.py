@@ -307,7 +307,7 @@ def _stages(s: Session, staged, oom_probe: bool) -> None:
     from .bench_shapes import fit_cold_shapes, run_cold_shapes
     from .bench_weights import run_weight_loads
     from .composition import run_composition
-    from .profile_builder import build_profile, exp21_decode_points, exp21_prediction, fit_decode, fit_prefill
+    from .profile_builder import build_profile, decode_anchor_points, exp21_prediction, fit_decode, fit_prefill
     from .telemetry import NvmlSampler, nvml_handle
 
     r = s.results
@@ -347,7 +347,7 @@ def _stages(s: Session, staged, oom_probe: bool) -> None:
     if r.get("cold_shapes") is None:  # the stage failed: the decode grid's first pass still tells
         r["cold_shapes"] = fit_cold_shapes(s.log.rows)
     r["fits"] = {"prefill": fit_prefill(r["prefill"]["points"]),
-                 "decode": fit_decode(r["decode"]["points"] + exp21_decode_points(s.log.rows))}
+                 "decode": fit_decode(r["decode"]["points"] + decode_anchor_points(s.log.rows))}
     for name, fit in r["fits"].items():
         for line in describe_fit(fit):
             s.say(f"fit {name}: {line}")

@@ -15,7 +15,7 @@ import numpy as np
 from djinnsim.sim.costmodel import evaluate_fit
 from djinnsim.sim.profile import Profile, Spread
 
-from .profile_builder import quantile_sample
+from .profile_builder import LEVEL_ANCHOR_STAGES, decode_spells, quantile_sample
 
 MAX_FACTORS = 64
 COPY_STAGES = ("h2d_pinned", "h2d_pageable", "d2h_pinned", "d2h_pageable")
@@ -44,12 +44,13 @@ def _kept(values) -> list[float]:
 
 
 def decode_levels(rows, profile: Profile) -> list[float]:
-    """Each Exp 2.1 calibration run (a spell of ~50 steps): median step over the fit."""
+    """Each batch-1 decode spell calibrate ran (grid points at batch 1, cold_shapes' warm passes,
+    Exp 2.1 runs, timeslice_mp's lone process): its median step over the decode fit at its context."""
+    timeslice = profile.timeslice_mp
+    context = None if timeslice is None else float(np.mean(timeslice.context_tokens))
     out = []
-    for steps in _groups(rows, "exp21_step").values():
-        context = float(np.median([_num(r, "context") or 0.0 for r in steps]))
-        fitted, _ = evaluate_fit(profile.decode_step, {"batch": 1.0, "context": context, "sum_context": context})
-        out.append(_ratio(float(np.median([_num(r, "value") for r in steps])), fitted))
+    for spell in decode_spells(rows, ("decode", *LEVEL_ANCHOR_STAGES, "timeslice_mp"), timeslice_context=context):
+        out.append(_ratio(spell.value, evaluate_fit(profile.decode_step, spell.inputs)[0]))
     return _kept(out)
 
 

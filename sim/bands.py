@@ -46,12 +46,14 @@ class Factors:
 
 def draw_factors(spread: Spread, rng: np.random.Generator) -> Factors:
     """One factor per category, each drawn from its measured list (an empty list gives 1.0).
-    The decode step pools the level of separate Exp 2.1 spells with the grid's residuals."""
+    The decode step takes the level of one batch-1 spell: a real run sits at one launch-bound level
+    for seconds at a time, so the band spans the spells' spread, not that of the grid's residuals
+    (those stand in only where a profile records no spell)."""
 
     def pick(values: list[float]) -> float:
         return float(rng.choice(np.asarray(values, dtype=float))) if values else 1.0
 
-    return Factors(decode=pick(spread.decode_level + spread.decode_residual), prefill=pick(spread.prefill_residual),
+    return Factors(decode=pick(spread.decode_level or spread.decode_residual), prefill=pick(spread.prefill_residual),
                    load=pick(spread.weight_load), copy=pick(spread.copies))
 
 

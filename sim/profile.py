@@ -158,8 +158,9 @@ class Spread(_Strict):
     """
 
     decode_level: list[float] = Field(
-        default_factory=list, description="decode step level in separate spells: each Exp 2.1 calibration "
-        "run's median step over the decode fit at its median context")
+        default_factory=list, description="decode step level in separate spells: each batch-1 spell "
+        "calibrate ran (decode grid point at batch 1, cold_shapes' warm passes, Exp 2.1 run, timeslice_mp's "
+        "lone process), its median step over the decode fit at its median context")
     decode_residual: list[float] = Field(
         default_factory=list, description="each decode grid point's median step over the decode fit")
     prefill_residual: list[float] = Field(

@@ -24,6 +24,7 @@ from djinnsim.validate import heldout
 
 REPO = Path(__file__).resolve().parents[1]
 H100 = next(p for p in bundled_profiles() if p.name == "h100-80gb-llama-2-7b.json")
+H200 = next(p for p in bundled_profiles() if p.name == "h200-llama-2-7b.json")
 SMALL = """
 name: small-agents
 seed: 3
@@ -49,10 +50,44 @@ def test_factor_draws_are_seeded_and_backend_free():
     point = load_scenario_points()[0]
     a = bands.draw_factors(spread, bands.factor_rng(3, point, 5))
     assert a == bands.draw_factors(spread, bands.factor_rng(3, point, 5))
-    assert a.decode in (0.8, 1.0, 1.2) and a.load == 1.0 and a.copy == 1.0  # empty lists: unscaled
+    assert a.decode in (0.8, 1.2) and a.load == 1.0 and a.copy == 1.0  # empty lists: unscaled
     other_backend = load_scenario_points()[2]  # djinn at the same N as point 0
     assert other_backend.n_agents == point.n_agents and other_backend.backend.name != point.backend.name
     assert bands.draw_factors(spread, bands.factor_rng(3, other_backend, 5)) == a
+
+
+def test_the_decode_draw_is_a_spell_level_and_residuals_only_without_spells():
+    point = load_scenario_points()[0]
+    levels = Spread(decode_level=[0.8, 1.4], decode_residual=[1.0] * 50)
+    drawn = {bands.draw_factors(levels, bands.factor_rng(3, point, d)).decode for d in range(40)}
+    assert drawn == {0.8, 1.4}  # 50 residuals near 1 must not dilute the spells' spread
+    no_spells = Spread(decode_residual=[0.9, 1.1])
+    assert {bands.draw_factors(no_spells, bands.factor_rng(3, point, d)).decode for d in range(40)} == {0.9, 1.1}
+
+
+def test_decode_levels_come_from_every_batch1_spell_and_outlive_a_held_out_stage():
+    from djinnsim.sim.profile import Timeslice, TimeslicePoint
+
+    point = TimeslicePoint(processes=1, step_s_p10=0.02, step_s_p50=0.02, step_s_p90=0.02,
+                           slowdown_p10=1.0, slowdown_p50=1.0, slowdown_p90=1.0)
+    profile = make_profile().model_copy(update={"timeslice_mp": Timeslice(
+        points=[point], context_tokens=(72, 103), gpu_busy_fraction=0.5)})
+
+    def fitted(context):
+        return 0.012 + 2.0e-7 * context + 1.0e-4
+
+    def spell(stage, name, step_s, context, **extra):
+        return [{"stage": stage, "point": name, "batch": "1", "context": str(context), "value": str(step_s * f),
+                 "unit": "s", **extra} for f in (0.9, 1.0, 1.2)]
+
+    rows = (spell("decode", "b1_c64", 0.010, 64) + spell("warm_decode", "c333", 0.020, 333)
+            + spell("exp21_step", "run2", 0.030, 96) + spell("timeslice_mp", "k1", 0.025, "", concurrent="1"))
+    rows += [{**r, "batch": "2", "point": "b2_c64"} for r in spell("decode", "b2_c64", 0.5, 64)]
+    want = {"decode": 0.010 / fitted(64), "warm": 0.020 / fitted(333), "exp21": 0.030 / fitted(96),
+            "lone": 0.025 / fitted(87.5)}
+    assert spread_from_samples(profile, rows).decode_level == pytest.approx(sorted(want.values()))
+    held = spread_from_samples(profile, rows, left_out=("exp21_step",))
+    assert held.decode_level == pytest.approx(sorted(v for k, v in want.items() if k != "exp21"))
 
 
 def load_scenario_points():
@@ -93,19 +128,22 @@ def test_bands_need_a_spread(tmp_path):
 
 
 def test_spread_from_the_bundled_samples_and_a_held_out_refit():
-    profile = load_profile(H100)
-    rows = read_samples(H100.parent / profile.samples_file)
+    profile = load_profile(H200)  # refitted by this code (the H100 profile keeps its older spread)
+    rows = read_samples(H200.parent / profile.samples_file)
     spread = spread_from_samples(profile, rows)
     assert spread == profile.spread  # what --refit wrote is what the samples give
-    runs = {r["point"] for r in rows if r["stage"] == "exp21_step"}
-    assert len(spread.decode_level) == len(runs) and spread.decode_residual and spread.copies and spread.weight_load
+    spells = {(r["stage"], r["point"]) for r in rows if r["stage"] in ("exp21_step", "warm_decode")
+              or (r["stage"] == "decode" and r["batch"] == "1") or (r["stage"] == "timeslice_mp" and r["point"] == "k1")}
+    assert len(spread.decode_level) == len(spells) and spread.decode_residual and spread.copies and spread.weight_load
     assert 0.5 < float(np.median(spread.decode_residual)) < 1.5
-    assert heldout.decode_fit_holds_exp21(profile, H100)
+    assert heldout.decode_fit_holds_exp21(profile, H200)
     held = refit(profile, rows, "test", left_out=("exp21_step",))
     grid = {r["point"] for r in rows if r["stage"] == "decode"}
+    warm = {r["point"] for r in rows if r["stage"] == "warm_decode"}
     pieces = held.decode_step.pieces if hasattr(held.decode_step, "pieces") else [held.decode_step]
-    assert sum(p.n_samples for p in pieces) == len(grid)
-    assert held.spread.left_out == ["exp21_step"] and held.spread.decode_level == []
+    assert sum(p.n_samples for p in pieces) == len(grid) + len(warm)
+    assert held.spread.left_out == ["exp21_step"]
+    assert len(held.spread.decode_level) == len({s for s in spells if s[0] != "exp21_step"})  # the other spells stay
     assert held.jitter_decode_sequence == profile.jitter_decode_sequence  # the shape stays
 
 

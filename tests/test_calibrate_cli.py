@@ -98,8 +98,24 @@ def test_refit_reproduces_the_profile_from_its_samples(cpu_calibration, tmp_path
     assert _approx(after.prefill.model_dump()) == before.prefill.model_dump()
     assert _approx(after.decode_step.model_dump()) == before.decode_step.model_dump()
     assert _approx(after.cached_prefill.model_dump()) == before.cached_prefill.model_dump()
+    assert _approx(after.memory.model_dump()) == before.memory.model_dump()  # workspace fits included
     assert after.cold_shapes.source == before.cold_shapes.source and "stage cold_shapes" in after.cold_shapes.source
     assert any("fits recomputed" in note for note in after.metadata.notes)
+
+
+def test_refit_leaving_a_stage_out(cpu_calibration, tmp_path):
+    _, out, _ = cpu_calibration
+    target = tmp_path / "held" / "tiny-heldout.json"
+    result = runner.invoke(app, ["calibrate", "--refit", str(out), "--out", str(target), "--leave-out", "exp21_step", "--quiet"])
+    assert result.exit_code == 0, result.output
+    held = load_profile(target)
+    assert held.spread.left_out == ["exp21_step"]
+    assert any("--leave-out exp21_step" in note for note in held.metadata.notes)
+    for args, message in ((["--refit", str(out), "--out", str(target), "--leave-out", "no_such_stage"], "no samples of stage no_such_stage"),
+                          (["--device", "cpu", "--leave-out", "exp21_step", "--out", str(target)], "--leave-out applies to --refit only")):
+        result = runner.invoke(app, ["calibrate", *args, "--quiet"])
+        text = result.output + (result.stderr if result.stderr_bytes is not None else "")
+        assert result.exit_code == 1 and message in text and "Traceback" not in text
 
 
 def _approx(value):

@@ -133,14 +133,69 @@ def test_bandwidth_fit_gives_large_buffers_their_own_rate():
 
 
 def test_exp21_runs_become_decode_fit_points_one_per_run():
-    from djinnsim.calibrate.profile_builder import exp21_decode_points
+    from djinnsim.calibrate.profile_builder import decode_anchor_points
 
     rows = [{"stage": "exp21_step", "point": f"run{run}", "value": str(0.02 + 0.01 * run + 1e-4 * t), "unit": "s",
              "context": str(72 + t)} for run in (2, 3) for t in range(49)]
     rows.append({"stage": "decode", "point": "b1_c64", "value": "0.5", "unit": "s", "context": "64"})
-    points = sorted(exp21_decode_points(rows), key=lambda p: p.value)
+    points = sorted(decode_anchor_points(rows), key=lambda p: p.value)
     assert [p.inputs for p in points] == [{"batch": 1.0, "context": 96.0, "sum_context": 96.0}] * 2
     assert [p.value for p in points] == pytest.approx([0.0424, 0.0524])
+
+
+def test_repeated_spells_at_one_input_cannot_make_a_piece():
+    """A launch-bound batch-1 level that flips between spells: grid points near 25 ms, and ten
+    longer spells, all at one context, near 35 ms. Three coefficients fitted through two inputs
+    would join the levels with a slope (zero at context 0, the upper level at the spells' context);
+    the spells at one input measure the noise there, so no piece may rest on them alone."""
+    from djinnsim.calibrate.fitting import determined
+
+    rng = np.random.default_rng(5)
+    points = decode_grid(lambda batch, sum_context: 0.025 * (1 + 0.08 * rng.standard_normal()))
+    points += [FitPoint({"batch": 1.0, "context": 96.0, "sum_context": 96.0}, 0.035 * (1 + 0.05 * rng.standard_normal()))
+               for _ in range(10)]
+    fit = fit_decode(points)
+    at = {c: predict(fit, {"batch": 1.0, "context": float(c), "sum_context": float(c)}) for c in (64, 96, 128, 1024)}
+    assert max(at.values()) / min(at.values()) < 1.1, at  # no slope joining the two levels
+    assert 0.025 <= at[96] <= 0.035
+    pieces = fit.pieces if isinstance(fit, PiecewiseFit) else [fit]
+    for piece in pieces:
+        inside = [p for p in points if all(lo <= p.inputs[v] <= hi for v, (lo, hi) in piece.domain.items())]
+        assert determined(inside, DECODE_FEATURES)
+
+
+def test_a_piece_must_determine_its_coefficients():
+    from djinnsim.calibrate.fitting import determined
+
+    def at(batch, context):
+        return FitPoint({"batch": float(batch), "context": float(context), "sum_context": float(batch * context)}, 0.03)
+
+    assert determined([at(b, c) for b in (1, 2) for c in (64, 512)], DECODE_FEATURES)
+    assert not determined([at(1, 68)] + [at(1, 96)] * 10, DECODE_FEATURES)  # two inputs, three coefficients
+    assert not determined([at(1, c) for c in (64, 256, 512, 1024, 2048)], DECODE_FEATURES)  # batch 1 only: fixed or per-batch?
+    assert not determined([at(b, c) for b, c in ((1, 64), (2, 64), (4, 64))], DECODE_FEATURES)  # no spare point
+
+
+def test_decode_spells_take_every_batch1_spell_once():
+    from djinnsim.calibrate.profile_builder import decode_anchor_points, decode_spells
+
+    def rows(stage, point, values, context, batch=1, **extra):
+        return [{"stage": stage, "point": point, "rep": str(i), "batch": str(batch), "context": str(context + i),
+                 "value": str(v), "unit": "s", **extra} for i, v in enumerate(values)]
+
+    samples = (rows("decode", "b1_c64", [0.020, 0.022, 0.024], 66) + rows("decode", "b2_c64", [0.5] * 3, 66, batch=2)
+               + rows("warm_decode", "c333", [0.030, 0.031, 0.040], 333) + rows("exp21_step", "run2", [0.035] * 5, 72)
+               + rows("timeslice_mp", "k1", [0.036] * 3, 0, concurrent="1")
+               + rows("timeslice_mp", "k2", [0.05] * 3, 0, concurrent="2")
+               + [{"stage": "decode_new_segments", "point": "b1_c64", "batch": "1", "context": "66", "value": "0", "unit": "count"}])
+    got = sorted((p.inputs["context"], p.value) for p in decode_spells(samples))
+    assert [c for c, _ in got] == [67.0, 74.0, 334.0]
+    assert [v for _, v in got] == pytest.approx([0.022, 0.035, 0.031])
+    with_lone = decode_spells(samples, ("decode", "timeslice_mp"), timeslice_context=87.5)
+    assert sorted((p.inputs["context"], p.value) for p in with_lone) == [(67.0, 0.022), (87.5, 0.036)]
+    assert all(p.inputs["batch"] == 1.0 and p.inputs["sum_context"] == p.inputs["context"] for p in with_lone)
+    anchors = sorted(p.value for p in decode_anchor_points(samples))  # the grid is in the fit already
+    assert anchors == pytest.approx([0.031, 0.035])
 
 
 def _outside(fit, batches, contexts, max_sum_context) -> list[tuple[int, int]]:
@@ -167,22 +222,23 @@ def test_reach_cut_stretches_sum_context_over_the_added_slab():
 
 
 def test_decode_pieces_leave_no_gap_where_split_points_sit_off_the_grid():
-    """Exp 2.1's runs are decode points at batch 1 and context 96, between the grid's 68 and 260, in
-    the slow host state: the fit cuts at context 96, and the piece above it must start there at
-    every batch (it used to start at sum_context 260, leaving batch 1 at context 97-259 outside)."""
+    """Points off the grid's contexts (96, between the grid's 68 and 260, at batches 1-64) in a slow
+    state: the fit cuts at context 96, and the piece above it must start there at every batch (it
+    used to start at sum_context 260, leaving batch 1 at context 97-259 outside)."""
     contexts = (64, 256, 512, 1024, 2048)
     points = [FitPoint({"batch": b, "context": c + 4, "sum_context": b * (c + 4)}, 0.026 + 5e-8 * b * c)
               for b in (1, 2, 4, 8, 16, 32, 64) for c in contexts if b * c <= 65536]
-    points[0] = FitPoint(points[0].inputs, 0.023)  # batch 1 at context 68, fast state
-    points += [FitPoint({"batch": 1.0, "context": 96.0, "sum_context": 96.0}, v)
-               for v in (0.034, 0.035, 0.036, 0.037, 0.031, 0.033)]
+    points = [FitPoint(p.inputs, 0.035) if p.inputs["context"] == 68 else p for p in points]
+    points += [FitPoint({"batch": float(b), "context": 96.0, "sum_context": 96.0 * b}, v)
+               for b, v in ((1, 0.034), (2, 0.036), (4, 0.035), (8, 0.037), (64, 0.035))]
     fit = fit_decode(points)
     assert isinstance(fit, PiecewiseFit)
     assert _outside(fit, (1, 2, 3, 8, 64), range(68, 2053), 65792) == []
 
 
 def test_h200_decode_samples_refit_without_gaps():
-    """The bundled H200 samples refitted: the same pieces, domains that cover the grid's box."""
+    """The bundled H200 samples refitted: the same pieces, domains that cover the grid's box (the
+    first bundled fit left batch 1 at contexts 97-259 outside every piece)."""
     from pathlib import Path
 
     from djinnsim.calibrate.refit import decode_points, read_samples
@@ -191,8 +247,11 @@ def test_h200_decode_samples_refit_without_gaps():
     folder = Path(__file__).resolve().parents[1] / "sim" / "data" / "profiles"
     bundled = load_profile(folder / "h200-llama-2-7b.json").decode_step
     fit = fit_decode(decode_points(read_samples(folder / "h200-llama-2-7b.csv")))
-    assert len(fit.pieces) == len(bundled.pieces)
-    for ours, theirs in zip(fit.pieces, bundled.pieces):
+    def pieces(f):
+        return f.pieces if isinstance(f, PiecewiseFit) else [f]
+
+    assert len(pieces(fit)) == len(pieces(bundled))
+    for ours, theirs in zip(pieces(fit), pieces(bundled)):
         assert ours.coef == pytest.approx(theirs.coef, rel=1e-9, abs=1e-15)
-    assert _outside(bundled, (1,), (100, 200, 259), 65792) == [(1, 100), (1, 200), (1, 259)]
+    assert _outside(bundled, (1,), (100, 200, 259), 65792) == []
     assert _outside(fit, (1, 2, 3, 8, 64), range(68, 2053), 65792) == []

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Re-compare the H200 reference run 1 with the simulator as it is now, on the CPU (no GPU, nothing
+# real re-run), into run1-decodefit/. Exp 2.1 is judged on the bundled profile refitted without
+# calibrate's own Exp 2.1 runs (as the live validation did); the agents on the bundled profile.
+# These re-comparisons are in-sample: the decode fit and spread rules they use were designed after
+# seeing run 1 (each report labels its figures so).
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+here=docs/validation/h200
+profile=sim/data/profiles/h200-llama-2-7b.json
+out=$here/run1-decodefit
+djinnsim calibrate --refit $profile --out $out/calibration/h200-llama-2-7b-heldout.json --leave-out exp21_step --quiet
+djinnsim validate --from-real $here/run1/exp21-25 --calibration $out/calibration/h200-llama-2-7b-heldout.json \
+  --out $out/exp21-25 --quiet
+for item in agents-124 serverless-124; do
+  djinnsim validate --from-real $here/run1/$item --calibration $profile --out $out/$item --quiet
+done
