@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
@@ -45,7 +44,7 @@ def search(
     from djinnsim.sim import search as search_mod
     from djinnsim.sim.outputs import OutputFolder, utc_stamp
     from djinnsim.sim.parallel import held
-    from djinnsim.sim.safeyaml import require_file
+    from djinnsim.sim.safeyaml import require_file, strict_json
     from djinnsim.sim.run import CostModels
     from djinnsim.sim.overrides import load_overridden
 
@@ -78,7 +77,7 @@ def search(
 
     emit(costs.warnings)
     if json_output:
-        typer.echo(json.dumps(search_mod.answers_json(answers)))
+        typer.echo(strict_json(search_mod.answers_json(answers)))
         return
     typer.echo((out_dir / "search.md").read_text())
     typer.echo(f"results: {out_dir}")

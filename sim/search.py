@@ -62,6 +62,7 @@ from .backends import get_backend
 from .records import records_frame
 from .parallel import map_points
 from .run import CostModels, point_seed
+from .safeyaml import strict_json
 from .scenario import AgentsWorkload, DecodeWorkload, Point, Scenario, expand_points
 from .simulate import simulate_point
 
@@ -305,7 +306,8 @@ class BreakEvenAnswer:
 
 
 def _round(value: float | None, decimals: int = 3) -> float | None:
-    return None if value is None else round(float(value), decimals)
+    """A figure for search.json: null when there is none or it is not finite (JSON has no infinity)."""
+    return None if value is None or not math.isfinite(float(value)) else round(float(value), decimals)
 
 
 def cost_model_kind(cost) -> str:
@@ -569,12 +571,10 @@ def probes_csv(answers: list) -> str:
 
 def write_search_outputs(answers: list, out_dir: Path) -> list[Path]:
     """search.json (what --json prints), search.md, probes.csv, search.png and search.svg in out_dir."""
-    import json
-
     out_dir.mkdir(parents=True, exist_ok=True)
     capacity = bool(answers) and isinstance(answers[0], CapacityAnswer)
     written = [out_dir / "search.json", out_dir / "search.md", out_dir / "probes.csv"]
-    written[0].write_text(json.dumps(answers_json(answers), indent=2) + "\n")
+    written[0].write_text(strict_json(answers_json(answers), indent=2) + "\n")
     written[1].write_text(capacity_markdown(answers) if capacity else break_even_markdown(answers))
     written[2].write_text(probes_csv(answers))
     from .figures import write_search_figure

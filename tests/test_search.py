@@ -272,3 +272,17 @@ def test_answer_keys_name_what_varies(tmp_path):
     assert {a.cost_model for a in answers} == {"roofline"}
     search.write_search_outputs(answers, Path(tmp_path))
     assert "roofline" in (Path(tmp_path) / "search.md").read_text()
+
+
+def test_search_json_is_strict_json_when_a_p99_is_not_finite(tmp_path):
+    """A P99 that is not finite (nothing finished above the answer) is null in search.json, never
+    `Infinity`, which standard JSON readers refuse."""
+    answer = search.CapacityAnswer(backend="djinn", model="llama-2-7b", gpu="h100-80gb", link_gbps=25.0,
+                                   cost_model="measured", cost_model_detail="", slo_p99_ms=5000.0, cap=64,
+                                   max_agents=3, p99_ms_at_max=4000.0, p99_ms_above=math.inf, limited_by="slo")
+    assert answer.as_json()["p99_ms_above"] is None
+    text = (tmp_path / "out").joinpath("search.json")
+    search.write_search_outputs([answer], tmp_path / "out")
+    doc = json.loads(text.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in search.json"))
+    (found,) = doc.values()
+    assert found["p99_ms_at_max"] == 4000.0 and found["p99_ms_above"] is None
