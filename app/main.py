@@ -27,9 +27,9 @@ def _on_signal(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _on_signal)
-    try:
+    try:  # the handlers are installed inside the try: a signal right after one is installed is caught here
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _on_signal)
         for stream in (sys.stdout, sys.stderr):  # an undecodable file name prints escaped, not as a crash
             if hasattr(stream, "reconfigure"):
                 stream.reconfigure(errors="backslashreplace")
@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     except BrokenPipeError:  # `djinnsim ... | head`: the reader left; nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 1
+    # From here on a signal is held back until the exit: the exit code and the one line are decided.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     if _received or code == 130:
         print("interrupted", file=sys.stderr)
         code = 128 + _received[0] if _received else code
