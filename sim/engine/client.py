@@ -44,10 +44,9 @@ def request(env: simpy.Environment, pool: GpuPool, channel: Channel, plan: Reque
     server.routed += 1  # routed here and not yet answered (what least_loaded counts)
     if serving.remote:
         if serving.connect_per_request or not channel.connected:
-            out.connect_s = link.rtt_s + server.cost.connect_s()
-            yield env.timeout(out.connect_s)
+            out.connect_s = link.rtt_s + server.cost.connect_s()  # waited as the send's lead
             channel.connected = serving.keep_connection
-        out.uplink_s, out.wire_bytes_up = yield from link.send(link.up, plan.bytes_up, plan.messages)
+        out.uplink_s, out.wire_bytes_up = yield from link.send(link.up, plan.bytes_up, plan.messages, out.connect_s)
         out.bytes_up = plan.bytes_up
     yield from server.serve(channel.session, plan, out)
     if out.status != "ok":

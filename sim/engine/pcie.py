@@ -42,6 +42,8 @@ class Pcie:
         self.pipes = {d: SharedPipe(env, lambda k, rate=cost.copy_bandwidth(d, True).gbps * 1e9: rate)
                       for d in ("h2d", "d2h")}
         self._classes: dict[tuple, FlowClass] = {}
+        self._copies: dict[tuple, tuple[float, FlowClass]] = {}  # (direction, bytes, pinned, pieces) -> latency, class
+        self._loads: dict[str, tuple[float, FlowClass]] = {}  # tier -> fixed time, class
 
     @property
     def h2d(self) -> SharedPipe:
@@ -62,19 +64,28 @@ class Pcie:
         buffers copied one after another (Bandwidth.time_s: latency per buffer, rate by its size)."""
         if nbytes <= 0:
             return
-        bandwidth = self.cost.copy_bandwidth(direction, pinned)
-        pieces = max(int(pieces), 1)
-        rate_Bps = bandwidth.rate_gbps(nbytes / pieces) * 1e9
-        if bandwidth.latency_s > 0:
-            yield self.env.timeout(pieces * bandwidth.latency_s)
-        flow_class = self._class(("copy", direction, pinned, rate_Bps), lambda k, r=rate_Bps: r)
-        yield self.pipes[direction].transfer(nbytes, flow_class)
+        key = (direction, nbytes, pinned, pieces)
+        plan = self._copies.get(key)
+        if plan is None:
+            bandwidth = self.cost.copy_bandwidth(direction, pinned)
+            count = max(int(pieces), 1)
+            rate_Bps = bandwidth.rate_gbps(nbytes / count) * 1e9
+            flow_class = self._class(("copy", direction, pinned, rate_Bps), lambda k, r=rate_Bps: r)
+            plan = self._copies[key] = (count * bandwidth.latency_s, flow_class)
+        latency_s, flow_class = plan
+        yield self.pipes[direction].transfer(nbytes, flow_class, before_s=latency_s)
 
     def load(self, tier: str, nbytes: float):
         """A whole-model load from `tier`: its fixed overhead, then its bytes over h2d."""
-        spec = self.cost.weight_load(tier)
-        if spec.fixed_s > 0:
-            yield self.env.timeout(spec.fixed_s)
-        cost = self.cost
-        flow_class = self._class(("load", tier), functools.cache(lambda k: cost.load_aggregate_gbps(tier, k) * 1e9))
-        yield self.h2d.transfer(nbytes, flow_class)
+        plan = self._loads.get(tier)
+        if plan is None:
+            cost = self.cost
+            flow_class = self._class(("load", tier),
+                                     functools.cache(lambda k: cost.load_aggregate_gbps(tier, k) * 1e9))
+            plan = self._loads[tier] = (cost.weight_load(tier).fixed_s, flow_class)
+        fixed_s, flow_class = plan
+        if nbytes <= 0:
+            if fixed_s > 0:
+                yield self.env.timeout(fixed_s)
+            return
+        yield self.h2d.transfer(nbytes, flow_class, before_s=fixed_s)
