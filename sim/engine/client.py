@@ -102,7 +102,8 @@ def agent(env: simpy.Environment, pool: GpuPool, planner: Planner, log: RecordBu
 
     During ACT the server does what the session's KV policy says with its KV; a phase after it is
     planned with the context the session still holds, and re-prefills the rest (`recomputed_tokens`)."""
-    yield env.timeout(start_at)
+    if start_at > 0:
+        yield env.timeout(start_at)
     channel = yield from pool.open(agent_id)
     session = channel.session
     context = 0

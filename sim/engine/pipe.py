@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -70,15 +71,16 @@ class SharedPipe:
         self._updated_at = env.now
         self._version = 0
         self._joining = 0  # transfers waiting out their fixed time before they join
-        self._alone: _Alone | None = None  # the transfer computed in closed form, while it may still matter
+        # transfers computed in closed form, one after another (each ends before the next joins),
+        # while they may still matter
+        self._lone: deque[_Alone] = deque()
         self.closed_form = True  # False: every transfer steps through the pipe (what the closed form must equal)
         self.bytes_carried = 0.0
 
     @property
     def in_flight(self) -> int:
-        alone = self._alone
         now = self.env.now
-        lone = alone is not None and alone.join_at <= now < alone.end_at
+        lone = sum(alone.join_at <= now < alone.end_at for alone in self._lone)
         return sum(len(c.heap) for c in self._classes.values()) + lone
 
     def transfer(self, nbytes: float, flow_class: FlowClass | None = None, *, lead_s: float = 0.0,
@@ -98,16 +100,19 @@ class SharedPipe:
             join_at = join_at + lead_s  # as chained timeouts add them
         if before_s > 0:
             join_at = join_at + before_s
-        if self._alone is not None and join_at <= now:  # one joining later puts it back then (_joined)
+        if self._lone and join_at <= now:  # one joining later puts them back then (_joined)
             self._put_back(now)
         self._start(now, join_at, float(nbytes), flow_class, done, after_s)
         return done
 
     def _start(self, now: float, join_at: float, nbytes: float, flow_class, done: simpy.Event, after_s: float) -> None:
-        if self.closed_form and not self._classes and not self._joining and self._alone is None:
+        lone = self._lone
+        if self.closed_form and not self._classes and not self._joining and (not lone or lone[-1].end_at < join_at):
             alone = self._closed_form(join_at, nbytes, flow_class, done, after_s)
             if alone is not None:
-                self._alone = alone
+                while lone and lone[0].end_at <= now:
+                    lone.popleft()
+                lone.append(alone)
                 schedule_at(self.env, done, alone.done_at)
                 return
         if join_at > now:
@@ -121,7 +126,7 @@ class SharedPipe:
     def _joined(self, nbytes: float, flow_class, done: simpy.Event, after_s: float) -> None:
         self._joining -= 1
         now = self.env.now
-        if self._alone is not None:
+        if self._lone:
             self._put_back(now)
         self._start(now, now, nbytes, flow_class, done, after_s)
 
@@ -154,24 +159,28 @@ class SharedPipe:
         return _Alone(join_at, end_at, done_at, nbytes, flow_class, done, after_s, rate)
 
     def _put_back(self, now: float) -> None:
-        """Another transfer comes while the lone one may still be in the pipe: before it joins,
-        it joins at its instant; in flight, it is a flow since it joined; gone, nothing."""
-        alone, self._alone = self._alone, None
-        if now >= alone.end_at:
-            return
-        moved = self.env.event()  # the scheduled event fires empty; the waiting process moves here
-        moved.callbacks, alone.done.callbacks = alone.done.callbacks, []
-        if now < alone.join_at:
-            self._joining += 1
-            joined = self.env.event()
-            joined.callbacks.append(lambda _event: self._joined(alone.nbytes, alone.flow_class, moved, alone.after_s))
-            schedule_at(self.env, joined, alone.join_at)
-            return
-        flows = self._class_flows(alone.flow_class)
-        heapq.heappush(flows.heap, (flows.served + alone.nbytes, self._seq, moved, alone.after_s))
-        self._seq += 1
-        flows.rate = alone.rate
-        self._updated_at = alone.join_at
+        """Another transfer joins while transfers computed in closed form may still be in the pipe:
+        one in flight is a flow since it joined; those still to join join at their instant (their
+        events moved to new ones: the scheduled ones fire empty); those gone, nothing."""
+        lone = self._lone
+        while lone:
+            alone = lone.popleft()
+            if now >= alone.end_at:
+                continue
+            moved = self.env.event()
+            moved.callbacks, alone.done.callbacks = alone.done.callbacks, []
+            if now < alone.join_at:
+                self._joining += 1
+                joined = self.env.event()
+                joined.callbacks.append(lambda _event, alone=alone, moved=moved: self._joined(
+                    alone.nbytes, alone.flow_class, moved, alone.after_s))
+                schedule_at(self.env, joined, alone.join_at)
+                continue
+            flows = self._class_flows(alone.flow_class)
+            heapq.heappush(flows.heap, (flows.served + alone.nbytes, self._seq, moved, alone.after_s))
+            self._seq += 1
+            flows.rate = alone.rate
+            self._updated_at = alone.join_at
 
     def _allocate(self) -> None:
         """Max-min fair rates: classes in order of their per-flow cap, each taking its cap or an
