@@ -82,6 +82,7 @@ KV_STATES = ("none", "resident", "swapped", "discarded", "evicted")
 _CODED = {"phase": PHASES, "status": STATUSES, "kv_state": KV_STATES}  # stored as small integer codes
 _FLOAT_COLUMNS = frozenset(f.name for f in fields(Record) if f.type == "float")
 _BOOL_COLUMNS = frozenset({"warmup"})
+_TEXT_COLUMNS = frozenset({"backend", "model", "gpu", *_CODED})
 
 
 def _array_type(name: str) -> str:
@@ -191,7 +192,8 @@ class RecordTable:
         """The table as a pandas DataFrame, RECORD_COLUMNS then latency_s (pandas imported only here)."""
         import pandas as pd
 
-        frame = pd.DataFrame({name: self.column(name) for name in RECORD_COLUMNS})
+        frame = pd.DataFrame({name: pd.Series(self.column(name), dtype=object) if name in _TEXT_COLUMNS
+                              else self.column(name) for name in RECORD_COLUMNS}, copy=False)
         frame["latency_s"] = frame["finished_at"] - frame["issued_at"]
         return frame
 
