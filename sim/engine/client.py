@@ -45,8 +45,11 @@ def request(env: simpy.Environment, pool: GpuPool, channel: Channel, plan: Reque
     if serving.remote:
         if serving.connect_per_request or not channel.connected:
             out.connect_s = link.rtt_s + server.cost.connect_s()  # waited as the send's lead
+            if not out.connect_s > 0:  # zero, or a bad cost the clock's guard reports
+                yield env.timeout(out.connect_s)
             channel.connected = serving.keep_connection
-        out.uplink_s, out.wire_bytes_up = yield from link.send(link.up, plan.bytes_up, plan.messages, out.connect_s)
+        lead_s = out.connect_s if out.connect_s > 0 else 0.0
+        out.uplink_s, out.wire_bytes_up = yield from link.send(link.up, plan.bytes_up, plan.messages, lead_s)
         out.bytes_up = plan.bytes_up
     yield from server.serve(channel.session, plan, out)
     if out.status != "ok":
