@@ -4,8 +4,10 @@ byte-identical rewrites, Figure 6."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
+import math
 from dataclasses import dataclass, field
 
 import pytest
@@ -210,6 +212,26 @@ def test_oom_record_is_an_instant_event(tmp_path):
     report.write_outputs(result, tmp_path)
     events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
     assert [e["name"] for e in events if e["ph"] == "i"] == ["OOM reason/-1"]
+
+
+def _refuse_constant(name: str):
+    raise AssertionError(f"{name} is not standard JSON")
+
+
+def test_trace_json_is_strict_json_with_null_where_a_value_is_not_finite(tmp_path):
+    """A record or label that is not finite (a bug upstream, or a figure that does not exist) is
+    written as null: the file stays standard JSON, so Perfetto and other readers can open it."""
+    traced = agents_result().points[-1]
+    first = traced.records[0]
+    broken = dataclasses.replace(first, issued_at=math.inf)
+    path = trace.write_trace([broken, *traced.records[1:]], tmp_path / "trace.json", pid=1, process_name="p",
+                             metadata={"p99_ms": math.nan, "n": 4})
+    doc = json.loads(path.read_text(), parse_constant=_refuse_constant)
+    assert doc["otherData"] == {"p99_ms": None, "n": 4}
+    unplaced = [e for e in doc["traceEvents"] if e["ph"] == "X" and e["ts"] is None]
+    assert len(unplaced) == len(trace.record_events(broken, 1))  # the record's parent and children
+    assert [e["dur"] for e in unplaced][:1] == [None]  # its latency (finished_at - issued_at) is -inf
+    assert [p for p in tmp_path.iterdir()] == [path]  # the temporary file was renamed into place
 
 
 def test_trace_point_out_of_range_is_a_one_line_error(tmp_path):
