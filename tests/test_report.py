@@ -81,7 +81,8 @@ def decode_result() -> FakeResult:
                 jitter = 0.001 * ((run * 4 + t) % 3)
                 rec = _record(point, issued_at=clock, run=run, step=t, phase="decode", warmup=run == 0,
                               connect_s=0.0002, uplink_s=0.0001, queue_s=0.0, compute_s=step_s / 2 + jitter,
-                              downlink_s=step_s / 2 - 0.0003, bytes_down=DOWN_BYTES[point.backend.name])
+                              downlink_s=step_s / 2 - 0.0003, bytes_down=DOWN_BYTES[point.backend.name],
+                              gpu_busy_s=0.6 * (step_s / 2 + jitter))  # kernels: 60% of each pass
                 records.append(rec)
                 clock = rec.finished_at
         points.append(FakePointResult(point, records, events=len(records) * 5))
@@ -138,9 +139,10 @@ def test_decode_baseline_json_has_the_seed_schema_and_per_token_math(tmp_path):
         assert run["per_token_ms"] == pytest.approx(run["total_ms"] / 4, abs=1e-3)
         assert run["device_to_host_mb"] == pytest.approx(4 * 0.064)
         assert run["host_to_device_mb"] == pytest.approx(4 * 8e-6)
-    # steps of run_id 2 (records 4..7): 10 ms + jitter (1, 2, 0, 1) ms, half of the 10 ms computing
+    # steps of run_id 2 (records 4..7): 10 ms + jitter (1, 2, 0, 1) ms, half of the 10 ms computing;
+    # the GPU runs kernels 60% of the compute time (gpu_busy_s), which is what gpu_util_pct counts
     assert doc["runs"][0]["total_ms"] == pytest.approx(44.0, abs=1e-3)
-    assert doc["runs"][0]["gpu_util_pct"] == pytest.approx(100 * (4 * 5 + 4) / 44.0, abs=1e-2)
+    assert doc["runs"][0]["gpu_util_pct"] == pytest.approx(100 * 0.6 * (4 * 5 + 4) / 44.0, abs=1e-2)
     # weight-read floor: 4 forwards x 13.48 GB in 44 ms
     assert doc["runs"][0]["memory_bw_gbps"] == pytest.approx(4 * 13.48e9 / 0.044 / 1e9, rel=1e-3)
     agg = doc["aggregates"]
