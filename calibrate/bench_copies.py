@@ -60,3 +60,81 @@ def run_copies(s: Session) -> dict[str, Bandwidth]:
     s.free()
     s.log.flush()
     return fitted
+
+
+def kv_swap_tensor_bytes(s: Session, context: int) -> int:
+    """Bytes of one of a session's K or V tensors (one layer) at `context` tokens, in the calibrated dtype."""
+    import torch
+
+    element = torch.empty((), dtype=s.dtype).element_size()
+    return context * s.spec.num_kv_heads * s.spec.head_dim * element
+
+
+def _keep_last(held: list) -> None:
+    """Untimed, before a swap-out: only the last swapped-out set stays held (freeing is off the timed path)."""
+    del held[:-1]
+
+
+def run_kv_swaps(s: Session) -> dict:
+    """A session's whole KV cache moved the way a swap moves it, at contexts `plan.kv_swap_contexts`:
+    its 2 x layers K and V tensors one after another, timed around one synchronize for the set.
+
+    - pinned: into (out of) a pool allocated once, `copy_(non_blocking=True)` for every tensor, so the
+      copies queue on one stream and their fixed latencies overlap (a swap pool holds them so);
+    - pageable: `tensor.to("cpu")` into freshly allocated host memory while the previous set is still
+      held (swapped sessions stay in host memory), and back with `tensor.to(device)`.
+
+    Fits time = latency + bytes / rate per direction and kind, on the whole set's bytes; the
+    simulator charges a swap of the model's KV with it (CostModel.kv_swap_bandwidth). On the CPU
+    every kind is a memcpy (clone)."""
+    import torch
+
+    tensors = 2 * s.spec.num_layers
+    kinds = ("pinned", "pageable") if s.is_cuda else ("pageable",)
+    points: dict[str, tuple[list[float], list[float]]] = {}
+    for context in s.plan.kv_swap_contexts:
+        each = kv_swap_tensor_bytes(s, context)
+        total = each * tensors
+        dev = [torch.empty(each, dtype=torch.uint8, device=s.device).fill_(1) for _ in range(tensors)]
+        repeat = s.plan.repeat if total < 2**28 else max(3, s.plan.repeat // 2)
+        for kind in kinds:
+            if not s.is_cuda:
+                held = [[t.clone() for t in dev]]
+                out = measure(lambda: held.append([t.clone() for t in dev]), s.sync, warmup=1, repeat=repeat,
+                              setup=lambda: _keep_last(held))
+                back = measure(lambda: [t.clone() for t in held[-1]], s.sync, warmup=1, repeat=repeat)
+            elif kind == "pinned":
+                pool = [torch.empty(each, dtype=torch.uint8, pin_memory=True) for _ in range(tensors)]
+                out = measure(lambda: [p.copy_(t, non_blocking=True) for p, t in zip(pool, dev)], s.sync, warmup=1, repeat=repeat)
+                back = measure(lambda: [p.to(s.device, non_blocking=True) for p in pool], s.sync, warmup=1, repeat=repeat)
+                del pool
+            else:
+                held = [[t.to("cpu") for t in dev]]
+                out = measure(lambda: held.append([t.to("cpu") for t in dev]), s.sync, warmup=1, repeat=repeat,
+                              setup=lambda: _keep_last(held))
+                back = measure(lambda: [t.to(s.device) for t in held[-1]], s.sync, warmup=1, repeat=repeat)
+                del held
+            for name, timing in ((f"d2h_{kind}", out), (f"h2d_{kind}", back)):
+                s.log.add_timing(f"kv_swap_{name}", f"{context}", timing.samples_s, nbytes=total)
+                sizes, times = points.setdefault(name, ([], []))
+                sizes.append(float(total))
+                times.append(timing.p50)
+            s.say(f"kv swap {kind:8} C={context:5} ({tensors} x {each / 2**20:.2f} MiB): out {out.describe()} "
+                  f"{total / out.p50 / 1e9:6.2f} GB/s | in {back.describe()} {total / back.p50 / 1e9:6.2f} GB/s")
+            s.free()
+        del dev
+        s.free()
+        s.advance(1)
+    fits = {}
+    for name, (sizes, times) in points.items():
+        if len(sizes) < 2:
+            continue
+        bw, stats = fit_bandwidth(sizes, times)
+        fits[name] = bw
+        s.say(f"fit kv swap {name}: latency {bw.latency_s * 1e6:.1f} us + bytes / {bw.gbps:.2f} GB/s "
+              f"(max rel err {100 * stats['max_rel_err']:.1f}%)")
+    if not s.is_cuda and "d2h_pageable" in fits:
+        for name in ("d2h", "h2d"):
+            fits[f"{name}_pinned"] = fits[f"{name}_pageable"]
+    s.log.flush()
+    return {"tensors": tensors, "fits": fits}

@@ -67,6 +67,9 @@ if p.timeslice_mp is not None:
 if p.cached_prefill is not None:
     pieces = getattr(p.cached_prefill, "pieces", [p.cached_prefill])
     print(f"cached_prefill fit   {len(pieces)} piece(s), max rel err {max(x.max_rel_err or 0 for x in pieces):.1%}")
+if p.kv_swaps is not None:
+    cells = "  ".join(f"{k} {v.latency_s * 1e3:.2f} ms + B/{v.gbps:.1f} GB/s" for k, v in sorted(p.kv_swaps.fits.items()))
+    print(f"kv swaps ({p.kv_swaps.tensors} tensors) {cells}")
 if p.cold_shapes is not None:
     print(f"cold shapes          decode +{p.cold_shapes.decode_extra_s * 1e3:.1f} ms ({p.cold_shapes.source})")
 if "exp21.total_s.p50" in e:

@@ -48,6 +48,8 @@ class Plan:
     cached_prefill_batches: tuple[int, ...] = (1, 2)
     cached_prefill_repeat: int = 2
     cached_prefill_budget_s: float = 30.0
+    # kv_swaps: a session's whole KV (2 x layers tensors) swapped out and in, at these contexts
+    kv_swap_contexts: tuple[int, ...] = (64, 256, 1024)
     # loads_mp: whole-model loads by k worker processes at once, per tier
     loads_mp_k: tuple[int, ...] = (1, 2)
     loads_mp_repeat: int = 1
@@ -98,6 +100,7 @@ _GPU_FULL = Plan(
     cached_prefill_batches=(1, 2, 4, 8, 16, 32),
     cached_prefill_repeat=2,
     cached_prefill_budget_s=60.0,
+    kv_swap_contexts=(64, 256, 1024, 2048),
     loads_mp_k=(1, 2, 4, 8),
     loads_mp_repeat=1,
     loads_mp_cold=True,
@@ -140,6 +143,7 @@ _GPU_QUICK = Plan(
     cached_prefill_batches=(1, 4, 32),
     cached_prefill_repeat=2,
     cached_prefill_budget_s=30.0,
+    kv_swap_contexts=(128, 1024),
     loads_mp_k=(1, 2, 4),
     loads_mp_repeat=1,
     loads_mp_cold=False,
@@ -208,6 +212,7 @@ _CPU_QUICK = Plan(
     cached_prefill_tokens=(1, 16, 32),
     cached_prefill_contexts=(0, 128),
     cached_prefill_repeat=1,
+    kv_swap_contexts=(64, 256),
     timeslice_duration_s=0.6,
     timeslice_settle_s=0.1,
     timeslice_warmup_s=0.0,

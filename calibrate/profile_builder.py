@@ -8,6 +8,7 @@ import numpy as np
 from djinnsim.errors import DjinnsimError
 from djinnsim.sim.profile import (
     SCHEMA_VERSION,
+    KvSwaps,
     LinearFit,
     Memory,
     Metadata,
@@ -158,4 +159,5 @@ def build_profile(r: dict[str, Any], metadata: Metadata, *, partial: bool = Fals
         loads_mp=r.get("loads_mp", {}),
         timeslice_mp=r.get("timeslice_mp"),
         cached_prefill=r.get("cached_prefill", {}).get("fit"),
+        kv_swaps=KvSwaps(**r["kv_swaps"]) if "kv_swaps" in r else None,
     )

@@ -16,7 +16,7 @@ import numpy as np
 
 from djinnsim.errors import DjinnsimError
 from djinnsim.sim.costmodel import ProfileCostModel
-from djinnsim.sim.profile import Profile, load_profile, save_profile
+from djinnsim.sim.profile import KvSwaps, Profile, load_profile, save_profile
 from djinnsim.sim.specs import get_model
 
 from .fitting import (
@@ -108,6 +108,19 @@ def bandwidth_from(rows, stage: str):
     return fit_bandwidth(sizes, [float(np.median(by_size[n])) for n in sizes])[0]
 
 
+def _copy_fits(rows, prefix: str) -> dict:
+    """{direction_kind: Bandwidth} from the samples of stages `prefix` + h2d_pinned etc.; on a CPU
+    device only the pageable kind (host memcpy) was measured and stands for pinned too."""
+    fits = {}
+    for key in ("h2d_pinned", "h2d_pageable", "d2h_pinned", "d2h_pageable"):
+        bw = bandwidth_from(rows, f"{prefix}{key}")
+        if bw is None and key.endswith("pinned"):
+            bw = bandwidth_from(rows, f"{prefix}{key.replace('pinned', 'pageable')}")
+        if bw is not None:
+            fits[key] = bw
+    return fits
+
+
 def refit(profile: Profile, rows: list[dict[str, str]], note: str, left_out: tuple[str, ...] = ()) -> Profile:
     """`left_out`: sample stages no fit (nor the spread) may use, e.g. ("exp21_step",) to hold
     calibrate's own Exp 2.1 runs out of the decode fit; the measured jitter sequence stays."""
@@ -122,12 +135,10 @@ def refit(profile: Profile, rows: list[dict[str, str]], note: str, left_out: tup
     cached = fit_cached_prefill(cached_prefill_points(rows))
     if cached is not None:
         update["cached_prefill"] = cached
-    for field in ("h2d_pinned", "h2d_pageable", "d2h_pinned", "d2h_pageable"):
-        bw = bandwidth_from(rows, f"copy_{field}")
-        if bw is None and field.endswith("pinned"):  # device cpu: only host memcpy was measured
-            bw = bandwidth_from(rows, f"copy_{field.replace('pinned', 'pageable')}")
-        if bw is not None:
-            update[field] = bw
+    update.update(_copy_fits(rows, "copy_"))
+    swaps = _copy_fits(rows, "kv_swap_")
+    if swaps:
+        update["kv_swaps"] = KvSwaps(tensors=2 * spec.num_layers, fits=swaps)
     for field in ("serialize", "deserialize"):
         bw = bandwidth_from(rows, field)
         if bw is not None:

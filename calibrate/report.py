@@ -44,6 +44,11 @@ def summary_rows(profile: Profile, r: dict[str, Any]) -> list[tuple[str, str]]:
         bw = getattr(profile, name)
         large = f"; above {bw.large_from_bytes / 2**20:.0f} MiB: {bw.large_gbps:.2f} GB/s" if bw.large_gbps else ""
         rows.append((name, f"{bw.latency_s * 1e6:.1f} us + {bw.gbps:.2f} GB/s{large}"))
+    if profile.kv_swaps is not None:
+        for name, bw in sorted(profile.kv_swaps.fits.items()):
+            large = f"; above {bw.large_from_bytes / 2**20:.0f} MiB: {bw.large_gbps:.2f} GB/s" if bw.large_gbps else ""
+            rows.append((f"KV swap {name}", f"{bw.latency_s * 1e6:.1f} us + {bw.gbps:.2f} GB/s{large} "
+                         f"(a whole session's KV, {profile.kv_swaps.tensors} tensors)"))
     n = profile.network
     rows.append(("tcp loopback", f"connect {n.connect_s * 1e6:.0f} us, RTT {n.loopback_rtt_s * 1e6:.0f} us, {n.loopback_gbps:.2f} GB/s"))
     for tier, load in profile.weight_load.items():

@@ -126,6 +126,7 @@ def _work_units(plan: plans.Plan, spec: ModelSpec, device: str) -> float:
         + len(plans.decode_points(plan, spec.max_position_embeddings, plan.decode_max_sum_context))
         + plan.exp21_runs
         + copy_kinds * len(plan.copy_sizes)
+        + len(plan.kv_swap_contexts)
         + len(plan.serde_sizes)
         + 2
         + len(plan.net_sizes)
@@ -300,7 +301,7 @@ def _stages(s: Session, staged, oom_probe: bool) -> None:
 
     from .bench_cached import run_cached_prefill
     from .bench_compute import run_decode_grid, run_exp21, run_prefill_grid, warm_up
-    from .bench_copies import run_copies
+    from .bench_copies import run_copies, run_kv_swaps
     from .bench_memory import oom_probe as probe
     from .bench_network import run_loopback, run_serde
     from .bench_processes import run_loads_mp, run_timeslice_mp, timeslice_budget_s
@@ -312,6 +313,9 @@ def _stages(s: Session, staged, oom_probe: bool) -> None:
 
     r = s.results
     r["copies"] = staged("copies", run_copies, s)
+    kv_swaps = staged("kv_swaps", run_kv_swaps, s, optional=True)
+    if kv_swaps is not None and kv_swaps["fits"]:
+        r["kv_swaps"] = kv_swaps
     r["serde"] = staged("serde", run_serde, s)
     r["network"] = staged("network", run_loopback, s)
     staged("warm_up", warm_up, s)

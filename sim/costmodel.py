@@ -144,6 +144,21 @@ class CostModel(ABC):
     def copy_s(self, nbytes: float, direction: Literal["h2d", "d2h"] = "h2d", pinned: bool = True) -> float:
         return self.copy_bandwidth(direction, pinned).time_s(nbytes) if nbytes > 0 else 0.0
 
+    def kv_swap_bandwidth(self, direction: Literal["h2d", "d2h"], pinned: bool) -> tuple[Bandwidth, int]:
+        """How a session's KV cache (`kv_tensors` buffers) crosses PCIe in a swap: the bandwidth and
+        how many buffers pay its fixed latency one after another. Without a measured kv_swaps stage:
+        pinned copies are issued non_blocking into a pool and queue on one stream, so their
+        latencies overlap (paid once for the set); pageable copies are synchronous, one per buffer."""
+        bandwidth = self.copy_bandwidth(direction, pinned)
+        return bandwidth, 1 if pinned else self.kv_tensors
+
+    def kv_swap_s(self, nbytes: float, direction: Literal["h2d", "d2h"], pinned: bool) -> float:
+        """A swap of `nbytes` of one session's KV, alone on the bus."""
+        if nbytes <= 0:
+            return 0.0
+        bandwidth, pieces = self.kv_swap_bandwidth(direction, pinned)
+        return bandwidth.time_s(nbytes, pieces)
+
     @abstractmethod
     def serde_bandwidth(self, which: Literal["serialize", "deserialize"]) -> Bandwidth: ...
 
@@ -286,6 +301,15 @@ class ProfileCostModel(CostModel):
 
     def copy_bandwidth(self, direction: Literal["h2d", "d2h"], pinned: bool) -> Bandwidth:
         return getattr(self.profile, f"{direction}_{'pinned' if pinned else 'pageable'}")
+
+    def kv_swap_bandwidth(self, direction: Literal["h2d", "d2h"], pinned: bool) -> tuple[Bandwidth, int]:
+        """The kv_swaps stage's fit for the whole set, when the profile has it for this model's
+        layout; else the copies stage's bandwidth (CostModel.kv_swap_bandwidth)."""
+        swaps = self.profile.kv_swaps
+        key = f"{direction}_{'pinned' if pinned else 'pageable'}"
+        if swaps is not None and swaps.tensors == self.kv_tensors and key in swaps.fits:
+            return swaps.fits[key], 1
+        return super().kv_swap_bandwidth(direction, pinned)
 
     def serde_bandwidth(self, which: Literal["serialize", "deserialize"]) -> Bandwidth:
         return getattr(self.profile, which)
@@ -511,6 +535,8 @@ def transfer_profile(profile: Profile, source: GpuSpec, target: GpuSpec, model: 
             "weight_load": loads,
             "loads_mp": loads_mp,
             "cached_prefill": move(profile.cached_prefill) if profile.cached_prefill is not None else None,
+            "kv_swaps": profile.kv_swaps.model_copy(update={"fits": {k: move_bw(v) for k, v in profile.kv_swaps.fits.items()}})
+            if profile.kv_swaps is not None else None,
             "memory": mem,
         }
     )

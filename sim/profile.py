@@ -20,7 +20,7 @@ from .outputs import os_error_line
 from .safeyaml import describe_path, parse_json, read_input_text, strict_json
 
 SCHEMA_VERSION = 2
-# Version 1 lacks the optional sections version 2 added (loads_mp, timeslice_mp, cached_prefill): it
+# Version 1 lacks the optional sections version 2 added (loads_mp, timeslice_mp, cached_prefill, kv_swaps): it
 # still reads, and the cost model falls back where a section is absent.
 READABLE_VERSIONS = (1, 2)
 
@@ -94,6 +94,19 @@ class Bandwidth(_Strict):
         V tensor per layer): the latency is paid per buffer, the rate is that of one buffer's size."""
         pieces = max(int(pieces), 1)
         return pieces * self.latency_s + nbytes / (self.rate_gbps(nbytes / pieces) * 1e9)
+
+
+KvSwapKey = Literal["d2h_pinned", "h2d_pinned", "d2h_pageable", "h2d_pageable"]
+
+
+class KvSwaps(_Strict):
+    """A session's whole KV cache (`tensors` K and V buffers) moved the way a swap moves it (stage
+    kv_swaps): time = latency + bytes / rate for the whole set, per direction and host-memory kind.
+    Pinned: non_blocking copies into (out of) a pool, queued on one stream; pageable: `.to("cpu")`
+    into freshly allocated host memory, and back."""
+
+    tensors: int = Field(gt=0)
+    fits: dict[KvSwapKey, Bandwidth]
 
 
 class WeightLoad(_Strict):
@@ -309,6 +322,8 @@ class Profile(_Strict):
         default=None, description="k processes decoding at once on the GPU (stage timeslice_mp); absent: not measured")
     cached_prefill: LinearFit | PiecewiseFit | None = Field(
         default=None, description="prefill of new tokens on top of a cached context (stage cached_prefill)")
+    kv_swaps: KvSwaps | None = Field(
+        default=None, description="a session's whole KV swapped out and in (stage kv_swaps); absent: not measured")
     samples_file: str | None = None
 
     @field_validator("jitter_decode", "jitter_prefill", "jitter_decode_sequence")

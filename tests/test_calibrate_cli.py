@@ -62,7 +62,7 @@ def test_samples_csv_holds_every_stage(cpu_calibration):
         stages = {row["stage"] for row in csv.DictReader(fh)}
     for stage in ("prefill", "decode", "exp21_step", "copy_h2d_pageable", "serialize", "deserialize", "tcp_connect",
                   "tcp_rtt", "tcp_send", "composition", "weights_load_disk", "weights_load_pageable", "cached_prefill",
-                  "loads_mp_disk", "loads_mp_pageable", "timeslice_mp"):
+                  "loads_mp_disk", "loads_mp_pageable", "timeslice_mp", "kv_swap_d2h_pageable", "kv_swap_h2d_pageable"):
         assert stage in stages, stage
 
 
@@ -76,7 +76,11 @@ def test_profile_carries_the_process_stages_and_the_cached_prefill_fit(cpu_calib
     cost = ProfileCostModel(profile, TINY)
     assert cost.prefill_s(16, 1, 122) > 0 and cost.out_of_range == set()  # REFLECT's shape, inside the grid
     assert cost.gpu_busy_fraction() == profile.timeslice_mp.gpu_busy_fraction
-    for stage in ("cached_prefill", "loads_mp", "timeslice_mp"):
+    # a whole session's KV swapped as a swap does it: one fit per direction and kind (cpu: memcpy for both)
+    assert profile.kv_swaps.tensors == cost.kv_tensors == 2 * TINY.num_layers
+    assert set(profile.kv_swaps.fits) == {"d2h_pinned", "h2d_pinned", "d2h_pageable", "h2d_pageable"}
+    assert cost.kv_swap_bandwidth("d2h", False) == (profile.kv_swaps.fits["d2h_pageable"], 1)
+    for stage in ("cached_prefill", "loads_mp", "timeslice_mp", "kv_swaps"):
         assert f"-- stage {stage} took" in result.output, stage
         assert profile.end_to_end[f"stage.{stage}_s"] > 0
     assert "decoding by k processes" in result.output and "loads by k processes, disk" in result.output
@@ -99,6 +103,7 @@ def test_refit_reproduces_the_profile_from_its_samples(cpu_calibration, tmp_path
     assert _approx(after.decode_step.model_dump()) == before.decode_step.model_dump()
     assert _approx(after.cached_prefill.model_dump()) == before.cached_prefill.model_dump()
     assert _approx(after.memory.model_dump()) == before.memory.model_dump()  # workspace fits included
+    assert _approx(after.kv_swaps.model_dump()) == before.kv_swaps.model_dump()
     assert after.cold_shapes.source == before.cold_shapes.source and "stage cold_shapes" in after.cold_shapes.source
     assert any("fits recomputed" in note for note in after.metadata.notes)
 

@@ -67,8 +67,9 @@ def test_swap_reflect_pays_out_and_in_at_pcie_bandwidth(act_s):
     cost = LinearPrefill()
     (kept,), _ = _run("preserve", act_s, cost)
     (swapped,), _ = _run("swap", act_s, cost)
-    # the copy's latency per K/V tensor, then the bus
-    one_way_s = cost.copy_bandwidth("h2d", True).time_s(_kv_bytes(cost), cost.kv_tensors)
+    # pinned: the K/V copies queue non_blocking, so their latency is paid once, then the bus
+    bandwidth = cost.copy_bandwidth("h2d", True)
+    one_way_s = bandwidth.latency_s + _kv_bytes(cost) / (bandwidth.gbps * 1e9)
     assert swapped.kv_state == "swapped"
     assert swapped.h2d_bytes - kept.h2d_bytes == _kv_bytes(cost)
     wait_s = max(one_way_s - swapped.uplink_s, 0.0) if act_s == 0 else 0.0
@@ -82,6 +83,47 @@ def test_pageable_swap_is_slower_than_pinned():
     (pinned,), _ = _run("swap", 2.0, pinned_host_kv=True)
     (pageable,), _ = _run("swap", 2.0, pinned_host_kv=False)
     assert pageable.copy_s > pinned.copy_s
+
+
+def test_pageable_swap_pays_the_latency_per_tensor_by_hand():
+    """Pageable copies are synchronous: every K and V tensor pays the copy latency, then the bytes
+    go at the pageable rate (ACT long enough that the swap-out is off the REFLECT's path)."""
+    cost = LinearPrefill()
+    (kept,), _ = _run("preserve", 2.0, cost)
+    (swapped,), _ = _run("swap", 2.0, cost, pinned_host_kv=False)
+    bandwidth = cost.copy_bandwidth("h2d", False)
+    by_hand = cost.kv_tensors * bandwidth.latency_s + _kv_bytes(cost) / (bandwidth.rate_gbps(_kv_bytes(cost) / cost.kv_tensors) * 1e9)
+    assert swapped.copy_s - kept.copy_s == pytest.approx(by_hand, rel=1e-9)
+
+
+def test_measured_kv_swaps_stage_is_what_a_swap_pays():
+    """A profile with the kv_swaps stage: a swap of the session's whole KV pays that fit, once for the
+    set (latency + bytes / rate), pinned and pageable alike; a profile of another KV layout falls back."""
+    from djinnsim.sim.costmodel import ProfileCostModel
+    from djinnsim.sim.profile import KvSwaps
+    from djinnsim.sim.specs import get_model
+
+    from djinnsim.sim.profile import load_profile
+    from djinnsim.sim.run import bundled_profiles
+
+    (path,) = [p for p in bundled_profiles() if p.name == "h100-80gb-llama-2-7b.json"]
+    base = ProfileCostModel(load_profile(path), get_model("llama-2-7b"))
+    fits = {"d2h_pinned": Bandwidth(latency_s=2e-4, gbps=40.0), "h2d_pinned": Bandwidth(latency_s=3e-4, gbps=45.0),
+            "d2h_pageable": Bandwidth(latency_s=1e-3, gbps=4.0), "h2d_pageable": Bandwidth(latency_s=2e-3, gbps=5.0)}
+    profile = base.profile.model_copy(update={"kv_swaps": KvSwaps(tensors=base.kv_tensors, fits=fits)})
+    cost = ProfileCostModel(profile, get_model("llama-2-7b"))
+    nbytes = 1000 * cost.kv_bytes_per_token
+    for key, bw in fits.items():
+        direction, kind = key.split("_")
+        assert cost.kv_swap_s(nbytes, direction, kind == "pinned") == pytest.approx(bw.latency_s + nbytes / (bw.gbps * 1e9), rel=1e-12)
+    (kept,), _ = _run("preserve", 2.0, cost)
+    (swapped,), _ = _run("swap", 2.0, cost, pinned_host_kv=False)
+    assert swapped.kv_state == "swapped"
+    assert swapped.copy_s - kept.copy_s == pytest.approx(cost.kv_swap_s(_kv_bytes(cost), "h2d", False), rel=1e-9)
+    other = profile.model_copy(update={"kv_swaps": KvSwaps(tensors=base.kv_tensors + 2, fits=fits)})
+    fallback = ProfileCostModel(other, get_model("llama-2-7b"))
+    assert fallback.kv_swap_s(nbytes, "h2d", True) == pytest.approx(base.kv_swap_s(nbytes, "h2d", True), rel=1e-12)
+    assert fallback.kv_swap_s(nbytes, "h2d", True) != pytest.approx(cost.kv_swap_s(nbytes, "h2d", True), rel=1e-3)
 
 
 @pytest.mark.parametrize(("ttl_s", "then", "state"), [(0.5, "swap", "swapped"), (0.5, "discard", "discarded"),

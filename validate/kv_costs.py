@@ -136,13 +136,13 @@ def _reflects(cost: ProfileCostModel, spec: ModelSpec, context: int, policy: str
 
 def engine_swap_out_s(cost: ProfileCostModel, nbytes: int, pinned: bool) -> float:
     """A session's KV leaving the GPU alone on the engine's PCIe link (server.py's swap-out:
-    `Pcie.copy("d2h", ..., cost.kv_tensors)`, one K and one V tensor per layer): the simulated time."""
+    `Pcie.swap("d2h", ...)`, at `cost.kv_swap_bandwidth`): the simulated time."""
     import simpy
 
     from djinnsim.sim.engine.pcie import Pcie
 
     env = simpy.Environment()
-    env.run(env.process(Pcie(env, cost).copy("d2h", nbytes, pinned, cost.kv_tensors)))
+    env.run(env.process(Pcie(env, cost).swap("d2h", nbytes, pinned)))
     return env.now
 
 

@@ -130,7 +130,7 @@ def primitives(measured: Profile, moved: Profile) -> list[Primitive]:
         for pinned in (True, False):
             add("KV swap", f"swap-{name} of a {KV_SWAP_TOKENS}-token context ({kv_bytes / 2**20:.0f} MiB), "
                 f"{'pinned' if pinned else 'pageable'} host", "ms",
-                lambda c, d=direction, p=pinned: c.copy_bandwidth(d, p).time_s(kv_bytes, c.kv_tensors), 1e3)
+                lambda c, d=direction, p=pinned: c.kv_swap_s(kv_bytes, d, p), 1e3)
     for k in (2, 4, 8):
         add("time-slicing", f"decode-step slowdown, {k} processes", "x", lambda c, n=k: c.timeslice_slowdown(n))
     add("first use of a shape", "decode step, extra", "ms", lambda c: c.cold_shape_s("decode", 1), 1e3)

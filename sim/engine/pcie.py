@@ -1,23 +1,24 @@
 """A GPU's PCIe link: one full-duplex resource shared by request copies, weight loads and KV swaps.
 
-Each direction (h2d, d2h) is one SharedPipe at the profile's pinned copy bandwidth in that
-direction: the most the bus moved for one copy from page-locked host memory, the closest measured
-figure to what the link itself carries. Every transfer crossing the bus is a flow of that pipe,
+Each direction (h2d, d2h) is one SharedPipe at the profile's pinned bandwidth in that direction:
+the most the bus moved from page-locked host memory (one copy, or a whole KV swap of queued
+copies), the closest measured figure to what the link itself carries. Every transfer crossing the bus is a flow of that pipe,
 and its class says what else holds it back (max-min fair shares, see pipe.py):
 
 - pinned copies (a KV swap to or from the pinned host pool): nothing but the bus;
 - pageable copies (a request's tensors, staged by the driver through a bounce buffer; KV swaps
-  when the host pool is not pinned): the profile's pageable rate, shared by the pageable copies in
-  flight. Sharing, not a rate per copy: the measured aggregate of concurrent loads from pageable
+  when the host pool is not pinned): the profile's pageable rate (for a swap, the kv_swaps stage's,
+  freshly allocated host memory included), shared by the pageable copies in flight. Sharing, not a rate per copy: the measured aggregate of concurrent loads from pageable
   memory stays flat with k (7.3, 6.5, 7.1 GB/s at k = 1, 2, 4 on the H100);
 - weight loads from a tier (disk cache, pageable, pinned host memory): the measured aggregate of k
   concurrent loads from that tier, `load_aggregate_gbps(tier, k)`, split among them.
 
 So two equal copies at once each take twice as long; a load and a swap-in at once split the bus
 when both could use more than half of it, and a load slower than half the bus (from disk) takes
-its own rate while the swap takes the rest. A copy's fixed latency (the profile's `latency_s`, once per
-buffer: a KV swap moves one K and one V tensor per layer) is paid before it joins the pipe and does
-not hold the bus.
+its own rate while the swap takes the rest. A copy's fixed latency (the profile's `latency_s`) is
+paid before it joins the pipe and does not hold the bus: once per buffer for synchronous copies
+(a pageable KV swap moves one K and one V tensor per layer, each on its own), once for a pinned
+swap, whose non_blocking copies queue on one stream (CostModel.kv_swap_bandwidth).
 """
 
 from __future__ import annotations
@@ -39,9 +40,14 @@ class Pcie:
     def __init__(self, env: simpy.Environment, cost: CostModel) -> None:
         self.env = env
         self.cost = cost
-        self.pipes = {d: SharedPipe(env, lambda k, rate=cost.copy_bandwidth(d, True).gbps * 1e9: rate)
-                      for d in ("h2d", "d2h")}
+        self.pipes = {d: SharedPipe(env, lambda k, rate=self.bus_gbps(cost, d) * 1e9: rate) for d in ("h2d", "d2h")}
         self._classes: dict[tuple, FlowClass] = {}
+
+    @staticmethod
+    def bus_gbps(cost: CostModel, direction: Direction) -> float:
+        """What the bus carries one way: the fastest pinned transfer measured that way (a single
+        pinned copy, or a whole pinned KV swap, whose queued copies can run a little faster)."""
+        return max(cost.copy_bandwidth(direction, True).gbps, cost.kv_swap_bandwidth(direction, True)[0].gbps)
 
     @property
     def h2d(self) -> SharedPipe:
@@ -60,9 +66,18 @@ class Pcie:
     def copy(self, direction: Direction, nbytes: float, pinned: bool, pieces: int = 1):
         """A host<->device copy of `nbytes` from pinned or pageable host memory, as `pieces` equal
         buffers copied one after another (Bandwidth.time_s: latency per buffer, rate by its size)."""
+        yield from self._move(direction, nbytes, pinned, self.cost.copy_bandwidth(direction, pinned), pieces)
+
+    def swap(self, direction: Direction, nbytes: float, pinned: bool):
+        """A session's KV cache swapped out (d2h) or restored (h2d): `cost.kv_swap_bandwidth`, the
+        measured swap of the whole set where the profile has it (pinned copies queue and pay their
+        latency once; pageable ones pay it per K and V tensor)."""
+        bandwidth, pieces = self.cost.kv_swap_bandwidth(direction, pinned)
+        yield from self._move(direction, nbytes, pinned, bandwidth, pieces)
+
+    def _move(self, direction: Direction, nbytes: float, pinned: bool, bandwidth, pieces: int):
         if nbytes <= 0:
             return
-        bandwidth = self.cost.copy_bandwidth(direction, pinned)
         pieces = max(int(pieces), 1)
         rate_Bps = bandwidth.rate_gbps(nbytes / pieces) * 1e9
         if bandwidth.latency_s > 0:

@@ -249,8 +249,8 @@ class GpuServer:
         return IdleKv(
             kv_bytes=nbytes,
             expected_act_s=self.expected_act_s,
-            swap_out_s=cost.copy_bandwidth("d2h", pinned).time_s(nbytes, cost.kv_tensors),
-            swap_in_s=cost.copy_bandwidth("h2d", pinned).time_s(nbytes, cost.kv_tensors),
+            swap_out_s=cost.kv_swap_s(nbytes, "d2h", pinned),
+            swap_in_s=cost.kv_swap_s(nbytes, "h2d", pinned),
             recompute_s=recompute_s(cost, session.kv_tokens, next_input_tokens),
             others_resident_bytes=self.resident_kv_bytes - nbytes,
         )
@@ -287,7 +287,7 @@ class GpuServer:
         self.resident_kv_bytes -= nbytes
 
         def swap_out():
-            yield from self.pcie.copy("d2h", nbytes, self.pinned_host_kv, self.cost.kv_tensors)
+            yield from self.pcie.swap("d2h", nbytes, self.pinned_host_kv)
             self.memory.free(nbytes)
             self.memory_plan.give(data=nbytes)
 
@@ -427,7 +427,7 @@ class GpuServer:
             if up:
                 yield from self.pcie.copy("h2d", up, pinned=False)
             if restore:
-                yield from self.pcie.copy("h2d", restore, self.pinned_host_kv, cost.kv_tensors)
+                yield from self.pcie.swap("h2d", restore, self.pinned_host_kv)
                 self._host_release(restore)
                 self.resident_kv_bytes += restore
             session.kv_on_gpu = True
