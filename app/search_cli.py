@@ -8,7 +8,13 @@ from typing import Annotated, Callable, Optional
 import typer
 
 from djinnsim.errors import DjinnsimError
-from djinnsim.overrides_cli import AgentsOption, BackendsOption, GpuOption, LinkGbpsOption, SetOption, collect
+from djinnsim.overrides_cli import AgentsOption, GpuOption, LinkGbpsOption, SetOption, collect
+
+# `run --backends B,...` replaces the scenario's list; a search picks among the scenario's backends
+# with `--backend B` (repeatable). `--backends B,...` is kept, hidden, as another spelling of the
+# same choice (the same answers and the same results folder), not as an override of the scenario.
+BackendsAlias = Annotated[Optional[list[str]], typer.Option(
+    "--backends", hidden=True, help="the same as --backend, comma-separated")]
 
 
 def search(
@@ -21,7 +27,8 @@ def search(
     within_native_pct: Annotated[Optional[float], typer.Option(
         help="decode scenarios: the slowest link at which each remote backend is within this % of native_pytorch")] = None,
     backend: Annotated[Optional[list[str]], typer.Option(
-        help="search only this backend of the scenario (repeatable; default: all)")] = None,
+        metavar="B", help="search only this backend of the scenario (repeatable, or comma-separated; "
+                          "default: all; --set backends=[...] changes the scenario's list)")] = None,
     max_agents: Annotated[int, typer.Option(
         help="largest N probed; a cap that still meets the SLO is reported as limited_by: cap")] = 65536,
     calibration: Annotated[Optional[Path], typer.Option(
@@ -36,7 +43,7 @@ def search(
         help="search each group as a Ray task on the cluster at ADDRESS (alone: a local Ray); needs the ray extra")] = None,
     set_: SetOption = None,
     agents: AgentsOption = None,
-    backends: BackendsOption = None,
+    backends: BackendsAlias = None,
     gpu: GpuOption = None,
     link_gbps: LinkGbpsOption = None,
 ) -> None:
@@ -61,15 +68,16 @@ def search(
             raise DjinnsimError(f"{name} must be a finite number, not {value}")
     if not 1 <= max_agents <= search_mod.DEFAULT_MAX_AGENTS * 16:
         raise DjinnsimError(f"--max-agents must be in 1..{search_mod.DEFAULT_MAX_AGENTS * 16}, not {max_agents}")
-    overrides = collect(set_, agents=agents, backends=backends, gpu=gpu, link_gbps=link_gbps)
+    chosen_backends = selected_backends([*(backend or ()), *(backends or ())])
+    overrides = collect(set_, agents=agents, gpu=gpu, link_gbps=link_gbps)
     loaded, results_name = load_overridden(scenario, overrides)
     folder = OutputFolder(out, Path("results") / results_name / f"search-{utc_stamp()}", force=force)
     costs = CostModels(loaded, calibration)
     with held(jobs, ray):  # the groups run as `djinnsim run --jobs / --ray` runs points; answers do not change
         if slo_p99_ms is not None:
-            answers = search_mod.search_capacity(loaded, slo_p99_ms, backend, max_agents=max_agents, costs=costs)
+            answers = search_mod.search_capacity(loaded, slo_p99_ms, chosen_backends, max_agents=max_agents, costs=costs)
         else:
-            answers = search_mod.search_break_even(loaded, break_even_ms, within_native_pct, backend, costs=costs)
+            answers = search_mod.search_break_even(loaded, break_even_ms, within_native_pct, chosen_backends, costs=costs)
     with folder as staging:
         search_mod.write_search_outputs(answers, staging)
     out_dir = folder.path
@@ -81,6 +89,15 @@ def search(
         return
     typer.echo((out_dir / "search.md").read_text())
     typer.echo(f"results: {out_dir}")
+
+
+def selected_backends(values: list[str]) -> list[str] | None:
+    """The backends named by `--backend` (each value may be a comma-separated list), in order,
+    each once; None (all of the scenario's) when none is named."""
+    names = [name.strip() for value in values for name in value.split(",")]
+    if any(not name for name in names):
+        raise DjinnsimError(f"--backend: an empty backend name in {','.join(values)!r}")
+    return list(dict.fromkeys(names)) or None
 
 
 def register(app: typer.Typer, wrap: Callable, command_class: type | None = None) -> None:

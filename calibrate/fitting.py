@@ -105,14 +105,18 @@ def reach_cut(domain: dict[str, tuple[float, float]], var: str, cut: float) -> d
     side's points lie elsewhere in the other inputs (a decode piece above a cut at context 96 whose
     points start at 260). `sum_context` is batch x context, so where the box grows in batch or
     context it grows over the added slab too: without that a batch-1 step at context 100 would
-    sit inside the piece in batch and context and outside it in sum_context.
+    sit inside the piece in batch and context and outside it in sum_context. A box that reaches the
+    cut already adds only its face at the cut, which may still lie past its points' sum_context: a
+    piece below a cut at context 96 whose only point there is at batch 1 holds batch 64 at contexts
+    69-95 in batch and context, and the piece above starts at 96, so sum_context covers the face too.
+    A cut strictly inside the box changes nothing.
     """
     lo, hi = domain[var]
-    if lo <= cut <= hi:
+    if lo < cut < hi:
         return domain
     out = {**domain, var: (min(lo, cut), max(hi, cut))}
     if var in ("batch", "context") and {"batch", "context", "sum_context"} <= domain.keys():
-        slab = {**domain, var: (cut, lo) if cut < lo else (hi, cut)}
+        slab = {**domain, var: (cut, lo) if cut <= lo else (hi, cut)}
         (b_lo, b_hi), (c_lo, c_hi) = slab["batch"], slab["context"]
         s_lo, s_hi = domain["sum_context"]
         out["sum_context"] = (min(s_lo, b_lo * c_lo), max(s_hi, b_hi * c_hi))

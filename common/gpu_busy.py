@@ -1,12 +1,23 @@
 """GPU utilization, one definition on both sides: the share of wall time the GPU runs kernels.
 
-The simulator takes it from the executor's busy intervals; a real run from NVML's utilization
-samples, which are that quantity as the driver measures it ("percent of time over the past sample
-period during which one or more kernels was executing"), averaged over the run's window. Without
-NVML, CUDA events around each GPU pass give the share of wall time the GPU spends inside passes:
-an upper bound, since it also counts the gaps between a launch-bound pass's kernels.
+This is the one place it is defined; every figure named GPU utilization follows it:
 
-Nothing here imports torch at import time: sim/ may use `busy_share` on simulated intervals.
+- Simulator (`kernel_share`): the records' `gpu_busy_s` summed, over the window's wall time. `gpu_busy_s` is
+  the kernel time of the request's passes: a launch-bound decode pass counts only its kernel share
+  (the profile's f: timeslice_mp's fit, else NVML's SM utilization during calibrate's Exp 2.1), a
+  batched step is split among its sequences, so the sum is the union of the GPU's busy intervals.
+  summary.json's `gpu_utilization` (window: first measured request to last measured reply) and
+  the per-run `gpu_util_pct` of the baselines (window: the run) are this.
+- Real GPU (`sampled_busy_share`): NVML's utilization samples, which are that quantity as the
+  driver measures it ("percent of time over the past sample period during which one or more
+  kernels was executing"), averaged over the same window (validate/gpumon.py samples them).
+- Real CPU (`busy_share` of the passes' compute stamps, or `PassClock`): a pass is the device's work
+  from its start to its end, so the share of wall time inside passes. On a GPU without NVML,
+  CUDA events around each pass give the same share, an upper bound there, since it also counts the
+  gaps between a launch-bound pass's kernels.
+
+`djinnsim validate` compares the simulated figure with the real one as an info metric (`gpu_util`).
+Nothing here imports torch at import time: sim/ uses `kernel_share`.
 """
 
 from __future__ import annotations
@@ -29,6 +40,15 @@ def busy_share(intervals: Iterable[tuple[float, float]], start_at: float, end_at
         busy += b - max(a, reach)
         reach = b
     return busy / (end_at - start_at)
+
+
+def kernel_share(busy_s: float, start_at: float, end_at: float, gpus: int = 1) -> float | None:
+    """`busy_s` kernel seconds (the window's requests' `gpu_busy_s` summed) over the window's wall
+    time on `gpus` GPUs (their mean), at most 1; None for a window with no time in it."""
+    span_s = end_at - start_at
+    if not span_s > 0:
+        return None
+    return min(float(busy_s) / (span_s * gpus), 1.0)
 
 
 def sampled_busy_share(samples: Iterable[tuple[float, float]], start_at: float, end_at: float) -> float | None:

@@ -16,11 +16,10 @@ Conventions, shared by every output:
   to its last reply, queueing included.
 - Breakdown groups: queue = waiting for the GPU or for memory; transfer = connect + uplink +
   downlink + host<->device copy; load = weight loading; compute = GPU execution.
-- GPU utilization (`gpu_utilization`) is the share of wall time the GPU runs kernels: the
-  records' `gpu_busy_s` summed (the executor splits a shared step among its sequences, so the sum
-  is the union of the GPU's busy intervals) over the span from the first measured request to the
-  last measured reply. A launch-bound decode pass counts only its kernel share (the profile's NVML
-  SM utilization during Exp 2.1), as NVML's utilization would.
+- GPU utilization (`gpu_utilization`, and each run's `gpu_util_pct`) is the share of wall time
+  the GPU runs kernels, as common/gpu_busy.py defines it for the simulator and real runs alike:
+  the records' `gpu_busy_s` summed over the span from the first measured request to the last
+  measured reply (a run's: its first request to its last reply).
 """
 
 from __future__ import annotations
@@ -28,6 +27,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
+
+from djinnsim.common.gpu_busy import kernel_share
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -44,6 +45,7 @@ BREAKDOWN_GROUPS = {
 _SUMMED = (
     "connect_s", "uplink_s", "queue_s", "load_s", "copy_s", "compute_s", "downlink_s",
     "new_tokens", "bytes_up", "bytes_down", "wire_bytes_up", "wire_bytes_down", "h2d_bytes", "d2h_bytes",
+    "gpu_busy_s",
 )
 
 
@@ -127,8 +129,8 @@ def _weight_read_floor_gbps(forwards: "pd.Series", weight_bytes: int | None, wal
 def decode_runs(frame: "pd.DataFrame", weight_bytes: int | None = None) -> "pd.DataFrame":
     """One row per measured decode run.
 
-    Columns: run, total_ms, tokens_generated, per_token_ms, gpu_util_pct (compute time / run
-    wall time), memory_bw_gbps (weight-read floor, when weight_bytes is given; a forward per
+    Columns: run, total_ms, tokens_generated, per_token_ms, gpu_util_pct (kernel time / run
+    wall time, common/gpu_busy.py), memory_bw_gbps (weight-read floor, when weight_bytes is given; a forward per
     generated token), host_to_device_mb / device_to_host_mb (client<->server payload), oom,
     plus the raw sums and the breakdown in ms.
     """
@@ -138,7 +140,7 @@ def decode_runs(frame: "pd.DataFrame", weight_bytes: int | None = None) -> "pd.D
     runs["tokens_generated"] = runs["new_tokens"].astype(int)
     runs["per_token_ms"] = runs["total_ms"].where(tokens > 0) / tokens.where(tokens > 0)
     wall = runs["wall_s"].where(runs["wall_s"] > 0)
-    runs["gpu_util_pct"] = runs["compute_s"] / wall * 100.0
+    runs["gpu_util_pct"] = runs["gpu_busy_s"] / wall * 100.0
     runs["memory_bw_gbps"] = _weight_read_floor_gbps(tokens, weight_bytes, runs["wall_s"])
     runs["host_to_device_mb"] = runs["bytes_up"] / BYTES_PER_MB
     runs["device_to_host_mb"] = runs["bytes_down"] / BYTES_PER_MB
@@ -195,7 +197,7 @@ def agent_iterations(frame: "pd.DataFrame", weight_bytes: int | None = None,
     """One row per (agent, iteration): the seed's per-run figures for an agent workload.
 
     total_ms sums the iteration's phase latencies (ACT, the tool's sleep, is not GPU work);
-    gpu_util_pct is compute time over that total; bytes are the iteration's payload.
+    gpu_util_pct is kernel time (`gpu_busy_s`) over that total; bytes are the iteration's payload.
     `phases` may pass agent_phases(frame) when the caller has it already.
     """
     phases = agent_phases(frame) if phases is None else phases
@@ -212,7 +214,7 @@ def agent_iterations(frame: "pd.DataFrame", weight_bytes: int | None = None,
     iterations["tokens_generated"] = iterations["new_tokens"].astype(int)
     iterations["per_token_ms"] = iterations["total_ms"].where(tokens > 0) / tokens.where(tokens > 0)
     total_s = (iterations["total_ms"] / MS_PER_S).where(iterations["total_ms"] > 0)
-    iterations["gpu_util_pct"] = iterations["compute_s"] / total_s * 100.0
+    iterations["gpu_util_pct"] = iterations["gpu_busy_s"] / total_s * 100.0
     iterations["memory_bw_gbps"] = _weight_read_floor_gbps(tokens, weight_bytes, iterations["total_ms"] / MS_PER_S)
     iterations["host_to_device_mb"] = iterations["bytes_up"] / BYTES_PER_MB
     iterations["device_to_host_mb"] = iterations["bytes_down"] / BYTES_PER_MB
@@ -248,14 +250,13 @@ def agent_summary(frame: "pd.DataFrame", phases: "pd.DataFrame | None" = None) -
 
 def gpu_utilization(frame: "pd.DataFrame", gpus: int = 1) -> float | None:
     """Share of the measured wall time (first request to last reply) the GPU ran kernels, in [0, 1]
-    (a pool of `gpus`: their mean); None without measured records or with no time elapsed."""
+    (a pool of `gpus`: their mean; common/gpu_busy.kernel_share); None without measured records or
+    with no time elapsed."""
     rows = measured(frame)
     if rows.empty:
         return None
-    span_s = float(rows["finished_at"].max() - rows["issued_at"].min())
-    if span_s <= 0:
-        return None
-    return min(float(rows["gpu_busy_s"].sum()) / (span_s * gpus), 1.0)
+    return kernel_share(float(rows["gpu_busy_s"].sum()), float(rows["issued_at"].min()),
+                        float(rows["finished_at"].max()), gpus)
 
 
 def peak_gpu_mem_bytes(frame: "pd.DataFrame") -> int:

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import errno
+import math
 import os
 import re
 import shutil
@@ -27,11 +28,11 @@ import threading
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from djinnsim.errors import DjinnsimError
 
-from .safeyaml import describe_path
+from .safeyaml import describe_path, strict_json
 
 # A folder holding one of these was written by djinnsim (run, search, validate): --force may replace it.
 OUTPUT_MARKERS = ("summary.json", "search.json", "validation.json", "provenance.json")
@@ -185,5 +186,33 @@ def write_text(path: Path, text: str) -> Path:
     try:
         path.write_text(text)
     except OSError as exc:
+        raise DjinnsimError(os_error_line(exc, "write")) from None
+    return path
+
+
+def null_non_finite(value: Any) -> Any:
+    """`value` with every NaN and infinity, at any depth, replaced by None (JSON null): for files
+    where a figure that does not exist is data (an interval of identical samples, an error against
+    a zero mean), not a bug to refuse."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: null_non_finite(child) for key, child in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [null_non_finite(child) for child in value]
+    return value
+
+
+def write_json(path: Path, document: Any, **dumps: Any) -> Path:
+    """Write `document` as standard JSON (no NaN or Infinity: null_non_finite) to a temporary file
+    beside `path`, renamed over it when complete, so a reader never finds half a file; `dumps` go
+    to json.dumps (indent, separators, sort_keys). A failure is one line."""
+    text = strict_json(null_non_finite(document), **dumps) + "\n"
+    staging = path.with_name(f".{path.name}{PARTIAL_TAG}{os.getpid()}")
+    try:
+        staging.write_text(text)
+        os.replace(staging, path)
+    except OSError as exc:
+        staging.unlink(missing_ok=True)
         raise DjinnsimError(os_error_line(exc, "write")) from None
     return path

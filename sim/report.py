@@ -41,7 +41,8 @@ MEMORY_BW_NOTE = (
 )
 NOTES = {
     "memory_bw_gbps": MEMORY_BW_NOTE,
-    "gpu_util_pct": "GPU compute time / run wall time x 100",
+    "gpu_util_pct": "GPU kernel time / run wall time x 100: the share of the run the GPU runs kernels, a "
+                    "launch-bound pass counting only its kernel share, as NVML's utilization (common/gpu_busy.py)",
     "host_to_device_mb": "client -> server payload (framing aside), MB = 1e6 bytes",
     "device_to_host_mb": "server -> client payload (framing aside), MB = 1e6 bytes",
     "percentiles": "numpy.percentile method=linear over the measured (non-warm-up), OOM-free runs",

@@ -322,7 +322,7 @@ def groups(scenario: Scenario, costs: CostModels, backends: Iterable[str] | None
     for name in wanted:
         if name not in scenario.backends:
             raise DjinnsimError(f"backend {name!r} is not in scenario {scenario.name!r} "
-                                f"(it has {', '.join(scenario.backends)})")
+                                f"(it has {', '.join(scenario.backends)}; --set backends=[...] changes its list)")
     names = wanted + [b for b in extra_backends if b not in wanted]
     for name in names:
         get_backend(name, scenario.custom_backends)

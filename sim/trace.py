@@ -11,10 +11,10 @@ file is byte-identical for identical records.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterable
 
+from .outputs import write_json
 from .records import DURATION_FIELDS, Record
 
 US_PER_S = 1e6
@@ -75,5 +75,4 @@ def write_trace(records: Iterable[Record], path: Path, *, pid: int, process_name
         "displayTimeUnit": "ms",
         "otherData": metadata or {},
     }
-    path.write_text(json.dumps(document, sort_keys=True, separators=(",", ":")) + "\n")
-    return path
+    return write_json(path, document, sort_keys=True, separators=(",", ":"))  # a NaN or infinity is null

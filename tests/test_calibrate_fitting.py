@@ -216,23 +216,40 @@ def test_reach_cut_stretches_sum_context_over_the_added_slab():
     low = {"batch": (2.0, 64.0), "context": (68.0, 68.0), "sum_context": (136.0, 4352.0)}
     assert reach_cut(low, "context", 96.0)["sum_context"] == (136.0, 6144.0)
     assert reach_cut(low, "batch", 1.0)["sum_context"] == (68.0, 4352.0)
-    # A cut already inside the box changes nothing; nor does a box without batch and context.
+    # A box that reaches the cut (one point at context 96, batch 1) still covers its face there.
+    reached = {"batch": (1.0, 64.0), "context": (68.0, 96.0), "sum_context": (68.0, 4352.0)}
+    assert reach_cut(reached, "context", 96.0) == {**reached, "sum_context": (68.0, 6144.0)}
+    # A cut strictly inside the box changes nothing; nor does a box without batch and context.
     assert reach_cut(domain, "batch", 8.0) == domain
     assert reach_cut({"prompt_tokens": (16.0, 256.0)}, "prompt_tokens", 512.0) == {"prompt_tokens": (16.0, 512.0)}
+
+
+def _slow_off_grid_fit(at_96: tuple[tuple[int, float], ...]):
+    """The decode fit of a grid at contexts 68-2052 (batch 1-64, up to 65,536 tokens) whose context
+    68 runs in a slow state, plus slow points at context 96 (batch, seconds): it cuts at 96."""
+    contexts = (64, 256, 512, 1024, 2048)
+    points = [FitPoint({"batch": b, "context": c + 4, "sum_context": b * (c + 4)}, 0.026 + 5e-8 * b * c)
+              for b in (1, 2, 4, 8, 16, 32, 64) for c in contexts if b * c <= 65536]
+    points = [FitPoint(p.inputs, 0.035) if p.inputs["context"] == 68 else p for p in points]
+    points += [FitPoint({"batch": float(b), "context": 96.0, "sum_context": 96.0 * b}, v) for b, v in at_96]
+    fit = fit_decode(points)
+    assert isinstance(fit, PiecewiseFit) and fit.pieces[0].domain["context"] == (68.0, 96.0)
+    return fit
 
 
 def test_decode_pieces_leave_no_gap_where_split_points_sit_off_the_grid():
     """Points off the grid's contexts (96, between the grid's 68 and 260, at batches 1-64) in a slow
     state: the fit cuts at context 96, and the piece above it must start there at every batch (it
     used to start at sum_context 260, leaving batch 1 at context 97-259 outside)."""
-    contexts = (64, 256, 512, 1024, 2048)
-    points = [FitPoint({"batch": b, "context": c + 4, "sum_context": b * (c + 4)}, 0.026 + 5e-8 * b * c)
-              for b in (1, 2, 4, 8, 16, 32, 64) for c in contexts if b * c <= 65536]
-    points = [FitPoint(p.inputs, 0.035) if p.inputs["context"] == 68 else p for p in points]
-    points += [FitPoint({"batch": float(b), "context": 96.0, "sum_context": 96.0 * b}, v)
-               for b, v in ((1, 0.034), (2, 0.036), (4, 0.035), (8, 0.037), (64, 0.035))]
-    fit = fit_decode(points)
-    assert isinstance(fit, PiecewiseFit)
+    fit = _slow_off_grid_fit(((1, 0.034), (2, 0.036), (4, 0.035), (8, 0.037), (64, 0.035)))
+    assert _outside(fit, (1, 2, 3, 8, 64), range(68, 2053), 65792) == []
+
+
+def test_no_gap_where_the_lower_piece_reaches_the_cut_at_one_batch_only():
+    """The slow points off the grid sit at context 96 at batches 1-2 only, so the piece below the
+    cut reaches it in context but its points' sum_context stops at 64 x 68: batch 64 at contexts
+    69-95 was inside it in batch and context, outside in sum_context, and below the piece above."""
+    fit = _slow_off_grid_fit(((1, 0.034), (2, 0.036), (1, 0.035), (2, 0.037), (1, 0.035)))
     assert _outside(fit, (1, 2, 3, 8, 64), range(68, 2053), 65792) == []
 
 

@@ -71,6 +71,29 @@ def test_every_op_at_every_context_with_its_real_interval_and_verdict(result):
     assert meta["profile"]["sha256"] in md and "| reflect_discard | 48 |" in md and meta["target"] in md
 
 
+def test_kv_costs_json_is_strict_json_with_null_for_a_figure_that_is_not_finite(tmp_path, monkeypatch):
+    """A simulated cost that is not finite makes its error not finite too: kv_costs.json holds null
+    there, never NaN, so the file stays standard JSON."""
+    real = kv_costs.simulated_costs
+
+    def one_nan(*args, **kwargs):
+        costs = real(*args, **kwargs)
+        return {**costs, ("reflect_preserve", None): float("nan")}
+
+    monkeypatch.setattr(kv_costs, "simulated_costs", one_nan)
+    profile = _cpu_profile(tmp_path / "cpu-tiny.json")
+    kv_costs.run(profile, tmp_path / "out", device="cpu", contexts=(16,), repeats=2, warmups=0, sim_draws=1,
+                 say=lambda _: None)
+
+    def refuse(name):
+        raise AssertionError(f"{name} in kv_costs.json")
+
+    rows = json.loads((tmp_path / "out" / "kv_costs.json").read_text(), parse_constant=refuse)["rows"]
+    preserve = [r for r in rows if r["op"] == "reflect_preserve"]
+    assert [(r["sim_s"], r["error_pct"]) for r in preserve] == [(None, None)]
+    assert all(r["sim_s"] is not None for r in rows if r["op"] != "reflect_preserve")
+
+
 def test_swapped_and_reprefilled_caches_give_the_resident_caches_token(result):
     _, _, doc = result
     for context in CONTEXTS:

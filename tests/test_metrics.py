@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -49,16 +51,18 @@ def test_percentile_is_numpy_linear():
 
 
 def test_decode_runs_per_token_math_and_warmup_filter():
-    # run 0 (warm-up) is slow; runs 1 and 2 have 4 steps of 10 ms and 20 ms (half compute each).
+    # run 0 (warm-up) is slow; runs 1 and 2 have 4 steps of 10 ms and 20 ms (half compute each),
+    # each pass launch-bound: kernels run 40% of its compute time (gpu_busy_s).
     runs = [[dict(compute_s=0.5, uplink_s=0.5)] * 4]
     runs += [[dict(compute_s=0.005, uplink_s=0.005)] * 4, [dict(compute_s=0.010, uplink_s=0.010)] * 4]
-    frame = records_frame(closed_loop_decode(runs, warmup_runs=1))
+    records = [dataclasses.replace(r, gpu_busy_s=0.4 * r.compute_s) for r in closed_loop_decode(runs, warmup_runs=1)]
+    frame = records_frame(records)
     table = metrics.decode_runs(frame, weight_bytes=10**9)
     assert list(table["run"]) == [1, 2]
     assert list(table["total_ms"]) == pytest.approx([40.0, 80.0])
     assert list(table["per_token_ms"]) == pytest.approx([10.0, 20.0])
     assert list(table["tokens_generated"]) == [4, 4]
-    assert list(table["gpu_util_pct"]) == pytest.approx([50.0, 50.0])
+    assert list(table["gpu_util_pct"]) == pytest.approx([20.0, 20.0])  # kernel time, not compute time
     assert list(table["host_to_device_mb"]) == pytest.approx([32e-6, 32e-6])
     assert list(table["device_to_host_mb"]) == pytest.approx([0.256, 0.256])
     # weight-read floor: 4 forwards x 1 GB in 40 ms = 100 GB/s

@@ -4,8 +4,10 @@ byte-identical rewrites, Figure 6."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
+import math
 from dataclasses import dataclass, field
 
 import pytest
@@ -79,7 +81,8 @@ def decode_result() -> FakeResult:
                 jitter = 0.001 * ((run * 4 + t) % 3)
                 rec = _record(point, issued_at=clock, run=run, step=t, phase="decode", warmup=run == 0,
                               connect_s=0.0002, uplink_s=0.0001, queue_s=0.0, compute_s=step_s / 2 + jitter,
-                              downlink_s=step_s / 2 - 0.0003, bytes_down=DOWN_BYTES[point.backend.name])
+                              downlink_s=step_s / 2 - 0.0003, bytes_down=DOWN_BYTES[point.backend.name],
+                              gpu_busy_s=0.6 * (step_s / 2 + jitter))  # kernels: 60% of each pass
                 records.append(rec)
                 clock = rec.finished_at
         points.append(FakePointResult(point, records, events=len(records) * 5))
@@ -136,9 +139,10 @@ def test_decode_baseline_json_has_the_seed_schema_and_per_token_math(tmp_path):
         assert run["per_token_ms"] == pytest.approx(run["total_ms"] / 4, abs=1e-3)
         assert run["device_to_host_mb"] == pytest.approx(4 * 0.064)
         assert run["host_to_device_mb"] == pytest.approx(4 * 8e-6)
-    # steps of run_id 2 (records 4..7): 10 ms + jitter (1, 2, 0, 1) ms, half of the 10 ms computing
+    # steps of run_id 2 (records 4..7): 10 ms + jitter (1, 2, 0, 1) ms, half of the 10 ms computing;
+    # the GPU runs kernels 60% of the compute time (gpu_busy_s), which is what gpu_util_pct counts
     assert doc["runs"][0]["total_ms"] == pytest.approx(44.0, abs=1e-3)
-    assert doc["runs"][0]["gpu_util_pct"] == pytest.approx(100 * (4 * 5 + 4) / 44.0, abs=1e-2)
+    assert doc["runs"][0]["gpu_util_pct"] == pytest.approx(100 * 0.6 * (4 * 5 + 4) / 44.0, abs=1e-2)
     # weight-read floor: 4 forwards x 13.48 GB in 44 ms
     assert doc["runs"][0]["memory_bw_gbps"] == pytest.approx(4 * 13.48e9 / 0.044 / 1e9, rel=1e-3)
     agg = doc["aggregates"]
@@ -210,6 +214,26 @@ def test_oom_record_is_an_instant_event(tmp_path):
     report.write_outputs(result, tmp_path)
     events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
     assert [e["name"] for e in events if e["ph"] == "i"] == ["OOM reason/-1"]
+
+
+def _refuse_constant(name: str):
+    raise AssertionError(f"{name} is not standard JSON")
+
+
+def test_trace_json_is_strict_json_with_null_where_a_value_is_not_finite(tmp_path):
+    """A record or label that is not finite (a bug upstream, or a figure that does not exist) is
+    written as null: the file stays standard JSON, so Perfetto and other readers can open it."""
+    traced = agents_result().points[-1]
+    first = traced.records[0]
+    broken = dataclasses.replace(first, issued_at=math.inf)
+    path = trace.write_trace([broken, *traced.records[1:]], tmp_path / "trace.json", pid=1, process_name="p",
+                             metadata={"p99_ms": math.nan, "n": 4})
+    doc = json.loads(path.read_text(), parse_constant=_refuse_constant)
+    assert doc["otherData"] == {"p99_ms": None, "n": 4}
+    unplaced = [e for e in doc["traceEvents"] if e["ph"] == "X" and e["ts"] is None]
+    assert len(unplaced) == len(trace.record_events(broken, 1))  # the record's parent and children
+    assert [e["dur"] for e in unplaced][:1] == [None]  # its latency (finished_at - issued_at) is -inf
+    assert [p for p in tmp_path.iterdir()] == [path]  # the temporary file was renamed into place
 
 
 def test_trace_point_out_of_range_is_a_one_line_error(tmp_path):

@@ -118,6 +118,15 @@ def test_strict_json_refuses_non_finite_numbers_and_names_where():
     assert safeyaml.strict_json({"a": 1.5}) == '{"a": 1.5}'
 
 
+def test_write_json_writes_null_for_non_finite_numbers_and_leaves_no_temporary_file(tmp_path):
+    path = outputs.write_json(tmp_path / "x.json", {"a": [1.5, math.nan, (math.inf, -math.inf)], "b": "nan"},
+                              indent=1)
+    assert json.loads(path.read_text()) == {"a": [1.5, None, [None, None]], "b": "nan"}
+    assert "NaN" not in path.read_text() and list(tmp_path.iterdir()) == [path]
+    with pytest.raises(DjinnsimError, match="cannot write"):
+        outputs.write_json(tmp_path / "missing" / "x.json", {})
+
+
 # --- scenario fields -------------------------------------------------------------------------------
 
 

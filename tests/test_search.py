@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from djinnsim import search_cli
 from djinnsim.cli import app
 from djinnsim.errors import DjinnsimError
 from djinnsim.sim import search
@@ -248,6 +249,8 @@ def test_break_even_unreachable_target_is_bound():
     ([], "exactly one of"),
     (["--slo-p99-ms", "100", "--break-even-ms", "5"], "exactly one of"),
     (["--slo-p99-ms", "100", "--backend", "full_djinn"], "not in scenario"),
+    (["--slo-p99-ms", "100", "--backends", "djinn,full_djinn"], "not in scenario"),
+    (["--slo-p99-ms", "100", "--backend", "djinn,"], "empty backend name"),
     (["--slo-p99-ms", "-1"], "must be > 0"),
     (["--break-even-ms", "5"], "decode workload"),
 ])
@@ -258,6 +261,30 @@ def test_bad_search_input_is_one_line(tmp_path, args, needle):
     assert result.exit_code == 1, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.output
+
+
+def test_one_way_to_choose_backends(tmp_path):
+    """`--backend B` (repeatable) is the documented choice; a comma-separated value and the hidden
+    spelling `--backends B,...` choose the same backends: the same answers, the same folder (no
+    override tag: the scenario is unchanged)."""
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(SMALL))
+    spellings = {"repeated": ["--backend", "djinn", "--backend", "ray_keepalive"],
+                 "commas": ["--backend", "djinn,ray_keepalive"],
+                 "hidden": ["--backends", "djinn,ray_keepalive"]}
+    printed = {}
+    for name, args in spellings.items():
+        result = runner.invoke(app, ["search", str(path), "--slo-p99-ms", str(SMALL_SLO_MS), "--json", *args,
+                                     "--out", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        printed[name] = result.stdout
+        assert (tmp_path / name / "search.json").read_text() == (tmp_path / "repeated" / "search.json").read_text()
+    assert list(json.loads(printed["repeated"])) == ["djinn", "ray_keepalive"]
+    assert printed["commas"] == printed["hidden"] == printed["repeated"]
+    assert search_cli.selected_backends([]) is None
+    assert search_cli.selected_backends(["djinn", "djinn,x"]) == ["djinn", "x"]
+    help_text = runner.invoke(app, ["search", "--help"], terminal_width=200).output
+    assert "--backend " in help_text and "--backends" not in help_text
 
 
 def test_slo_search_on_a_decode_scenario_is_an_error():

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from djinnsim.sim.records import Record
+from djinnsim.sim.metrics import gpu_utilization
+from djinnsim.sim.records import Record, records_frame
 from djinnsim.validate import compare
 from djinnsim.validate.compare import METRIC_BY_NAME, busy_fraction, judge, judge_oom, record_metrics, relative_error
 
@@ -76,6 +77,23 @@ def test_busy_fraction_merges_overlaps():
     c = rec(issued_at=0.0, started_at=6.0, compute_s=1.0, finished_at=10.0)
     assert busy_fraction([a, b, c]) == pytest.approx((3.0 + 1.0) / 10.0)
     assert busy_fraction([]) is None
+    # a pass starts after its request's weight load and copies: a 3 s load, then 1 s of compute
+    loaded = rec(issued_at=0.0, started_at=0.0, load_s=3.0, copy_s=0.5, compute_s=1.0, finished_at=10.0)
+    assert busy_fraction([loaded, rec(issued_at=0.0, started_at=3.5, compute_s=1.0, finished_at=10.0)]) == \
+        pytest.approx(1.0 / 10.0)  # the same second twice: one busy second
+
+
+def test_simulated_gpu_utilization_is_kernel_time_as_nvml_measures_the_real_one():
+    """The simulated side counts the records' gpu_busy_s (a launch-bound pass's kernel share), the
+    quantity NVML reports for the real side and summary.json's gpu_utilization: not compute time,
+    which holds the host's launch gaps (it made a keep-alive point read 76% simulated against 20%
+    real)."""
+    run = [replace(r, gpu_busy_s=0.4 * r.compute_s) for r in decode_run(1, 0.0, [0.2, 0.1, 0.1])]
+    sim = compare.sim_repeat_metrics(run, None, agents=False)
+    assert sim["gpu_util"] == pytest.approx(0.4 * 0.2 / 0.4)  # kernels 40% of the half spent computing
+    assert busy_fraction(run) == pytest.approx(0.5)  # what compute stamps alone would say
+    assert compare.sim_repeat_metrics([rec(warmup=True)], None, agents=False)["gpu_util"] is None
+    assert gpu_utilization(records_frame(run)) == pytest.approx(sim["gpu_util"])  # one definition
 
 
 def test_relative_error_and_zero_reference():

@@ -191,3 +191,16 @@ def test_every_point_is_simulated_as_often_as_it_ran_for_real(real_folder):
         assert mean["sim_min"] == min(mean["sim_values"]) and mean["sim_max"] == max(mean["sim_values"])
     assert differ  # the profile's step-time jitter: repeat 1 is another draw
     assert RECORD_COLUMNS[0] == "point" and rows and next(iter(rows[0])) == "repeat"
+
+
+def test_regenerate_scripts_replace_their_committed_reports():
+    """Each docs/validation/*/regenerate.sh re-makes reports that are already committed: every
+    re-comparison it runs must pass --force, or validate's atomic --out refuses the folder and the
+    script stops at its first command."""
+    scripts = sorted((Path(__file__).resolve().parents[1] / "docs" / "validation").glob("*/regenerate.sh"))
+    assert scripts
+    for script in scripts:
+        commands = " ".join(script.read_text().replace("\\\n", " ").splitlines())
+        for command in commands.split("djinnsim validate --from-real")[1:]:
+            command = command.split(" djinnsim ")[0].split(" done")[0]
+            assert "--force" in command.split(), f"{script.parent.name}: {command.strip()[:80]}"

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from djinnsim.common.gpu_busy import busy_share, kernel_share
 from djinnsim.sim.records import DURATION_FIELDS, Record
 
 MEAN_TOLERANCE = 0.05
@@ -70,24 +71,26 @@ def _units(records: list[Record], agents: bool) -> int:
 
 
 def busy_fraction(records: list[Record]) -> float | None:
-    """Fraction of the window (first issue to last reply) in which some request was computing."""
+    """Real runs on the CPU: the share of the window (first issue to last reply) in which some
+    request's pass was running, from the servers' compute stamps (a pass starts after the request's
+    load and copy). common/gpu_busy.py: on the CPU a pass is the device's work from start to end."""
     if not records:
         return None
-    spans = sorted((r.started_at, r.started_at + r.compute_s) for r in records if r.compute_s > 0)
     start, end = min(r.issued_at for r in records), max(r.finished_at for r in records)
     if end <= start:
         return None
-    busy, cur_start, cur_end = 0.0, None, None
-    for a, b in spans:
-        if cur_end is None or a > cur_end:
-            if cur_end is not None:
-                busy += cur_end - cur_start
-            cur_start, cur_end = a, b
-        else:
-            cur_end = max(cur_end, b)
-    if cur_end is not None:
-        busy += cur_end - cur_start
-    return min(busy / (end - start), 1.0)
+    starts = [(r.started_at + r.load_s + r.copy_s, r.compute_s) for r in records if r.compute_s > 0]
+    return busy_share([(a, a + compute_s) for a, compute_s in starts], start, end)
+
+
+def kernel_fraction(records: list[Record]) -> float | None:
+    """Simulated runs: the share of the window (first issue to last reply) the GPU ran kernels, the
+    records' `gpu_busy_s` (a launch-bound pass's kernel share) summed: what NVML's utilization
+    measures on the real side, and summary.json's `gpu_utilization` (common/gpu_busy.py)."""
+    if not records:
+        return None
+    return kernel_share(sum(r.gpu_busy_s for r in records), min(r.issued_at for r in records),
+                        max(r.finished_at for r in records))
 
 
 def record_metrics(records: list[Record], agents: bool) -> dict[str, float | None]:
@@ -285,8 +288,10 @@ class PointComparison:
 
 
 def sim_repeat_metrics(records: list[Record], peak_mem_bytes: float | None, agents: bool) -> dict[str, float | None]:
-    """The metrics of one simulated repeat: its records' metrics with the simulated memory peak."""
+    """The metrics of one simulated repeat: its records' metrics with the simulated memory peak and
+    the simulated GPU utilization (kernel time, as NVML measures the real one)."""
     metrics = record_metrics(records, agents)
+    metrics["gpu_util"] = kernel_fraction(measured(records))
     if peak_mem_bytes is not None:
         metrics["peak_gpu_mem_bytes"] = float(peak_mem_bytes)
     return metrics

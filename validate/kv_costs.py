@@ -38,7 +38,6 @@ real runs spread too widely to judge to 10%.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -50,6 +49,7 @@ import typer
 
 from djinnsim.errors import DjinnsimError
 from djinnsim.sim.costmodel import ProfileCostModel
+from djinnsim.sim.outputs import write_json
 from djinnsim.sim.profile import Profile, load_profile
 from djinnsim.sim.provenance import file_sha256, simulator
 from djinnsim.sim.specs import ModelSpec, get_model
@@ -355,7 +355,7 @@ def run(profile_path: Path, out_dir: Path, device: str = "cuda", gpu: int = 0,
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "kv_costs.json").write_text(json.dumps(doc, indent=2) + "\n")
+    write_json(out_dir / "kv_costs.json", doc, indent=2)  # null where a figure is not finite (a zero mean)
     (out_dir / "kv_costs.md").write_text(markdown(doc, rows))
     return doc
 

@@ -9,8 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../../.."
 here=docs/validation/h100-80gb
 resim() {  # run folder, profile
-  djinnsim validate --from-real "$1/exp21" --calibration "$2" --out "$1/exp21-resim" --quiet
-  djinnsim validate --from-real "$1/agents" --calibration "$2" --out "$1/agents-resim" --quiet
+  djinnsim validate --from-real "$1/exp21" --calibration "$2" --out "$1/exp21-resim" --quiet --force
+  djinnsim validate --from-real "$1/agents" --calibration "$2" --out "$1/agents-resim" --quiet --force
 }
 djinnsim calibrate --refit $here/run1-first/gpu-llama-2-7b.json --out $here/run1-first/gpu-llama-2-7b-refit.json --quiet
 resim $here/run1-first $here/run1-first/gpu-llama-2-7b-refit.json

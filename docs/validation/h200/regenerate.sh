@@ -11,7 +11,7 @@ profile=sim/data/profiles/h200-llama-2-7b.json
 out=$here/run1-decodefit
 djinnsim calibrate --refit $profile --out $out/calibration/h200-llama-2-7b-heldout.json --leave-out exp21_step --quiet
 djinnsim validate --from-real $here/run1/exp21-25 --calibration $out/calibration/h200-llama-2-7b-heldout.json \
-  --out $out/exp21-25 --quiet
+  --out $out/exp21-25 --quiet --force
 for item in agents-124 serverless-124; do
-  djinnsim validate --from-real $here/run1/$item --calibration $profile --out $out/$item --quiet
+  djinnsim validate --from-real $here/run1/$item --calibration $profile --out $out/$item --quiet --force
 done
