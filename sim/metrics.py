@@ -47,6 +47,9 @@ _SUMMED = (
     "new_tokens", "bytes_up", "bytes_down", "wire_bytes_up", "wire_bytes_down", "h2d_bytes", "d2h_bytes",
     "gpu_busy_s",
 )
+# The record columns the summaries below read (a point's frame needs no other: records.frame(columns)).
+SUMMARY_COLUMNS = ("agent", "run", "phase", "status", "warmup", "issued_at", "finished_at", "latency_s",
+                   "gpu_mem_peak_bytes", *_SUMMED)
 
 
 def percentile(values: Iterable[float], q: float) -> float | None:
@@ -66,9 +69,15 @@ def describe_ms(values_ms: Iterable[float], quantiles: tuple[int, ...] = (50, 95
     return out
 
 
+def rows_where(frame: "pd.DataFrame", mask: "pd.Series") -> "pd.DataFrame":
+    """The rows of `frame` where `mask` holds; `frame` itself when it holds on every row (no copy of
+    a large table to keep all of it)."""
+    return frame if mask.all() else frame[mask]
+
+
 def measured(frame: "pd.DataFrame") -> "pd.DataFrame":
     """Records outside warm-up."""
-    return frame[~frame["warmup"].astype(bool)]
+    return rows_where(frame, ~frame["warmup"].astype(bool))
 
 
 def oom_records(frame: "pd.DataFrame") -> int:
@@ -134,7 +143,7 @@ def decode_runs(frame: "pd.DataFrame", weight_bytes: int | None = None) -> "pd.D
     generated token), host_to_device_mb / device_to_host_mb (client<->server payload), oom,
     plus the raw sums and the breakdown in ms.
     """
-    runs = _add_breakdown_ms(_group_spans(measured(frame[frame["phase"] == "decode"]), ["run"]))
+    runs = _add_breakdown_ms(_group_spans(measured(rows_where(frame, frame["phase"] == "decode")), ["run"]))
     runs["total_ms"] = runs["wall_s"] * MS_PER_S
     tokens = runs["new_tokens"].astype(float)
     runs["tokens_generated"] = runs["new_tokens"].astype(int)
@@ -152,7 +161,7 @@ def decode_summary(frame: "pd.DataFrame", weight_bytes: int | None = None) -> di
     """Aggregates over the measured, OOM-free runs of one decode point."""
     runs = decode_runs(frame, weight_bytes)
     ok = runs[~(runs["oom"].astype(bool) | runs["rejected"].astype(bool))]
-    steps = measured(frame[(frame["phase"] == "decode") & (frame["status"] == "ok")])
+    steps = measured(rows_where(frame, (frame["phase"] == "decode") & (frame["status"] == "ok")))
     total = describe_ms(ok["total_ms"])
     per_token = describe_ms(ok["per_token_ms"])
     step = describe_ms(steps["latency_s"] * MS_PER_S)
@@ -186,7 +195,7 @@ def decode_summary(frame: "pd.DataFrame", weight_bytes: int | None = None) -> di
 
 def agent_phases(frame: "pd.DataFrame") -> "pd.DataFrame":
     """One row per measured (agent, run, phase) of REASON/REFLECT: latency_ms, breakdown, bytes, oom."""
-    phases = frame[frame["phase"].isin(AGENT_PHASES)]
+    phases = rows_where(frame, frame["phase"].isin(AGENT_PHASES))
     spans = _add_breakdown_ms(_group_spans(measured(phases), ["agent", "run", "phase"]))
     spans["latency_ms"] = spans["wall_s"] * MS_PER_S
     return spans

@@ -193,13 +193,16 @@ class RecordTable:
         """A coded column (phase, status, kv_state) as its integer codes."""
         return np.broadcast_to(np.asarray(self._columns[name], dtype=np.int64), (self._length,))
 
-    def frame(self):
-        """The table as a pandas DataFrame, RECORD_COLUMNS then latency_s (pandas imported only here)."""
+    def frame(self, columns: Iterable[str] | None = None):
+        """The table as a pandas DataFrame, RECORD_COLUMNS then latency_s (pandas imported only here);
+        only `columns` (in RECORD_COLUMNS' order, latency_s last) when given."""
         import pandas as pd
 
+        wanted = RECORD_COLUMNS if columns is None else frozenset(columns)
         frame = pd.DataFrame({name: pd.Series(self.column(name), dtype=object) if name in _TEXT_COLUMNS
-                              else self.column(name) for name in RECORD_COLUMNS}, copy=False)
-        frame["latency_s"] = frame["finished_at"] - frame["issued_at"]
+                              else self.column(name) for name in RECORD_COLUMNS if name in wanted}, copy=False)
+        if columns is None or "latency_s" in wanted:
+            frame["latency_s"] = frame["finished_at"] - frame["issued_at"]
         return frame
 
     def rows(self) -> Iterator[Record]:
@@ -233,10 +236,11 @@ class RecordTable:
         return sum(v.nbytes for v in self._columns.values() if isinstance(v, np.ndarray))
 
 
-def records_frame(records: "list[Record] | RecordTable"):
-    """The table of records as a pandas DataFrame (pandas imported only here)."""
+def records_frame(records: "list[Record] | RecordTable", columns: Iterable[str] | None = None):
+    """The table of records as a pandas DataFrame (pandas imported only here); only `columns` (and
+    latency_s when named) of a RecordTable when given."""
     if isinstance(records, RecordTable):
-        return records.frame()
+        return records.frame(columns)
     import pandas as pd
 
     row = attrgetter(*RECORD_COLUMNS)

@@ -11,9 +11,10 @@ pandas and matplotlib are imported inside the functions that use them (CLI start
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
@@ -156,6 +157,24 @@ def _run_entries(runs: "pd.DataFrame", run_ids: list[int]) -> list[dict[str, Any
     return entries
 
 
+class RunEntries:
+    """A baseline's `runs`: its entries made a chunk at a time as the file is written
+    (`_write_baseline`), never one dict per run of a large point all at once."""
+
+    CHUNK = 20_000
+
+    def __init__(self, runs: "pd.DataFrame", run_ids: list[int]) -> None:
+        self.runs, self.run_ids = runs, run_ids
+
+    def __len__(self) -> int:
+        return len(self.run_ids)
+
+    def chunks(self) -> Iterator[list[dict[str, Any]]]:
+        for start in range(0, len(self.run_ids), self.CHUNK):
+            stop = start + self.CHUNK
+            yield _run_entries(self.runs.iloc[start:stop], self.run_ids[start:stop])
+
+
 def _failed(runs: "pd.DataFrame") -> "pd.Series":
     """Runs with an OOM or a rejected record: left out of runs and aggregates."""
     return runs["oom"].astype(bool) | runs["rejected"].astype(bool)
@@ -179,7 +198,8 @@ def _aggregates(runs: "pd.DataFrame") -> dict[str, Any]:
 
 def baseline_document(point_result: "PointResult", scenario: Any, frame: "pd.DataFrame",
                       summary: dict[str, Any], phases: "pd.DataFrame | None" = None) -> dict[str, Any]:
-    """The seed's raw-run JSON for one point, extended with p50/p99, agent phases and a `simulation` block.
+    """The seed's raw-run JSON for one point, extended with p50/p99, agent phases and a `simulation` block
+    (its `runs` a RunEntries, written by _write_baseline).
 
     Runs with an OOM or a rejected record are left out of `runs` and `aggregates` (counted in `simulation`).
     Decode: one run per measured run, run_id = the engine's 0-based run number + 1 (warm-up runs
@@ -197,7 +217,7 @@ def baseline_document(point_result: "PointResult", scenario: Any, frame: "pd.Dat
         prompt_tokens, new_tokens, batch = workload.prompt_tokens, workload.new_tokens, workload.batch
     run_ids = list(range(1, len(runs) + 1)) if workload.kind == "agents" else [int(r) + 1 for r in runs["run"]]
     ok_mask = ~_failed(runs)
-    ok_runs = runs[ok_mask]
+    ok_runs = metrics.rows_where(runs, ok_mask)
     ok_ids = [rid for rid, ok in zip(run_ids, ok_mask) if ok]
     document: dict[str, Any] = {
         "baseline": point.backend.name,
@@ -205,7 +225,7 @@ def baseline_document(point_result: "PointResult", scenario: Any, frame: "pd.Dat
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,
         "batch_size": batch,
-        "runs": _run_entries(ok_runs, ok_ids),
+        "runs": RunEntries(ok_runs, ok_ids),
         "aggregates": _aggregates(runs),
     }
     if workload.kind == "agents":
@@ -385,6 +405,24 @@ def _write_json(path: Path, document: Any) -> Path:
     return path
 
 
+_RUNS_MARK = "\x00runs\x00"  # stands for the runs while the rest of a baseline is formatted
+
+
+def _write_baseline(path: Path, document: dict[str, Any]) -> Path:
+    """_write_json of a baseline_document, its runs formatted and written a chunk at a time: the same
+    text as the whole document through json.dumps(indent=2), without its millions of small strings."""
+    head, tail = strict_json({**document, "runs": _RUNS_MARK}, indent=2).split(json.dumps(_RUNS_MARK))
+    with path.open("w") as file:
+        file.write(head + "[")
+        separator = ""
+        for chunk in document["runs"].chunks():
+            text = strict_json(chunk, indent=2)  # "[\n  {...},\n  {...}\n]" at the top level
+            file.write(separator + text[1:-2].replace("\n", "\n  "))  # one level deeper, brackets off
+            separator = ","
+        file.write(("\n  ]" if separator else "]") + tail + "\n")
+    return path
+
+
 def write_outputs(result: "SimulationResult", out_dir: Path,
                   summaries: list[dict[str, Any]] | None = None) -> list[Path]:
     """Write every output but scenario.yaml into out_dir; return the paths written, in order.
@@ -437,13 +475,13 @@ class PointWriter:
         """One point's summary (returned), baseline JSON and rows of records.csv."""
         i = len(self.summaries)
         workload = self.scenario.workload.kind
-        frame = _frame(point_result)
+        frame = records_frame(point_result.records, metrics.SUMMARY_COLUMNS)  # the columns summaries read
         point_phases = metrics.agent_phases(frame) if workload == "agents" else None
         summary = (point_summary(point_result, workload, frame, point_phases) if self.given is None
                    else self.given[i])
         self.summaries.append(summary)
         document = baseline_document(point_result, self.scenario, frame, summary, point_phases)
-        self.written.append(_write_json(self.out_dir / "baselines" / f"{point_result.point.label}.json", document))
+        self.written.append(_write_baseline(self.out_dir / "baselines" / f"{point_result.point.label}.json", document))
         del frame, point_phases, document
         self._csv.write(point_result.records)
         if i == self.trace_index:

@@ -18,7 +18,7 @@ from rich.console import Console
 from djinnsim.errors import DjinnsimError
 from djinnsim.sim import claims as claims_mod
 from djinnsim.sim import report, trace
-from djinnsim.sim.records import DURATION_FIELDS, RECORD_COLUMNS, Record
+from djinnsim.sim.records import DURATION_FIELDS, RECORD_COLUMNS, Record, RecordTable
 from djinnsim.sim.scenario import expand_points, parse_scenario
 
 SEED_TOP_KEYS = ["baseline", "model_id", "prompt_tokens", "new_tokens", "batch_size", "runs", "aggregates"]
@@ -169,6 +169,25 @@ def test_agents_baseline_json_runs_are_agent_iterations_with_phase_figures(tmp_p
     keep = json.loads((tmp_path / "baselines" / "ray_keepalive__llama-2-7b-hf__h100-80gb__25gbps__n2.json").read_text())
     assert keep["agent_phases"]["oom"] is True and keep["agent_phases"]["oom_agents"] == 1
     assert len(keep["runs"]) == 1 and keep["simulation"]["runs_oom"] == 1
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 20_000])
+def test_baseline_written_a_chunk_of_runs_at_a_time_is_the_document_formatted_whole(tmp_path, monkeypatch, chunk):
+    from djinnsim.sim.safeyaml import strict_json
+
+    monkeypatch.setattr(report.RunEntries, "CHUNK", chunk)
+    result = agents_result(ns=(7,), backends=("djinn",))
+    point = result.points[0]
+    frame = report._frame(point)
+    document = report.baseline_document(point, result.scenario, frame, report.point_summary(point, "agents", frame))
+    runs = document["runs"]
+    for entries in (runs, report.RunEntries(runs.runs.iloc[:0], [])):  # 7 runs, then none
+        document["runs"] = entries
+        report._write_baseline(tmp_path / "baseline.json", document)
+        whole = strict_json({**document, "runs": [e for c in entries.chunks() for e in c]}, indent=2) + "\n"
+        assert (tmp_path / "baseline.json").read_text() == whole
+        assert len(json.loads(whole)["runs"]) == len(entries)
+    assert len(runs) == 7
 
 
 # --- records.csv, trace, determinism, figure -----------------------------------------------------
@@ -400,6 +419,10 @@ def test_fast_frame_equals_records_frame():
 
     for point in agents_result().points + decode_result().points:
         pandas.testing.assert_frame_equal(report._frame(point), records_frame(point.records))
+        some = ["agent", "status", "finished_at", "issued_at", "latency_s"]  # taken in RECORD_COLUMNS' order
+        table = RecordTable.from_records(point.records)
+        pandas.testing.assert_frame_equal(table.frame(some),
+                                          table.frame()[["agent", "status", "issued_at", "finished_at", "latency_s"]])
 
 
 @settings(max_examples=60, deadline=None)
