@@ -15,7 +15,7 @@ from djinnsim.calibrate import wire
 from djinnsim.errors import DjinnsimError
 from djinnsim.sim.scenario import expand_points, parse_scenario
 from djinnsim.sim.specs import get_model
-from djinnsim.validate import linkemu
+from djinnsim.common import linkemu
 from djinnsim.validate.pipeline import Machine, check_profile
 from djinnsim.validate.points import Shortening, parse_agents, select_points, validation_scenario
 
