@@ -8,6 +8,10 @@ Each round times, one after the other (so a busy shared machine slows them alike
              goes out in one wire.send_message sendall; the peer reads it into a fresh buffer on
              its main thread and answers a few bytes. Time: send start -> the small reply is in.
   pack       wire.pack of the payload: the serialization copy (the profile's `serialize`).
+  fresh buffer  bytearray(n): the zero-filled, page-faulting buffer a receiver allocates before
+             reading a message (wire._recv_exact), part of every transport time below.
+  half-RTT sleep  what time.sleep(RTT / 2), linkemu.Pacer's propagation delay before this change,
+             takes (the simulator charges RTT / 2); half-RTT hold: linkemu.hold(RTT / 2), its delay now.
   rig up     validate's path one way, pack not included: linkemu.Pacer (1 MiB chunks), the peer's
              connection thread reads it (linkemu.recv_message) and hands it through a queue to its
              executor thread (calibrate/loopback_server.py, MIRROR: what the loopback stage now times).
@@ -57,13 +61,14 @@ def _connect(port: int) -> socket.socket:
     return sock
 
 
-def interleaved(nbytes: int, rounds: int) -> dict[str, list[float]]:
+def interleaved(nbytes: int, rounds: int, rtt_s: float) -> dict[str, list[float]]:
     mp = multiprocessing.get_context("spawn")
     here, there = mp.Pipe()
     old = mp.Process(target=_old_peer, args=(there,), daemon=True)
     old.start()
     new = subprocess.Popen([sys.executable, "-m", "djinnsim.calibrate.loopback_server"], stdout=subprocess.PIPE, text=True)
-    times: dict[str, list[float]] = {"old stage": [], "pack": [], "rig up": [], "rig down": []}
+    times: dict[str, list[float]] = {"old stage": [], "pack": [], "fresh buffer": [], "half-RTT sleep": [], "half-RTT hold": [],
+                                     "rig up": [], "rig down": []}
     payload = np.ones(nbytes, dtype=np.uint8)
     old_parts = wire.encode(SINK, {}, {"x": payload})
     uplink = linkemu.Pacer(UNPACED)
@@ -76,9 +81,19 @@ def interleaved(nbytes: int, rounds: int) -> dict[str, list[float]]:
             t0 = time.perf_counter()
             wire.pack(SINK, {}, {"x": payload})
             pack_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            bytearray(nbytes)
+            fresh_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            time.sleep(rtt_s / 2)
+            sleep_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            linkemu.hold(rtt_s / 2)
+            hold_s = time.perf_counter() - t0
             (up_s,), (down_s,) = mirror_transport_s(new_sock, uplink, payload, repeats=1) if rnd else ([0.0], [0.0])
             if rnd:  # round 0 warms both peers up
-                for name, value in (("old stage", old_s), ("pack", pack_s), ("rig up", up_s), ("rig down", down_s)):
+                for name, value in (("old stage", old_s), ("pack", pack_s), ("fresh buffer", fresh_s),
+                                    ("half-RTT sleep", sleep_s), ("half-RTT hold", hold_s), ("rig up", up_s), ("rig down", down_s)):
                     times[name].append(value)
         wire.send_message(old_sock, wire.encode(STOP, {}))
         uplink.send(new_sock, wire.encode(STOP, {}))
@@ -141,7 +156,7 @@ def main() -> None:
     parser.add_argument("--rtt-ms", type=float, default=0.2, help="emulated RTT for --validate-model")
     args = parser.parse_args()
     nbytes = int(args.mib * 2**20)
-    times = interleaved(nbytes, args.rounds)
+    times = interleaved(nbytes, args.rounds, args.rtt_ms / 1e3)
     print(f"{nbytes / 2**20:.1f} MiB per message, {args.rounds} interleaved rounds after one warm-up")
     for name, values in times.items():
         print(_row(name, values, nbytes))
