@@ -20,7 +20,9 @@ Each round times, one after the other (so a busy shared machine slows them alike
 With --validate-model, validate's own server process (validate/server.py, CPU, one torch thread)
 and client (validate/clients.py) run partially_aware steps at --context tokens after the rounds,
 and the records' uplink_s / downlink_s (which include the sender's pack) are printed with the
-server's copy_s and compute_s. Figures: median and P10-P90 over rounds. Not a test: it prints.
+server's copy_s and compute_s; then full_djinn steps (one id up, last-token logits down: small
+messages) give `small uplink` / `small downlink`, beside `small RTT / 2` of the rounds (an ECHO
+through the same path: the profile's per_message_s). Figures: median and P10-P90 over rounds. Not a test: it prints.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import numpy as np
 
 from djinnsim.calibrate import wire
 from djinnsim.calibrate.bench_network import mirror_transport_s
-from djinnsim.calibrate.loopback_server import SINK, STOP, UNPACED
+from djinnsim.calibrate.loopback_server import ECHO, SINK, STOP, UNPACED
 from djinnsim.common import linkemu
 
 
@@ -68,7 +70,7 @@ def interleaved(nbytes: int, rounds: int, rtt_s: float) -> dict[str, list[float]
     old.start()
     new = subprocess.Popen([sys.executable, "-m", "djinnsim.calibrate.loopback_server"], stdout=subprocess.PIPE, text=True)
     times: dict[str, list[float]] = {"old stage": [], "pack": [], "fresh buffer": [], "half-RTT sleep": [], "half-RTT hold": [],
-                                     "rig up": [], "rig down": []}
+                                     "rig up": [], "rig down": [], "small RTT / 2": []}
     payload = np.ones(nbytes, dtype=np.uint8)
     old_parts = wire.encode(SINK, {}, {"x": payload})
     uplink = linkemu.Pacer(UNPACED)
@@ -95,6 +97,11 @@ def interleaved(nbytes: int, rounds: int, rtt_s: float) -> dict[str, list[float]
                 for name, value in (("old stage", old_s), ("pack", pack_s), ("fresh buffer", fresh_s),
                                     ("half-RTT sleep", sleep_s), ("half-RTT hold", hold_s), ("rig up", up_s), ("rig down", down_s)):
                     times[name].append(value)
+        for _ in range(20 * rounds):  # as the stage does, apart from the large messages (whose buffers
+            t0 = time.perf_counter()  # the peer frees inside the next message's interval)
+            uplink.send(new_sock, wire.encode(ECHO, {"op": "ping"}))
+            linkemu.recv_message(new_sock)
+            times["small RTT / 2"].append((time.perf_counter() - t0) / 2)
         wire.send_message(old_sock, wire.encode(STOP, {}))
         uplink.send(new_sock, wire.encode(STOP, {}))
     old.join(timeout=10)
@@ -118,7 +125,8 @@ def validate_server_path(model: str, context: int, steps: int, gbps: float, rtt_
         raise SystemExit(f"validate server did not start: {message}")
     client = clients.Client(linkemu.LinkParams(gbps, rtt_s), timeout_s=300)
     ids = np.random.default_rng(0).integers(0, get_model(model).vocab_size, size=(1, context), dtype=np.int64)
-    parts: dict[str, list[float]] = {k: [] for k in ("uplink", "downlink", "copy", "compute", "mbytes")}
+    parts: dict[str, list[float]] = {k: [] for k in ("uplink", "downlink", "copy", "compute", "mbytes",
+                                                     "small uplink", "small downlink")}
     kv = None
     try:
         for t in range(steps + 2):
@@ -134,6 +142,14 @@ def validate_server_path(model: str, context: int, steps: int, gbps: float, rtt_
                 parts["copy"].append(head["copy_s"])
                 parts["compute"].append(head["compute_s"])
                 parts["mbytes"].append(ex.bytes_up / 1e6)
+        ids = ids[:, :context]
+        for t in range(steps + 2):  # full_djinn: the KV stays on the server, one id up, logits down
+            header = {"s": "1.0", "kv": "session", "compute": "incremental", "logits": "last", "end": t == steps + 1}
+            ex = client.request(server.port, Op.STEP, header, {"ids": ids if t == 0 else ids[:, -1:]})
+            ids = np.concatenate([ids, ex.tensors["logits"][:, -1].argmax(-1).reshape(1, 1).astype(np.int64)], axis=1)
+            if t >= 2:
+                parts["small uplink"].append(ex.header["recv_at"] - ex.issued_at - ex.connect_s)
+                parts["small downlink"].append(ex.finished_at - ex.header["done_at"])
     finally:
         clients.control(server.port, Op.SHUTDOWN)
         server.process.join(timeout=10)
@@ -166,7 +182,7 @@ def main() -> None:
         print(f"validate's server + client, {args.validate_model} partially_aware at {args.context} tokens, "
               f"{args.gbps:g} Gbps, RTT {args.rtt_ms:g} ms: {mbytes:.1f} MB of KV each way")
         for name, values in real.items():
-            print(_row(f"validate {name}", values, mbytes * 1e6))
+            print(_row(f"validate {name}", values, mbytes * 1e6 if "small" not in name else 1))
 
 
 if __name__ == "__main__":
