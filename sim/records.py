@@ -82,6 +82,7 @@ KV_STATES = ("none", "resident", "swapped", "discarded", "evicted")
 _CODED = {"phase": PHASES, "status": STATUSES, "kv_state": KV_STATES}  # stored as small integer codes
 _FLOAT_COLUMNS = frozenset(f.name for f in fields(Record) if f.type == "float")
 _BOOL_COLUMNS = frozenset({"warmup"})
+_TEXT_COLUMNS = frozenset({"backend", "model", "gpu", *_CODED})
 
 
 def _array_type(name: str) -> str:
@@ -159,15 +160,20 @@ class RecordTable:
     def __len__(self) -> int:
         return self._length
 
-    def column(self, name: str) -> np.ndarray:
-        """A column as a numpy array (codes decoded to strings, integers as int64)."""
+    def column(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """A column as a numpy array (codes decoded to strings, integers as int64); rows
+        start..stop only when given (only those rows are converted)."""
         value = self._columns[name]
+        stop = self._length if stop is None else min(stop, self._length)
+        length = max(stop - start, 0)
+        if isinstance(value, np.ndarray) and (start or stop != self._length):
+            value = value[start:stop]
         if name in _CODED:
             labels = np.array(_CODED[name], dtype=object)
-            return labels[np.broadcast_to(np.asarray(value), (self._length,))]
+            return labels[np.broadcast_to(np.asarray(value), (length,))]
         if not isinstance(value, np.ndarray):
             dtype = bool if name in _BOOL_COLUMNS else None
-            return np.full(self._length, value, dtype=dtype if dtype else (object if isinstance(value, str) else None))
+            return np.full(length, value, dtype=dtype if dtype else (object if isinstance(value, str) else None))
         if name in _BOOL_COLUMNS:
             return value.astype(bool)
         if value.dtype.kind == "i":
@@ -191,7 +197,8 @@ class RecordTable:
         """The table as a pandas DataFrame, RECORD_COLUMNS then latency_s (pandas imported only here)."""
         import pandas as pd
 
-        frame = pd.DataFrame({name: self.column(name) for name in RECORD_COLUMNS})
+        frame = pd.DataFrame({name: pd.Series(self.column(name), dtype=object) if name in _TEXT_COLUMNS
+                              else self.column(name) for name in RECORD_COLUMNS}, copy=False)
         frame["latency_s"] = frame["finished_at"] - frame["issued_at"]
         return frame
 

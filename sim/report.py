@@ -244,7 +244,7 @@ class RecordsCsv:
     """records.csv written a point at a time, straight from its table of records (no frame): the
     columns RECORD_COLUMNS then latency_s, floats as CSV_FLOAT_FORMAT, as pandas' to_csv writes them."""
 
-    chunk_rows = 65536  # rows formatted at once (bounds the strings held)
+    chunk_rows = 8192  # rows formatted at once (bounds the strings held: about 20 MB)
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -263,7 +263,7 @@ class RecordsCsv:
         for start in range(0, len(table), self.chunk_rows):
             stop = min(start + self.chunk_rows, len(table))
             columns = [_csv_cells(table, name, start, stop) for name in RECORD_COLUMNS]
-            finished, issued = table.column("finished_at")[start:stop], table.column("issued_at")[start:stop]
+            finished, issued = table.column("finished_at", start, stop), table.column("issued_at", start, stop)
             columns.append(_csv_floats(finished - issued))
             self._file.write("\n".join(map(",".join, zip(*columns))) + "\n")
 
@@ -273,7 +273,7 @@ def _csv_cells(table: "RecordTable", name: str, start: int, stop: int):
     constant = table.constant(name)
     if constant is not None:
         return itertools.repeat(_csv_value(constant), stop - start)
-    values = table.column(name)[start:stop]
+    values = table.column(name, start, stop)
     if values.dtype.kind == "f":
         return _csv_floats(values)
     return [_csv_value(v) for v in values.tolist()]

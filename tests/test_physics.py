@@ -268,3 +268,47 @@ def test_a_per_request_task_cannot_keep_its_kv():
     with pytest.raises(DjinnsimError, match="kv_between_phases"):
         parse_scenario({"name": "x", "backends": ["t"], "workload": {"kind": "agents"},
                         "custom_backends": {"t": {"base": "ray_serverless", "kv_between_phases": "keep"}}})
+
+
+# --- the pipe's closed form for a lone transfer ---------------------------------------------------
+
+
+def _fixed_time_transfers(closed_form: bool, starts: list[tuple[float, float, float, float, bool]]) -> list[float]:
+    """Transfers (start, bytes, before_s, after_s, capped class) on one pipe: with the closed form,
+    the fixed times ride on the transfer; without it, explicit timeouts around a stepped flow."""
+    env = simpy.Environment()
+    pipe = SharedPipe(env, lambda k: 100.0 * (1 + 0.5 * (k > 1)))  # the aggregate rises with a second flow
+    pipe.closed_form = closed_form
+    capped = FlowClass("capped", lambda k: 30.0 * k)
+    ended = [None] * len(starts)
+
+    def job(i, start_at, nbytes, before_s, after_s, in_class):
+        yield env.timeout(start_at)
+        flow_class = capped if in_class else None
+        if closed_form:
+            yield pipe.transfer(nbytes, flow_class, lead_s=before_s / 3, before_s=before_s, after_s=after_s)
+        else:
+            yield env.timeout(before_s / 3)
+            yield env.timeout(before_s)
+            yield pipe.transfer(nbytes, flow_class)
+            yield env.timeout(after_s)
+        ended[i] = env.now
+
+    for i, start in enumerate(starts):
+        env.process(job(i, *start))
+    env.run()
+    assert pipe.in_flight == 0
+    return ended
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_transfers_with_fixed_times_end_exactly_when_stepped_ones_do(seed):
+    """Lone transfers (closed form), ones that another overtakes before or while they move (put back
+    into the pipe) and crowded ones: every end instant equals, to the bit, the one of the same
+    transfers stepped through the pipe with their fixed times as separate timeouts."""
+    rng = np.random.default_rng(seed)
+    spread = [0.2, 2.0, 20.0][seed % 3]  # crowded, some overlap, mostly alone
+    starts = [(float(rng.uniform(0, spread)), float(rng.uniform(1, 200)), float(rng.uniform(0, 0.5)),
+               float(rng.uniform(0, 0.5)), bool(rng.integers(2))) for _ in range(40)]
+    stepped = _fixed_time_transfers(False, starts)
+    assert _fixed_time_transfers(True, starts) == stepped

@@ -44,10 +44,12 @@ def request(env: simpy.Environment, pool: GpuPool, channel: Channel, plan: Reque
     server.routed += 1  # routed here and not yet answered (what least_loaded counts)
     if serving.remote:
         if serving.connect_per_request or not channel.connected:
-            out.connect_s = link.rtt_s + server.cost.connect_s()
-            yield env.timeout(out.connect_s)
+            out.connect_s = link.rtt_s + server.cost.connect_s()  # waited as the send's lead
+            if not out.connect_s > 0:  # zero, or a bad cost the clock's guard reports
+                yield env.timeout(out.connect_s)
             channel.connected = serving.keep_connection
-        out.uplink_s, out.wire_bytes_up = yield from link.send(link.up, plan.bytes_up, plan.messages)
+        lead_s = out.connect_s if out.connect_s > 0 else 0.0
+        out.uplink_s, out.wire_bytes_up = yield from link.send(link.up, plan.bytes_up, plan.messages, lead_s)
         out.bytes_up = plan.bytes_up
     yield from server.serve(channel.session, plan, out)
     if out.status != "ok":
@@ -103,7 +105,8 @@ def agent(env: simpy.Environment, pool: GpuPool, planner: Planner, log: RecordBu
 
     During ACT the server does what the session's KV policy says with its KV; a phase after it is
     planned with the context the session still holds, and re-prefills the rest (`recomputed_tokens`)."""
-    yield env.timeout(start_at)
+    if start_at > 0:
+        yield env.timeout(start_at)
     channel = yield from pool.open(agent_id)
     session = channel.session
     context = 0

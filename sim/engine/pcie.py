@@ -42,6 +42,8 @@ class Pcie:
         self.cost = cost
         self.pipes = {d: SharedPipe(env, lambda k, rate=self.bus_gbps(cost, d) * 1e9: rate) for d in ("h2d", "d2h")}
         self._classes: dict[tuple, FlowClass] = {}
+        self._moves: dict[tuple, tuple[float, FlowClass]] = {}  # (kind, direction, bytes, pinned[, pieces]) -> latency, class
+        self._loads: dict[str, tuple[float, FlowClass]] = {}  # tier -> fixed time, class
 
     @staticmethod
     def bus_gbps(cost: CostModel, direction: Direction) -> float:
@@ -66,30 +68,46 @@ class Pcie:
     def copy(self, direction: Direction, nbytes: float, pinned: bool, pieces: int = 1):
         """A host<->device copy of `nbytes` from pinned or pageable host memory, as `pieces` equal
         buffers copied one after another (Bandwidth.time_s: latency per buffer, rate by its size)."""
-        yield from self._move(direction, nbytes, pinned, self.cost.copy_bandwidth(direction, pinned), pieces)
+        if nbytes <= 0:
+            return
+        plan = self._moves.get(("copy", direction, nbytes, pinned, pieces))
+        if plan is None:
+            plan = self._plan_move(("copy", direction, nbytes, pinned, pieces), direction, nbytes, pinned,
+                                   self.cost.copy_bandwidth(direction, pinned), pieces)
+        yield self.pipes[direction].transfer(nbytes, plan[1], before_s=plan[0])
 
     def swap(self, direction: Direction, nbytes: float, pinned: bool):
         """A session's KV cache swapped out (d2h) or restored (h2d): `cost.kv_swap_bandwidth`, the
         measured swap of the whole set where the profile has it (pinned copies queue and pay their
         latency once; pageable ones pay it per K and V tensor)."""
-        bandwidth, pieces = self.cost.kv_swap_bandwidth(direction, pinned)
-        yield from self._move(direction, nbytes, pinned, bandwidth, pieces)
-
-    def _move(self, direction: Direction, nbytes: float, pinned: bool, bandwidth, pieces: int):
         if nbytes <= 0:
             return
+        plan = self._moves.get(("swap", direction, nbytes, pinned))
+        if plan is None:
+            bandwidth, pieces = self.cost.kv_swap_bandwidth(direction, pinned)
+            plan = self._plan_move(("swap", direction, nbytes, pinned), direction, nbytes, pinned, bandwidth, pieces)
+        yield self.pipes[direction].transfer(nbytes, plan[1], before_s=plan[0])
+
+    def _plan_move(self, key: tuple, direction: Direction, nbytes: float, pinned: bool, bandwidth,
+                   pieces: int) -> tuple[float, FlowClass]:
+        """A copy's fixed latency (paid before it joins the pipe) and flow class, memoized per `key`."""
         pieces = max(int(pieces), 1)
         rate_Bps = bandwidth.rate_gbps(nbytes / pieces) * 1e9
-        if bandwidth.latency_s > 0:
-            yield self.env.timeout(pieces * bandwidth.latency_s)
         flow_class = self._class(("copy", direction, pinned, rate_Bps), lambda k, r=rate_Bps: r)
-        yield self.pipes[direction].transfer(nbytes, flow_class)
+        plan = self._moves[key] = (pieces * bandwidth.latency_s, flow_class)
+        return plan
 
     def load(self, tier: str, nbytes: float):
         """A whole-model load from `tier`: its fixed overhead, then its bytes over h2d."""
-        spec = self.cost.weight_load(tier)
-        if spec.fixed_s > 0:
-            yield self.env.timeout(spec.fixed_s)
-        cost = self.cost
-        flow_class = self._class(("load", tier), functools.cache(lambda k: cost.load_aggregate_gbps(tier, k) * 1e9))
-        yield self.h2d.transfer(nbytes, flow_class)
+        plan = self._loads.get(tier)
+        if plan is None:
+            cost = self.cost
+            flow_class = self._class(("load", tier),
+                                     functools.cache(lambda k: cost.load_aggregate_gbps(tier, k) * 1e9))
+            plan = self._loads[tier] = (cost.weight_load(tier).fixed_s, flow_class)
+        fixed_s, flow_class = plan
+        if nbytes <= 0:
+            if fixed_s > 0:
+                yield self.env.timeout(fixed_s)
+            return
+        yield self.h2d.transfer(nbytes, flow_class, before_s=fixed_s)

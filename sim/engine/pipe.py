@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -46,6 +47,16 @@ class SharedPipe:
     `rate_Bps(k)` is the total rate with k transfers in flight, so contention that lowers the
     aggregate is data, not code. `flow_cap_Bps` caps every transfer that names no class;
     `transfer(nbytes, flow_class)` puts a transfer under its class's cap instead.
+
+    A transfer may carry fixed times around its flow: `lead_s` then `before_s` before it joins
+    (a connection's set-up, a sender's software, a copy's latency) and `after_s` after it leaves
+    (propagation, the receiver's software); its event fires when all of them are over, at the
+    instants separate timeouts would give. The common case costs one event: a transfer that finds
+    the pipe idle (nothing in flight, nothing about to join) is computed in closed form, its event
+    scheduled at once for when it would end alone; if another transfer comes before that, the
+    first is put back into the pipe as if it had been there all along (its event moved to a new
+    one), and the pipe shares as before: one wake-up per change, the finishing flows' processes
+    resumed from it.
     """
 
     def __init__(self, env: simpy.Environment, rate_Bps: Callable[[int], float],
@@ -59,30 +70,117 @@ class SharedPipe:
         self._seq = 0
         self._updated_at = env.now
         self._version = 0
+        self._joining = 0  # transfers waiting out their fixed time before they join
+        # transfers computed in closed form, one after another (each ends before the next joins),
+        # while they may still matter
+        self._lone: deque[_Alone] = deque()
+        self.closed_form = True  # False: every transfer steps through the pipe (what the closed form must equal)
         self.bytes_carried = 0.0
 
     @property
     def in_flight(self) -> int:
-        return sum(len(c.heap) for c in self._classes.values())
+        now = self.env.now
+        lone = sum(alone.join_at <= now < alone.end_at for alone in self._lone)
+        return sum(len(c.heap) for c in self._classes.values()) + lone
 
-    def transfer(self, nbytes: float, flow_class: FlowClass | None = None) -> simpy.Event:
-        """An event that fires when `nbytes` have gone through, as one flow of `flow_class`."""
-        done = self.env.event()
+    def transfer(self, nbytes: float, flow_class: FlowClass | None = None, *, lead_s: float = 0.0,
+                 before_s: float = 0.0, after_s: float = 0.0) -> simpy.Event:
+        """An event that fires when `nbytes` have gone through, as one flow of `flow_class`, joining
+        after `lead_s` + `before_s` and firing `after_s` after it has gone through."""
+        env = self.env
+        done = env.event()
         if nbytes <= 0:
+            if lead_s > 0 or before_s > 0 or after_s > 0:
+                raise ValueError("an empty transfer takes no fixed times")
             done.succeed()
             return done
-        self._advance()
+        self.bytes_carried += nbytes
+        join_at = now = env.now
+        if lead_s > 0:
+            join_at = join_at + lead_s  # as chained timeouts add them
+        if before_s > 0:
+            join_at = join_at + before_s
+        if self._lone and join_at <= now:  # one joining later puts them back then (_joined)
+            self._put_back(now)
+        self._start(now, join_at, float(nbytes), flow_class, done, after_s)
+        return done
+
+    def _start(self, now: float, join_at: float, nbytes: float, flow_class, done: simpy.Event, after_s: float) -> None:
+        lone = self._lone
+        if self.closed_form and not self._classes and not self._joining and (not lone or lone[-1].end_at < join_at):
+            alone = self._closed_form(join_at, nbytes, flow_class, done, after_s)
+            if alone is not None:
+                while lone and lone[0].end_at <= now:
+                    lone.popleft()
+                lone.append(alone)
+                schedule_at(self.env, done, alone.done_at)
+                return
+        if join_at > now:
+            self._joining += 1
+            joined = self.env.event()
+            joined.callbacks.append(lambda _event: self._joined(nbytes, flow_class, done, after_s))
+            schedule_at(self.env, joined, join_at)
+            return
+        self._join(nbytes, flow_class, done, after_s)
+
+    def _joined(self, nbytes: float, flow_class, done: simpy.Event, after_s: float) -> None:
+        self._joining -= 1
+        now = self.env.now
+        if self._lone:
+            self._put_back(now)
+        self._start(now, now, nbytes, flow_class, done, after_s)
+
+    def _class_flows(self, flow_class) -> _ClassFlows:
         flows = self._classes.get(flow_class)
         if flows is None:
             flows = self._default if flow_class is None else _ClassFlows(
                 lambda k, rate=flow_class.rate_Bps: rate(k) / k)
             self._classes[flow_class] = flows
-        heapq.heappush(flows.heap, (flows.served + float(nbytes), self._seq, done))
+        return flows
+
+    def _join(self, nbytes: float, flow_class, done: simpy.Event, after_s: float) -> None:
+        self._advance()
+        flows = self._class_flows(flow_class)
+        heapq.heappush(flows.heap, (flows.served + nbytes, self._seq, done, after_s))
         self._seq += 1
-        self.bytes_carried += nbytes
         self._allocate()
         self._reschedule()
-        return done
+
+    def _closed_form(self, join_at: float, nbytes: float, flow_class, done: simpy.Event,
+                     after_s: float) -> "_Alone | None":
+        """A lone transfer's instants, as the pipe would compute them step by step (None when its
+        wake-up would not find it done, which float round-off allows on very long runs)."""
+        cap = self.flow_cap_Bps if flow_class is None else flow_class.rate_Bps(1)
+        rate = min(math.inf if cap is None else cap, self.rate_Bps(1) / 1)
+        end_at = join_at + nbytes / rate
+        if not nbytes <= (end_at - join_at) * rate + rate * _DONE_WITHIN_S:
+            return None
+        done_at = end_at + after_s if after_s > 0 else end_at
+        return _Alone(join_at, end_at, done_at, nbytes, flow_class, done, after_s, rate)
+
+    def _put_back(self, now: float) -> None:
+        """Another transfer joins while transfers computed in closed form may still be in the pipe:
+        one in flight is a flow since it joined; those still to join join at their instant (their
+        events moved to new ones: the scheduled ones fire empty); those gone, nothing."""
+        lone = self._lone
+        while lone:
+            alone = lone.popleft()
+            if now >= alone.end_at:
+                continue
+            moved = self.env.event()
+            moved.callbacks, alone.done.callbacks = alone.done.callbacks, []
+            if now < alone.join_at:
+                self._joining += 1
+                joined = self.env.event()
+                joined.callbacks.append(lambda _event, alone=alone, moved=moved: self._joined(
+                    alone.nbytes, alone.flow_class, moved, alone.after_s))
+                schedule_at(self.env, joined, alone.join_at)
+                continue
+            flows = self._class_flows(alone.flow_class)
+            heapq.heappush(flows.heap, (flows.served + alone.nbytes, self._seq, moved, alone.after_s))
+            self._seq += 1
+            flows.rate = alone.rate
+            self._updated_at = alone.join_at
 
     def _allocate(self) -> None:
         """Max-min fair rates: classes in order of their per-flow cap, each taking its cap or an
@@ -131,7 +229,50 @@ class SharedPipe:
                 flows.served = 0.0
         if len(finished) > 1:
             finished.sort(key=lambda f: f[0])
-        for _, done in finished:
-            done.succeed()
         self._allocate()
         self._reschedule()
+        for _, done, after_s in finished:
+            if after_s > 0:
+                done._ok = True
+                done._value = None
+                self.env.schedule(done, simpy.core.NORMAL, after_s)
+            else:
+                _fire(done)
+
+
+@dataclass(slots=True)
+class _Alone:
+    """A transfer that found the pipe idle: its instants in closed form."""
+
+    join_at: float
+    end_at: float
+    done_at: float
+    nbytes: float
+    flow_class: object
+    done: simpy.Event
+    after_s: float
+    rate: float
+
+
+def schedule_at(env: simpy.Environment, event: simpy.Event, at: float) -> None:
+    """Trigger `event` and schedule it at the instant `at` exactly, as chained timeouts reach it: a
+    delay added to the clock cannot reach every instant to the bit (SimPy computes now + delay)."""
+    event._ok = True
+    event._value = None
+    at_exactly = getattr(env, "schedule_at", None)
+    if at_exactly is not None:
+        at_exactly(event, at)
+    else:
+        heapq.heappush(env._queue, (at, simpy.core.NORMAL, next(env._eid), event))
+
+
+def _fire(done: simpy.Event) -> None:
+    """Trigger and process `done` within the wake-up that found its flow finished: the waiting
+    process resumes now, from this wake-up, instead of from an event of its own scheduled behind
+    it (one event per transfer fewer). The pipe's state is already updated, so a process that
+    starts another transfer at once sees it as it is."""
+    done._ok = True
+    done._value = None
+    callbacks, done.callbacks = done.callbacks, None
+    for callback in callbacks:
+        callback(done)

@@ -162,6 +162,7 @@ class GpuServer:
         self.executor = make_executor(serving.scheduler, env, PassTimer(cost, rng, cold_shapes, shapes_seen), max_batch,
                                       max_prefills=self.rules.max_concurrent_prefills)
         self.kv_bytes_per_token = cost.kv_bytes_per_token
+        self._workspace: dict[tuple[int, int], int] = {}
         self.process_bytes = cost.weight_bytes + cost.context_bytes_per_process
         qos = self.rules.qos
         self.qos_gate = QosGate(env, qos.escalate_after_ms / 1e3) if qos.enabled and serving.scheduler == "serial_fcfs" else None
@@ -341,6 +342,14 @@ class GpuServer:
         """The GPU process that serves `session`: the agent's own worker, or the one shared server."""
         return session.agent if self.serving.process_per_agent or self.serving.load_per_request else "server"
 
+    def workspace_bytes(self, tokens: int, batch: int) -> int:
+        """The cost model's workspace of a pass over `tokens` x `batch`, memoized (every request asks the same few)."""
+        key = (tokens, batch)
+        nbytes = self._workspace.get(key)
+        if nbytes is None:
+            nbytes = self._workspace[key] = self.cost.workspace_bytes(tokens, batch)
+        return nbytes
+
     # --- what a router reads ---------------------------------------------------------------------
     @property
     def used_bytes(self) -> int:
@@ -350,7 +359,7 @@ class GpuServer:
         """The memory a request of a session that keeps nothing on the GPU (a serverless task) holds."""
         kv_request = (plan.kv_transient_tokens + plan.kv_grow_tokens) * self.kv_bytes_per_token
         weights = self.process_bytes if self.serving.load_per_request else 0
-        return kv_request + self.cost.workspace_bytes(plan.workspace_tokens, plan.batch) + weights
+        return kv_request + self.workspace_bytes(plan.workspace_tokens, plan.batch) + weights
 
     def fits_now(self, nbytes: int) -> bool:
         """Whether `nbytes` could be allocated at once (free, nobody waiting before it)."""
@@ -393,7 +402,7 @@ class GpuServer:
         self.drop_held_kv(session)  # this request re-prefills the context into a KV of its own
         restore = 0 if session.kv_on_gpu else session.kv_tokens * kv_bytes
         kv_request = (plan.kv_transient_tokens + plan.kv_grow_tokens) * kv_bytes
-        workspace = cost.workspace_bytes(plan.workspace_tokens, plan.batch)
+        workspace = self.workspace_bytes(plan.workspace_tokens, plan.batch)
         request_bytes = kv_request + workspace
         if serving.load_per_request:
             request_bytes += self.process_bytes
