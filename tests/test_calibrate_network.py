@@ -47,8 +47,9 @@ def test_the_loopback_cap_is_measured_through_validates_send_path(monkeypatch):
     monkeypatch.setattr(linkemu.Pacer, "send", slow_send)
     s = _session((64 * KIB, MIB), repeat=2)
     network = bench_network.run_loopback(s)
-    # Up at 20 MB/s, down at loopback speed: the median of the two ways is at most twice the slow rate.
-    assert network.loopback_gbps < 2 * SLOW_SEND_BPS / 1e9
+    # Up at 20 MB/s, down at loopback speed: the median of the two ways' times is at least half the
+    # slow one's, so the rate is at most twice the slow rate (4x leaves room; loopback runs ~1 GB/s).
+    assert network.loopback_gbps < 4 * SLOW_SEND_BPS / 1e9
     labels = {row["point"] for row in s.log.rows if row["stage"] == "tcp_send"}
     assert labels == {"loopback_up", "loopback_down"}
 
