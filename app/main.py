@@ -10,6 +10,7 @@ the wrong type) are one line and exit code 1, like every other bad input.
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import sys
@@ -26,7 +27,21 @@ def _on_signal(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _on_unraisable(unraisable) -> None:
+    """A KeyboardInterrupt raised by `_on_signal` inside a callback Python swallows (an import lock's
+    weakref callback, a __del__) would print a traceback and be lost: the signal is sent again, so it
+    is raised where the program runs and unwinds it as the first one should have."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt) and _received:
+        import threading
+
+        # from another thread a moment later: sent from here, the handler would run inside this hook
+        threading.Timer(0.01, os.kill, (os.getpid(), _received.pop())).start()
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def main(argv: list[str] | None = None) -> None:
+    sys.unraisablehook = _on_unraisable
     try:  # the handlers are installed inside the try: a signal right after one is installed is caught here
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, _on_signal)
@@ -40,10 +55,27 @@ def main(argv: list[str] | None = None) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 1
     # From here on a signal is held back until the exit: the exit code and the one line are decided.
+    # Blocking covers this thread only (a library's thread can still take a process-wide signal), and
+    # the interpreter's shutdown resets a Python handler to the default action, which would kill the
+    # process by the signal (exit -2, no line) after a complete run: ignored, it is neither.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     if _received or code == 130:
         print("interrupted", file=sys.stderr)
         code = 128 + _received[0] if _received else code
+        # A KeyboardInterrupt raised during an import can leave CPython's "unhandled
+        # KeyboardInterrupt" flag set, which makes the interpreter's own exit replace the code with a
+        # SIGINT exit (-2, or 130 for a SIGTERM while SIGINT is blocked). The code is decided: the
+        # exit handlers run here (pool workers are stopped), the streams are flushed, and the process
+        # ends with that code.
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
     sys.exit(code)
 
 

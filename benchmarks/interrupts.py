@@ -85,7 +85,9 @@ def main() -> None:
             delays.append(delay_s)
             code, stderr, _ = _run(work, [], delay_s, signum)
             codes[code] += 1
-            tracebacks += "Traceback (most recent call last)" in stderr
+            if "Traceback (most recent call last)" in stderr:
+                tracebacks += 1
+                print(f"a traceback after a signal at {delay_s:.3f} s (exit {code}):\n{stderr.strip()[:1200]}")
         # every run folder anywhere under results/ (its name follows the scenario file, not `name`)
         folders = sorted(p for p in (work / "results").glob("*/*") if p.is_dir())
         verdicts = Counter()

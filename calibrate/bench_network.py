@@ -1,7 +1,8 @@
 """Host-side costs of the remote backends: wire-format (de)serialization and TCP on loopback.
 
-The TCP peer is a separate process (calibrate/loopback_server.py), so the numbers include two
-processes' socket work, as a client and a server on one host would pay.
+The TCP peer is a separate process (calibrate/loopback_server.py) that receives and replies the way
+validate's server does, so the numbers include two processes' socket work and validate's send and
+receive path (pacer chunks, receive thread, hand-off to an executor thread), as its real link pays.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import sys
 import time
 
 import numpy as np
+from djinnsim.common import linkemu
 from djinnsim.sim.profile import Bandwidth, Network
 
 from . import wire
-from .fitting import fit_bandwidth
-from .loopback_server import ECHO, SINK, STOP
+from .fitting import fit_bandwidth, loopback_cap_gbps
+from .loopback_server import ECHO, MIRROR, STOP, UNPACED
 from .session import Session
 from .timer import Timing, measure
 
@@ -55,7 +57,35 @@ def _connect(port: int) -> socket.socket:
     return sock
 
 
+def mirror_transport_s(sock: socket.socket, uplink: linkemu.Pacer, payload: np.ndarray, repeats: int
+                       ) -> tuple[list[float], list[float]]:
+    """Each direction's transport time of `payload`, sent the way validate's client and server move
+    a per-token backend's KV: framed by wire.pack (not timed: the profile's serialize charges it),
+    sent through a linkemu.Pacer, read by the peer's connection thread and handed to its executor
+    thread, mirrored back the same way. Up: send start -> the peer has read it; down: the peer has
+    framed the reply -> this end has read it (both clocks are CLOCK_MONOTONIC, shared by processes).
+    The first round trip is a warm-up; what comes back is what goes up next, as with the KV."""
+    up_s, down_s = [], []
+    for rep in range(repeats + 1):
+        message = wire.pack(MIRROR, {}, {"x": payload})
+        sent_at = time.perf_counter()
+        uplink.send(sock, [message])
+        _, _, tensors, _ = linkemu.recv_message(sock)
+        received_at = time.perf_counter()
+        _, stamps, _, _ = linkemu.recv_message(sock)
+        del message
+        payload = tensors["x"]
+        if rep:
+            up_s.append(stamps["recv_at"] - sent_at)
+            down_s.append(received_at - stamps["packed_at"])
+    return up_s, down_s
+
+
 def run_loopback(s: Session) -> Network:
+    """Connect, small-message RTT and large-message throughput on loopback, between this process and
+    a peer process that moves bytes the way validate's server does (calibrate/loopback_server.py).
+    The throughput is what the simulator's loopback cap stands for: each direction of validate's
+    real link, at the plan's sizes, transport only (serialization is its own profile entry)."""
     plan = s.plan
     proc = subprocess.Popen(
         [sys.executable, "-m", "djinnsim.calibrate.loopback_server"], stdout=subprocess.PIPE, text=True
@@ -70,50 +100,50 @@ def run_loopback(s: Session) -> Network:
             sock.close()
         s.log.add_timing("tcp_connect", "loopback", connect.samples_s)
         s.advance(1)
+        uplink = linkemu.Pacer(UNPACED)
         with _connect(port) as sock:
             small = wire.encode(ECHO, {"op": "ping"})
             for _ in range(20):  # warm-up
-                wire.send_message(sock, small)
-                wire.recv_message(sock)
+                uplink.send(sock, small)
+                linkemu.recv_message(sock)
             rtt = Timing()
             for _ in range(plan.net_rtt_repeat):
                 t0 = time.perf_counter()
-                wire.send_message(sock, small)
-                wire.recv_message(sock)
+                uplink.send(sock, small)
+                linkemu.recv_message(sock)
                 rtt.samples_s.append(time.perf_counter() - t0)
             s.log.add_timing("tcp_rtt", "loopback", rtt.samples_s, nbytes=wire.message_bytes(small))
             s.advance(1)
             sizes, times = [], []
             for nbytes in plan.net_sizes:
                 payload = np.ones(nbytes, dtype=np.uint8)
-                parts = wire.encode(SINK, {}, {"x": payload})
-                timing = Timing()
-                for rep in range(4):
-                    t0 = time.perf_counter()
-                    wire.send_message(sock, parts)
-                    wire.recv_message(sock)
-                    if rep > 0:  # the first message is the warm-up
-                        timing.samples_s.append(time.perf_counter() - t0)
-                s.log.add_timing("tcp_send", "loopback", timing.samples_s, nbytes=nbytes)
-                s.say(f"tcp loopback {nbytes / 2**20:9.3f} MiB: {timing.describe()} {nbytes / timing.p50 / 1e9:6.2f} GB/s")
+                up_s, down_s = mirror_transport_s(sock, uplink, payload, plan.net_repeat)
+                s.log.add_timing("tcp_send", "loopback_up", up_s, nbytes=nbytes)
+                s.log.add_timing("tcp_send", "loopback_down", down_s, nbytes=nbytes)
+                up, down = Timing(up_s), Timing(down_s)
+                s.say(f"tcp loopback {nbytes / 2**20:9.3f} MiB: up {up.describe()} {nbytes / up.p50 / 1e9:6.2f} GB/s | "
+                      f"down {down.describe()} {nbytes / down.p50 / 1e9:6.2f} GB/s")
                 sizes.append(nbytes)
-                times.append(timing.p50)
+                times.append(float(np.median(up_s + down_s)))
                 s.advance(1)
-            wire.send_message(sock, wire.encode(STOP, {}))
+            uplink.send(sock, wire.encode(STOP, {}))
         bw, stats = fit_bandwidth(sizes, times)
     finally:
         try:
             proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             proc.kill()
+    cap_gbps = loopback_cap_gbps(sizes, times)
     s.say(
         f"tcp loopback: connect {connect.describe()}; small-message RTT {rtt.describe()}; "
-        f"{bw.gbps:.2f} GB/s (fit max rel err {100 * stats['max_rel_err']:.1f}%)"
+        f"{cap_gbps:.2f} GB/s at {sizes[-1] / 2**20:.0f} MiB, the cap (fit over sizes: {bw.latency_s * 1e6:.0f} us + "
+        f"bytes / {bw.gbps:.2f} GB/s" + (f", {bw.large_gbps:.2f} GB/s above {bw.large_from_bytes / 2**20:.0f} MiB" if bw.large_gbps else "")
+        + f", max rel err {100 * stats['max_rel_err']:.1f}%)"
     )
     s.log.flush()
     return Network(
         connect_s=connect.p50,
         per_message_s=rtt.p50 / 2,  # an RTT is two framed messages, one each way
         loopback_rtt_s=rtt.p50,
-        loopback_gbps=bw.gbps,
+        loopback_gbps=cap_gbps,
     )

@@ -207,6 +207,14 @@ def fit_bandwidth(nbytes: Sequence[float], seconds: Sequence[float]) -> tuple[Ba
     return bw, fit_stats(pred, y)
 
 
+def loopback_cap_gbps(nbytes: Sequence[float], seconds: Sequence[float]) -> float:
+    """The GB/s one loopback connection moves, as the simulator's cap: the throughput of the largest
+    size measured (the plan's largest covers the largest message a backend ships). The cap only
+    binds on large messages, where a fitted line's rate, pulled by the mid sizes, overstates it."""
+    largest = int(np.argmax(np.asarray(nbytes, dtype=float)))
+    return float(nbytes[largest]) / float(seconds[largest]) / 1e9
+
+
 def describe_fit(fit: LinearFit | PiecewiseFit, unit: str = "s") -> list[str]:
     pieces = fit.pieces if isinstance(fit, PiecewiseFit) else [fit]
     lines = []

@@ -39,6 +39,7 @@ class Plan:
     weight_load_repeat: int
     weight_load_cold: bool  # also a load after dropping the file from the page cache
     repeat: int  # primitives (copies, serde)
+    net_repeat: int = 8  # timed round trips of each net size (after one warm-up), each way
     grid_passes: int = 1  # interleaved walks over the prefill and decode grids
     decode_discard_passes: int = 0  # leading decode passes kept as warm-up only
     warmup_s: float = 1.0  # untimed decoding before the grids
@@ -81,7 +82,7 @@ _GPU_FULL = Plan(
     # 32 and 64 MiB bracket the knee where fresh host buffers start to page-fault (seen at 16-256 MiB).
     copy_sizes=(4 * KIB, 64 * KIB, MIB, 16 * MIB, 32 * MIB, 64 * MIB, 256 * MIB, GIB),
     serde_sizes=(4 * KIB, 64 * KIB, MIB, 16 * MIB, 32 * MIB, 64 * MIB, 256 * MIB),
-    net_sizes=(64 * KIB, MIB, 16 * MIB, 256 * MIB),
+    net_sizes=(64 * KIB, MIB, 16 * MIB, 64 * MIB),
     net_rtt_repeat=500,
     net_connect_repeat=200,
     composition_contexts=(128, 512, 2048),
@@ -126,6 +127,7 @@ _GPU_QUICK = Plan(
     copy_sizes=(4 * KIB, 256 * KIB, 16 * MIB, 256 * MIB),
     serde_sizes=(4 * KIB, 256 * KIB, 16 * MIB, 64 * MIB),
     net_sizes=(64 * KIB, 4 * MIB, 64 * MIB),
+    net_repeat=5,
     net_rtt_repeat=200,
     net_connect_repeat=50,
     composition_contexts=(128, 1024),
@@ -170,6 +172,7 @@ _CPU_FULL = Plan(
     copy_sizes=(4 * KIB, 256 * KIB, 16 * MIB, 64 * MIB),
     serde_sizes=(4 * KIB, 256 * KIB, 16 * MIB),
     net_sizes=(64 * KIB, 4 * MIB, 32 * MIB),
+    net_repeat=5,
     net_rtt_repeat=200,
     net_connect_repeat=50,
     composition_contexts=(128, 512),
@@ -199,6 +202,7 @@ _CPU_QUICK = Plan(
     copy_sizes=(4 * KIB, 256 * KIB, 8 * MIB),
     serde_sizes=(4 * KIB, 256 * KIB, 8 * MIB),
     net_sizes=(64 * KIB, 2 * MIB, 16 * MIB),
+    net_repeat=3,
     net_rtt_repeat=100,
     net_connect_repeat=30,
     composition_contexts=(128, 512),

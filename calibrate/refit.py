@@ -26,6 +26,7 @@ from .fitting import (
     PREFILL_SCALE,
     FitPoint,
     fit_bandwidth,
+    loopback_cap_gbps,
 )
 from .bench_cached import fit_cached_prefill
 from .bench_shapes import fit_cold_shapes
@@ -97,15 +98,20 @@ def workspace_points(rows, stage: str) -> list[FitPoint]:
     return points
 
 
-def bandwidth_from(rows, stage: str):
+def medians_by_size(rows, stage: str) -> list[tuple[float, float]]:
+    """(bytes, median seconds) of a stage's timed samples, smallest size first."""
     by_size: dict[float, list[float]] = defaultdict(list)
     for row in rows:
         if row["stage"] == stage and row["unit"] == "s":
             by_size[_num(row, "nbytes")].append(_num(row, "value"))
-    if len(by_size) < 2:
+    return [(n, float(np.median(by_size[n]))) for n in sorted(by_size)]
+
+
+def bandwidth_from(rows, stage: str):
+    points = medians_by_size(rows, stage)
+    if len(points) < 2:
         return None
-    sizes = sorted(by_size)
-    return fit_bandwidth(sizes, [float(np.median(by_size[n])) for n in sizes])[0]
+    return fit_bandwidth(*zip(*points))[0]
 
 
 def _copy_fits(rows, prefix: str) -> dict:
@@ -150,9 +156,9 @@ def refit(profile: Profile, rows: list[dict[str, str]], note: str, left_out: tup
     cold = fit_cold_shapes(rows)
     if cold is not None:
         update["cold_shapes"] = cold
-    tcp = bandwidth_from(rows, "tcp_send")
-    if tcp is not None:
-        update["network"] = profile.network.model_copy(update={"loopback_gbps": tcp.gbps})
+    tcp = medians_by_size(rows, "tcp_send")
+    if len(tcp) >= 2:
+        update["network"] = profile.network.model_copy(update={"loopback_gbps": loopback_cap_gbps(*zip(*tcp))})
     update["memory"] = profile.memory.model_copy(update={
         "prefill_workspace": fit_workspace(workspace_points(rows, "prefill_workspace"), PREFILL_FEATURES, PREFILL_SCALE, ["prompt_tokens", "batch"]),
         "decode_workspace": fit_workspace(workspace_points(rows, "decode_workspace"), DECODE_FEATURES, DECODE_SCALE, ["batch", "context", "sum_context"]),

@@ -312,7 +312,8 @@ _UNION_TAGS = {"decode", "agents", "fixed", "uniform", "exponential"}
 
 def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
-    loc = [str(p) for i, p in enumerate(err["loc"]) if not (i and p in _UNION_TAGS and err["loc"][i - 1] in ("workload", "act"))]
+    loc = [str(p) if str(p).isprintable() else repr(p)  # a key holding a newline stays on the one line
+           for i, p in enumerate(err["loc"]) if not (i and p in _UNION_TAGS and err["loc"][i - 1] in ("workload", "act"))]
     msg = err["msg"].removeprefix("Value error, ")
     extra = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
     return f"field {'.'.join(loc)}: {msg}{extra}" if loc else f"{msg}{extra}"

@@ -12,10 +12,10 @@ import pytest
 from conftest import make_profile
 
 from djinnsim.calibrate import wire
+from djinnsim.common import linkemu
 from djinnsim.errors import DjinnsimError
 from djinnsim.sim.scenario import expand_points, parse_scenario
 from djinnsim.sim.specs import get_model
-from djinnsim.validate import linkemu
 from djinnsim.validate.pipeline import Machine, check_profile
 from djinnsim.validate.points import Shortening, parse_agents, select_points, validation_scenario
 
@@ -37,6 +37,15 @@ def _send_through(params: linkemu.LinkParams, payload_bytes: int) -> tuple[float
     a.close()
     b.close()
     return elapsed, sent, len(message), got
+
+
+@pytest.mark.parametrize("delay_s", [0.0, 1e-4, linkemu.SPIN_S, 3 * linkemu.SPIN_S])
+def test_hold_never_ends_before_its_delay(delay_s):
+    """The emulated propagation delay: sleeping, then watching the clock for its last SPIN_S."""
+    for _ in range(5):
+        t0 = time.perf_counter()
+        linkemu.hold(delay_s)
+        assert time.perf_counter() - t0 >= delay_s
 
 
 def test_pacer_holds_the_line_rate_and_counts_bytes():

@@ -18,7 +18,7 @@ from djinnsim.calibrate import wire
 from djinnsim.sim.records import Record
 from djinnsim.sim.scenario import AgentsWorkload, DecodeWorkload, Exponential, Fixed, Point, Uniform
 
-from . import linkemu
+from djinnsim.common import linkemu
 from .protocol import Op
 
 NO_LINK = linkemu.LinkParams(gbps=1e6, rtt_s=0.0)  # control requests: no emulated link

@@ -26,10 +26,11 @@ from typing import Callable
 
 import numpy as np
 
+from djinnsim.common import linkemu
 from djinnsim.sim.records import Record
 from djinnsim.sim.scenario import AgentsWorkload, DecodeWorkload, Point, Scenario
 
-from . import clients, linkemu
+from . import clients
 from .gpumon import GpuMonitor
 from .protocol import Op
 from .server import ServerConfig, serve

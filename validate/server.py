@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from djinnsim.calibrate import wire
 
-from . import linkemu
+from djinnsim.common import linkemu
 from .protocol import Op
 
 
