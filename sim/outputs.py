@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import math
 import os
 import re
@@ -207,7 +208,10 @@ def write_json(path: Path, document: Any, **dumps: Any) -> Path:
     """Write `document` as standard JSON (no NaN or Infinity: null_non_finite) to a temporary file
     beside `path`, renamed over it when complete, so a reader never finds half a file; `dumps` go
     to json.dumps (indent, separators, sort_keys). A failure is one line."""
-    text = strict_json(null_non_finite(document), **dumps) + "\n"
+    try:  # most documents hold no NaN or infinity: encoded as they are, without a converted copy
+        text = json.dumps(document, allow_nan=False, **dumps) + "\n"
+    except ValueError:
+        text = strict_json(null_non_finite(document), **dumps) + "\n"
     staging = path.with_name(f".{path.name}{PARTIAL_TAG}{os.getpid()}")
     try:
         staging.write_text(text)
