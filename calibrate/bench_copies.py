@@ -99,21 +99,18 @@ def run_kv_swaps(s: Session) -> dict:
         # pageable swap-outs of large sets page-fault with long tails (p90 8x the p50 on the H200): 5 at least
         repeat = s.plan.repeat if total < 2**28 else max(5, s.plan.repeat // 2)
         for kind in kinds:
-            if not s.is_cuda:
-                held = [[t.clone() for t in dev]]
-                out = measure(lambda: held.append([t.clone() for t in dev]), s.sync, warmup=1, repeat=repeat,
-                              setup=lambda: _keep_last(held))
-                back = measure(lambda: [t.clone() for t in held[-1]], s.sync, warmup=1, repeat=repeat)
-            elif kind == "pinned":
+            if kind == "pinned":
                 pool = [torch.empty(each, dtype=torch.uint8, pin_memory=True) for _ in range(tensors)]
                 out = measure(lambda: [p.copy_(t, non_blocking=True) for p, t in zip(pool, dev)], s.sync, warmup=1, repeat=repeat)
                 back = measure(lambda: [p.to(s.device, non_blocking=True) for p in pool], s.sync, warmup=1, repeat=repeat)
                 del pool
-            else:
-                held = [[t.to("cpu") for t in dev]]
-                out = measure(lambda: held.append([t.to("cpu") for t in dev]), s.sync, warmup=1, repeat=repeat,
+            else:  # pageable; on the CPU both directions are a memcpy
+                to_host = (lambda t: t.to("cpu")) if s.is_cuda else (lambda t: t.clone())
+                to_device = (lambda t: t.to(s.device)) if s.is_cuda else (lambda t: t.clone())
+                held = [[to_host(t) for t in dev]]
+                out = measure(lambda: held.append([to_host(t) for t in dev]), s.sync, warmup=1, repeat=repeat,
                               setup=lambda: _keep_last(held))
-                back = measure(lambda: [t.to(s.device) for t in held[-1]], s.sync, warmup=1, repeat=repeat)
+                back = measure(lambda: [to_device(t) for t in held[-1]], s.sync, warmup=1, repeat=repeat)
                 del held
             for name, timing in ((f"d2h_{kind}", out), (f"h2d_{kind}", back)):
                 s.log.add_timing(f"kv_swap_{name}", f"{context}", timing.samples_s, nbytes=total)
