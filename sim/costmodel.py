@@ -78,6 +78,24 @@ def evaluate_fit(fit: LinearFit | PiecewiseFit, inputs: dict[str, float]) -> tup
     return value, _in_domain(fit, inputs)
 
 
+_DECODE_FEATURES = {"1": 0, "batch": 1, "sum_context": 2}  # a decode step's regressors, by position
+_DECODE_INPUTS = {"batch": 0, "sum_context": 1, "context": 2}
+
+
+def _decode_terms(fit: LinearFit | PiecewiseFit) -> tuple | None:
+    """A linear decode-step fit as positional terms, for `ProfileCostModel.decode_step_s`, which
+    runs once per batched decode iteration: ((coef, feature position) per feature, (input position,
+    lo, hi) per domain bound). None where the general `evaluate_fit` must do it (a piecewise fit,
+    another feature, a bound on another variable)."""
+    if not isinstance(fit, LinearFit) or not all(f in _DECODE_FEATURES for f in fit.features):
+        return None
+    if not all(var in _DECODE_INPUTS for var in fit.domain):
+        return None
+    terms = tuple((k, _DECODE_FEATURES[f]) for k, f in zip(fit.coef, fit.features))
+    bounds = tuple((_DECODE_INPUTS[var], lo, hi) for var, (lo, hi) in fit.domain.items())
+    return terms, bounds
+
+
 class CostModel(ABC):
     """What the simulator may ask about costs. Times in seconds, sizes in bytes."""
 
@@ -228,6 +246,7 @@ class ProfileCostModel(CostModel):
         super().__init__()
         self.profile = profile
         self.model = model
+        self._decode_compiled: tuple | None = None  # (the decode fit, _decode_terms of it)
         self.gpu_name = profile.metadata.gpu_name
         self.source = profile.metadata.source
         self._jitter = {
@@ -270,8 +289,21 @@ class ProfileCostModel(CostModel):
         return max(fitted, floor)
 
     def decode_step_s(self, batch: int, sum_context: int) -> float:
-        inputs = {"batch": batch, "sum_context": sum_context, "context": sum_context / max(batch, 1)}
-        return self._eval("decode_step", self.profile.decode_step, inputs)
+        fit = self.profile.decode_step
+        compiled = self._decode_compiled
+        if compiled is None or compiled[0] is not fit:
+            compiled = self._decode_compiled = (fit, _decode_terms(fit))
+        context = sum_context / max(batch, 1)
+        if compiled[1] is not None:
+            # evaluate_fit's arithmetic (the same products, added by sum() in the same order) when
+            # the point lies inside the fit's domain; outside, the general path flags it
+            terms, bounds = compiled[1]
+            inputs = (batch, sum_context, context)
+            if all(lo <= inputs[i] <= hi for i, lo, hi in bounds):
+                values = (1.0, batch, sum_context)
+                return max(sum([k * values[i] for k, i in terms]), 0.0)
+        inputs = {"batch": batch, "sum_context": sum_context, "context": context}
+        return self._eval("decode_step", fit, inputs)
 
     def jitter_samples(self, kind: Literal["decode", "prefill"]) -> np.ndarray:
         return self._jitter[kind]

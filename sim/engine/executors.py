@@ -50,6 +50,7 @@ class PassTimer:
         self._memo: dict[tuple, float] = {}
         self._factors: dict[str, np.ndarray] = {"prefill": np.empty(0), "decode": np.empty(0)}
         self._used = {"prefill": 0, "decode": 0}  # factors of each block taken so far
+        self._values: dict[str, list[float]] = {"prefill": [], "decode": []}  # each block as Python floats
         self._work_memo: dict[int, tuple] = {}  # id(passes), batch -> (passes, batch, runs, base, launch)
         self._seen = seen if seen is not None else {}  # process -> attention shapes it has run
         self.gpu_fraction = cost.gpu_busy_fraction()
@@ -84,7 +85,13 @@ class PassTimer:
         return value
 
     def factor(self, kind: str) -> float:
-        return float(self.factors(kind, 1)[0])
+        """The next jitter factor of `kind` (as `factors(kind, 1)`, without an array per pass)."""
+        used = self._used[kind]
+        values = self._values[kind]
+        if used == len(values):
+            return float(self.factors(kind, 1)[0])
+        self._used[kind] = used + 1
+        return values[used]
 
     def factors(self, kind: str, count: int) -> np.ndarray:
         """The next `count` jitter factors of `kind`, in the order passes use them: a new block is
@@ -94,6 +101,7 @@ class PassTimer:
             pool, used = self._factors[kind], self._used[kind]
             if used == len(pool):
                 pool, used = self._factors[kind], self._used[kind] = self.cost.jitter(self.rng, kind, self.block), 0
+                self._values[kind] = np.asarray(pool, dtype=float).tolist()
             step = min(count, len(pool) - used)
             taken.append(pool[used:used + step])
             self._used[kind] = used + step
@@ -312,15 +320,19 @@ class ContinuousBatching:
         self._decode_s = 0.0  # running sums over decode iterations: duration, kernel time per sequence
         self._busy_s = 0.0
         self._segment_memo: dict[int, tuple] = {}
-        self._wakeup = env.event()
-        env.process(self._loop())
+        self._busy = False  # an iteration, or the wake-up that starts one, is scheduled
+        self._prefilling: list[_Sequence] = []  # the sequences of the prefill iteration under way
+        self._iteration: tuple = ()  # that iteration's pass, batch and duration
 
     def execute(self, work: GpuWork):
         seq = _Sequence(work, self.env.now, self.env.event(), self._order, self._segments(work.passes))
         self._order += 1
         self.waiting.append(seq)
-        if not self._wakeup.triggered:
-            self._wakeup.succeed()
+        if not self._busy:  # idle: an event now starts the next iteration (after what else happens now)
+            self._busy = True
+            wakeup = self.env.event()
+            wakeup.callbacks.append(self._iterate)
+            wakeup.succeed()
         yield seq.done
         # Time stalled behind other sequences' prefills counts as waiting, like time before admission.
         return Execution(max(self.env.now - seq.arrived_at - seq.compute_s, 0.0), seq.compute_s, seq.started_at,
@@ -359,12 +371,15 @@ class ContinuousBatching:
         self._sum_context += seq.context_weight
         heapq.heappush(self._decode_ends, (self._decode_iterations + segment[2], seq.order, seq))
 
-    def _loop(self):
+    def _iterate(self, _event=None) -> None:
+        """The scheduler between iterations: admit what waits, then start the next iteration (its
+        end is an event whose callback carries on), or go idle until work arrives. Callbacks rather
+        than a process: one method call per iteration instead of a process resumption."""
         env, timer = self.env, self.timer
         while True:
             if not self.waiting and not self.running:
-                self._wakeup = env.event()
-                yield self._wakeup
+                self._busy = False
+                return
             admitted: list[_Sequence] = []
             while self.waiting and self.running < self.max_batch:
                 seq = self.waiting.popleft()
@@ -375,48 +390,61 @@ class ContinuousBatching:
             for seq in admitted:
                 self._next(seq, finished)
             self._finish(finished)
-            if not self.running:
-                continue
-            # Prefill-priority iterations (vLLM's default): pending prefills run before the next decode.
-            if self._prefill:
-                count = len(self._prefill) if self.max_prefills is None else min(self.max_prefills, len(self._prefill))
-                prefilling = [heapq.heappop(self._prefill)[1] for _ in range(count)]
-                # One batched forward over the pending prompts (their mean length, their deepest cache).
-                passes = [s.segments[s.segment][1] for s in prefilling]
-                batch = sum(s.work.batch for s in prefilling)
-                tokens = sum(s.work.batch * p[1] for s, p in zip(prefilling, passes))
-                context = max(p[2] for p in passes)
-                prompt = max(round(tokens / batch), 1)
-                iteration_s = timer.base_s(("prefill", prompt, context), batch) * timer.factor("prefill")
-                yield env.timeout(iteration_s)
-                # The step's kernel time, split among its sequences by their batch (the sum is the step's).
-                busy_per_sequence_s = (iteration_s - timer.host_s(("prefill", prompt, context), batch,
-                                                                  iteration_s)) / batch
-                for seq in prefilling:
-                    seq.compute_s += iteration_s
-                    seq.gpu_busy_s += busy_per_sequence_s * seq.work.batch
-                    seq.segment += 1
-                    self._next(seq, finished)
-            else:
-                batch, sum_context = self._decoding_batch, self._sum_context
-                iteration_s = timer.batched_decode_s(batch, sum_context)
-                yield env.timeout(iteration_s)
-                step = ("decode", round(sum_context / batch))
-                self._decode_s += iteration_s
-                self._busy_s += (iteration_s - timer.host_s(step, batch, iteration_s)) / batch
-                self._decode_iterations += 1
-                self._sum_context += batch  # every decoding sequence's context grows by one
-                ends = self._decode_ends
-                while ends and ends[0][0] == self._decode_iterations:
-                    _, _, seq = heapq.heappop(ends)
-                    segment = seq.segments[seq.segment]
-                    self._decoding_batch -= seq.work.batch
-                    self._sum_context -= seq.work.batch * (segment[1] + segment[2])
-                    seq.compute_s += self._decode_s - seq.joined_decode_s
-                    seq.gpu_busy_s += (self._busy_s - seq.joined_busy_s) * seq.work.batch
-                    seq.segment += 1
-                    self._next(seq, finished)
-            self._finish(finished)
+            if self.running:
+                break
+        # Prefill-priority iterations (vLLM's default): pending prefills run before the next decode.
+        if self._prefill:
+            count = len(self._prefill) if self.max_prefills is None else min(self.max_prefills, len(self._prefill))
+            prefilling = [heapq.heappop(self._prefill)[1] for _ in range(count)]
+            # One batched forward over the pending prompts (their mean length, their deepest cache).
+            passes = [s.segments[s.segment][1] for s in prefilling]
+            batch = sum(s.work.batch for s in prefilling)
+            tokens = sum(s.work.batch * p[1] for s, p in zip(prefilling, passes))
+            context = max(p[2] for p in passes)
+            prompt = max(round(tokens / batch), 1)
+            iteration_s = timer.base_s(("prefill", prompt, context), batch) * timer.factor("prefill")
+            self._prefilling, self._iteration = prefilling, (("prefill", prompt, context), batch, iteration_s)
+            env.timeout(iteration_s).callbacks.append(self._prefilled)
+        else:
+            batch, sum_context = self._decoding_batch, self._sum_context
+            iteration_s = timer.batched_decode_s(batch, sum_context)
+            self._iteration = (sum_context, batch, iteration_s)
+            env.timeout(iteration_s).callbacks.append(self._decoded)
+
+    def _prefilled(self, _event) -> None:
+        step, batch, iteration_s = self._iteration
+        # The step's kernel time, split among its sequences by their batch (the sum is the step's).
+        busy_per_sequence_s = (iteration_s - self.timer.host_s(step, batch, iteration_s)) / batch
+        finished: list[_Sequence] = []
+        for seq in self._prefilling:
+            seq.compute_s += iteration_s
+            seq.gpu_busy_s += busy_per_sequence_s * seq.work.batch
+            seq.segment += 1
+            self._next(seq, finished)
+        self._prefilling = []
+        self._finish(finished)
+        self._iterate()
+
+    def _decoded(self, _event) -> None:
+        sum_context, batch, iteration_s = self._iteration
+        self._decode_s += iteration_s
+        # a decode pass's host time, as PassTimer.host_s has it: (1 - f) of the pass
+        self._busy_s += (iteration_s - (1.0 - self.timer.gpu_fraction) * iteration_s) / batch
+        self._decode_iterations += 1
+        self._sum_context += batch  # every decoding sequence's context grows by one
+        finished: list[_Sequence] = []
+        ends = self._decode_ends
+        while ends and ends[0][0] == self._decode_iterations:
+            _, _, seq = heapq.heappop(ends)
+            segment = seq.segments[seq.segment]
+            self._decoding_batch -= seq.work.batch
+            self._sum_context -= seq.work.batch * (segment[1] + segment[2])
+            seq.compute_s += self._decode_s - seq.joined_decode_s
+            seq.gpu_busy_s += (self._busy_s - seq.joined_busy_s) * seq.work.batch
+            seq.segment += 1
+            self._next(seq, finished)
+        self._finish(finished)
+        self._iterate()
 
     def _finish(self, finished: list[_Sequence]) -> None:
         """Done in arrival order, as they leave the batch."""

@@ -71,6 +71,7 @@ class SharedPipe:
         self._updated_at = env.now
         self._version = 0
         self._joining = 0  # transfers waiting out their fixed time before they join
+        self._pending_join: tuple[float, list] | None = None  # the last join event planned: its instant, its flows
         # transfers computed in closed form, one after another (each ends before the next joins),
         # while they may still matter
         self._lone: deque[_Alone] = deque()
@@ -116,19 +117,45 @@ class SharedPipe:
                 schedule_at(self.env, done, alone.done_at)
                 return
         if join_at > now:
-            self._joining += 1
-            joined = self.env.event()
-            joined.callbacks.append(lambda _event: self._joined(nbytes, flow_class, done, after_s))
-            schedule_at(self.env, joined, join_at)
+            self._join_at(join_at, (nbytes, flow_class, done, after_s))
             return
         self._join(nbytes, flow_class, done, after_s)
 
-    def _joined(self, nbytes: float, flow_class, done: simpy.Event, after_s: float) -> None:
-        self._joining -= 1
+    def _join_at(self, join_at: float, flow: tuple) -> None:
+        """`flow` (nbytes, class, event, after_s) joins at the instant `join_at`: with the flows of
+        the last join event planned, when that is for the same instant (the d2h copies of the
+        sequences a batched decode iteration finishes together start together), else by a join
+        event of its own. One event and one wake-up for them all, where each used to have both:
+        they join in the same order, and the pipe's state after them is the same."""
+        self._joining += 1
+        pending = self._pending_join
+        if pending is not None and pending[0] == join_at:
+            pending[1].append(flow)
+            return
+        flows = [flow]
+        self._pending_join = (join_at, flows)
+        joined = self.env.event()
+        joined.callbacks.append(lambda _event: self._joined(flows))
+        schedule_at(self.env, joined, join_at)
+
+    def _joined(self, batch: list[tuple]) -> None:
+        if self._pending_join is not None and self._pending_join[1] is batch:
+            self._pending_join = None
+        self._joining -= len(batch)
         now = self.env.now
         if self._lone:
             self._put_back(now)
-        self._start(now, now, nbytes, flow_class, done, after_s)
+        if len(batch) == 1:
+            self._start(now, now, *batch[0])
+            return
+        # several: the first finds the others still to join, so none is alone (no closed form)
+        self._advance()
+        for nbytes, flow_class, done, after_s in batch:
+            flows = self._class_flows(flow_class)
+            heapq.heappush(flows.heap, (flows.served + nbytes, self._seq, done, after_s))
+            self._seq += 1
+        self._allocate()
+        self._reschedule()
 
     def _class_flows(self, flow_class) -> _ClassFlows:
         flows = self._classes.get(flow_class)
@@ -170,11 +197,7 @@ class SharedPipe:
             moved = self.env.event()
             moved.callbacks, alone.done.callbacks = alone.done.callbacks, []
             if now < alone.join_at:
-                self._joining += 1
-                joined = self.env.event()
-                joined.callbacks.append(lambda _event, alone=alone, moved=moved: self._joined(
-                    alone.nbytes, alone.flow_class, moved, alone.after_s))
-                schedule_at(self.env, joined, alone.join_at)
+                self._join_at(alone.join_at, (alone.nbytes, alone.flow_class, moved, alone.after_s))
                 continue
             flows = self._class_flows(alone.flow_class)
             heapq.heappush(flows.heap, (flows.served + alone.nbytes, self._seq, moved, alone.after_s))
