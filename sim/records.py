@@ -105,30 +105,42 @@ def _compact(values: np.ndarray) -> np.ndarray | Any:
 
 
 class RecordBuilder:
-    """Collects one point's records as they finish, a typed array per column (no object per record)."""
+    """Collects one point's records as they finish, a typed array per column (no object per record
+    kept): the last few thousand wait as tuples and move into the columns together."""
+
+    flush_rows = 4096  # records held as tuples before they go into the columns
 
     def __init__(self, point: int, backend: str, model: str, gpu: str, link_gbps: float, n_agents: int) -> None:
         self.constants = {"point": point, "backend": backend, "model": model, "gpu": gpu,
                           "link_gbps": link_gbps, "n_agents": n_agents}
         self._columns = [array(_array_type(name)) for name in ROW_COLUMNS]
-        self._appends = [column.append for column in self._columns]
+        self._rows: list[tuple] = []
 
     def add(self, *values: float | int) -> None:
         """One record: the values of ROW_COLUMNS in order; phase, status and kv_state as codes
         (PHASES, STATUSES, KV_STATES)."""
-        for append, value in zip(self._appends, values):
-            append(value)
+        rows = self._rows
+        rows.append(values)
+        if len(rows) >= self.flush_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        """The tuples waiting, column by column into the arrays (one C-level extend per column)."""
+        if self._rows:
+            for column, values in zip(self._columns, zip(*self._rows)):
+                column.extend(values)
+            self._rows = []
 
     def __len__(self) -> int:
-        return len(self._columns[0])
+        return len(self._columns[0]) + len(self._rows)
 
     def table(self) -> "RecordTable":
+        self._flush()
         columns = {}
         for name, column in zip(ROW_COLUMNS, self._columns):
             values = np.frombuffer(column, dtype=np.float64 if column.typecode == "d" else np.int64)
             columns[name] = _compact(values)
         self._columns = [array(c.typecode) for c in self._columns]
-        self._appends = [column.append for column in self._columns]
         return RecordTable(len(values) if ROW_COLUMNS else 0, {**self.constants, **columns})
 
 

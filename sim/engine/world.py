@@ -3,10 +3,12 @@ clients; and its one run."""
 
 from __future__ import annotations
 
+import functools
 import gc
 import heapq
 import math
 from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import numpy as np
 import simpy
@@ -118,15 +120,23 @@ def _delay_to(now: float, at: float) -> float:
     return delay
 
 
+def drawn_in_blocks(draw: Callable[[int], np.ndarray], block: int = 4096) -> Iterator[float]:
+    """One distribution's draws, one at a time, drawn `block` at once: the same floats in the same
+    order as one scalar draw each (numpy draws an array as its scalar draws in turn), without a
+    numpy call per draw. For a stream that nothing else draws from."""
+    while True:
+        yield from draw(block).tolist()
+
+
 def act_sampler(workload: AgentsWorkload, rng: np.random.Generator):
     """A function drawing one ACT duration (seconds) from the point's own stream."""
     act = workload.act
     if isinstance(act, Fixed):
         return lambda: act.seconds
     if isinstance(act, Uniform):
-        return lambda: float(rng.uniform(act.low_s, act.high_s))
+        return functools.partial(next, drawn_in_blocks(lambda n: rng.uniform(act.low_s, act.high_s, n)))
     assert isinstance(act, Exponential)
-    return lambda: float(rng.exponential(act.mean_s))
+    return functools.partial(next, drawn_in_blocks(lambda n: rng.exponential(act.mean_s, n)))
 
 
 def act_mean_s(workload: AgentsWorkload) -> float:
@@ -194,10 +204,12 @@ class World:
         """Agents arriving as a Poisson process, each started at its arrival: only the agents that
         have arrived exist (a million agents are not a million processes waiting from t = 0)."""
         env, workload = self.env, self.scenario.workload
+        mean_gap_s = 1.0 / workload.arrival.rate_per_s
+        gaps = drawn_in_blocks(lambda n: self.arrival_rng.exponential(mean_gap_s, n))
         start_at = 0.0
         for agent_id in range(self.point.n_agents or 1):
             if agent_id:
-                start_at += float(self.arrival_rng.exponential(1.0 / workload.arrival.rate_per_s))
+                start_at += next(gaps)
                 if start_at > env.now:
                     yield env.timeout(_delay_to(env.now, start_at))
             env.process(agent(env, self.pool, self.planner, self.log, agent_id, workload, 0.0, act_s))
