@@ -24,12 +24,17 @@ GB = 1e9
 
 
 def _run(env: simpy.Environment, jobs: dict[str, tuple[float, object]]) -> dict[str, float]:
-    """Start each job's process (a generator factory) at its time; return when each one ends."""
+    """Start each job's process (a generator factory, or a function returning the event to wait
+    for) at its time; return when each one ends."""
     ended = {}
 
     def job(name, start_at, body):
         yield env.timeout(start_at)
-        yield from body()
+        started = body()
+        if isinstance(started, simpy.Event):
+            yield started
+        else:
+            yield from started
         ended[name] = env.now
 
     for name, (start_at, body) in jobs.items():

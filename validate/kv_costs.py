@@ -142,7 +142,7 @@ def engine_swap_out_s(cost: ProfileCostModel, nbytes: int, pinned: bool) -> floa
     from djinnsim.sim.engine.pcie import Pcie
 
     env = simpy.Environment()
-    env.run(env.process(Pcie(env, cost).swap("d2h", nbytes, pinned)))
+    env.run(Pcie(env, cost).swap("d2h", nbytes, pinned))
     return env.now
 
 

@@ -49,14 +49,18 @@ def request(env: simpy.Environment, pool: GpuPool, channel: Channel, plan: Reque
                 yield env.timeout(out.connect_s)
             channel.connected = serving.keep_connection
         lead_s = out.connect_s if out.connect_s > 0 else 0.0
-        out.uplink_s, out.wire_bytes_up = yield from link.send(link.up, plan.bytes_up, plan.messages, lead_s)
+        sent_at = env.now + lead_s if lead_s > 0 else env.now  # as the clock reads after a timeout of lead_s
+        yield link.send(link.up, plan.bytes_up, plan.messages, lead_s)
+        out.uplink_s, out.wire_bytes_up = env.now - sent_at, link.wire_bytes(plan.bytes_up, plan.messages)
         out.bytes_up = plan.bytes_up
     yield from server.serve(channel.session, plan, out)
     if out.status != "ok":
         server.routed -= 1
         return out
     if serving.remote:
-        out.downlink_s, out.wire_bytes_down = yield from link.send(link.down, plan.bytes_down, plan.messages)
+        sent_at = env.now
+        yield link.send(link.down, plan.bytes_down, plan.messages)
+        out.downlink_s, out.wire_bytes_down = env.now - sent_at, link.wire_bytes(plan.bytes_down, plan.messages)
         out.bytes_down = plan.bytes_down
     out.finished_at = env.now
     server.routed -= 1

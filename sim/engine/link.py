@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import simpy
 
-from .pipe import SharedPipe
+from .pipe import SharedPipe, in_turn
 
 
 class Link:
@@ -12,7 +12,8 @@ class Link:
 
     `stream_cap_Bps` caps each transfer at what one connection's host socket stack can move,
     whatever the line rate (None: a NIC at line rate; world.stream_cap_Bps says when it is set). `send` adds the hosts' per-message and
-    (de)serialization costs of `host` (a CostModel) and `framing_bytes` per message."""
+    (de)serialization costs of `host` (a CostModel) and `framing_bytes` per message, and returns the
+    event to wait for."""
 
     def __init__(self, env: simpy.Environment, gbps: float, rtt_s: float, stream_cap_Bps: float | None = None,
                  framing_bytes: int = 0, host=None) -> None:
@@ -36,23 +37,21 @@ class Link:
                                         messages * self.rtt_s / 2 + host.deserialize_s(payload))
         return costs
 
-    def send(self, pipe: SharedPipe, payload: int, messages: int = 1, lead_s: float = 0.0):
-        """Sender software + serialization, the wire, propagation, receiver deserialization, after
-        `lead_s` of the sender's own (a connection's set-up) waited in the same step.
-        Returns (seconds taken after the lead, bytes on the wire)."""
+    def wire_bytes(self, payload: int, messages: int = 1) -> int:
+        """What a send of `payload` in `messages` puts on the wire: the payload and each message's framing."""
+        return payload + self.framing_bytes * messages
+
+    def send(self, pipe: SharedPipe, payload: int, messages: int = 1, lead_s: float = 0.0) -> simpy.Event:
+        """An event that fires when a send has arrived: sender software + serialization, the wire,
+        propagation, receiver deserialization, after `lead_s` of the sender's own (a connection's
+        set-up) waited in the same step. The send took from `lead_s` after it began to then."""
         env = self.env
         wire_bytes = payload + self.framing_bytes * messages
         before_s, after_s = self.costs_s(payload, messages)
-        if wire_bytes <= 0:
-            if lead_s > 0:
-                yield env.timeout(lead_s)
-            start = env.now
-            if before_s > 0:
-                yield env.timeout(before_s)
-            yield pipe.transfer(wire_bytes)
-            if after_s > 0:
-                yield env.timeout(after_s)
-            return env.now - start, wire_bytes
-        start = env.now + lead_s if lead_s > 0 else env.now  # as the clock reads after a timeout of lead_s
-        yield pipe.transfer(wire_bytes, lead_s=lead_s, before_s=before_s, after_s=after_s)
-        return env.now - start, wire_bytes
+        if wire_bytes > 0:
+            return pipe.transfer(wire_bytes, lead_s=lead_s, before_s=before_s, after_s=after_s)
+        # nothing on the wire: the fixed times one after another
+        return in_turn(env, [*([lambda: env.timeout(lead_s)] if lead_s > 0 else []),
+                             *([lambda: env.timeout(before_s)] if before_s > 0 else []),
+                             lambda: pipe.transfer(wire_bytes),
+                             *([lambda: env.timeout(after_s)] if after_s > 0 else [])])

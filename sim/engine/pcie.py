@@ -35,7 +35,8 @@ Direction = Literal["h2d", "d2h"]
 
 
 class Pcie:
-    """One GPU's PCIe link: `h2d` and `d2h` pipes; `copy` and `load` are processes to `yield from`."""
+    """One GPU's PCIe link: `h2d` and `d2h` pipes; `copy` and `swap` return the event to wait for,
+    `load` is a process to `yield from`."""
 
     def __init__(self, env: simpy.Environment, cost: CostModel) -> None:
         self.env = env
@@ -65,28 +66,26 @@ class Pcie:
             flow_class = self._classes[key] = FlowClass(":".join(map(str, key)), rate_Bps)
         return flow_class
 
-    def copy(self, direction: Direction, nbytes: float, pinned: bool, pieces: int = 1):
-        """A host<->device copy of `nbytes` from pinned or pageable host memory, as `pieces` equal
-        buffers copied one after another (Bandwidth.time_s: latency per buffer, rate by its size)."""
-        if nbytes <= 0:
-            return
+    def copy(self, direction: Direction, nbytes: float, pinned: bool, pieces: int = 1) -> simpy.Event:
+        """An event that fires when a host<->device copy of `nbytes` (> 0) from pinned or pageable
+        host memory is done, copied as `pieces` equal buffers one after another (Bandwidth.time_s:
+        latency per buffer, rate by its size)."""
         plan = self._moves.get(("copy", direction, nbytes, pinned, pieces))
         if plan is None:
             plan = self._plan_move(("copy", direction, nbytes, pinned, pieces), direction, nbytes, pinned,
                                    self.cost.copy_bandwidth(direction, pinned), pieces)
-        yield self.pipes[direction].transfer(nbytes, plan[1], before_s=plan[0])
+        return self.pipes[direction].transfer(nbytes, plan[1], before_s=plan[0])
 
-    def swap(self, direction: Direction, nbytes: float, pinned: bool):
-        """A session's KV cache swapped out (d2h) or restored (h2d): `cost.kv_swap_bandwidth`, the
-        measured swap of the whole set where the profile has it (pinned copies queue and pay their
-        latency once; pageable ones pay it per K and V tensor)."""
-        if nbytes <= 0:
-            return
+    def swap(self, direction: Direction, nbytes: float, pinned: bool) -> simpy.Event:
+        """An event that fires when a session's KV cache of `nbytes` (> 0) is swapped out (d2h) or
+        restored (h2d): `cost.kv_swap_bandwidth`, the measured swap of the whole set where the
+        profile has it (pinned copies queue and pay their latency once; pageable ones pay it per K
+        and V tensor)."""
         plan = self._moves.get(("swap", direction, nbytes, pinned))
         if plan is None:
             bandwidth, pieces = self.cost.kv_swap_bandwidth(direction, pinned)
             plan = self._plan_move(("swap", direction, nbytes, pinned), direction, nbytes, pinned, bandwidth, pieces)
-        yield self.pipes[direction].transfer(nbytes, plan[1], before_s=plan[0])
+        return self.pipes[direction].transfer(nbytes, plan[1], before_s=plan[0])
 
     def _plan_move(self, key: tuple, direction: Direction, nbytes: float, pinned: bool, bandwidth,
                    pieces: int) -> tuple[float, FlowClass]:

@@ -299,3 +299,25 @@ def _fire(done: simpy.Event) -> None:
     callbacks, done.callbacks = done.callbacks, None
     for callback in callbacks:
         callback(done)
+
+
+def in_turn(env: simpy.Environment, steps: list[Callable[[], simpy.Event]]) -> simpy.Event:
+    """An event that fires when each of `steps` (functions that start something and return its
+    event) has fired, each started when the one before it fired: the waiting process resumes
+    within the last one's event, as after the same events yielded one after another."""
+    done = env.event()
+    remaining = iter(steps)
+
+    def next_step(_event=None) -> None:
+        step = next(remaining, None)
+        if step is None:
+            _fire(done)
+            return
+        event = step()
+        if event.callbacks is None:  # processed already
+            next_step()
+        else:
+            event.callbacks.append(next_step)
+
+    next_step()
+    return done

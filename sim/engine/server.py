@@ -288,7 +288,8 @@ class GpuServer:
         self.resident_kv_bytes -= nbytes
 
         def swap_out():
-            yield from self.pcie.swap("d2h", nbytes, self.pinned_host_kv)
+            if nbytes > 0:
+                yield self.pcie.swap("d2h", nbytes, self.pinned_host_kv)
             self.memory.free(nbytes)
             self.memory_plan.give(data=nbytes)
 
@@ -385,15 +386,11 @@ class GpuServer:
         """Admit, load, copy in, execute and copy out one request whose payload has arrived; fills
         `out` (status "rejected" over the admission limit; "oom" when it cannot get memory, and the
         session is dead from then on)."""
+        env, cost, serving = self.env, self.cost, self.serving
         if not self._admit(session):
             out.status = "rejected"
-            out.started_at = out.finished_at = self.env.now
+            out.started_at = out.finished_at = env.now
             return
-        yield from self._serve(session, plan, out)
-        self.in_flight[session.qos_class] -= 1
-
-    def _serve(self, session: ServerSession, plan: RequestPlan, out: Outcome):
-        env, cost, serving = self.env, self.cost, self.serving
         kv_bytes = self.kv_bytes_per_token
         t0 = env.now
         if session.swap_out is not None and not session.swap_out.processed:
@@ -422,6 +419,7 @@ class GpuServer:
             out.status = "oom"
             out.started_at = out.finished_at = env.now
             session.dead = True
+            self.in_flight[session.qos_class] -= 1
             return
         self.memory_plan.take(data=kv_request + restore, stack=workspace)
         if serving.load_per_request:
@@ -434,9 +432,9 @@ class GpuServer:
         if h2d:
             t0 = env.now
             if up:
-                yield from self.pcie.copy("h2d", up, pinned=False)
+                yield self.pcie.copy("h2d", up, pinned=False)
             if restore:
-                yield from self.pcie.swap("h2d", restore, self.pinned_host_kv)
+                yield self.pcie.swap("h2d", restore, self.pinned_host_kv)
                 self._host_release(restore)
                 self.resident_kv_bytes += restore
             session.kv_on_gpu = True
@@ -460,10 +458,11 @@ class GpuServer:
         down = plan.bytes_down if serving.remote else 0
         if down:
             t0 = env.now
-            yield from self.pcie.copy("d2h", down, pinned=False)
+            yield self.pcie.copy("d2h", down, pinned=False)
             out.copy_s += env.now - t0
             out.d2h_bytes = down
         if serving.hold_request_kv:
             session.held_kv_bytes = plan.kv_transient_tokens * kv_bytes
         self.memory.free(request_bytes - plan.kv_grow_tokens * kv_bytes - session.held_kv_bytes)
         self.memory_plan.give(data=plan.kv_transient_tokens * kv_bytes - session.held_kv_bytes, stack=workspace)
+        self.in_flight[session.qos_class] -= 1
