@@ -11,7 +11,6 @@ pandas and matplotlib are imported inside the functions that use them (CLI start
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 import math
 from pathlib import Path
@@ -142,20 +141,34 @@ def _frame(point_result: "PointResult") -> "pd.DataFrame":
 # --- baseline JSON in the seed's schema ----------------------------------------------------------
 
 
+# A baseline run's fields after its run_id, in order: decimals kept (None: an integer)
+_RUN_FIELDS = (("total_ms", _MS), ("per_token_ms", _MS), ("tokens_generated", None), ("gpu_util_pct", _PCT),
+               ("memory_bw_gbps", _GBPS), ("host_to_device_mb", _MB), ("device_to_host_mb", _MB))
+
+
 def _run_entries(runs: "pd.DataFrame", run_ids: list[int]) -> list[dict[str, Any]]:
     entries = []
     for run_id, row in zip(run_ids, runs.itertuples(index=False)):
-        entries.append({
-            "run_id": int(run_id),
-            "total_ms": _clean(row.total_ms, _MS),
-            "per_token_ms": _clean(row.per_token_ms, _MS),
-            "tokens_generated": int(row.tokens_generated),
-            "gpu_util_pct": _clean(row.gpu_util_pct, _PCT),
-            "memory_bw_gbps": _clean(row.memory_bw_gbps, _GBPS),
-            "host_to_device_mb": _clean(row.host_to_device_mb, _MB),
-            "device_to_host_mb": _clean(row.device_to_host_mb, _MB),
-        })
+        entry = {"run_id": int(run_id)}
+        for name, decimals in _RUN_FIELDS:
+            value = getattr(row, name)
+            entry[name] = int(value) if decimals is None else _clean(value, decimals)
+        entries.append(entry)
     return entries
+
+
+def _runs_json(runs: "pd.DataFrame", run_ids: list[int]) -> str:
+    """_entries_json(_run_entries(runs, run_ids)), formatted a column at a time: each column's
+    numbers as JSON writes them (_clean's rounding), then one %-format per run."""
+    columns = [[repr(int(run_id)) for run_id in run_ids]]
+    for name, decimals in _RUN_FIELDS:
+        values = runs[name].tolist()
+        if decimals is None:
+            columns.append([repr(int(v)) for v in values])
+        else:
+            columns.append([repr(round(v, decimals)) if math.isfinite(v) else "null" for v in map(float, values)])
+    entry_format = _entries_json([{"run_id": "%s", **{name: "%s" for name, _ in _RUN_FIELDS}}]).replace('"%s"', "%s")
+    return ",".join([entry_format % entry for entry in zip(*columns)])
 
 
 class RunEntries:
@@ -171,9 +184,16 @@ class RunEntries:
         return len(self.run_ids)
 
     def chunks(self) -> Iterator[list[dict[str, Any]]]:
+        """The entries as dicts, a chunk at a time."""
         for start in range(0, len(self.run_ids), self.CHUNK):
             stop = start + self.CHUNK
             yield _run_entries(self.runs.iloc[start:stop], self.run_ids[start:stop])
+
+    def chunks_json(self) -> Iterator[str]:
+        """The same chunks as _entries_json writes them."""
+        for start in range(0, len(self.run_ids), self.CHUNK):
+            stop = start + self.CHUNK
+            yield _runs_json(self.runs.iloc[start:stop], self.run_ids[start:stop])
 
 
 def _failed(runs: "pd.DataFrame") -> "pd.Series":
@@ -283,28 +303,37 @@ class RecordsCsv:
         table = records if isinstance(records, RecordTable) else RecordTable.from_records(records)
         for start in range(0, len(table), self.chunk_rows):
             stop = min(start + self.chunk_rows, len(table))
-            columns = [_csv_cells(table, name, start, stop) for name in RECORD_COLUMNS]
+            cells = [_csv_cells(table, name, start, stop) for name in RECORD_COLUMNS]
             finished, issued = table.column("finished_at", start, stop), table.column("issued_at", start, stop)
-            columns.append(_csv_floats(finished - issued))
-            self._file.write("\n".join(map(",".join, zip(*columns))) + "\n")
+            cells.append(_csv_float_cells(finished - issued))
+            # one %-format per row: a column's cells are its format and its values (or one text for all)
+            row_format = ",".join(fmt for fmt, _ in cells)
+            columns = [values for _, values in cells if values is not None]
+            rows = [row_format % row for row in zip(*columns)] if columns else [row_format % ()] * (stop - start)
+            self._file.write("\n".join(rows) + "\n")
 
 
-def _csv_cells(table: "RecordTable", name: str, start: int, stop: int):
-    """One column's cells of rows start..stop as strings (a column equal on every row: formatted once)."""
+def _csv_cells(table: "RecordTable", name: str, start: int, stop: int) -> tuple[str, list | None]:
+    """One column's cells of rows start..stop: (its %-format, its values), or (its text, None) for a
+    column equal on every row (formatted once)."""
     constant = table.constant(name)
     if constant is not None:
-        return itertools.repeat(_csv_value(constant), stop - start)
+        return _csv_value(constant).replace("%", "%%"), None
     values = table.column(name, start, stop)
     if values.dtype.kind == "f":
-        return _csv_floats(values)
-    if values.dtype.kind in "iub":  # no character to quote
-        return list(map(str, values.tolist()))
-    return [_csv_value(v) for v in values.tolist()]
+        return _csv_float_cells(values)
+    if values.dtype.kind in "iu":  # no character to quote
+        return "%d", values.tolist()
+    if values.dtype.kind == "b":
+        return "%s", values.tolist()
+    return "%s", [_csv_value(v) for v in values.tolist()]
 
 
-def _csv_floats(values: "np.ndarray") -> list[str]:
-    return [_csv_value(v) for v in values.tolist()] if np.isnan(values).any() else [
-        CSV_FLOAT_FORMAT % v for v in values.tolist()]
+def _csv_float_cells(values: "np.ndarray") -> tuple[str, list]:
+    """CSV_FLOAT_FORMAT, and an empty cell for NaN (the column's cells as text when it has one)."""
+    if np.isnan(values).any():
+        return "%s", [_csv_value(v) for v in values.tolist()]
+    return CSV_FLOAT_FORMAT, values.tolist()
 
 
 def _csv_value(value: Any) -> str:
@@ -336,7 +365,7 @@ def trace_records(records: "RecordTable | list[Record]") -> "list[Record]":
     # phase codes sort as the names do (decode < reason < reflect)
     order = np.lexsort([table.column(name) if name != "phase" else table.codes("phase")
                         for name in ("phase", "step", "run", "issued_at", "agent")])
-    return [table[int(i)] for i in order[:TRACE_MAX_RECORDS]]
+    return list(table.take(order[:TRACE_MAX_RECORDS]))
 
 
 def write_figure6(summaries: list[dict[str, Any]], backends: list[str], path: Path) -> Path:
@@ -418,8 +447,8 @@ def _write_baseline(path: Path, document: dict[str, Any]) -> Path:
     with path.open("w") as file:
         file.write(head + "[")
         separator = ""
-        for chunk in document["runs"].chunks():
-            file.write(separator + _entries_json(chunk))
+        for chunk in document["runs"].chunks_json():
+            file.write(separator + chunk)
             separator = ","
         file.write(("\n  ]" if separator else "]") + tail + "\n")
     return path
