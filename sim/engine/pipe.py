@@ -14,6 +14,7 @@ heap of its flows' finishing marks: a start or an end costs O(log k + classes).
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 from collections import deque
@@ -76,6 +77,9 @@ class SharedPipe:
         # while they may still matter
         self._lone: deque[_Alone] = deque()
         self.closed_form = True  # False: every transfer steps through the pipe (what the closed form must equal)
+        self._lone_rates: dict[FlowClass | None, float] = {}  # a flow's rate alone in the pipe, per class
+        at_exactly = getattr(env, "schedule_at", None)  # world.CountingEnvironment's counts and guards
+        self._schedule_at = at_exactly if at_exactly is not None else functools.partial(_push_at, env)
         self.bytes_carried = 0.0
 
     @property
@@ -89,7 +93,7 @@ class SharedPipe:
         """An event that fires when `nbytes` have gone through, as one flow of `flow_class`, joining
         after `lead_s` + `before_s` and firing `after_s` after it has gone through."""
         env = self.env
-        done = env.event()
+        done = simpy.Event(env)
         if nbytes <= 0:
             if lead_s > 0 or before_s > 0 or after_s > 0:
                 raise ValueError("an empty transfer takes no fixed times")
@@ -114,7 +118,9 @@ class SharedPipe:
                 while lone and lone[0].end_at <= now:
                     lone.popleft()
                 lone.append(alone)
-                schedule_at(self.env, done, alone.done_at)
+                done._ok = True  # schedule_at, inlined: most transfers come here
+                done._value = None
+                self._schedule_at(done, alone.done_at)
                 return
         if join_at > now:
             self._join_at(join_at, (nbytes, flow_class, done, after_s))
@@ -177,8 +183,13 @@ class SharedPipe:
                      after_s: float) -> "_Alone | None":
         """A lone transfer's instants, as the pipe would compute them step by step (None when its
         wake-up would not find it done, which float round-off allows on very long runs)."""
-        cap = self.flow_cap_Bps if flow_class is None else flow_class.rate_Bps(1)
-        rate = min(math.inf if cap is None else cap, self.rate_Bps(1) / 1)
+        rate = self._lone_rates.get(flow_class)
+        if rate is None:
+            cap = self.flow_cap_Bps if flow_class is None else flow_class.rate_Bps(1)
+            rate = min(math.inf if cap is None else cap, self.rate_Bps(1) / 1)
+            if len(self._lone_rates) >= 64:  # some classes live for one transfer (FluidTimeSliced's)
+                self._lone_rates.clear()
+            self._lone_rates[flow_class] = rate
         end_at = join_at + nbytes / rate
         if not nbytes <= (end_at - join_at) * rate + rate * _DONE_WITHIN_S:
             return None
@@ -260,7 +271,7 @@ class SharedPipe:
                 done._value = None
                 self.env.schedule(done, simpy.core.NORMAL, after_s)
             else:
-                _fire(done)
+                fire_now(done)
 
 
 @dataclass(slots=True)
@@ -286,14 +297,18 @@ def schedule_at(env: simpy.Environment, event: simpy.Event, at: float) -> None:
     if at_exactly is not None:
         at_exactly(event, at)
     else:
-        heapq.heappush(env._queue, (at, simpy.core.NORMAL, next(env._eid), event))
+        _push_at(env, event, at)
 
 
-def _fire(done: simpy.Event) -> None:
-    """Trigger and process `done` within the wake-up that found its flow finished: the waiting
-    process resumes now, from this wake-up, instead of from an event of its own scheduled behind
-    it (one event per transfer fewer). The pipe's state is already updated, so a process that
-    starts another transfer at once sees it as it is."""
+def _push_at(env: simpy.Environment, event: simpy.Event, at: float) -> None:
+    heapq.heappush(env._queue, (at, simpy.core.NORMAL, next(env._eid), event))
+
+
+def fire_now(done: simpy.Event) -> None:
+    """Trigger and process `done` within the event under way (a pipe's wake-up that found its flow
+    finished, a batching iteration that finished a sequence): the waiting process resumes now
+    instead of from an event of its own scheduled behind it (one event fewer). The caller's state
+    is already updated, so a process that starts more work at once sees it as it is."""
     done._ok = True
     done._value = None
     callbacks, done.callbacks = done.callbacks, None
@@ -311,7 +326,7 @@ def in_turn(env: simpy.Environment, steps: list[Callable[[], simpy.Event]]) -> s
     def next_step(_event=None) -> None:
         step = next(remaining, None)
         if step is None:
-            _fire(done)
+            fire_now(done)
             return
         event = step()
         if event.callbacks is None:  # processed already
