@@ -299,7 +299,10 @@ class ProfileCostModel(CostModel):
             # the point lies inside the fit's domain; outside, the general path flags it
             terms, bounds = compiled[1]
             inputs = (batch, sum_context, context)
-            if all(lo <= inputs[i] <= hi for i, lo, hi in bounds):
+            for i, lo, hi in bounds:
+                if not lo <= inputs[i] <= hi:
+                    break
+            else:
                 values = (1.0, batch, sum_context)
                 return max(sum([k * values[i] for k, i in terms]), 0.0)
         inputs = {"batch": batch, "sum_context": sum_context, "context": context}

@@ -55,6 +55,12 @@ class CountingEnvironment(simpy.Environment):
 
     def __init__(self, window: int = guard.PROGRESS_WINDOW) -> None:
         super().__init__()
+        # SimPy binds `timeout`, `event`, `process`... to the instance (BoundClass.bind_early) only
+        # for those defined on the instance's own class, not on simpy.Environment above a subclass:
+        # without this, every env.timeout() builds a bound method first
+        for name, attribute in simpy.Environment.__dict__.items():
+            if type(attribute) is simpy.core.BoundClass:
+                setattr(self, name, getattr(self, name))
         self.window = window
         self._check_at = window
         self._checked_now = -math.inf
