@@ -79,10 +79,10 @@ ROW_COLUMNS = tuple(c for c in RECORD_COLUMNS if c not in POINT_COLUMNS)
 PHASES = ("decode", "reason", "reflect")
 STATUSES = ("ok", "oom", "rejected")
 KV_STATES = ("none", "resident", "swapped", "discarded", "evicted")
-_CODED = {"phase": PHASES, "status": STATUSES, "kv_state": KV_STATES}  # stored as small integer codes
+CODED_COLUMNS = {"phase": PHASES, "status": STATUSES, "kv_state": KV_STATES}  # stored as small integer codes
 _FLOAT_COLUMNS = frozenset(f.name for f in fields(Record) if f.type == "float")
 _BOOL_COLUMNS = frozenset({"warmup"})
-_TEXT_COLUMNS = frozenset({"backend", "model", "gpu", *_CODED})
+_TEXT_COLUMNS = frozenset({"backend", "model", "gpu", *CODED_COLUMNS})
 
 
 def _array_type(name: str) -> str:
@@ -159,8 +159,8 @@ class RecordTable:
         columns: dict[str, Any] = {}
         for name in RECORD_COLUMNS:
             values = [getattr(r, name) for r in rows]
-            if name in _CODED:
-                values = [_CODED[name].index(v) for v in values]
+            if name in CODED_COLUMNS:
+                values = [CODED_COLUMNS[name].index(v) for v in values]
             if name in POINT_COLUMNS and values and all(v == values[0] for v in values):
                 columns[name] = values[0]
             elif name in ("backend", "model", "gpu"):
@@ -180,8 +180,8 @@ class RecordTable:
         length = max(stop - start, 0)
         if isinstance(value, np.ndarray) and (start or stop != self._length):
             value = value[start:stop]
-        if name in _CODED:
-            labels = np.array(_CODED[name], dtype=object)
+        if name in CODED_COLUMNS:
+            labels = np.array(CODED_COLUMNS[name], dtype=object)
             return labels[np.broadcast_to(np.asarray(value), (length,))]
         if not isinstance(value, np.ndarray):
             dtype = bool if name in _BOOL_COLUMNS else None
@@ -197,8 +197,8 @@ class RecordTable:
         value = self._columns[name]
         if isinstance(value, np.ndarray) or not self._length:
             return None
-        if name in _CODED:
-            return _CODED[name][value]
+        if name in CODED_COLUMNS:
+            return CODED_COLUMNS[name][value]
         return bool(value) if name in _BOOL_COLUMNS else value
 
     def codes(self, name: str) -> np.ndarray:
@@ -246,8 +246,8 @@ class RecordTable:
             value = self._columns[name]
             if isinstance(value, np.ndarray):
                 value = value[index].item()
-            if name in _CODED:
-                value = _CODED[name][value]
+            if name in CODED_COLUMNS:
+                value = CODED_COLUMNS[name][value]
             elif name in _BOOL_COLUMNS:
                 value = bool(value)
             values.append(value)

@@ -11,6 +11,7 @@ pandas and matplotlib are imported inside the functions that use them (CLI start
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 from pathlib import Path
@@ -23,7 +24,7 @@ from djinnsim.errors import DjinnsimError
 from . import claims as claims_mod
 from . import figures
 from . import metrics
-from .records import RECORD_COLUMNS, Record, RecordTable, records_frame
+from .records import CODED_COLUMNS, RECORD_COLUMNS, Record, RecordTable, records_frame
 from .safeyaml import strict_json
 from .trace import write_trace
 
@@ -165,6 +166,8 @@ def _runs_json(runs: "pd.DataFrame", run_ids: list[int]) -> str:
         values = runs[name].tolist()
         if decimals is None:
             columns.append([repr(int(v)) for v in values])
+        elif np.isfinite(numbers := np.asarray(values, dtype=float)).all():
+            columns.append(list(map(repr, map(round, numbers.tolist(), itertools.repeat(decimals)))))
         else:
             columns.append([repr(round(v, decimals)) if math.isfinite(v) else "null" for v in map(float, values)])
     entry_format = _entries_json([{"run_id": "%s", **{name: "%s" for name, _ in _RUN_FIELDS}}]).replace('"%s"', "%s")
@@ -309,7 +312,7 @@ class RecordsCsv:
             # one %-format per row: a column's cells are its format and its values (or one text for all)
             row_format = ",".join(fmt for fmt, _ in cells)
             columns = [values for _, values in cells if values is not None]
-            rows = [row_format % row for row in zip(*columns)] if columns else [row_format % ()] * (stop - start)
+            rows = map(row_format.__mod__, zip(*columns)) if columns else [row_format % ()] * (stop - start)
             self._file.write("\n".join(rows) + "\n")
 
 
@@ -319,6 +322,9 @@ def _csv_cells(table: "RecordTable", name: str, start: int, stop: int) -> tuple[
     constant = table.constant(name)
     if constant is not None:
         return _csv_value(constant).replace("%", "%%"), None
+    if name in CODED_COLUMNS:  # each label quoted once, then looked up by code
+        labels = np.array([_csv_value(label) for label in CODED_COLUMNS[name]], dtype=object)
+        return "%s", labels[table.codes(name)[start:stop]].tolist()
     values = table.column(name, start, stop)
     if values.dtype.kind == "f":
         return _csv_float_cells(values)
