@@ -53,6 +53,19 @@ class CountingEnvironment(simpy.Environment):
 
     events_scheduled = 0
 
+    # The clock as a plain attribute: SimPy's `now` is a property over `_now`, and a run reads the
+    # clock a few dozen times per agent phase. `now` shadows that property (an instance attribute
+    # from __init__ on); `_now`, which SimPy's own methods set and read, is a property over it.
+    now = 0.0
+
+    @property
+    def _now(self) -> float:
+        return self.now
+
+    @_now.setter
+    def _now(self, value: float) -> None:
+        self.now = value
+
     def __init__(self, window: int = guard.PROGRESS_WINDOW) -> None:
         super().__init__()
         # SimPy binds `timeout`, `event`, `process`... to the instance (BoundClass.bind_early) only
@@ -71,11 +84,11 @@ class CountingEnvironment(simpy.Environment):
         self.events_scheduled += 1
         if self.events_scheduled >= self._check_at:
             self._check_progress()
-        heapq.heappush(self._queue, (self._now + delay, priority, next(self._eid), event))
+        heapq.heappush(self._queue, (self.now + delay, priority, next(self._eid), event))
 
     def schedule_at(self, event, at: float) -> None:
         """Schedule `event` at the instant `at` exactly (pipe.schedule_at), counted and guarded as `schedule`."""
-        delay = at - self._now
+        delay = at - self.now
         if not 0 <= delay < math.inf:
             guard.check_delay(delay)
         self.events_scheduled += 1
@@ -94,7 +107,7 @@ class CountingEnvironment(simpy.Environment):
             return super().run(until)
         queue, pop = self._queue, heapq.heappop
         while queue:
-            self._now, _, _, event = pop(queue)
+            self.now, _, _, event = pop(queue)
             callbacks, event.callbacks = event.callbacks, None
             for callback in callbacks:
                 callback(event)
