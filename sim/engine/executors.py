@@ -16,7 +16,7 @@ import numpy as np
 import simpy
 
 from ..costmodel import CostModel
-from .pipe import FlowClass, SharedPipe
+from .pipe import FlowClass, SharedPipe, fire_now
 
 Pass = tuple  # ("prefill", tokens, context) | ("decode", context)
 
@@ -321,6 +321,7 @@ class ContinuousBatching:
         self._busy_s = 0.0
         self._segment_memo: dict[int, tuple] = {}
         self._busy = False  # an iteration, or the wake-up that starts one, is scheduled
+        self._leaving: list[_Sequence] = []  # finished in this event, their requests not yet resumed
         self._prefilling: list[_Sequence] = []  # the sequences of the prefill iteration under way
         self._iteration: tuple = ()  # that iteration's pass, batch and duration
 
@@ -331,7 +332,7 @@ class ContinuousBatching:
         if not self._busy:  # idle: an event now starts the next iteration (after what else happens now)
             self._busy = True
             wakeup = self.env.event()
-            wakeup.callbacks.append(self._iterate)
+            wakeup.callbacks.append(self._woken)
             wakeup.succeed()
         yield seq.done
         # Time stalled behind other sequences' prefills counts as waiting, like time before admission.
@@ -371,7 +372,11 @@ class ContinuousBatching:
         self._sum_context += seq.context_weight
         heapq.heappush(self._decode_ends, (self._decode_iterations + segment[2], seq.order, seq))
 
-    def _iterate(self, _event=None) -> None:
+    def _woken(self, _event) -> None:
+        self._iterate()
+        self._release()
+
+    def _iterate(self) -> None:
         """The scheduler between iterations: admit what waits, then start the next iteration (its
         end is an event whose callback carries on), or go idle until work arrives. Callbacks rather
         than a process: one method call per iteration instead of a process resumption."""
@@ -424,6 +429,7 @@ class ContinuousBatching:
         self._prefilling = []
         self._finish(finished)
         self._iterate()
+        self._release()
 
     def _decoded(self, _event) -> None:
         sum_context, batch, iteration_s = self._iteration
@@ -445,15 +451,24 @@ class ContinuousBatching:
             self._next(seq, finished)
         self._finish(finished)
         self._iterate()
+        self._release()
 
     def _finish(self, finished: list[_Sequence]) -> None:
-        """Done in arrival order, as they leave the batch."""
+        """Done in arrival order, as they leave the batch (their requests go on in `_release`)."""
         if len(finished) > 1:
             finished.sort(key=lambda seq: seq.order)
         for seq in finished:
             self.running -= 1
-            seq.done.succeed()
+        self._leaving.extend(finished)
         finished.clear()
+
+    def _release(self) -> None:
+        """The requests of the sequences that finished go on, in arrival order, once the next
+        iteration is planned: each within this event rather than from an event of its own scheduled
+        behind it (as their events, triggered in that order, would have resumed them next)."""
+        leaving, self._leaving = self._leaving, []
+        for seq in leaving:
+            fire_now(seq.done)
 
 
 # The registry of scheduling policies, keyed by their YAML tag (`server.scheduler`, a backend's
