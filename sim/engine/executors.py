@@ -382,7 +382,9 @@ class ContinuousBatching:
         than a process: one method call per iteration instead of a process resumption."""
         env, timer = self.env, self.timer
         while True:
-            if not self.waiting and not self.running:
+            if not self.waiting:
+                if self.running:
+                    break  # nothing to admit (most iterations)
                 self._busy = False
                 return
             admitted: list[_Sequence] = []
@@ -438,8 +440,12 @@ class ContinuousBatching:
         self._busy_s += (iteration_s - (1.0 - self.timer.gpu_fraction) * iteration_s) / batch
         self._decode_iterations += 1
         self._sum_context += batch  # every decoding sequence's context grows by one
-        finished: list[_Sequence] = []
         ends = self._decode_ends
+        if not ends or ends[0][0] != self._decode_iterations:  # nobody's decode run ends here (most iterations)
+            self._iterate()
+            self._release()
+            return
+        finished: list[_Sequence] = []
         while ends and ends[0][0] == self._decode_iterations:
             _, _, seq = heapq.heappop(ends)
             segment = seq.segments[seq.segment]
@@ -455,6 +461,8 @@ class ContinuousBatching:
 
     def _finish(self, finished: list[_Sequence]) -> None:
         """Done in arrival order, as they leave the batch (their requests go on in `_release`)."""
+        if not finished:
+            return
         if len(finished) > 1:
             finished.sort(key=lambda seq: seq.order)
         for seq in finished:
@@ -466,6 +474,8 @@ class ContinuousBatching:
         """The requests of the sequences that finished go on, in arrival order, once the next
         iteration is planned: each within this event rather than from an event of its own scheduled
         behind it (as their events, triggered in that order, would have resumed them next)."""
+        if not self._leaving:
+            return
         leaving, self._leaving = self._leaving, []
         for seq in leaving:
             fire_now(seq.done)
