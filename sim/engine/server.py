@@ -58,6 +58,8 @@ class MemoryPlan:
                 and used["stack"] + stack <= caps["stack"])
 
     def take(self, text: int = 0, data: int = 0, stack: int = 0) -> None:
+        if self.caps is None:  # without the split nothing is bounded: no book to keep (used stays 0)
+            return
         self.used["text"] += text
         self.used["data"] += data
         self.used["stack"] += stack
@@ -167,6 +169,7 @@ class GpuServer:
         qos = self.rules.qos
         self.qos_gate = QosGate(env, qos.escalate_after_ms / 1e3) if qos.enabled and serving.scheduler == "serial_fcfs" else None
         self.in_flight = {name: 0 for name in QOS_CLASSES}
+        self._limited = self.rules.admission.enabled or self.rules.qos.enabled  # _admit has a limit to check
         self.host_kv_bytes = 0  # swapped-out KV in host memory (the swap pool, when that rule is on)
         self.host_kv_sessions = 0
         self.resident_kv_bytes = 0  # session KV on the GPU, every session
@@ -371,7 +374,7 @@ class GpuServer:
         """The admission rule: at most max_concurrent requests inside the server (with QoS, a class's
         share of it); one past the limit is rejected, not queued."""
         rules = self.rules
-        if rules.admission.enabled or rules.qos.enabled:
+        if self._limited:
             limit = rules.admission.max_concurrent
             if rules.qos.enabled:
                 full = self.in_flight[session.qos_class] >= rules.qos.limit(session.qos_class, limit)
