@@ -14,8 +14,11 @@ import functools
 import itertools
 import json
 import math
+import os
+import signal
+import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
@@ -289,6 +292,7 @@ class RecordsCsv:
     columns RECORD_COLUMNS then latency_s, floats as CSV_FLOAT_FORMAT, as pandas' to_csv writes them."""
 
     chunk_rows = 8192  # rows formatted at once (bounds the strings held: about 20 MB)
+    aside_rows = 50_000  # a point of at least this many records is written in a child (write_aside)
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -314,6 +318,47 @@ class RecordsCsv:
             columns = [values for _, values in cells if values is not None]
             rows = map(row_format.__mod__, zip(*columns)) if columns else [row_format % ()] * (stop - start)
             self._file.write("\n".join(rows) + "\n")
+
+
+    def write_aside(self, records: "RecordTable | list[Record]") -> Callable[[bool], None]:
+        """`write(records)` in a forked child process (POSIX, no other thread, a large point), so that
+        it runs on another core while this process computes the point's summaries; returns
+        `done(abandon)`, to call before anything else is written: it waits for the child (or, with
+        abandon, ends it). The child writes through the same open file, at its offset; if it fails
+        the rows are written again here, where a failure is reported as usual. Elsewhere: written
+        now, and `done` does nothing."""
+        if len(records) < self.aside_rows or not hasattr(os, "fork") or threading.active_count() > 1:
+            self.write(records)
+            return lambda abandon=False: None
+        self._file.flush()
+        offset = self._file.tell()
+        pid = os.fork()
+        if pid == 0:  # the child: write, and leave without running anything of the parent's
+            code = 1
+            try:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what an interrupt does
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                self.write(records)
+                self._file.flush()
+                code = 0
+            finally:
+                os._exit(code)
+
+        def done(abandon: bool = False) -> None:
+            try:
+                if abandon:
+                    os.kill(pid, signal.SIGKILL)
+                status = os.waitpid(pid, 0)[1]
+            except BaseException:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise
+            if not abandon and status != 0:
+                self._file.seek(offset)
+                self._file.truncate()
+                self.write(records)
+
+        return done
 
 
 def _csv_cells(table: "RecordTable", name: str, start: int, stop: int) -> tuple[str, list | None]:
@@ -534,17 +579,24 @@ class PointWriter:
         """One point's summary (returned), baseline JSON and rows of records.csv."""
         i = len(self.summaries)
         workload = self.scenario.workload.kind
-        frame = records_frame(point_result.records, metrics.SUMMARY_COLUMNS)  # the columns summaries read
-        point_phases = metrics.agent_phases(frame) if workload == "agents" else None
-        summary = (point_summary(point_result, workload, frame, point_phases) if self.given is None
-                   else self.given[i])
+        records = point_result.records
+        csv_done = self._csv.write_aside(records)  # its rows, on another core where it can
+        try:
+            frame = records_frame(records, metrics.SUMMARY_COLUMNS)  # the columns summaries read
+            point_phases = metrics.agent_phases(frame) if workload == "agents" else None
+            summary = (point_summary(point_result, workload, frame, point_phases) if self.given is None
+                       else self.given[i])
+            document = baseline_document(point_result, self.scenario, frame, summary, point_phases)
+            baseline = _write_baseline(self.out_dir / "baselines" / f"{point_result.point.label}.json", document)
+            del frame, point_phases, document
+            if i == self.trace_index:
+                self._traced = (point_result.point, trace_records(records))
+        except BaseException:
+            csv_done(True)
+            raise
+        csv_done(False)
         self.summaries.append(summary)
-        document = baseline_document(point_result, self.scenario, frame, summary, point_phases)
-        self.written.append(_write_baseline(self.out_dir / "baselines" / f"{point_result.point.label}.json", document))
-        del frame, point_phases, document
-        self._csv.write(point_result.records)
-        if i == self.trace_index:
-            self._traced = (point_result.point, trace_records(point_result.records))
+        self.written.append(baseline)
         return summary
 
     def finish(self, result: "SimulationResult", bands: list[dict[str, Any]] | None = None,

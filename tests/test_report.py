@@ -193,6 +193,52 @@ def test_baseline_written_a_chunk_of_runs_at_a_time_is_the_document_formatted_wh
 # --- records.csv, trace, determinism, figure -----------------------------------------------------
 
 
+def _forks(monkeypatch) -> list[int]:
+    """Every point written in a child (RecordsCsv.aside_rows = 1); the forks made are counted."""
+    import os
+
+    monkeypatch.setattr(report.RecordsCsv, "aside_rows", 1)
+    made = []
+    fork = os.fork
+
+    def counted_fork():
+        made.append(1)
+        return fork()
+
+    monkeypatch.setattr(report.os, "fork", counted_fork)
+    return made
+
+
+def test_records_csv_written_in_a_child_process_is_the_file_written_here(tmp_path, monkeypatch):
+    result = agents_result()
+    report.write_outputs(result, tmp_path / "here")
+    made = _forks(monkeypatch)
+    report.write_outputs(result, tmp_path / "aside")
+    assert len(made) == len(result.points)
+    assert (tmp_path / "aside" / "records.csv").read_bytes() == (tmp_path / "here" / "records.csv").read_bytes()
+
+
+def test_records_csv_whose_child_fails_is_written_again_here(tmp_path, monkeypatch):
+    import os
+
+    result = agents_result()
+    report.write_outputs(result, tmp_path / "here")
+    made = _forks(monkeypatch)
+    parent, write = os.getpid(), report.RecordsCsv.write
+
+    def fails_in_a_child(self, records):
+        if os.getpid() != parent:  # half a row, then the disk is full
+            self._file.write("0,djinn,half a row")
+            self._file.flush()
+            raise OSError("No space left on device")
+        write(self, records)
+
+    monkeypatch.setattr(report.RecordsCsv, "write", fails_in_a_child)
+    report.write_outputs(result, tmp_path / "aside")
+    assert made
+    assert (tmp_path / "aside" / "records.csv").read_bytes() == (tmp_path / "here" / "records.csv").read_bytes()
+
+
 def test_records_csv_one_row_per_record_in_stable_columns(tmp_path):
     result = agents_result()
     report.write_outputs(result, tmp_path)
