@@ -212,6 +212,12 @@ def write_json(path: Path, document: Any, **dumps: Any) -> Path:
         text = json.dumps(document, allow_nan=False, **dumps) + "\n"
     except ValueError:
         text = strict_json(null_non_finite(document), **dumps) + "\n"
+    return write_text_whole(path, text)
+
+
+def write_text_whole(path: Path, text: str) -> Path:
+    """Write `text` to a temporary file beside `path`, renamed over it when complete (a reader
+    never finds half a file). A failure is one line."""
     staging = path.with_name(f".{path.name}{PARTIAL_TAG}{os.getpid()}")
     try:
         staging.write_text(text)

@@ -222,17 +222,20 @@ class RecordTable:
         for values in zip(*columns):
             yield Record(*values)
 
-    def take(self, indices: np.ndarray) -> Iterator[Record]:
-        """The rows at `indices`, in that order (each column indexed once, not a row at a time)."""
+    def take(self, indices: np.ndarray, block: int = 2048) -> Iterator[Record]:
+        """The rows at `indices`, in that order: each column indexed once per `block` rows, not a
+        row at a time (and not all of them at once: a column list of Python values per field)."""
         indices = np.asarray(indices, dtype=np.int64)
-        columns = []
-        for name in RECORD_COLUMNS:
-            value = self._columns[name]
-            if isinstance(value, np.ndarray):
-                value = value[indices]
-            columns.append(RecordTable(len(indices), {name: value}).column(name).tolist())
-        for values in zip(*columns):
-            yield Record(*values)
+        for start in range(0, len(indices), block):
+            part = indices[start:start + block]
+            columns = []
+            for name in RECORD_COLUMNS:
+                value = self._columns[name]
+                if isinstance(value, np.ndarray):
+                    value = value[part]
+                columns.append(RecordTable(len(part), {name: value}).column(name).tolist())
+            for values in zip(*columns):
+                yield Record(*values)
 
     def __iter__(self) -> Iterator[Record]:
         return self.rows()

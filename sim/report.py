@@ -293,6 +293,7 @@ class RecordsCsv:
 
     chunk_rows = 8192  # rows formatted at once (bounds the strings held: about 20 MB)
     aside_rows = 50_000  # a point of at least this many records is written in a child (write_aside)
+    aside_chunk_rows = 2048  # ... a smaller chunk at a time: the child starts as large as its parent
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -338,6 +339,7 @@ class RecordsCsv:
             try:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what an interrupt does
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                self.chunk_rows = self.aside_chunk_rows
                 self.write(records)
                 self._file.flush()
                 code = 0

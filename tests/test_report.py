@@ -301,6 +301,16 @@ def test_trace_json_is_strict_json_with_null_where_a_value_is_not_finite(tmp_pat
     assert [p for p in tmp_path.iterdir()] == [path]  # the temporary file was renamed into place
 
 
+@pytest.mark.parametrize("block", [1, 3, 1000])
+def test_trace_json_encoded_a_block_of_records_at_a_time_is_the_document_encoded_whole(tmp_path, monkeypatch, block):
+    monkeypatch.setattr(trace, "_BLOCK", block)
+    records = list(agents_result().points[-1].records)
+    assert len(records) > 3
+    path = trace.write_trace(records, tmp_path / "trace.json", pid=2, process_name="p", metadata={"n": 4})
+    whole = {"traceEvents": trace.trace_events(records, 2, "p"), "displayTimeUnit": "ms", "otherData": {"n": 4}}
+    assert path.read_text() == json.dumps(whole, sort_keys=True, separators=(",", ":")) + "\n"
+
+
 def test_trace_point_out_of_range_is_a_one_line_error(tmp_path):
     result = agents_result()
     result.scenario = result.scenario.model_copy(update={"trace_point": 99})
