@@ -16,7 +16,7 @@ import numpy as np
 
 from djinnsim.errors import DjinnsimError
 from djinnsim.sim.costmodel import ProfileCostModel
-from djinnsim.sim.profile import KvSwaps, Profile, load_profile, save_profile
+from djinnsim.sim.profile import KvSwaps, Profile, file_sha256, load_profile, samples_path, save_profile
 from djinnsim.sim.specs import get_model
 
 from .fitting import (
@@ -195,7 +195,8 @@ def refit_file(path: Path, out: Path | None = None, command: str | None = None,
     profile = load_profile(path)
     if not profile.samples_file:
         raise DjinnsimError(f"{path}: the profile names no samples file to refit from")
-    rows = read_samples(Path(path).parent / profile.samples_file)
+    samples_file = samples_path(profile, path) or Path(path).parent / profile.samples_file
+    rows = read_samples(samples_file)
     stages = {row["stage"] for row in rows}
     unknown = [stage for stage in left_out if stage not in stages]
     if unknown:
@@ -210,7 +211,9 @@ def refit_file(path: Path, out: Path | None = None, command: str | None = None,
 
         target.parent.mkdir(parents=True, exist_ok=True)
         samples = target.with_suffix(".csv")
-        shutil.copyfile(Path(path).parent / profile.samples_file, samples)
+        shutil.copyfile(samples_file, samples)
         new = new.model_copy(update={"samples_file": samples.name})
+    if new.samples_sha256 is None:  # a profile older than the check gets it from the file it was refitted from
+        new = new.model_copy(update={"samples_sha256": file_sha256(samples_file)})
     save_profile(new, target)
     return new, target

@@ -325,6 +325,9 @@ class Profile(_Strict):
     kv_swaps: KvSwaps | None = Field(
         default=None, description="a session's whole KV swapped out and in (stage kv_swaps); absent: not measured")
     samples_file: str | None = None
+    samples_sha256: str | None = Field(
+        default=None, description="sha256 of samples_file as written with this profile; a refit or a band "
+        "computed from another file is refused (absent in profiles older than the check)")
 
     @field_validator("jitter_decode", "jitter_prefill", "jitter_decode_sequence")
     @classmethod
@@ -332,6 +335,32 @@ class Profile(_Strict):
         if any(not 0 < v <= MAX_FACTOR for v in value):
             raise ValueError(f"jitter factors (time over the median) must lie in (0, {MAX_FACTOR:g}]")
         return value
+
+
+def file_sha256(path: str | Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def samples_path(profile: Profile, path: str | Path) -> Path | None:
+    """The samples file beside the profile at `path`, or None when it names none or the file is
+    absent. A file whose sha256 is not the one recorded with the profile is another calibration's
+    samples (a profile copied over an older folder): refused, so no refit or band mixes the two."""
+    if not profile.samples_file:
+        return None
+    file = Path(path).parent / profile.samples_file
+    if not file.is_file():
+        return None
+    if profile.samples_sha256 is not None and file_sha256(file) != profile.samples_sha256:
+        raise DjinnsimError(f"{file}: not the samples file of {Path(path).name} (sha256 differs from the one the "
+                            f"profile records: it belongs to another calibration; copy the profile with its own "
+                            f"{profile.samples_file})")
+    return file
 
 
 def load_profile(path: str | Path) -> Profile:

@@ -123,6 +123,27 @@ def test_refit_leaving_a_stage_out(cpu_calibration, tmp_path):
         assert result.exit_code == 1 and message in text and "Traceback" not in text
 
 
+def test_a_profile_beside_another_calibrations_samples_is_refused(cpu_calibration, tmp_path):
+    """A profile copied over a folder that holds an older calibration's samples file of the same
+    name: a refit, a held-out Exp 2.1 refit and bands would mix two calibrations; refused by name."""
+    import shutil
+
+    from djinnsim.sim.profile import file_sha256
+
+    _, out, _ = cpu_calibration
+    profile = load_profile(out)
+    assert profile.samples_sha256 == file_sha256(out.with_suffix(".csv"))
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    shutil.copyfile(out, folder / out.name)
+    rows = (out.with_suffix(".csv")).read_text().splitlines()
+    (folder / "tiny.csv").write_text("\n".join(rows[:-1]) + "\n")  # one sample short: another file
+    result = runner.invoke(app, ["calibrate", "--refit", str(folder / out.name), "--out", str(folder / "r.json"), "--quiet"])
+    text = result.output + (result.stderr if result.stderr_bytes is not None else "")
+    assert result.exit_code == 1 and "not the samples file of tiny.json" in text and "Traceback" not in text
+    assert not (folder / "r.json").exists()
+
+
 def _approx(value):
     if isinstance(value, dict):
         return {k: _approx(v) for k, v in value.items()}

@@ -232,11 +232,14 @@ def spread_for(profile: Profile, profile_path: Path) -> tuple[object | None, str
     (nothing else in the profile changes), else none; with a sentence saying which."""
     if profile.spread is not None:
         return profile.spread, "the profile's spread section"
-    if profile.samples_file and (Path(profile_path).parent / profile.samples_file).is_file():
+    from djinnsim.sim.profile import samples_path
+
+    file = samples_path(profile, profile_path)
+    if file is not None:
         from djinnsim.calibrate.refit import read_samples
         from djinnsim.calibrate.spread import spread_from_samples
 
-        rows = read_samples(Path(profile_path).parent / profile.samples_file)
+        rows = read_samples(file)
         return spread_from_samples(profile, rows), f"computed for this report from {profile.samples_file}"
     return None, "none: the profile has no spread section and no samples file"
 
@@ -420,7 +423,7 @@ def run_validation(req: ValidateRequest) -> Path:
         profile = load_profile(profile_path)
         check_profile(profile, profile_path, machine, spec, dtype)
         if heldout.is_exp21_workload(draft_scenario) and heldout.decode_fit_holds_exp21(profile, profile_path) \
-                and profile.samples_file and (profile_path.parent / profile.samples_file).is_file():
+                and heldout.has_samples(profile, profile_path):
             # Exp 2.1 is judged on a profile whose fits hold none of calibrate's own Exp 2.1 runs.
             profile_path = heldout.held_out_profile(profile_path, out_dir / "calibration")
             how += "; refitted without calibrate's own Exp 2.1 runs, held out for this workload"
