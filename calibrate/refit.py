@@ -16,7 +16,8 @@ import numpy as np
 
 from djinnsim.errors import DjinnsimError
 from djinnsim.sim.costmodel import ProfileCostModel
-from djinnsim.sim.profile import KvSwaps, Profile, file_sha256, load_profile, samples_path, save_profile
+from djinnsim.sim.profile import KvSwaps, Profile, load_profile, samples_path, save_profile
+from djinnsim.sim.provenance import file_sha256
 from djinnsim.sim.specs import get_model
 
 from .fitting import (

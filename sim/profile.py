@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from djinnsim.errors import DjinnsimError
 
 from .outputs import os_error_line
+from .provenance import file_sha256
 from .safeyaml import describe_path, parse_json, read_input_text, strict_json
 
 SCHEMA_VERSION = 2
@@ -335,16 +336,6 @@ class Profile(_Strict):
         if any(not 0 < v <= MAX_FACTOR for v in value):
             raise ValueError(f"jitter factors (time over the median) must lie in (0, {MAX_FACTOR:g}]")
         return value
-
-
-def file_sha256(path: str | Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def samples_path(profile: Profile, path: str | Path) -> Path | None:

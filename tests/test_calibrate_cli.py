@@ -128,7 +128,7 @@ def test_a_profile_beside_another_calibrations_samples_is_refused(cpu_calibratio
     name: a refit, a held-out Exp 2.1 refit and bands would mix two calibrations; refused by name."""
     import shutil
 
-    from djinnsim.sim.profile import file_sha256
+    from djinnsim.sim.provenance import file_sha256
 
     _, out, _ = cpu_calibration
     profile = load_profile(out)
