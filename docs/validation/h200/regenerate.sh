@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Re-compare the H200 reference run 1 with the simulator as it is now, on the CPU (no GPU, nothing
+# Re-compare the H200 reference run 1 (and run 3's Exp 2.1, at the end) with the simulator as it is now, on the CPU (no GPU, nothing
 # real re-run), into run1-decodefit/. Exp 2.1 is judged on the bundled profile refitted without
 # calibrate's own Exp 2.1 runs (as the live validation did); the agents on the bundled profile.
 # These re-comparisons are in-sample: the decode fit and spread rules they use were designed after
@@ -15,3 +15,12 @@ djinnsim validate --from-real $here/run1/exp21-25 --calibration $out/calibration
 for item in agents-124 serverless-124; do
   djinnsim validate --from-real $here/run1/$item --calibration $profile --out $out/$item --quiet --force
 done
+
+# Run 3's Exp 2.1 at 25 Gbps re-judged with run 3's own samples (the live report read run 2's
+# samples file left beside the run-3 profile; see README, run 3). In-sample by rule (simulator newer
+# than the runs), though no model code changed.
+run3=$here/run3
+cal3=docs/calibration/h200-run3/h200-llama-2-7b.json
+djinnsim calibrate --refit $cal3 --out $run3/calibration/h200-llama-2-7b-heldout.json --leave-out exp21_step --quiet
+djinnsim validate --from-real $run3/exp21-25 --calibration $run3/calibration/h200-llama-2-7b-heldout.json \
+  --out $run3/exp21-25-resim --quiet --force
