@@ -187,6 +187,10 @@ class Spread(_Strict):
         default_factory=list, description="sample stages left out of every fit and of this spread "
         "(held out for a validation of the same workload)")
     source: str = Field(default="", description="how it was computed")
+    level_sources: list[str] = Field(
+        default_factory=list, description="other calibrations of the same GPU, model and dtype whose batch-1 "
+        "spells joined decode_level (`calibrate --refit --level-from`): each one's profile file, its samples' "
+        "sha256 and its spell count; empty: this calibration's spells only")
 
     @field_validator("decode_level", "decode_residual", "prefill_residual", "weight_load", "copies")
     @classmethod
