@@ -24,3 +24,25 @@ cal3=docs/calibration/h200-run3/h200-llama-2-7b.json
 djinnsim calibrate --refit $cal3 --out $run3/calibration/h200-llama-2-7b-heldout.json --leave-out exp21_step --quiet
 djinnsim validate --from-real $run3/exp21-25 --calibration $run3/calibration/h200-llama-2-7b-heldout.json \
   --out $run3/exp21-25-resim --quiet --force
+
+# Pooled decode level (IN-SAMPLE: `--level-from` was written after seeing run 3): each run's
+# profile refitted with the batch-1 spells of the calibrations made before it, runs 2 and 3
+# re-judged on it, into pooled-level/.
+out=$here/pooled-level
+run1=sim/data/profiles/h200-llama-2-7b.json
+run2=docs/calibration/h200-run2/h200-llama-2-7b.json
+run3=docs/calibration/h200-run3/h200-llama-2-7b.json
+mkdir -p $out/calibration
+# Each run's profile with the batch-1 spells of the calibrations made before it (run 2: run 1's; run 3: runs 1 and 2).
+djinnsim calibrate --refit $run2 --out $out/calibration/run2-pooled.json --level-from $run1 --quiet
+djinnsim calibrate --refit $run2 --out $out/calibration/run2-pooled-heldout.json --level-from $run1 --leave-out exp21_step --quiet
+djinnsim calibrate --refit $run3 --out $out/calibration/run3-pooled.json --level-from $run1 --level-from $run2 --quiet
+djinnsim calibrate --refit $run3 --out $out/calibration/run3-pooled-heldout.json --level-from $run1 --level-from $run2 --leave-out exp21_step --quiet
+for item in exp21-25 exp21-10; do
+  djinnsim validate --from-real $here/run2/$item --calibration $out/calibration/run2-pooled-heldout.json --out $out/run2-$item --quiet --force
+done
+for item in agents-8 keepalive-max; do
+  djinnsim validate --from-real $here/run2/$item --calibration $out/calibration/run2-pooled.json --out $out/run2-$item --quiet --force
+done
+djinnsim validate --from-real $here/run3/exp21-25 --calibration $out/calibration/run3-pooled-heldout.json --out $out/run3-exp21-25 --quiet --force
+djinnsim validate --from-real $here/run3/djinn-fcfs-16 --calibration $out/calibration/run3-pooled.json --out $out/run3-djinn-fcfs-16 --quiet --force
