@@ -204,3 +204,38 @@ def test_regenerate_scripts_replace_their_committed_reports():
         for command in commands.split("djinnsim validate --from-real")[1:]:
             command = command.split(" djinnsim ")[0].split(" done")[0]
             assert "--force" in command.split(), f"{script.parent.name}: {command.strip()[:80]}"
+
+
+def test_repeats_split_over_commands_are_judged_as_one_validation(real_folder, tmp_path):
+    """--also-real: a second command's repeats of the same points follow the first's (here the same
+    folder twice: same scenario, machine and frozen profile), renumbered into one records file."""
+    out = tmp_path / "merged"
+    result = _offline(real_folder, out, "--also-real", str(real_folder))
+    assert result.exit_code == 0, result.output
+    once = json.loads((real_folder / "validation.json").read_text())
+    doc = json.loads((out / "validation.json").read_text())
+    assert doc["meta"]["repeats"] == 2 * once["meta"]["repeats"]
+    assert [part["folder"] for part in doc["meta"]["parts"]] == [str(real_folder)] * 2
+    for before, after in zip(once["points"], doc["points"]):
+        assert after["metrics"]["latency_mean_s"]["real_values"] == 2 * before["metrics"]["latency_mean_s"]["real_values"]
+    real_rows = (real_folder / "records_real.csv").read_text().splitlines()
+    merged_rows = (out / "records_real.csv").read_text().splitlines()
+    assert len(merged_rows) - 1 == 2 * (len(real_rows) - 1)
+    assert {row.split(",")[0] for row in merged_rows[1:]} == {str(i) for i in range(2 * once["meta"]["repeats"])}
+    assert [row["part"] for row in doc["repeats"]] == sorted(row["part"] for row in doc["repeats"])
+    assert "Repeats split over commands" in (out / "validation.md").read_text()
+
+
+def test_also_real_refuses_repeats_of_another_validation(real_folder, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(real_folder, other)
+    doc = json.loads((other / "validation.json").read_text())
+    doc["meta"]["seed"] = doc["meta"]["seed"] + 1
+    doc["meta"]["profile"]["frozen_sha256"] = "0" * 64
+    (other / "validation.json").write_text(json.dumps(doc))
+    for args, message in ((["--from-real", str(real_folder), "--also-real", str(other)], "seed, the profile frozen before the runs differ"),
+                          (["--also-real", str(real_folder)], "give --from-real too"),
+                          (["--from-real", str(real_folder), "--also-real", str(tmp_path / "nothing")], "is not a folder")):
+        result = runner.invoke(app, ["validate", *args, "--out", str(tmp_path / "o"), "--quiet"])
+        text = result.output + (result.stderr if result.stderr_bytes is not None else "")
+        assert result.exit_code == 1 and message in text and "Traceback" not in text, text

@@ -35,6 +35,7 @@ from .pipeline import (
     OUT_OF_RANGE_NOTE,
     Machine,
     _say,
+    _write_records,
     check_profile,
     compare_and_report,
     device_notes,
@@ -55,6 +56,7 @@ class OfflineRequest:
     command: str = "djinnsim validate --from-real"
     force: bool = False  # replace a non-empty --out holding an earlier djinnsim output
     bands: int = 10
+    also_real: tuple[Path, ...] = ()  # more repeats of the same validation, run by later commands
 
 
 def _read_json(path: Path) -> dict:
@@ -147,15 +149,67 @@ def _profile_path(req: OfflineRequest, folder: Path, meta: dict) -> tuple[Path, 
                         "pass --calibration PROFILE (the real machine's profile)")
 
 
+def _finished_folder(folder: Path, flag: str) -> Path:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DjinnsimError(f"{flag} {folder} is not a folder")
+    missing = [name for name in FOLDER_FILES if not (folder / name).is_file()]
+    if missing:
+        raise DjinnsimError(f"{flag} {folder} is not a finished validation: no {', '.join(missing)}")
+    return folder
+
+
+# What must agree for repeats of two commands to be one validation's repeats.
+SAME_RUN_KEYS = ("model", "workload", "seed")
+SAME_MACHINE_KEYS = ("device", "name", "driver", "torch", "transformers")
+
+
+def merge_real(folder: Path, doc: dict, scenario_v: Scenario, real: RealResult, others: tuple[Path, ...]) -> dict:
+    """Append to `real` (from `folder`) the repeats of `others`: later commands of the same
+    validation (same scenario, machine, workload and frozen profile), each one's repeats after the
+    previous ones' with its own `part`. Returns the merged report meta; refuses anything that differs."""
+    meta = doc["meta"]
+    frozen = meta.get("profile", {}).get("frozen_sha256")
+    if frozen is None:
+        raise DjinnsimError(f"--also-real: {folder} records no profile frozen before its runs; repeats of "
+                            "different commands join only on one frozen profile")
+    parts = [{"folder": str(folder), "started_at": meta["started_at"], "command": meta.get("command")}]
+    by_index = {rp.point.index: rp for rp in real.points}
+    for part, other in enumerate(others, start=1):
+        other = _finished_folder(other, "--also-real")
+        other_doc = _read_json(other / "validation.json")
+        om = other_doc["meta"]
+        other_v = as_run_for_real(load_scenario(other / "scenario.yaml"))
+        differ = [key for key in SAME_RUN_KEYS if om.get(key) != meta.get(key)]
+        differ += [f"machine {key}" for key in SAME_MACHINE_KEYS if om["machine"].get(key) != meta["machine"].get(key)]
+        if other_v.model_dump() != scenario_v.model_dump():
+            differ.append("scenario.yaml")
+        if om.get("profile", {}).get("frozen_sha256") != frozen:
+            differ.append("the profile frozen before the runs")
+        if differ:
+            raise DjinnsimError(f"--also-real {other} is not more repeats of {folder}: {', '.join(differ)} differ")
+        more = real_result(other_doc, scenario_v, read_real_records(other / "records_real.csv"))
+        for rp in more.points:
+            for repeat in rp.repeats:
+                repeat.part = part
+            if rp.point.index in by_index:
+                by_index[rp.point.index].repeats.extend(rp.repeats)
+            else:
+                by_index[rp.point.index] = rp
+                real.points.append(rp)
+        real.oom_probes.extend(more.oom_probes)
+        real.notes.extend(n for n in more.notes if n not in real.notes)
+        real.wall_s += more.wall_s
+        parts.append({"folder": str(other), "started_at": om["started_at"], "command": om.get("command")})
+    real.points.sort(key=lambda rp: rp.point.index)
+    return {**meta, "repeats": max((len(rp.repeats) for rp in real.points), default=0),
+            "real_wall_s": real.wall_s, "parts": parts}
+
+
 def run_offline(req: OfflineRequest) -> Path:
     """Re-simulate a finished validation's points and compare them with its real runs; returns OUT."""
     say = _say(req.quiet)
-    folder = Path(req.from_real)
-    if not folder.is_dir():
-        raise DjinnsimError(f"--from-real {folder} is not a folder")
-    missing = [name for name in FOLDER_FILES if not (folder / name).is_file()]
-    if missing:
-        raise DjinnsimError(f"--from-real {folder} is not a finished validation: no {', '.join(missing)}")
+    folder = _finished_folder(req.from_real, "--from-real")
     out_dir = Path(req.out) if req.out is not None else folder.parent / f"{folder.name}-resim"
     if out_dir.resolve() == folder.resolve():
         raise DjinnsimError(f"--out {out_dir} is the folder read with --from-real; write the re-comparison elsewhere")
@@ -173,7 +227,10 @@ def run_offline(req: OfflineRequest) -> Path:
     check_profile(profile, profile_path, Machine(**real_meta["machine"]), spec, None,
                   hint=f"pass --calibration with a profile of the machine the real runs in {folder} used")
     real = real_result(doc, scenario_v, read_real_records(folder / "records_real.csv"))
-    say(f"offline re-comparison of {folder}: {len(real.points)} points, real runs of {real_meta['started_at']}")
+    if req.also_real:
+        real_meta = merge_real(folder, doc, scenario_v, real, tuple(req.also_real))
+    say(f"offline re-comparison of {folder}{f' and {len(req.also_real)} more' if req.also_real else ''}: "
+        f"{len(real.points)} points, real runs of {real_meta['started_at']}")
 
     with output as staging:
         _recompare_into(staging, req, folder, scenario_v, real, real_meta, profile_path, how, profile, say)
@@ -187,7 +244,11 @@ def _recompare_into(out_dir: Path, req: OfflineRequest, folder: Path, scenario_v
     from djinnsim.calibrate.environment import host_cpu
 
     shutil.copyfile(folder / "scenario.yaml", out_dir / "scenario.yaml")
-    shutil.copyfile(folder / "records_real.csv", out_dir / "records_real.csv")
+    if "parts" in real_meta:  # repeats of several commands: renumbered, one file
+        merged = [(i, r) for rp in real.points for i, rep in enumerate(rp.repeats) for r in rep.records]
+        _write_records(out_dir / "records_real.csv", [r for _, r in merged], [i for i, _ in merged])
+    else:
+        shutil.copyfile(folder / "records_real.csv", out_dir / "records_real.csv")
     # No clock time or wall seconds of this run: the same folder, profile and simulator give the same bytes.
     # The hash frozen before the real runs (recorded since issue 9) stays; the profile used now is hashed anew.
     frozen = {k: real_meta["profile"][k] for k in ("frozen_sha256", "frozen_at") if k in real_meta.get("profile", {})}

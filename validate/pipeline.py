@@ -265,7 +265,11 @@ def _repeat_figures(records) -> tuple[float | None, float | None]:
 def repeat_rows(real: RealResult, sims: dict) -> list[dict]:
     """Each real repeat beside its simulated twin, in the order they ran: the host's step-time drift
     over the run and the repeats that met new attention shapes show here, not in the means."""
-    first = min((r.issued_at for rp in real.points for rep in rp.repeats for r in rep.records), default=0.0)
+    first: dict[int, float] = {}  # per command (part): its clock is its own
+    for rp in real.points:
+        for rep in rp.repeats:
+            for r in rep.records:
+                first[rep.part] = min(first.get(rep.part, r.issued_at), r.issued_at)
     rows = []
     for rp in real.points:
         for i, rep in enumerate(rp.repeats):
@@ -274,22 +278,22 @@ def repeat_rows(real: RealResult, sims: dict) -> list[dict]:
             real_mean, real_tok = _repeat_figures(rep.records)
             sim = sims.get(rp.point.index, [])
             sim_mean, sim_tok = _repeat_figures(sim[i].records) if i < len(sim) and sim[i] is not None else (None, None)
-            rows.append({"point": rp.point.label, "repeat": i,
-                         "at_s": min(r.issued_at for r in rep.records) - first,
+            rows.append({"point": rp.point.label, "repeat": i, **({"part": rep.part} if len(first) > 1 else {}),
+                         "at_s": min(r.issued_at for r in rep.records) - first[rep.part],
                          "real_mean_s": real_mean, "sim_mean_s": sim_mean,
                          "real_compute_per_token_s": real_tok, "sim_compute_per_token_s": sim_tok})
-    return sorted(rows, key=lambda row: row["at_s"])
+    return sorted(rows, key=lambda row: (row.get("part", 0), row["at_s"]))
 
 
 def real_order(real: RealResult) -> list[tuple[int, int]]:
-    """(point index, repeat) in the order the real repeats started."""
+    """(point index, repeat) in the order the real repeats started (command by command when split)."""
     started = []
     for rp in real.points:
         for i, rep in enumerate(rp.repeats):
             at = min((r.issued_at for r in rep.records), default=None)
             if at is not None:
-                started.append((at, rp.point.index, i))
-    return [(index, i) for _, index, i in sorted(started)]
+                started.append((rep.part, at, rp.point.index, i))
+    return [(index, i) for _, _, index, i in sorted(started)]
 
 
 def _sim_oom_n(point_results: list, simulate_at: Callable[[int], Any] | None = None,
