@@ -239,3 +239,24 @@ def test_also_real_refuses_repeats_of_another_validation(real_folder, tmp_path):
         result = runner.invoke(app, ["validate", *args, "--out", str(tmp_path / "o"), "--quiet"])
         text = result.output + (result.stderr if result.stderr_bytes is not None else "")
         assert result.exit_code == 1 and message in text and "Traceback" not in text, text
+
+
+def test_condition_on_level_is_an_in_sample_rescaling(real_folder, tmp_path):
+    """--condition-on-level: the profile's passes scaled by real over simulated compute per token;
+    every figure in-sample (the factor comes from the judged runs), the factor written down."""
+    out = tmp_path / "conditioned"
+    result = _offline(real_folder, out, "--condition-on-level")
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "validation.json").read_text())
+    assert all(point["sample"] == "in-sample" for point in doc["points"])
+    (scaled,) = (out / "calibration").glob("*-level-conditioned.json")
+    note = json.loads(scaled.read_text())["metadata"]["notes"][-1]
+    assert "conditioned on the real runs' level" in note and "IN-SAMPLE" in note
+    factor = float(note.split(" x ")[1].split()[0])
+    real = [r["real_compute_per_token_s"] for r in json.loads((real_folder / "validation.json").read_text())["repeats"]]
+    sim_then = [r["sim_compute_per_token_s"] for r in json.loads((real_folder / "validation.json").read_text())["repeats"]]
+    assert factor == pytest.approx(sum(real) / sum(sim_then), rel=1e-3)
+    sim_now = [r["sim_compute_per_token_s"] for r in doc["repeats"]]
+    assert sum(sim_now) / len(sim_now) == pytest.approx(sum(real) / len(real), rel=0.05)
+    result = runner.invoke(app, ["validate", "--condition-on-level", "--out", str(tmp_path / "o"), "--quiet"])
+    assert result.exit_code == 1 and "give --from-real DIR" in result.output

@@ -17,6 +17,8 @@ import shutil
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
+import numpy as np
+
 from djinnsim.errors import DjinnsimError
 from djinnsim.sim.outputs import OutputFolder
 from djinnsim.sim.profile import load_profile
@@ -57,6 +59,7 @@ class OfflineRequest:
     force: bool = False  # replace a non-empty --out holding an earlier djinnsim output
     bands: int = 10
     also_real: tuple[Path, ...] = ()  # more repeats of the same validation, run by later commands
+    condition_on_level: bool = False  # in-sample diagnostic: the profile's passes scaled to the real runs' level
 
 
 def _read_json(path: Path) -> dict:
@@ -233,10 +236,47 @@ def run_offline(req: OfflineRequest) -> Path:
         f"{len(real.points)} points, real runs of {real_meta['started_at']}")
 
     with output as staging:
+        if req.condition_on_level:
+            profile_path, how, profile = _conditioned(staging, scenario_v, real, profile_path, profile, say)
         _recompare_into(staging, req, folder, scenario_v, real, real_meta, profile_path, how, profile, say)
     if not req.quiet:
         print(f"report: {output.path / 'validation.md'}")
     return output.path
+
+
+def _conditioned(out_dir: Path, scenario_v: Scenario, real: RealResult, profile_path: Path, profile, say):
+    """The profile with its decode, prefill and cached-prefill passes scaled by one factor: the real
+    repeats' GPU compute per generated token (each repeat's median, averaged over repeats) over the
+    simulated repeats' (same order, same processes). Judged on it, a report says whether the rest of the model (queues, bytes, links,
+    scheduling) predicts the runs once the launch-bound level they met is given: in-sample by
+    construction (the factor comes from the runs judged), and labelled so by the profile's hash."""
+    from djinnsim.sim.bands import level_scaled
+    from djinnsim.sim.profile import save_profile
+
+    from .pipeline import _repeat_figures, real_order, simulate
+
+    sims = simulate(scenario_v, profile_path, profile, max(len(rp.repeats) for rp in real.points), real_order(real))
+    # The level is read where one process has the GPU: Exp 2.1's points, Djinn's shared server. Keep-alive
+    # and serverless workers share it, and their compute per token carries that sharing; they get the same factor.
+    alone = [rp for rp in real.points
+             if not isinstance(scenario_v.workload, AgentsWorkload) or rp.point.backend.weights == "shared"]
+    real_tok = [_repeat_figures(rep.records)[1] for rp in alone for rep in rp.repeats if rep.records]
+    sim_tok = [_repeat_figures(run.records)[1] for rp in alone for run in sims.get(rp.point.index, []) if run is not None]
+    real_tok, sim_tok = [v for v in real_tok if v], [v for v in sim_tok if v]
+    if not real_tok or not sim_tok:
+        raise DjinnsimError("--condition-on-level: no point where one process has the GPU (Exp 2.1, Djinn's "
+                            "server) generated tokens to take the level from")
+    factor = float(np.mean(real_tok) / np.mean(sim_tok))  # each repeat met its own level: the repeats' mean
+    scaled = level_scaled(profile, factor)
+    path = out_dir / "calibration" / f"{Path(profile_path).stem}-level-conditioned.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scaled = scaled.model_copy(update={"samples_file": None, "samples_sha256": None, "metadata": scaled.metadata.model_copy(
+        update={"notes": [*scaled.metadata.notes, f"conditioned on the real runs' level: decode, prefill and cached "
+                          f"prefill x {factor:.4f} (real compute per token {np.mean(real_tok) * 1e3:.2f} ms, simulated "
+                          f"{np.mean(sim_tok) * 1e3:.2f} ms: each repeat's median, averaged over repeats); IN-SAMPLE"]})})
+    save_profile(scaled, path)
+    say(f"conditioned on the real runs' level: passes x {factor:.4f}")
+    return path, f"{Path(profile_path).name} conditioned on the real runs' level (passes x {factor:.4f}; IN-SAMPLE)", scaled
 
 
 def _recompare_into(out_dir: Path, req: OfflineRequest, folder: Path, scenario_v, real, real_meta: dict,

@@ -46,3 +46,19 @@ for item in agents-8 keepalive-max; do
 done
 djinnsim validate --from-real $here/run3/exp21-25 --calibration $out/calibration/run3-pooled-heldout.json --out $out/run3-exp21-25 --quiet --force
 djinnsim validate --from-real $here/run3/djinn-fcfs-16 --calibration $out/calibration/run3-pooled.json --out $out/run3-djinn-fcfs-16 --quiet --force
+
+# Level-conditioned diagnostics (IN-SAMPLE by construction: the profile's passes scaled by the judged
+# runs' own compute per token), into level-conditioned/.
+out=$here/level-conditioned
+run2cal=docs/calibration/h200-run2/h200-llama-2-7b.json
+run3cal=docs/calibration/h200-run3/h200-llama-2-7b.json
+mkdir -p $out/calibration
+djinnsim calibrate --refit $run2cal --out $out/calibration/run2-heldout.json --leave-out exp21_step --quiet
+for item in exp21-25 exp21-10; do
+  djinnsim validate --from-real $here/run2/$item --calibration $out/calibration/run2-heldout.json --condition-on-level --out $out/run2-$item --quiet --force
+done
+for item in agents-8; do  # keepalive-max has no point where one process has the GPU
+  djinnsim validate --from-real $here/run2/$item --calibration $run2cal --condition-on-level --out $out/run2-$item --quiet --force
+done
+djinnsim validate --from-real $here/run3/exp21-25 --calibration $here/run3/calibration/h200-llama-2-7b-heldout.json --condition-on-level --out $out/run3-exp21-25 --quiet --force
+djinnsim validate --from-real $here/run3/djinn-fcfs-16 --calibration $run3cal --condition-on-level --out $out/run3-djinn-fcfs-16 --quiet --force
