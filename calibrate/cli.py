@@ -24,6 +24,7 @@ def calibrate(
     quiet: Annotated[bool, typer.Option(help="no progress bar, per-point lines or summary")] = False,
     refit: Annotated[Path | None, typer.Option(help="measure nothing: recompute the fits of this profile from its samples CSV (rewritten in place, or to --out)")] = None,
     leave_out: Annotated[list[str] | None, typer.Option(help="with --refit: a sample stage no fit nor the spread may use, e.g. exp21_step to judge Exp 2.1 held out (repeatable)")] = None,
+    level_from: Annotated[list[Path] | None, typer.Option(help="with --refit: another calibration (profile JSON, samples beside it) of the same GPU, model and dtype whose batch-1 decode spells join the spread's decode level, for bands that do not rest on one calibration's level (repeatable)")] = None,
     force: Annotated[bool, typer.Option(help="measuring: replace the profile at --out if it exists")] = False,
 ) -> None:
     """Measure a GPU (or the CPU) with microbenchmarks and write a calibration profile."""
@@ -31,16 +32,19 @@ def calibrate(
 
     model = model or default_model(device)
     command = command_line(gpu=gpu, device=device, model=model, dtype=dtype, weights=weights, quick=quick,
-                           oom_probe=oom_probe, out=out, refit=refit, leave_out=leave_out or None)
-    if leave_out and refit is None:
+                           oom_probe=oom_probe, out=out, refit=refit, leave_out=leave_out or None,
+                           level_from=level_from or None)
+    if (leave_out or level_from) and refit is None:
         from djinnsim.errors import DjinnsimError
 
-        raise DjinnsimError("--leave-out applies to --refit only (a calibration measures every stage)")
+        flag = "--leave-out" if leave_out else "--level-from"
+        raise DjinnsimError(f"{flag} applies to --refit only (a calibration measures every stage)")
     if refit is not None:
         from djinnsim.calibrate.refit import refit_file
         from djinnsim.calibrate.report import print_refit
 
-        profile, path = refit_file(refit, out=out, command=command, left_out=tuple(leave_out or ()))
+        profile, path = refit_file(refit, out=out, command=command, left_out=tuple(leave_out or ()),
+                                   level_from=tuple(level_from or ()))
         if not quiet:
             print_refit(profile, path)
         return

@@ -8,7 +8,8 @@ rich progress bar, and a second Python thread.
 `python -m djinnsim.calibrate.diagnose_decode [model] --spells SECONDS` instead asks whether the
 batch-1 step's level (two launch-bound levels, about 23 and 35 ms on the lent H200) follows where
 the launching thread runs: back-to-back Exp 2.1 runs for SECONDS each, (K) as the OS schedules the
-thread, (L) pinned to one CPU (os.sched_setaffinity), (M) unpinned beside an NVML sampler thread at
+thread, (L) pinned to one CPU (os.sched_setaffinity), for SECONDS / 3 on each of up to 8 CPUs spread
+over the allowed set, (M) unpinned beside an NVML sampler thread at
 50 ms as calibrate and validate run one; per condition the runs' median steps, their spread and the
 share of runs above the midpoint of the two levels' medians.
 """
@@ -38,8 +39,8 @@ def spells(model, spec, dev: str, seconds: float) -> None:
 
     ids = m.random_ids(spec, 1, 72, "cpu").to(dev)
 
-    def run_for(label: str) -> list[float]:
-        medians, until = [], time.perf_counter() + seconds
+    def run_for(label: str, spell_s: float = seconds) -> list[float]:
+        medians, until = [], time.perf_counter() + spell_s
         while time.perf_counter() < until:
             medians.append(float(np.median(m.timed_greedy_decode(model, ids, 50, dev).step_s)))
         return medians
@@ -49,8 +50,10 @@ def spells(model, spec, dev: str, seconds: float) -> None:
     with torch.inference_mode():
         m.timed_greedy_decode(model, ids, 50, dev)  # warm-up
         results["K unpinned"] = run_for("K")
-        os.sched_setaffinity(0, {min(every)})
-        results[f"L pinned to cpu {min(every)}"] = run_for("L")
+        cpus = sorted(every)
+        for cpu in cpus[:: max(1, len(cpus) // 8)][:8]:
+            os.sched_setaffinity(0, {cpu})
+            results[f"L pinned to cpu {cpu}"] = run_for("L", seconds / 3)
         os.sched_setaffinity(0, every)
         nvml, handle = nvml_handle(int(dev.split(":")[1]))
         sampler = NvmlSampler(nvml, handle, period_s=0.05) if handle is not None else None

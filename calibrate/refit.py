@@ -16,7 +16,8 @@ import numpy as np
 
 from djinnsim.errors import DjinnsimError
 from djinnsim.sim.costmodel import ProfileCostModel
-from djinnsim.sim.profile import KvSwaps, Profile, load_profile, save_profile
+from djinnsim.sim.profile import KvSwaps, Profile, load_profile, samples_path, save_profile
+from djinnsim.sim.provenance import file_sha256
 from djinnsim.sim.specs import get_model
 
 from .fitting import (
@@ -127,7 +128,8 @@ def _copy_fits(rows, prefix: str) -> dict:
     return fits
 
 
-def refit(profile: Profile, rows: list[dict[str, str]], note: str, left_out: tuple[str, ...] = ()) -> Profile:
+def refit(profile: Profile, rows: list[dict[str, str]], note: str, left_out: tuple[str, ...] = (),
+          level_from: list[tuple[str, Profile, list]] = ()) -> Profile:
     """`left_out`: sample stages no fit (nor the spread) may use, e.g. ("exp21_step",) to hold
     calibrate's own Exp 2.1 runs out of the decode fit; the measured jitter sequence stays."""
     spec = get_model(profile.metadata.model_id)
@@ -165,7 +167,7 @@ def refit(profile: Profile, rows: list[dict[str, str]], note: str, left_out: tup
     })
     notes = [n for n in profile.metadata.notes if n != note]  # refitting twice notes it once
     update["metadata"] = profile.metadata.model_copy(update={"notes": [*notes, note]})
-    new = with_spread(profile.model_copy(update=update), rows, left_out)
+    new = with_spread(profile.model_copy(update=update), rows, left_out, level_from)
     Profile.model_validate(new.model_dump())  # the refit must still be a valid profile
     return new.model_copy(update={"end_to_end": _predictions(new, spec)})
 
@@ -190,12 +192,30 @@ def _predictions(profile: Profile, spec) -> dict[str, float]:
     return e
 
 
+def level_sources(profile: Profile, paths: tuple[Path, ...]) -> list[tuple[str, Profile, list]]:
+    """Other calibrations whose batch-1 spells join this profile's decode_level: each must be of
+    the same GPU, model and dtype, with its own samples file beside it (sha256 checked)."""
+    out = []
+    for path in paths:
+        other = load_profile(path)
+        mine, theirs = profile.metadata, other.metadata
+        if (theirs.gpu_key, theirs.model_id, theirs.dtype) != (mine.gpu_key, mine.model_id, mine.dtype):
+            raise DjinnsimError(f"--level-from {path}: a calibration of {theirs.gpu_key} / {theirs.model_id} / "
+                                f"{theirs.dtype}, not of {mine.gpu_key} / {mine.model_id} / {mine.dtype}")
+        file = samples_path(other, path)
+        if file is None:
+            raise DjinnsimError(f"--level-from {path}: no samples file beside it to read its spells from")
+        out.append((f"{Path(path).as_posix()} (samples sha256 {file_sha256(file)[:12]})", other, read_samples(file)))
+    return out
+
+
 def refit_file(path: Path, out: Path | None = None, command: str | None = None,
-               left_out: tuple[str, ...] = ()) -> tuple[Profile, Path]:
+               left_out: tuple[str, ...] = (), level_from: tuple[Path, ...] = ()) -> tuple[Profile, Path]:
     profile = load_profile(path)
     if not profile.samples_file:
         raise DjinnsimError(f"{path}: the profile names no samples file to refit from")
-    rows = read_samples(Path(path).parent / profile.samples_file)
+    samples_file = samples_path(profile, path) or Path(path).parent / profile.samples_file
+    rows = read_samples(samples_file)
     stages = {row["stage"] for row in rows}
     unknown = [stage for stage in left_out if stage not in stages]
     if unknown:
@@ -203,14 +223,18 @@ def refit_file(path: Path, out: Path | None = None, command: str | None = None,
     note = f"fits recomputed from {profile.samples_file}" + (f" by `{command}`" if command else "")
     if left_out:
         note += f", leaving out {', '.join(left_out)}"
-    new = refit(profile, rows, note, left_out)
+    if level_from:
+        note += f", batch-1 spells also from {', '.join(Path(p).as_posix() for p in level_from)}"
+    new = refit(profile, rows, note, left_out, level_sources(profile, tuple(level_from)))
     target = Path(out) if out is not None else Path(path)
     if target.resolve() != Path(path).resolve():  # the samples travel with the profile
         import shutil
 
         target.parent.mkdir(parents=True, exist_ok=True)
         samples = target.with_suffix(".csv")
-        shutil.copyfile(Path(path).parent / profile.samples_file, samples)
+        shutil.copyfile(samples_file, samples)
         new = new.model_copy(update={"samples_file": samples.name})
+    if new.samples_sha256 is None:  # a profile older than the check gets it from the file it was refitted from
+        new = new.model_copy(update={"samples_sha256": file_sha256(samples_file)})
     save_profile(new, target)
     return new, target

@@ -241,7 +241,10 @@ def run_calibration(
         raise
     from .spread import with_spread
 
-    profile = with_spread(profile, s.log.rows).model_copy(update={"samples_file": samples_path.name})
+    from djinnsim.sim.provenance import file_sha256
+
+    profile = with_spread(profile, s.log.rows).model_copy(
+        update={"samples_file": samples_path.name, "samples_sha256": file_sha256(samples_path)})
     save_profile(profile, out)
     if not quiet:
         from .report import print_summary

@@ -43,14 +43,22 @@ def _kept(values) -> list[float]:
     return quantile_sample([v for v in values if v is not None], MAX_FACTORS)
 
 
-def decode_levels(rows, profile: Profile) -> list[float]:
-    """Each batch-1 decode spell calibrate ran (grid points at batch 1, cold_shapes' warm passes,
-    Exp 2.1 runs, timeslice_mp's lone process): its median step over the decode fit at its context."""
-    timeslice = profile.timeslice_mp
+def spell_factors(rows, profile: Profile, measured_by: Profile | None = None) -> list[float | None]:
+    """Each batch-1 decode spell in `rows` (grid points at batch 1, cold_shapes' warm passes, Exp 2.1
+    runs, timeslice_mp's lone process): its median step over `profile`'s decode fit at its context.
+    `measured_by`: the profile of the calibration that ran them (for timeslice_mp's context)."""
+    timeslice = (measured_by or profile).timeslice_mp
     context = None if timeslice is None else float(np.mean(timeslice.context_tokens))
-    out = []
-    for spell in decode_spells(rows, ("decode", *LEVEL_ANCHOR_STAGES, "timeslice_mp"), timeslice_context=context):
-        out.append(_ratio(spell.value, evaluate_fit(profile.decode_step, spell.inputs)[0]))
+    return [_ratio(spell.value, evaluate_fit(profile.decode_step, spell.inputs)[0])
+            for spell in decode_spells(rows, ("decode", *LEVEL_ANCHOR_STAGES, "timeslice_mp"), timeslice_context=context)]
+
+
+def decode_levels(rows, profile: Profile, others: list[tuple[Profile, list]] = ()) -> list[float]:
+    """This calibration's batch-1 spells over its decode fit, and those of `others` (earlier
+    calibrations of the same GPU and model: (their profile, their samples)) over the same fit."""
+    out = spell_factors(rows, profile)
+    for other, other_rows in others:
+        out += spell_factors(other_rows, profile, other)
     return _kept(out)
 
 
@@ -98,19 +106,26 @@ def copy_factors(rows, profile: Profile) -> list[float]:
     return _kept(out)
 
 
-def spread_from_samples(profile: Profile, rows, left_out: tuple[str, ...] = ()) -> Spread:
-    """The profile's spread from the raw samples its fits came from (`rows` without `left_out` stages)."""
+def spread_from_samples(profile: Profile, rows, left_out: tuple[str, ...] = (),
+                        level_from: list[tuple[str, Profile, list]] = ()) -> Spread:
+    """The profile's spread from the raw samples its fits came from (`rows` without `left_out` stages).
+    `level_from`: (name, profile, samples) of other calibrations whose batch-1 spells (also without
+    `left_out`) join decode_level: one calibration may sit at one launch-bound level throughout."""
     rows = [row for row in rows if row["stage"] not in left_out]
+    others = [(other, [row for row in other_rows if row["stage"] not in left_out]) for _, other, other_rows in level_from]
     return Spread(
-        decode_level=decode_levels(rows, profile),
+        decode_level=decode_levels(rows, profile, others),
         decode_residual=decode_residuals(rows, profile),
         prefill_residual=prefill_residuals(rows, profile),
         weight_load=load_factors(rows, profile),
         copies=copy_factors(rows, profile),
         left_out=sorted(left_out),
         source="calibrate.spread: raw samples over the profile's own predictions",
+        level_sources=[f"{name} ({sum(f is not None for f in spell_factors(o_rows, profile, other))} spells)"
+                       for (name, _, _), (other, o_rows) in zip(level_from, others)],
     )
 
 
-def with_spread(profile: Profile, rows, left_out: tuple[str, ...] = ()) -> Profile:
-    return profile.model_copy(update={"spread": spread_from_samples(profile, rows, left_out)})
+def with_spread(profile: Profile, rows, left_out: tuple[str, ...] = (),
+                level_from: list[tuple[str, Profile, list]] = ()) -> Profile:
+    return profile.model_copy(update={"spread": spread_from_samples(profile, rows, left_out, level_from)})

@@ -83,6 +83,15 @@ def scale_profile(profile: Profile, f: Factors) -> Profile:
     })
 
 
+def level_scaled(profile: Profile, factor: float) -> Profile:
+    """The profile with every pass it times (decode step, prefill, prefill on a cached context)
+    `factor` times longer: the launch-bound level moved, everything else as measured."""
+    scaled = scale_profile(profile, Factors(decode=factor, prefill=factor))
+    if scaled.cached_prefill is None:
+        return scaled
+    return scaled.model_copy(update={"cached_prefill": _scale_fit(scaled.cached_prefill, factor)})
+
+
 def spread_of(cost: CostModel) -> tuple[Profile, Spread]:
     """The profile and spread behind a cost model, or a one-line error saying why there is none."""
     profile = getattr(cost, "profile", None)

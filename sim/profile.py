@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from djinnsim.errors import DjinnsimError
 
 from .outputs import os_error_line
+from .provenance import file_sha256
 from .safeyaml import describe_path, parse_json, read_input_text, strict_json
 
 SCHEMA_VERSION = 2
@@ -186,6 +187,10 @@ class Spread(_Strict):
         default_factory=list, description="sample stages left out of every fit and of this spread "
         "(held out for a validation of the same workload)")
     source: str = Field(default="", description="how it was computed")
+    level_sources: list[str] = Field(
+        default_factory=list, description="other calibrations of the same GPU, model and dtype whose batch-1 "
+        "spells joined decode_level (`calibrate --refit --level-from`): each one's profile file, its samples' "
+        "sha256 and its spell count; empty: this calibration's spells only")
 
     @field_validator("decode_level", "decode_residual", "prefill_residual", "weight_load", "copies")
     @classmethod
@@ -325,6 +330,9 @@ class Profile(_Strict):
     kv_swaps: KvSwaps | None = Field(
         default=None, description="a session's whole KV swapped out and in (stage kv_swaps); absent: not measured")
     samples_file: str | None = None
+    samples_sha256: str | None = Field(
+        default=None, description="sha256 of samples_file as written with this profile; a refit or a band "
+        "computed from another file is refused (absent in profiles older than the check)")
 
     @field_validator("jitter_decode", "jitter_prefill", "jitter_decode_sequence")
     @classmethod
@@ -332,6 +340,22 @@ class Profile(_Strict):
         if any(not 0 < v <= MAX_FACTOR for v in value):
             raise ValueError(f"jitter factors (time over the median) must lie in (0, {MAX_FACTOR:g}]")
         return value
+
+
+def samples_path(profile: Profile, path: str | Path) -> Path | None:
+    """The samples file beside the profile at `path`, or None when it names none or the file is
+    absent. A file whose sha256 is not the one recorded with the profile is another calibration's
+    samples (a profile copied over an older folder): refused, so no refit or band mixes the two."""
+    if not profile.samples_file:
+        return None
+    file = Path(path).parent / profile.samples_file
+    if not file.is_file():
+        return None
+    if profile.samples_sha256 is not None and file_sha256(file) != profile.samples_sha256:
+        raise DjinnsimError(f"{file}: not the samples file of {Path(path).name} (sha256 differs from the one the "
+                            f"profile records: it belongs to another calibration; copy the profile with its own "
+                            f"{profile.samples_file})")
+    return file
 
 
 def load_profile(path: str | Path) -> Profile:

@@ -123,6 +123,56 @@ def test_refit_leaving_a_stage_out(cpu_calibration, tmp_path):
         assert result.exit_code == 1 and message in text and "Traceback" not in text
 
 
+def test_refit_pools_batch1_spells_of_other_calibrations(cpu_calibration, tmp_path):
+    """--level-from: another calibration's batch-1 spells join decode_level (over this profile's fit),
+    named with their samples' sha256; a calibration of another model or dtype is refused by name."""
+    import json
+    import shutil
+
+    _, out, _ = cpu_calibration
+    alone = tmp_path / "alone.json"
+    pooled = tmp_path / "pooled.json"
+    assert runner.invoke(app, ["calibrate", "--refit", str(out), "--out", str(alone), "--quiet"]).exit_code == 0
+    result = runner.invoke(app, ["calibrate", "--refit", str(out), "--out", str(pooled), "--level-from", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    own, both = load_profile(alone).spread, load_profile(pooled).spread
+    assert own.level_sources == [] and len(own.decode_level) >= 2
+    assert sorted(both.decode_level) == sorted(own.decode_level * 2)  # the same spells twice, same fit
+    assert len(both.level_sources) == 1 and out.as_posix() in both.level_sources[0] and "sha256" in both.level_sources[0]
+    other = tmp_path / "other" / out.name
+    other.parent.mkdir()
+    shutil.copyfile(out.with_suffix(".csv"), other.with_suffix(".csv"))
+    data = json.loads(out.read_text())
+    data["metadata"]["dtype"] = "bfloat16" if data["metadata"]["dtype"] != "bfloat16" else "float16"
+    other.write_text(json.dumps(data))
+    for args, message in ((["--refit", str(out), "--out", str(pooled), "--level-from", str(other)], "not of"),
+                          (["--device", "cpu", "--level-from", str(out), "--out", str(pooled)], "--level-from applies to --refit only")):
+        result = runner.invoke(app, ["calibrate", *args, "--quiet"])
+        text = result.output + (result.stderr if result.stderr_bytes is not None else "")
+        assert result.exit_code == 1 and message in text and "Traceback" not in text
+
+
+def test_a_profile_beside_another_calibrations_samples_is_refused(cpu_calibration, tmp_path):
+    """A profile copied over a folder that holds an older calibration's samples file of the same
+    name: a refit, a held-out Exp 2.1 refit and bands would mix two calibrations; refused by name."""
+    import shutil
+
+    from djinnsim.sim.provenance import file_sha256
+
+    _, out, _ = cpu_calibration
+    profile = load_profile(out)
+    assert profile.samples_sha256 == file_sha256(out.with_suffix(".csv"))
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    shutil.copyfile(out, folder / out.name)
+    rows = (out.with_suffix(".csv")).read_text().splitlines()
+    (folder / "tiny.csv").write_text("\n".join(rows[:-1]) + "\n")  # one sample short: another file
+    result = runner.invoke(app, ["calibrate", "--refit", str(folder / out.name), "--out", str(folder / "r.json"), "--quiet"])
+    text = result.output + (result.stderr if result.stderr_bytes is not None else "")
+    assert result.exit_code == 1 and "not the samples file of tiny.json" in text and "Traceback" not in text
+    assert not (folder / "r.json").exists()
+
+
 def _approx(value):
     if isinstance(value, dict):
         return {k: _approx(v) for k, v in value.items()}

@@ -204,3 +204,59 @@ def test_regenerate_scripts_replace_their_committed_reports():
         for command in commands.split("djinnsim validate --from-real")[1:]:
             command = command.split(" djinnsim ")[0].split(" done")[0]
             assert "--force" in command.split(), f"{script.parent.name}: {command.strip()[:80]}"
+
+
+def test_repeats_split_over_commands_are_judged_as_one_validation(real_folder, tmp_path):
+    """--also-real: a second command's repeats of the same points follow the first's (here the same
+    folder twice: same scenario, machine and frozen profile), renumbered into one records file."""
+    out = tmp_path / "merged"
+    result = _offline(real_folder, out, "--also-real", str(real_folder))
+    assert result.exit_code == 0, result.output
+    once = json.loads((real_folder / "validation.json").read_text())
+    doc = json.loads((out / "validation.json").read_text())
+    assert doc["meta"]["repeats"] == 2 * once["meta"]["repeats"]
+    assert [part["folder"] for part in doc["meta"]["parts"]] == [str(real_folder)] * 2
+    for before, after in zip(once["points"], doc["points"]):
+        assert after["metrics"]["latency_mean_s"]["real_values"] == 2 * before["metrics"]["latency_mean_s"]["real_values"]
+    real_rows = (real_folder / "records_real.csv").read_text().splitlines()
+    merged_rows = (out / "records_real.csv").read_text().splitlines()
+    assert len(merged_rows) - 1 == 2 * (len(real_rows) - 1)
+    assert {row.split(",")[0] for row in merged_rows[1:]} == {str(i) for i in range(2 * once["meta"]["repeats"])}
+    assert [row["part"] for row in doc["repeats"]] == sorted(row["part"] for row in doc["repeats"])
+    assert "Repeats split over commands" in (out / "validation.md").read_text()
+
+
+def test_also_real_refuses_repeats_of_another_validation(real_folder, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(real_folder, other)
+    doc = json.loads((other / "validation.json").read_text())
+    doc["meta"]["seed"] = doc["meta"]["seed"] + 1
+    doc["meta"]["profile"]["frozen_sha256"] = "0" * 64
+    (other / "validation.json").write_text(json.dumps(doc))
+    for args, message in ((["--from-real", str(real_folder), "--also-real", str(other)], "seed, the profile frozen before the runs differ"),
+                          (["--also-real", str(real_folder)], "give --from-real too"),
+                          (["--from-real", str(real_folder), "--also-real", str(tmp_path / "nothing")], "is not a folder")):
+        result = runner.invoke(app, ["validate", *args, "--out", str(tmp_path / "o"), "--quiet"])
+        text = result.output + (result.stderr if result.stderr_bytes is not None else "")
+        assert result.exit_code == 1 and message in text and "Traceback" not in text, text
+
+
+def test_condition_on_level_is_an_in_sample_rescaling(real_folder, tmp_path):
+    """--condition-on-level: the profile's passes scaled by real over simulated compute per token;
+    every figure in-sample (the factor comes from the judged runs), the factor written down."""
+    out = tmp_path / "conditioned"
+    result = _offline(real_folder, out, "--condition-on-level")
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "validation.json").read_text())
+    assert all(point["sample"] == "in-sample" for point in doc["points"])
+    (scaled,) = (out / "calibration").glob("*-level-conditioned.json")
+    note = json.loads(scaled.read_text())["metadata"]["notes"][-1]
+    assert "conditioned on the real runs' level" in note and "IN-SAMPLE" in note
+    factor = float(note.split(" x ")[1].split()[0])
+    real = [r["real_compute_per_token_s"] for r in json.loads((real_folder / "validation.json").read_text())["repeats"]]
+    sim_then = [r["sim_compute_per_token_s"] for r in json.loads((real_folder / "validation.json").read_text())["repeats"]]
+    assert factor == pytest.approx(sum(real) / sum(sim_then), rel=1e-3)
+    sim_now = [r["sim_compute_per_token_s"] for r in doc["repeats"]]
+    assert sum(sim_now) / len(sim_now) == pytest.approx(sum(real) / len(real), rel=0.05)
+    result = runner.invoke(app, ["validate", "--condition-on-level", "--out", str(tmp_path / "o"), "--quiet"])
+    assert result.exit_code == 1 and "give --from-real DIR" in result.output

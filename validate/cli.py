@@ -25,6 +25,18 @@ def validate(
         typer.Option(help="a finished validation folder: re-simulate its points now and compare them with its real "
                           "records, running nothing for real (no GPU needed); takes only --calibration, --bands, --out, --quiet"),
     ] = None,
+    also_real: Annotated[
+        Optional[list[Path]],
+        typer.Option(help="with --from-real: another finished validation with more repeats of the same points (same "
+                          "scenario, machine and frozen profile: a validation split over device commands); its "
+                          "repeats follow --from-real's (repeatable)"),
+    ] = None,
+    condition_on_level: Annotated[
+        bool,
+        typer.Option(help="with --from-real: an IN-SAMPLE diagnostic: scale the profile's passes by the real runs' median "
+                          "compute per token over the simulated one, to see what the rest of the model predicts once "
+                          "the launch-bound level the runs met is given (never a held-out figure)"),
+    ] = False,
     gpu: Annotated[int, typer.Option(help="CUDA device index to run on")] = 0,
     device: Annotated[str, typer.Option(help="cuda, or cpu: the same pipeline with the tiny model (CI)")] = "cuda",
     points: Annotated[
@@ -63,6 +75,10 @@ def validate(
     from djinnsim.errors import DjinnsimError
 
     command = " ".join(["djinnsim", *sys.argv[1:]])
+    if also_real and from_real is None:
+        raise DjinnsimError("--also-real adds repeats to --from-real DIR: give --from-real too")
+    if condition_on_level and from_real is None:
+        raise DjinnsimError("--condition-on-level re-judges finished runs: give --from-real DIR")
     if from_real is not None:
         given = {"SCENARIO": scenario is not None, "--gpu": gpu != 0, "--device": device != "cuda",
                  "--points": bool(points), "--repeats": repeats != 5, "--full-calibration": full_calibration,
@@ -80,7 +96,9 @@ def validate(
         if set_:
             raise DjinnsimError("--from-real re-compares runs already made: --set cannot change them")
         _check_strict(run_offline(OfflineRequest(from_real=from_real, calibration=calibration, out=out, quiet=quiet,
-                                                 command=command, bands=bands, force=force)), strict)
+                                                 command=command, bands=bands, force=force,
+                                                 also_real=tuple(also_real or ()),
+                                                 condition_on_level=condition_on_level)), strict)
         return
     if scenario is None:
         raise DjinnsimError("give a SCENARIO to validate, or --from-real DIR to re-compare a finished validation")

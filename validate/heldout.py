@@ -23,7 +23,7 @@ import csv
 from datetime import datetime
 from pathlib import Path
 
-from djinnsim.sim.profile import LinearFit, Profile
+from djinnsim.sim.profile import LinearFit, Profile, samples_path
 from djinnsim.sim.scenario import DecodeWorkload, Scenario
 
 from .compare import HELD_OUT, IN_SAMPLE
@@ -38,13 +38,16 @@ def is_exp21_workload(scenario: Scenario) -> bool:
 
 
 def _samples(profile: Profile, path: Path) -> list[dict[str, str]] | None:
-    if not profile.samples_file:
-        return None
-    file = Path(path).parent / profile.samples_file
-    if not file.is_file():
+    file = samples_path(profile, path)
+    if file is None:
         return None
     with file.open(newline="") as handle:
         return list(csv.DictReader(handle))
+
+
+def has_samples(profile: Profile, path: Path) -> bool:
+    """Whether the profile's own samples file lies beside it (another calibration's is refused)."""
+    return samples_path(profile, path) is not None
 
 
 def decode_fit_holds_exp21(profile: Profile, path: Path) -> bool:

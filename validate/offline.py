@@ -17,6 +17,8 @@ import shutil
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
+import numpy as np
+
 from djinnsim.errors import DjinnsimError
 from djinnsim.sim.outputs import OutputFolder
 from djinnsim.sim.profile import load_profile
@@ -35,6 +37,7 @@ from .pipeline import (
     OUT_OF_RANGE_NOTE,
     Machine,
     _say,
+    _write_records,
     check_profile,
     compare_and_report,
     device_notes,
@@ -55,6 +58,8 @@ class OfflineRequest:
     command: str = "djinnsim validate --from-real"
     force: bool = False  # replace a non-empty --out holding an earlier djinnsim output
     bands: int = 10
+    also_real: tuple[Path, ...] = ()  # more repeats of the same validation, run by later commands
+    condition_on_level: bool = False  # in-sample diagnostic: the profile's passes scaled to the real runs' level
 
 
 def _read_json(path: Path) -> dict:
@@ -147,15 +152,67 @@ def _profile_path(req: OfflineRequest, folder: Path, meta: dict) -> tuple[Path, 
                         "pass --calibration PROFILE (the real machine's profile)")
 
 
+def _finished_folder(folder: Path, flag: str) -> Path:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DjinnsimError(f"{flag} {folder} is not a folder")
+    missing = [name for name in FOLDER_FILES if not (folder / name).is_file()]
+    if missing:
+        raise DjinnsimError(f"{flag} {folder} is not a finished validation: no {', '.join(missing)}")
+    return folder
+
+
+# What must agree for repeats of two commands to be one validation's repeats.
+SAME_RUN_KEYS = ("model", "workload", "seed")
+SAME_MACHINE_KEYS = ("device", "name", "driver", "torch", "transformers")
+
+
+def merge_real(folder: Path, doc: dict, scenario_v: Scenario, real: RealResult, others: tuple[Path, ...]) -> dict:
+    """Append to `real` (from `folder`) the repeats of `others`: later commands of the same
+    validation (same scenario, machine, workload and frozen profile), each one's repeats after the
+    previous ones' with its own `part`. Returns the merged report meta; refuses anything that differs."""
+    meta = doc["meta"]
+    frozen = meta.get("profile", {}).get("frozen_sha256")
+    if frozen is None:
+        raise DjinnsimError(f"--also-real: {folder} records no profile frozen before its runs; repeats of "
+                            "different commands join only on one frozen profile")
+    parts = [{"folder": str(folder), "started_at": meta["started_at"], "command": meta.get("command")}]
+    by_index = {rp.point.index: rp for rp in real.points}
+    for part, other in enumerate(others, start=1):
+        other = _finished_folder(other, "--also-real")
+        other_doc = _read_json(other / "validation.json")
+        om = other_doc["meta"]
+        other_v = as_run_for_real(load_scenario(other / "scenario.yaml"))
+        differ = [key for key in SAME_RUN_KEYS if om.get(key) != meta.get(key)]
+        differ += [f"machine {key}" for key in SAME_MACHINE_KEYS if om["machine"].get(key) != meta["machine"].get(key)]
+        if other_v.model_dump() != scenario_v.model_dump():
+            differ.append("scenario.yaml")
+        if om.get("profile", {}).get("frozen_sha256") != frozen:
+            differ.append("the profile frozen before the runs")
+        if differ:
+            raise DjinnsimError(f"--also-real {other} is not more repeats of {folder}: {', '.join(differ)} differ")
+        more = real_result(other_doc, scenario_v, read_real_records(other / "records_real.csv"))
+        for rp in more.points:
+            for repeat in rp.repeats:
+                repeat.part = part
+            if rp.point.index in by_index:
+                by_index[rp.point.index].repeats.extend(rp.repeats)
+            else:
+                by_index[rp.point.index] = rp
+                real.points.append(rp)
+        real.oom_probes.extend(more.oom_probes)
+        real.notes.extend(n for n in more.notes if n not in real.notes)
+        real.wall_s += more.wall_s
+        parts.append({"folder": str(other), "started_at": om["started_at"], "command": om.get("command")})
+    real.points.sort(key=lambda rp: rp.point.index)
+    return {**meta, "repeats": max((len(rp.repeats) for rp in real.points), default=0),
+            "real_wall_s": real.wall_s, "parts": parts}
+
+
 def run_offline(req: OfflineRequest) -> Path:
     """Re-simulate a finished validation's points and compare them with its real runs; returns OUT."""
     say = _say(req.quiet)
-    folder = Path(req.from_real)
-    if not folder.is_dir():
-        raise DjinnsimError(f"--from-real {folder} is not a folder")
-    missing = [name for name in FOLDER_FILES if not (folder / name).is_file()]
-    if missing:
-        raise DjinnsimError(f"--from-real {folder} is not a finished validation: no {', '.join(missing)}")
+    folder = _finished_folder(req.from_real, "--from-real")
     out_dir = Path(req.out) if req.out is not None else folder.parent / f"{folder.name}-resim"
     if out_dir.resolve() == folder.resolve():
         raise DjinnsimError(f"--out {out_dir} is the folder read with --from-real; write the re-comparison elsewhere")
@@ -173,13 +230,53 @@ def run_offline(req: OfflineRequest) -> Path:
     check_profile(profile, profile_path, Machine(**real_meta["machine"]), spec, None,
                   hint=f"pass --calibration with a profile of the machine the real runs in {folder} used")
     real = real_result(doc, scenario_v, read_real_records(folder / "records_real.csv"))
-    say(f"offline re-comparison of {folder}: {len(real.points)} points, real runs of {real_meta['started_at']}")
+    if req.also_real:
+        real_meta = merge_real(folder, doc, scenario_v, real, tuple(req.also_real))
+    say(f"offline re-comparison of {folder}{f' and {len(req.also_real)} more' if req.also_real else ''}: "
+        f"{len(real.points)} points, real runs of {real_meta['started_at']}")
 
     with output as staging:
+        if req.condition_on_level:
+            profile_path, how, profile = _conditioned(staging, scenario_v, real, profile_path, profile, say)
         _recompare_into(staging, req, folder, scenario_v, real, real_meta, profile_path, how, profile, say)
     if not req.quiet:
         print(f"report: {output.path / 'validation.md'}")
     return output.path
+
+
+def _conditioned(out_dir: Path, scenario_v: Scenario, real: RealResult, profile_path: Path, profile, say):
+    """The profile with its decode, prefill and cached-prefill passes scaled by one factor: the real
+    repeats' GPU compute per generated token (each repeat's median, averaged over repeats) over the
+    simulated repeats' (same order, same processes). Judged on it, a report says whether the rest of the model (queues, bytes, links,
+    scheduling) predicts the runs once the launch-bound level they met is given: in-sample by
+    construction (the factor comes from the runs judged), and labelled so by the profile's hash."""
+    from djinnsim.sim.bands import level_scaled
+    from djinnsim.sim.profile import save_profile
+
+    from .pipeline import _repeat_figures, real_order, simulate
+
+    sims = simulate(scenario_v, profile_path, profile, max(len(rp.repeats) for rp in real.points), real_order(real))
+    # The level is read where one process has the GPU: Exp 2.1's points, Djinn's shared server. Keep-alive
+    # and serverless workers share it, and their compute per token carries that sharing; they get the same factor.
+    alone = [rp for rp in real.points
+             if not isinstance(scenario_v.workload, AgentsWorkload) or rp.point.backend.weights == "shared"]
+    real_tok = [_repeat_figures(rep.records)[1] for rp in alone for rep in rp.repeats if rep.records]
+    sim_tok = [_repeat_figures(run.records)[1] for rp in alone for run in sims.get(rp.point.index, []) if run is not None]
+    real_tok, sim_tok = [v for v in real_tok if v], [v for v in sim_tok if v]
+    if not real_tok or not sim_tok:
+        raise DjinnsimError("--condition-on-level: no point where one process has the GPU (Exp 2.1, Djinn's "
+                            "server) generated tokens to take the level from")
+    factor = float(np.mean(real_tok) / np.mean(sim_tok))  # each repeat met its own level: the repeats' mean
+    scaled = level_scaled(profile, factor)
+    path = out_dir / "calibration" / f"{Path(profile_path).stem}-level-conditioned.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scaled = scaled.model_copy(update={"samples_file": None, "samples_sha256": None, "metadata": scaled.metadata.model_copy(
+        update={"notes": [*scaled.metadata.notes, f"conditioned on the real runs' level: decode, prefill and cached "
+                          f"prefill x {factor:.4f} (real compute per token {np.mean(real_tok) * 1e3:.2f} ms, simulated "
+                          f"{np.mean(sim_tok) * 1e3:.2f} ms: each repeat's median, averaged over repeats); IN-SAMPLE"]})})
+    save_profile(scaled, path)
+    say(f"conditioned on the real runs' level: passes x {factor:.4f}")
+    return path, f"{Path(profile_path).name} conditioned on the real runs' level (passes x {factor:.4f}; IN-SAMPLE)", scaled
 
 
 def _recompare_into(out_dir: Path, req: OfflineRequest, folder: Path, scenario_v, real, real_meta: dict,
@@ -187,7 +284,11 @@ def _recompare_into(out_dir: Path, req: OfflineRequest, folder: Path, scenario_v
     from djinnsim.calibrate.environment import host_cpu
 
     shutil.copyfile(folder / "scenario.yaml", out_dir / "scenario.yaml")
-    shutil.copyfile(folder / "records_real.csv", out_dir / "records_real.csv")
+    if "parts" in real_meta:  # repeats of several commands: renumbered, one file
+        merged = [(i, r) for rp in real.points for i, rep in enumerate(rp.repeats) for r in rep.records]
+        _write_records(out_dir / "records_real.csv", [r for _, r in merged], [i for i, _ in merged])
+    else:
+        shutil.copyfile(folder / "records_real.csv", out_dir / "records_real.csv")
     # No clock time or wall seconds of this run: the same folder, profile and simulator give the same bytes.
     # The hash frozen before the real runs (recorded since issue 9) stays; the profile used now is hashed anew.
     frozen = {k: real_meta["profile"][k] for k in ("frozen_sha256", "frozen_at") if k in real_meta.get("profile", {})}

@@ -232,11 +232,14 @@ def spread_for(profile: Profile, profile_path: Path) -> tuple[object | None, str
     (nothing else in the profile changes), else none; with a sentence saying which."""
     if profile.spread is not None:
         return profile.spread, "the profile's spread section"
-    if profile.samples_file and (Path(profile_path).parent / profile.samples_file).is_file():
+    from djinnsim.sim.profile import samples_path
+
+    file = samples_path(profile, profile_path)
+    if file is not None:
         from djinnsim.calibrate.refit import read_samples
         from djinnsim.calibrate.spread import spread_from_samples
 
-        rows = read_samples(Path(profile_path).parent / profile.samples_file)
+        rows = read_samples(file)
         return spread_from_samples(profile, rows), f"computed for this report from {profile.samples_file}"
     return None, "none: the profile has no spread section and no samples file"
 
@@ -262,7 +265,11 @@ def _repeat_figures(records) -> tuple[float | None, float | None]:
 def repeat_rows(real: RealResult, sims: dict) -> list[dict]:
     """Each real repeat beside its simulated twin, in the order they ran: the host's step-time drift
     over the run and the repeats that met new attention shapes show here, not in the means."""
-    first = min((r.issued_at for rp in real.points for rep in rp.repeats for r in rep.records), default=0.0)
+    first: dict[int, float] = {}  # per command (part): its clock is its own
+    for rp in real.points:
+        for rep in rp.repeats:
+            for r in rep.records:
+                first[rep.part] = min(first.get(rep.part, r.issued_at), r.issued_at)
     rows = []
     for rp in real.points:
         for i, rep in enumerate(rp.repeats):
@@ -271,22 +278,22 @@ def repeat_rows(real: RealResult, sims: dict) -> list[dict]:
             real_mean, real_tok = _repeat_figures(rep.records)
             sim = sims.get(rp.point.index, [])
             sim_mean, sim_tok = _repeat_figures(sim[i].records) if i < len(sim) and sim[i] is not None else (None, None)
-            rows.append({"point": rp.point.label, "repeat": i,
-                         "at_s": min(r.issued_at for r in rep.records) - first,
+            rows.append({"point": rp.point.label, "repeat": i, **({"part": rep.part} if len(first) > 1 else {}),
+                         "at_s": min(r.issued_at for r in rep.records) - first[rep.part],
                          "real_mean_s": real_mean, "sim_mean_s": sim_mean,
                          "real_compute_per_token_s": real_tok, "sim_compute_per_token_s": sim_tok})
-    return sorted(rows, key=lambda row: row["at_s"])
+    return sorted(rows, key=lambda row: (row.get("part", 0), row["at_s"]))
 
 
 def real_order(real: RealResult) -> list[tuple[int, int]]:
-    """(point index, repeat) in the order the real repeats started."""
+    """(point index, repeat) in the order the real repeats started (command by command when split)."""
     started = []
     for rp in real.points:
         for i, rep in enumerate(rp.repeats):
             at = min((r.issued_at for r in rep.records), default=None)
             if at is not None:
-                started.append((at, rp.point.index, i))
-    return [(index, i) for _, index, i in sorted(started)]
+                started.append((rep.part, at, rp.point.index, i))
+    return [(index, i) for _, _, index, i in sorted(started)]
 
 
 def _sim_oom_n(point_results: list, simulate_at: Callable[[int], Any] | None = None,
@@ -420,7 +427,7 @@ def run_validation(req: ValidateRequest) -> Path:
         profile = load_profile(profile_path)
         check_profile(profile, profile_path, machine, spec, dtype)
         if heldout.is_exp21_workload(draft_scenario) and heldout.decode_fit_holds_exp21(profile, profile_path) \
-                and profile.samples_file and (profile_path.parent / profile.samples_file).is_file():
+                and heldout.has_samples(profile, profile_path):
             # Exp 2.1 is judged on a profile whose fits hold none of calibrate's own Exp 2.1 runs.
             profile_path = heldout.held_out_profile(profile_path, out_dir / "calibration")
             how += "; refitted without calibrate's own Exp 2.1 runs, held out for this workload"

@@ -45,6 +45,7 @@ class RepeatResult:
     peak_mem_bytes: int | None = None
     ttft_s: float | None = None  # agents: from the server's first-token stamps (the simulator has none)
     errors: list[str] = field(default_factory=list)
+    part: int = 0  # which command ran it, when a validation's repeats were split over commands (--also-real)
 
 
 @dataclass

@@ -188,8 +188,12 @@ def markdown(doc: dict, points: list[PointComparison]) -> str:
                   "Warm-shape compute per token moving between repeats of one point is the host's step-time drift.",
                   "", "| started (s) | point | repeat | real mean | sim mean | real compute/token | sim compute/token |",
                   "|---|---|---|---|---|---|---|"]
+        if any("part" in row for row in doc["repeats"]):
+            lines[-2:-2] = ["Repeats split over commands (`--also-real`): 'started' is `command:seconds` from "
+                            "that command's first request; the simulated repeats continue in the same processes.", ""]
         for row in doc["repeats"]:
-            lines.append(f"| {row['at_s']:.0f} | {row['point']} | {row['repeat']} | {fmt(row['real_mean_s'], 's')} | "
+            at = f"{row['part'] + 1}:{row['at_s']:.0f}" if "part" in row else f"{row['at_s']:.0f}"
+            lines.append(f"| {at} | {row['point']} | {row['repeat']} | {fmt(row['real_mean_s'], 's')} | "
                          f"{fmt(row['sim_mean_s'], 's')} | {fmt(row['real_compute_per_token_s'], 's')} | "
                          f"{fmt(row['sim_compute_per_token_s'], 's')} |")
     skipped = [p for p in points if p.skipped]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Re-compare the H200 reference run 1 with the simulator as it is now, on the CPU (no GPU, nothing
+# Re-compare the H200 reference run 1 (and run 3's Exp 2.1, at the end) with the simulator as it is now, on the CPU (no GPU, nothing
 # real re-run), into run1-decodefit/. Exp 2.1 is judged on the bundled profile refitted without
 # calibrate's own Exp 2.1 runs (as the live validation did); the agents on the bundled profile.
 # These re-comparisons are in-sample: the decode fit and spread rules they use were designed after
@@ -15,3 +15,50 @@ djinnsim validate --from-real $here/run1/exp21-25 --calibration $out/calibration
 for item in agents-124 serverless-124; do
   djinnsim validate --from-real $here/run1/$item --calibration $profile --out $out/$item --quiet --force
 done
+
+# Run 3's Exp 2.1 at 25 Gbps re-judged with run 3's own samples (the live report read run 2's
+# samples file left beside the run-3 profile; see README, run 3). In-sample by rule (simulator newer
+# than the runs), though no model code changed.
+run3=$here/run3
+cal3=docs/calibration/h200-run3/h200-llama-2-7b.json
+djinnsim calibrate --refit $cal3 --out $run3/calibration/h200-llama-2-7b-heldout.json --leave-out exp21_step --quiet
+djinnsim validate --from-real $run3/exp21-25 --calibration $run3/calibration/h200-llama-2-7b-heldout.json \
+  --out $run3/exp21-25-resim --quiet --force
+
+# Pooled decode level (IN-SAMPLE: `--level-from` was written after seeing run 3): each run's
+# profile refitted with the batch-1 spells of the calibrations made before it, runs 2 and 3
+# re-judged on it, into pooled-level/.
+out=$here/pooled-level
+run1=sim/data/profiles/h200-llama-2-7b.json
+run2=docs/calibration/h200-run2/h200-llama-2-7b.json
+run3=docs/calibration/h200-run3/h200-llama-2-7b.json
+mkdir -p $out/calibration
+# Each run's profile with the batch-1 spells of the calibrations made before it (run 2: run 1's; run 3: runs 1 and 2).
+djinnsim calibrate --refit $run2 --out $out/calibration/run2-pooled.json --level-from $run1 --quiet
+djinnsim calibrate --refit $run2 --out $out/calibration/run2-pooled-heldout.json --level-from $run1 --leave-out exp21_step --quiet
+djinnsim calibrate --refit $run3 --out $out/calibration/run3-pooled.json --level-from $run1 --level-from $run2 --quiet
+djinnsim calibrate --refit $run3 --out $out/calibration/run3-pooled-heldout.json --level-from $run1 --level-from $run2 --leave-out exp21_step --quiet
+for item in exp21-25 exp21-10; do
+  djinnsim validate --from-real $here/run2/$item --calibration $out/calibration/run2-pooled-heldout.json --out $out/run2-$item --quiet --force
+done
+for item in agents-8 keepalive-max; do
+  djinnsim validate --from-real $here/run2/$item --calibration $out/calibration/run2-pooled.json --out $out/run2-$item --quiet --force
+done
+djinnsim validate --from-real $here/run3/exp21-25 --calibration $out/calibration/run3-pooled-heldout.json --out $out/run3-exp21-25 --quiet --force
+djinnsim validate --from-real $here/run3/djinn-fcfs-16 --calibration $out/calibration/run3-pooled.json --out $out/run3-djinn-fcfs-16 --quiet --force
+
+# Level-conditioned diagnostics (IN-SAMPLE by construction: the profile's passes scaled by the judged
+# runs' own compute per token), into level-conditioned/.
+out=$here/level-conditioned
+run2cal=docs/calibration/h200-run2/h200-llama-2-7b.json
+run3cal=docs/calibration/h200-run3/h200-llama-2-7b.json
+mkdir -p $out/calibration
+djinnsim calibrate --refit $run2cal --out $out/calibration/run2-heldout.json --leave-out exp21_step --quiet
+for item in exp21-25 exp21-10; do
+  djinnsim validate --from-real $here/run2/$item --calibration $out/calibration/run2-heldout.json --condition-on-level --out $out/run2-$item --quiet --force
+done
+for item in agents-8; do  # keepalive-max has no point where one process has the GPU
+  djinnsim validate --from-real $here/run2/$item --calibration $run2cal --condition-on-level --out $out/run2-$item --quiet --force
+done
+djinnsim validate --from-real $here/run3/exp21-25 --calibration $here/run3/calibration/h200-llama-2-7b-heldout.json --condition-on-level --out $out/run3-exp21-25 --quiet --force
+djinnsim validate --from-real $here/run3/djinn-fcfs-16 --calibration $run3cal --condition-on-level --out $out/run3-djinn-fcfs-16 --quiet --force
