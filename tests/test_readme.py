@@ -108,7 +108,8 @@ def test_every_concrete_command_runs(command, tmp_path, monkeypatch):
 
 
 def _options_of(subcommand: str) -> set[str]:
-    text = runner.invoke(app, [subcommand, "--help"], terminal_width=200).output
+    # rich sizes the help from COLUMNS, not click's terminal_width: a long option name is cut at 80
+    text = runner.invoke(app, [subcommand, "--help"], terminal_width=200, env={"COLUMNS": "200"}).output
     return set(re.findall(r"--[a-z][a-z0-9-]*", text))
 
 
