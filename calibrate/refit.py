@@ -129,7 +129,7 @@ def _copy_fits(rows, prefix: str) -> dict:
 
 
 def refit(profile: Profile, rows: list[dict[str, str]], note: str, left_out: tuple[str, ...] = (),
-          level_from: list[tuple[str, Profile, list]] = ()) -> Profile:
+          level_from: list[tuple[str, str, Profile, list]] = ()) -> Profile:
     """`left_out`: sample stages no fit (nor the spread) may use, e.g. ("exp21_step",) to hold
     calibrate's own Exp 2.1 runs out of the decode fit; the measured jitter sequence stays."""
     spec = get_model(profile.metadata.model_id)
@@ -192,10 +192,14 @@ def _predictions(profile: Profile, spec) -> dict[str, float]:
     return e
 
 
-def level_sources(profile: Profile, paths: tuple[Path, ...]) -> list[tuple[str, Profile, list]]:
-    """Other calibrations whose batch-1 spells join this profile's decode_level: each must be of
-    the same GPU, model and dtype, with its own samples file beside it (sha256 checked)."""
-    out = []
+def level_sources(profile: Profile, own_samples: Path, paths: tuple[Path, ...],
+                  expected: dict[str, str] | None = None) -> list[tuple[str, str, Profile, list]]:
+    """Other calibrations whose batch-1 spells join this profile's decode_level: (path, samples
+    sha256, profile, samples) for each. Each must be of the same GPU, model and dtype, with its own
+    samples file beside it (sha256 checked), and none may be this calibration or another source
+    again (the same spells counted twice). `expected`: path -> the samples sha256 recorded when the
+    spells were first read (a refit applying them again), which the file must still have."""
+    out, seen = [], {file_sha256(own_samples): "the profile refitted"}
     for path in paths:
         other = load_profile(path)
         mine, theirs = profile.metadata, other.metadata
@@ -205,34 +209,65 @@ def level_sources(profile: Profile, paths: tuple[Path, ...]) -> list[tuple[str, 
         file = samples_path(other, path)
         if file is None:
             raise DjinnsimError(f"--level-from {path}: no samples file beside it to read its spells from")
-        out.append((f"{Path(path).as_posix()} (samples sha256 {file_sha256(file)[:12]})", other, read_samples(file)))
+        sha = file_sha256(file)
+        if sha in seen:
+            raise DjinnsimError(f"--level-from {path}: its samples are those of {seen[sha]} (the same spells twice)")
+        want = (expected or {}).get(Path(path).as_posix())
+        if want is not None and want != sha:
+            raise DjinnsimError(f"--level-from {path}: its samples file changed since the profile pooled it "
+                                f"(sha256 {sha[:12]}, recorded {want[:12]})")
+        seen[sha] = str(path)
+        out.append((Path(path).as_posix(), sha, other, read_samples(file)))
     return out
+
+
+def _same_calibration(profile: Profile, rows: list[dict[str, str]], path: Path, samples_file: Path) -> None:
+    """A profile older than the samples sha256: its samples file must at least give back a figure
+    the profile stored as measured, not fitted (Exp 2.1's median total, the same whatever the fitting
+    code of the day), or it is another calibration's file left beside it. Without that figure
+    nothing can be told."""
+    stored = profile.end_to_end.get("exp21.total_s.p50")
+    totals = [float(row["value"]) for row in rows if row["stage"] == "exp21_total" and row.get("unit", "s") == "s"]
+    if stored is None or not totals:
+        return
+    again = float(np.median(totals))
+    if abs(again - stored) > 1e-6 * abs(stored):
+        raise DjinnsimError(f"{samples_file}: not the samples file of {Path(path).name} (its Exp 2.1 median "
+                            f"total is {again:.6g} s, the profile's {stored:.6g} s: another calibration's samples?)")
 
 
 def refit_file(path: Path, out: Path | None = None, command: str | None = None,
                left_out: tuple[str, ...] = (), level_from: tuple[Path, ...] = ()) -> tuple[Profile, Path]:
+    """Refit `path` from its samples (into `out`, else in place). A pooled profile's earlier
+    --level-from sources are applied again (they must still be there, unchanged), with any new ones."""
     profile = load_profile(path)
     if not profile.samples_file:
         raise DjinnsimError(f"{path}: the profile names no samples file to refit from")
     samples_file = samples_path(profile, path) or Path(path).parent / profile.samples_file
     rows = read_samples(samples_file)
+    if profile.samples_sha256 is None:
+        _same_calibration(profile, rows, path, samples_file)
     stages = {row["stage"] for row in rows}
     unknown = [stage for stage in left_out if stage not in stages]
     if unknown:
         raise DjinnsimError(f"{profile.samples_file} holds no samples of stage {', '.join(unknown)} to leave out")
+    earlier = {s.path: s.samples_sha256 for s in (profile.spread.level_sources if profile.spread else [])}
+    sources = [*earlier, *(Path(p).as_posix() for p in level_from if Path(p).as_posix() not in earlier)]
     note = f"fits recomputed from {profile.samples_file}" + (f" by `{command}`" if command else "")
     if left_out:
         note += f", leaving out {', '.join(left_out)}"
-    if level_from:
-        note += f", batch-1 spells also from {', '.join(Path(p).as_posix() for p in level_from)}"
-    new = refit(profile, rows, note, left_out, level_sources(profile, tuple(level_from)))
+    if sources:
+        note += f", batch-1 spells also from {', '.join(sources)}"
+    pooled = level_sources(profile, samples_file, tuple(Path(p) for p in sources), earlier)
+    new = refit(profile, rows, note, left_out, pooled)
     target = Path(out) if out is not None else Path(path)
+    samples = target.with_suffix(".csv")
     if target.resolve() != Path(path).resolve():  # the samples travel with the profile
         import shutil
 
         target.parent.mkdir(parents=True, exist_ok=True)
-        samples = target.with_suffix(".csv")
-        shutil.copyfile(samples_file, samples)
+        if samples.resolve() != samples_file.resolve():
+            shutil.copyfile(samples_file, samples)
         new = new.model_copy(update={"samples_file": samples.name})
     if new.samples_sha256 is None:  # a profile older than the check gets it from the file it was refitted from
         new = new.model_copy(update={"samples_sha256": file_sha256(samples_file)})

@@ -13,7 +13,7 @@ from collections import defaultdict
 import numpy as np
 
 from djinnsim.sim.costmodel import evaluate_fit
-from djinnsim.sim.profile import Profile, Spread
+from djinnsim.sim.profile import LevelSource, Profile, Spread
 
 from .profile_builder import LEVEL_ANCHOR_STAGES, decode_spells, quantile_sample
 
@@ -107,12 +107,12 @@ def copy_factors(rows, profile: Profile) -> list[float]:
 
 
 def spread_from_samples(profile: Profile, rows, left_out: tuple[str, ...] = (),
-                        level_from: list[tuple[str, Profile, list]] = ()) -> Spread:
+                        level_from: list[tuple[str, str, Profile, list]] = ()) -> Spread:
     """The profile's spread from the raw samples its fits came from (`rows` without `left_out` stages).
-    `level_from`: (name, profile, samples) of other calibrations whose batch-1 spells (also without
+    `level_from`: (path, samples sha256, profile, samples) of other calibrations whose batch-1 spells (also without
     `left_out`) join decode_level: one calibration may sit at one launch-bound level throughout."""
     rows = [row for row in rows if row["stage"] not in left_out]
-    others = [(other, [row for row in other_rows if row["stage"] not in left_out]) for _, other, other_rows in level_from]
+    others = [(other, [row for row in other_rows if row["stage"] not in left_out]) for _, _, other, other_rows in level_from]
     return Spread(
         decode_level=decode_levels(rows, profile, others),
         decode_residual=decode_residuals(rows, profile),
@@ -121,11 +121,12 @@ def spread_from_samples(profile: Profile, rows, left_out: tuple[str, ...] = (),
         copies=copy_factors(rows, profile),
         left_out=sorted(left_out),
         source="calibrate.spread: raw samples over the profile's own predictions",
-        level_sources=[f"{name} ({sum(f is not None for f in spell_factors(o_rows, profile, other))} spells)"
-                       for (name, _, _), (other, o_rows) in zip(level_from, others)],
+        level_sources=[LevelSource(path=path, samples_sha256=sha,
+                                   spells=sum(f is not None for f in spell_factors(o_rows, profile, other)))
+                       for (path, sha, _, _), (other, o_rows) in zip(level_from, others)],
     )
 
 
 def with_spread(profile: Profile, rows, left_out: tuple[str, ...] = (),
-                level_from: list[tuple[str, Profile, list]] = ()) -> Profile:
+                level_from: list[tuple[str, str, Profile, list]] = ()) -> Profile:
     return profile.model_copy(update={"spread": spread_from_samples(profile, rows, left_out, level_from)})

@@ -164,6 +164,14 @@ class ColdShapes(_Strict):
         return self.prefill_extra_s + self.prefill_extra_per_token_s * tokens
 
 
+class LevelSource(_Strict):
+    """One earlier calibration whose batch-1 spells joined a spread's decode level."""
+
+    path: str = Field(description="its profile, as given to --level-from")
+    samples_sha256: str = Field(description="sha256 of its samples file when its spells were read")
+    spells: int = Field(ge=0, description="batch-1 spells it gave")
+
+
 class Spread(_Strict):
     """The spread calibration saw, as multiplicative factors (measured / the profile's own
     prediction of the same thing), for prediction bands (`djinnsim run --bands K`, sim.bands).
@@ -187,10 +195,10 @@ class Spread(_Strict):
         default_factory=list, description="sample stages left out of every fit and of this spread "
         "(held out for a validation of the same workload)")
     source: str = Field(default="", description="how it was computed")
-    level_sources: list[str] = Field(
+    level_sources: list[LevelSource] = Field(
         default_factory=list, description="other calibrations of the same GPU, model and dtype whose batch-1 "
-        "spells joined decode_level (`calibrate --refit --level-from`): each one's profile file, its samples' "
-        "sha256 and its spell count; empty: this calibration's spells only")
+        "spells joined decode_level (`calibrate --refit --level-from`); every later refit applies them again "
+        "(checked by sha256); empty: this calibration's spells only")
 
     @field_validator("decode_level", "decode_residual", "prefill_residual", "weight_load", "copies")
     @classmethod

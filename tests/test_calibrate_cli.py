@@ -123,33 +123,60 @@ def test_refit_leaving_a_stage_out(cpu_calibration, tmp_path):
         assert result.exit_code == 1 and message in text and "Traceback" not in text
 
 
-def test_refit_pools_batch1_spells_of_other_calibrations(cpu_calibration, tmp_path):
-    """--level-from: another calibration's batch-1 spells join decode_level (over this profile's fit),
-    named with their samples' sha256; a calibration of another model or dtype is refused by name."""
+def _other_calibration(out: Path, folder: Path, scale: float = 1.0, **meta) -> Path:
+    """A copy of the calibration at `out` in `folder` whose every sample ran `scale` times longer (as
+    another spell of the machine would), with its own samples sha256; `meta`: metadata changed."""
     import json
-    import shutil
+
+    from djinnsim.sim.provenance import file_sha256
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = list(csv.DictReader(out.with_suffix(".csv").open(newline="")))
+    with (folder / "tiny.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "value": f"{float(row['value']) * scale:.9g}"} if row["unit"] == "s" else row)
+    data = json.loads(out.read_text())
+    data["metadata"].update(meta)
+    data["samples_sha256"] = file_sha256(folder / "tiny.csv")
+    data["end_to_end"]["exp21.total_s.p50"] *= scale
+    (folder / "tiny.json").write_text(json.dumps(data))
+    return folder / "tiny.json"
+
+
+def test_refit_pools_batch1_spells_of_other_calibrations(cpu_calibration, tmp_path):
+    """--level-from: another calibration's batch-1 spells join decode_level, over this profile's fit
+    (spells 1.5x slower give factors 1.5x larger), named with their samples' sha256; a later refit,
+    the held-out one included, applies them again; the same spells twice and another model's
+    calibration are refused by name."""
+    from djinnsim.validate.heldout import held_out_profile
 
     _, out, _ = cpu_calibration
-    alone = tmp_path / "alone.json"
-    pooled = tmp_path / "pooled.json"
+    alone, pooled = tmp_path / "alone.json", tmp_path / "pooled.json"
+    slower = _other_calibration(out, tmp_path / "slower", 1.5)
     assert runner.invoke(app, ["calibrate", "--refit", str(out), "--out", str(alone), "--quiet"]).exit_code == 0
-    result = runner.invoke(app, ["calibrate", "--refit", str(out), "--out", str(pooled), "--level-from", str(out), "--quiet"])
+    result = runner.invoke(app, ["calibrate", "--refit", str(out), "--out", str(pooled), "--level-from", str(slower), "--quiet"])
     assert result.exit_code == 0, result.output
     own, both = load_profile(alone).spread, load_profile(pooled).spread
     assert own.level_sources == [] and len(own.decode_level) >= 2
-    assert sorted(both.decode_level) == sorted(own.decode_level * 2)  # the same spells twice, same fit
-    assert len(both.level_sources) == 1 and out.as_posix() in both.level_sources[0] and "sha256" in both.level_sources[0]
-    other = tmp_path / "other" / out.name
-    other.parent.mkdir()
-    shutil.copyfile(out.with_suffix(".csv"), other.with_suffix(".csv"))
-    data = json.loads(out.read_text())
-    data["metadata"]["dtype"] = "bfloat16" if data["metadata"]["dtype"] != "bfloat16" else "float16"
-    other.write_text(json.dumps(data))
-    for args, message in ((["--refit", str(out), "--out", str(pooled), "--level-from", str(other)], "not of"),
+    assert sorted(both.decode_level) == pytest.approx(sorted(own.decode_level + [f * 1.5 for f in own.decode_level]), rel=1e-6)
+    (source,) = both.level_sources
+    assert source.path == slower.as_posix() and source.spells == len(own.decode_level) and len(source.samples_sha256) == 64
+    again = held_out_profile(pooled, tmp_path / "held")  # Exp 2.1 held out: the pooling stays
+    held = load_profile(again)
+    (kept,) = held.spread.level_sources  # the source's Exp 2.1 spells are left out with the profile's own
+    assert (kept.path, kept.samples_sha256) == (source.path, source.samples_sha256) and held.spread.left_out == ["exp21_step"]
+    assert 0 < kept.spells < source.spells and len(held.spread.decode_level) == 2 * kept.spells
+    other_model = _other_calibration(out, tmp_path / "other", 1.0, dtype="bfloat16" if load_profile(out).metadata.dtype != "bfloat16" else "float16")
+    for args, message in ((["--refit", str(out), "--out", str(pooled), "--level-from", str(other_model)], "not of"),
+                          (["--refit", str(out), "--out", str(pooled), "--level-from", str(out)], "the same spells twice"),
+                          (["--refit", str(out), "--out", str(pooled), "--level-from", str(slower), "--level-from", str(slower)],
+                           "the same spells twice"),
                           (["--device", "cpu", "--level-from", str(out), "--out", str(pooled)], "--level-from applies to --refit only")):
         result = runner.invoke(app, ["calibrate", *args, "--quiet"])
         text = result.output + (result.stderr if result.stderr_bytes is not None else "")
-        assert result.exit_code == 1 and message in text and "Traceback" not in text
+        assert result.exit_code == 1 and message in text and "Traceback" not in text, text
 
 
 def test_a_profile_beside_another_calibrations_samples_is_refused(cpu_calibration, tmp_path):
@@ -171,6 +198,30 @@ def test_a_profile_beside_another_calibrations_samples_is_refused(cpu_calibratio
     text = result.output + (result.stderr if result.stderr_bytes is not None else "")
     assert result.exit_code == 1 and "not the samples file of tiny.json" in text and "Traceback" not in text
     assert not (folder / "r.json").exists()
+
+
+def test_a_profile_older_than_the_samples_hash_is_checked_by_a_measured_figure(cpu_calibration, tmp_path):
+    """A profile that records no samples sha256 (older ones, the bundled among them) beside another
+    calibration's samples file of the same name: refused by Exp 2.1's median total, which no fitting
+    code changes; beside its own file it refits."""
+    import json
+
+    _, out, _ = cpu_calibration
+    other = _other_calibration(out, tmp_path / "other", 1.5)
+    data = json.loads(out.read_text())
+    data["samples_sha256"] = None
+    mixed = tmp_path / "other" / "old.json"
+    mixed.write_text(json.dumps({**data, "samples_file": "tiny.csv"}))
+    result = runner.invoke(app, ["calibrate", "--refit", str(mixed), "--out", str(tmp_path / "r.json"), "--quiet"])
+    text = result.output + (result.stderr if result.stderr_bytes is not None else "")
+    assert result.exit_code == 1 and "Exp 2.1 median total" in text and "Traceback" not in text, text
+    own = tmp_path / "own" / "tiny.json"
+    own.parent.mkdir()
+    own.write_text(json.dumps(data))
+    (own.parent / "tiny.csv").write_bytes(out.with_suffix(".csv").read_bytes())
+    result = runner.invoke(app, ["calibrate", "--refit", str(own), "--out", str(tmp_path / "r.json"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert other.is_file()
 
 
 def _approx(value):

@@ -206,39 +206,103 @@ def test_regenerate_scripts_replace_their_committed_reports():
             assert "--force" in command.split(), f"{script.parent.name}: {command.strip()[:80]}"
 
 
-def test_repeats_split_over_commands_are_judged_as_one_validation(real_folder, tmp_path):
-    """--also-real: a second command's repeats of the same points follow the first's (here the same
-    folder twice: same scenario, machine and frozen profile), renumbered into one records file."""
-    out = tmp_path / "merged"
-    result = _offline(real_folder, out, "--also-real", str(real_folder))
+@pytest.fixture(scope="module")
+def second_real_folder(real_folder) -> Path:
+    """A second command's real repeats of real_folder's validation: same scenario, same frozen profile."""
+    out = real_folder.parent / "real-2"
+    result = runner.invoke(app, ["validate", str(real_folder.parent / "decode.yaml"), "--device", "cpu", "--calibration",
+                                 str(real_folder.parent / "cpu-tiny.json"), "--out", str(out), "--runs", "3",
+                                 "--warmup-runs", "1", "--repeats", "2", "--quiet"])
     assert result.exit_code == 0, result.output
-    once = json.loads((real_folder / "validation.json").read_text())
+    return out
+
+
+def test_repeats_split_over_commands_are_judged_as_one_validation(real_folder, second_real_folder, tmp_path):
+    """--also-real: a second command's repeats of the same points follow the first's, renumbered into
+    one records file, each command's first repeat simulated in fresh processes as it ran."""
+    out = tmp_path / "merged"
+    result = _offline(real_folder, out, "--also-real", str(second_real_folder))
+    assert result.exit_code == 0, result.output
+    first, second = (json.loads((f / "validation.json").read_text()) for f in (real_folder, second_real_folder))
     doc = json.loads((out / "validation.json").read_text())
-    assert doc["meta"]["repeats"] == 2 * once["meta"]["repeats"]
-    assert [part["folder"] for part in doc["meta"]["parts"]] == [str(real_folder)] * 2
-    for before, after in zip(once["points"], doc["points"]):
-        assert after["metrics"]["latency_mean_s"]["real_values"] == 2 * before["metrics"]["latency_mean_s"]["real_values"]
-    real_rows = (real_folder / "records_real.csv").read_text().splitlines()
-    merged_rows = (out / "records_real.csv").read_text().splitlines()
-    assert len(merged_rows) - 1 == 2 * (len(real_rows) - 1)
-    assert {row.split(",")[0] for row in merged_rows[1:]} == {str(i) for i in range(2 * once["meta"]["repeats"])}
-    assert [row["part"] for row in doc["repeats"]] == sorted(row["part"] for row in doc["repeats"])
-    assert "Repeats split over commands" in (out / "validation.md").read_text()
+    assert doc["meta"]["repeats"] == first["meta"]["repeats"] + second["meta"]["repeats"]
+    assert [part["folder"] for part in doc["meta"]["parts"]] == [str(real_folder), str(second_real_folder)]
+    for a, b, merged in zip(first["points"], second["points"], doc["points"]):
+        metric = "latency_mean_s"
+        assert merged["metrics"][metric]["real_values"] == a["metrics"][metric]["real_values"] + b["metrics"][metric]["real_values"]
+    rows = (out / "records_real.csv").read_text().splitlines()
+    counts = [len((f / "records_real.csv").read_text().splitlines()) - 1 for f in (real_folder, second_real_folder)]
+    assert len(rows) - 1 == sum(counts)
+    assert {row.split(",")[0] for row in rows[1:]} == {str(i) for i in range(doc["meta"]["repeats"])}
+    parts = [row.get("part", 0) for row in doc["repeats"]]
+    assert parts.count(1) == len(parts) // 2 > 0
+    assert "each command's simulated repeats start fresh processes" in (out / "validation.md").read_text()
 
 
-def test_also_real_refuses_repeats_of_another_validation(real_folder, tmp_path):
+def test_a_split_commands_first_repeat_is_simulated_cold(real_folder, second_real_folder, tmp_path):
+    """The simulator's processes of a split validation start fresh with each command: the second
+    command's first repeat of a point pays the first use of its attention shapes again, as the
+    first command's does (repeat 0 and repeat n0 simulated alike, later repeats warm)."""
+    from djinnsim.sim.profile import load_profile
+    from djinnsim.sim.scenario import load_scenario
+    from djinnsim.validate.offline import merge_real, read_real_records, real_result
+    from djinnsim.validate.pipeline import real_order, real_parts, simulate
+    from djinnsim.validate.points import as_run_for_real
+
+    doc = json.loads((real_folder / "validation.json").read_text())
+    scenario_v = as_run_for_real(load_scenario(real_folder / "scenario.yaml"))
+    real = real_result(doc, scenario_v, read_real_records(real_folder / "records_real.csv"))
+    merge_real(real_folder, doc, scenario_v, real, (second_real_folder,))
+    from djinnsim.sim.profile import ColdShapes, save_profile
+
+    profile = load_profile(real_folder.parent / "cpu-tiny.json")
+    profile = profile.model_copy(update={"cold_shapes": ColdShapes(decode_extra_s=0.01, prefill_extra_s=0.01)})
+    profile_path = save_profile(profile, tmp_path / "cpu-tiny-cold.json")
+    n0 = json.loads((real_folder / "validation.json").read_text())["meta"]["repeats"]
+    split = simulate(scenario_v, profile_path, profile, 2 * n0, real_order(real), parts=real_parts(real))
+    one = simulate(scenario_v, profile_path, profile, 2 * n0, real_order(real))
+    cold = lambda runs: sum(r.compute_s for r in runs.records)  # noqa: E731
+    parts = real_parts(real)
+    index, r = next(run for run in real_order(real) if parts.get(run) == 1)  # the second command's first repeat
+    assert r == n0 and cold(split[index][r]) > cold(one[index][r])  # its fresh processes pay the new shapes again
+    later = [run for run in real_order(real) if parts.get(run) == 1][-1]
+    assert cold(split[later[0]][later[1]]) == cold(one[later[0]][later[1]])  # and are warm by its last repeat
+
+
+def test_also_real_refuses_what_is_not_more_repeats(real_folder, second_real_folder, tmp_path):
     other = tmp_path / "other"
-    shutil.copytree(real_folder, other)
+    shutil.copytree(second_real_folder, other)
     doc = json.loads((other / "validation.json").read_text())
     doc["meta"]["seed"] = doc["meta"]["seed"] + 1
     doc["meta"]["profile"]["frozen_sha256"] = "0" * 64
     (other / "validation.json").write_text(json.dumps(doc))
-    for args, message in ((["--from-real", str(real_folder), "--also-real", str(other)], "seed, the profile frozen before the runs differ"),
+    fewer = tmp_path / "fewer"
+    shutil.copytree(second_real_folder, fewer)
+    doc = json.loads((fewer / "validation.json").read_text())
+    doc["points"] = doc["points"][:1]
+    (fewer / "validation.json").write_text(json.dumps(doc))
+    no_machine = tmp_path / "no-machine"
+    shutil.copytree(second_real_folder, no_machine)
+    doc = json.loads((no_machine / "validation.json").read_text())
+    del doc["meta"]["machine"]
+    (no_machine / "validation.json").write_text(json.dumps(doc))
+    resim = tmp_path / "resim"
+    assert _offline(second_real_folder, resim).exit_code == 0
+    merged = tmp_path / "merged"
+    assert _offline(real_folder, merged, "--also-real", str(second_real_folder)).exit_code == 0
+    base = ["--from-real", str(real_folder)]
+    for args, message in (([*base, "--also-real", str(other)], "seed, the profile frozen before the runs differ"),
+                          ([*base, "--also-real", str(fewer)], "the points run differ"),
+                          ([*base, "--also-real", str(real_folder)], "the same folder as"),
+                          ([*base, "--also-real", str(second_real_folder), "--also-real", str(second_real_folder)], "the same folder as"),
+                          ([*base, "--also-real", str(resim)], "a re-comparison of"),
+                          ([*base, "--also-real", str(no_machine)], "has no meta.machine"),
+                          (["--from-real", str(merged)], "merges the repeats of several commands"),
                           (["--also-real", str(real_folder)], "give --from-real too"),
-                          (["--from-real", str(real_folder), "--also-real", str(tmp_path / "nothing")], "is not a folder")):
-        result = runner.invoke(app, ["validate", *args, "--out", str(tmp_path / "o"), "--quiet"])
+                          ([*base, "--also-real", str(tmp_path / "nothing")], "is not a folder")):
+        result = runner.invoke(app, ["validate", *args, "--out", str(tmp_path / "o"), "--quiet", "--force"])
         text = result.output + (result.stderr if result.stderr_bytes is not None else "")
-        assert result.exit_code == 1 and message in text and "Traceback" not in text, text
+        assert result.exit_code == 1 and message in text and "Traceback" not in text, (args, text)
 
 
 def test_condition_on_level_is_an_in_sample_rescaling(real_folder, tmp_path):
@@ -249,6 +313,7 @@ def test_condition_on_level_is_an_in_sample_rescaling(real_folder, tmp_path):
     assert result.exit_code == 0, result.output
     doc = json.loads((out / "validation.json").read_text())
     assert all(point["sample"] == "in-sample" for point in doc["points"])
+    assert all(any("--condition-on-level" in why for why in point["sample_reasons"]) for point in doc["points"])
     (scaled,) = (out / "calibration").glob("*-level-conditioned.json")
     note = json.loads(scaled.read_text())["metadata"]["notes"][-1]
     assert "conditioned on the real runs' level" in note and "IN-SAMPLE" in note

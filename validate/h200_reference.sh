@@ -48,7 +48,14 @@ for item in $ITEMS; do
     froms=$(python3 -c "import yaml; print(' '.join('--level-from ' + p for p in yaml.safe_load(open('$PLAN')).get('level_from', [])))")
     echo "pool: djinnsim calibrate --refit $PROFILE $froms --quiet" >> "$OUT/machine.txt"
     djinnsim calibrate --refit "$PROFILE" $froms --quiet >> "$OUT/machine.txt" 2>&1
-    echo "pool: exit $? at $(elapsed) s" >> "$OUT/machine.txt"
+    code=$?
+    echo "pool: exit $code at $(elapsed) s" >> "$OUT/machine.txt"
+    if [ "$code" -ne 0 ]; then  # the items after it would judge the unpooled profile
+      echo "pool failed: no later item runs" >> "$OUT/machine.txt"
+      break
+    fi
+    # The pooled profile comes back in h200-reference.tar.gz (profile/): extract it into
+    # results/h200/ before carrying that folder to a later command, or its items judge another profile.
     mkdir -p "$WORK/profile" && cp "$(dirname "$PROFILE")"/* "$WORK/profile/" 2>> "$OUT/machine.txt"
     continue
   fi

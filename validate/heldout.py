@@ -84,6 +84,9 @@ def _parse(stamp: str | None) -> datetime | None:
         return None
 
 
+CONDITIONED_NOTE = "conditioned on the real runs' level"
+
+
 def reasons(scenario: Scenario, profile: Profile, profile_path: Path, profile_sha256: str,
             frozen_sha256: str | None, runs_started_at: str | None, simulator: dict | None) -> list[str]:
     """Why the figures of this validation are in-sample (empty: held out). `frozen_sha256`: the
@@ -97,6 +100,8 @@ def reasons(scenario: Scenario, profile: Profile, profile_path: Path, profile_sh
         out.append("profile: no hash of the profile was recorded before the real runs")
     elif frozen_sha256 != profile_sha256:
         out.append("profile: not the profile frozen before the real runs (a refit or another calibration)")
+    if any(note.startswith(CONDITIONED_NOTE) for note in profile.metadata.notes):
+        out.append("profile: its passes were scaled to the level the runs judged here met (--condition-on-level)")
     if simulator is not None:
         committed, started = _parse(simulator.get("model_commit_at")), _parse(runs_started_at)
         if committed is None or started is None:

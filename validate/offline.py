@@ -167,26 +167,49 @@ SAME_RUN_KEYS = ("model", "workload", "seed")
 SAME_MACHINE_KEYS = ("device", "name", "driver", "torch", "transformers")
 
 
+def _run_meta(doc: dict, folder: Path, flag: str) -> dict:
+    """A report's meta as made right after its real runs: a re-comparison or a merge of several
+    commands is refused (their records are copies; merge again from the folders the runs wrote)."""
+    meta = doc["meta"]
+    if not isinstance(meta, dict) or not isinstance(meta.get("machine"), dict) or not meta.get("started_at"):
+        raise DjinnsimError(f"{flag} {folder}: validation.json has no meta.machine or meta.started_at")
+    if "parts" in meta or "offline" in meta:
+        made = "a merge of " + ", ".join(p.get("folder", "?") for p in meta.get("parts", [])) if "parts" in meta \
+            else f"a re-comparison of {meta['offline'].get('from_real', '?')}"
+        raise DjinnsimError(f"{flag} {folder} is {made}, not the report of real runs: give the folders the runs wrote")
+    return meta
+
+
 def merge_real(folder: Path, doc: dict, scenario_v: Scenario, real: RealResult, others: tuple[Path, ...]) -> dict:
     """Append to `real` (from `folder`) the repeats of `others`: later commands of the same
     validation (same scenario, machine, workload and frozen profile), each one's repeats after the
     previous ones' with its own `part`. Returns the merged report meta; refuses anything that differs."""
-    meta = doc["meta"]
+    meta = _run_meta(doc, folder, "--from-real")
     frozen = meta.get("profile", {}).get("frozen_sha256")
     if frozen is None:
         raise DjinnsimError(f"--also-real: {folder} records no profile frozen before its runs; repeats of "
                             "different commands join only on one frozen profile")
     parts = [{"folder": str(folder), "started_at": meta["started_at"], "command": meta.get("command")}]
+    seen = {Path(folder).resolve(): str(folder)}
+    point_set = sorted((p["index"], p["label"]) for p in doc["points"])
     by_index = {rp.point.index: rp for rp in real.points}
     for part, other in enumerate(others, start=1):
         other = _finished_folder(other, "--also-real")
+        if other.resolve() in seen:
+            raise DjinnsimError(f"--also-real {other}: the same folder as {seen[other.resolve()]} (its repeats twice)")
+        seen[other.resolve()] = str(other)
         other_doc = _read_json(other / "validation.json")
-        om = other_doc["meta"]
+        om = _run_meta(other_doc, other, "--also-real")
+        if om["started_at"] in {p["started_at"] for p in parts}:
+            raise DjinnsimError(f"--also-real {other}: its real runs started at {om['started_at']}, as another "
+                                "folder's did: the same runs, copied (a re-comparison?)")
         other_v = as_run_for_real(load_scenario(other / "scenario.yaml"))
         differ = [key for key in SAME_RUN_KEYS if om.get(key) != meta.get(key)]
         differ += [f"machine {key}" for key in SAME_MACHINE_KEYS if om["machine"].get(key) != meta["machine"].get(key)]
         if other_v.model_dump() != scenario_v.model_dump():
             differ.append("scenario.yaml")
+        if sorted((p["index"], p["label"]) for p in other_doc["points"]) != point_set:
+            differ.append("the points run")
         if om.get("profile", {}).get("frozen_sha256") != frozen:
             differ.append("the profile frozen before the runs")
         if differ:
@@ -220,6 +243,9 @@ def run_offline(req: OfflineRequest) -> Path:
     output = OutputFolder(out_dir, out_dir, force=req.force or req.out is None)
     doc = _read_json(folder / "validation.json")
     real_meta = doc["meta"]
+    if isinstance(real_meta, dict) and "parts" in real_meta:  # its records no longer say which command ran them
+        raise DjinnsimError(f"--from-real {folder} merges the repeats of several commands: re-compare from those "
+                            f"folders (--from-real A --also-real B: {', '.join(p.get('folder', '?') for p in real_meta['parts'])})")
     scenario_v = as_run_for_real(load_scenario(folder / "scenario.yaml"))
     profile_path, how = _profile_path(req, folder, real_meta)
     profile = load_profile(profile_path)
@@ -253,9 +279,12 @@ def _conditioned(out_dir: Path, scenario_v: Scenario, real: RealResult, profile_
     from djinnsim.sim.bands import level_scaled
     from djinnsim.sim.profile import save_profile
 
-    from .pipeline import _repeat_figures, real_order, simulate
+    from .heldout import CONDITIONED_NOTE
 
-    sims = simulate(scenario_v, profile_path, profile, max(len(rp.repeats) for rp in real.points), real_order(real))
+    from .pipeline import _repeat_figures, real_order, real_parts, simulate
+
+    sims = simulate(scenario_v, profile_path, profile, max(len(rp.repeats) for rp in real.points), real_order(real),
+                    parts=real_parts(real))
     # The level is read where one process has the GPU: Exp 2.1's points, Djinn's shared server. Keep-alive
     # and serverless workers share it, and their compute per token carries that sharing; they get the same factor.
     alone = [rp for rp in real.points
@@ -268,10 +297,12 @@ def _conditioned(out_dir: Path, scenario_v: Scenario, real: RealResult, profile_
                             "server) generated tokens to take the level from")
     factor = float(np.mean(real_tok) / np.mean(sim_tok))  # each repeat met its own level: the repeats' mean
     scaled = level_scaled(profile, factor)
+    if scaled.spread is not None:  # the level is given: bands draw no level on top of it (fit residuals stay)
+        scaled = scaled.model_copy(update={"spread": scaled.spread.model_copy(update={"decode_level": [], "level_sources": []})})
     path = out_dir / "calibration" / f"{Path(profile_path).stem}-level-conditioned.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     scaled = scaled.model_copy(update={"samples_file": None, "samples_sha256": None, "metadata": scaled.metadata.model_copy(
-        update={"notes": [*scaled.metadata.notes, f"conditioned on the real runs' level: decode, prefill and cached "
+        update={"notes": [*scaled.metadata.notes, f"{CONDITIONED_NOTE}: decode, prefill and cached "
                           f"prefill x {factor:.4f} (real compute per token {np.mean(real_tok) * 1e3:.2f} ms, simulated "
                           f"{np.mean(sim_tok) * 1e3:.2f} ms: each repeat's median, averaged over repeats); IN-SAMPLE"]})})
     save_profile(scaled, path)

@@ -167,7 +167,7 @@ OUT_OF_RANGE_NOTE = "simulator asked outside the calibrated range: "
 
 def simulate(scenario: Scenario, profile_path: Path, profile: Profile, repeats: int,
              order: list[tuple[int, int]] | None = None, band_draw: int | None = None,
-             spread=None) -> dict[int, list]:
+             spread=None, parts: dict[tuple[int, int], int] | None = None) -> dict[int, list]:
     """Simulate every point `repeats` times with this machine's profile as measured (no transfer),
     as often as it was run for real: one draw of a few runs moves by several percent (step-time
     spells). Repeat r draws from `point_seed(seed, point, r)`; repeat 0 is `djinnsim run`'s draw.
@@ -198,7 +198,8 @@ def simulate(scenario: Scenario, profile_path: Path, profile: Profile, repeats: 
             draw = band_draw * BAND_STRIDE + r
             cost = banded_cost(cost, draw_factors(spread, factor_rng(scenario.seed, point, draw)))
             seed = point_seed(scenario.seed, point, BAND_REPEAT_BASE + draw)
-        seen = {key: seen_by_process.setdefault(real, set()) for key, real in real_processes(point).items()}
+        part = (parts or {}).get((index, r), 0)  # each command of a split validation starts its own processes
+        seen = {key: seen_by_process.setdefault((part, real), set()) for key, real in real_processes(point).items()}
         out[index][r] = simulate_point(scenario, point, cost, seed, seen)
     return out
 
@@ -218,11 +219,12 @@ BAND_STRIDE = 1000  # most repeats a band draw can stand for
 
 
 def simulate_bands(scenario: Scenario, profile_path: Path, profile: Profile, spread, repeats: int,
-                   order: list[tuple[int, int]] | None, draws: int) -> dict[int, list]:
+                   order: list[tuple[int, int]] | None, draws: int,
+                   parts: dict[tuple[int, int], int] | None = None) -> dict[int, list]:
     """`draws` band replays of the real runs' order; per point, every draw's every repeat."""
     out: dict[int, list] = {}
     for d in range(draws):
-        for index, results in simulate(scenario, profile_path, profile, repeats, order, d, spread).items():
+        for index, results in simulate(scenario, profile_path, profile, repeats, order, d, spread, parts).items():
             out.setdefault(index, []).append(results)
     return out
 
@@ -283,6 +285,11 @@ def repeat_rows(real: RealResult, sims: dict) -> list[dict]:
                          "real_mean_s": real_mean, "sim_mean_s": sim_mean,
                          "real_compute_per_token_s": real_tok, "sim_compute_per_token_s": sim_tok})
     return sorted(rows, key=lambda row: (row.get("part", 0), row["at_s"]))
+
+
+def real_parts(real: RealResult) -> dict[tuple[int, int], int]:
+    """(point index, repeat) -> the command that ran it, for a validation split over commands."""
+    return {(rp.point.index, i): rep.part for rp in real.points for i, rep in enumerate(rp.repeats) if rep.part}
 
 
 def real_order(real: RealResult) -> list[tuple[int, int]]:
@@ -510,14 +517,15 @@ def compare_and_report(out_dir: Path, scenario_v: Scenario, points: list, real: 
     n_repeats = int(meta["repeats"])
     say(f"simulating the same points, {n_repeats} repeats each, in the order they ran for real")
     order = real_order(real)
-    sims = simulate(scenario_v, profile_path, profile, n_repeats, order)
+    parts = real_parts(real)
+    sims = simulate(scenario_v, profile_path, profile, n_repeats, order, parts=parts)
     draws = int(meta.get("bands") or 0)
     spread, spread_how = spread_for(profile, profile_path) if draws else (None, "no bands asked")
     meta["band_spread"] = spread_how
     band_sims: dict[int, list] = {}
     if draws and spread is not None:
         say(f"simulating {draws} band draws of every repeat (P10-P90 prediction bands)")
-        band_sims = simulate_bands(scenario_v, profile_path, profile, spread, n_repeats, order, draws)
+        band_sims = simulate_bands(scenario_v, profile_path, profile, spread, n_repeats, order, draws, parts)
     why = heldout.reasons(scenario_v, profile, profile_path, meta["profile"]["sha256"],
                           meta["profile"].get("frozen_sha256"), meta.get("runs_started_at"),
                           meta.get("offline", {}).get("simulator"))

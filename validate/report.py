@@ -190,7 +190,8 @@ def markdown(doc: dict, points: list[PointComparison]) -> str:
                   "|---|---|---|---|---|---|---|"]
         if any("part" in row for row in doc["repeats"]):
             lines[-2:-2] = ["Repeats split over commands (`--also-real`): 'started' is `command:seconds` from "
-                            "that command's first request; the simulated repeats continue in the same processes.", ""]
+                            "that command's first request; each command's simulated repeats start fresh processes, as its "
+                            "real ones did.", ""]
         for row in doc["repeats"]:
             at = f"{row['part'] + 1}:{row['at_s']:.0f}" if "part" in row else f"{row['at_s']:.0f}"
             lines.append(f"| {at} | {row['point']} | {row['repeat']} | {fmt(row['real_mean_s'], 's')} | "
