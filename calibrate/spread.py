@@ -53,13 +53,10 @@ def spell_factors(rows, profile: Profile, measured_by: Profile | None = None) ->
             for spell in decode_spells(rows, ("decode", *LEVEL_ANCHOR_STAGES, "timeslice_mp"), timeslice_context=context)]
 
 
-def decode_levels(rows, profile: Profile, others: list[tuple[Profile, list]] = ()) -> list[float]:
-    """This calibration's batch-1 spells over its decode fit, and those of `others` (earlier
-    calibrations of the same GPU and model: (their profile, their samples)) over the same fit."""
-    out = spell_factors(rows, profile)
-    for other, other_rows in others:
-        out += spell_factors(other_rows, profile, other)
-    return _kept(out)
+def decode_levels(rows, profile: Profile, pooled: list[float | None] = ()) -> list[float]:
+    """This calibration's batch-1 spells over its decode fit, with `pooled`: those of earlier
+    calibrations of the same GPU and model over the same fit (spell_factors of their samples)."""
+    return _kept(spell_factors(rows, profile) + list(pooled))
 
 
 def decode_residuals(rows, profile: Profile) -> list[float]:
@@ -112,18 +109,18 @@ def spread_from_samples(profile: Profile, rows, left_out: tuple[str, ...] = (),
     `level_from`: (path, samples sha256, profile, samples) of other calibrations whose batch-1 spells (also without
     `left_out`) join decode_level: one calibration may sit at one launch-bound level throughout."""
     rows = [row for row in rows if row["stage"] not in left_out]
-    others = [(other, [row for row in other_rows if row["stage"] not in left_out]) for _, _, other, other_rows in level_from]
+    pooled = [spell_factors([row for row in other_rows if row["stage"] not in left_out], profile, other)
+              for _, _, other, other_rows in level_from]
     return Spread(
-        decode_level=decode_levels(rows, profile, others),
+        decode_level=decode_levels(rows, profile, [f for factors in pooled for f in factors]),
         decode_residual=decode_residuals(rows, profile),
         prefill_residual=prefill_residuals(rows, profile),
         weight_load=load_factors(rows, profile),
         copies=copy_factors(rows, profile),
         left_out=sorted(left_out),
         source="calibrate.spread: raw samples over the profile's own predictions",
-        level_sources=[LevelSource(path=path, samples_sha256=sha,
-                                   spells=sum(f is not None for f in spell_factors(o_rows, profile, other)))
-                       for (path, sha, _, _), (other, o_rows) in zip(level_from, others)],
+        level_sources=[LevelSource(path=path, samples_sha256=sha, spells=sum(f is not None for f in factors))
+                       for (path, sha, _, _), factors in zip(level_from, pooled)],
     )
 
 

@@ -273,14 +273,13 @@ def run_offline(req: OfflineRequest) -> Path:
 def _conditioned(out_dir: Path, scenario_v: Scenario, real: RealResult, profile_path: Path, profile, say):
     """The profile with its decode, prefill and cached-prefill passes scaled by one factor: the real
     repeats' GPU compute per generated token (each repeat's median, averaged over repeats) over the
-    simulated repeats' (same order, same processes). Judged on it, a report says whether the rest of the model (queues, bytes, links,
-    scheduling) predicts the runs once the launch-bound level they met is given: in-sample by
-    construction (the factor comes from the runs judged), and labelled so by the profile's hash."""
+    simulated repeats' (same order, same processes). Judged on it, a report says whether the rest of
+    the model (queues, bytes, links, scheduling) predicts the runs once the launch-bound level they
+    met is given: in-sample by construction (the factor comes from the runs judged), and labelled so."""
     from djinnsim.sim.bands import level_scaled
     from djinnsim.sim.profile import save_profile
 
     from .heldout import CONDITIONED_NOTE
-
     from .pipeline import _repeat_figures, real_order, real_parts, simulate
 
     sims = simulate(scenario_v, profile_path, profile, max(len(rp.repeats) for rp in real.points), real_order(real),
