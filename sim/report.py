@@ -15,6 +15,7 @@ import itertools
 import json
 import math
 import os
+import pickle
 import signal
 import threading
 from pathlib import Path
@@ -27,7 +28,7 @@ from djinnsim.errors import DjinnsimError
 from . import claims as claims_mod
 from . import figures
 from . import metrics
-from .records import CODED_COLUMNS, RECORD_COLUMNS, Record, RecordTable, records_frame
+from .records import CODED_COLUMNS, RECORD_COLUMNS, Record, RecordBuilder, RecordTable, records_frame
 from .safeyaml import strict_json
 from .trace import write_trace
 
@@ -322,45 +323,152 @@ class RecordsCsv:
 
 
     def write_aside(self, records: "RecordTable | list[Record]") -> Callable[[bool], None]:
-        """`write(records)` in a forked child process (POSIX, no other thread, a large point), so that
-        it runs on another core while this process computes the point's summaries; returns
-        `done(abandon)`, to call before anything else is written: it waits for the child (or, with
-        abandon, ends it). The child writes through the same open file, at its offset; if it fails
-        the rows are written again here, where a failure is reported as usual. Elsewhere: written
-        now, and `done` does nothing."""
-        if len(records) < self.aside_rows or not hasattr(os, "fork") or threading.active_count() > 1:
+        """`write(records)` in a forked child process (`run_aside`; a large point), so that it runs on
+        another core while this process computes the point's summaries; returns `done(abandon)`, to
+        call before anything else is written: it waits for the child (or, with abandon, ends it). The
+        child writes through the same open file, at its offset; if it fails the rows are written
+        again here, where a failure is reported as usual. Elsewhere: written now, and `done` does
+        nothing."""
+        if len(records) < self.aside_rows:
             self.write(records)
             return lambda abandon=False: None
         self._file.flush()
         offset = self._file.tell()
-        pid = os.fork()
-        if pid == 0:  # the child: write, and leave without running anything of the parent's
-            code = 1
-            try:
-                signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what an interrupt does
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                self.chunk_rows = self.aside_chunk_rows
-                self.write(records)
-                self._file.flush()
-                code = 0
-            finally:
-                os._exit(code)
+
+        def write() -> None:
+            self.chunk_rows = self.aside_chunk_rows
+            self.write(records)
+            self._file.flush()
+
+        child = run_aside(write)
+        if child is None:
+            self.write(records)
+            return lambda abandon=False: None
 
         def done(abandon: bool = False) -> None:
-            try:
-                if abandon:
-                    os.kill(pid, signal.SIGKILL)
-                status = os.waitpid(pid, 0)[1]
-            except BaseException:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                raise
-            if not abandon and status != 0:
+            if not child(abandon) and not abandon:
                 self._file.seek(offset)
                 self._file.truncate()
                 self.write(records)
 
         return done
+
+
+class RowStream:
+    """A point's rows of records.csv written by a forked child process while the point is still
+    simulated (its RecordBuilder's `on_flush`): from the flush at which it holds
+    `RecordsCsv.aside_rows` records (a smaller point is written after its run, as before), each
+    flush's records go through a pipe to the child, which formats and writes them as
+    `RecordsCsv.write` does the whole table (the same text: a row's cells do not depend on the
+    other rows). The other core formats while this one simulates."""
+
+    def __init__(self, csv: RecordsCsv) -> None:
+        self.csv = csv
+        self.sent = 0  # records handed to the child
+        self.child: Callable[[bool], bool] | None = None
+        self.offset = 0  # where the point's rows start in records.csv
+        self.failed = False  # no child (cannot fork), or it stopped reading: written after the run
+        self._pipe = None
+
+    def __call__(self, builder: "RecordBuilder") -> None:
+        if self.failed or (self.child is None and (builder.flushed < self.csv.aside_rows or not self._start())):
+            return
+        table = builder.rows_since(self.sent)
+        self.sent = builder.flushed
+        try:
+            pickle.dump(table, self._pipe, protocol=pickle.HIGHEST_PROTOCOL)
+        except OSError:  # the child is gone: its exit status says so when the point is written
+            self.failed = True
+
+    def _start(self) -> bool:
+        csv_file = self.csv._file
+        csv_file.flush()
+        self.offset = csv_file.tell()
+        source, sink = os.pipe()
+
+        def write() -> None:
+            os.close(sink)
+            self.csv.chunk_rows = self.csv.aside_chunk_rows
+            with os.fdopen(source, "rb") as rows:
+                while True:
+                    try:
+                        table = pickle.load(rows)
+                    except EOFError:
+                        break
+                    self.csv.write(table)
+            csv_file.flush()
+
+        self.child = run_aside(write)
+        os.close(source)
+        if self.child is None:
+            os.close(sink)
+            self.failed = True
+            return False
+        self._pipe = os.fdopen(sink, "wb")
+        return True
+
+    def done(self, records: "RecordTable") -> Callable[[bool], None] | None:
+        """For the point's whole `records` (the run is over): `done(abandon)` as
+        `RecordsCsv.write_aside` returns it, with the same fall-back; None when no child took them."""
+        if self.child is None:
+            return None
+        try:
+            self._pipe.close()  # the end of the rows
+        except OSError:
+            self.failed = True
+        child, self.child = self.child, None
+
+        def done(abandon: bool = False) -> None:
+            if (not child(abandon) or self.failed or self.sent != len(records)) and not abandon:
+                csv_file = self.csv._file
+                csv_file.seek(self.offset)
+                csv_file.truncate()
+                self.csv.write(records)
+
+        return done
+
+    def abandon(self) -> None:
+        """Ends the child of a point whose run did not finish."""
+        if self.child is not None:
+            self.child(True)
+            self.child = None
+            try:
+                self._pipe.close()
+            except OSError:
+                pass
+
+
+def run_aside(work: Callable[[], None]) -> Callable[[bool], bool] | None:
+    """`work()` in a forked child process, on another core while this one goes on (POSIX, and no
+    other thread: a fork copies only the calling one); None where it cannot fork (nothing run).
+    Returns `done(abandon)`: waits for the child (with abandon, ends it first) and says whether
+    `work` finished. The child leaves without running anything of the parent's (no exit handlers,
+    no buffers of the parent's flushed) and ignores SIGINT: the parent decides what an interrupt does."""
+    if not hasattr(os, "fork") or threading.active_count() > 1:
+        return None
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            work()
+            code = 0
+        finally:
+            os._exit(code)
+
+    def done(abandon: bool = False) -> bool:
+        try:
+            if abandon:
+                os.kill(pid, signal.SIGKILL)
+            status = os.waitpid(pid, 0)[1]
+        except BaseException:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise
+        return status == 0
+
+    return done
 
 
 def _csv_cells(table: "RecordTable", name: str, start: int, stop: int) -> tuple[str, list | None]:
@@ -552,9 +660,11 @@ def write_result(result: "SimulationResult", out_dir: Path, summaries: list[dict
 class PointWriter:
     """A scenario's outputs written as its points come, in point order (`djinnsim run` hands each
     point over as soon as it is simulated and then drops its records): a point's table of records
-    becomes a frame, its summary, its baseline JSON and its rows of records.csv, then the frame is
-    dropped; only the trace point keeps (at most TRACE_MAX_RECORDS of) its records. `finish`
-    writes what needs every point: the figures, Table 2, the claims, the trace and summary.json."""
+    becomes a frame, its summary, its baseline JSON and its rows of records.csv (and trace.json,
+    for the trace point), then the frame is dropped. A large point's rows are written by a child
+    process while it is simulated (`row_stream`), its baseline by another while this one computes
+    its summary and trace (`run_aside`). `finish` writes what needs every point: the figures,
+    Table 2, the claims and summary.json."""
 
     def __init__(self, scenario: Any, out_dir: Path, points: int,
                  summaries: list[dict[str, Any]] | None = None) -> None:
@@ -566,40 +676,75 @@ class PointWriter:
         self.given = summaries
         self.summaries: list[dict[str, Any]] = []
         self.written: list[Path] = []
-        self._traced: tuple[Any, list] | None = None
+        self._traced: Path | None = None  # trace.json, once the trace point's is written
         (self.out_dir / "baselines").mkdir(parents=True, exist_ok=True)
         self._csv = RecordsCsv(self.out_dir / "records.csv")
+        self._stream: RowStream | None = None  # the rows of the point under way
 
     def __enter__(self) -> "PointWriter":
         self._csv.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._stream is not None:
+            self._stream.abandon()
+            self._stream = None
         self._csv.__exit__(*exc)
 
+    def row_stream(self, point: Any) -> RowStream:
+        """The next point's RecordBuilder `on_flush`: its rows written while it is simulated (a
+        large point; RowStream), handed over with its result to `write_point`."""
+        if self._stream is not None:
+            self._stream.abandon()
+        self._stream = RowStream(self._csv)
+        return self._stream
+
     def write_point(self, point_result: "PointResult") -> dict[str, Any]:
-        """One point's summary (returned), baseline JSON and rows of records.csv."""
+        """One point's summary (returned), baseline JSON and rows of records.csv (and trace.json, for
+        the trace point). A large point's rows and baseline are written by child processes
+        (`run_aside`) while this one computes its summary and trace."""
         i = len(self.summaries)
         workload = self.scenario.workload.kind
         records = point_result.records
-        csv_done = self._csv.write_aside(records)  # its rows, on another core where it can
+        baseline = self.out_dir / "baselines" / f"{point_result.point.label}.json"
+        baseline_done = None
+        stream, self._stream = self._stream, None
+        # its rows: written while it ran, else now on another core where it can
+        csv_done = (stream.done(records) if stream is not None else None) or self._csv.write_aside(records)
         try:
             frame = records_frame(records, metrics.SUMMARY_COLUMNS)  # the columns summaries read
             point_phases = metrics.agent_phases(frame) if workload == "agents" else None
             summary = (point_summary(point_result, workload, frame, point_phases) if self.given is None
                        else self.given[i])
-            document = baseline_document(point_result, self.scenario, frame, summary, point_phases)
-            baseline = _write_baseline(self.out_dir / "baselines" / f"{point_result.point.label}.json", document)
-            del frame, point_phases, document
+
+            def write_baseline(frame=frame, point_phases=point_phases) -> None:
+                _write_baseline(baseline, baseline_document(point_result, self.scenario, frame, summary, point_phases))
+
+            if len(records) >= self._csv.aside_rows:
+                baseline_done = run_aside(write_baseline)
+            if baseline_done is None:
+                write_baseline()
+            del frame, point_phases, write_baseline
             if i == self.trace_index:
-                self._traced = (point_result.point, trace_records(records))
+                self._write_trace(point_result.point, trace_records(records))
         except BaseException:
             csv_done(True)
+            if baseline_done is not None:
+                baseline_done(True)
             raise
         csv_done(False)
+        if baseline_done is not None and not baseline_done(False):
+            # the child failed: written again here, where a failure is reported as usual
+            frame = records_frame(records, metrics.SUMMARY_COLUMNS)
+            point_phases = metrics.agent_phases(frame) if workload == "agents" else None
+            _write_baseline(baseline, baseline_document(point_result, self.scenario, frame, summary, point_phases))
         self.summaries.append(summary)
         self.written.append(baseline)
         return summary
+
+    def _write_trace(self, point: Any, records: "list[Record]") -> None:
+        self._traced = write_trace(records, self.out_dir / "trace.json", pid=point.index + 1, process_name=point.label,
+                                   metadata={"scenario": self.scenario.name, "point": point.label})
 
     def finish(self, result: "SimulationResult", bands: list[dict[str, Any]] | None = None,
                ) -> tuple[list[Path], list[dict[str, Any]]]:
@@ -618,9 +763,7 @@ class PointWriter:
         else:
             written += figures.write_exp21_figure(summaries, list(scenario.backends), out_dir / "exp21.png")
         written.append(_write_text(out_dir / "claims.md", claims_mod.claims_markdown(summaries, workload, claims)))
-        point, records = self._traced
-        written.append(write_trace(records, out_dir / "trace.json", pid=point.index + 1, process_name=point.label,
-                                   metadata={"scenario": scenario.name, "point": point.label}))
+        written.append(self._traced)
         written.append(_write_json(out_dir / "summary.json", {
             "scenario": scenario.name,
             "workload": workload,

@@ -173,7 +173,8 @@ class World:
     returns the point's records."""
 
     def __init__(self, scenario: Scenario, point: Point, cost: CostModel, seed: np.random.SeedSequence,
-                 shapes_seen: dict[object, set] | None = None) -> None:
+                 shapes_seen: dict[object, set] | None = None,
+                 on_flush: Callable[[RecordBuilder], None] | None = None) -> None:
         self.scenario = scenario
         self.point = point
         self.cost = cost
@@ -204,7 +205,7 @@ class World:
         self.pool = GpuPool(servers, links, cluster.gpus_per_node, cluster.router)
         self.server, self.link = servers[0], links[0]  # the GPU and link of a single-GPU point
         self.log = RecordBuilder(point.index, point.backend.name, point.model.key, point.gpu.key, point.link.gbps,
-                                 point.n_agents or 1)
+                                 point.n_agents or 1, on_flush)
 
     def start_clients(self) -> None:
         env, pool, planner, log = self.env, self.pool, self.planner, self.log
