@@ -104,6 +104,9 @@ def _compact(values: np.ndarray) -> np.ndarray | Any:
     return values.copy() if values.base is not None else values
 
 
+_ROW_DTYPE = np.dtype([(name, np.float64 if _array_type(name) == "d" else np.int64) for name in ROW_COLUMNS])
+
+
 class RecordBuilder:
     """Collects one point's records as they finish, a typed array per column (no object per record
     kept): the last few thousand wait as tuples and move into the columns together."""
@@ -129,10 +132,13 @@ class RecordBuilder:
             self._flush()
 
     def _flush(self) -> None:
-        """The tuples waiting, column by column into the arrays (one C-level extend per column)."""
+        """The tuples waiting, into the columns: one numpy record array made of them all (a C-level
+        pass over the tuples, half the time of extending each column from its values), then each
+        field's bytes appended to its column."""
         if self._rows:
-            for column, values in zip(self._columns, zip(*self._rows)):
-                column.extend(values)
+            block = np.array(self._rows, dtype=_ROW_DTYPE)
+            for column, name in zip(self._columns, ROW_COLUMNS):
+                column.frombytes(block[name].tobytes())
             self._rows = []
             if self.on_flush is not None:
                 self.on_flush(self)
