@@ -354,6 +354,71 @@ class RecordsCsv:
         return done
 
 
+class PipedChild:
+    """A forked child process (`run_aside`) that takes what this process sends it through a pipe:
+    `serve(sent)` runs in the child over the objects sent (an iterator); `send` pickles one to it,
+    `finish` ends them, `abandon` ends the child. Not `started` where it cannot fork."""
+
+    def __init__(self, serve: Callable[[Iterator[Any]], None]) -> None:
+        source, sink = os.pipe()
+        _WRITE_ENDS.add(sink)  # a child forked later closes it: else this reader would never see the end
+
+        def work() -> None:
+            with os.fdopen(source, "rb") as reader:
+                serve(_unpickled(reader))
+
+        self._child = run_aside(work)
+        os.close(source)
+        self._pipe = os.fdopen(sink, "wb") if self._child is not None else None
+        if self._pipe is None:
+            _WRITE_ENDS.discard(sink)
+            os.close(sink)
+
+    @property
+    def started(self) -> bool:
+        return self._child is not None
+
+    def send(self, item: Any) -> bool:
+        """False when the child no longer reads (it failed: its exit status says so); what cannot
+        be pickled raises before anything is sent."""
+        data = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            self._pipe.write(data)
+            return True
+        except OSError:
+            return False
+
+    def finish(self) -> tuple[Callable[[bool], bool], bool]:
+        """The end of what is sent: (`done(abandon)` as `run_aside` returns it, whether everything
+        sent reached the pipe)."""
+        child, self._child = self._child, None
+        return child, self._close()
+
+    def abandon(self) -> None:
+        if self._child is not None:
+            self._child(True)
+            self._child = None
+        self._close()
+
+    def _close(self) -> bool:
+        if self._pipe is None or self._pipe.closed:
+            return True
+        _WRITE_ENDS.discard(self._pipe.fileno())
+        try:
+            self._pipe.close()
+            return True
+        except OSError:
+            return False
+
+
+def _unpickled(reader) -> Iterator[Any]:
+    while True:
+        try:
+            yield pickle.load(reader)
+        except EOFError:
+            return
+
+
 class RowStream:
     """A point's rows of records.csv written by a forked child process while the point is still
     simulated (its RecordBuilder's `on_flush`): from the flush at which it holds
@@ -362,64 +427,53 @@ class RowStream:
     `RecordsCsv.write` does the whole table (the same text: a row's cells do not depend on the
     other rows). The other core formats while this one simulates."""
 
-    def __init__(self, csv: RecordsCsv) -> None:
+    def __init__(self, csv: RecordsCsv, on_start: Callable[[], None] | None = None) -> None:
+        """`on_start()`: called once the child is started (the point is a large one)."""
         self.csv = csv
+        self.on_start = on_start
         self.sent = 0  # records handed to the child
-        self.child: Callable[[bool], bool] | None = None
         self.offset = 0  # where the point's rows start in records.csv
         self.failed = False  # no child (cannot fork), or it stopped reading: written after the run
-        self._pipe = None
+        self._child: PipedChild | None = None
 
     def __call__(self, builder: "RecordBuilder") -> None:
-        if self.failed or (self.child is None and (builder.flushed < self.csv.aside_rows or not self._start())):
+        if self.failed or (self._child is None and (builder.flushed < self.csv.aside_rows or not self._start())):
             return
         table = builder.rows_since(self.sent)
         self.sent = builder.flushed
-        try:
-            pickle.dump(table, self._pipe, protocol=pickle.HIGHEST_PROTOCOL)
-        except OSError:  # the child is gone: its exit status says so when the point is written
-            self.failed = True
+        self.failed = not self._child.send(table)
 
     def _start(self) -> bool:
         csv_file = self.csv._file
         csv_file.flush()
         self.offset = csv_file.tell()
-        source, sink = os.pipe()
 
-        def write() -> None:
-            os.close(sink)
+        def write(tables: Iterator["RecordTable"]) -> None:
             self.csv.chunk_rows = self.csv.aside_chunk_rows
-            with os.fdopen(source, "rb") as rows:
-                while True:
-                    try:
-                        table = pickle.load(rows)
-                    except EOFError:
-                        break
-                    self.csv.write(table)
+            for table in tables:
+                self.csv.write(table)
             csv_file.flush()
 
-        self.child = run_aside(write)
-        os.close(source)
-        if self.child is None:
-            os.close(sink)
-            self.failed = True
+        self._child = PipedChild(write)
+        if not self._child.started:
+            self._child, self.failed = None, True
             return False
-        self._pipe = os.fdopen(sink, "wb")
+        if self.on_start is not None:
+            self.on_start()
         return True
 
     def done(self, records: "RecordTable") -> Callable[[bool], None] | None:
         """For the point's whole `records` (the run is over): `done(abandon)` as
         `RecordsCsv.write_aside` returns it, with the same fall-back; None when no child took them."""
-        if self.child is None:
+        if self._child is None:
             return None
-        try:
-            self._pipe.close()  # the end of the rows
-        except OSError:
-            self.failed = True
-        child, self.child = self.child, None
+        child, delivered = self._child.finish()
+        self._child = None
+        complete = delivered and not self.failed and self.sent == len(records)
 
         def done(abandon: bool = False) -> None:
-            if (not child(abandon) or self.failed or self.sent != len(records)) and not abandon:
+            finished = child(abandon)
+            if not abandon and not (finished and complete):
                 csv_file = self.csv._file
                 csv_file.seek(self.offset)
                 csv_file.truncate()
@@ -429,13 +483,49 @@ class RowStream:
 
     def abandon(self) -> None:
         """Ends the child of a point whose run did not finish."""
-        if self.child is not None:
-            self.child(True)
-            self.child = None
-            try:
-                self._pipe.close()
-            except OSError:
-                pass
+        if self._child is not None:
+            self._child.abandon()
+            self._child = None
+
+
+class WarmChild:
+    """A child process forked now that does `prepare()` (imports, caches) on a core that is free
+    while this process works, then runs the one call handed to it with `call` (a figure drawn
+    while this process writes the rest: matplotlib is imported and warmed in the child alone)."""
+
+    def __init__(self, prepare: Callable[[], None]) -> None:
+        def serve(calls: Iterator[tuple]) -> None:
+            prepare()
+            for function, args in calls:
+                function(*args)
+                return
+
+        self._child: PipedChild | None = PipedChild(serve)
+
+    def call(self, function: Callable, *args: Any) -> Callable[[bool], bool] | None:
+        """`function(*args)` in the child (both picklable); `done(abandon)` as `run_aside` returns
+        it, or None when no child takes it (call it here)."""
+        piped, self._child = self._child, None
+        if piped is None or not piped.started:
+            return None
+        try:
+            sent = piped.send((function, args))
+        except (pickle.PicklingError, AttributeError, TypeError):  # not picklable (a local function)
+            sent = False
+        child, delivered = piped.finish()
+        if not (sent and delivered):
+            child(True)
+            return None
+        return child
+
+    def abandon(self) -> None:
+        """Ends the child (its call never came)."""
+        if self._child is not None:
+            self._child.abandon()
+            self._child = None
+
+
+_WRITE_ENDS: set[int] = set()  # the pipes this process writes to children through (PipedChild)
 
 
 def run_aside(work: Callable[[], None]) -> Callable[[bool], bool] | None:
@@ -452,6 +542,8 @@ def run_aside(work: Callable[[], None]) -> Callable[[bool], bool] | None:
         try:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            for sink in _WRITE_ENDS:  # the other children's pipes are the parent's to end
+                os.close(sink)
             work()
             code = 0
         finally:
@@ -680,6 +772,7 @@ class PointWriter:
         (self.out_dir / "baselines").mkdir(parents=True, exist_ok=True)
         self._csv = RecordsCsv(self.out_dir / "records.csv")
         self._stream: RowStream | None = None  # the rows of the point under way
+        self._figure: WarmChild | None = None  # the process that draws the figure, once a point is large
 
     def __enter__(self) -> "PointWriter":
         self._csv.__enter__()
@@ -689,15 +782,29 @@ class PointWriter:
         if self._stream is not None:
             self._stream.abandon()
             self._stream = None
+        if exc[0] is not None:  # else the figure's child waits for `finish`
+            self.release()
         self._csv.__exit__(*exc)
+
+    def release(self) -> None:
+        """Ends the child that waits to draw the figure, if `finish` did not come."""
+        if self._figure is not None:
+            self._figure.abandon()
+            self._figure = None
 
     def row_stream(self, point: Any) -> RowStream:
         """The next point's RecordBuilder `on_flush`: its rows written while it is simulated (a
         large point; RowStream), handed over with its result to `write_point`."""
         if self._stream is not None:
             self._stream.abandon()
-        self._stream = RowStream(self._csv)
+        self._stream = RowStream(self._csv, self._prepare_figure)
         return self._stream
+
+    def _prepare_figure(self) -> None:
+        """A large scenario: its figure is drawn by a child forked now, which imports and warms
+        matplotlib on the other core while the points are simulated (`finish` hands it the summaries)."""
+        if self._figure is None:
+            self._figure = WarmChild(figures.prepare)
 
     def write_point(self, point_result: "PointResult") -> dict[str, Any]:
         """One point's summary (returned), baseline JSON and rows of records.csv (and trace.json, for
@@ -756,22 +863,34 @@ class PointWriter:
                 summary["bands_p10_p90"] = point_bands
         written = [*self.written, self._csv.path]
         claims = claims_mod.evaluate_claims(summaries, workload, result)
-        if workload == "agents":
-            written += figures.write_figure6(summaries, list(scenario.backends), out_dir / "figure6.png")
-            written.append(_write_text(out_dir / "table2.md", claims_mod.table2_markdown(summaries)))
-            written.append(_write_text(out_dir / "table2.csv", claims_mod.table2_csv(summaries)))
-        else:
-            written += figures.write_exp21_figure(summaries, list(scenario.backends), out_dir / "exp21.png")
-        written.append(_write_text(out_dir / "claims.md", claims_mod.claims_markdown(summaries, workload, claims)))
-        written.append(self._traced)
-        written.append(_write_json(out_dir / "summary.json", {
-            "scenario": scenario.name,
-            "workload": workload,
-            "seed": scenario.seed,
-            "warnings": list(result.warnings),
-            "points": summaries,
-            "claims": [c.as_dict() for c in claims],
-        }))
+        draw, png = ((figures.write_figure6, out_dir / "figure6.png") if workload == "agents"
+                     else (figures.write_exp21_figure, out_dir / "exp21.png"))
+        # the figure: by the child that prepared matplotlib while the points ran (a large scenario), else here
+        figure, self._figure = self._figure, None
+        drawn = figure.call(draw, summaries, list(scenario.backends), png) if figure is not None else None
+        if drawn is None:
+            draw(summaries, list(scenario.backends), png)
+        written += figures.saved_paths(png)
+        try:
+            if workload == "agents":
+                written.append(_write_text(out_dir / "table2.md", claims_mod.table2_markdown(summaries)))
+                written.append(_write_text(out_dir / "table2.csv", claims_mod.table2_csv(summaries)))
+            written.append(_write_text(out_dir / "claims.md", claims_mod.claims_markdown(summaries, workload, claims)))
+            written.append(self._traced)
+            written.append(_write_json(out_dir / "summary.json", {
+                "scenario": scenario.name,
+                "workload": workload,
+                "seed": scenario.seed,
+                "warnings": list(result.warnings),
+                "points": summaries,
+                "claims": [c.as_dict() for c in claims],
+            }))
+        except BaseException:
+            if drawn is not None:
+                drawn(True)
+            raise
+        if drawn is not None and not drawn(False):  # the child failed: drawn again here, where a failure is reported
+            draw(summaries, list(scenario.backends), png)
         return written, summaries
 
 

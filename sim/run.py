@@ -247,15 +247,18 @@ def _simulate_and_write(scenario: Scenario, calibration: Path | None, folder: Ou
                     result = simulate_scenario(scenario, calibration, progress=progress, on_point=on_point,
                                                in_process=in_process, row_stream=writer.row_stream)
 
-        bands_per_point = None
-        if scenario.bands:
-            from .bands import bands_markdown, scenario_bands
-            from .report import point_summary
+        try:
+            bands_per_point = None
+            if scenario.bands:
+                from .bands import bands_markdown, scenario_bands
+                from .report import point_summary
 
-            bands_per_point = scenario_bands(
-                scenario, [p.point for p in result.points], result.costs.for_point, scenario.seed, scenario.bands,
-                lambda r: point_summary(r, scenario.workload.kind))
-        _, summaries = writer.finish(result, bands=bands_per_point)
+                bands_per_point = scenario_bands(
+                    scenario, [p.point for p in result.points], result.costs.for_point, scenario.seed, scenario.bands,
+                    lambda r: point_summary(r, scenario.workload.kind))
+            _, summaries = writer.finish(result, bands=bands_per_point)
+        finally:
+            writer.release()
         from .provenance import provenance
         from .report import _write_json
 

@@ -258,9 +258,30 @@ def test_records_csv_streamed_to_a_child_while_simulating_is_the_file_written_af
     expected = _run_streamed(tmp_path, "after")
     started, start = [], report.RowStream._start
     monkeypatch.setattr(report.RowStream, "_start", lambda self: started.append(1) or start(self))
+    drawn, call = [], report.WarmChild.call
+    monkeypatch.setattr(report.WarmChild, "call", lambda self, *a: drawn.append(call(self, *a)) or drawn[-1])
     streamed = _run_streamed(tmp_path, "streamed", monkeypatch, stream=True)
     assert len(started) == 4  # each point's rows
-    for name in ("records.csv", "summary.json", "trace.json"):
+    assert len(drawn) == 1 and drawn[0] is not None  # the figure, by the child that prepared matplotlib
+    for name in ("records.csv", "summary.json", "trace.json", "figure6.png", "figure6.svg"):
+        assert (streamed / name).read_bytes() == (expected / name).read_bytes(), name
+
+
+def test_figure_whose_child_fails_is_drawn_again_here(tmp_path, monkeypatch):
+    import os
+
+    from djinnsim.sim import figures
+
+    expected = _run_streamed(tmp_path, "after")
+    parent = os.getpid()
+
+    def fails_in_a_child():
+        if os.getpid() != parent:
+            raise MemoryError("matplotlib did not fit")
+
+    monkeypatch.setattr(figures, "prepare", fails_in_a_child)
+    streamed = _run_streamed(tmp_path, "streamed", monkeypatch, stream=True)
+    for name in ("figure6.png", "figure6.svg"):
         assert (streamed / name).read_bytes() == (expected / name).read_bytes(), name
 
 
