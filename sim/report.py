@@ -184,8 +184,10 @@ class RunEntries:
 
     CHUNK = 20_000
 
-    def __init__(self, runs: "pd.DataFrame", run_ids: list[int]) -> None:
+    def __init__(self, runs: "pd.DataFrame", run_ids: list[int], runs_measured: int = 0, runs_oom: int = 0) -> None:
+        """`runs_measured`, `runs_oom`: every run of the point, and those left out for an OOM or a rejection."""
         self.runs, self.run_ids = runs, run_ids
+        self.runs_measured, self.runs_oom = runs_measured, runs_oom
 
     def __len__(self) -> int:
         return len(self.run_ids)
@@ -233,6 +235,13 @@ def baseline_document(point_result: "PointResult", scenario: Any, frame: "pd.Dat
     Decode: one run per measured run, run_id = the engine's 0-based run number + 1 (warm-up runs
     1..warmup_runs are discarded, as in the seed). Agents: one run per (agent, iteration).
     """
+    return with_summary(baseline_runs_document(point_result, scenario, frame, phases), point_result, scenario, summary)
+
+
+def baseline_runs_document(point_result: "PointResult", scenario: Any, frame: "pd.DataFrame",
+                           phases: "pd.DataFrame | None" = None) -> dict[str, Any]:
+    """A baseline_document's keys up to its `aggregates`, what needs no summary of the point (its
+    runs may be written while the summary is computed; `with_summary` adds the rest)."""
     workload = scenario.workload
     point = point_result.point
     weight_bytes = _weight_bytes(point_result)
@@ -247,15 +256,24 @@ def baseline_document(point_result: "PointResult", scenario: Any, frame: "pd.Dat
     ok_mask = ~_failed(runs)
     ok_runs = metrics.rows_where(runs, ok_mask)
     ok_ids = [rid for rid, ok in zip(run_ids, ok_mask) if ok]
-    document: dict[str, Any] = {
+    return {
         "baseline": point.backend.name,
         "model_id": point.model.model_id,
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,
         "batch_size": batch,
-        "runs": RunEntries(ok_runs, ok_ids),
+        "runs": RunEntries(ok_runs, ok_ids, runs_measured=len(runs), runs_oom=int((~ok_mask).sum())),
         "aggregates": _aggregates(runs),
     }
+
+
+def with_summary(document: dict[str, Any], point_result: "PointResult", scenario: Any,
+                 summary: dict[str, Any]) -> dict[str, Any]:
+    """A baseline_runs_document completed with the blocks that quote the point's summary."""
+    workload = scenario.workload
+    point = point_result.point
+    runs = document["runs"]
+    document = dict(document)
     if workload.kind == "agents":
         agents = summary["agents"]
         document["agent_phases"] = {
@@ -276,8 +294,8 @@ def baseline_document(point_result: "PointResult", scenario: Any, frame: "pd.Dat
         "gpu": point.gpu.key,
         "link_gbps": float(point.link.gbps),
         "cost_model": point_result.cost_model,
-        "runs_measured": int(len(runs)),
-        "runs_oom": int((~ok_mask).sum()),
+        "runs_measured": runs.runs_measured,
+        "runs_oom": runs.runs_oom,
         "oom_records": summary["oom_records"],
         "peak_gpu_mem_bytes": summary["peak_gpu_mem_bytes"],
         "notes": {**NOTES, **(AGENT_NOTES if workload.kind == "agents" else {})},
@@ -693,16 +711,23 @@ def _write_json(path: Path, document: Any) -> Path:
 _RUNS_MARK = "\x00runs\x00"  # stands for the runs while the rest of a baseline is formatted
 
 
-def _write_baseline(path: Path, document: dict[str, Any]) -> Path:
+def _write_baseline(path: Path, document: dict[str, Any],
+                    complete: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> Path:
     """_write_json of a baseline_document, its runs formatted and written a chunk at a time: the same
-    text as the whole document through json.dumps(indent=2), without its millions of small strings."""
-    head, tail = strict_json({**document, "runs": _RUNS_MARK}, indent=2).split(json.dumps(_RUNS_MARK))
+    text as the whole document through json.dumps(indent=2), without its millions of small strings.
+    With `complete`, `document` holds the keys up to the runs' and `complete(document)` gives the
+    whole one once its runs are written (its summary may come meanwhile)."""
+    mark = json.dumps(_RUNS_MARK)
+    head = strict_json({**document, "runs": _RUNS_MARK}, indent=2).split(mark)[0]
     with path.open("w") as file:
         file.write(head + "[")
         separator = ""
         for chunk in document["runs"].chunks_json():
             file.write(separator + chunk)
             separator = ","
+        if complete is not None:
+            document = complete(document)
+        tail = strict_json({**document, "runs": _RUNS_MARK}, indent=2).split(mark)[1]
         file.write(("\n  ]" if separator else "]") + tail + "\n")
     return path
 
@@ -808,43 +833,51 @@ class PointWriter:
 
     def write_point(self, point_result: "PointResult") -> dict[str, Any]:
         """One point's summary (returned), baseline JSON and rows of records.csv (and trace.json, for
-        the trace point). A large point's rows and baseline are written by child processes
-        (`run_aside`) while this one computes its summary and trace."""
+        the trace point). A large point's rows and baseline are written by child processes: its
+        rows while it is simulated (`row_stream`), its baseline's runs while this process computes
+        its summary (handed to the child for the baseline's last blocks) and trace."""
         i = len(self.summaries)
         workload = self.scenario.workload.kind
         records = point_result.records
         baseline = self.out_dir / "baselines" / f"{point_result.point.label}.json"
-        baseline_done = None
+        baseline_child = None
         stream, self._stream = self._stream, None
         # its rows: written while it ran, else now on another core where it can
         csv_done = (stream.done(records) if stream is not None else None) or self._csv.write_aside(records)
         try:
             frame = records_frame(records, metrics.SUMMARY_COLUMNS)  # the columns summaries read
             point_phases = metrics.agent_phases(frame) if workload == "agents" else None
+            if len(records) >= self._csv.aside_rows:
+                def write_baseline(summaries: Iterator[dict[str, Any]], frame=frame, phases=point_phases) -> None:
+                    _write_baseline(baseline, baseline_runs_document(point_result, self.scenario, frame, phases),
+                                    lambda document: with_summary(document, point_result, self.scenario, next(summaries)))
+
+                baseline_child = PipedChild(write_baseline)
+                del write_baseline  # it holds the frame
+                if not baseline_child.started:
+                    baseline_child = None
             summary = (point_summary(point_result, workload, frame, point_phases) if self.given is None
                        else self.given[i])
-
-            def write_baseline(frame=frame, point_phases=point_phases) -> None:
+            if baseline_child is None:
                 _write_baseline(baseline, baseline_document(point_result, self.scenario, frame, summary, point_phases))
-
-            if len(records) >= self._csv.aside_rows:
-                baseline_done = run_aside(write_baseline)
-            if baseline_done is None:
-                write_baseline()
-            del frame, point_phases, write_baseline
+            else:
+                baseline_child.send(summary)  # False: the child failed, and says so when it ends
+            del frame, point_phases
             if i == self.trace_index:
                 self._write_trace(point_result.point, trace_records(records))
         except BaseException:
             csv_done(True)
-            if baseline_done is not None:
-                baseline_done(True)
+            if baseline_child is not None:
+                baseline_child.abandon()
             raise
         csv_done(False)
-        if baseline_done is not None and not baseline_done(False):
-            # the child failed: written again here, where a failure is reported as usual
-            frame = records_frame(records, metrics.SUMMARY_COLUMNS)
-            point_phases = metrics.agent_phases(frame) if workload == "agents" else None
-            _write_baseline(baseline, baseline_document(point_result, self.scenario, frame, summary, point_phases))
+        if baseline_child is not None:
+            child, delivered = baseline_child.finish()
+            if not child(False) or not delivered:
+                # the child failed: written again here, where a failure is reported as usual
+                frame = records_frame(records, metrics.SUMMARY_COLUMNS)
+                point_phases = metrics.agent_phases(frame) if workload == "agents" else None
+                _write_baseline(baseline, baseline_document(point_result, self.scenario, frame, summary, point_phases))
         self.summaries.append(summary)
         self.written.append(baseline)
         return summary
