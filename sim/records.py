@@ -153,10 +153,9 @@ class RecordBuilder:
 
     def rows_since(self, start: int) -> "RecordTable":
         """The records in the columns from `start` on, as a table of their own (the point's
-        constants, a copy of each column's part)."""
-        columns = {}
-        for name, column in zip(ROW_COLUMNS, self._columns):
-            columns[name] = _compact(np.frombuffer(column[start:], dtype=np.float64 if column.typecode == "d" else np.int64))
+        constants, a copy of each column's part, not compacted: a short-lived table)."""
+        columns = {name: np.frombuffer(column[start:], dtype=np.float64 if column.typecode == "d" else np.int64)
+                   for name, column in zip(ROW_COLUMNS, self._columns)}
         return RecordTable(self.flushed - start, {**self.constants, **columns})
 
     def table(self) -> "RecordTable":
