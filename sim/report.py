@@ -790,6 +790,7 @@ class PointWriter:
         self.scenario = scenario
         self.out_dir = Path(out_dir)
         self.trace_index = scenario.trace_point % points
+        self.points = points
         self.given = summaries
         self.summaries: list[dict[str, Any]] = []
         self.written: list[Path] = []
@@ -798,6 +799,7 @@ class PointWriter:
         self._csv = RecordsCsv(self.out_dir / "records.csv")
         self._stream: RowStream | None = None  # the rows of the point under way
         self._figure: WarmChild | None = None  # the process that draws the figure, once a point is large
+        self._drawn: Callable[[bool], bool] | None = None  # ... once it has the summaries
 
     def __enter__(self) -> "PointWriter":
         self._csv.__enter__()
@@ -812,10 +814,19 @@ class PointWriter:
         self._csv.__exit__(*exc)
 
     def release(self) -> None:
-        """Ends the child that waits to draw the figure, if `finish` did not come."""
+        """Ends the child that waits to draw the figure (or draws it), if `finish` did not come."""
         if self._figure is not None:
             self._figure.abandon()
             self._figure = None
+        if self._drawn is not None:
+            self._drawn(True)
+            self._drawn = None
+
+    def _figure_drawing(self) -> tuple[Callable, Path]:
+        """The figure of the scenario's workload: the function that draws it and its PNG."""
+        if self.scenario.workload.kind == "agents":
+            return figures.write_figure6, self.out_dir / "figure6.png"
+        return figures.write_exp21_figure, self.out_dir / "exp21.png"
 
     def row_stream(self, point: Any) -> RowStream:
         """The next point's RecordBuilder `on_flush`: its rows written while it is simulated (a
@@ -862,6 +873,8 @@ class PointWriter:
                 _write_baseline(baseline, baseline_document(point_result, self.scenario, frame, summary, point_phases))
             else:
                 baseline_child.send(summary)  # False: the child failed, and says so when it ends
+            if i == self.points - 1:
+                self._draw_aside([*self.summaries, summary])
             del frame, point_phases
             if i == self.trace_index:
                 self._write_trace(point_result.point, trace_records(records))
@@ -882,6 +895,14 @@ class PointWriter:
         self.written.append(baseline)
         return summary
 
+    def _draw_aside(self, summaries: list[dict[str, Any]]) -> None:
+        """Every point's summary is known (bands, added later, are not drawn): the child that
+        prepared matplotlib draws the figure now."""
+        if self._figure is not None:
+            figure, self._figure = self._figure, None
+            draw, png = self._figure_drawing()
+            self._drawn = figure.call(draw, summaries, list(self.scenario.backends), png)
+
     def _write_trace(self, point: Any, records: "list[Record]") -> None:
         self._traced = write_trace(records, self.out_dir / "trace.json", pid=point.index + 1, process_name=point.label,
                                    metadata={"scenario": self.scenario.name, "point": point.label})
@@ -896,11 +917,10 @@ class PointWriter:
                 summary["bands_p10_p90"] = point_bands
         written = [*self.written, self._csv.path]
         claims = claims_mod.evaluate_claims(summaries, workload, result)
-        draw, png = ((figures.write_figure6, out_dir / "figure6.png") if workload == "agents"
-                     else (figures.write_exp21_figure, out_dir / "exp21.png"))
-        # the figure: by the child that prepared matplotlib while the points ran (a large scenario), else here
-        figure, self._figure = self._figure, None
-        drawn = figure.call(draw, summaries, list(scenario.backends), png) if figure is not None else None
+        draw, png = self._figure_drawing()
+        # the figure: by the child that prepared matplotlib while the points ran (a large scenario; it
+        # had the summaries with the last point's), else here
+        drawn, self._drawn = self._drawn, None
         if drawn is None:
             draw(summaries, list(scenario.backends), png)
         written += figures.saved_paths(png)
