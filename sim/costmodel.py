@@ -75,6 +75,8 @@ def evaluate_fit(fit: LinearFit | PiecewiseFit, inputs: dict[str, float]) -> tup
         value, _ = evaluate_fit(best, inputs)
         return value, False
     value = sum(k * feature_value(f, inputs) for k, f in zip(fit.coef, fit.features))
+    if fit.floor_s is not None:
+        value = max(value, fit.floor_s)
     return value, _in_domain(fit, inputs)
 
 
@@ -87,7 +89,7 @@ def _decode_terms(fit: LinearFit | PiecewiseFit) -> tuple | None:
     runs once per batched decode iteration: ((coef, feature position) per feature, (input position,
     lo, hi) per domain bound). None where the general `evaluate_fit` must do it (a piecewise fit,
     another feature, a bound on another variable)."""
-    if not isinstance(fit, LinearFit) or not all(f in _DECODE_FEATURES for f in fit.features):
+    if not isinstance(fit, LinearFit) or fit.floor_s is not None or not all(f in _DECODE_FEATURES for f in fit.features):
         return None
     if not all(var in _DECODE_INPUTS for var in fit.domain):
         return None

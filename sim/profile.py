@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from djinnsim.errors import DjinnsimError
 
@@ -40,12 +40,17 @@ class _Strict(BaseModel):
 
 
 class LinearFit(_Strict):
-    """time_s = sum(coef[i] * feature_i(inputs)) over `features`; valid on `domain`."""
+    """time_s = sum(coef[i] * feature_i(inputs)) over `features`; valid on `domain`.
+
+    With `floor_s`, time_s = max(floor_s, that sum): a pass whose host launches its kernels while
+    the GPU runs earlier ones takes the longer of the two, not their sum (the floor is the host's
+    launch time, the sum the GPU's work)."""
 
     features: list[str]
     coef: list[float]
     scale: list[ScaleClass] = Field(description="scaling class of each feature, for transfer")
     domain: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    floor_s: float | None = Field(default=None, ge=0, description="host launch floor: time_s = max(floor_s, the sum)")
     r2: float | None = None
     rmse_s: float | None = None
     max_rel_err: float | None = None
@@ -64,6 +69,14 @@ class LinearFit(_Strict):
         if any(not lo <= hi for lo, hi in self.domain.values()):
             raise ValueError("a domain's low end must not exceed its high end")
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_unset_floor(self, handler):
+        """A fit without a floor is written as before the field existed (profiles stay byte-identical)."""
+        out = handler(self)
+        if out.get("floor_s", 0) is None:
+            del out["floor_s"]
+        return out
 
 
 class PiecewiseFit(_Strict):
@@ -380,9 +393,10 @@ def load_profile(path: str | Path) -> Profile:
     try:
         return Profile.model_validate(raw)
     except ValidationError as exc:
-        # a union (LinearFit | PiecewiseFit) reports each member's error: the deepest is the member
-        # the input was meant as
-        err = max(exc.errors(), key=lambda e: len(e["loc"]))
+        # a union (LinearFit | PiecewiseFit) reports each member's error: the member the input was
+        # meant as is the one with an error about a value (the other only finds fields missing or
+        # not its own), and the deepest of those
+        err = max(exc.errors(), key=lambda e: (e["type"] not in ("missing", "extra_forbidden"), len(e["loc"])))
         where = ".".join(str(p) for p in err["loc"]  # not the names pydantic gives a union's members
                          if not (isinstance(p, str) and (p in ("LinearFit", "PiecewiseFit") or "[" in p)))
         msg = err["msg"].removeprefix("Value error, ")
