@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import time
 
-from djinnsim.sim.profile import LinearFit, PiecewiseFit
+from djinnsim.sim.profile import LinearFit
 
-from .fitting import FitPoint, fit_piecewise
+from .fitting import FitPoint, fit_floor_max
 from .modeling import cache_from_tensors, cache_tensors, cut_cache, forward, random_ids
 from .session import Session, is_oom
 from .timer import Timing
 
-# time = c0 + c1 b p + c2 b p^2 + c3 b p c + c4 b c: launches and weights, the new tokens' matmuls and
-# their attention among themselves, their attention over the context, reading the context's KV.
+# time = max(floor, c0 + c1 b p + c2 b p^2 + c3 b p c + c4 b c): the host's launches overlap the GPU's
+# work (weights, the new tokens' matmuls and their attention among themselves, their attention over
+# the context, reading the context's KV), so a pass takes the longer of the two.
 CACHED_PREFILL_FEATURES = ["1", "tokens", "tokens_sq", "tokens_ctx", "sum_context"]
 CACHED_PREFILL_SCALE = ["mixed", "compute", "compute", "compute", "memory"]
 CACHED_PREFILL_DOMAIN = ["prompt_tokens", "batch", "context"]
@@ -30,11 +31,11 @@ def cached_prefill_points(plan, max_position: int) -> list[tuple[int, int, int]]
             for p in plan.cached_prefill_tokens if c + p < max_position]
 
 
-def fit_cached_prefill(points: list[FitPoint]) -> LinearFit | PiecewiseFit | None:
+def fit_cached_prefill(points: list[FitPoint]) -> LinearFit | None:
+    """max(host launch floor, GPU work) in one piece (fitting.fit_floor_max); None with too few points."""
     if len(points) <= len(CACHED_PREFILL_FEATURES):
         return None
-    return fit_piecewise(points, CACHED_PREFILL_FEATURES, CACHED_PREFILL_SCALE, CACHED_PREFILL_DOMAIN,
-                         ["prompt_tokens", "batch", "context"])
+    return fit_floor_max(points, CACHED_PREFILL_FEATURES, CACHED_PREFILL_SCALE, CACHED_PREFILL_DOMAIN)
 
 
 def _restore(cache, context: int, saved):

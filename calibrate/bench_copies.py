@@ -70,9 +70,13 @@ def kv_swap_tensor_bytes(s: Session, context: int) -> int:
     return context * s.spec.num_kv_heads * s.spec.head_dim * element
 
 
-def _keep_last(held: list) -> None:
-    """Untimed, before a swap-out: only the last swapped-out set stays held (freeing is off the timed path)."""
-    del held[:-1]
+def _release_held(held: list) -> None:
+    """Untimed, before a swap-out: every earlier swapped-out set freed, as a swap finds host memory
+    (kv_costs's real swap-out runs after the previous set was freed). Holding the last set here kept
+    the freed one below it in the heap, warm for the next set; freed whole, it may go back to the
+    kernel and page-fault again (on the 2-core CPU machine, 64 clones of 4 MiB took 32-53 ms with
+    the previous set held and 64-67 ms with it freed: docs/validation/kv-costs.md)."""
+    held.clear()
 
 
 def run_kv_swaps(s: Session) -> dict:
@@ -81,8 +85,9 @@ def run_kv_swaps(s: Session) -> dict:
 
     - pinned: into (out of) a pool allocated once, `copy_(non_blocking=True)` for every tensor, so the
       copies queue on one stream and their fixed latencies overlap (a swap pool holds them so);
-    - pageable: `tensor.to("cpu")` into freshly allocated host memory while the previous set is still
-      held (swapped sessions stay in host memory), and back with `tensor.to(device)`.
+    - pageable: `tensor.to("cpu")` into freshly allocated host memory after the previous set was
+      freed (untimed; as validate.kv_costs swaps, the freed memory may have gone back to the kernel
+      and page-faults again), and back with `tensor.to(device)`.
 
     Fits time = latency + bytes / rate per direction and kind, on the whole set's bytes; the
     simulator charges a swap of the model's KV with it (CostModel.kv_swap_bandwidth). On the CPU
@@ -109,7 +114,7 @@ def run_kv_swaps(s: Session) -> dict:
                 to_device = (lambda t: t.to(s.device)) if s.is_cuda else (lambda t: t.clone())
                 held = [[to_host(t) for t in dev]]
                 out = measure(lambda: held.append([to_host(t) for t in dev]), s.sync, warmup=1, repeat=repeat,
-                              setup=lambda: _keep_last(held))
+                              setup=lambda: _release_held(held))
                 back = measure(lambda: [to_device(t) for t in held[-1]], s.sync, warmup=1, repeat=repeat)
                 del held
             for name, timing in ((f"d2h_{kind}", out), (f"h2d_{kind}", back)):

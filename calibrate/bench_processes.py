@@ -18,7 +18,7 @@ import numpy as np
 
 from djinnsim.common.gpu_busy import sampled_busy_share
 from djinnsim.errors import DjinnsimError
-from djinnsim.sim.profile import ProcessLoads, ProcessRun, Timeslice, TimeslicePoint
+from djinnsim.sim.profile import ProcessLoads, ProcessRun, Timeslice, TimeslicePoint, fit_gpu_step_s
 
 from .session import Session
 from .workers import WorkerOOM, WorkerPool
@@ -487,8 +487,11 @@ def run_timeslice_mp(s: Session) -> Timeslice:
     if not points:
         raise DjinnsimError("stage timeslice_mp: no k measured")
     f, err = fit_busy_fraction(points)
-    s.say(f"timeslice_mp: time-sliced model slowdown = max(1, k x {f:.3f}), worst relative error {100 * (err or 0):.1f}%")
+    g, saturated = fit_gpu_step_s([(p.processes, p.step_s_p50) for p in points])
+    s.say(f"timeslice_mp: time-sliced model step = max(lone step, k x {g * 1e3:.2f} ms), fitted on k = "
+          f"{', '.join(map(str, saturated)) or 'none (no k >= 2: the lone step)'}; relative model max(1, k x {f:.3f}) "
+          f"worst relative error {100 * (err or 0):.1f}%")
     return Timeslice(points=points, context_tokens=(DECODE_PROMPT_TOKENS, DECODE_PROMPT_TOKENS + DECODE_CYCLE_STEPS - 1),
-                     gpu_busy_fraction=f, fit_max_rel_err=err, limit=limit)
+                     gpu_busy_fraction=f, fit_max_rel_err=err, limit=limit, gpu_step_s=g, saturated_k=saturated)
 
 

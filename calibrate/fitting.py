@@ -87,6 +87,74 @@ def fit_linear(
     )
 
 
+def _relative_sse(pred: np.ndarray, y: np.ndarray) -> float:
+    return float(np.sum(((pred - y) / y) ** 2))
+
+
+def _floor_level(y: np.ndarray) -> float:
+    """The constant nearest `y` in relative error: argmin_f sum(((f - y) / y)^2)."""
+    return float(np.sum(1.0 / y) / np.sum(1.0 / y**2))
+
+
+def fit_floor_max(
+    points: Sequence[FitPoint],
+    features: Sequence[str],
+    scale: Sequence[str],
+    domain_vars: Sequence[str],
+    *,
+    max_rounds: int = 20,
+) -> LinearFit:
+    """time = max(floor, sum(coef * feature)) on relative error, coefficients and floor non-negative.
+
+    A pass whose host launches kernels while the GPU runs the earlier ones takes the longer of the
+    host's launch time (the floor, the same for every short pass) and the GPU's work (the sum); an
+    additive fit pays both, so it over-charges the long passes by the floor and, pulled by them,
+    misses the short ones. Each split of the points by measured time into floor-bound (the lower
+    ones) and GPU-bound gives a floor (their level) and a sum (fitted on the rest); the best split
+    is then refined by re-assigning each point to the side the fit puts it on, until nothing moves.
+    Where no split beats the plain sum, the fit has no floor (`floor_s` None): the additive form."""
+    a = _design(points, features)
+    y = np.array([p.value for p in points], dtype=float)
+    plain = solve_relative(a, y)
+    best = (_relative_sse(a @ plain, y), plain, None)
+    order = np.argsort(y, kind="stable")
+    need = len(features) + 1
+
+    def fit_split(at_floor: np.ndarray):
+        above = ~at_floor
+        if above.sum() < need or not at_floor.any():
+            return None
+        coef = solve_relative(a[above], y[above])
+        floor = _floor_level(y[at_floor])
+        return _relative_sse(np.maximum(a @ coef, floor), y), coef, floor
+
+    for k in range(1, len(y) - need + 1):
+        at_floor = np.zeros(len(y), dtype=bool)
+        at_floor[order[:k]] = True
+        tried = fit_split(at_floor)
+        if tried is not None and tried[0] < best[0]:
+            best = tried
+    for _ in range(max_rounds):  # refine: each point on the side the best fit puts it
+        _, coef, floor = best
+        if floor is None:
+            break
+        tried = fit_split(a @ coef < floor)
+        if tried is None or tried[0] >= best[0]:
+            break
+        best = tried
+    _, coef, floor = best
+    pred = a @ coef if floor is None else np.maximum(a @ coef, floor)
+    return LinearFit(
+        features=list(features),
+        coef=[float(c) for c in coef],
+        scale=list(scale),
+        domain=_domain(points, domain_vars),
+        floor_s=None if floor is None else float(floor),
+        n_samples=len(points),
+        **fit_stats(pred, y),
+    )
+
+
 def predict(fit: LinearFit | PiecewiseFit, inputs: dict[str, float]) -> float:
     from djinnsim.sim.costmodel import evaluate_fit
 
@@ -220,6 +288,8 @@ def describe_fit(fit: LinearFit | PiecewiseFit, unit: str = "s") -> list[str]:
     lines = []
     for i, piece in enumerate(pieces):
         terms = " + ".join(f"{c:.4g}*{f}" if f != "1" else f"{c:.4g}" for c, f in zip(piece.coef, piece.features))
+        if piece.floor_s is not None:
+            terms = f"max({piece.floor_s:.4g}, {terms})"
         dom = ", ".join(f"{k} {lo:g}..{hi:g}" for k, (lo, hi) in piece.domain.items())
         lines.append(
             f"piece {i + 1}/{len(pieces)}: {unit} = {terms}  [{dom}]  "

@@ -22,6 +22,7 @@ from .fitting import (
     PREFILL_FEATURES,
     PREFILL_SCALE,
     FitPoint,
+    fit_floor_max,
     fit_linear,
     fit_piecewise,
 )
@@ -30,9 +31,17 @@ from .plan import EXP21_NEW_TOKENS, EXP21_PROMPT_TOKENS
 MAX_JITTER_SAMPLES = 512
 
 
-def fit_prefill(points: list[FitPoint]) -> LinearFit | PiecewiseFit:
-    """Prefill time over batch x prompt. The domain pins context to 0: cached-context prefill was not measured."""
-    fit = fit_piecewise(points, PREFILL_FEATURES, PREFILL_SCALE, ["prompt_tokens", "batch"], ["prompt_tokens", "batch"])
+# The GPU's work in a prefill: its constant is reading the weights (plus any fixed GPU work), so it
+# moves with HBM where a transfer splits it (the host's launch time is the fit's floor, which stays).
+PREFILL_GPU_SCALE = ["mixed", "compute", "compute"]
+
+
+def fit_prefill(points: list[FitPoint]) -> LinearFit:
+    """Prefill time over batch x prompt: max(host launch floor, GPU polynomial in tokens), one piece
+    (fitting.fit_floor_max). The domain pins context to 0: cached-context prefill is its own fit."""
+    fit = fit_floor_max(points, PREFILL_FEATURES, PREFILL_GPU_SCALE, ["prompt_tokens", "batch"])
+    if fit.floor_s is None:  # no floor: the additive form, whose constant is the host's
+        fit = fit.model_copy(update={"scale": list(PREFILL_SCALE)})
     return _with_domain(fit, {"context": (0.0, 0.0)})
 
 

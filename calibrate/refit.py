@@ -16,7 +16,7 @@ import numpy as np
 
 from djinnsim.errors import DjinnsimError
 from djinnsim.sim.costmodel import ProfileCostModel
-from djinnsim.sim.profile import KvSwaps, Profile, load_profile, samples_path, save_profile
+from djinnsim.sim.profile import KvSwaps, Profile, fit_gpu_step_s, load_profile, samples_path, save_profile
 from djinnsim.sim.provenance import file_sha256
 from djinnsim.sim.specs import get_model
 
@@ -128,6 +128,15 @@ def _copy_fits(rows, prefix: str) -> dict:
     return fits
 
 
+def timeslice_steps(rows: list[dict[str, str]]) -> dict[int, list[float]]:
+    """timeslice_mp's decode steps by k (processes decoding at once), every process's together."""
+    out: dict[int, list[float]] = defaultdict(list)
+    for row in rows:
+        if row["stage"] == "timeslice_mp" and row["unit"] == "s":
+            out[int(float(row["concurrent"]))].append(float(row["value"]))
+    return dict(out)
+
+
 def refit(profile: Profile, rows: list[dict[str, str]], note: str, left_out: tuple[str, ...] = (),
           level_from: list[tuple[str, str, Profile, list]] = ()) -> Profile:
     """`left_out`: sample stages no fit (nor the spread) may use, e.g. ("exp21_step",) to hold
@@ -158,6 +167,10 @@ def refit(profile: Profile, rows: list[dict[str, str]], note: str, left_out: tup
     cold = fit_cold_shapes(rows)
     if cold is not None:
         update["cold_shapes"] = cold
+    steps_by_k = timeslice_steps(rows)
+    if profile.timeslice_mp is not None and steps_by_k:
+        g, saturated = fit_gpu_step_s([(k, float(np.median(v))) for k, v in steps_by_k.items()])
+        update["timeslice_mp"] = profile.timeslice_mp.model_copy(update={"gpu_step_s": g, "saturated_k": saturated})
     tcp = medians_by_size(rows, "tcp_send")
     if len(tcp) >= 2:
         update["network"] = profile.network.model_copy(update={"loopback_gbps": loopback_cap_gbps(*zip(*tcp))})

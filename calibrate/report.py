@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from djinnsim.sim.costmodel import evaluate_fit
 from djinnsim.sim.profile import PiecewiseFit, Profile
 
 
@@ -67,6 +70,12 @@ def summary_rows(profile: Profile, r: dict[str, Any]) -> list[tuple[str, str]]:
                           + (f" busy {p.gpu_busy_share:.0%}" if p.gpu_busy_share is not None else "") for p in ts.points)
         rows.append(("decoding by k processes", f"step slowdown p50 (p10-p90) {steps}; time-sliced f = {ts.gpu_busy_fraction:.3f} "
                      f"(worst rel err {100 * (ts.fit_max_rel_err or 0):.0f}%); stopped at: {ts.limit}"))
+        fit = timeslice_fit(profile)
+        per_k = ", ".join(f"x{k}: {m * 1e3:.1f} / {old * 1e3:.1f} / {new * 1e3:.1f}" for k, m, old, new in fit["points"])
+        rows.append(("time-sliced step model", f"g = {ts.gpu_step_s * 1e3:.2f} ms on k = {ts.saturated_k}, lone = decode fit "
+                     f"{fit['lone_s'] * 1e3:.1f} ms; per-process step ms measured / relative lone x max(1, k f) / "
+                     f"absolute max(lone, k g): {per_k}; rmse {fit['old_rmse_s'] * 1e3:.1f} / {fit['new_rmse_s'] * 1e3:.1f} ms, "
+                     f"max rel err {fit['old_max_rel']:.0%} / {fit['new_max_rel']:.0%}"))
     stages = [(k.removeprefix("stage.").removesuffix("_s"), v) for k, v in e.items() if k.startswith("stage.")]
     if stages:
         rows.append(("stage wall times", ", ".join(f"{name} {v:.0f} s" for name, v in stages)))
@@ -110,6 +119,25 @@ def print_summary(console, profile: Profile, r: dict[str, Any], out: Path, sampl
     for what, value in summary_rows(profile, r):
         table.add_row(what, value)
     console.print(table)
+
+
+def timeslice_fit(profile: Profile) -> dict:
+    """The per-process decode step of timeslice_mp at each k (median) against the two time-sliced
+    models as the simulator charges them, the lone step being the decode fit at the stage's context:
+    relative, lone x max(1, k f), and absolute, max(lone, k g). (k, measured, relative, absolute)
+    per k, with each model's rmse (s) and largest relative error."""
+    ts = profile.timeslice_mp
+    context = float(np.mean(ts.context_tokens))
+    lone = evaluate_fit(profile.decode_step, {"batch": 1, "sum_context": context, "context": context})[0]
+    points = [(p.processes, p.step_s_p50, lone * max(1.0, p.processes * ts.gpu_busy_fraction),
+               max(lone, p.processes * ts.gpu_step_s)) for p in ts.points]
+    measured = np.array([m for _, m, _, _ in points])
+    out = {"lone_s": lone, "points": points}
+    for name, column in (("old", 2), ("new", 3)):
+        predicted = np.array([p[column] for p in points])
+        out[f"{name}_rmse_s"] = float(np.sqrt(np.mean((predicted - measured) ** 2)))
+        out[f"{name}_max_rel"] = float(np.max(np.abs(predicted - measured) / measured))
+    return out
 
 
 def print_refit(profile: Profile, path: Path) -> None:

@@ -3,8 +3,9 @@
 This is the one place it is defined; every figure named GPU utilization follows it:
 
 - Simulator (`kernel_share`): the records' `gpu_busy_s` summed, over the window's wall time. `gpu_busy_s` is
-  the kernel time of the request's passes: a launch-bound decode pass counts only its kernel share
-  (the profile's f: timeslice_mp's fit, else NVML's SM utilization during calibrate's Exp 2.1), a
+  the kernel time of the request's passes: a launch-bound decode pass counts only its kernel time
+  (timeslice_mp's g, the GPU's seconds per step, else a share f of the pass from NVML's SM
+  utilization during calibrate's Exp 2.1), a
   batched step is split among its sequences, so the sum is the union of the GPU's busy intervals.
   summary.json's `gpu_utilization` (window: first measured request to last measured reply) and
   the per-run `gpu_util_pct` of the baselines (window: the run) are this.

@@ -60,7 +60,8 @@ def draw_factors(spread: Spread, rng: np.random.Generator) -> Factors:
 def _scale_fit(fit: LinearFit | PiecewiseFit, factor: float) -> LinearFit | PiecewiseFit:
     if isinstance(fit, PiecewiseFit):
         return PiecewiseFit(pieces=[_scale_fit(p, factor) for p in fit.pieces])
-    return fit.model_copy(update={"coef": [c * factor for c in fit.coef]})
+    floor = None if fit.floor_s is None else fit.floor_s * factor
+    return fit.model_copy(update={"coef": [c * factor for c in fit.coef], "floor_s": floor})
 
 
 def _scale_rate(spec, factor: float):
@@ -83,13 +84,24 @@ def scale_profile(profile: Profile, f: Factors) -> Profile:
     })
 
 
+def _scale_level(fit: LinearFit | PiecewiseFit, factor: float) -> LinearFit | PiecewiseFit:
+    """A pass fit with its launch-bound level `factor` times longer: a fit with a host floor
+    (max(floor, GPU work)) moves its floor only, the GPU's work stays; an additive fit, whose terms
+    mix the two, scales whole."""
+    if isinstance(fit, PiecewiseFit):
+        return PiecewiseFit(pieces=[_scale_level(p, factor) for p in fit.pieces])
+    if fit.floor_s is not None:
+        return fit.model_copy(update={"floor_s": fit.floor_s * factor})
+    return _scale_fit(fit, factor)
+
+
 def level_scaled(profile: Profile, factor: float) -> Profile:
-    """The profile with every pass it times (decode step, prefill, prefill on a cached context)
-    `factor` times longer: the launch-bound level moved, everything else as measured."""
-    scaled = scale_profile(profile, Factors(decode=factor, prefill=factor))
-    if scaled.cached_prefill is None:
-        return scaled
-    return scaled.model_copy(update={"cached_prefill": _scale_fit(scaled.cached_prefill, factor)})
+    """The profile with every pass it times (decode step, prefill, prefill on a cached context) at a
+    launch-bound level `factor` times longer (`_scale_level`), everything else as measured."""
+    update = {"decode_step": _scale_fit(profile.decode_step, factor), "prefill": _scale_level(profile.prefill, factor)}
+    if profile.cached_prefill is not None:
+        update["cached_prefill"] = _scale_level(profile.cached_prefill, factor)
+    return profile.model_copy(update=update)
 
 
 def spread_of(cost: CostModel) -> tuple[Profile, Spread]:

@@ -75,6 +75,8 @@ def evaluate_fit(fit: LinearFit | PiecewiseFit, inputs: dict[str, float]) -> tup
         value, _ = evaluate_fit(best, inputs)
         return value, False
     value = sum(k * feature_value(f, inputs) for k, f in zip(fit.coef, fit.features))
+    if fit.floor_s is not None:
+        value = max(value, fit.floor_s)
     return value, _in_domain(fit, inputs)
 
 
@@ -87,7 +89,7 @@ def _decode_terms(fit: LinearFit | PiecewiseFit) -> tuple | None:
     runs once per batched decode iteration: ((coef, feature position) per feature, (input position,
     lo, hi) per domain bound). None where the general `evaluate_fit` must do it (a piecewise fit,
     another feature, a bound on another variable)."""
-    if not isinstance(fit, LinearFit) or not all(f in _DECODE_FEATURES for f in fit.features):
+    if not isinstance(fit, LinearFit) or fit.floor_s is not None or not all(f in _DECODE_FEATURES for f in fit.features):
         return None
     if not all(var in _DECODE_INPUTS for var in fit.domain):
         return None
@@ -201,6 +203,12 @@ class CostModel(ABC):
         """Share of a decode pass during which the GPU itself is busy; the rest is host time
         (kernel launches) that another process can overlap with its own GPU work."""
         return 1.0
+
+    def decode_gpu_s(self, batch: int, sum_context: int) -> float | None:
+        """GPU seconds of one decode pass, absolute: what processes sharing the GPU take in turns
+        (the rest of the pass is host time they overlap). None: not measured, and the pass's GPU
+        time is `gpu_busy_fraction()` of its duration."""
+        return None
 
     def timeslice_slowdown(self, processes: int) -> float:
         """Median decode-step time with `processes` processes decoding at once on the GPU (each its
@@ -359,12 +367,29 @@ class ProfileCostModel(CostModel):
         return self.profile.network.loopback_gbps
 
     def gpu_busy_fraction(self) -> float:
-        """From the timeslice_mp stage when measured: the f that makes the time-sliced model's
-        slowdown max(1, k * f) fit the measured one; else the GPU's NVML utilization in Exp 2.1."""
+        """From the timeslice_mp stage when measured: the f that makes the relative time-sliced
+        model's slowdown max(1, k * f) fit the measured one (the executors charge `decode_gpu_s`
+        instead, whose g is absolute); else the GPU's NVML utilization in Exp 2.1."""
         if self.profile.timeslice_mp is not None:
             return self.profile.timeslice_mp.gpu_busy_fraction
         util = self.profile.end_to_end.get("nvml.exp21.sm_util_pct.p50")
         return min(max(util / 100.0, 0.01), 1.0) if util else 1.0
+
+    def decode_gpu_s(self, batch: int, sum_context: int) -> float | None:
+        """With the timeslice_mp stage: its g (the GPU's time per batch-1 step at the stage's context,
+        absolute, so a moved launch-bound level leaves it where it is) plus what the decode fit adds
+        at this batch and context over its batch-1 step at the stage's context (a longer pass
+        launches the same kernels: the extra is the GPU's). Without the stage: None."""
+        measured = self.profile.timeslice_mp
+        if measured is None:
+            return None
+        fit = self.profile.decode_step
+        at = {"batch": batch, "sum_context": sum_context, "context": sum_context / max(batch, 1)}
+        context = float(np.mean(measured.context_tokens))
+        lone = {"batch": 1, "sum_context": context, "context": context}
+        # bounds, not queries: never flagged as outside the calibrated range
+        extra = evaluate_fit(fit, at)[0] - evaluate_fit(fit, lone)[0]
+        return measured.gpu_step_s + max(extra, 0.0)
 
     def load_aggregate_gbps(self, tier: LoadTier, concurrent: int) -> float:
         """As measured; a concurrency past the largest measured one is flagged in the run's warnings."""
@@ -572,6 +597,9 @@ def transfer_profile(profile: Profile, source: GpuSpec, target: GpuSpec, model: 
             "cached_prefill": move(profile.cached_prefill) if profile.cached_prefill is not None else None,
             "kv_swaps": profile.kv_swaps.model_copy(update={"fits": {k: move_bw(v) for k, v in profile.kv_swaps.fits.items()}})
             if profile.kv_swaps is not None else None,
+            # g is the GPU's own time of a batch-1 step, reading the weights: memory bound
+            "timeslice_mp": profile.timeslice_mp.model_copy(update={"gpu_step_s": profile.timeslice_mp.gpu_step_s * memory})
+            if profile.timeslice_mp is not None else None,
             "memory": mem,
         }
     )

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from djinnsim.errors import DjinnsimError
 
@@ -40,12 +40,17 @@ class _Strict(BaseModel):
 
 
 class LinearFit(_Strict):
-    """time_s = sum(coef[i] * feature_i(inputs)) over `features`; valid on `domain`."""
+    """time_s = sum(coef[i] * feature_i(inputs)) over `features`; valid on `domain`.
+
+    With `floor_s`, time_s = max(floor_s, that sum): a pass whose host launches its kernels while
+    the GPU runs earlier ones takes the longer of the two, not their sum (the floor is the host's
+    launch time, the sum the GPU's work)."""
 
     features: list[str]
     coef: list[float]
     scale: list[ScaleClass] = Field(description="scaling class of each feature, for transfer")
     domain: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    floor_s: float | None = Field(default=None, ge=0, description="host launch floor: time_s = max(floor_s, the sum)")
     r2: float | None = None
     rmse_s: float | None = None
     max_rel_err: float | None = None
@@ -64,6 +69,14 @@ class LinearFit(_Strict):
         if any(not lo <= hi for lo, hi in self.domain.values()):
             raise ValueError("a domain's low end must not exceed its high end")
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_unset_floor(self, handler):
+        """A fit without a floor is written as before the field existed (profiles stay byte-identical)."""
+        out = handler(self)
+        if out.get("floor_s", 0) is None:
+            del out["floor_s"]
+        return out
 
 
 class PiecewiseFit(_Strict):
@@ -255,15 +268,52 @@ class TimeslicePoint(_Strict):
         default=None, description="share of the window the GPU ran kernels (NVML utilization), absent without NVML")
 
 
+def fit_gpu_step_s(steps: list[tuple[int, float]]) -> tuple[float, list[int]]:
+    """g and the saturated k of the time-sliced model in absolute GPU time: k processes decoding at
+    once each step in max(L, k g), L the lone step (the launches' host time, which processes overlap),
+    g the GPU's own time per step. `steps`: (k, median per-process step) with k = 1 among them or not.
+
+    The data say where the GPU is saturated: for each split, the k >= 2 from some k_s on are on the
+    k g line (g: geometric mean of their step / k) and the points below it at the level L (geometric
+    mean of theirs); the split whose max(L, k g) has the least squared log error wins (ties: more
+    points on the line). The largest k is always on it (the most contention measured). Without any
+    k >= 2 the lone step stands for g (nothing says the GPU was ever shared)."""
+    pts = sorted((int(k), float(y)) for k, y in steps)
+    shared = [k for k, _ in pts if k >= 2]
+    if not shared:
+        return pts[0][1] / pts[0][0], []
+    best = None
+    for start in sorted(set(shared)):
+        line = [(k, y) for k, y in pts if k >= start]
+        flat = [y for k, y in pts if k < start]
+        g = float(np.exp(np.mean([np.log(y / k) for k, y in line])))
+        level = float(np.exp(np.mean(np.log(flat)))) if flat else 0.0
+        error = sum(np.log(y / max(level, k * g)) ** 2 for k, y in pts)
+        if best is None or error < best[0] - 1e-12:
+            best = (error, g, sorted({k for k, _ in line}))
+    return best[1], best[2]
+
+
 class Timeslice(_Strict):
     """GPU sharing between processes without MPS: the driver time-slices their contexts."""
 
     points: list[TimeslicePoint] = Field(min_length=1)
     context_tokens: tuple[int, int] = Field(description="the cached contexts the decode steps ran at")
     gpu_busy_fraction: float = Field(
-        gt=0, le=1, description="f of the time-sliced model: slowdown(k) = max(1, k * f), fitted to the points")
+        gt=0, le=1, description="f of the relative time-sliced model, slowdown(k) = max(1, k * f), fitted to the "
+        "points (kept for the record: the simulator charges gpu_step_s)")
     fit_max_rel_err: float | None = None
     limit: str = Field(default="", description="why no larger k was measured")
+    gpu_step_s: float | None = Field(
+        default=None, gt=0, description="g: GPU seconds of one step once the GPU is saturated, so k processes step in "
+        "max(lone step, k g) each (fit_gpu_step_s); absent in older profiles: fitted from the points on load")
+    saturated_k: list[int] = Field(default_factory=list, description="the k whose points g was fitted to")
+
+    @model_validator(mode="after")
+    def _gpu_step(self) -> "Timeslice":
+        if self.gpu_step_s is None:
+            self.gpu_step_s, self.saturated_k = fit_gpu_step_s([(p.processes, p.step_s_p50) for p in self.points])
+        return self
 
     def slowdown(self, processes: float) -> float:
         """Median step-time slowdown at `processes`, interpolated; past the largest k measured the
@@ -380,9 +430,10 @@ def load_profile(path: str | Path) -> Profile:
     try:
         return Profile.model_validate(raw)
     except ValidationError as exc:
-        # a union (LinearFit | PiecewiseFit) reports each member's error: the deepest is the member
-        # the input was meant as
-        err = max(exc.errors(), key=lambda e: len(e["loc"]))
+        # a union (LinearFit | PiecewiseFit) reports each member's error: the member the input was
+        # meant as is the one with an error about a value (the other only finds fields missing or
+        # not its own), and the deepest of those
+        err = max(exc.errors(), key=lambda e: (e["type"] not in ("missing", "extra_forbidden"), len(e["loc"])))
         where = ".".join(str(p) for p in err["loc"]  # not the names pydantic gives a union's members
                          if not (isinstance(p, str) and (p in ("LinearFit", "PiecewiseFit") or "[" in p)))
         msg = err["msg"].removeprefix("Value error, ")

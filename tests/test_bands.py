@@ -45,6 +45,25 @@ def test_scaled_profile_scales_each_category_by_its_factor():
     assert fast.fixed_s + 13e9 / (fast.gbps * 1e9) == pytest.approx(1.5 * (one.fixed_s + 13e9 / (one.gbps * 1e9)))
 
 
+def test_a_launch_level_moves_a_prefill_floor_not_the_gpu_work():
+    """level_scaled: a prefill fit of the form max(host floor, GPU work) has its floor scaled by the
+    level and its GPU polynomial left as measured; the decode step scales whole."""
+    from djinnsim.sim.profile import LinearFit
+
+    profile, spec = load_profile(H100), get_model("llama-2-7b")
+    floored = LinearFit(features=["1", "tokens", "tokens_sq"], coef=[0.002, 3e-5, 5e-10], scale=["mixed", "compute", "compute"],
+                        domain={"prompt_tokens": (16.0, 4096.0), "batch": (1.0, 32.0), "context": (0.0, 0.0)}, floor_s=0.03)
+    profile = profile.model_copy(update={"prefill": floored, "cached_prefill": floored.model_copy(update={"domain": {}})})
+    base, moved = ProfileCostModel(profile, spec), ProfileCostModel(bands.level_scaled(profile, 1.5), spec)
+    assert moved.prefill_s(16, 1) == pytest.approx(1.5 * base.prefill_s(16, 1))  # at the floor
+    assert moved.prefill_s(4096, 4) == pytest.approx(base.prefill_s(4096, 4))  # GPU bound: as measured
+    assert moved.prefill_s(16, 1, 512) == pytest.approx(1.5 * base.prefill_s(16, 1, 512))
+    assert moved.decode_step_s(1, 100) == pytest.approx(1.5 * base.decode_step_s(1, 100))
+    # a residual draw (bands.Factors.prefill) scales the whole pass, floor and GPU work alike
+    drawn = bands.banded_cost(base, bands.Factors(prefill=0.8))
+    assert drawn.prefill_s(4096, 4) == pytest.approx(0.8 * base.prefill_s(4096, 4))
+
+
 def test_factor_draws_are_seeded_and_backend_free():
     spread = Spread(decode_level=[0.8, 1.2], decode_residual=[1.0], prefill_residual=[0.9, 1.1])
     point = load_scenario_points()[0]

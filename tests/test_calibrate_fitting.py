@@ -11,6 +11,7 @@ from djinnsim.calibrate.fitting import (
     PREFILL_SCALE,
     FitPoint,
     fit_bandwidth,
+    fit_floor_max,
     fit_linear,
     predict,
 )
@@ -88,16 +89,53 @@ def test_recovery_survives_measurement_noise():
         assert predict(fit, p.inputs) == pytest.approx(truth, rel=0.02)
 
 
-def test_host_bound_then_compute_bound_prefill_becomes_piecewise():
-    """Eager prefill: flat (launch bound) for small inputs, then compute bound: a line cannot follow it."""
+def test_host_bound_then_compute_bound_prefill_is_fitted_as_the_longer_of_the_two():
+    """Eager prefill: flat (the host's launch time) for small inputs, then the GPU's work. The host
+    launches while the GPU runs, so a pass takes the longer of the two: the fit is exact on such
+    data, where the additive form (one piece, or pieces split on one input) misses by tens of
+    percent (it pays the launch floor on top of the compute-bound passes)."""
     points = prefill_grid(lambda tokens, tokens_sq: max(0.03, 3e-5 * tokens + 5e-10 * tokens_sq))
-    single = fit_linear(points, PREFILL_FEATURES, PREFILL_SCALE, ["prompt_tokens", "batch"])
+    additive = fit_linear(points, PREFILL_FEATURES, PREFILL_SCALE, ["prompt_tokens", "batch"])
     fit = fit_prefill(points)
-    assert isinstance(fit, PiecewiseFit)
+    assert isinstance(fit, LinearFit) and fit.floor_s == pytest.approx(0.03, rel=1e-6)
     worst = max(abs(predict(fit, p.inputs) - p.value) / p.value for p in points)
-    # The bend is in batch x prompt, but pieces can only split on one input: a clear gain, not a cure.
-    assert worst <= 0.75 * single.max_rel_err
-    assert all(piece.domain["context"] == (0.0, 0.0) for piece in fit.pieces)
+    assert worst < 1e-3 < 0.1 < additive.max_rel_err
+    assert fit.domain["context"] == (0.0, 0.0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    floor=st.floats(1.5e-2, 5e-2),
+    a=st.floats(1e-3, 5e-3),
+    b=st.floats(1e-5, 5e-5),
+    c=st.floats(1e-10, 1e-9),
+)
+def test_floor_max_fit_recovers_a_known_floor_and_gpu_polynomial(floor, a, b, c):
+    points = prefill_grid(lambda tokens, tokens_sq: max(floor, a + b * tokens + c * tokens_sq))
+    fit = fit_floor_max(points, PREFILL_FEATURES, PREFILL_SCALE, ["prompt_tokens", "batch"])
+    assert fit.floor_s == pytest.approx(floor, rel=0.02)
+    _close(fit.coef, [a, b, c])
+    assert fit.max_rel_err < 0.01
+
+
+@settings(max_examples=25, deadline=None)
+@given(noise=st.floats(0.0, 0.2), seed=st.integers(0, 2**16), prompt=st.integers(1, 8192), batch=st.integers(1, 64))
+def test_floor_max_fit_is_never_below_its_floor(noise, seed, prompt, batch):
+    points = prefill_grid(lambda tokens, tokens_sq: max(0.02, 3e-5 * tokens), noise=noise, seed=seed)
+    fit = fit_floor_max(points, PREFILL_FEATURES, PREFILL_SCALE, ["prompt_tokens", "batch"])
+    assert fit.floor_s is not None
+    inputs = {"prompt_tokens": prompt, "batch": batch, "context": 0}
+    assert predict(fit, inputs) >= fit.floor_s
+    assert all(predict(fit, p.inputs) >= fit.floor_s for p in points)
+
+
+def test_floor_max_fit_without_a_floor_in_the_data_stays_additive():
+    """Data with no flat part: no split beats the plain sum, so the fit has no floor."""
+    points = prefill_grid(lambda tokens, tokens_sq: 0.002 + 3e-5 * tokens + 5e-10 * tokens_sq)
+    fit = fit_prefill(points)
+    assert fit.floor_s is None and fit.scale == PREFILL_SCALE
+    _close(fit.coef, [0.002, 3e-5, 5e-10])
+    assert "floor_s" not in fit.model_dump(mode="json")  # written as before the field existed
 
 
 def test_pieces_cover_the_grid_without_gaps():

@@ -283,11 +283,14 @@ def test_time_sliced_equal_jobs_interleave_round_robin(n, m):
     assert max(at for at, _ in finished.values()) == pytest.approx(n * m * pass_s, rel=1e-9)
 
 
-def _time_sliced_finishes(kind, jobs: list[tuple[float, int]], pass_s: float, gpu_fraction: float):
+def _time_sliced_finishes(kind, jobs: list[tuple[float, int]], pass_s: float, gpu_fraction: float,
+                          gpu_step_s: float | None = None):
     """Jobs of `m` decode passes of `pass_s` each, started at their `start_at`, on the executor
-    `kind`: (finish time, Execution) per job."""
+    `kind`: (finish time, Execution) per job. The GPU's part of a pass: `gpu_step_s` seconds when
+    given (the cost model's absolute decode_gpu_s), else `gpu_fraction` of it."""
     cost = FakeCostModel(decode_const_s=pass_s)
     cost.gpu_busy_fraction = lambda: gpu_fraction
+    cost.decode_gpu_s = lambda batch, sum_context: gpu_step_s
     env = simpy.Environment()
     server = _executor(kind, env, cost)
     finished = {}
@@ -333,6 +336,27 @@ def test_fluid_time_slicing_matches_the_per_pass_steady_state(n, gpu_fraction):
         assert at == pytest.approx(m * cycle_s, rel=1e-9)
         assert execution.queued_s == pytest.approx(m * cycle_s - m * pass_s, rel=1e-9, abs=1e-12)
         assert abs(at - per_pass_at) <= n * gpu_fraction * pass_s + 1e-12
+
+
+@pytest.mark.parametrize("level", [0.5, 1.0, 1.5])
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_fluid_time_slicing_in_absolute_gpu_time_cycles_in_max_of_lone_step_and_n_g(n, level):
+    """The same with the GPU's part of a pass given in seconds, g = 8 ms, and the lone step D at a
+    launch-bound level of 10 ms x `level`: a pass cycles in max(D, n G), G = min(g, D) (a pass
+    shorter than g is all GPU time), so once n g > D >= g the cycle is n g whatever the level (the
+    relative model, f = g / D at one level, would scale with it)."""
+    gpu_s, m = 0.008, 200
+    pass_s = 0.010 * level
+    fluid = _time_sliced_finishes(FluidTimeSliced, [(0.0, m)] * n, pass_s, 0.5, gpu_step_s=gpu_s)
+    per_pass = _time_sliced_finishes(TimeSliced, [(0.0, m)] * n, pass_s, 0.5, gpu_step_s=gpu_s)
+    busy_s = min(gpu_s, pass_s)
+    cycle_s = max(pass_s, n * busy_s)
+    for (at, execution), (per_pass_at, _) in zip(fluid, per_pass):
+        assert at == pytest.approx(m * cycle_s, rel=1e-9)
+        assert execution.gpu_busy_s == pytest.approx(m * busy_s, rel=1e-12)
+        assert abs(at - per_pass_at) <= n * busy_s + 1e-12
+    if n * gpu_s > pass_s >= gpu_s:  # saturated: n g, not a multiple of D
+        assert fluid[0][0] == pytest.approx(m * n * gpu_s, rel=1e-9)
 
 
 def test_fluid_time_slicing_of_a_late_job_shares_only_while_both_run():

@@ -180,3 +180,36 @@ def test_gpu_run_with_pinned_and_pageable_swaps(tmp_path):
                        sim_draws=4, say=lambda _: None)
     hosts = {r["host"] for r in doc["rows"] if r["op"] == "swap_in"}
     assert hosts == {"pinned", "pageable"} and doc["summary"]["all_usable"]
+
+
+REPO = Path(__file__).resolve().parents[1]
+RUN3_REAL = REPO / "docs/validation/kv-costs-h200-run3/kv_costs.json"
+RUN3_PROFILE = REPO / "docs/calibration/h200-run3/h200-llama-2-7b.json"
+
+
+def test_rejudge_reproduces_the_frozen_profiles_sim_column_and_labels_another_in_sample(tmp_path):
+    """--rejudge: the real rows of a committed run against a profile, no device. With the profile
+    the run froze it gives that run's simulated column again (held out); with any other it says
+    IN-SAMPLE. Where the other profile prices a row otherwise, its verdict follows its own figure."""
+    committed = json.loads(RUN3_REAL.read_text())
+    same = kv_costs.rejudge_file(RUN3_REAL, RUN3_PROFILE, tmp_path / "same", say=lambda _: None)
+    assert [r["sim_s"] for r in same["rows"]] == pytest.approx([r["sim_s"] for r in committed["rows"]], rel=1e-9)
+    assert [r["verdict"] for r in same["rows"]] == [r["verdict"] for r in committed["rows"]]
+    assert same["meta"]["profile"]["frozen_before_real_runs"] and "held out" in same["meta"]["sample"]
+    profile = load_profile(RUN3_PROFILE)
+    slower = profile.model_copy(update={"prefill": profile.prefill.model_copy(
+        update={"coef": [2 * c for c in profile.prefill.coef]})})
+    other = save_profile(slower, tmp_path / "other.json")
+    moved = kv_costs.rejudge_file(RUN3_REAL, other, tmp_path / "other", say=lambda _: None)
+    assert not moved["meta"]["profile"]["frozen_before_real_runs"] and "IN-SAMPLE" in moved["meta"]["sample"]
+    discard = [(a, b) for a, b in zip(committed["rows"], moved["rows"]) if a["op"] == "reflect_discard"]
+    assert all(b["sim_s"] > a["sim_s"] for a, b in discard[-2:])  # compute-bound re-prefills cost more
+    assert "IN-SAMPLE" in (tmp_path / "other" / "kv_costs.md").read_text()
+
+
+def test_rejudge_refuses_what_is_not_a_kv_costs_result(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"rows": 3}')
+    result = CliRunner().invoke(_app(), ["--rejudge", str(bad), "--profile", str(RUN3_PROFILE), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "not a kv_costs.json" in result.output and "Traceback" not in result.output
+

@@ -192,6 +192,7 @@ def _first_fit(doc: dict, name: str) -> dict:
     (lambda d: _first_fit(d, "prefill")["features"].__setitem__(0, "tokens_cubed"), "unknown fit feature 'tokens_cubed'"),
     (lambda d: _first_fit(d, "prefill")["coef"].append(1.0), "as long as each other"),
     (lambda d: _first_fit(d, "prefill")["coef"].__setitem__(0, 1e300), "coefficient beyond"),
+    (lambda d: _first_fit(d, "prefill").__setitem__("floor_s", -1.0), "prefill.floor_s: Input should be greater than or equal to 0"),
     (lambda d: d.__setitem__("jitter_decode", [-1.0]), "jitter factors"),
     (lambda d: d["h2d_pinned"].__setitem__("gbps", 0), "h2d_pinned.gbps"),
 ])

@@ -2,6 +2,7 @@
 
     python -m djinnsim.validate.kv_costs --device cuda|cpu --profile PROFILE --out DIR
                                          [--contexts 128,512,1024,2048] [--repeats 12] [--warmups 3]
+    python -m djinnsim.validate.kv_costs --rejudge REAL/kv_costs.json --profile PROFILE --out DIR
 
 The real side builds the profile's model from its bundled config with random weights, prefills a
 session of C tokens (batch 1) and, for each KV policy of `server.kv_policy`, times what the engine
@@ -360,6 +361,68 @@ def run(profile_path: Path, out_dir: Path, device: str = "cuda", gpu: int = 0,
     return doc
 
 
+# --- a re-comparison: committed real rows against another profile, no device ----------------------
+
+def rejudge_file(real_json: Path, profile_path: Path, out_dir: Path, say: Callable[[str], None] = print) -> dict:
+    """The real rows of a committed kv_costs.json (their means and 95% intervals, as measured) judged
+    again against `profile_path`'s simulated costs, computed now as `run` computes them (its contexts,
+    sim draws and seed). Nothing is measured. Unless the profile is the one the runs froze (same
+    sha256), the result is IN-SAMPLE for any change made after those runs, and labelled so."""
+    from djinnsim.sim.safeyaml import parse_json, read_input_text
+
+    real_json, profile_path = Path(real_json), Path(profile_path)
+    doc = parse_json(read_input_text(real_json, "kv_costs result"), str(real_json), "kv_costs result")
+    if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list) or not isinstance(doc.get("meta"), dict):
+        raise DjinnsimError(f"{real_json}: not a kv_costs.json (no meta and rows)")
+    if not profile_path.is_file():
+        raise DjinnsimError(f"profile not found: {profile_path}")
+    profile = load_profile(profile_path)
+    spec = get_model(profile.metadata.model_id)
+    meta = doc["meta"]
+    if get_model(meta["model"]).key != spec.key:
+        raise DjinnsimError(f"{real_json} measured {meta['model']}; profile {profile_path} is of {spec.model_id}")
+    cost = ProfileCostModel(profile, spec)
+    sha256 = file_sha256(profile_path)
+    held_out = sha256 == meta["profile"]["sha256"]
+    rows = []
+    by_context: dict[int, list[dict]] = {}
+    for r in doc["rows"]:
+        by_context.setdefault(int(r["context_tokens"]), []).append(r)
+    hosts = tuple(sorted({r["host"] for r in doc["rows"] if r["host"]}, key=("pinned", "pageable").index))
+    facts = {}
+    for context, real_rows in by_context.items():
+        cost.out_of_range.clear()
+        sim = simulated_costs(cost, spec, context, hosts, int(meta["sim_draws"]), int(meta["seed"]))
+        facts[str(context)] = {**doc.get("facts", {}).get(str(context), {}), "sim_kv_bytes": context * cost.kv_bytes_per_token,
+                               "out_of_range": sorted(cost.out_of_range)}
+        for r in real_rows:
+            mean, ci = float(r["real_mean_s"]), (float(r["real_ci_s"][0]), float(r["real_ci_s"][1]))
+            sim_s = sim[(r["op"], r["host"])]
+            rows.append(Row(r["op"], r["host"], context, mean, ci, int(r["real_n"]), sim_s,
+                            100 * (sim_s - mean) / mean, verdict(sim_s, mean, ci)))
+    rows.sort(key=lambda r: (OPS.index(r.op), r.host or "", r.context_tokens))
+    sample = (f"re-comparison, no device: the real rows of {real_json} (held out when measured, against profile "
+              f"sha256 {meta['profile']['sha256'][:16]}) judged against profile {profile_path} (sha256 {sha256[:16]}), "
+              + ("the same profile: held out" if held_out else "another profile: IN-SAMPLE for any change made after those runs"))
+    out = {
+        "meta": {**meta, "profile": {"path": str(profile_path), "sha256": sha256, "frozen_before_real_runs": held_out,
+                                     "source": profile.metadata.source, "gpu_name": profile.metadata.gpu_name},
+                 "cost_model": cost.describe(), "simulator": simulator(), "sample": sample,
+                 "rejudged_from": {"path": str(real_json), "profile_sha256": meta["profile"]["sha256"]}},
+        "facts": facts,
+        "rows": [{**asdict(r), "real_ci_s": list(r.real_ci_s)} for r in rows],
+        "summary": {**{v: sum(r.verdict == v for r in rows) for v in VERDICTS},
+                    "all_usable": doc.get("summary", {}).get("all_usable")},
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "kv_costs.json", out, indent=2)
+    (out_dir / "kv_costs.md").write_text(markdown(out, rows))
+    say(f"re-judged {len(rows)} rows of {real_json} against {profile_path}: {_counts(out['summary'])}"
+        + ("" if held_out else " (IN-SAMPLE)"))
+    return out
+
+
 def _counts(summary: dict) -> str:
     return ", ".join(f"{summary[v]} {v}" for v in VERDICTS)
 
@@ -408,6 +471,7 @@ def main(
     warmups: Annotated[int, typer.Option(help="untimed repeats first")] = 3,
     sim_draws: Annotated[int, typer.Option(help="simulated jitter draws averaged per operation")] = 64,
     seed: Annotated[int, typer.Option(help="seed of the ids, weights, bootstrap and simulated draws")] = 0,
+    rejudge: Annotated[Path | None, typer.Option(help="measure nothing: judge the real rows of this kv_costs.json again against --profile (IN-SAMPLE unless it is the profile those runs froze)")] = None,
 ) -> None:
     """Time real KV swaps, re-prefills and reuse, and compare them with what the simulator charges."""
     import sys
@@ -421,7 +485,10 @@ def main(
             raise DjinnsimError(f"--contexts must be comma-separated token counts, not {contexts!r}")
         if device not in ("cuda", "cpu"):
             raise DjinnsimError(f"--device must be cuda or cpu, not {device!r}")
-        doc = run(profile, out, device, gpu, sizes, repeats, warmups, sim_draws, seed)
+        if rejudge is not None:
+            doc = rejudge_file(rejudge, profile, out)
+        else:
+            doc = run(profile, out, device, gpu, sizes, repeats, warmups, sim_draws, seed)
     except DjinnsimError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise typer.Exit(1) from None

@@ -118,14 +118,15 @@ class PassTimer:
                     sum(d - self.host_s(p, work.batch, d, cold) for p, (d, cold) in zip(work.passes, costs)))
         if not work.passes:
             return 0.0, 0.0
-        _, _, runs, base, launch = self._work_plan(work)
+        _, _, runs, base, launch, gpu = self._work_plan(work)
         if len(runs) == 1:
             factors = self.factors(runs[0][0], runs[0][1])
         else:
             factors = np.concatenate([self.factors(kind, count) for kind, count in runs])
         durations = base * factors
-        # host time as host_s says: (1 - f) of a decode pass; a prefill's launches, at most all of it
-        host = (1.0 - self.gpu_fraction) * durations
+        # host time as host_s says: a decode pass less its GPU time (g, or f of it); a prefill's
+        # launches, at most all of it
+        host = (1.0 - self.gpu_fraction) * durations if gpu is None else np.maximum(durations - gpu, 0.0)
         if launch is not None:
             decode, prefill_launch = launch
             host = np.where(decode, host, np.minimum(prefill_launch, durations))
@@ -135,7 +136,8 @@ class PassTimer:
 
     def _work_plan(self, work: GpuWork) -> tuple:
         """Per (passes, batch), memoized: runs of consecutive passes of one kind (the order factors
-        are drawn in), the base durations, and each pass's host-time bound (None: all decode)."""
+        are drawn in), the base durations, each pass's host-time bound (None: all decode), and each
+        decode pass's GPU seconds (None: the cost model gives none, f of the duration is)."""
         passes, batch = work.passes, work.batch
         plan = self._work_memo.get(id(passes))
         if plan is not None and plan[0] is passes and plan[1] == batch:
@@ -150,9 +152,11 @@ class PassTimer:
         launch = None  # (decode mask, a prefill's launch time): None when every pass decodes
         if any(p[0] == "prefill" for p in passes):
             launch = (np.array([p[0] == "decode" for p in passes]),
-                      np.array([(1.0 - self.gpu_fraction) * self._launch_step_s(p[2] + p[1], batch)
-                                if p[0] == "prefill" else np.inf for p in passes]))
-        plan = (passes, batch, [tuple(r) for r in runs], base, launch)
+                      np.array([self._launch_host_s(p[2] + p[1], batch) if p[0] == "prefill" else np.inf
+                                for p in passes]))
+        gpu = [self._gpu_step_s(p[1], batch) if p[0] == "decode" else np.inf for p in passes]
+        gpu = None if any(g is None for g in gpu) else np.array(gpu)
+        plan = (passes, batch, [tuple(r) for r in runs], base, launch, gpu)
         self._work_memo[id(passes)] = plan  # holds `passes`, so its id is not reused meanwhile
         return plan
 
@@ -167,14 +171,29 @@ class PassTimer:
     def host_s(self, p: Pass, batch: int, duration_s: float, cold_s: float = 0.0) -> float:
         """The host part of pass `p` taking `duration_s`, during which the GPU runs none of its
         kernels: a new shape's plan building (`cold_s`) plus the kernel launches. A decode pass
-        launches for the share of it the cost model says is not the GPU's; a prefill launches the
-        same kernels as a decode step over its batch and context, so that step's launch time, and
-        the rest of a prefill is the GPU's (a short, launch-bound prompt is mostly host time; a
-        long one mostly kernels)."""
+        launches for all of it but the GPU's time, which the cost model gives in seconds
+        (`decode_gpu_s`: a slower launch-bound level lengthens the host part only) or else as a
+        share f of the pass; a prefill launches the same kernels as a decode step over its batch
+        and context, so that step's launch time, and the rest of a prefill is the GPU's (a short,
+        launch-bound prompt is mostly host time; a long one mostly kernels)."""
         work_s = duration_s - cold_s
         if p[0] == "decode":
-            return cold_s + (1.0 - self.gpu_fraction) * work_s
-        return cold_s + min((1.0 - self.gpu_fraction) * self._launch_step_s(p[2] + p[1], batch), work_s)
+            gpu_s = self._gpu_step_s(p[1], batch)
+            return cold_s + ((1.0 - self.gpu_fraction) * work_s if gpu_s is None else max(work_s - gpu_s, 0.0))
+        return cold_s + min(self._launch_host_s(p[2] + p[1], batch), work_s)
+
+    def _gpu_step_s(self, context: int, batch: int) -> float | None:
+        """The cost model's GPU seconds of a decode pass at `context` (None: it gives none)."""
+        key = ("gpu", context, batch)
+        if key not in self._memo:
+            self._memo[key] = self.cost.decode_gpu_s(batch, batch * context)
+        return self._memo[key]
+
+    def _launch_host_s(self, context: int, batch: int) -> float:
+        """The host part of a decode step at `context`: a prefill there launches as much."""
+        step_s = self._launch_step_s(context, batch)
+        gpu_s = self._gpu_step_s(context, batch)
+        return (1.0 - self.gpu_fraction) * step_s if gpu_s is None else max(step_s - gpu_s, 0.0)
 
     def _launch_step_s(self, context: int, batch: int) -> float:
         """A decode step's time at `context`, as an estimate of a prefill's launches: a bound, not a
@@ -246,9 +265,10 @@ class FluidTimeSliced:
     """Independent processes sharing the GPU as a fluid (`time_sliced`, the default): the per-pass
     model (`TimeSliced`) with its turns made infinitely fine.
 
-    A unit of work needs G seconds of the GPU (its passes' kernel time) within D seconds of its
-    own (its passes' durations; D - G is host time, launches and new shapes, which processes run
-    in parallel). Alone it takes the GPU at the rate f = G / D and finishes in D, as pass by pass.
+    A unit of work needs G seconds of the GPU (its passes' kernel time: the cost model's
+    `decode_gpu_s` per decode pass, absolute, or a share f of it) within D seconds of its own (its
+    passes' durations; D - G is host time, launches and new shapes, which processes run in
+    parallel). Alone it takes the GPU at the rate f = G / D and finishes in D, as pass by pass.
     With others, the GPU (rate 1) is split max-min fairly: each process takes at most its f, and
     those that want more than an equal share split what is left (a SharedPipe of GPU seconds).
     That is the per-pass model's steady state: k equal processes cycle in max(D, k G) instead
