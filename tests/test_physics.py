@@ -10,7 +10,7 @@ import simpy
 
 from djinnsim.sim.engine.executors import GpuWork, PassTimer, SerialFCFS
 from djinnsim.sim.engine.pcie import Pcie
-from djinnsim.sim.engine.pipe import FlowClass, SharedPipe
+from djinnsim.sim.engine.pipe import FlowClass, SharedPipe, fire_all
 from djinnsim.sim.profile import Bandwidth, WeightLoad
 from djinnsim.sim.run import simulate_scenario
 from djinnsim.sim.scenario import expand_points, parse_scenario
@@ -317,3 +317,67 @@ def test_transfers_with_fixed_times_end_exactly_when_stepped_ones_do(seed):
                float(rng.uniform(0, 0.5)), bool(rng.integers(2))) for _ in range(40)]
     stepped = _fixed_time_transfers(False, starts)
     assert _fixed_time_transfers(True, starts) == stepped
+
+
+def _bursts(closed_form: bool, bursts: list[tuple], singles: list[tuple]) -> dict:
+    """Bursts (start, count, bytes, before_s, after_s, capped class) of alike transfers started by
+    processes that `fire_all` resumes together (as a batched decode iteration's finished sequences
+    copy their results out), and single transfers (start, bytes, before_s, after_s, capped class)
+    that overtake them; the end instant of each. Without the closed form the fixed times are
+    explicit timeouts around a stepped flow."""
+    env = simpy.Environment()
+    pipe = SharedPipe(env, lambda k: 100.0 * (1 + 0.5 * (k > 1)))  # the aggregate rises with a second flow
+    pipe.closed_form = closed_form
+    capped = FlowClass("capped", lambda k: 30.0 * k)
+    ended = {}
+
+    def job(key, nbytes, before_s, after_s, in_class):
+        flow_class = capped if in_class else None
+        if closed_form:
+            yield pipe.transfer(nbytes, flow_class, before_s=before_s, after_s=after_s)
+        else:
+            yield env.timeout(before_s)
+            yield pipe.transfer(nbytes, flow_class)
+            yield env.timeout(after_s)
+        ended[key] = env.now
+
+    def waiter(gate, key, *transfer):
+        yield gate
+        yield from job(key, *transfer)
+
+    def burst(b, start_at, count, *transfer):
+        yield env.timeout(start_at)
+        gates = [env.event() for _ in range(count)]
+        for i, gate in enumerate(gates):
+            env.process(waiter(gate, ("burst", b, i), *transfer))
+        yield env.timeout(0)  # the waiters have started and wait on their gates
+        fire_all(env, gates)
+
+    def single(s, start_at, *transfer):
+        yield env.timeout(start_at)
+        yield from job(("single", s), *transfer)
+
+    for b, spec in enumerate(bursts):
+        env.process(burst(b, *spec))
+    for s, spec in enumerate(singles):
+        env.process(single(s, *spec))
+    env.run()
+    assert pipe.in_flight == 0
+    assert len(ended) == sum(spec[1] for spec in bursts) + len(singles)
+    return ended
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_bursts_of_alike_transfers_end_exactly_when_stepped_ones_do(seed):
+    """Alike transfers started together that find the pipe idle (one closed-form group), groups that
+    a single transfer overtakes before they join or while they move (put back into the pipe), and
+    groups that find it busy: every end instant equals, to the bit, the one of the same transfers
+    stepped through the pipe with their fixed times as separate timeouts."""
+    rng = np.random.default_rng(seed)
+    spread = [2.0, 20.0, 200.0][seed % 3]  # crowded, some overlap, mostly alone
+    bursts = [(float(rng.uniform(0, spread)), int(rng.integers(1, 6)), float(rng.uniform(1, 200)),
+               float(rng.uniform(0, 0.5)), float(rng.uniform(0, 0.5)), bool(rng.integers(2))) for _ in range(20)]
+    singles = [(float(rng.uniform(0, spread)), float(rng.uniform(1, 200)), float(rng.uniform(0, 0.5)),
+                float(rng.uniform(0, 0.5)), bool(rng.integers(2))) for _ in range(10)]
+    stepped = _bursts(False, bursts, singles)
+    assert _bursts(True, bursts, singles) == stepped

@@ -16,7 +16,7 @@ import numpy as np
 import simpy
 
 from ..costmodel import CostModel
-from .pipe import FlowClass, SharedPipe, fire_now
+from .pipe import FlowClass, SharedPipe, fire_all
 
 Pass = tuple  # ("prefill", tokens, context) | ("decode", context)
 
@@ -497,8 +497,7 @@ class ContinuousBatching:
         if not self._leaving:
             return
         leaving, self._leaving = self._leaving, []
-        for seq in leaving:
-            fire_now(seq.done)
+        fire_all(self.env, [seq.done for seq in leaving])
 
 
 # The registry of scheduling policies, keyed by their YAML tag (`server.scheduler`, a backend's

@@ -80,12 +80,14 @@ class SharedPipe:
         self._lone_rates: dict[FlowClass | None, float] = {}  # a flow's rate alone in the pipe, per class
         at_exactly = getattr(env, "schedule_at", None)  # world.CountingEnvironment's counts and guards
         self._schedule_at = at_exactly if at_exactly is not None else functools.partial(_push_at, env)
+        self._holds = _holds_of(env)
+        self._held: list[tuple] = []  # transfers started while the environment's pipes are held (fire_all)
         self.bytes_carried = 0.0
 
     @property
     def in_flight(self) -> int:
         now = self.env.now
-        lone = sum(alone.join_at <= now < alone.end_at for alone in self._lone)
+        lone = sum(len(alone.group or (None,)) for alone in self._lone if alone.join_at <= now < alone.end_at)
         return sum(len(c.heap) for c in self._classes.values()) + lone
 
     def transfer(self, nbytes: float, flow_class: FlowClass | None = None, *, lead_s: float = 0.0,
@@ -105,10 +107,59 @@ class SharedPipe:
             join_at = join_at + lead_s  # as chained timeouts add them
         if before_s > 0:
             join_at = join_at + before_s
+        holds = self._holds
+        if holds.active:
+            if not self._held:
+                holds.pipes.append(self)
+            self._held.append((join_at, float(nbytes), flow_class, done, after_s))
+            return done
+        self._started(now, join_at, float(nbytes), flow_class, done, after_s)
+        return done
+
+    def _started(self, now: float, join_at: float, nbytes: float, flow_class, done: simpy.Event,
+                 after_s: float) -> None:
         if self._lone and join_at <= now:  # one joining later puts them back then (_joined)
             self._put_back(now)
-        self._start(now, join_at, float(nbytes), flow_class, done, after_s)
-        return done
+        self._start(now, join_at, nbytes, flow_class, done, after_s)
+
+    def _flush(self) -> None:
+        """The transfers started while the pipes were held, as if each had started then: those that
+        join this idle pipe at one instant, alike (the d2h copies or downlink sends of the sequences
+        a batched decode iteration finishes), in closed form as one group; else one by one."""
+        held, self._held = self._held, []
+        now = self.env.now
+        if len(held) > 1 and not self._group(now, held):
+            for transfer in held:
+                self._started(now, *transfer)
+        elif len(held) == 1:
+            self._started(now, *held[0])
+
+    def _group(self, now: float, held: list[tuple]) -> bool:
+        """`held` in closed form as one group, when they join this idle pipe together, alike: their
+        instants as the pipe computes them step by step (the first alone, the others joining it at
+        their instant, all ending at one wake-up). False when that does not apply."""
+        join_at, nbytes, flow_class, _, after_s = held[0]
+        lone = self._lone
+        if (not self.closed_form or join_at <= now or self._classes or self._joining
+                or (lone and not lone[-1].end_at < join_at)):
+            return False
+        for other in held:
+            if other[0] != join_at or other[1] != nbytes or other[2] is not flow_class or other[4] != after_s:
+                return False
+        k = len(held)
+        cap_of = self._default.cap_of if flow_class is None else (lambda k, rate=flow_class.rate_Bps: rate(k) / k)
+        rate = min(cap_of(k), self.rate_Bps(k) / k)  # _allocate with one class
+        end_at = join_at + nbytes / rate  # the wake-up _reschedule plans at the join
+        if not nbytes <= (end_at - join_at) * rate + rate * _DONE_WITHIN_S:
+            return False
+        while lone and lone[0].end_at <= now:
+            lone.popleft()
+        ended = simpy.Event(self.env)
+        dones = [transfer[3] for transfer in held]
+        ended.callbacks.append(lambda _event: _group_ended(self.env, dones, after_s))
+        lone.append(_Alone(join_at, end_at, end_at, nbytes, flow_class, ended, after_s, rate, dones))
+        schedule_at(self.env, ended, end_at)
+        return True
 
     def _start(self, now: float, join_at: float, nbytes: float, flow_class, done: simpy.Event, after_s: float) -> None:
         lone = self._lone
@@ -205,6 +256,9 @@ class SharedPipe:
             alone = lone.popleft()
             if now >= alone.end_at:
                 continue
+            if alone.group is not None:
+                self._put_back_group(now, alone)
+                continue
             moved = self.env.event()
             moved.callbacks, alone.done.callbacks = alone.done.callbacks, []
             if now < alone.join_at:
@@ -215,6 +269,21 @@ class SharedPipe:
             self._seq += 1
             flows.rate = alone.rate
             self._updated_at = alone.join_at
+
+    def _put_back_group(self, now: float, alone: "_Alone") -> None:
+        """`_put_back` of a group: its flows as the step-by-step pipe holds them now (the first, alone
+        until the others joined, and them; or all still to join), its own event firing empty."""
+        alone.done.callbacks = []
+        if now < alone.join_at:
+            for done in alone.group:
+                self._join_at(alone.join_at, (alone.nbytes, alone.flow_class, done, alone.after_s))
+            return
+        flows = self._class_flows(alone.flow_class)
+        for done in alone.group:
+            heapq.heappush(flows.heap, (flows.served + alone.nbytes, self._seq, done, alone.after_s))
+            self._seq += 1
+        flows.rate = alone.rate
+        self._updated_at = alone.join_at
 
     def _allocate(self) -> None:
         """Max-min fair rates: classes in order of their per-flow cap, each taking its cap or an
@@ -265,6 +334,9 @@ class SharedPipe:
             finished.sort(key=lambda f: f[0])
         self._allocate()
         self._reschedule()
+        if finished and not any(after_s > 0 for _, _, after_s in finished):
+            fire_all(self.env, [done for _, done, _ in finished])
+            return
         for _, done, after_s in finished:
             if after_s > 0:
                 done._ok = True
@@ -286,6 +358,56 @@ class _Alone:
     done: simpy.Event
     after_s: float
     rate: float
+    group: list | None = None  # a group's flows' events (done is then the group's own)
+
+
+def _group_ended(env: simpy.Environment, dones: list, after_s: float) -> None:
+    """A group's flows are through: as the step-by-step pipe's wake-up ends them (in order)."""
+    if after_s > 0:
+        for done in dones:
+            done._ok = True
+            done._value = None
+            env.schedule(done, simpy.core.NORMAL, after_s)
+        return
+    fire_all(env, dones)
+
+
+class _Holds:
+    """An environment's pipes held while `fire_all` resumes several processes: what they start is
+    started when all have been resumed, pipe by pipe (the pipes in the order they were first used)."""
+
+    __slots__ = ("active", "pipes")
+
+    def __init__(self) -> None:
+        self.active = False
+        self.pipes: list[SharedPipe] = []
+
+
+def _holds_of(env: simpy.Environment) -> _Holds:
+    holds = env.__dict__.get("_pipe_holds")
+    if holds is None:
+        holds = env._pipe_holds = _Holds()
+    return holds
+
+
+def fire_all(env: simpy.Environment, events: list[simpy.Event]) -> None:
+    """`fire_now` each of `events` in turn, with the transfers the resumed processes start held until
+    all have been resumed (then each pipe takes its own in their order: transfers that join an idle
+    pipe together, alike, cost one event as a group)."""
+    holds = _holds_of(env)
+    if holds.active:  # within another fire_all: its flush takes these too
+        for event in events:
+            fire_now(event)
+        return
+    holds.active = True
+    try:
+        for event in events:
+            fire_now(event)
+    finally:
+        holds.active = False
+    pipes, holds.pipes = holds.pipes, []
+    for pipe in pipes:
+        pipe._flush()
 
 
 def schedule_at(env: simpy.Environment, event: simpy.Event, at: float) -> None:
