@@ -37,7 +37,8 @@ def record(log: RecordBuilder, channel: Channel, out: Outcome, agent: int, run: 
 
 def request(env: simpy.Environment, pool: GpuPool, channel: Channel, plan: RequestPlan):
     """One request through the backend's path; returns its Outcome."""
-    pool.route(channel, plan)
+    if pool.per_task:  # a serverless task is routed anew (GpuPool.route)
+        pool.route(channel, plan)
     server, link = channel.server, channel.link
     serving = server.serving
     out = Outcome(issued_at=env.now)

@@ -107,18 +107,20 @@ class SharedPipe:
             join_at = join_at + lead_s  # as chained timeouts add them
         if before_s > 0:
             join_at = join_at + before_s
-        holds = self._holds
-        if holds.active:
+        if self._holds.active:
             if not self._held:
-                holds.pipes.append(self)
+                self._holds.pipes.append(self)
             self._held.append((join_at, float(nbytes), flow_class, done, after_s))
             return done
-        self._started(now, join_at, float(nbytes), flow_class, done, after_s)
+        if self._lone and join_at <= now:  # one joining later puts them back then (_joined)
+            self._put_back(now)
+        self._start(now, join_at, float(nbytes), flow_class, done, after_s)
         return done
 
     def _started(self, now: float, join_at: float, nbytes: float, flow_class, done: simpy.Event,
                  after_s: float) -> None:
-        if self._lone and join_at <= now:  # one joining later puts them back then (_joined)
+        """A held transfer starts, as `transfer` starts one."""
+        if self._lone and join_at <= now:
             self._put_back(now)
         self._start(now, join_at, nbytes, flow_class, done, after_s)
 

@@ -399,7 +399,8 @@ class GpuServer:
         if session.swap_out is not None and not session.swap_out.processed:
             yield session.swap_out  # its KV is still leaving the GPU: it must be gone to come back
         out.queue_s += env.now - t0
-        self.drop_held_kv(session)  # this request re-prefills the context into a KV of its own
+        if session.held_kv_bytes:
+            self.drop_held_kv(session)  # this request re-prefills the context into a KV of its own
         restore = 0 if session.kv_on_gpu else session.kv_tokens * kv_bytes
         kv_request = (plan.kv_transient_tokens + plan.kv_grow_tokens) * kv_bytes
         workspace = self.workspace_bytes(plan.workspace_tokens, plan.batch)
@@ -408,8 +409,9 @@ class GpuServer:
             request_bytes += self.process_bytes
         need = request_bytes + restore
         t0 = env.now
-        if (not self.ok or session.dead or not self.memory.fits_ever(need)
-                or not self.memory_plan.fits(data=kv_request + restore, stack=workspace)):
+        memory, memory_plan = self.memory, self.memory_plan
+        if (not self.ok or session.dead or need > memory.capacity_bytes  # GpuMemory.fits_ever
+                or (memory_plan.caps is not None and not memory_plan.fits(data=kv_request + restore, stack=workspace))):
             granted = False
         elif serving.wait_for_memory:
             if not self.memory.try_alloc(need):  # at once when it fits and nobody waits: no event
@@ -424,7 +426,8 @@ class GpuServer:
             session.dead = True
             self.in_flight[session.qos_class] -= 1
             return
-        self.memory_plan.take(data=kv_request + restore, stack=workspace)
+        if memory_plan.caps is not None:  # without the memory split there is no book to keep
+            memory_plan.take(data=kv_request + restore, stack=workspace)
         if serving.load_per_request:
             t0 = env.now
             yield from self.pcie.load(serving.weight_tier, cost.weight_bytes)
@@ -466,6 +469,7 @@ class GpuServer:
             out.d2h_bytes = down
         if serving.hold_request_kv:
             session.held_kv_bytes = plan.kv_transient_tokens * kv_bytes
-        self.memory.free(request_bytes - plan.kv_grow_tokens * kv_bytes - session.held_kv_bytes)
-        self.memory_plan.give(data=plan.kv_transient_tokens * kv_bytes - session.held_kv_bytes, stack=workspace)
+        memory.free(request_bytes - plan.kv_grow_tokens * kv_bytes - session.held_kv_bytes)
+        if memory_plan.caps is not None:
+            memory_plan.give(data=plan.kv_transient_tokens * kv_bytes - session.held_kv_bytes, stack=workspace)
         self.in_flight[session.qos_class] -= 1
