@@ -855,6 +855,7 @@ class PointWriter:
         stream, self._stream = self._stream, None
         # its rows: written while it ran, else now on another core where it can
         csv_done = (stream.done(records) if stream is not None else None) or self._csv.write_aside(records)
+        trace_done = self._trace_aside(point_result.point, records) if i == self.trace_index else None
         try:
             frame = records_frame(records, metrics.SUMMARY_COLUMNS)  # the columns summaries read
             point_phases = metrics.agent_phases(frame) if workload == "agents" else None
@@ -876,14 +877,23 @@ class PointWriter:
             if i == self.points - 1:
                 self._draw_aside([*self.summaries, summary])
             del frame, point_phases
-            if i == self.trace_index:
+            if i == self.trace_index and trace_done is None:
                 self._write_trace(point_result.point, trace_records(records))
         except BaseException:
             csv_done(True)
+            if trace_done is not None:
+                trace_done(True)
             if baseline_child is not None:
                 baseline_child.abandon()
             raise
-        csv_done(False)
+        try:
+            csv_done(False)
+        except BaseException:
+            if trace_done is not None:
+                trace_done(True)
+            raise
+        if trace_done is not None:
+            trace_done(False)
         if baseline_child is not None:
             child, delivered = baseline_child.finish()
             if not child(False) or not delivered:
@@ -902,6 +912,28 @@ class PointWriter:
             figure, self._figure = self._figure, None
             draw, png = self._figure_drawing()
             self._drawn = figure.call(draw, summaries, list(self.scenario.backends), png)
+
+    def _trace_aside(self, point: Any, records: "RecordTable") -> Callable[[bool], None] | None:
+        """trace.json of a large point written by a forked child (`run_aside`) while this process
+        computes the point's summary; `done(abandon)` waits for it (with abandon, ends it) and
+        writes the trace here if the child failed, where a failure is reported as usual. None for a
+        small point, or where it cannot fork: written here after the summary, as before."""
+        if len(records) < self._csv.aside_rows:
+            return None
+
+        def write() -> None:
+            self._write_trace(point, trace_records(records))
+
+        child = run_aside(write)
+        if child is None:
+            return None
+        self._traced = self.out_dir / "trace.json"
+
+        def done(abandon: bool = False) -> None:
+            if not child(abandon) and not abandon:
+                write()
+
+        return done
 
     def _write_trace(self, point: Any, records: "list[Record]") -> None:
         self._traced = write_trace(records, self.out_dir / "trace.json", pid=point.index + 1, process_name=point.label,

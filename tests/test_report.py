@@ -215,9 +215,34 @@ def test_records_csv_written_in_a_child_process_is_the_file_written_here(tmp_pat
     report.write_outputs(result, tmp_path / "here")
     made = _forks(monkeypatch)
     report.write_outputs(result, tmp_path / "aside")
-    assert len(made) == 2 * len(result.points)  # each point's rows and its baseline
-    for name in ("records.csv", *(f"baselines/{p.name}" for p in (tmp_path / "here" / "baselines").iterdir())):
+    assert len(made) == 2 * len(result.points) + 1  # each point's rows and its baseline, the trace point's trace
+    for name in ("records.csv", "trace.json",
+                 *(f"baselines/{p.name}" for p in (tmp_path / "here" / "baselines").iterdir())):
         assert (tmp_path / "aside" / name).read_bytes() == (tmp_path / "here" / name).read_bytes()
+
+
+def test_trace_whose_child_fails_is_written_again_here(tmp_path, monkeypatch):
+    """The trace point's trace.json written by a child that finds the disk full: written again
+    here, the same file as one written here from the start."""
+    import os
+
+    result = agents_result()
+    report.write_outputs(result, tmp_path / "here")
+    made = _forks(monkeypatch)
+    parent, write_trace = os.getpid(), report.write_trace
+    failed = []
+
+    def fails_in_a_child(records, path, **kwargs):
+        if os.getpid() != parent:
+            path.write_text('{"traceEvents": [')
+            raise OSError("No space left on device")
+        failed.append(1)  # reached here only after the child failed
+        return write_trace(records, path, **kwargs)
+
+    monkeypatch.setattr(report, "write_trace", fails_in_a_child)
+    report.write_outputs(result, tmp_path / "aside")
+    assert len(made) == 2 * len(result.points) + 1 and failed == [1]
+    assert (tmp_path / "aside" / "trace.json").read_bytes() == (tmp_path / "here" / "trace.json").read_bytes()
 
 
 def _csv_rows_fail_in_children(monkeypatch) -> None:
