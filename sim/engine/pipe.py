@@ -57,7 +57,9 @@ class SharedPipe:
     scheduled at once for when it would end alone; if another transfer comes before that, the
     first is put back into the pipe as if it had been there all along (its event moved to a new
     one), and the pipe shares as before: one wake-up per change, the finishing flows' processes
-    resumed from it.
+    resumed from it. Transfers started by processes that `fire_all` resumes together are held until
+    all have been resumed; alike ones that then join an idle pipe at one instant are one such
+    closed form as a group (`_group`), put back the same way.
     """
 
     def __init__(self, env: simpy.Environment, rate_Bps: Callable[[int], float],
