@@ -61,6 +61,29 @@ def predict_step_s(cost: CostModel, link_gbps: float, backend_name: str, spec: M
     return parts
 
 
+HOST_PARTS = ("connect", "serialize", "wire", "deserialize")  # predict_step_s's link parts
+
+
+def loopback_serial_gbps(rows: list[dict]) -> float | None:
+    """The host time per byte each way that the real path (`rows`: partially_aware steps of the
+    composition stage, which runs the real server process, a new connection per request, no
+    pacing) took beyond what the primitives charge for its link (connect, serialize, bytes /
+    loopback cap, deserialize), as a rate: per row, measured - the server's h2d, compute and
+    d2h - those parts, over the bytes both ways; the median over rows. None without such rows,
+    or when the primitives already account for it all (the simulator then charges nothing more)."""
+    per_byte = []
+    for row in rows:
+        if row["backend"] != "partially_aware":
+            continue
+        server = sum(row["server"][k] for k in ("h2d_s", "compute_s", "d2h_s"))
+        modelled = sum(row["predicted"][k] for k in HOST_PARTS)
+        per_byte.append((row["measured_s"] - server - modelled) / (row["up_bytes"] + row["down_bytes"]))
+    if not per_byte:
+        return None
+    s_per_byte = float(np.median(per_byte))
+    return 1.0 / (s_per_byte * 1e9) if s_per_byte > 0 else None
+
+
 def _to_numpy(t) -> np.ndarray:
     import torch
 
