@@ -127,7 +127,7 @@ def serial_from_profile(logged: list, profile_path: Path, out: Path | None) -> N
     with `profile_path`'s primitives; with `out`, a copy of the profile (and its samples CSV) with it."""
     import shutil
 
-    from djinnsim.calibrate.composition import loopback_serial_gbps, predict_step_s, step_shape
+    from djinnsim.calibrate.composition import composition_row, loopback_serial_gbps
     from djinnsim.sim.costmodel import ProfileCostModel
     from djinnsim.sim.profile import load_profile, samples_path, save_profile
     from djinnsim.sim.specs import get_model
@@ -135,12 +135,8 @@ def serial_from_profile(logged: list, profile_path: Path, out: Path | None) -> N
     profile = load_profile(profile_path)
     spec = get_model(profile.metadata.model_id)
     cost = ProfileCostModel(profile, spec)
-    rows = []
-    for seq_len, measured, server in logged:
-        shape = step_shape("partially_aware", spec, seq_len)
-        rows.append({"backend": "partially_aware", "measured_s": measured, "server": server,
-                     "predicted": predict_step_s(cost, profile.network.loopback_gbps, "partially_aware", spec, seq_len),
-                     "up_bytes": shape.up_bytes, "down_bytes": shape.down_bytes})
+    rows = [composition_row(cost, profile.network.loopback_gbps, spec, seq_len, measured, server)
+            for seq_len, measured, server in logged]
     gbps = loopback_serial_gbps(rows)
     print(f"   loopback_serial_gbps with {profile_path}: {gbps if gbps is None else f'{gbps:.3f}'}"
           + (f" GB/s = {1 / gbps:.3f} ms/MB" if gbps else ""))

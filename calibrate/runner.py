@@ -390,7 +390,8 @@ def _stages(s: Session, staged, oom_probe: bool) -> None:
         key = f"composition.{row['backend']}.L{row['seq_len']}"
         r["end_to_end"][f"{key}.measured_s"] = row["measured_s"]
         r["end_to_end"][f"{key}.predicted_s"] = row["predicted_s"]
-        r["end_to_end"][f"{key}.server_compute_s"] = row["server"]["compute_s"]
+        for part in ("h2d_s", "compute_s", "d2h_s"):  # the server's times: a refit recomputes loopback_serial_gbps
+            r["end_to_end"][f"{key}.server_{part}"] = row["server"][part]
         r["end_to_end"][f"{key}.predicted_compute_s"] = row["predicted"]["compute"]
 
     if oom_probe:

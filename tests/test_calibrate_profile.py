@@ -115,3 +115,24 @@ def test_the_loopback_host_time_in_series_is_what_composition_measured_beyond_th
     assert loopback_serial_gbps(rows) == pytest.approx(1 / 0.8, rel=1e-9)
     assert loopback_serial_gbps(rows[3:]) is None
     assert loopback_serial_gbps([_composition_row("partially_aware", 10**6, 10**6, 0.01, 0.02, -0.001)]) is None
+
+
+def test_a_refit_recomputes_the_loopback_host_time_from_the_composition_rows_it_keeps(h100):
+    """end_to_end keeps each partially_aware row's measured and server times; rows built from them
+    and predicted with the profile's primitives give back the host time put in: 1 ns a byte."""
+    from djinnsim.calibrate.composition import loopback_serial_gbps, predict_step_s, rows_from_end_to_end, step_shape
+
+    cost = ProfileCostModel(h100, LLAMA)
+    cap = h100.network.loopback_gbps
+    e = {}
+    for seq_len in (128, 512):
+        shape = step_shape("partially_aware", LLAMA, seq_len)
+        parts = predict_step_s(cost, cap, "partially_aware", LLAMA, seq_len)
+        link_s = sum(parts[k] for k in ("connect", "serialize", "wire", "deserialize"))
+        key = f"composition.partially_aware.L{seq_len}"
+        e.update({f"{key}.server_h2d_s": 0.01, f"{key}.server_compute_s": 0.03, f"{key}.server_d2h_s": 0.02,
+                  f"{key}.measured_s": 0.06 + link_s + (shape.up_bytes + shape.down_bytes) * 1e-9})
+    e["composition.partially_aware.L2048.measured_s"] = 9.0  # an older profile's row, no server times: skipped
+    rows = rows_from_end_to_end(e, cost, cap, LLAMA)
+    assert sorted(r["seq_len"] for r in rows) == [128, 512]
+    assert loopback_serial_gbps(rows) == pytest.approx(1.0, rel=1e-9)
