@@ -62,6 +62,20 @@ for item in agents-8; do  # keepalive-max has no point where one process has the
 done
 djinnsim validate --from-real $here/run3/exp21-25 --calibration $here/run3/calibration/h200-llama-2-7b-heldout.json --condition-on-level --out $out/run3-exp21-25 --quiet --force
 djinnsim validate --from-real $here/run3/djinn-fcfs-16 --calibration $run3cal --condition-on-level --out $out/run3-djinn-fcfs-16 --quiet --force
+
+# Run 4 on the pooled level, as its `pool` item would have judged it had there been device time
+# (plan.yaml's level_from: runs 1-3's calibrations; made after the runs from calibration samples
+# only, no code changed since the runs; labelled in-sample by the report's rule), into pooled-level/.
+out=$here/pooled-level
+run4=docs/calibration/h200-run4/h200-llama-2-7b.json
+djinnsim calibrate --refit $run4 --out $out/calibration/run4-pooled.json --level-from $run1 --level-from $run2 --level-from $run3 --quiet
+djinnsim calibrate --refit $run4 --out $out/calibration/run4-pooled-heldout.json --level-from $run1 --level-from $run2 --level-from $run3 --leave-out exp21_step --quiet
+for item in exp21-25 link-low; do
+  djinnsim validate --from-real $here/run4/$item --calibration $out/calibration/run4-pooled-heldout.json --out $out/run4-$item --quiet --force
+done
+for item in timeslice-12 timeslice-48; do
+  djinnsim validate --from-real $here/run4/$item --calibration $out/calibration/run4-pooled.json --out $out/run4-$item --quiet --force
+done
 # partially_aware's loopback host time in series with the link (IN-SAMPLE: the charge was written after
 # seeing runs 3 and 4): calibrate's loopback_serial_gbps computed from each run's own composition rows
 # (its calibrate.log) into a copy of the profile that run was judged on, the runs re-judged on it,
