@@ -109,3 +109,24 @@ def test_a_transferred_profile_moves_g_by_the_hbm_ratio():
     moved = transfer_profile(profile, h200, h100, LLAMA)
     ratio = h200.hbm_gbps / h100.hbm_gbps
     assert moved.timeslice_mp.gpu_step_s == pytest.approx(profile.timeslice_mp.gpu_step_s * ratio)
+
+
+def test_a_transferred_profile_keeps_the_prefill_floors_and_says_what_moved():
+    """The max-form prefill's floor is the host's launch time: a datasheet transfer leaves it (the
+    GPU polynomial moves), and the moved profile's notes say so beside g's HBM ratio."""
+    from djinnsim.sim.costmodel import evaluate_fit, transfer_profile
+    from djinnsim.sim.specs import get_gpu
+
+    profile = load_profile(REPO / "sim" / "data" / "profiles" / "h200-llama-2-7b.json")
+    h200, h100 = get_gpu("h200"), get_gpu("h100-80gb")
+    moved = transfer_profile(profile, h200, h100, LLAMA)
+    for name in ("prefill", "cached_prefill"):
+        assert getattr(moved, name).floor_s == getattr(profile, name).floor_s is not None
+        assert getattr(moved, name).coef != getattr(profile, name).coef
+    short = evaluate_fit(moved.prefill, {"prompt_tokens": 16, "batch": 1, "context": 0, "tokens": 16})[0]
+    assert short == profile.prefill.floor_s  # a launch-bound prompt: the host's floor, as measured
+    said = " ".join(moved.metadata.notes)
+    assert "floor_s" in said and "gpu_step_s" in said and f"{h200.hbm_gbps / h100.hbm_gbps:.3g}" in said
+    assert ProfileCostModel(moved, LLAMA).describe() == ProfileCostModel(
+        profile.model_copy(update={"metadata": moved.metadata.model_copy(update={"notes": moved.metadata.notes[:-1]})}),
+        LLAMA).describe()  # the one-line description names the source GPU only, as before
