@@ -9,6 +9,7 @@ predictions stored beside measurements (Exp 2.1, the composition check) are reco
 from __future__ import annotations
 
 import csv
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -133,8 +134,23 @@ def timeslice_steps(rows: list[dict[str, str]]) -> dict[int, list[float]]:
     out: dict[int, list[float]] = defaultdict(list)
     for row in rows:
         if row["stage"] == "timeslice_mp" and row["unit"] == "s":
-            out[int(float(row["concurrent"]))].append(float(row["value"]))
+            k, value = _number(row.get("concurrent")), _number(row.get("value"))
+            if k is None or k < 1 or k != int(k):
+                raise DjinnsimError(f"samples: a timeslice_mp row's concurrent is {row.get('concurrent')!r}, "
+                                    "not a whole number of processes >= 1")
+            if value is None or value <= 0:
+                raise DjinnsimError(f"samples: a timeslice_mp row's value is {row.get('value')!r}, not a step time > 0 s")
+            out[int(k)].append(value)
     return dict(out)
+
+
+def _number(text: str | None) -> float | None:
+    """A finite number from a samples cell, else None."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
 
 
 def refit(profile: Profile, rows: list[dict[str, str]], note: str, left_out: tuple[str, ...] = (),

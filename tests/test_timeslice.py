@@ -130,3 +130,36 @@ def test_a_transferred_profile_keeps_the_prefill_floors_and_says_what_moved():
     assert ProfileCostModel(moved, LLAMA).describe() == ProfileCostModel(
         profile.model_copy(update={"metadata": moved.metadata.model_copy(update={"notes": moved.metadata.notes[:-1]})}),
         LLAMA).describe()  # the one-line description names the source GPU only, as before
+
+
+@pytest.mark.parametrize("column,value", [("value", "nan"), ("value", "-0.01"), ("value", "inf"), ("concurrent", "x"),
+                                          ("concurrent", "0")])
+def test_a_refit_from_damaged_timeslice_samples_is_one_line(tmp_path, column, value):
+    """calibrate --refit re-fits g from the samples' timeslice_mp rows: a step that is not a finite
+    time > 0, or a k that is not a whole number >= 1, stops it in one line naming the stage."""
+    import csv
+    import json
+
+    from typer.testing import CliRunner
+
+    from djinnsim.cli import app
+    from djinnsim.sim.provenance import file_sha256
+
+    bundled = REPO / "sim" / "data" / "profiles" / "h200-llama-2-7b"
+    rows = list(csv.DictReader(bundled.with_suffix(".csv").open(newline="")))
+    hit = next(r for r in rows if r["stage"] == "timeslice_mp" and r["unit"] == "s" and r["concurrent"] == "8")
+    hit[column] = value
+    samples = tmp_path / "h200-llama-2-7b.csv"
+    with samples.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    doc = json.loads(bundled.with_suffix(".json").read_text())
+    doc["samples_sha256"] = file_sha256(samples)
+    (tmp_path / "h200-llama-2-7b.json").write_text(json.dumps(doc))
+    result = CliRunner().invoke(app, ["calibrate", "--refit", str(tmp_path / "h200-llama-2-7b.json"),
+                                      "--out", str(tmp_path / "r.json"), "--quiet"])
+    text = result.output  # stdout and stderr together
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1 and "timeslice_mp" in lines[0], text
+    assert "Traceback" not in text and not (tmp_path / "r.json").exists()
