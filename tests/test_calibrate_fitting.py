@@ -310,3 +310,17 @@ def test_h200_decode_samples_refit_without_gaps():
         assert ours.coef == pytest.approx(theirs.coef, rel=1e-9, abs=1e-15)
     assert _outside(bundled, (1,), (100, 200, 259), 65792) == []
     assert _outside(fit, (1, 2, 3, 8, 64), range(68, 2053), 65792) == []
+
+
+@pytest.mark.parametrize("level", [1e-3, 0.0137, 0.03, 0.5])
+def test_flat_data_gets_no_floor_over_a_constant_that_fits_as_well(level):
+    """All points at one level: the plain constant fits exactly, and a floor (the split's level) can
+    only tie it in rounding. The fit must not then report a floor with a GPU constant of the same
+    size: a faster launch-bound level (bands.level_scaled moves the floor only) would leave such a
+    prefill where it was, where the additive constant, the host's, moves with it."""
+    from djinnsim.sim.bands import _scale_level
+
+    fit = fit_prefill(prefill_grid(lambda tokens, tokens_sq: level))
+    assert fit.floor_s is None and fit.scale == PREFILL_SCALE
+    faster = _scale_level(fit, 0.5)
+    assert predict(faster, {"prompt_tokens": 16, "batch": 1, "context": 0}) == pytest.approx(0.5 * level)
