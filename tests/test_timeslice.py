@@ -132,11 +132,9 @@ def test_a_transferred_profile_keeps_the_prefill_floors_and_says_what_moved():
         LLAMA).describe()  # the one-line description names the source GPU only, as before
 
 
-@pytest.mark.parametrize("column,value", [("value", "nan"), ("value", "-0.01"), ("value", "inf"), ("concurrent", "x"),
-                                          ("concurrent", "0")])
-def test_a_refit_from_damaged_timeslice_samples_is_one_line(tmp_path, column, value):
-    """calibrate --refit re-fits g from the samples' timeslice_mp rows: a step that is not a finite
-    time > 0, or a k that is not a whole number >= 1, stops it in one line naming the stage."""
+def _refit_damaged(tmp_path, stage: str, column: str, value: str):
+    """calibrate --refit of the bundled H200 profile beside a copy of its samples whose first timed
+    row of `stage` has `column` set to `value` (the profile's samples hash set to the copy's)."""
     import csv
     import json
 
@@ -147,7 +145,7 @@ def test_a_refit_from_damaged_timeslice_samples_is_one_line(tmp_path, column, va
 
     bundled = REPO / "sim" / "data" / "profiles" / "h200-llama-2-7b"
     rows = list(csv.DictReader(bundled.with_suffix(".csv").open(newline="")))
-    hit = next(r for r in rows if r["stage"] == "timeslice_mp" and r["unit"] == "s" and r["concurrent"] == "8")
+    hit = next(r for r in rows if r["stage"] == stage and r["unit"] == "s" and (stage != "timeslice_mp" or r["concurrent"] == "8"))
     hit[column] = value
     samples = tmp_path / "h200-llama-2-7b.csv"
     with samples.open("w", newline="") as fh:
@@ -159,7 +157,25 @@ def test_a_refit_from_damaged_timeslice_samples_is_one_line(tmp_path, column, va
     (tmp_path / "h200-llama-2-7b.json").write_text(json.dumps(doc))
     result = CliRunner().invoke(app, ["calibrate", "--refit", str(tmp_path / "h200-llama-2-7b.json"),
                                       "--out", str(tmp_path / "r.json"), "--quiet"])
-    text = result.output  # stdout and stderr together
-    lines = [line for line in text.splitlines() if line.strip()]
-    assert result.exit_code == 1 and len(lines) == 1 and "timeslice_mp" in lines[0], text
-    assert "Traceback" not in text and not (tmp_path / "r.json").exists()
+    lines = [line for line in result.output.splitlines() if line.strip()]  # stdout and stderr together
+    assert result.exit_code == 1 and len(lines) == 1 and "Traceback" not in result.output, result.output
+    assert not (tmp_path / "r.json").exists()
+    return lines[0]
+
+
+@pytest.mark.parametrize("column,value", [("value", "nan"), ("value", "-0.01"), ("value", "inf"), ("concurrent", "x"),
+                                          ("concurrent", "0")])
+def test_a_refit_from_damaged_timeslice_samples_is_one_line(tmp_path, column, value):
+    """calibrate --refit re-fits g from the samples' timeslice_mp rows: a step that is not a finite
+    time > 0, or a k that is not a whole number >= 1, stops it in one line naming the stage."""
+    assert "timeslice_mp" in _refit_damaged(tmp_path, "timeslice_mp", column, value)
+
+
+@pytest.mark.parametrize("stage", ["prefill", "cached_prefill", "decode"])
+@pytest.mark.parametrize("value", ["nan", "-1", "0", "inf", "fast"])
+def test_a_refit_from_a_damaged_timed_sample_is_one_line(tmp_path, stage, value):
+    """Every timed sample (unit s) the refit reads must be a time > 0: a 'nan' stopped the prefill,
+    cached-prefill and decode fits with a LAPACK message and a traceback, and -1, 0 or inf refit
+    silently (the floor fit took them as points)."""
+    line = _refit_damaged(tmp_path, stage, "value", value)
+    assert stage in line and "h200-llama-2-7b.csv" in line, line
