@@ -35,6 +35,25 @@ def _figure(rows: int, columns: int, sharey: bool = True):
     return figure, axes
 
 
+def prepare() -> None:
+    """What a process's first figure costs beyond its own drawing, done ahead (a process that will
+    draw one later, on a core that is free now): matplotlib imported, a panel with text and a log
+    axis laid out and rendered once, so its fonts are loaded."""
+    import io
+
+    figure, axes = _figure(1, 1)
+    axes[0][0].plot([1, 2], [1, 10], marker="o", label="prepare")
+    axes[0][0].set_yscale("log")
+    axes[0][0].set_title("prepare")
+    axes[0][0].legend()
+    figure.savefig(io.BytesIO(), format="png")
+
+
+def saved_paths(png: Path) -> list[Path]:
+    """The files `_save` writes for `png`: the PNG and the SVG beside it."""
+    return [png, png.with_suffix(".svg")]
+
+
 def _save(figure, png: Path) -> list[Path]:
     """png at DPI and an SVG beside it. The layout is solved once, then frozen for both files (each
     save would solve it again: most of a figure's cost is measuring its text)."""
@@ -44,11 +63,11 @@ def _save(figure, png: Path) -> list[Path]:
     if engine is not None:
         engine.execute(figure)
         figure.set_layout_engine("none")
-    svg = png.with_suffix(".svg")
+    _, svg = saved_paths(png)
     with matplotlib.rc_context({"svg.hashsalt": "djinnsim", "svg.fonttype": "path"}):
         figure.savefig(png, format="png", dpi=DPI, metadata={"Software": None})
         figure.savefig(svg, format="svg", metadata={"Date": None, "Creator": None})
-    return [png, svg]
+    return saved_paths(png)
 
 
 def _wrap(text: str, width_in: float, fontsize: float) -> str:

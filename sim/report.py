@@ -15,6 +15,7 @@ import itertools
 import json
 import math
 import os
+import pickle
 import signal
 import threading
 from pathlib import Path
@@ -27,7 +28,7 @@ from djinnsim.errors import DjinnsimError
 from . import claims as claims_mod
 from . import figures
 from . import metrics
-from .records import CODED_COLUMNS, RECORD_COLUMNS, Record, RecordTable, records_frame
+from .records import CODED_COLUMNS, RECORD_COLUMNS, Record, RecordBuilder, RecordTable, records_frame
 from .safeyaml import strict_json
 from .trace import write_trace
 
@@ -183,8 +184,10 @@ class RunEntries:
 
     CHUNK = 20_000
 
-    def __init__(self, runs: "pd.DataFrame", run_ids: list[int]) -> None:
+    def __init__(self, runs: "pd.DataFrame", run_ids: list[int], runs_measured: int = 0, runs_oom: int = 0) -> None:
+        """`runs_measured`, `runs_oom`: every run of the point, and those left out for an OOM or a rejection."""
         self.runs, self.run_ids = runs, run_ids
+        self.runs_measured, self.runs_oom = runs_measured, runs_oom
 
     def __len__(self) -> int:
         return len(self.run_ids)
@@ -232,6 +235,13 @@ def baseline_document(point_result: "PointResult", scenario: Any, frame: "pd.Dat
     Decode: one run per measured run, run_id = the engine's 0-based run number + 1 (warm-up runs
     1..warmup_runs are discarded, as in the seed). Agents: one run per (agent, iteration).
     """
+    return with_summary(baseline_runs_document(point_result, scenario, frame, phases), point_result, scenario, summary)
+
+
+def baseline_runs_document(point_result: "PointResult", scenario: Any, frame: "pd.DataFrame",
+                           phases: "pd.DataFrame | None" = None) -> dict[str, Any]:
+    """A baseline_document's keys up to its `aggregates`, what needs no summary of the point (its
+    runs may be written while the summary is computed; `with_summary` adds the rest)."""
     workload = scenario.workload
     point = point_result.point
     weight_bytes = _weight_bytes(point_result)
@@ -246,15 +256,24 @@ def baseline_document(point_result: "PointResult", scenario: Any, frame: "pd.Dat
     ok_mask = ~_failed(runs)
     ok_runs = metrics.rows_where(runs, ok_mask)
     ok_ids = [rid for rid, ok in zip(run_ids, ok_mask) if ok]
-    document: dict[str, Any] = {
+    return {
         "baseline": point.backend.name,
         "model_id": point.model.model_id,
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,
         "batch_size": batch,
-        "runs": RunEntries(ok_runs, ok_ids),
+        "runs": RunEntries(ok_runs, ok_ids, runs_measured=len(runs), runs_oom=int((~ok_mask).sum())),
         "aggregates": _aggregates(runs),
     }
+
+
+def with_summary(document: dict[str, Any], point_result: "PointResult", scenario: Any,
+                 summary: dict[str, Any]) -> dict[str, Any]:
+    """A baseline_runs_document completed with the blocks that quote the point's summary."""
+    workload = scenario.workload
+    point = point_result.point
+    runs = document["runs"]
+    document = dict(document)
     if workload.kind == "agents":
         agents = summary["agents"]
         document["agent_phases"] = {
@@ -275,8 +294,8 @@ def baseline_document(point_result: "PointResult", scenario: Any, frame: "pd.Dat
         "gpu": point.gpu.key,
         "link_gbps": float(point.link.gbps),
         "cost_model": point_result.cost_model,
-        "runs_measured": int(len(runs)),
-        "runs_oom": int((~ok_mask).sum()),
+        "runs_measured": runs.runs_measured,
+        "runs_oom": runs.runs_oom,
         "oom_records": summary["oom_records"],
         "peak_gpu_mem_bytes": summary["peak_gpu_mem_bytes"],
         "notes": {**NOTES, **(AGENT_NOTES if workload.kind == "agents" else {})},
@@ -322,45 +341,244 @@ class RecordsCsv:
 
 
     def write_aside(self, records: "RecordTable | list[Record]") -> Callable[[bool], None]:
-        """`write(records)` in a forked child process (POSIX, no other thread, a large point), so that
-        it runs on another core while this process computes the point's summaries; returns
-        `done(abandon)`, to call before anything else is written: it waits for the child (or, with
-        abandon, ends it). The child writes through the same open file, at its offset; if it fails
-        the rows are written again here, where a failure is reported as usual. Elsewhere: written
-        now, and `done` does nothing."""
-        if len(records) < self.aside_rows or not hasattr(os, "fork") or threading.active_count() > 1:
+        """`write(records)` in a forked child process (`run_aside`; a large point), so that it runs on
+        another core while this process computes the point's summaries; returns `done(abandon)`, to
+        call before anything else is written: it waits for the child (or, with abandon, ends it). The
+        child writes through the same open file, at its offset; if it fails the rows are written
+        again here, where a failure is reported as usual. Elsewhere: written now, and `done` does
+        nothing."""
+        if len(records) < self.aside_rows:
             self.write(records)
             return lambda abandon=False: None
         self._file.flush()
         offset = self._file.tell()
-        pid = os.fork()
-        if pid == 0:  # the child: write, and leave without running anything of the parent's
-            code = 1
-            try:
-                signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what an interrupt does
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                self.chunk_rows = self.aside_chunk_rows
-                self.write(records)
-                self._file.flush()
-                code = 0
-            finally:
-                os._exit(code)
+
+        def write() -> None:
+            self.chunk_rows = self.aside_chunk_rows
+            self.write(records)
+            self._file.flush()
+
+        child = run_aside(write)
+        if child is None:
+            self.write(records)
+            return lambda abandon=False: None
 
         def done(abandon: bool = False) -> None:
-            try:
-                if abandon:
-                    os.kill(pid, signal.SIGKILL)
-                status = os.waitpid(pid, 0)[1]
-            except BaseException:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                raise
-            if not abandon and status != 0:
+            if not child(abandon) and not abandon:
                 self._file.seek(offset)
                 self._file.truncate()
                 self.write(records)
 
         return done
+
+
+class PipedChild:
+    """A forked child process (`run_aside`) that takes what this process sends it through a pipe:
+    `serve(sent)` runs in the child over the objects sent (an iterator); `send` pickles one to it,
+    `finish` ends them, `abandon` ends the child. Not `started` where it cannot fork."""
+
+    def __init__(self, serve: Callable[[Iterator[Any]], None]) -> None:
+        source, sink = os.pipe()
+        _WRITE_ENDS.add(sink)  # a child forked later closes it: else this reader would never see the end
+
+        def work() -> None:
+            with os.fdopen(source, "rb") as reader:
+                serve(_unpickled(reader))
+
+        self._child = run_aside(work)
+        os.close(source)
+        self._pipe = os.fdopen(sink, "wb") if self._child is not None else None
+        if self._pipe is None:
+            _WRITE_ENDS.discard(sink)
+            os.close(sink)
+
+    @property
+    def started(self) -> bool:
+        return self._child is not None
+
+    def send(self, item: Any) -> bool:
+        """False when the child no longer reads (it failed: its exit status says so); what cannot
+        be pickled raises before anything is sent."""
+        data = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            self._pipe.write(data)
+            return True
+        except OSError:
+            return False
+
+    def finish(self) -> tuple[Callable[[bool], bool], bool]:
+        """The end of what is sent: (`done(abandon)` as `run_aside` returns it, whether everything
+        sent reached the pipe)."""
+        child, self._child = self._child, None
+        return child, self._close()
+
+    def abandon(self) -> None:
+        if self._child is not None:
+            self._child(True)
+            self._child = None
+        self._close()
+
+    def _close(self) -> bool:
+        if self._pipe is None or self._pipe.closed:
+            return True
+        _WRITE_ENDS.discard(self._pipe.fileno())
+        try:
+            self._pipe.close()
+            return True
+        except OSError:
+            return False
+
+
+def _unpickled(reader) -> Iterator[Any]:
+    while True:
+        try:
+            yield pickle.load(reader)
+        except EOFError:
+            return
+
+
+class RowStream:
+    """A point's rows of records.csv written by a forked child process while the point is still
+    simulated (its RecordBuilder's `on_flush`): from the flush at which it holds
+    `RecordsCsv.aside_rows` records (a smaller point is written after its run, as before), each
+    flush's records go through a pipe to the child, which formats and writes them as
+    `RecordsCsv.write` does the whole table (the same text: a row's cells do not depend on the
+    other rows). The other core formats while this one simulates."""
+
+    def __init__(self, csv: RecordsCsv, on_start: Callable[[], None] | None = None) -> None:
+        """`on_start()`: called once the child is started (the point is a large one)."""
+        self.csv = csv
+        self.on_start = on_start
+        self.sent = 0  # records handed to the child
+        self.offset = 0  # where the point's rows start in records.csv
+        self.failed = False  # no child (cannot fork), or it stopped reading: written after the run
+        self._child: PipedChild | None = None
+
+    def __call__(self, builder: "RecordBuilder") -> None:
+        if self.failed or (self._child is None and (builder.flushed < self.csv.aside_rows or not self._start())):
+            return
+        table = builder.rows_since(self.sent)
+        self.sent = builder.flushed
+        self.failed = not self._child.send(table)
+
+    def _start(self) -> bool:
+        csv_file = self.csv._file
+        csv_file.flush()
+        self.offset = csv_file.tell()
+
+        def write(tables: Iterator["RecordTable"]) -> None:
+            self.csv.chunk_rows = self.csv.aside_chunk_rows
+            for table in tables:
+                self.csv.write(table)
+            csv_file.flush()
+
+        self._child = PipedChild(write)
+        if not self._child.started:
+            self._child, self.failed = None, True
+            return False
+        if self.on_start is not None:
+            self.on_start()
+        return True
+
+    def done(self, records: "RecordTable") -> Callable[[bool], None] | None:
+        """For the point's whole `records` (the run is over): `done(abandon)` as
+        `RecordsCsv.write_aside` returns it, with the same fall-back; None when no child took them."""
+        if self._child is None:
+            return None
+        child, delivered = self._child.finish()
+        self._child = None
+        complete = delivered and not self.failed and self.sent == len(records)
+
+        def done(abandon: bool = False) -> None:
+            finished = child(abandon)
+            if not abandon and not (finished and complete):
+                csv_file = self.csv._file
+                csv_file.seek(self.offset)
+                csv_file.truncate()
+                self.csv.write(records)
+
+        return done
+
+    def abandon(self) -> None:
+        """Ends the child of a point whose run did not finish."""
+        if self._child is not None:
+            self._child.abandon()
+            self._child = None
+
+
+class WarmChild:
+    """A child process forked now that does `prepare()` (imports, caches) on a core that is free
+    while this process works, then runs the one call handed to it with `call` (a figure drawn
+    while this process writes the rest: matplotlib is imported and warmed in the child alone)."""
+
+    def __init__(self, prepare: Callable[[], None]) -> None:
+        def serve(calls: Iterator[tuple]) -> None:
+            prepare()
+            for function, args in calls:
+                function(*args)
+                return
+
+        self._child: PipedChild | None = PipedChild(serve)
+
+    def call(self, function: Callable, *args: Any) -> Callable[[bool], bool] | None:
+        """`function(*args)` in the child (both picklable); `done(abandon)` as `run_aside` returns
+        it, or None when no child takes it (call it here)."""
+        piped, self._child = self._child, None
+        if piped is None or not piped.started:
+            return None
+        try:
+            sent = piped.send((function, args))
+        except (pickle.PicklingError, AttributeError, TypeError):  # not picklable (a local function)
+            sent = False
+        child, delivered = piped.finish()
+        if not (sent and delivered):
+            child(True)
+            return None
+        return child
+
+    def abandon(self) -> None:
+        """Ends the child (its call never came)."""
+        if self._child is not None:
+            self._child.abandon()
+            self._child = None
+
+
+_WRITE_ENDS: set[int] = set()  # the pipes this process writes to children through (PipedChild)
+
+
+def run_aside(work: Callable[[], None]) -> Callable[[bool], bool] | None:
+    """`work()` in a forked child process, on another core while this one goes on (POSIX, and no
+    other thread: a fork copies only the calling one); None where it cannot fork (nothing run).
+    Returns `done(abandon)`: waits for the child (with abandon, ends it first) and says whether
+    `work` finished. The child leaves without running anything of the parent's (no exit handlers,
+    no buffers of the parent's flushed) and ignores SIGINT: the parent decides what an interrupt does."""
+    if not hasattr(os, "fork") or threading.active_count() > 1:
+        return None
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            for sink in _WRITE_ENDS:  # the other children's pipes are the parent's to end
+                os.close(sink)
+            work()
+            code = 0
+        finally:
+            os._exit(code)
+
+    def done(abandon: bool = False) -> bool:
+        try:
+            if abandon:
+                os.kill(pid, signal.SIGKILL)
+            status = os.waitpid(pid, 0)[1]
+        except BaseException:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise
+        return status == 0
+
+    return done
 
 
 def _csv_cells(table: "RecordTable", name: str, start: int, stop: int) -> tuple[str, list | None]:
@@ -493,16 +711,23 @@ def _write_json(path: Path, document: Any) -> Path:
 _RUNS_MARK = "\x00runs\x00"  # stands for the runs while the rest of a baseline is formatted
 
 
-def _write_baseline(path: Path, document: dict[str, Any]) -> Path:
+def _write_baseline(path: Path, document: dict[str, Any],
+                    complete: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> Path:
     """_write_json of a baseline_document, its runs formatted and written a chunk at a time: the same
-    text as the whole document through json.dumps(indent=2), without its millions of small strings."""
-    head, tail = strict_json({**document, "runs": _RUNS_MARK}, indent=2).split(json.dumps(_RUNS_MARK))
+    text as the whole document through json.dumps(indent=2), without its millions of small strings.
+    With `complete`, `document` holds the keys up to the runs' and `complete(document)` gives the
+    whole one once its runs are written (its summary may come meanwhile)."""
+    mark = json.dumps(_RUNS_MARK)
+    head = strict_json({**document, "runs": _RUNS_MARK}, indent=2).split(mark)[0]
     with path.open("w") as file:
         file.write(head + "[")
         separator = ""
         for chunk in document["runs"].chunks_json():
             file.write(separator + chunk)
             separator = ","
+        if complete is not None:
+            document = complete(document)
+        tail = strict_json({**document, "runs": _RUNS_MARK}, indent=2).split(mark)[1]
         file.write(("\n  ]" if separator else "]") + tail + "\n")
     return path
 
@@ -552,9 +777,11 @@ def write_result(result: "SimulationResult", out_dir: Path, summaries: list[dict
 class PointWriter:
     """A scenario's outputs written as its points come, in point order (`djinnsim run` hands each
     point over as soon as it is simulated and then drops its records): a point's table of records
-    becomes a frame, its summary, its baseline JSON and its rows of records.csv, then the frame is
-    dropped; only the trace point keeps (at most TRACE_MAX_RECORDS of) its records. `finish`
-    writes what needs every point: the figures, Table 2, the claims, the trace and summary.json."""
+    becomes a frame, its summary, its baseline JSON and its rows of records.csv (and trace.json,
+    for the trace point), then the frame is dropped. A large point's rows are written by a child
+    process while it is simulated (`row_stream`), its baseline by another while this one computes
+    its summary and trace (`run_aside`). `finish` writes what needs every point: the figures,
+    Table 2, the claims and summary.json."""
 
     def __init__(self, scenario: Any, out_dir: Path, points: int,
                  summaries: list[dict[str, Any]] | None = None) -> None:
@@ -563,43 +790,122 @@ class PointWriter:
         self.scenario = scenario
         self.out_dir = Path(out_dir)
         self.trace_index = scenario.trace_point % points
+        self.points = points
         self.given = summaries
         self.summaries: list[dict[str, Any]] = []
         self.written: list[Path] = []
-        self._traced: tuple[Any, list] | None = None
+        self._traced: Path | None = None  # trace.json, once the trace point's is written
         (self.out_dir / "baselines").mkdir(parents=True, exist_ok=True)
         self._csv = RecordsCsv(self.out_dir / "records.csv")
+        self._stream: RowStream | None = None  # the rows of the point under way
+        self._figure: WarmChild | None = None  # the process that draws the figure, once a point is large
+        self._drawn: Callable[[bool], bool] | None = None  # ... once it has the summaries
 
     def __enter__(self) -> "PointWriter":
         self._csv.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._stream is not None:
+            self._stream.abandon()
+            self._stream = None
+        if exc[0] is not None:  # else the figure's child waits for `finish`
+            self.release()
         self._csv.__exit__(*exc)
 
+    def release(self) -> None:
+        """Ends the child that waits to draw the figure (or draws it), if `finish` did not come."""
+        if self._figure is not None:
+            self._figure.abandon()
+            self._figure = None
+        if self._drawn is not None:
+            self._drawn(True)
+            self._drawn = None
+
+    def _figure_drawing(self) -> tuple[Callable, Path]:
+        """The figure of the scenario's workload: the function that draws it and its PNG."""
+        if self.scenario.workload.kind == "agents":
+            return figures.write_figure6, self.out_dir / "figure6.png"
+        return figures.write_exp21_figure, self.out_dir / "exp21.png"
+
+    def row_stream(self, point: Any) -> RowStream:
+        """The next point's RecordBuilder `on_flush`: its rows written while it is simulated (a
+        large point; RowStream), handed over with its result to `write_point`."""
+        if self._stream is not None:
+            self._stream.abandon()
+        self._stream = RowStream(self._csv, self._prepare_figure)
+        return self._stream
+
+    def _prepare_figure(self) -> None:
+        """A large scenario: its figure is drawn by a child forked now, which imports and warms
+        matplotlib on the other core while the points are simulated (`finish` hands it the summaries)."""
+        if self._figure is None:
+            self._figure = WarmChild(figures.prepare)
+
     def write_point(self, point_result: "PointResult") -> dict[str, Any]:
-        """One point's summary (returned), baseline JSON and rows of records.csv."""
+        """One point's summary (returned), baseline JSON and rows of records.csv (and trace.json, for
+        the trace point). A large point's rows and baseline are written by child processes: its
+        rows while it is simulated (`row_stream`), its baseline's runs while this process computes
+        its summary (handed to the child for the baseline's last blocks) and trace."""
         i = len(self.summaries)
         workload = self.scenario.workload.kind
         records = point_result.records
-        csv_done = self._csv.write_aside(records)  # its rows, on another core where it can
+        baseline = self.out_dir / "baselines" / f"{point_result.point.label}.json"
+        baseline_child = None
+        stream, self._stream = self._stream, None
+        # its rows: written while it ran, else now on another core where it can
+        csv_done = (stream.done(records) if stream is not None else None) or self._csv.write_aside(records)
         try:
             frame = records_frame(records, metrics.SUMMARY_COLUMNS)  # the columns summaries read
             point_phases = metrics.agent_phases(frame) if workload == "agents" else None
+            if len(records) >= self._csv.aside_rows:
+                def write_baseline(summaries: Iterator[dict[str, Any]], frame=frame, phases=point_phases) -> None:
+                    _write_baseline(baseline, baseline_runs_document(point_result, self.scenario, frame, phases),
+                                    lambda document: with_summary(document, point_result, self.scenario, next(summaries)))
+
+                baseline_child = PipedChild(write_baseline)
+                del write_baseline  # it holds the frame
+                if not baseline_child.started:
+                    baseline_child = None
             summary = (point_summary(point_result, workload, frame, point_phases) if self.given is None
                        else self.given[i])
-            document = baseline_document(point_result, self.scenario, frame, summary, point_phases)
-            baseline = _write_baseline(self.out_dir / "baselines" / f"{point_result.point.label}.json", document)
-            del frame, point_phases, document
+            if baseline_child is None:
+                _write_baseline(baseline, baseline_document(point_result, self.scenario, frame, summary, point_phases))
+            else:
+                baseline_child.send(summary)  # False: the child failed, and says so when it ends
+            if i == self.points - 1:
+                self._draw_aside([*self.summaries, summary])
+            del frame, point_phases
             if i == self.trace_index:
-                self._traced = (point_result.point, trace_records(records))
+                self._write_trace(point_result.point, trace_records(records))
         except BaseException:
             csv_done(True)
+            if baseline_child is not None:
+                baseline_child.abandon()
             raise
         csv_done(False)
+        if baseline_child is not None:
+            child, delivered = baseline_child.finish()
+            if not child(False) or not delivered:
+                # the child failed: written again here, where a failure is reported as usual
+                frame = records_frame(records, metrics.SUMMARY_COLUMNS)
+                point_phases = metrics.agent_phases(frame) if workload == "agents" else None
+                _write_baseline(baseline, baseline_document(point_result, self.scenario, frame, summary, point_phases))
         self.summaries.append(summary)
         self.written.append(baseline)
         return summary
+
+    def _draw_aside(self, summaries: list[dict[str, Any]]) -> None:
+        """Every point's summary is known (bands, added later, are not drawn): the child that
+        prepared matplotlib draws the figure now."""
+        if self._figure is not None:
+            figure, self._figure = self._figure, None
+            draw, png = self._figure_drawing()
+            self._drawn = figure.call(draw, summaries, list(self.scenario.backends), png)
+
+    def _write_trace(self, point: Any, records: "list[Record]") -> None:
+        self._traced = write_trace(records, self.out_dir / "trace.json", pid=point.index + 1, process_name=point.label,
+                                   metadata={"scenario": self.scenario.name, "point": point.label})
 
     def finish(self, result: "SimulationResult", bands: list[dict[str, Any]] | None = None,
                ) -> tuple[list[Path], list[dict[str, Any]]]:
@@ -611,24 +917,33 @@ class PointWriter:
                 summary["bands_p10_p90"] = point_bands
         written = [*self.written, self._csv.path]
         claims = claims_mod.evaluate_claims(summaries, workload, result)
-        if workload == "agents":
-            written += figures.write_figure6(summaries, list(scenario.backends), out_dir / "figure6.png")
-            written.append(_write_text(out_dir / "table2.md", claims_mod.table2_markdown(summaries)))
-            written.append(_write_text(out_dir / "table2.csv", claims_mod.table2_csv(summaries)))
-        else:
-            written += figures.write_exp21_figure(summaries, list(scenario.backends), out_dir / "exp21.png")
-        written.append(_write_text(out_dir / "claims.md", claims_mod.claims_markdown(summaries, workload, claims)))
-        point, records = self._traced
-        written.append(write_trace(records, out_dir / "trace.json", pid=point.index + 1, process_name=point.label,
-                                   metadata={"scenario": scenario.name, "point": point.label}))
-        written.append(_write_json(out_dir / "summary.json", {
-            "scenario": scenario.name,
-            "workload": workload,
-            "seed": scenario.seed,
-            "warnings": list(result.warnings),
-            "points": summaries,
-            "claims": [c.as_dict() for c in claims],
-        }))
+        draw, png = self._figure_drawing()
+        # the figure: by the child that prepared matplotlib while the points ran (a large scenario; it
+        # had the summaries with the last point's), else here
+        drawn, self._drawn = self._drawn, None
+        if drawn is None:
+            draw(summaries, list(scenario.backends), png)
+        written += figures.saved_paths(png)
+        try:
+            if workload == "agents":
+                written.append(_write_text(out_dir / "table2.md", claims_mod.table2_markdown(summaries)))
+                written.append(_write_text(out_dir / "table2.csv", claims_mod.table2_csv(summaries)))
+            written.append(_write_text(out_dir / "claims.md", claims_mod.claims_markdown(summaries, workload, claims)))
+            written.append(self._traced)
+            written.append(_write_json(out_dir / "summary.json", {
+                "scenario": scenario.name,
+                "workload": workload,
+                "seed": scenario.seed,
+                "warnings": list(result.warnings),
+                "points": summaries,
+                "claims": [c.as_dict() for c in claims],
+            }))
+        except BaseException:
+            if drawn is not None:
+                drawn(True)
+            raise
+        if drawn is not None and not drawn(False):  # the child failed: drawn again here, where a failure is reported
+            draw(summaries, list(scenario.backends), png)
         return written, summaries
 
 

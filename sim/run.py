@@ -138,20 +138,22 @@ def _simulate_task(task: tuple) -> PointResult:
 def simulate_scenario(scenario: Scenario, calibration: Path | None = None, seed: int | None = None,
                       progress=None, jobs: int | None = None, ray_address: str | None = None,
                       on_point: Callable[[PointResult], PointResult] | None = None,
-                      in_process: bool = False) -> SimulationResult:
+                      in_process: bool = False, row_stream: Callable | None = None) -> SimulationResult:
     """Simulate every point of a scenario, in `jobs` local processes or as Ray tasks
     (sim.parallel.map_points; neither: on the executor held now, else one by one);
     `progress(done, total, label)` is called after each point.
     `on_point(result)` takes each point's result in point order and returns what the
     SimulationResult keeps of it; with `in_process` (the points run here, one by one) it sees each
-    as soon as it is simulated, so a point's records need not outlive its outputs."""
+    as soon as it is simulated, so a point's records need not outlive its outputs; there
+    `row_stream(point)` may also give the point's RecordBuilder `on_flush` (records written out
+    while it runs)."""
     started = time.perf_counter()
     points = expand_points(scenario)
     models = CostModels(scenario, calibration)
     base_seed = scenario.seed if seed is None else seed
     tasks = [(scenario, point, models.for_point(point), point_seed(base_seed, point)) for point in points]
     streamed = on_point is not None and in_process
-    results = map_points(functools.partial(_streamed_task, on_point) if streamed else _simulate_task, tasks,
+    results = map_points(functools.partial(_streamed_task, on_point, row_stream) if streamed else _simulate_task, tasks,
                          jobs=jobs, ray_address=ray_address,
                          progress=progress and (lambda done, total, i: progress(done, total, points[i].label)))
     if on_point is not None and not streamed:
@@ -165,8 +167,9 @@ def simulate_scenario(scenario: Scenario, calibration: Path | None = None, seed:
     return SimulationResult(scenario, results, notices.once(warnings), time.perf_counter() - started, costs=models)
 
 
-def _streamed_task(on_point: Callable[[PointResult], PointResult], task: tuple) -> PointResult:
-    return on_point(simulate_point(*task))
+def _streamed_task(on_point: Callable[[PointResult], PointResult], row_stream: Callable | None,
+                   task: tuple) -> PointResult:
+    return on_point(simulate_point(*task, on_flush=row_stream(task[1]) if row_stream is not None else None))
 
 
 def without_records(result: PointResult) -> PointResult:
@@ -231,7 +234,7 @@ def _simulate_and_write(scenario: Scenario, calibration: Path | None, folder: Ou
 
             if quiet:
                 result = simulate_scenario(scenario, calibration, progress=None, on_point=on_point,
-                                           in_process=in_process)
+                                           in_process=in_process, row_stream=writer.row_stream)
             else:
                 from rich.progress import Progress
 
@@ -242,17 +245,20 @@ def _simulate_and_write(scenario: Scenario, calibration: Path | None, folder: Ou
                         bar.update(task, completed=done, total=total, description=label)
 
                     result = simulate_scenario(scenario, calibration, progress=progress, on_point=on_point,
-                                               in_process=in_process)
+                                               in_process=in_process, row_stream=writer.row_stream)
 
-        bands_per_point = None
-        if scenario.bands:
-            from .bands import bands_markdown, scenario_bands
-            from .report import point_summary
+        try:
+            bands_per_point = None
+            if scenario.bands:
+                from .bands import bands_markdown, scenario_bands
+                from .report import point_summary
 
-            bands_per_point = scenario_bands(
-                scenario, [p.point for p in result.points], result.costs.for_point, scenario.seed, scenario.bands,
-                lambda r: point_summary(r, scenario.workload.kind))
-        _, summaries = writer.finish(result, bands=bands_per_point)
+                bands_per_point = scenario_bands(
+                    scenario, [p.point for p in result.points], result.costs.for_point, scenario.seed, scenario.bands,
+                    lambda r: point_summary(r, scenario.workload.kind))
+            _, summaries = writer.finish(result, bands=bands_per_point)
+        finally:
+            writer.release()
         from .provenance import provenance
         from .report import _write_json
 

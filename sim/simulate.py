@@ -8,6 +8,7 @@ engine only as a typed plan of each request's passes, bytes and KV changes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -16,7 +17,7 @@ from .costmodel import CostModel
 from .engine.plan import phase_passes, session_kv_tokens, token_pass
 from .engine.server import memory_bound_sessions
 from .engine.world import CountingEnvironment, World
-from .records import RecordTable
+from .records import RecordBuilder, RecordTable
 from .scenario import AgentsWorkload, Point, Scenario
 
 __all__ = ["CountingEnvironment", "PointResult", "World", "memory_bound_agents", "phase_passes",
@@ -52,12 +53,14 @@ def memory_bound_agents(scenario: Scenario, backend: Backend, cost: CostModel, g
 
 
 def simulate_point(scenario: Scenario, point: Point, cost: CostModel, seed: np.random.SeedSequence,
-                   shapes_seen: dict[object, set] | None = None) -> PointResult:
+                   shapes_seen: dict[object, set] | None = None,
+                   on_flush: Callable[[RecordBuilder], None] | None = None) -> PointResult:
     """`shapes_seen`: the attention shapes each GPU process ("server", or an agent's index for a
     per-agent backend) has already run, carried in from earlier runs of the same processes and
-    updated in place; None: every process starts cold."""
+    updated in place; None: every process starts cold. `on_flush`: see RecordBuilder (records
+    handed on while the run goes on)."""
     cost.out_of_range.clear()  # one cost model serves many points: keep only this point's queries
-    world = World(scenario, point, cost, seed, shapes_seen)
+    world = World(scenario, point, cost, seed, shapes_seen, on_flush)
     records = world.run()
     return PointResult(
         point=point,

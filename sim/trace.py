@@ -11,7 +11,9 @@ file is byte-identical for identical records.
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -84,6 +86,51 @@ _EVENTS_MARK = "\x00events\x00"  # stands for the event list while the rest of t
 _BLOCK = 1000  # records whose events are encoded at once
 
 
+# One record's events as json.dumps(record_events(...), **_JSON) writes them (keys sorted, ints and
+# floats as repr), for a record that finished (an OOM goes through record_events and json.dumps)
+_PARENT_JSON = ('{"args":{"bytes_down":%r,"bytes_up":%r,"context_tokens":%r,"gpu_mem_bytes":%r,"input_tokens":%r,'
+                '"new_tokens":%r,"run":%r,"status":%s},"cat":%s,"dur":%r,"name":%s,"ph":"X","pid":%r,"tid":%r,"ts":%r}')
+_CHILD_JSON = '{"cat":%s,"dur":%r,"name":%s,"ph":"X","pid":%r,"tid":%r,"ts":%r}'
+_CHILD_NAMES = tuple((field, json.dumps(field.removesuffix("_s"))) for field in DURATION_FIELDS)
+_json_text = functools.lru_cache(maxsize=4096)(json.dumps)
+
+
+def _events_json(records: list[Record], pid: int) -> str:
+    """The records' events as json.dumps(their record_events, **_JSON) writes the list, brackets
+    left out, from one %-format per event instead of a dict each; ValueError for a value that is
+    not finite (as json.dumps with allow_nan=False), TypeError for one that is not a plain number."""
+    parts = []
+    for record in records:
+        if record.status == "oom":
+            parts.append(json.dumps(record_events(record, pid), allow_nan=False, **_JSON)[1:-1])
+            continue
+        ints = (record.bytes_down, record.bytes_up, record.context_tokens, record.gpu_mem_bytes, record.input_tokens,
+                record.new_tokens, record.run, pid, record.agent)
+        if not all(type(value) is int for value in ints):
+            raise TypeError("a trace field is not an int")
+        tid = record.agent + 1
+        issued_at = record.issued_at
+        cat = _json_text(record.phase)
+        floats = [_us(issued_at), _us(record.latency_s)]
+        events = [_PARENT_JSON % (*ints[:7], _json_text(record.status), cat, floats[1],
+                                  _json_text(f"{record.phase}/{record.step}"), pid, tid, floats[0])]
+        cursor_s = 0.0
+        for field, name in _CHILD_NAMES:
+            duration_s = getattr(record, field)
+            if duration_s <= 0:
+                continue
+            ts, dur = _us(issued_at + cursor_s), _us(duration_s)
+            floats += (ts, dur)
+            events.append(_CHILD_JSON % (cat, dur, name, pid, tid, ts))
+            cursor_s += duration_s
+        if not all(type(value) is float for value in floats):
+            raise TypeError("a trace time is not a float")
+        if not all(map(math.isfinite, floats)):
+            raise ValueError("a trace time is not finite")
+        parts.append(",".join(events))
+    return ",".join(parts)
+
+
 def write_trace(records: Iterable[Record], path: Path, *, pid: int, process_name: str,
                 metadata: dict[str, Any] | None = None) -> Path:
     """The trace document ({"traceEvents": [...], "displayTimeUnit": "ms", "otherData": metadata})
@@ -95,10 +142,9 @@ def write_trace(records: Iterable[Record], path: Path, *, pid: int, process_name
     try:
         parts = [json.dumps(_head_events(records, pid, process_name), allow_nan=False, **_JSON)[1:-1]]
         for start in range(0, len(records), _BLOCK):
-            events = [event for record in records[start:start + _BLOCK] for event in record_events(record, pid)]
-            parts.append(json.dumps(events, allow_nan=False, **_JSON)[1:-1])
+            parts.append(_events_json(records[start:start + _BLOCK], pid))
         head, tail = json.dumps(document, allow_nan=False, **_JSON).split(json.dumps(_EVENTS_MARK))
-    except ValueError:
+    except (ValueError, TypeError):
         document["traceEvents"] = trace_events(records, pid, process_name)
         return write_json(path, document, **_JSON)
     return write_text_whole(path, head + "[" + ",".join(part for part in parts if part) + "]" + tail + "\n")

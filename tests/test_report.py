@@ -194,7 +194,8 @@ def test_baseline_written_a_chunk_of_runs_at_a_time_is_the_document_formatted_wh
 
 
 def _forks(monkeypatch) -> list[int]:
-    """Every point written in a child (RecordsCsv.aside_rows = 1); the forks made are counted."""
+    """Every point's rows and baseline written in children (RecordsCsv.aside_rows = 1); the forks
+    made are counted."""
     import os
 
     monkeypatch.setattr(report.RecordsCsv, "aside_rows", 1)
@@ -214,26 +215,109 @@ def test_records_csv_written_in_a_child_process_is_the_file_written_here(tmp_pat
     report.write_outputs(result, tmp_path / "here")
     made = _forks(monkeypatch)
     report.write_outputs(result, tmp_path / "aside")
-    assert len(made) == len(result.points)
-    assert (tmp_path / "aside" / "records.csv").read_bytes() == (tmp_path / "here" / "records.csv").read_bytes()
+    assert len(made) == 2 * len(result.points)  # each point's rows and its baseline
+    for name in ("records.csv", *(f"baselines/{p.name}" for p in (tmp_path / "here" / "baselines").iterdir())):
+        assert (tmp_path / "aside" / name).read_bytes() == (tmp_path / "here" / name).read_bytes()
 
 
-def test_records_csv_whose_child_fails_is_written_again_here(tmp_path, monkeypatch):
+def _csv_rows_fail_in_children(monkeypatch) -> None:
+    """RecordsCsv.write in a child process writes half a row, then finds the disk full."""
     import os
 
-    result = agents_result()
-    report.write_outputs(result, tmp_path / "here")
-    made = _forks(monkeypatch)
     parent, write = os.getpid(), report.RecordsCsv.write
 
     def fails_in_a_child(self, records):
-        if os.getpid() != parent:  # half a row, then the disk is full
+        if os.getpid() != parent:
             self._file.write("0,djinn,half a row")
             self._file.flush()
             raise OSError("No space left on device")
         write(self, records)
 
     monkeypatch.setattr(report.RecordsCsv, "write", fails_in_a_child)
+
+
+STREAMED = json.dumps({  # JSON is YAML
+    "name": "streamed", "seed": 3, "backends": ["djinn", "ray_serverless"],
+    "workload": {"kind": "agents", "agents": [3, 7], "reason": {"input_tokens": 16, "new_tokens": 6},
+                 "act": {"kind": "exponential", "mean_s": 0.5}, "reflect": {"input_tokens": 8, "new_tokens": 6},
+                 "arrival": {"kind": "poisson", "rate_per_s": 4}}})
+
+
+def _run_streamed(tmp_path, name: str, monkeypatch=None, stream: bool = False):
+    from djinnsim.sim.run import run_scenario_file
+
+    path = tmp_path / "streamed.yaml"
+    path.write_text(STREAMED)
+    if stream:  # every point's rows go to a child from its first flush on, 5 records at a time
+        monkeypatch.setattr(report.RecordsCsv, "aside_rows", 1)
+        monkeypatch.setattr(report.RecordBuilder, "flush_rows", 5)
+    return run_scenario_file(path, out=tmp_path / name, quiet=True)
+
+
+def test_records_csv_streamed_to_a_child_while_simulating_is_the_file_written_after(tmp_path, monkeypatch):
+    expected = _run_streamed(tmp_path, "after")
+    started, start = [], report.RowStream._start
+    monkeypatch.setattr(report.RowStream, "_start", lambda self: started.append(1) or start(self))
+    drawn, call = [], report.WarmChild.call
+    monkeypatch.setattr(report.WarmChild, "call", lambda self, *a: drawn.append(call(self, *a)) or drawn[-1])
+    streamed = _run_streamed(tmp_path, "streamed", monkeypatch, stream=True)
+    assert len(started) == 4  # each point's rows
+    assert len(drawn) == 1 and drawn[0] is not None  # the figure, by the child that prepared matplotlib
+    for name in ("records.csv", "summary.json", "trace.json", "figure6.png", "figure6.svg"):
+        assert (streamed / name).read_bytes() == (expected / name).read_bytes(), name
+
+
+def test_figure_whose_child_fails_is_drawn_again_here(tmp_path, monkeypatch):
+    import os
+
+    from djinnsim.sim import figures
+
+    expected = _run_streamed(tmp_path, "after")
+    parent = os.getpid()
+
+    def fails_in_a_child():
+        if os.getpid() != parent:
+            raise MemoryError("matplotlib did not fit")
+
+    monkeypatch.setattr(figures, "prepare", fails_in_a_child)
+    streamed = _run_streamed(tmp_path, "streamed", monkeypatch, stream=True)
+    for name in ("figure6.png", "figure6.svg"):
+        assert (streamed / name).read_bytes() == (expected / name).read_bytes(), name
+
+
+def test_records_csv_whose_streaming_child_fails_is_written_again_here(tmp_path, monkeypatch):
+    expected = _run_streamed(tmp_path, "after")
+    _csv_rows_fail_in_children(monkeypatch)
+    streamed = _run_streamed(tmp_path, "streamed", monkeypatch, stream=True)
+    assert (streamed / "records.csv").read_bytes() == (expected / "records.csv").read_bytes()
+
+
+def test_baseline_whose_child_fails_is_written_again_here(tmp_path, monkeypatch):
+    import os
+
+    result = agents_result()
+    report.write_outputs(result, tmp_path / "here")
+    made = _forks(monkeypatch)
+    parent, write = os.getpid(), report._write_baseline
+
+    def fails_in_a_child(path, document):
+        if os.getpid() != parent:  # a part of the file, then the disk is full
+            path.write_text("{")
+            raise OSError("No space left on device")
+        return write(path, document)
+
+    monkeypatch.setattr(report, "_write_baseline", fails_in_a_child)
+    report.write_outputs(result, tmp_path / "aside")
+    assert made
+    for path in (tmp_path / "here" / "baselines").iterdir():
+        assert (tmp_path / "aside" / "baselines" / path.name).read_bytes() == path.read_bytes()
+
+
+def test_records_csv_whose_child_fails_is_written_again_here(tmp_path, monkeypatch):
+    result = agents_result()
+    report.write_outputs(result, tmp_path / "here")
+    made = _forks(monkeypatch)
+    _csv_rows_fail_in_children(monkeypatch)
     report.write_outputs(result, tmp_path / "aside")
     assert made
     assert (tmp_path / "aside" / "records.csv").read_bytes() == (tmp_path / "here" / "records.csv").read_bytes()

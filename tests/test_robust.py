@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -491,6 +492,36 @@ def test_a_signal_at_any_moment_leaves_no_complete_looking_folder(tmp_path, sign
             for path in sorted(folder.rglob("*"), reverse=True):
                 path.unlink() if path.is_file() else path.rmdir()
             folder.rmdir()
+
+
+def _children(pid: int) -> set[int]:
+    return {int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir() or not hasattr(os, "fork"), reason="needs /proc and fork")
+def test_an_interrupt_while_children_write_ends_them_too(tmp_path):
+    """A large point's rows and its figure are written by child processes while it is simulated
+    (sim/report.py): an interrupt then ends them with the command, and leaves no folder."""
+    doc = _scenario(server={"scheduler": "continuous_batching"})
+    doc["workload"] = {**doc["workload"], "agents": [20000], "arrival": {"kind": "poisson", "rate_per_s": 50}}
+    _write(tmp_path, yaml.safe_dump(doc))
+    driver = ("import sys; from djinnsim.sim import records, report; report.RecordsCsv.aside_rows = 1; "
+              "records.RecordBuilder.flush_rows = 64; from djinnsim.main import main; main(sys.argv[1:])")
+    proc = subprocess.Popen([sys.executable, "-c", driver, "run", "s.yaml", "--quiet"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    children: set[int] = set()
+    for _ in range(3000):  # the rows' child and the figure's: both start with the first records
+        children |= _children(proc.pid) if proc.poll() is None else set()
+        if len(children) >= 2 or proc.poll() is not None:
+            break
+        time.sleep(0.01)
+    assert len(children) >= 2, "no child processes came"
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and stderr.strip().splitlines()[-1] == "interrupted", stderr
+    for child in children:
+        assert not Path(f"/proc/{child}").exists(), f"child {child} outlived the command"
+    assert not (tmp_path / "results").exists() or not any((tmp_path / "results").rglob("summary.json"))
 
 
 def test_python_m_djinnsim_and_the_console_script_are_one_entry():
