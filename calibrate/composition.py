@@ -61,6 +61,53 @@ def predict_step_s(cost: CostModel, link_gbps: float, backend_name: str, spec: M
     return parts
 
 
+HOST_PARTS = ("connect", "serialize", "wire", "deserialize")  # predict_step_s's link parts
+
+
+def loopback_serial_gbps(rows: list[dict]) -> float | None:
+    """The host time per byte each way that the real path (`rows`: partially_aware steps of the
+    composition stage, which runs the real server process, a new connection per request, no
+    pacing) took beyond what the primitives charge for its link (connect, serialize, bytes /
+    loopback cap, deserialize), as a rate: per row, measured - the server's h2d, compute and
+    d2h - those parts, over the bytes both ways; the median over rows. None without such rows,
+    or when the primitives already account for it all (the simulator then charges nothing more)."""
+    per_byte = []
+    for row in rows:
+        if row["backend"] != "partially_aware":
+            continue
+        server = sum(row["server"][k] for k in ("h2d_s", "compute_s", "d2h_s"))
+        modelled = sum(row["predicted"][k] for k in HOST_PARTS)
+        per_byte.append((row["measured_s"] - server - modelled) / (row["up_bytes"] + row["down_bytes"]))
+    if not per_byte:
+        return None
+    s_per_byte = float(np.median(per_byte))
+    return 1.0 / (s_per_byte * 1e9) if s_per_byte > 0 else None
+
+
+def composition_row(cost: CostModel, link_gbps: float, spec: ModelSpec, seq_len: int, measured_s: float,
+                    server: dict[str, float]) -> dict:
+    """A partially_aware row as loopback_serial_gbps reads it, its link parts predicted with `cost`."""
+    shape = step_shape("partially_aware", spec, seq_len)
+    return {"backend": "partially_aware", "seq_len": seq_len, "measured_s": measured_s, "server": server,
+            "predicted": predict_step_s(cost, link_gbps, "partially_aware", spec, seq_len),
+            "up_bytes": shape.up_bytes, "down_bytes": shape.down_bytes}
+
+
+def rows_from_end_to_end(end_to_end: dict[str, float], cost: CostModel, link_gbps: float, spec: ModelSpec) -> list[dict]:
+    """partially_aware's composition rows as a profile keeps them (end_to_end's measured and server
+    times), predicted again with `cost` (a refit's new fits); rows without server times are skipped."""
+    rows = []
+    for key, measured_s in end_to_end.items():
+        parts = key.split(".")
+        if len(parts) != 4 or parts[:2] != ["composition", "partially_aware"] or parts[3] != "measured_s":
+            continue
+        prefix = ".".join(parts[:3])
+        server = {k: end_to_end.get(f"{prefix}.server_{k}") for k in ("h2d_s", "compute_s", "d2h_s")}
+        if all(v is not None for v in server.values()):
+            rows.append(composition_row(cost, link_gbps, spec, int(parts[2][1:]), measured_s, server))
+    return rows
+
+
 def _to_numpy(t) -> np.ndarray:
     import torch
 

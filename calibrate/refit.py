@@ -165,6 +165,8 @@ def refit(profile: Profile, rows: list[dict[str, str]], note: str, left_out: tup
           level_from: list[tuple[str, str, Profile, list]] = ()) -> Profile:
     """`left_out`: sample stages no fit (nor the spread) may use, e.g. ("exp21_step",) to hold
     calibrate's own Exp 2.1 runs out of the decode fit; the measured jitter sequence stays."""
+    from .composition import loopback_serial_gbps, rows_from_end_to_end
+
     spec = get_model(profile.metadata.model_id)
     rows = [row for row in rows if row["stage"] not in left_out]
     update: dict = {}
@@ -205,6 +207,10 @@ def refit(profile: Profile, rows: list[dict[str, str]], note: str, left_out: tup
     notes = [n for n in profile.metadata.notes if n != note]  # refitting twice notes it once
     update["metadata"] = profile.metadata.model_copy(update={"notes": [*notes, note]})
     new = with_spread(profile.model_copy(update=update), rows, left_out, level_from)
+    serial_rows = rows_from_end_to_end(new.end_to_end, ProfileCostModel(new, spec), new.network.loopback_gbps, spec)
+    if serial_rows:  # the host time beyond the link parts, against the refitted cap and serialize
+        network = new.network.model_copy(update={"loopback_serial_gbps": loopback_serial_gbps(serial_rows)})
+        new = new.model_copy(update={"network": network})
     Profile.model_validate(new.model_dump())  # the refit must still be a valid profile
     return new.model_copy(update={"end_to_end": _predictions(new, spec)})
 

@@ -310,7 +310,7 @@ def _stages(s: Session, staged, oom_probe: bool) -> None:
     from .bench_processes import run_loads_mp, run_timeslice_mp, timeslice_budget_s
     from .bench_shapes import fit_cold_shapes, run_cold_shapes
     from .bench_weights import run_weight_loads
-    from .composition import run_composition
+    from .composition import loopback_serial_gbps, run_composition
     from .profile_builder import build_profile, decode_anchor_points, exp21_prediction, fit_decode, fit_prefill
     from .telemetry import NvmlSampler, nvml_handle
 
@@ -382,11 +382,16 @@ def _stages(s: Session, staged, oom_probe: bool) -> None:
 
     rows = staged("composition", run_composition, s, cost, r["network"].loopback_gbps, optional=True) or []
     r["composition"] = rows
+    serial_gbps = loopback_serial_gbps(rows)
+    r["network"] = r["network"].model_copy(update={"loopback_serial_gbps": serial_gbps})
+    if serial_gbps is not None:
+        s.say(f"loopback host path in series with the link (composition, partially_aware): {serial_gbps:.2f} GB/s each way")
     for row in rows:
         key = f"composition.{row['backend']}.L{row['seq_len']}"
         r["end_to_end"][f"{key}.measured_s"] = row["measured_s"]
         r["end_to_end"][f"{key}.predicted_s"] = row["predicted_s"]
-        r["end_to_end"][f"{key}.server_compute_s"] = row["server"]["compute_s"]
+        for part in ("h2d_s", "compute_s", "d2h_s"):  # the server's times: a refit recomputes loopback_serial_gbps
+            r["end_to_end"][f"{key}.server_{part}"] = row["server"][part]
         r["end_to_end"][f"{key}.predicted_compute_s"] = row["predicted"]["compute"]
 
     if oom_probe:

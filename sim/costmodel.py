@@ -199,6 +199,11 @@ class CostModel(ABC):
         """Most GB/s one connection's host socket stack moves (None: no cap beyond the link)."""
         return None
 
+    def stream_serial_s(self, nbytes: float) -> float:
+        """Host time per message over the loopback stack that the cap does not hide: paid in series
+        with the link, beyond (de)serialization (0: not measured)."""
+        return 0.0
+
     def gpu_busy_fraction(self) -> float:
         """Share of a decode pass during which the GPU itself is busy; the rest is host time
         (kernel launches) that another process can overlap with its own GPU work."""
@@ -365,6 +370,10 @@ class ProfileCostModel(CostModel):
 
     def stream_gbps(self) -> float | None:
         return self.profile.network.loopback_gbps
+
+    def stream_serial_s(self, nbytes: float) -> float:
+        gbps = self.profile.network.loopback_serial_gbps
+        return nbytes / (gbps * GB) if gbps and nbytes > 0 else 0.0
 
     def gpu_busy_fraction(self) -> float:
         """From the timeslice_mp stage when measured: the f that makes the relative time-sliced

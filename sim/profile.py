@@ -142,6 +142,10 @@ class Network(_Strict):
     per_message_s: float = Field(ge=0, description="software cost per framed message")
     loopback_rtt_s: float | None = Field(default=None, ge=0)
     loopback_gbps: float | None = Field(default=None, gt=0)
+    loopback_serial_gbps: float | None = Field(
+        default=None, gt=0, description="validate's real host path per byte each way beyond serialize, "
+        "deserialize and the loopback cap, in series with the link (the composition stage's partially_aware "
+        "steps); None: not measured, nothing charged")
 
 
 class Memory(_Strict):

@@ -198,3 +198,23 @@ def test_h200_plan_estimates_and_commands_the_validate_cli_accepts():
         args = shlex.split(plan.command(doc, item, base, None, 500).replace('"$OUT/', '"out/'))
         assert args[:2] == ["djinnsim", "validate"]
         validate.make_context("validate", args[2:])  # every option exists and parses
+
+
+def test_a_refit_puts_the_loopback_host_time_of_the_kept_composition_rows_into_the_profile():
+    from djinnsim.calibrate.composition import loopback_serial_gbps, rows_from_end_to_end
+
+    profile = load_profile(H200)
+    rows = read_samples(H200.parent / profile.samples_file)
+    assert profile.network.loopback_serial_gbps is None
+    assert refit(profile, rows, "test").network.loopback_serial_gbps is None  # no server times kept: none
+    e = dict(profile.end_to_end)
+    for seq_len, measured_s in ((128, 0.4), (512, 1.2)):  # well above what the primitives charge
+        key = f"composition.partially_aware.L{seq_len}"
+        e.update({f"{key}.measured_s": measured_s, f"{key}.server_h2d_s": 0.01, f"{key}.server_compute_s": 0.03,
+                  f"{key}.server_d2h_s": 0.02})
+    new = refit(profile.model_copy(update={"end_to_end": e}), rows, "test")
+    spec = get_model(profile.metadata.model_id)
+    kept = rows_from_end_to_end(new.end_to_end, ProfileCostModel(new, spec), new.network.loopback_gbps, spec)
+    assert len(kept) == 2
+    assert new.network.loopback_serial_gbps == pytest.approx(loopback_serial_gbps(kept), rel=1e-12)
+    assert new.network.loopback_serial_gbps > 0

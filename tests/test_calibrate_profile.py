@@ -93,3 +93,46 @@ def test_quick_calibration_on_the_gpu(tmp_path):
     assert profile.metadata.device == "cuda" and profile.metadata.driver
     assert profile.h2d_pinned.gbps > profile.h2d_pageable.gbps
     ProfileCostModel(profile, get_model("tiny-llama")).decode_step_s(1, 100)
+
+
+def _composition_row(backend: str, up: int, down: int, server_s: float, modelled_s: float, extra_s: float) -> dict:
+    parts = dict(zip(("connect", "serialize", "wire", "deserialize"), (0.1, 0.2, 0.3, 0.4)))
+    parts = {k: v * modelled_s for k, v in parts.items()}
+    return {"backend": backend, "up_bytes": up, "down_bytes": down,
+            "measured_s": server_s + modelled_s + extra_s, "predicted": {**parts, "compute": 9.0},
+            "server": {"h2d_s": server_s / 4, "compute_s": server_s / 2, "d2h_s": server_s / 4}}
+
+
+def test_the_loopback_host_time_in_series_is_what_composition_measured_beyond_the_link_parts():
+    from djinnsim.calibrate.composition import loopback_serial_gbps
+
+    rows = [
+        _composition_row("partially_aware", 60 * 10**6, 60 * 10**6, 0.08, 0.15, 0.120),  # 1.0 ns/B
+        _composition_row("partially_aware", 200 * 10**6, 200 * 10**6, 0.2, 0.5, 0.200),  # 0.5 ns/B
+        _composition_row("partially_aware", 10**9, 10**9, 0.5, 1.5, 1.600),  # 0.8 ns/B: the median
+        _composition_row("semantic_blind", 8, 10**6, 0.03, 0.001, 5.0),  # not a KV-shipping backend
+    ]
+    assert loopback_serial_gbps(rows) == pytest.approx(1 / 0.8, rel=1e-9)
+    assert loopback_serial_gbps(rows[3:]) is None
+    assert loopback_serial_gbps([_composition_row("partially_aware", 10**6, 10**6, 0.01, 0.02, -0.001)]) is None
+
+
+def test_a_refit_recomputes_the_loopback_host_time_from_the_composition_rows_it_keeps(h100):
+    """end_to_end keeps each partially_aware row's measured and server times; rows built from them
+    and predicted with the profile's primitives give back the host time put in: 1 ns a byte."""
+    from djinnsim.calibrate.composition import loopback_serial_gbps, predict_step_s, rows_from_end_to_end, step_shape
+
+    cost = ProfileCostModel(h100, LLAMA)
+    cap = h100.network.loopback_gbps
+    e = {}
+    for seq_len in (128, 512):
+        shape = step_shape("partially_aware", LLAMA, seq_len)
+        parts = predict_step_s(cost, cap, "partially_aware", LLAMA, seq_len)
+        link_s = sum(parts[k] for k in ("connect", "serialize", "wire", "deserialize"))
+        key = f"composition.partially_aware.L{seq_len}"
+        e.update({f"{key}.server_h2d_s": 0.01, f"{key}.server_compute_s": 0.03, f"{key}.server_d2h_s": 0.02,
+                  f"{key}.measured_s": 0.06 + link_s + (shape.up_bytes + shape.down_bytes) * 1e-9})
+    e["composition.partially_aware.L2048.measured_s"] = 9.0  # an older profile's row, no server times: skipped
+    rows = rows_from_end_to_end(e, cost, cap, LLAMA)
+    assert sorted(r["seq_len"] for r in rows) == [128, 512]
+    assert loopback_serial_gbps(rows) == pytest.approx(1.0, rel=1e-9)

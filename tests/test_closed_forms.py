@@ -510,3 +510,36 @@ def test_a_stream_cap_below_line_rate_sets_the_transfer_time():
     link = Link(env, gbps=25, rtt_s=0.0, stream_cap_Bps=1.6e9)
     both = _finish_times(env, [(0.0, link.up, 3.125e9), (0.0, link.up, 3.125e9)])
     assert both == [pytest.approx(2.0, rel=1e-12)] * 2
+
+
+class _SerialHost(FakeCostModel):
+    """A fake host whose loopback stack also costs 1 ns a byte in series with the wire (1 GB/s)."""
+
+    def stream_serial_s(self, nbytes: float) -> float:
+        return nbytes * 1e-9
+
+    def stream_gbps(self) -> float | None:
+        return 2.0
+
+
+def _partially_aware_uplinks(link: dict) -> list[tuple[int, float]]:
+    scenario = _scenario({
+        "backends": ["partially_aware"], "link": {"gbps": 4.0, "rtt_ms": 0.2, "framing_bytes": 137, **link},
+        "workload": {"kind": "decode", "prompt_tokens": 72, "new_tokens": 3, "runs": 1, "warmup_runs": 0},
+    })
+    records, _ = _run_point(scenario, _SerialHost())
+    return [(r.bytes_up, r.uplink_s) for r in records]
+
+
+def test_over_loopback_a_send_pays_the_measured_host_time_in_series_with_the_wire():
+    """Loopback with the profile's cap: per_message + serialize + host time (1 ns/B) + wire bytes at
+    min(4 Gbps, 2 GB/s) + RTT/2 + deserialize; a NIC, or an explicit cap (the host time was measured
+    beside the profile's cap, not that one): no host time."""
+    c, rate = _SerialHost(), 4e9 / 8
+    loopback = _partially_aware_uplinks({"host_stack": "loopback"})
+    for up, uplink_s in loopback:
+        assert uplink_s == pytest.approx(_send_s(c, up, 137, rate, 2e-4) + up * 1e-9, rel=1e-12)
+    for link in ({"host_stack": "nic"}, {"host_stack": "loopback", "stream_cap_gbps": 16.0}):
+        for up, uplink_s in _partially_aware_uplinks(link):
+            assert uplink_s == pytest.approx(_send_s(c, up, 137, rate, 2e-4), rel=1e-12)
+    assert loopback[-1][0] > 10**6  # the KV went up: the host time is more than rounding

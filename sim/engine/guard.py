@@ -46,6 +46,7 @@ def diagnose(cost, point, prompt_tokens: int) -> str:
         ("a device-to-host copy of the KV (profile field d2h_pinned)", lambda: cost.copy_s(kv_bytes, "d2h", True)),
         ("serialization of 1 MB (profile field serialize)", lambda: cost.serialize_s(1e6)),
         ("deserialization of 1 MB (profile field deserialize)", lambda: cost.deserialize_s(1e6)),
+        ("the loopback host time of 1 MB (profile field network.loopback_serial_gbps)", lambda: cost.stream_serial_s(1e6)),
         ("the per-message host cost (profile field network.per_message_s)", cost.per_message_s),
         ("the connection set-up cost (profile field network.connect_s)", cost.connect_s),
     ]

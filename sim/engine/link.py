@@ -13,10 +13,11 @@ class Link:
     `stream_cap_Bps` caps each transfer at what one connection's host socket stack can move,
     whatever the line rate (None: a NIC at line rate; world.stream_cap_Bps says when it is set). `send` adds the hosts' per-message and
     (de)serialization costs of `host` (a CostModel) and `framing_bytes` per message, and returns the
-    event to wait for."""
+    event to wait for. With `stream_serial`, each send also pays the host's `stream_serial_s`
+    before it joins the pipe (the loopback stack's time in series with the wire; world.stream_serial)."""
 
     def __init__(self, env: simpy.Environment, gbps: float, rtt_s: float, stream_cap_Bps: float | None = None,
-                 framing_bytes: int = 0, host=None) -> None:
+                 framing_bytes: int = 0, host=None, stream_serial: bool = False) -> None:
         rate = gbps * 1e9 / 8
         self.env = env
         self.up = SharedPipe(env, lambda k: rate, stream_cap_Bps)
@@ -24,6 +25,7 @@ class Link:
         self.rtt_s = rtt_s
         self.framing_bytes = framing_bytes
         self.host = host
+        self.stream_serial = stream_serial
         self._costs: dict[tuple[int, int], tuple[float, float]] = {}
 
     def costs_s(self, payload: int, messages: int) -> tuple[float, float]:
@@ -33,7 +35,8 @@ class Link:
         costs = self._costs.get(key)
         if costs is None:
             host = self.host
-            costs = self._costs[key] = (messages * host.per_message_s() + host.serialize_s(payload),
+            serial_s = host.stream_serial_s(payload) if self.stream_serial else 0.0
+            costs = self._costs[key] = (messages * host.per_message_s() + host.serialize_s(payload) + serial_s,
                                         messages * self.rtt_s / 2 + host.deserialize_s(payload))
         return costs
 

@@ -177,6 +177,12 @@ def stream_cap_Bps(link: LinkSpec, cost: CostModel) -> float | None:
     return None
 
 
+def stream_serial(link: LinkSpec) -> bool:
+    """Whether a send also pays the profile's loopback host time in series with the wire: over
+    loopback with the profile's cap, which that time was measured beside (an explicit cap: no)."""
+    return link.host_stack == "loopback" and link.stream_cap_gbps is None
+
+
 def _delay_to(now: float, at: float) -> float:
     """The delay after which the clock (now + delay, as SimPy adds it) reads exactly `at`."""
     delay = at - now
@@ -234,7 +240,8 @@ class World:
         self.planner = Planner(point.backend, point.model, scenario.server.scheduler, scenario.server.kv_policy)
         cluster = point.cluster
         links = [Link(self.env, point.link.gbps, point.link.rtt_ms / 1e3, stream_cap_Bps(point.link, cost),
-                      point.link.framing_bytes, cost) for _ in range(cluster.nodes)]  # a node's NIC
+                      point.link.framing_bytes, cost, stream_serial(point.link))
+                 for _ in range(cluster.nodes)]  # a node's NIC
         config = scenario.server
         workload = scenario.workload
         # GPU 0 draws from the point's jitter stream itself (one GPU: as before the pool); the

@@ -76,3 +76,15 @@ done
 for item in timeslice-12 timeslice-48; do
   djinnsim validate --from-real $here/run4/$item --calibration $out/calibration/run4-pooled.json --out $out/run4-$item --quiet --force
 done
+# partially_aware's loopback host time in series with the link (IN-SAMPLE: the charge was written after
+# seeing runs 3 and 4): calibrate's loopback_serial_gbps computed from each run's own composition rows
+# (its calibrate.log) into a copy of the profile that run was judged on, the runs re-judged on it,
+# into link-serial/ (README, "Where partially_aware's missing time goes").
+out=$here/link-serial
+python benchmarks/partially_aware_host.py --calibration docs/calibration/h200-run3/calibrate.log docs/calibration/h200-run4/calibrate.log \
+  --profile $here/run3/calibration/h200-llama-2-7b-heldout.json $here/run4/link-low/calibration/h200-llama-2-7b-heldout.json \
+  --out $out/calibration/run3 $out/calibration/run4
+djinnsim validate --from-real $here/run3/exp21-25 --calibration $out/calibration/run3/h200-llama-2-7b-heldout.json --out $out/run3-exp21-25 --quiet --force
+for item in link-low exp21-25; do
+  djinnsim validate --from-real $here/run4/$item --calibration $out/calibration/run4/h200-llama-2-7b-heldout.json --out $out/run4-$item --quiet --force
+done
