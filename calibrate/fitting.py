@@ -128,11 +128,14 @@ def fit_floor_max(
         floor = _floor_level(y[at_floor])
         return _relative_sse(np.maximum(a @ coef, floor), y), coef, floor
 
+    # a split must beat the plain sum by more than rounding: on flat data both fit exactly, and a
+    # floor there would stand on a GPU constant of its own size (the additive constant is the host's)
+    margin = 1e-12 * len(y)
     for k in range(1, len(y) - need + 1):
         at_floor = np.zeros(len(y), dtype=bool)
         at_floor[order[:k]] = True
         tried = fit_split(at_floor)
-        if tried is not None and tried[0] < best[0]:
+        if tried is not None and tried[0] < best[0] - (margin if best[2] is None else 0.0):
             best = tried
     for _ in range(max_rounds):  # refine: each point on the side the best fit puts it
         _, coef, floor = best

@@ -9,6 +9,7 @@ predictions stored beside measurements (Exp 2.1, the composition check) are reco
 from __future__ import annotations
 
 import csv
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -36,10 +37,18 @@ from .profile_builder import decode_anchor_points, exp21_prediction, fit_decode,
 
 
 def read_samples(path: Path) -> list[dict[str, str]]:
+    """The samples file's rows; one that is not a finite number, or a time (unit s) not above 0,
+    is refused in one line naming the file, its line and stage (no fit takes it as a point)."""
     if not path.is_file():
         raise DjinnsimError(f"samples file not found: {path}")
     with path.open(newline="") as fh:
-        return list(csv.DictReader(fh))
+        rows = list(csv.DictReader(fh))
+    for line, row in enumerate(rows, start=2):
+        value = _number(row.get("value"))
+        if value is None or (row.get("unit") == "s" and value <= 0):
+            raise DjinnsimError(f"{path.name} line {line} (stage {row.get('stage')}): value {row.get('value')!r} is not "
+                                + ("a time > 0 s" if row.get("unit") == "s" else "a finite number"))
+    return rows
 
 
 def _num(row: dict[str, str], key: str) -> float:
@@ -133,8 +142,23 @@ def timeslice_steps(rows: list[dict[str, str]]) -> dict[int, list[float]]:
     out: dict[int, list[float]] = defaultdict(list)
     for row in rows:
         if row["stage"] == "timeslice_mp" and row["unit"] == "s":
-            out[int(float(row["concurrent"]))].append(float(row["value"]))
+            k, value = _number(row.get("concurrent")), _number(row.get("value"))
+            if k is None or k < 1 or k != int(k):
+                raise DjinnsimError(f"samples: a timeslice_mp row's concurrent is {row.get('concurrent')!r}, "
+                                    "not a whole number of processes >= 1")
+            if value is None or value <= 0:  # read_samples refuses these; rows may come from elsewhere
+                raise DjinnsimError(f"samples: a timeslice_mp row's value is {row.get('value')!r}, not a step time > 0 s")
+            out[int(k)].append(value)
     return dict(out)
+
+
+def _number(text: str | None) -> float | None:
+    """A finite number from a samples cell, else None."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
 
 
 def refit(profile: Profile, rows: list[dict[str, str]], note: str, left_out: tuple[str, ...] = (),

@@ -541,7 +541,10 @@ def transfer_profile(profile: Profile, source: GpuSpec, target: GpuSpec, model: 
 
     Compute-bound terms scale by peak FLOP/s, memory-bound terms by HBM bandwidth, PCIe terms by
     PCIe bandwidth; host-side terms stay. A 'mixed' intercept (decode) is split into the HBM time
-    for reading the weights once, which scales, and the rest, which is host time and stays.
+    for reading the weights once, which scales, and the rest, which is host time and stays. A
+    fit's `floor_s` (max(floor, GPU work): the host's launch time) stays; the time-sliced model's
+    g (`timeslice_mp.gpu_step_s`, the GPU's time of a batch-1 step) moves by the HBM ratio, and
+    the stage's measured points stay as measured. The profile's notes say so.
     """
     compute = source.peak_tflops_fp16 / target.peak_tflops_fp16
     memory = source.hbm_gbps / target.hbm_gbps
@@ -586,7 +589,9 @@ def transfer_profile(profile: Profile, source: GpuSpec, target: GpuSpec, model: 
             "gpu_name": target.name,
             "gpu_key": target.key,
             "gpu_memory_bytes": target.memory_bytes,
-            "notes": [*profile.metadata.notes, f"transferred from {source.name} by datasheet ratios"],
+            "notes": [*profile.metadata.notes, f"transferred from {source.name} by datasheet ratios",
+                      "transfer kept each fit's floor_s (the host's launch time) and moved timeslice_mp.gpu_step_s "
+                      f"(the GPU's time per step) x{memory:.3g} (HBM bandwidth)"],
         }
     )
     mem = profile.memory.model_copy(

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_serializer,
+                      model_validator)
 
 from djinnsim.errors import DjinnsimError
 
@@ -50,7 +51,8 @@ class LinearFit(_Strict):
     coef: list[float]
     scale: list[ScaleClass] = Field(description="scaling class of each feature, for transfer")
     domain: dict[str, tuple[float, float]] = Field(default_factory=dict)
-    floor_s: float | None = Field(default=None, ge=0, description="host launch floor: time_s = max(floor_s, the sum)")
+    floor_s: float | None = Field(default=None, ge=0, le=MAX_COEF, strict=True,
+                                  description="host launch floor: time_s = max(floor_s, the sum)")
     r2: float | None = None
     rmse_s: float | None = None
     max_rel_err: float | None = None
@@ -309,9 +311,24 @@ class Timeslice(_Strict):
     fit_max_rel_err: float | None = None
     limit: str = Field(default="", description="why no larger k was measured")
     gpu_step_s: float | None = Field(
-        default=None, gt=0, description="g: GPU seconds of one step once the GPU is saturated, so k processes step in "
+        default=None, gt=0, le=MAX_COEF, strict=True, description="g: GPU seconds of one step once the GPU is saturated, so k processes step in "
         "max(lone step, k g) each (fit_gpu_step_s); absent in older profiles: fitted from the points on load")
-    saturated_k: list[int] = Field(default_factory=list, description="the k whose points g was fitted to")
+    saturated_k: list[Annotated[int, Field(strict=True)]] = Field(
+        default_factory=list, description="the k whose points g was fitted to")
+
+    @field_validator("saturated_k")
+    @classmethod
+    def _saturated_measured(cls, ks: list[int], info: ValidationInfo) -> list[int]:
+        """Each one of the stage's k >= 2, once; only beside the g fitted to them."""
+        measured = sorted({p.processes for p in info.data.get("points", []) if p.processes >= 2})
+        for k in ks:
+            if k not in measured:
+                raise ValueError(f"k = {k} is not a measured k >= 2 (measured: {measured or 'none'})")
+        if len(set(ks)) != len(ks):
+            raise ValueError("a k listed twice")
+        if ks and info.data.get("gpu_step_s", 0) is None:
+            raise ValueError("given without gpu_step_s, which they were fitted to")
+        return ks
 
     @model_validator(mode="after")
     def _gpu_step(self) -> "Timeslice":

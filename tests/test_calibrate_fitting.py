@@ -119,14 +119,22 @@ def test_floor_max_fit_recovers_a_known_floor_and_gpu_polynomial(floor, a, b, c)
 
 
 @settings(max_examples=25, deadline=None)
-@given(noise=st.floats(0.0, 0.2), seed=st.integers(0, 2**16), prompt=st.integers(1, 8192), batch=st.integers(1, 64))
-def test_floor_max_fit_is_never_below_its_floor(noise, seed, prompt, batch):
-    points = prefill_grid(lambda tokens, tokens_sq: max(0.02, 3e-5 * tokens), noise=noise, seed=seed)
+@given(noise=st.floats(0.0, 0.1), seed=st.integers(0, 2**16), knee=st.floats(0.005, 0.05))
+def test_floor_max_fit_finds_the_floor_in_noise_and_never_fits_worse_than_the_sum(noise, seed, knee):
+    """Noisy launch-bound-then-linear data: a floor is found, within the noise of the true one,
+    and the fit's relative error is never above the additive fit's on the same points (the sum
+    is where the search starts; a split is kept only when it does better). Noise up to 10%: at
+    20% (normal) a low outlier can make the additive form the better fit in relative error, and no
+    floor is then right (noise 0.1875, seed 1873: the true form's relative SSE 7.8, the sum's 4.1)."""
+    points = prefill_grid(lambda tokens, tokens_sq: max(knee, 3e-5 * tokens), noise=noise, seed=seed)
     fit = fit_floor_max(points, PREFILL_FEATURES, PREFILL_SCALE, ["prompt_tokens", "batch"])
-    assert fit.floor_s is not None
-    inputs = {"prompt_tokens": prompt, "batch": batch, "context": 0}
-    assert predict(fit, inputs) >= fit.floor_s
-    assert all(predict(fit, p.inputs) >= fit.floor_s for p in points)
+    additive = fit_linear(points, PREFILL_FEATURES, PREFILL_SCALE, ["prompt_tokens", "batch"])
+    assert fit.floor_s is not None and fit.floor_s == pytest.approx(knee, rel=0.05 + 2 * noise)
+
+    def relative_sse(f):
+        return sum(((predict(f, p.inputs) - p.value) / p.value) ** 2 for p in points)
+
+    assert relative_sse(fit) <= relative_sse(additive) * (1 + 1e-9)
 
 
 def test_floor_max_fit_without_a_floor_in_the_data_stays_additive():
@@ -310,3 +318,17 @@ def test_h200_decode_samples_refit_without_gaps():
         assert ours.coef == pytest.approx(theirs.coef, rel=1e-9, abs=1e-15)
     assert _outside(bundled, (1,), (100, 200, 259), 65792) == []
     assert _outside(fit, (1, 2, 3, 8, 64), range(68, 2053), 65792) == []
+
+
+@pytest.mark.parametrize("level", [1e-3, 0.0137, 0.03, 0.5])
+def test_flat_data_gets_no_floor_over_a_constant_that_fits_as_well(level):
+    """All points at one level: the plain constant fits exactly, and a floor (the split's level) can
+    only tie it in rounding. The fit must not then report a floor with a GPU constant of the same
+    size: a faster launch-bound level (bands.level_scaled moves the floor only) would leave such a
+    prefill where it was, where the additive constant, the host's, moves with it."""
+    from djinnsim.sim.bands import _scale_level
+
+    fit = fit_prefill(prefill_grid(lambda tokens, tokens_sq: level))
+    assert fit.floor_s is None and fit.scale == PREFILL_SCALE
+    faster = _scale_level(fit, 0.5)
+    assert predict(faster, {"prompt_tokens": 16, "batch": 1, "context": 0}) == pytest.approx(0.5 * level)

@@ -213,3 +213,28 @@ def test_rejudge_refuses_what_is_not_a_kv_costs_result(tmp_path):
     result = CliRunner().invoke(_app(), ["--rejudge", str(bad), "--profile", str(RUN3_PROFILE), "--out", str(tmp_path / "o")])
     assert result.exit_code == 1 and "not a kv_costs.json" in result.output and "Traceback" not in result.output
 
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (lambda d: d.__setitem__("meta", {}), "meta.model"),
+    (lambda d: d["meta"].pop("sim_draws"), "meta.sim_draws"),
+    (lambda d: d["meta"].__setitem__("seed", "x"), "meta.seed"),
+    (lambda d: d["meta"]["profile"].pop("sha256"), "meta.profile.sha256"),
+    (lambda d: d["rows"][0].__setitem__("op", "bogus"), "rows[0].op"),
+    (lambda d: d["rows"][0].__setitem__("host", "floppy"), "rows[0].host"),
+    (lambda d: d["rows"][0].pop("real_mean_s"), "rows[0].real_mean_s"),
+    (lambda d: d["rows"][1].__setitem__("real_mean_s", -1.0), "rows[1].real_mean_s"),
+    (lambda d: d["rows"][0].__setitem__("real_ci_s", [1.0]), "rows[0].real_ci_s"),
+    (lambda d: d["rows"][0].__setitem__("context_tokens", 0), "rows[0].context_tokens"),
+    (lambda d: d["rows"][0].__setitem__("real_n", "many"), "rows[0].real_n"),
+    (lambda d: d["rows"].__setitem__(0, 3), "rows[0]"),
+])
+def test_rejudge_refuses_a_damaged_result_in_one_line_naming_the_field(tmp_path, mutate, needle):
+    doc = json.loads(RUN3_REAL.read_text())
+    mutate(doc)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(doc))
+    result = CliRunner().invoke(_app(), ["--rejudge", str(bad), "--profile", str(RUN3_PROFILE), "--out", str(tmp_path / "o")])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1 and needle in lines[0], result.output
+    assert "Traceback" not in result.output

@@ -25,6 +25,8 @@ from djinnsim.sim.run import bundled_profiles, run_scenario_file
 from djinnsim.sim.scenario import expand_points, load_scenario, parse_scenario
 from djinnsim.sim.simulate import simulate_point
 
+REPO = Path(__file__).resolve().parents[1]
+
 SMALL = {
     "name": "small", "seed": 3, "backends": ["djinn"],
     "workload": {"kind": "agents", "agents": [1, 2], "reason": {"input_tokens": 8, "new_tokens": 4},
@@ -203,6 +205,51 @@ def test_bad_profiles_are_one_line_naming_the_field(tmp_path, mutate, needle):
     with pytest.raises(DjinnsimError) as info:
         _load_mutated(tmp_path, json.dumps(doc))
     assert needle in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+def _timeslice(d: dict) -> dict:
+    return d["timeslice_mp"]
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (lambda d: _first_fit(d, "prefill").__setitem__("floor_s", True), "prefill.floor_s: Input should be a valid number"),
+    (lambda d: _first_fit(d, "cached_prefill").__setitem__("floor_s", 1e300), "cached_prefill.floor_s: Input should be less"),
+    (lambda d: _timeslice(d).__setitem__("gpu_step_s", -1.0), "timeslice_mp.gpu_step_s: Input should be greater than 0"),
+    (lambda d: _timeslice(d).__setitem__("gpu_step_s", 0.0), "timeslice_mp.gpu_step_s: Input should be greater than 0"),
+    (lambda d: _timeslice(d).__setitem__("gpu_step_s", True), "timeslice_mp.gpu_step_s: Input should be a valid number"),
+    (lambda d: _timeslice(d).__setitem__("gpu_step_s", 1e300), "timeslice_mp.gpu_step_s: Input should be less"),
+    (lambda d: _timeslice(d).__setitem__("saturated_k", [-1]), "timeslice_mp.saturated_k"),
+    (lambda d: _timeslice(d).__setitem__("saturated_k", [0]), "timeslice_mp.saturated_k"),
+    (lambda d: _timeslice(d).__setitem__("saturated_k", [1]), "timeslice_mp.saturated_k"),
+    (lambda d: _timeslice(d).__setitem__("saturated_k", [99]), "timeslice_mp.saturated_k: k = 99 is not a measured k >= 2"),
+    (lambda d: _timeslice(d).__setitem__("saturated_k", [8, 8]), "timeslice_mp.saturated_k"),
+    (lambda d: _timeslice(d).__setitem__("saturated_k", [True]), "timeslice_mp.saturated_k"),
+    (lambda d: _timeslice(d).__setitem__("gpu_step_s", None), "timeslice_mp.saturated_k: given without gpu_step_s"),
+])
+def test_bad_new_fit_fields_are_one_line_naming_the_field(tmp_path, mutate, needle):
+    """The max-form prefill's floor_s and the time-sliced model's gpu_step_s and saturated_k: a bool,
+    a value no measurement gives, or a saturated k that is not one of the stage's k >= 2 is refused."""
+    doc = json.loads(next(p for p in bundled_profiles() if "h200" in p.name).read_text())
+    mutate(doc)
+    with pytest.raises(DjinnsimError) as info:
+        _load_mutated(tmp_path, json.dumps(doc))
+    assert needle in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+def test_a_corrupt_new_field_stops_djinnsim_run_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from djinnsim.cli import app
+
+    doc = json.loads(next(p for p in bundled_profiles() if "h200" in p.name).read_text())
+    doc["timeslice_mp"]["saturated_k"] = [-1]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(doc))
+    result = CliRunner().invoke(app, ["run", str(REPO / "scenarios" / "exp21_decode.yaml"), "--calibration", str(bad),
+                                      "--out", str(tmp_path / "o"), "--quiet"])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1 and "timeslice_mp.saturated_k" in lines[0], result.output
+    assert "Traceback" not in result.output
 
 
 def test_deeply_nested_profile_json_is_one_line(tmp_path):

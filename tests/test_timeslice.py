@@ -109,3 +109,73 @@ def test_a_transferred_profile_moves_g_by_the_hbm_ratio():
     moved = transfer_profile(profile, h200, h100, LLAMA)
     ratio = h200.hbm_gbps / h100.hbm_gbps
     assert moved.timeslice_mp.gpu_step_s == pytest.approx(profile.timeslice_mp.gpu_step_s * ratio)
+
+
+def test_a_transferred_profile_keeps_the_prefill_floors_and_says_what_moved():
+    """The max-form prefill's floor is the host's launch time: a datasheet transfer leaves it (the
+    GPU polynomial moves), and the moved profile's notes say so beside g's HBM ratio."""
+    from djinnsim.sim.costmodel import evaluate_fit, transfer_profile
+    from djinnsim.sim.specs import get_gpu
+
+    profile = load_profile(REPO / "sim" / "data" / "profiles" / "h200-llama-2-7b.json")
+    h200, h100 = get_gpu("h200"), get_gpu("h100-80gb")
+    moved = transfer_profile(profile, h200, h100, LLAMA)
+    for name in ("prefill", "cached_prefill"):
+        assert getattr(moved, name).floor_s == getattr(profile, name).floor_s is not None
+        assert getattr(moved, name).coef != getattr(profile, name).coef
+    short = evaluate_fit(moved.prefill, {"prompt_tokens": 16, "batch": 1, "context": 0, "tokens": 16})[0]
+    assert short == profile.prefill.floor_s  # a launch-bound prompt: the host's floor, as measured
+    said = " ".join(moved.metadata.notes)
+    assert "floor_s" in said and "gpu_step_s" in said and f"{h200.hbm_gbps / h100.hbm_gbps:.3g}" in said
+    assert ProfileCostModel(moved, LLAMA).describe() == ProfileCostModel(
+        profile.model_copy(update={"metadata": moved.metadata.model_copy(update={"notes": moved.metadata.notes[:-1]})}),
+        LLAMA).describe()  # the one-line description names the source GPU only, as before
+
+
+def _refit_damaged(tmp_path, stage: str, column: str, value: str):
+    """calibrate --refit of the bundled H200 profile beside a copy of its samples whose first timed
+    row of `stage` has `column` set to `value` (the profile's samples hash set to the copy's)."""
+    import csv
+    import json
+
+    from typer.testing import CliRunner
+
+    from djinnsim.cli import app
+    from djinnsim.sim.provenance import file_sha256
+
+    bundled = REPO / "sim" / "data" / "profiles" / "h200-llama-2-7b"
+    rows = list(csv.DictReader(bundled.with_suffix(".csv").open(newline="")))
+    hit = next(r for r in rows if r["stage"] == stage and r["unit"] == "s" and (stage != "timeslice_mp" or r["concurrent"] == "8"))
+    hit[column] = value
+    samples = tmp_path / "h200-llama-2-7b.csv"
+    with samples.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    doc = json.loads(bundled.with_suffix(".json").read_text())
+    doc["samples_sha256"] = file_sha256(samples)
+    (tmp_path / "h200-llama-2-7b.json").write_text(json.dumps(doc))
+    result = CliRunner().invoke(app, ["calibrate", "--refit", str(tmp_path / "h200-llama-2-7b.json"),
+                                      "--out", str(tmp_path / "r.json"), "--quiet"])
+    lines = [line for line in result.output.splitlines() if line.strip()]  # stdout and stderr together
+    assert result.exit_code == 1 and len(lines) == 1 and "Traceback" not in result.output, result.output
+    assert not (tmp_path / "r.json").exists()
+    return lines[0]
+
+
+@pytest.mark.parametrize("column,value", [("value", "nan"), ("value", "-0.01"), ("value", "inf"), ("concurrent", "x"),
+                                          ("concurrent", "0")])
+def test_a_refit_from_damaged_timeslice_samples_is_one_line(tmp_path, column, value):
+    """calibrate --refit re-fits g from the samples' timeslice_mp rows: a step that is not a finite
+    time > 0, or a k that is not a whole number >= 1, stops it in one line naming the stage."""
+    assert "timeslice_mp" in _refit_damaged(tmp_path, "timeslice_mp", column, value)
+
+
+@pytest.mark.parametrize("stage", ["prefill", "cached_prefill", "decode"])
+@pytest.mark.parametrize("value", ["nan", "-1", "0", "inf", "fast"])
+def test_a_refit_from_a_damaged_timed_sample_is_one_line(tmp_path, stage, value):
+    """Every timed sample (unit s) the refit reads must be a time > 0: a 'nan' stopped the prefill,
+    cached-prefill and decode fits with a LAPACK message and a traceback, and -1, 0 or inf refit
+    silently (the floor fit took them as points)."""
+    line = _refit_damaged(tmp_path, stage, "value", value)
+    assert stage in line and "h200-llama-2-7b.csv" in line, line

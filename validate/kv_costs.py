@@ -39,6 +39,7 @@ real runs spread too widely to judge to 10%.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -363,6 +364,46 @@ def run(profile_path: Path, out_dir: Path, device: str = "cuda", gpu: int = 0,
 
 # --- a re-comparison: committed real rows against another profile, no device ----------------------
 
+def _committed(doc: dict, where: Path) -> None:
+    """A kv_costs.json's fields that a re-comparison reads, each checked: one line naming the first
+    that is missing or not what a run writes (DjinnsimError)."""
+    def bad(field: str, what: str):
+        raise DjinnsimError(f"{where}: not a kv_costs.json result: {field} must be {what}")
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    def integer(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    meta = doc["meta"]
+    if not isinstance(meta.get("model"), str):
+        bad("meta.model", "a model's name")
+    if not isinstance(meta.get("profile"), dict) or not isinstance(meta["profile"].get("sha256"), str):
+        bad("meta.profile.sha256", "the frozen profile's sha256")
+    if not integer(meta.get("sim_draws")) or not 1 <= meta["sim_draws"] <= 100_000:
+        bad("meta.sim_draws", "a whole number of draws, 1 to 100,000")
+    if not integer(meta.get("seed")) or meta["seed"] < 0:
+        bad("meta.seed", "a whole number >= 0")
+    for i, r in enumerate(doc["rows"]):
+        if not isinstance(r, dict):
+            bad(f"rows[{i}]", "an object")
+        if r.get("op") not in OPS:
+            bad(f"rows[{i}].op", f"one of {', '.join(OPS)}")
+        swap = r["op"] in ("swap_out", "swap_in", "reflect_after_swap")
+        if r.get("host") not in (("pinned", "pageable") if swap else (None,)):
+            bad(f"rows[{i}].host", "pinned or pageable" if swap else "null")
+        if not integer(r.get("context_tokens")) or not 1 <= r["context_tokens"] <= 10**7:
+            bad(f"rows[{i}].context_tokens", "a whole number of tokens, 1 to 10^7")
+        if not number(r.get("real_mean_s")) or r["real_mean_s"] <= 0:
+            bad(f"rows[{i}].real_mean_s", "a finite number of seconds > 0")
+        ci = r.get("real_ci_s")
+        if not isinstance(ci, list) or len(ci) != 2 or not all(number(v) for v in ci):
+            bad(f"rows[{i}].real_ci_s", "two finite numbers of seconds")
+        if not integer(r.get("real_n")) or r["real_n"] < 1:
+            bad(f"rows[{i}].real_n", "a whole number >= 1")
+
+
 def rejudge_file(real_json: Path, profile_path: Path, out_dir: Path, say: Callable[[str], None] = print) -> dict:
     """The real rows of a committed kv_costs.json (their means and 95% intervals, as measured) judged
     again against `profile_path`'s simulated costs, computed now as `run` computes them (its contexts,
@@ -374,6 +415,7 @@ def rejudge_file(real_json: Path, profile_path: Path, out_dir: Path, say: Callab
     doc = parse_json(read_input_text(real_json, "kv_costs result"), str(real_json), "kv_costs result")
     if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list) or not isinstance(doc.get("meta"), dict):
         raise DjinnsimError(f"{real_json}: not a kv_costs.json (no meta and rows)")
+    _committed(doc, real_json)
     if not profile_path.is_file():
         raise DjinnsimError(f"profile not found: {profile_path}")
     profile = load_profile(profile_path)
