@@ -358,17 +358,15 @@ class RecordsCsv:
             self.write(records)
             self._file.flush()
 
-        child = run_aside(write)
-        if child is None:
+        def again() -> None:
+            self._file.seek(offset)
+            self._file.truncate()
+            self.write(records)
+
+        done = aside_or_again(write, again)
+        if done is None:
             self.write(records)
             return lambda abandon=False: None
-
-        def done(abandon: bool = False) -> None:
-            if not child(abandon) and not abandon:
-                self._file.seek(offset)
-                self._file.truncate()
-                self.write(records)
-
         return done
 
 
@@ -580,6 +578,23 @@ def run_aside(work: Callable[[], None]) -> Callable[[bool], bool] | None:
 
     return done
 
+
+
+def aside_or_again(work: Callable[[], None], again: Callable[[], None] | None = None,
+                   ) -> Callable[[bool], None] | None:
+    """`work()` in a forked child (`run_aside`); None where it cannot fork (nothing run). Returns
+    `done(abandon)`: waits for the child (with abandon, ends it) and, if the child failed and was not
+    abandoned, runs `again` (default: `work`) here, where a failure is reported as usual."""
+    child = run_aside(work)
+    if child is None:
+        return None
+    redo = work if again is None else again
+
+    def done(abandon: bool = False) -> None:
+        if not child(abandon) and not abandon:
+            redo()
+
+    return done
 
 def _csv_cells(table: "RecordTable", name: str, start: int, stop: int) -> tuple[str, list | None]:
     """One column's cells of rows start..stop: (its %-format, its values), or (its text, None) for a
@@ -924,15 +939,9 @@ class PointWriter:
         def write() -> None:
             self._write_trace(point, trace_records(records))
 
-        child = run_aside(write)
-        if child is None:
-            return None
-        self._traced = self.out_dir / "trace.json"
-
-        def done(abandon: bool = False) -> None:
-            if not child(abandon) and not abandon:
-                write()
-
+        done = aside_or_again(write)
+        if done is not None:
+            self._traced = self.out_dir / "trace.json"
         return done
 
     def _write_trace(self, point: Any, records: "list[Record]") -> None:
