@@ -260,6 +260,7 @@ class ProfileCostModel(CostModel):
         self.profile = profile
         self.model = model
         self._decode_compiled: tuple | None = None  # (the decode fit, _decode_terms of it)
+        self._lone_step: tuple | None = None  # (the decode fit, timeslice_mp, its batch-1 step at the stage's context)
         self.gpu_name = profile.metadata.gpu_name
         self.source = profile.metadata.source
         self._jitter = {
@@ -393,11 +394,14 @@ class ProfileCostModel(CostModel):
         if measured is None:
             return None
         fit = self.profile.decode_step
+        cached = self._lone_step
+        if cached is None or cached[0] is not fit or cached[1] is not measured:
+            context = float(np.mean(measured.context_tokens))
+            lone = {"batch": 1, "sum_context": context, "context": context}
+            cached = self._lone_step = (fit, measured, evaluate_fit(fit, lone)[0])
         at = {"batch": batch, "sum_context": sum_context, "context": sum_context / max(batch, 1)}
-        context = float(np.mean(measured.context_tokens))
-        lone = {"batch": 1, "sum_context": context, "context": context}
         # bounds, not queries: never flagged as outside the calibrated range
-        extra = evaluate_fit(fit, at)[0] - evaluate_fit(fit, lone)[0]
+        extra = evaluate_fit(fit, at)[0] - cached[2]
         return measured.gpu_step_s + max(extra, 0.0)
 
     def load_aggregate_gbps(self, tier: LoadTier, concurrent: int) -> float:
