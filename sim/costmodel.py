@@ -236,6 +236,10 @@ class CostModel(ABC):
         its batch and context (PassTimer.host_s)."""
         return None
 
+    def timeslice_processes(self, processes: int) -> None:
+        """`processes` processes share the GPU at once, time-sliced: a profile flags more than its
+        timeslice_mp stage measured in the run's warnings (nothing to flag here)."""
+
     def timeslice_slowdown(self, processes: int) -> float:
         """Median decode-step time with `processes` processes decoding at once on the GPU (each its
         own CUDA context and model copy), relative to one alone. Without a measurement: the
@@ -444,12 +448,18 @@ class ProfileCostModel(CostModel):
             self.out_of_range.add(f"weight loads from {tier} with more than {largest} at once")
         return super().load_aggregate_gbps(tier, concurrent)
 
+    def timeslice_processes(self, processes: int) -> None:
+        """More processes at once than the timeslice_mp stage measured: flagged in the run's warnings
+        (g, fitted to the k measured, is taken to hold beyond them)."""
+        measured = self.profile.timeslice_mp
+        if measured is not None and processes > measured.max_k:
+            self.out_of_range.add(f"time-sliced decoding with more than {measured.max_k} processes")
+
     def timeslice_slowdown(self, processes: int) -> float:
         measured = self.profile.timeslice_mp
         if measured is None:
             return super().timeslice_slowdown(processes)
-        if processes > measured.max_k:
-            self.out_of_range.add(f"time-sliced decoding with more than {measured.max_k} processes")
+        self.timeslice_processes(processes)
         return measured.slowdown(processes)
 
     @property

@@ -246,3 +246,33 @@ def test_a_prefill_fit_without_a_floor_splits_as_a_decode_step_launches():
     duration = cost.prefill_s(128)
     launch = cost.decode_step_s(1, 128) - cost.decode_gpu_s(1, 128)
     assert timer.host_s(("prefill", 128, 0), 1, duration) == pytest.approx(min(launch, duration), rel=1e-12)
+
+
+def _overlapping(kind, cost, k: int, start_every_s: float = 0.0) -> None:
+    """k processes each decoding 20 steps on a time-sliced executor, one started every `start_every_s`."""
+    env = simpy.Environment()
+    server = kind(env, PassTimer(cost, np.random.default_rng(0)))
+
+    def process(i):
+        yield env.timeout(i * start_every_s)
+        yield from server.execute(GpuWork([("decode", 88 + j) for j in range(20)], process=i))
+
+    for i in range(k):
+        env.process(process(i))
+    env.run()
+
+
+@pytest.mark.parametrize("kind", [FluidTimeSliced, TimeSliced])
+def test_more_processes_at_once_than_timeslice_mp_measured_is_flagged(kind):
+    """The stage measured k up to 8 (H200 profile): a ninth process decoding at the same time is
+    past it and goes to the run's warnings; eight, or any number one after another, are not."""
+    flag = "time-sliced decoding with more than 8 processes"
+    assert load_profile(H200).timeslice_mp.max_k == 8
+    for k, start_every_s, flagged in ((8, 0.0, False), (9, 0.0, True), (16, 10.0, False)):
+        cost = _h200_cost()
+        _overlapping(kind, cost, k, start_every_s)
+        assert (flag in cost.out_of_range) == flagged, (k, start_every_s)
+    from djinnsim.sim.notices import outside_calibration
+
+    said = outside_calibration({flag: ["point a"]})
+    assert len(said) == 1 and "more than 8 processes" in said[0] and "(point a)" in said[0]

@@ -245,6 +245,29 @@ class SerialFCFS:
         return Execution(started_at - arrived_at, compute_s, started_at, busy_s)
 
 
+class _Sharers:
+    """The processes with work on a time-sliced GPU now: each new most at once is told to the cost
+    model (`timeslice_processes`, which flags more than calibration measured)."""
+
+    def __init__(self, cost: CostModel) -> None:
+        self.cost = cost
+        self.active: dict[object, int] = {}  # process -> its units of work under way
+        self.most = 0
+
+    def enter(self, process: object) -> None:
+        self.active[process] = self.active.get(process, 0) + 1
+        if len(self.active) > self.most:
+            self.most = len(self.active)
+            self.cost.timeslice_processes(self.most)
+
+    def leave(self, process: object) -> None:
+        left = self.active[process] - 1
+        if left:
+            self.active[process] = left
+        else:
+            del self.active[process]
+
+
 class TimeSliced:
     """Independent processes sharing the GPU, pass by pass (`time_sliced_per_pass`). A decode pass
     is host time (kernel launches, which processes run in parallel on their own CPU threads) then
@@ -256,8 +279,10 @@ class TimeSliced:
         self.env = env
         self.timer = timer
         self.gpu = simpy.Resource(env, capacity=1)
+        self.sharers = _Sharers(timer.cost)
 
     def execute(self, work: GpuWork):
+        self.sharers.enter(work.process)
         costs = self.timer.costs_s(work)
         queued_s, started_at, busy_s = 0.0, None, 0.0
         for p, (duration, cold_s) in zip(work.passes, costs):
@@ -272,6 +297,7 @@ class TimeSliced:
                 yield turn
                 queued_s += self.env.now - asked_at
                 yield self.env.timeout(duration - host_s)
+        self.sharers.leave(work.process)
         return Execution(queued_s, sum(d for d, _ in costs), started_at, busy_s)
 
 
@@ -295,15 +321,18 @@ class FluidTimeSliced:
         self.env = env
         self.timer = timer
         self.gpu = SharedPipe(env, lambda k: 1.0)  # GPU seconds per second
+        self.sharers = _Sharers(timer.cost)
 
     def execute(self, work: GpuWork):
         started_at = self.env.now
         compute_s, busy_s = self.timer.totals_s(work)
+        self.sharers.enter(work.process)
         if busy_s > 0:
             share = busy_s / compute_s  # its rate alone: GPU seconds per second of its own
             yield self.gpu.transfer(busy_s, FlowClass("process", lambda k, share=share: k * share))
         elif compute_s > 0:
             yield self.env.timeout(compute_s)
+        self.sharers.leave(work.process)
         queued_s = max(self.env.now - started_at - compute_s, 0.0)
         return Execution(queued_s, compute_s, started_at, busy_s)
 
