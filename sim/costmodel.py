@@ -240,6 +240,18 @@ class CostModel(ABC):
         """`processes` processes share the GPU at once, time-sliced: a profile flags more than its
         timeslice_mp stage measured in the run's warnings (nothing to flag here)."""
 
+    def timeslice_step_s(self, processes: int, context: int) -> float:
+        """Each process's batch-1 decode step at `context` with `processes` processes decoding at
+        once, as the time-sliced executors charge it in steady state: max(lone step, k g), g the
+        pass's GPU seconds (`decode_gpu_s`); without them (no timeslice_mp stage) the pass's GPU time
+        is f of it (`gpu_busy_fraction`): the lone step x max(1, k f)."""
+        self.timeslice_processes(processes)
+        lone = self.decode_step_s(1, context)
+        gpu = self.decode_gpu_s(1, context)
+        if gpu is None:
+            return lone * max(1.0, processes * self.gpu_busy_fraction())
+        return max(lone, processes * min(gpu, lone))
+
     def timeslice_slowdown(self, processes: int) -> float:
         """Median decode-step time with `processes` processes decoding at once on the GPU (each its
         own CUDA context and model copy), relative to one alone. Without a measurement: the
