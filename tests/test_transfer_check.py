@@ -175,7 +175,7 @@ def test_the_time_slicing_rows_are_the_model_the_executors_charge():
     assert transferred.decode_gpu_s(1, context) is None
     f = transferred.gpu_busy_fraction()
     for k in (1, 2, 4, 8):
-        row = rows[("time-slicing", f"decode step, {k} processes at once: max(lone step, k g)")]
+        row = rows[("time-slicing", f"decode step, k = {k} processes at once: max(lone step, k g)")]
         lone = measured.decode_step_s(1, context)
         assert row.measured == pytest.approx(1e3 * max(lone, k * g), rel=1e-12)
         assert row.transferred == pytest.approx(1e3 * transferred.decode_step_s(1, context) * max(1.0, k * f), rel=1e-12)

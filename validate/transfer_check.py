@@ -138,7 +138,7 @@ def primitives(measured: Profile, moved: Profile) -> list[Primitive]:
     add("time-slicing", f"GPU time of a decode step (g), context {context}", "ms",
         lambda c: c.decode_gpu_s(1, context) or c.gpu_busy_fraction() * c.decode_step_s(1, context), 1e3)
     for k in (1, 2, 4, 8):
-        add("time-slicing", f"decode step, {k} processes at once: max(lone step, k g)", "ms",
+        add("time-slicing", f"decode step, k = {k} processes at once: max(lone step, k g)", "ms",
             lambda c, n=k: c.timeslice_step_s(n, context), 1e3)
     add("first use of a shape", "decode step, extra", "ms", lambda c: c.cold_shape_s("decode", 1), 1e3)
     add("first use of a shape", "prefill of 128 tokens, extra", "ms", lambda c: c.cold_shape_s("prefill", 128), 1e3)
