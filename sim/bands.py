@@ -5,7 +5,10 @@ launch-bound decode level drifts by tens of percent between spells. The profile'
 section (sim.profile.Spread) holds measured / predicted factors per cost category; each band draw
 takes one factor per category (decode step, prefill, weight load, host<->device copy), scales the
 profile's cost functions by them, and simulates the point again with its own random streams.
-P10 and P90 over the draws, per summary metric, are the band.
+The copy factor scales the kv_swaps stage's fits too. Where the copies stage saw pageable
+device-to-host copies in two regimes (warm heap pages, fresh page-faulting ones), a draw also picks
+the regime of a pageable KV swap-out's host pages (Factors.kv_fresh). P10 and P90 over the draws,
+per summary metric, are the band.
 
 Draw d of a point takes its factors from SeedSequence([seed, key, BAND_TAG, d]) and its
 simulation streams from point_seed(seed, point, BAND_REPEAT_BASE + d), where `key` leaves the
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -30,6 +33,10 @@ from .profile import LinearFit, PiecewiseFit, Profile, Spread, WeightLoad
 BAND_QUANTILES = (10.0, 90.0)
 BAND_TAG = 0xBA9D
 BAND_REPEAT_BASE = 1 << 20
+# Share of band draws whose pageable KV swap-outs meet fresh host pages where the size leaves the
+# regime open: nothing measured says which regime a process's allocator will be in, so either, alike
+# (P10 and P90 over the draws then reach toward the warm and the fresh charge).
+KV_FRESH_SHARE = 0.5
 # Summary fields that describe the point rather than measure it: no band.
 _NOT_METRICS = {"index", "link_gbps", "n_agents", "capacity_bytes", "events", "records", "memory_bound_agents"}
 
@@ -42,6 +49,9 @@ class Factors:
     prefill: float = 1.0
     load: float = 1.0
     copy: float = 1.0
+    # a pageable KV swap-out's host pages all fresh (page-faulting), where the tensor size leaves the
+    # regime open (ProfileCostModel.kv_swap_bandwidth); False: the regime the copies stage saw
+    kv_fresh: bool = False
 
 
 def draw_factors(spread: Spread, rng: np.random.Generator) -> Factors:
@@ -53,8 +63,10 @@ def draw_factors(spread: Spread, rng: np.random.Generator) -> Factors:
     def pick(values: list[float]) -> float:
         return float(rng.choice(np.asarray(values, dtype=float))) if values else 1.0
 
-    return Factors(decode=pick(spread.decode_level or spread.decode_residual), prefill=pick(spread.prefill_residual),
-                   load=pick(spread.weight_load), copy=pick(spread.copies))
+    factors = Factors(decode=pick(spread.decode_level or spread.decode_residual), prefill=pick(spread.prefill_residual),
+                      load=pick(spread.weight_load), copy=pick(spread.copies))
+    # drawn last, so the factors above are those of profiles without two pageable regimes
+    return replace(factors, kv_fresh=bool(rng.random() < KV_FRESH_SHARE))
 
 
 def _scale_fit(fit: LinearFit | PiecewiseFit, factor: float) -> LinearFit | PiecewiseFit:
@@ -81,6 +93,8 @@ def scale_profile(profile: Profile, f: Factors) -> Profile:
         "weight_load": {tier: _scale_rate(spec, f.load) for tier, spec in profile.weight_load.items()},
         **{name: _scale_rate(getattr(profile, name), f.copy)
            for name in ("h2d_pinned", "h2d_pageable", "d2h_pinned", "d2h_pageable")},
+        "kv_swaps": None if profile.kv_swaps is None else profile.kv_swaps.model_copy(
+            update={"fits": {k: _scale_rate(v, f.copy) for k, v in profile.kv_swaps.fits.items()}}),
     })
 
 
@@ -119,7 +133,8 @@ def banded_cost(cost: CostModel, f: Factors) -> ProfileCostModel:
     """The cost model of a measured (or transferred) profile with its costs scaled by `f`."""
     if not isinstance(cost, ProfileCostModel):
         raise DjinnsimError(f"bands need a measured profile; the {cost.source} cost model has no spread to draw from")
-    return ProfileCostModel(scale_profile(cost.profile, f), cost.model)
+    return ProfileCostModel(scale_profile(cost.profile, f), cost.model,
+                            pageable_swap_out="fresh" if f.kv_fresh else "expected")
 
 
 def factor_rng(seed: int, point, draw: int) -> np.random.Generator:

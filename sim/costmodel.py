@@ -168,7 +168,8 @@ class CostModel(ABC):
         """How a session's KV cache (`kv_tensors` buffers) crosses PCIe in a swap: the bandwidth and
         how many buffers pay its fixed latency one after another. Without a measured kv_swaps stage:
         pinned copies are issued non_blocking into a pool and queue on one stream, so their
-        latencies overlap (paid once for the set); pageable copies are synchronous, one per buffer."""
+        latencies overlap (paid once for the set); pageable copies are synchronous, one per buffer
+        (each at the rate of its size: Bandwidth.rate_gbps)."""
         bandwidth = self.copy_bandwidth(direction, pinned)
         return bandwidth, 1 if pinned else self.kv_tensors
 
@@ -178,6 +179,13 @@ class CostModel(ABC):
             return 0.0
         bandwidth, pieces = self.kv_swap_bandwidth(direction, pinned)
         return bandwidth.time_s(nbytes, pieces)
+
+    def kv_swap_out_range_s(self, nbytes: float) -> tuple[float, float]:
+        """A pageable swap-out of `nbytes` of one session's KV, alone on the bus, with the host pages
+        warm and with them fresh (page-faulting): (the charge, the fresh-page charge). Equal where the
+        cost model knows one regime only (CostModel: the charge twice)."""
+        charged = self.kv_swap_s(nbytes, "d2h", False)
+        return charged, charged
 
     @abstractmethod
     def serde_bandwidth(self, which: Literal["serialize", "deserialize"]) -> Bandwidth: ...
@@ -255,10 +263,14 @@ class CostModel(ABC):
 class ProfileCostModel(CostModel):
     """Costs read from a calibration profile."""
 
-    def __init__(self, profile: Profile, model: ModelSpec) -> None:
+    def __init__(self, profile: Profile, model: ModelSpec,
+                 pageable_swap_out: Literal["expected", "fresh"] = "expected") -> None:
         super().__init__()
         self.profile = profile
         self.model = model
+        # which regime a pageable swap-out's host pages are in where the size leaves it open
+        # (kv_swap_bandwidth): the one the copies stage saw for the size, or fresh (a band draw)
+        self.pageable_swap_out = pageable_swap_out
         self._decode_compiled: tuple | None = None  # (the decode fit, _decode_terms of it)
         self._lone_step: tuple | None = None  # (the decode fit, timeslice_mp, its batch-1 step at the stage's context)
         self.gpu_name = profile.metadata.gpu_name
@@ -351,14 +363,45 @@ class ProfileCostModel(CostModel):
     def copy_bandwidth(self, direction: Literal["h2d", "d2h"], pinned: bool) -> Bandwidth:
         return getattr(self.profile, f"{direction}_{'pinned' if pinned else 'pageable'}")
 
+    def pageable_regimes(self) -> Bandwidth | None:
+        """The copies stage's pageable device-to-host fit when it saw two regimes (a GPU profile whose
+        `d2h_pageable` has `large_from_bytes` and `large_gbps`): `tensor.to("cpu")` of buffers up to
+        `large_from_bytes` ran into warm host pages (glibc serves them from its heap, below its
+        dynamic mmap threshold, at most 32 MiB), larger ones into freshly mapped pages that fault on
+        first touch. None otherwise (a CPU profile, or one regime seen): the swap is charged as before."""
+        copy = self.profile.d2h_pageable
+        if self.profile.metadata.device == "cpu" or copy.large_from_bytes is None or copy.large_gbps is None:
+            return None
+        return copy
+
+    def _fresh(self, copy: Bandwidth) -> Bandwidth:
+        return Bandwidth(latency_s=copy.latency_s, gbps=copy.large_gbps)
+
     def kv_swap_bandwidth(self, direction: Literal["h2d", "d2h"], pinned: bool) -> tuple[Bandwidth, int]:
-        """The kv_swaps stage's fit for the whole set, when the profile has it for this model's
-        layout; else the copies stage's bandwidth (CostModel.kv_swap_bandwidth)."""
+        """A pageable swap-out where the copies stage saw two regimes (`pageable_regimes`): every K and
+        V tensor `.to("cpu")` on its own at the regime its size falls in (Bandwidth.rate_gbps: warm up
+        to `large_from_bytes`, fresh pages above), or fresh pages whatever the size when this cost
+        model is a band draw of the fresh regime (`pageable_swap_out="fresh"`). Otherwise the kv_swaps
+        stage's fit for the whole set, when the profile has it for this model's layout; else the
+        copies stage's bandwidth (CostModel.kv_swap_bandwidth)."""
+        if direction == "d2h" and not pinned:
+            copy = self.pageable_regimes()
+            if copy is not None:
+                return (self._fresh(copy) if self.pageable_swap_out == "fresh" else copy), self.kv_tensors
         swaps = self.profile.kv_swaps
         key = f"{direction}_{'pinned' if pinned else 'pageable'}"
         if swaps is not None and swaps.tensors == self.kv_tensors and key in swaps.fits:
             return swaps.fits[key], 1
         return super().kv_swap_bandwidth(direction, pinned)
+
+    def kv_swap_out_range_s(self, nbytes: float) -> tuple[float, float]:
+        """(the charge, the charge with every tensor into fresh pages): the range a pageable swap-out
+        may take where the copies stage saw two regimes; the charge twice otherwise."""
+        charged = self.kv_swap_s(nbytes, "d2h", False)
+        copy = self.pageable_regimes()
+        if copy is None or nbytes <= 0:
+            return charged, charged
+        return charged, self._fresh(copy).time_s(nbytes, self.kv_tensors)
 
     def serde_bandwidth(self, which: Literal["serialize", "deserialize"]) -> Bandwidth:
         return getattr(self.profile, which)

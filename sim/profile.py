@@ -99,6 +99,14 @@ class Bandwidth(_Strict):
     large_from_bytes: int | None = Field(default=None, gt=0)
     large_gbps: float | None = Field(default=None, gt=0)
 
+    @model_validator(mode="after")
+    def _regimes_paired(self) -> "Bandwidth":
+        # the second rate is one regime: its size and its rate, both or neither (a pageable KV
+        # swap-out is charged by it, ProfileCostModel.pageable_regimes)
+        if (self.large_from_bytes is None) != (self.large_gbps is None):
+            raise ValueError("large_from_bytes and large_gbps go together: both or neither")
+        return self
+
     def rate_gbps(self, nbytes_each: float) -> float:
         """The rate for buffers of `nbytes_each` bytes: `large_gbps` above `large_from_bytes`."""
         if self.large_from_bytes is not None and self.large_gbps is not None and nbytes_each > self.large_from_bytes:

@@ -218,3 +218,36 @@ def test_a_refit_puts_the_loopback_host_time_of_the_kept_composition_rows_into_t
     assert len(kept) == 2
     assert new.network.loopback_serial_gbps == pytest.approx(loopback_serial_gbps(kept), rel=1e-12)
     assert new.network.loopback_serial_gbps > 0
+
+
+def test_bands_scale_kv_swaps_by_the_copy_factor_and_draw_the_pageable_regime():
+    """The copy factor scales the kv_swaps stage's fits (pinned swap-out twice as long at copy = 2);
+    a draw with kv_fresh charges a pageable swap-out of warm-sized tensors at the fresh rate; over
+    40 draws both regimes come up, and kv_fresh leaves the other factors as they were drawn."""
+    from djinnsim.sim.profile import Bandwidth, KvSwaps
+
+    profile, spec = load_profile(H100), get_model("llama-2-7b")
+    tensors = ProfileCostModel(profile, spec).kv_tensors
+    fits = {k: Bandwidth(latency_s=1e-3, gbps=4.0) for k in ("d2h_pinned", "h2d_pinned", "d2h_pageable", "h2d_pageable")}
+    base = ProfileCostModel(profile.model_copy(update={"kv_swaps": KvSwaps(tensors=tensors, fits=fits)}), spec)
+    nbytes = tensors * 2**20  # 1 MiB a tensor: below the profile's 16 MiB regime boundary
+    doubled = bands.banded_cost(base, bands.Factors(copy=2.0))
+    assert doubled.kv_swap_s(nbytes, "d2h", True) == pytest.approx(2 * base.kv_swap_s(nbytes, "d2h", True))
+    assert doubled.kv_swap_s(nbytes, "d2h", False) == pytest.approx(2 * base.kv_swap_s(nbytes, "d2h", False))
+    warm, fresh = base.kv_swap_out_range_s(nbytes)
+    assert fresh > 5 * warm
+    assert bands.banded_cost(base, bands.Factors(kv_fresh=True)).kv_swap_s(nbytes, "d2h", False) == pytest.approx(fresh)
+    point = load_scenario_point()
+    drawn = [bands.draw_factors(profile.spread, bands.factor_rng(3, point, d)) for d in range(40)]
+    assert {f.kv_fresh for f in drawn} == {True, False}
+    spread, rng = profile.spread, bands.factor_rng(3, point, 7)
+    lists = (spread.decode_level or spread.decode_residual, spread.prefill_residual, spread.weight_load, spread.copies)
+    picked = tuple(float(rng.choice(np.asarray(v, dtype=float))) if v else 1.0 for v in lists)
+    assert (drawn[7].decode, drawn[7].prefill, drawn[7].load, drawn[7].copy) == picked
+
+
+def load_scenario_point():
+    from djinnsim.sim.scenario import expand_points, parse_scenario
+
+    return expand_points(parse_scenario({"name": "p", "backends": ["djinn"],
+                                         "workload": {"kind": "agents", "agents": [1]}}))[0]

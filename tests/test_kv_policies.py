@@ -110,7 +110,10 @@ def test_measured_kv_swaps_stage_is_what_a_swap_pays():
     base = ProfileCostModel(load_profile(path), get_model("llama-2-7b"))
     fits = {"d2h_pinned": Bandwidth(latency_s=2e-4, gbps=40.0), "h2d_pinned": Bandwidth(latency_s=3e-4, gbps=45.0),
             "d2h_pageable": Bandwidth(latency_s=1e-3, gbps=4.0), "h2d_pageable": Bandwidth(latency_s=2e-3, gbps=5.0)}
-    profile = base.profile.model_copy(update={"kv_swaps": KvSwaps(tensors=base.kv_tensors, fits=fits)})
+    # the copies stage saw one pageable device-to-host regime: the stage's fit for every swap
+    one_regime = Bandwidth(latency_s=base.profile.d2h_pageable.latency_s, gbps=base.profile.d2h_pageable.gbps)
+    profile = base.profile.model_copy(update={"kv_swaps": KvSwaps(tensors=base.kv_tensors, fits=fits),
+                                              "d2h_pageable": one_regime})
     cost = ProfileCostModel(profile, get_model("llama-2-7b"))
     nbytes = 1000 * cost.kv_bytes_per_token
     for key, bw in fits.items():
@@ -234,3 +237,101 @@ def test_bad_kv_policies_are_named(bad):
     with pytest.raises(DjinnsimError, match="kv_policy"):
         parse_scenario({"name": "a", "backends": ["djinn"], "workload": {"kind": "agents"},
                         "server": {"kv_policy": bad}})
+
+
+def _two_regimes(device: str = "cuda"):
+    """The bundled H100 profile with a kv_swaps stage and a pageable device-to-host fit of two
+    regimes: warm up to 16 MiB a buffer, fresh (page-faulting) pages above."""
+    from djinnsim.sim.costmodel import ProfileCostModel
+    from djinnsim.sim.profile import KvSwaps, load_profile
+    from djinnsim.sim.run import bundled_profiles
+    from djinnsim.sim.specs import get_model
+
+    (path,) = [p for p in bundled_profiles() if p.name == "h100-80gb-llama-2-7b.json"]
+    profile = load_profile(path)
+    spec = get_model("llama-2-7b")
+    tensors = ProfileCostModel(profile, spec).kv_tensors
+    copy = Bandwidth(latency_s=2e-5, gbps=12.0, large_from_bytes=16 * 2**20, large_gbps=1.5)
+    fits = {k: Bandwidth(latency_s=1e-3, gbps=4.0) for k in ("d2h_pinned", "h2d_pinned", "d2h_pageable", "h2d_pageable")}
+    profile = profile.model_copy(update={
+        "d2h_pageable": copy, "kv_swaps": KvSwaps(tensors=tensors, fits=fits),
+        "metadata": profile.metadata.model_copy(update={"device": device})})
+    return profile, spec, copy, tensors
+
+
+@pytest.mark.parametrize("each_mib", [1, 4, 16, 17, 32])
+def test_pageable_swap_out_is_charged_the_regime_of_its_tensor_size(each_mib):
+    """Closed form: a pageable swap-out of T tensors of `each` bytes pays T x (latency + each / rate),
+    the rate warm (gbps) up to large_from_bytes and fresh (large_gbps) above; its range runs from
+    that to the all-fresh charge; a band draw of the fresh regime pays the fresh charge; the engine's
+    link charges the same; swap-in and pinned swaps keep the kv_swaps stage's fit."""
+    from djinnsim.sim.costmodel import ProfileCostModel
+    from djinnsim.validate.kv_costs import engine_swap_out_s
+
+    profile, spec, copy, tensors = _two_regimes()
+    cost = ProfileCostModel(profile, spec)
+    each = each_mib * 2**20
+    nbytes = tensors * each
+    warm = tensors * (2e-5 + each / 12e9)
+    fresh = tensors * (2e-5 + each / 1.5e9)
+    expected = warm if each <= 16 * 2**20 else fresh
+    assert cost.kv_swap_s(nbytes, "d2h", False) == pytest.approx(expected, rel=1e-12)
+    assert cost.kv_swap_out_range_s(nbytes) == pytest.approx((expected, fresh), rel=1e-12)
+    assert engine_swap_out_s(cost, nbytes, False) == pytest.approx(expected, rel=1e-9)
+    drawn = ProfileCostModel(profile, spec, pageable_swap_out="fresh")
+    assert drawn.kv_swap_s(nbytes, "d2h", False) == pytest.approx(fresh, rel=1e-12)
+    for direction, pinned in (("h2d", False), ("d2h", True), ("h2d", True)):
+        assert cost.kv_swap_s(nbytes, direction, pinned) == pytest.approx(1e-3 + nbytes / 4e9, rel=1e-12)
+
+
+def test_pageable_swap_out_without_two_regimes_is_charged_as_before():
+    """A profile whose copies stage saw one pageable regime (older fits), or a CPU profile (memcpy):
+    the kv_swaps stage's fit, once for the set, and a range of that charge twice."""
+    from djinnsim.sim.costmodel import ProfileCostModel
+
+    profile, spec, copy, tensors = _two_regimes()
+    nbytes = tensors * 2**20
+    one = profile.model_copy(update={"d2h_pageable": Bandwidth(latency_s=2e-5, gbps=12.0)})
+    cpu, _, _, _ = _two_regimes("cpu")
+    for old in (one, cpu):
+        cost = ProfileCostModel(old, spec)
+        assert cost.kv_swap_bandwidth("d2h", False) == (old.kv_swaps.fits["d2h_pageable"], 1)
+        assert cost.kv_swap_out_range_s(nbytes) == pytest.approx((1e-3 + nbytes / 4e9,) * 2, rel=1e-12)
+        assert ProfileCostModel(old, spec, pageable_swap_out="fresh").kv_swap_s(nbytes, "d2h", False) == \
+            cost.kv_swap_s(nbytes, "d2h", False)
+
+
+@pytest.mark.parametrize(("field", "value", "says"), [
+    ("large_gbps", None, "large_from_bytes and large_gbps go together"),
+    ("large_gbps", -1.5, "d2h_pageable.large_gbps"),
+    ("large_gbps", "fast", "d2h_pageable.large_gbps"),
+    ("large_from_bytes", -4096, "d2h_pageable.large_from_bytes"),
+])
+def test_a_corrupt_pageable_regime_is_refused_in_one_line(tmp_path, field, value, says):
+    import json
+
+    from djinnsim.sim.profile import load_profile
+    from djinnsim.sim.run import bundled_profiles
+
+    (path,) = [p for p in bundled_profiles() if p.name == "h100-80gb-llama-2-7b.json"]
+    raw = json.loads(path.read_text())
+    raw["d2h_pageable"][field] = value
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(raw))
+    with pytest.raises(DjinnsimError) as err:
+        load_profile(bad)
+    assert says in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_old_profile_without_the_second_regime_loads():
+    """Neither field (profiles before the split fit): loads, one regime."""
+    import json
+
+    from djinnsim.sim.profile import Profile
+    from djinnsim.sim.run import bundled_profiles
+
+    (path,) = [p for p in bundled_profiles() if p.name == "h100-80gb-llama-2-7b.json"]
+    raw = json.loads(path.read_text())
+    for field in ("large_from_bytes", "large_gbps"):
+        raw["d2h_pageable"].pop(field)
+    assert Profile.model_validate(raw).d2h_pageable.large_gbps is None

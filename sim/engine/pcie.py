@@ -8,7 +8,8 @@ and its class says what else holds it back (max-min fair shares, see pipe.py):
 - pinned copies (a KV swap to or from the pinned host pool): nothing but the bus;
 - pageable copies (a request's tensors, staged by the driver through a bounce buffer; KV swaps
   when the host pool is not pinned): the profile's pageable rate (for a swap, the kv_swaps stage's,
-  freshly allocated host memory included), shared by the pageable copies in flight. Sharing, not a rate per copy: the measured aggregate of concurrent loads from pageable
+  freshly allocated host memory included; a swap-out, per tensor at the warm or fresh-page regime
+  of its size where the copies stage saw two: ProfileCostModel.kv_swap_bandwidth), shared by the pageable copies in flight. Sharing, not a rate per copy: the measured aggregate of concurrent loads from pageable
   memory stays flat with k (7.3, 6.5, 7.1 GB/s at k = 1, 2, 4 on the H100);
 - weight loads from a tier (disk cache, pageable, pinned host memory): the measured aggregate of k
   concurrent loads from that tier, `load_aggregate_gbps(tier, k)`, split among them.
