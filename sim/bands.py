@@ -3,12 +3,12 @@
 A point estimate says nothing about how far a real run may land from it on a machine whose
 launch-bound decode level drifts by tens of percent between spells. The profile's `spread`
 section (sim.profile.Spread) holds measured / predicted factors per cost category; each band draw
-takes one factor per category (decode step, prefill, weight load, host<->device copy), scales the
-profile's cost functions by them, and simulates the point again with its own random streams.
-The copy factor scales the kv_swaps stage's fits too. Where the copies stage saw pageable
-device-to-host copies in two regimes (warm heap pages, fresh page-faulting ones), a draw also picks
-the regime of a pageable KV swap-out's host pages (Factors.kv_fresh). P10 and P90 over the draws,
-per summary metric, are the band.
+takes one factor per category (decode step, prefill with or without a cached context, weight load,
+host<->device copy), scales the profile's cost functions by them, and simulates the point again
+with its own random streams. The copy factor scales the kv_swaps stage's fits too. Where the
+copies stage saw pageable device-to-host copies in two regimes (warm heap pages, fresh
+page-faulting ones), a draw also picks the regime of a pageable KV swap-out's host pages
+(Factors.kv_fresh). P10 and P90 over the draws, per summary metric, are the band.
 
 Draw d of a point takes its factors from SeedSequence([seed, key, BAND_TAG, d]) and its
 simulation streams from point_seed(seed, point, BAND_REPEAT_BASE + d), where `key` leaves the
@@ -86,10 +86,13 @@ def _scale_rate(spec, factor: float):
 
 
 def scale_profile(profile: Profile, f: Factors) -> Profile:
-    """The profile with each category's cost functions scaled by its factor (domains unchanged)."""
+    """The profile with each category's cost functions scaled by its factor (domains unchanged);
+    prefill on a cached context is a prefill, scaled by the prefill factor."""
+    cached = {} if profile.cached_prefill is None else {"cached_prefill": _scale_fit(profile.cached_prefill, f.prefill)}
     return profile.model_copy(update={
         "decode_step": _scale_fit(profile.decode_step, f.decode),
         "prefill": _scale_fit(profile.prefill, f.prefill),
+        **cached,
         "weight_load": {tier: _scale_rate(spec, f.load) for tier, spec in profile.weight_load.items()},
         **{name: _scale_rate(getattr(profile, name), f.copy)
            for name in ("h2d_pinned", "h2d_pageable", "d2h_pinned", "d2h_pageable")},

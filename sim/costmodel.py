@@ -63,21 +63,36 @@ def _held(fit: LinearFit, inputs: dict[str, float]) -> int:
     return sum(lo <= inputs.get(var, lo) <= hi for var, (lo, hi) in fit.domain.items())
 
 
-def evaluate_fit(fit: LinearFit | PiecewiseFit, inputs: dict[str, float]) -> tuple[float, bool]:
-    """Return (value, inside_domain). Outside every piece, the last piece extrapolates."""
+def _piece(fit: LinearFit | PiecewiseFit, inputs: dict[str, float]) -> tuple[LinearFit, bool]:
+    """The linear fit that values `inputs`, and whether they lie inside its domain. Outside every
+    piece: the piece whose domain holds the most of the inputs, then the one nearest in the others,
+    so a point off the grid in one variable keeps the piece of the rest."""
     if isinstance(fit, PiecewiseFit):
         for piece in fit.pieces:
             if _in_domain(piece, inputs):
-                return evaluate_fit(piece, inputs)
-        # Outside every piece: the piece whose domain holds the most of the inputs, then the one
-        # nearest in the others, so a point off the grid in one variable keeps the piece of the rest.
-        best = min(fit.pieces, key=lambda piece: (-_held(piece, inputs), _distance(piece, inputs)))
-        value, _ = evaluate_fit(best, inputs)
-        return value, False
-    value = sum(k * feature_value(f, inputs) for k, f in zip(fit.coef, fit.features))
-    if fit.floor_s is not None:
-        value = max(value, fit.floor_s)
-    return value, _in_domain(fit, inputs)
+                return piece, True
+        return min(fit.pieces, key=lambda piece: (-_held(piece, inputs), _distance(piece, inputs))), False
+    return fit, _in_domain(fit, inputs)
+
+
+def _sum(fit: LinearFit, inputs: dict[str, float]) -> float:
+    return sum(k * feature_value(f, inputs) for k, f in zip(fit.coef, fit.features))
+
+
+def evaluate_fit(fit: LinearFit | PiecewiseFit, inputs: dict[str, float]) -> tuple[float, bool]:
+    """Return (value, inside_domain). Outside every piece, the nearest piece extrapolates (`_piece`)."""
+    piece, inside = _piece(fit, inputs)
+    value = _sum(piece, inputs)
+    if piece.floor_s is not None:
+        value = max(value, piece.floor_s)
+    return value, inside
+
+
+def gpu_work_s(fit: LinearFit | PiecewiseFit, inputs: dict[str, float]) -> float | None:
+    """The GPU's work in a max(floor, sum) fit at `inputs`: its sum, without the host's launch floor
+    (at least 0). None for an additive fit (no `floor_s`), whose terms mix host and GPU time."""
+    piece, _ = _piece(fit, inputs)
+    return None if piece.floor_s is None else max(_sum(piece, inputs), 0.0)
 
 
 _DECODE_FEATURES = {"1": 0, "batch": 1, "sum_context": 2}  # a decode step's regressors, by position
@@ -223,6 +238,28 @@ class CostModel(ABC):
         time is `gpu_busy_fraction()` of its duration."""
         return None
 
+    def prefill_gpu_s(self, prompt_tokens: int, batch: int = 1, context_tokens: int = 0) -> float | None:
+        """GPU seconds of a prefill pass, absolute (the rest is the host's launches, which processes
+        sharing the GPU overlap). None: not given, and the pass launches as much as a decode step at
+        its batch and context (PassTimer.host_s)."""
+        return None
+
+    def timeslice_processes(self, processes: int) -> None:
+        """`processes` processes share the GPU at once, time-sliced: a profile flags more than its
+        timeslice_mp stage measured in the run's warnings (nothing to flag here)."""
+
+    def timeslice_step_s(self, processes: int, context: int) -> float:
+        """Each process's batch-1 decode step at `context` with `processes` processes decoding at
+        once, as the time-sliced executors charge it in steady state: max(lone step, k g), g the
+        pass's GPU seconds (`decode_gpu_s`); without them (no timeslice_mp stage) the pass's GPU time
+        is f of it (`gpu_busy_fraction`): the lone step x max(1, k f)."""
+        self.timeslice_processes(processes)
+        lone = self.decode_step_s(1, context)
+        gpu = self.decode_gpu_s(1, context)
+        if gpu is None:
+            return lone * max(1.0, processes * self.gpu_busy_fraction())
+        return max(lone, processes * min(gpu, lone))
+
     def timeslice_slowdown(self, processes: int) -> float:
         """Median decode-step time with `processes` processes decoding at once on the GPU (each its
         own CUDA context and model copy), relative to one alone. Without a measurement: the
@@ -298,6 +335,20 @@ class ProfileCostModel(CostModel):
             self.out_of_range.add(f"{name} at {fit_inputs(inputs)}")
         return max(value, 0.0)
 
+    def _prefill_fit(self, context_tokens: int) -> tuple[str, LinearFit | PiecewiseFit]:
+        """The fit that times a prefill after `context_tokens` cached: cached_prefill when there is
+        a cached context and the profile has the stage; else prefill (outside its domain then)."""
+        if context_tokens > 0 and self.profile.cached_prefill is not None:
+            return "cached_prefill", self.profile.cached_prefill
+        return "prefill", self.profile.prefill
+
+    def prefill_gpu_s(self, prompt_tokens: int, batch: int = 1, context_tokens: int = 0) -> float | None:
+        """The GPU term of the prefill (or cached_prefill) fit, max(floor_s, GPU work): its GPU work,
+        the rest of the pass being the host's launches. None for an additive fit (no floor_s)."""
+        _, fit = self._prefill_fit(context_tokens)
+        return gpu_work_s(fit, {"prompt_tokens": prompt_tokens, "batch": batch, "context": context_tokens,
+                                "tokens": batch * prompt_tokens})
+
     def prefill_s(self, prompt_tokens: int, batch: int = 1, context_tokens: int = 0) -> float:
         """The prefill fit, floored at a decode step of the same batch and context: a prefill pass
         launches at least the kernels of a decode step, and where both are launch bound (short
@@ -306,10 +357,8 @@ class ProfileCostModel(CostModel):
         tokens took 21-27 ms)."""
         inputs = {"prompt_tokens": prompt_tokens, "batch": batch, "context": context_tokens,
                   "tokens": batch * prompt_tokens}
-        if context_tokens > 0 and self.profile.cached_prefill is not None:
-            fitted = self._eval("cached_prefill", self.profile.cached_prefill, inputs)
-        else:  # without the cached_prefill stage a cached context lies outside the prefill fit's domain
-            fitted = self._eval("prefill", self.profile.prefill, inputs)
+        # without the cached_prefill stage a cached context lies outside the prefill fit's domain
+        fitted = self._eval(*self._prefill_fit(context_tokens), inputs)
         step = {"batch": batch, "sum_context": batch * context_tokens, "context": context_tokens}
         floor, _ = evaluate_fit(self.profile.decode_step, step)  # a bound, not a query: never flagged
         return max(fitted, floor)
@@ -454,12 +503,18 @@ class ProfileCostModel(CostModel):
             self.out_of_range.add(f"weight loads from {tier} with more than {largest} at once")
         return super().load_aggregate_gbps(tier, concurrent)
 
+    def timeslice_processes(self, processes: int) -> None:
+        """More processes at once than the timeslice_mp stage measured: flagged in the run's warnings
+        (g, fitted to the k measured, is taken to hold beyond them)."""
+        measured = self.profile.timeslice_mp
+        if measured is not None and processes > measured.max_k:
+            self.out_of_range.add(f"time-sliced decoding with more than {measured.max_k} processes")
+
     def timeslice_slowdown(self, processes: int) -> float:
         measured = self.profile.timeslice_mp
         if measured is None:
             return super().timeslice_slowdown(processes)
-        if processes > measured.max_k:
-            self.out_of_range.add(f"time-sliced decoding with more than {measured.max_k} processes")
+        self.timeslice_processes(processes)
         return measured.slowdown(processes)
 
     @property

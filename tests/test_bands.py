@@ -220,6 +220,22 @@ def test_a_refit_puts_the_loopback_host_time_of_the_kept_composition_rows_into_t
     assert new.network.loopback_serial_gbps > 0
 
 
+def test_a_prefill_draw_scales_prefill_on_a_cached_context_too():
+    """cached_prefill (new tokens on a kept context: REFLECT) is a prefill: a band draw scales it by
+    the prefill factor, floor and GPU work alike, as it does the prefill fit."""
+    from djinnsim.sim.costmodel import evaluate_fit
+
+    base = ProfileCostModel(load_profile(H200), get_model("llama-2-7b"))
+    assert base.profile.cached_prefill is not None
+    scaled = bands.banded_cost(base, bands.Factors(prefill=2.0))
+    for prompt, context in ((16, 122), (128, 1024), (512, 1024)):
+        at = {"prompt_tokens": prompt, "batch": 1, "context": context, "tokens": prompt}
+        assert evaluate_fit(scaled.profile.cached_prefill, at)[0] == pytest.approx(
+            2.0 * evaluate_fit(base.profile.cached_prefill, at)[0], rel=1e-12)
+    # GPU bound, above the decode-step floor (which the decode factor scales)
+    assert scaled.prefill_s(512, 1, 1024) == pytest.approx(2.0 * base.prefill_s(512, 1, 1024), rel=1e-12)
+
+
 def test_bands_scale_kv_swaps_by_the_copy_factor_and_draw_the_pageable_regime():
     """The copy factor scales the kv_swaps stage's fits (pinned swap-out twice as long at copy = 2);
     a draw with kv_fresh charges a pageable swap-out of warm-sized tensors at the fresh rate; over

@@ -179,3 +179,100 @@ def test_a_refit_from_a_damaged_timed_sample_is_one_line(tmp_path, stage, value)
     silently (the floor fit took them as points)."""
     line = _refit_damaged(tmp_path, stage, "value", value)
     assert stage in line and "h200-llama-2-7b.csv" in line, line
+
+
+H200 = REPO / "sim" / "data" / "profiles" / "h200-llama-2-7b.json"
+
+
+def _h200_cost() -> ProfileCostModel:
+    """The shipped H200 profile without jitter (prefill and decode): the model alone."""
+    return ProfileCostModel(_no_jitter(load_profile(H200)).model_copy(update={"jitter_prefill": [1.0]}), LLAMA)
+
+
+def _gpu_work_s(fit, inputs) -> float:
+    """The GPU term of a max(floor, GPU work) fit, by hand from its coefficients."""
+    values = {"1": 1.0, "batch": inputs["batch"], "tokens": inputs["batch"] * inputs["prompt_tokens"],
+              "tokens_sq": inputs["batch"] * inputs["prompt_tokens"] ** 2,
+              "tokens_ctx": inputs["batch"] * inputs["prompt_tokens"] * inputs["context"],
+              "sum_context": inputs["batch"] * inputs["context"]}
+    return sum(k * values[f] for k, f in zip(fit.coef, fit.features))
+
+
+@pytest.mark.parametrize("prompt,context,fit", [(128, 0, "prefill"), (2048, 0, "prefill"), (16, 122, "cached_prefill"),
+                                                (512, 1024, "cached_prefill")])
+def test_a_prefill_splits_into_its_own_fits_gpu_work_and_host_launches(prompt, context, fit):
+    """A prefill's GPU part is the GPU term of its own max(floor, GPU work) fit (prefill, or
+    cached_prefill on a cached context), the rest host launches: not a decode step's split."""
+    cost = _h200_cost()
+    timer = PassTimer(cost, np.random.default_rng(0))
+    gpu_s = _gpu_work_s(getattr(cost.profile, fit), {"prompt_tokens": prompt, "batch": 1, "context": context})
+    p = ("prefill", prompt, context)
+    duration = cost.prefill_s(prompt, 1, context)
+    assert timer.host_s(p, 1, duration) == pytest.approx(max(duration - gpu_s, 0.0), rel=1e-12, abs=1e-15)
+    assert cost.prefill_gpu_s(prompt, 1, context) == pytest.approx(gpu_s, rel=1e-12)
+    total, busy = timer.totals_s(GpuWork([p, ("decode", context + prompt)]))
+    step = cost.decode_step_s(1, context + prompt)
+    assert busy == pytest.approx(min(gpu_s, duration) + cost.decode_gpu_s(1, context + prompt), rel=1e-12)
+    assert total == pytest.approx(duration + step, rel=1e-12)
+
+
+@pytest.mark.parametrize("kind", [FluidTimeSliced, TimeSliced])
+def test_k_processes_prefilling_at_once_take_max_of_the_lone_prefill_and_k_times_its_gpu_work(kind):
+    """k processes each prefilling once at the same time: the fluid model finishes them in
+    max(D, k G), G the prefill fit's GPU work (the per-pass model agrees: one pass each, the last
+    turn ends at host + k G)."""
+    cost = _h200_cost()
+    for prompt in (128, 2048):
+        duration = cost.prefill_s(prompt)
+        gpu_s = _gpu_work_s(cost.profile.prefill, {"prompt_tokens": prompt, "batch": 1, "context": 0})
+        for k in (1, 4, 16):
+            env = simpy.Environment()
+            server = kind(env, PassTimer(cost, np.random.default_rng(0)))
+            for _ in range(k):
+                env.process(server.execute(GpuWork([("prefill", prompt, 0)], process=object())))
+            env.run()
+            assert env.now == pytest.approx(max(duration, (duration - gpu_s) + k * gpu_s if kind is TimeSliced
+                                                else k * gpu_s), rel=1e-9)
+
+
+def test_a_prefill_fit_without_a_floor_splits_as_a_decode_step_launches():
+    """An additive prefill fit (no floor_s: older profiles) gives no GPU term: a prefill launches
+    as much as a decode step at its batch and context, the rest is the GPU's (as before)."""
+    profile = _no_jitter(load_profile(H200))
+    profile = profile.model_copy(update={"prefill": profile.prefill.model_copy(update={"floor_s": None})})
+    cost = ProfileCostModel(profile, LLAMA)
+    assert cost.prefill_gpu_s(128) is None
+    timer = PassTimer(cost, np.random.default_rng(0))
+    duration = cost.prefill_s(128)
+    launch = cost.decode_step_s(1, 128) - cost.decode_gpu_s(1, 128)
+    assert timer.host_s(("prefill", 128, 0), 1, duration) == pytest.approx(min(launch, duration), rel=1e-12)
+
+
+def _overlapping(kind, cost, k: int, start_every_s: float = 0.0) -> None:
+    """k processes each decoding 20 steps on a time-sliced executor, one started every `start_every_s`."""
+    env = simpy.Environment()
+    server = kind(env, PassTimer(cost, np.random.default_rng(0)))
+
+    def process(i):
+        yield env.timeout(i * start_every_s)
+        yield from server.execute(GpuWork([("decode", 88 + j) for j in range(20)], process=i))
+
+    for i in range(k):
+        env.process(process(i))
+    env.run()
+
+
+@pytest.mark.parametrize("kind", [FluidTimeSliced, TimeSliced])
+def test_more_processes_at_once_than_timeslice_mp_measured_is_flagged(kind):
+    """The stage measured k up to 8 (H200 profile): a ninth process decoding at the same time is
+    past it and goes to the run's warnings; eight, or any number one after another, are not."""
+    flag = "time-sliced decoding with more than 8 processes"
+    assert load_profile(H200).timeslice_mp.max_k == 8
+    for k, start_every_s, flagged in ((8, 0.0, False), (9, 0.0, True), (16, 10.0, False)):
+        cost = _h200_cost()
+        _overlapping(kind, cost, k, start_every_s)
+        assert (flag in cost.out_of_range) == flagged, (k, start_every_s)
+    from djinnsim.sim.notices import outside_calibration
+
+    said = outside_calibration({flag: ["point a"]})
+    assert len(said) == 1 and "more than 8 processes" in said[0] and "(point a)" in said[0]

@@ -156,3 +156,27 @@ def test_only_folders_of_real_runs_are_re_simulated(tmp_path):
             (tmp_path / name / "validation.json").write_text(json.dumps({"meta": meta}))
     assert tc.real_run_folders(tmp_path) == [tmp_path / "exp21-25"]
     assert tc.real_run_folders(tmp_path / "nowhere") == []
+
+
+def test_the_time_slicing_rows_are_the_model_the_executors_charge():
+    """Each process's step with k decoding at once, max(lone step, k g), g absolute (timeslice_mp's
+    gpu_step_s at the stage's context), not the measured slowdown interpolated; a profile without
+    the stage (the H100's, moved) gives the relative model, lone x max(1, k f)."""
+    from djinnsim.sim.costmodel import ProfileCostModel
+    from djinnsim.sim.specs import get_model
+
+    h100, h200 = load_profile(H100), load_profile(H200)
+    moved = tc.transferred_profile(h100, "h200")
+    rows = _by_query(tc.primitives(h200, moved))
+    context = round(sum(h200.timeslice_mp.context_tokens) / 2)
+    measured, transferred = (ProfileCostModel(p, get_model("llama-2-7b")) for p in (h200, moved))
+    g = measured.decode_gpu_s(1, context)
+    assert g == pytest.approx(h200.timeslice_mp.gpu_step_s, rel=0.01)
+    assert transferred.decode_gpu_s(1, context) is None
+    f = transferred.gpu_busy_fraction()
+    for k in (1, 2, 4, 8):
+        row = rows[("time-slicing", f"decode step, k = {k} processes at once: max(lone step, k g)")]
+        lone = measured.decode_step_s(1, context)
+        assert row.measured == pytest.approx(1e3 * max(lone, k * g), rel=1e-12)
+        assert row.transferred == pytest.approx(1e3 * transferred.decode_step_s(1, context) * max(1.0, k * f), rel=1e-12)
+    assert rows[("time-slicing", f"GPU time of a decode step (g), context {context}")].measured == pytest.approx(1e3 * g)

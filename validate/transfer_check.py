@@ -57,6 +57,7 @@ DECODE_CONTEXTS = (128, 512, 1024, 2048)
 PREFILL_TOKENS = (128, 512, 2048)
 LOAD_CONCURRENCY = (1, 2, 4, 8)
 KV_SWAP_TOKENS = 1024
+TIMESLICE_CONTEXT = 88  # the time-sliced rows' context where the measured profile has no timeslice_mp stage
 RUN_METRICS = ("latency_mean_s", "latency_p99_s", "per_token_s", "ttft_s")
 STAGE_METRICS = {"load_s": "weight load per phase (stage mean)"}
 
@@ -131,8 +132,14 @@ def primitives(measured: Profile, moved: Profile) -> list[Primitive]:
             add("KV swap", f"swap-{name} of a {KV_SWAP_TOKENS}-token context ({kv_bytes / 2**20:.0f} MiB), "
                 f"{'pinned' if pinned else 'pageable'} host", "ms",
                 lambda c, d=direction, p=pinned: c.kv_swap_s(kv_bytes, d, p), 1e3)
-    for k in (2, 4, 8):
-        add("time-slicing", f"decode-step slowdown, {k} processes", "x", lambda c, n=k: c.timeslice_slowdown(n))
+    # the time-sliced model as the executors charge it, at the measured profile's timeslice_mp contexts
+    stage = measured.timeslice_mp
+    context = round(sum(stage.context_tokens) / 2) if stage is not None else TIMESLICE_CONTEXT
+    add("time-slicing", f"GPU time of a decode step (g), context {context}", "ms",
+        lambda c: c.decode_gpu_s(1, context) or c.gpu_busy_fraction() * c.decode_step_s(1, context), 1e3)
+    for k in (1, 2, 4, 8):
+        add("time-slicing", f"decode step, k = {k} processes at once: max(lone step, k g)", "ms",
+            lambda c, n=k: c.timeslice_step_s(n, context), 1e3)
     add("first use of a shape", "decode step, extra", "ms", lambda c: c.cold_shape_s("decode", 1), 1e3)
     add("first use of a shape", "prefill of 128 tokens, extra", "ms", lambda c: c.cold_shape_s("prefill", 128), 1e3)
     add("memory", "capacity", "GiB", lambda c: c.capacity_bytes / 2**30)

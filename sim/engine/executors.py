@@ -118,26 +118,28 @@ class PassTimer:
                     sum(d - self.host_s(p, work.batch, d, cold) for p, (d, cold) in zip(work.passes, costs)))
         if not work.passes:
             return 0.0, 0.0
-        _, _, runs, base, launch, gpu = self._work_plan(work)
+        _, _, runs, base, gpu, fallback = self._work_plan(work)
         if len(runs) == 1:
             factors = self.factors(runs[0][0], runs[0][1])
         else:
             factors = np.concatenate([self.factors(kind, count) for kind, count in runs])
         durations = base * factors
-        # host time as host_s says: a decode pass less its GPU time (g, or f of it); a prefill's
-        # launches, at most all of it
-        host = (1.0 - self.gpu_fraction) * durations if gpu is None else np.maximum(durations - gpu, 0.0)
-        if launch is not None:
-            decode, prefill_launch = launch
-            host = np.where(decode, host, np.minimum(prefill_launch, durations))
+        # host time as host_s says: a pass less its GPU seconds where the cost model gives them;
+        # else f of a decode pass, or a decode step's launches for a prefill (at most all of it)
+        host = np.maximum(durations - gpu, 0.0)
+        if fallback is not None:
+            given, prefill, launch = fallback
+            host = np.where(given, host, np.where(prefill, np.minimum(launch, durations),
+                                                  (1.0 - self.gpu_fraction) * durations))
         busy = durations - host
         # cumsum adds left to right, as sum() over the passes does (same float rounding)
         return float(np.cumsum(durations)[-1]), float(np.cumsum(busy)[-1])
 
     def _work_plan(self, work: GpuWork) -> tuple:
         """Per (passes, batch), memoized: runs of consecutive passes of one kind (the order factors
-        are drawn in), the base durations, each pass's host-time bound (None: all decode), and each
-        decode pass's GPU seconds (None: the cost model gives none, f of the duration is)."""
+        are drawn in), the base durations, each pass's GPU seconds (0 where the cost model gives
+        none), and for those (None: every pass has them) masks of the passes that have them and of
+        the prefills, and each such prefill's launch time (host_s's fallbacks)."""
         passes, batch = work.passes, work.batch
         plan = self._work_memo.get(id(passes))
         if plan is not None and plan[0] is passes and plan[1] == batch:
@@ -149,14 +151,14 @@ class PassTimer:
             else:
                 runs.append([p[0], 1])
         base = np.array([self.base_s(p, batch) for p in passes])
-        launch = None  # (decode mask, a prefill's launch time): None when every pass decodes
-        if any(p[0] == "prefill" for p in passes):
-            launch = (np.array([p[0] == "decode" for p in passes]),
-                      np.array([self._launch_host_s(p[2] + p[1], batch) if p[0] == "prefill" else np.inf
-                                for p in passes]))
-        gpu = [self._gpu_step_s(p[1], batch) if p[0] == "decode" else np.inf for p in passes]
-        gpu = None if any(g is None for g in gpu) else np.array(gpu)
-        plan = (passes, batch, [tuple(r) for r in runs], base, launch, gpu)
+        gpu = [self._pass_gpu_s(p, batch) for p in passes]
+        fallback = None
+        if any(g is None for g in gpu):
+            fallback = (np.array([g is not None for g in gpu]), np.array([p[0] == "prefill" for p in passes]),
+                        np.array([self._launch_host_s(p[2] + p[1], batch) if p[0] == "prefill" and g is None else 0.0
+                                  for p, g in zip(passes, gpu)]))
+        gpu = np.array([0.0 if g is None else g for g in gpu])
+        plan = (passes, batch, [tuple(r) for r in runs], base, gpu, fallback)
         self._work_memo[id(passes)] = plan  # holds `passes`, so its id is not reused meanwhile
         return plan
 
@@ -170,17 +172,28 @@ class PassTimer:
 
     def host_s(self, p: Pass, batch: int, duration_s: float, cold_s: float = 0.0) -> float:
         """The host part of pass `p` taking `duration_s`, during which the GPU runs none of its
-        kernels: a new shape's plan building (`cold_s`) plus the kernel launches. A decode pass
-        launches for all of it but the GPU's time, which the cost model gives in seconds
-        (`decode_gpu_s`: a slower launch-bound level lengthens the host part only) or else as a
-        share f of the pass; a prefill launches the same kernels as a decode step over its batch
-        and context, so that step's launch time, and the rest of a prefill is the GPU's (a short,
-        launch-bound prompt is mostly host time; a long one mostly kernels)."""
+        kernels: a new shape's plan building (`cold_s`) plus the kernel launches, all of the pass
+        but the GPU's time where the cost model gives it in seconds (`decode_gpu_s`, and for a
+        prefill `prefill_gpu_s`, the GPU term of its max(floor, GPU work) fit: a slower
+        launch-bound level lengthens the host part only; a short prompt is mostly host time, a
+        long one mostly kernels). Where it does not: a share 1 - f of a decode pass, and for a
+        prefill the launch time of a decode step over its batch and context (the same kernels)."""
         work_s = duration_s - cold_s
+        gpu_s = self._pass_gpu_s(p, batch)
+        if gpu_s is not None:
+            return cold_s + max(work_s - gpu_s, 0.0)
         if p[0] == "decode":
-            gpu_s = self._gpu_step_s(p[1], batch)
-            return cold_s + ((1.0 - self.gpu_fraction) * work_s if gpu_s is None else max(work_s - gpu_s, 0.0))
+            return cold_s + (1.0 - self.gpu_fraction) * work_s
         return cold_s + min(self._launch_host_s(p[2] + p[1], batch), work_s)
+
+    def _pass_gpu_s(self, p: Pass, batch: int) -> float | None:
+        """The cost model's GPU seconds of pass `p` (None: it gives none)."""
+        if p[0] == "decode":
+            return self._gpu_step_s(p[1], batch)
+        key = ("prefill_gpu", p, batch)
+        if key not in self._memo:
+            self._memo[key] = self.cost.prefill_gpu_s(p[1], batch, p[2])
+        return self._memo[key]
 
     def _gpu_step_s(self, context: int, batch: int) -> float | None:
         """The cost model's GPU seconds of a decode pass at `context` (None: it gives none)."""
@@ -190,7 +203,8 @@ class PassTimer:
         return self._memo[key]
 
     def _launch_host_s(self, context: int, batch: int) -> float:
-        """The host part of a decode step at `context`: a prefill there launches as much."""
+        """The host part of a decode step at `context`: a prefill there launches as much (where the
+        cost model gives no prefill_gpu_s)."""
         step_s = self._launch_step_s(context, batch)
         gpu_s = self._gpu_step_s(context, batch)
         return (1.0 - self.gpu_fraction) * step_s if gpu_s is None else max(step_s - gpu_s, 0.0)
@@ -231,6 +245,29 @@ class SerialFCFS:
         return Execution(started_at - arrived_at, compute_s, started_at, busy_s)
 
 
+class _Sharers:
+    """The processes with work on a time-sliced GPU now: each new most at once is told to the cost
+    model (`timeslice_processes`, which flags more than calibration measured)."""
+
+    def __init__(self, cost: CostModel) -> None:
+        self.cost = cost
+        self.active: dict[object, int] = {}  # process -> its units of work under way
+        self.most = 0
+
+    def enter(self, process: object) -> None:
+        self.active[process] = self.active.get(process, 0) + 1
+        if len(self.active) > self.most:
+            self.most = len(self.active)
+            self.cost.timeslice_processes(self.most)
+
+    def leave(self, process: object) -> None:
+        left = self.active[process] - 1
+        if left:
+            self.active[process] = left
+        else:
+            del self.active[process]
+
+
 class TimeSliced:
     """Independent processes sharing the GPU, pass by pass (`time_sliced_per_pass`). A decode pass
     is host time (kernel launches, which processes run in parallel on their own CPU threads) then
@@ -242,8 +279,10 @@ class TimeSliced:
         self.env = env
         self.timer = timer
         self.gpu = simpy.Resource(env, capacity=1)
+        self.sharers = _Sharers(timer.cost)
 
     def execute(self, work: GpuWork):
+        self.sharers.enter(work.process)
         costs = self.timer.costs_s(work)
         queued_s, started_at, busy_s = 0.0, None, 0.0
         for p, (duration, cold_s) in zip(work.passes, costs):
@@ -258,6 +297,7 @@ class TimeSliced:
                 yield turn
                 queued_s += self.env.now - asked_at
                 yield self.env.timeout(duration - host_s)
+        self.sharers.leave(work.process)
         return Execution(queued_s, sum(d for d, _ in costs), started_at, busy_s)
 
 
@@ -281,15 +321,18 @@ class FluidTimeSliced:
         self.env = env
         self.timer = timer
         self.gpu = SharedPipe(env, lambda k: 1.0)  # GPU seconds per second
+        self.sharers = _Sharers(timer.cost)
 
     def execute(self, work: GpuWork):
         started_at = self.env.now
         compute_s, busy_s = self.timer.totals_s(work)
+        self.sharers.enter(work.process)
         if busy_s > 0:
             share = busy_s / compute_s  # its rate alone: GPU seconds per second of its own
             yield self.gpu.transfer(busy_s, FlowClass("process", lambda k, share=share: k * share))
         elif compute_s > 0:
             yield self.env.timeout(compute_s)
+        self.sharers.leave(work.process)
         queued_s = max(self.env.now - started_at - compute_s, 0.0)
         return Execution(queued_s, compute_s, started_at, busy_s)
 
