@@ -54,7 +54,10 @@ SUMMARY_COLUMNS = ("agent", "run", "phase", "status", "warmup", "issued_at", "fi
 
 def percentile(values: Iterable[float], q: float) -> float | None:
     """The q-th percentile (0..100) by linear interpolation; None for no values."""
-    array = np.asarray(list(values), dtype=float)
+    if isinstance(values, np.ndarray) and values.dtype == np.float64:
+        array = values  # as the list of its numbers would give, without a Python float per value
+    else:
+        array = np.asarray(list(values), dtype=float)
     if array.size == 0:
         return None
     return float(np.percentile(array, q, method="linear"))

@@ -171,11 +171,26 @@ def _runs_json(runs: "pd.DataFrame", run_ids: list[int]) -> str:
         if decimals is None:
             columns.append([repr(int(v)) for v in values])
         elif np.isfinite(numbers := np.asarray(values, dtype=float)).all():
-            columns.append(list(map(repr, map(round, numbers.tolist(), itertools.repeat(decimals)))))
+            columns.append(rounded_reprs(numbers, decimals))
         else:
             columns.append([repr(round(v, decimals)) if math.isfinite(v) else "null" for v in map(float, values)])
     entry_format = _entries_json([{"run_id": "%s", **{name: "%s" for name, _ in _RUN_FIELDS}}]).replace('"%s"', "%s")
     return ",".join([entry_format % entry for entry in zip(*columns)])
+
+
+def rounded_reprs(numbers: "np.ndarray", decimals: int) -> list[str]:
+    """[repr(round(x, decimals)) for x in numbers] (finite floats), by one %-format per number where
+    that gives the same text: `round` and "%.<decimals>f" round the same binary value to the same
+    decimal (both correctly rounded), and a decimal of at most 15 significant digits is its double's
+    shortest repr, trailing zeros aside, printed without an exponent from 1e-4 up. So: at least one
+    decimal, every |x| below 10**(14 - decimals), and none that rounds to a nonzero value under 1e-4;
+    else repr(round())."""
+    magnitudes = np.abs(numbers)
+    if decimals < 1 or numbers.size and (magnitudes.max() >= 10.0 ** (14 - decimals) or (
+            decimals > 4 and ((magnitudes > 0) & (magnitudes < 1e-4)).any())):
+        return list(map(repr, map(round, numbers.tolist(), itertools.repeat(decimals))))
+    texts = [text.rstrip("0") for text in map(f"%.{decimals}f".__mod__, numbers.tolist())]
+    return [text + "0" if text[-1] == "." else text for text in texts]
 
 
 class RunEntries:

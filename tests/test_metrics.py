@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -48,6 +49,17 @@ def test_percentile_is_numpy_linear():
     assert metrics.percentile([], 50) is None
     sample = [5.0, 1.0, 9.0, 3.0, 3.5, 12.0]
     assert metrics.percentile(sample, 95) == pytest.approx(float(np.percentile(sample, 95)))
+
+
+def test_percentile_of_an_array_is_that_of_its_numbers_listed():
+    rng = np.random.default_rng(5)
+    array = rng.lognormal(0, 2, 10_001)
+    before = array.copy()
+    for values in (array, array[::3], array[:0], np.array([np.nan, 1.0, 2.0]), array.astype(np.float32)):
+        for q in (0, 50, 95, 99, 100):
+            got, listed = metrics.percentile(values, q), metrics.percentile(values.tolist(), q)
+            assert got == listed or (got is not None and math.isnan(got) and math.isnan(listed))
+    assert (array == before).all()  # the array itself is left as it was (not sorted in place)
 
 
 def test_decode_runs_per_token_math_and_warmup_filter():

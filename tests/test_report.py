@@ -190,6 +190,32 @@ def test_baseline_written_a_chunk_of_runs_at_a_time_is_the_document_formatted_wh
     assert len(runs) == 7
 
 
+_EDGES = [0.0, -0.0, 1e-4, 9.99995e-05, 9.9999949e-05, 5e-07, 1.5e-06, 0.5, 1.5, 2.5, 0.00015, 0.12345,
+          99999999.99995, 1e10, 1e13, 1e15, 1e17, 123456789.123456789]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(allow_nan=False, allow_infinity=False) | st.sampled_from(_EDGES)
+                | st.floats(-1e6, 1e6) | st.floats(-1e-3, 1e-3), max_size=40),
+       st.integers(0, 9))
+def test_rounded_reprs_are_the_reprs_of_the_rounded_numbers(values, decimals):
+    import numpy as np
+
+    numbers = np.asarray(values, dtype=float)
+    assert report.rounded_reprs(numbers, decimals) == [repr(round(x, decimals)) for x in values]
+
+
+def test_rounded_reprs_of_every_short_decimal_and_its_neighbours():
+    """Every decimal of up to 6 places below 0.1 (a grid the rounding lands on), and its neighbours
+    half a step away, where a rounding to fewer places is decided."""
+    import numpy as np
+
+    grid = np.arange(0, 100_000) / 1e6
+    for numbers in (grid, grid + 5e-7, -grid, grid * 1000 + 5e-4):
+        for decimals in (3, 4, 6):
+            assert report.rounded_reprs(numbers, decimals) == [repr(round(x, decimals)) for x in numbers.tolist()]
+
+
 # --- records.csv, trace, determinism, figure -----------------------------------------------------
 
 
