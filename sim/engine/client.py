@@ -52,7 +52,8 @@ def request(env: simpy.Environment, pool: GpuPool, channel: Channel, plan: Reque
         lead_s = out.connect_s if out.connect_s > 0 else 0.0
         sent_at = env.now + lead_s if lead_s > 0 else env.now  # as the clock reads after a timeout of lead_s
         yield link.send(link.up, plan.bytes_up, plan.messages, lead_s)
-        out.uplink_s, out.wire_bytes_up = env.now - sent_at, link.wire_bytes(plan.bytes_up, plan.messages)
+        # link.wire_bytes, inlined (two calls per request)
+        out.uplink_s, out.wire_bytes_up = env.now - sent_at, plan.bytes_up + link.framing_bytes * plan.messages
         out.bytes_up = plan.bytes_up
     yield from server.serve(channel.session, plan, out)
     if out.status != "ok":
@@ -61,7 +62,7 @@ def request(env: simpy.Environment, pool: GpuPool, channel: Channel, plan: Reque
     if serving.remote:
         sent_at = env.now
         yield link.send(link.down, plan.bytes_down, plan.messages)
-        out.downlink_s, out.wire_bytes_down = env.now - sent_at, link.wire_bytes(plan.bytes_down, plan.messages)
+        out.downlink_s, out.wire_bytes_down = env.now - sent_at, plan.bytes_down + link.framing_bytes * plan.messages
         out.bytes_down = plan.bytes_down
     out.finished_at = env.now
     server.routed -= 1
@@ -119,10 +120,11 @@ def agent(env: simpy.Environment, pool: GpuPool, planner: Planner, log: RecordBu
     for iteration in range(workload.iterations):
         for phase, spec in (("reason", workload.reason), ("reflect", workload.reflect)):
             # a session with KV on the GPU stays there (only a serverless task moves between GPUs)
-            resident = channel.server.resident_tokens(session, context) if planner.serving.session_kv else context
+            # GpuServer.resident_tokens, inlined: all of the context, or none once its KV was dropped
+            resident = (context if session.kv_tokens else 0) if planner.serving.session_kv else context
             plan = planner.generate(context, spec.input_tokens, spec.new_tokens, resident=resident)
             outcomes = yield from generate(env, pool, channel, plan)
-            record(log, channel, merge(outcomes), agent_id, iteration, phase, -1, False, context,
+            record(log, channel, outcomes[0] if len(outcomes) == 1 else merge(outcomes), agent_id, iteration, phase, -1, False, context,
                    spec.input_tokens, spec.new_tokens, kv_state, context - resident)
             if outcomes[-1].status != "ok":
                 pool.release(channel)

@@ -223,9 +223,6 @@ class PassTimer:
     def durations_s(self, work: GpuWork) -> list[float]:
         return [duration for duration, _ in self.costs_s(work)]
 
-    def batched_decode_s(self, batch: int, sum_context: int) -> float:
-        return self.cost.decode_step_s(batch, sum_context) * self.factor("decode")
-
 
 class SerialFCFS:
     """One request at a time, in arrival order, each to completion (how Djinn's server runs)."""
@@ -389,7 +386,9 @@ class ContinuousBatching:
         self._iteration: tuple = ()  # that iteration's pass, batch and duration
 
     def execute(self, work: GpuWork):
-        seq = _Sequence(work, self.env.now, self.env.event(), self._order, self._segments(work.passes))
+        memo = self._segment_memo.get(id(work.passes))  # _segments, its memo read inline
+        segments = memo[1] if memo is not None and memo[0] is work.passes else self._segments(work.passes)
+        seq = _Sequence(work, self.env.now, self.env.event(), self._order, segments)
         self._order += 1
         self.waiting.append(seq)
         if not self._busy:  # idle: an event now starts the next iteration (after what else happens now)
@@ -465,19 +464,25 @@ class ContinuousBatching:
         # Prefill-priority iterations (vLLM's default): pending prefills run before the next decode.
         if self._prefill:
             count = len(self._prefill) if self.max_prefills is None else min(self.max_prefills, len(self._prefill))
-            prefilling = [heapq.heappop(self._prefill)[1] for _ in range(count)]
-            # One batched forward over the pending prompts (their mean length, their deepest cache).
-            passes = [s.segments[s.segment][1] for s in prefilling]
-            batch = sum(s.work.batch for s in prefilling)
-            tokens = sum(s.work.batch * p[1] for s, p in zip(prefilling, passes))
-            context = max(p[2] for p in passes)
+            if count == 1:  # one prompt (most prefill iterations): the sums below over one sequence
+                seq = heapq.heappop(self._prefill)[1]
+                prefilling, p = [seq], seq.segments[seq.segment][1]
+                batch = seq.work.batch
+                tokens, context = batch * p[1], p[2]
+            else:
+                prefilling = [heapq.heappop(self._prefill)[1] for _ in range(count)]
+                # One batched forward over the pending prompts (their mean length, their deepest cache).
+                passes = [s.segments[s.segment][1] for s in prefilling]
+                batch = sum(s.work.batch for s in prefilling)
+                tokens = sum(s.work.batch * p[1] for s, p in zip(prefilling, passes))
+                context = max(p[2] for p in passes)
             prompt = max(round(tokens / batch), 1)
             iteration_s = timer.base_s(("prefill", prompt, context), batch) * timer.factor("prefill")
             self._prefilling, self._iteration = prefilling, (("prefill", prompt, context), batch, iteration_s)
             env.timeout(iteration_s).callbacks.append(self._prefilled)
         else:
             batch, sum_context = self._decoding_batch, self._sum_context
-            iteration_s = timer.batched_decode_s(batch, sum_context)
+            iteration_s = timer.cost.decode_step_s(batch, sum_context) * timer.factor("decode")  # batched_decode_s
             self._iteration = (sum_context, batch, iteration_s)
             env.timeout(iteration_s).callbacks.append(self._decoded)
 

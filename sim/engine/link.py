@@ -50,7 +50,8 @@ class Link:
         set-up) waited in the same step. The send took from `lead_s` after it began to then."""
         env = self.env
         wire_bytes = payload + self.framing_bytes * messages
-        before_s, after_s = self.costs_s(payload, messages)
+        costs = self._costs.get((payload, messages))  # costs_s, its memo read inline
+        before_s, after_s = costs if costs is not None else self.costs_s(payload, messages)
         if wire_bytes > 0:
             return pipe.transfer(wire_bytes, lead_s=lead_s, before_s=before_s, after_s=after_s)
         # nothing on the wire: the fixed times one after another

@@ -168,14 +168,20 @@ class SharedPipe:
     def _start(self, now: float, join_at: float, nbytes: float, flow_class, done: simpy.Event, after_s: float) -> None:
         lone = self._lone
         if self.closed_form and not self._classes and not self._joining and (not lone or lone[-1].end_at < join_at):
-            alone = self._closed_form(join_at, nbytes, flow_class, done, after_s)
-            if alone is not None:
+            # A lone transfer's instants, as the pipe would compute them step by step (unless its
+            # wake-up would not find it done, which float round-off allows on very long runs).
+            rate = self._lone_rates.get(flow_class)
+            if rate is None:
+                rate = self._lone_rate(flow_class)
+            end_at = join_at + nbytes / rate
+            if nbytes <= (end_at - join_at) * rate + rate * _DONE_WITHIN_S:
+                done_at = end_at + after_s if after_s > 0 else end_at
                 while lone and lone[0].end_at <= now:
                     lone.popleft()
-                lone.append(alone)
+                lone.append(_Alone(join_at, end_at, done_at, nbytes, flow_class, done, after_s, rate))
                 done._ok = True  # schedule_at, inlined: most transfers come here
                 done._value = None
-                self._schedule_at(done, alone.done_at)
+                self._schedule_at(done, done_at)
                 return
         if join_at > now:
             self._join_at(join_at, (nbytes, flow_class, done, after_s))
@@ -234,22 +240,14 @@ class SharedPipe:
         self._allocate()
         self._reschedule()
 
-    def _closed_form(self, join_at: float, nbytes: float, flow_class, done: simpy.Event,
-                     after_s: float) -> "_Alone | None":
-        """A lone transfer's instants, as the pipe would compute them step by step (None when its
-        wake-up would not find it done, which float round-off allows on very long runs)."""
-        rate = self._lone_rates.get(flow_class)
-        if rate is None:
-            cap = self.flow_cap_Bps if flow_class is None else flow_class.rate_Bps(1)
-            rate = min(math.inf if cap is None else cap, self.rate_Bps(1) / 1)
-            if len(self._lone_rates) >= 64:  # some classes live for one transfer (FluidTimeSliced's)
-                self._lone_rates.clear()
-            self._lone_rates[flow_class] = rate
-        end_at = join_at + nbytes / rate
-        if not nbytes <= (end_at - join_at) * rate + rate * _DONE_WITHIN_S:
-            return None
-        done_at = end_at + after_s if after_s > 0 else end_at
-        return _Alone(join_at, end_at, done_at, nbytes, flow_class, done, after_s, rate)
+    def _lone_rate(self, flow_class) -> float:
+        """A flow's rate alone in the pipe (memoized per class: `_start` reads the memo first)."""
+        cap = self.flow_cap_Bps if flow_class is None else flow_class.rate_Bps(1)
+        rate = min(math.inf if cap is None else cap, self.rate_Bps(1) / 1)
+        if len(self._lone_rates) >= 64:  # some classes live for one transfer (FluidTimeSliced's)
+            self._lone_rates.clear()
+        self._lone_rates[flow_class] = rate
+        return rate
 
     def _put_back(self, now: float) -> None:
         """Another transfer joins while transfers computed in closed form may still be in the pipe:

@@ -403,7 +403,9 @@ class GpuServer:
             self.drop_held_kv(session)  # this request re-prefills the context into a KV of its own
         restore = 0 if session.kv_on_gpu else session.kv_tokens * kv_bytes
         kv_request = (plan.kv_transient_tokens + plan.kv_grow_tokens) * kv_bytes
-        workspace = self.workspace_bytes(plan.workspace_tokens, plan.batch)
+        workspace = self._workspace.get((plan.workspace_tokens, plan.batch))  # workspace_bytes, its memo inline
+        if workspace is None:
+            workspace = self.workspace_bytes(plan.workspace_tokens, plan.batch)
         request_bytes = kv_request + workspace
         if serving.load_per_request:
             request_bytes += self.process_bytes
@@ -445,7 +447,8 @@ class GpuServer:
                 self.resident_kv_bytes += restore
             session.kv_on_gpu = True
             out.copy_s += env.now - t0
-        work = GpuWork(plan.passes, plan.batch, self.gpu_process(session))
+        work = GpuWork(plan.passes, plan.batch,  # self.gpu_process(session), inlined
+                       session.agent if serving.process_per_agent or serving.load_per_request else "server")
         if self.qos_gate is not None:
             t0 = env.now
             yield self.qos_gate.acquire(QOS_CLASSES.index(session.qos_class))
