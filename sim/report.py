@@ -378,7 +378,7 @@ class RecordsCsv:
             self._file.truncate()
             self.write(records)
 
-        done = aside_or_again(write, again)
+        done = aside_or_again(write, again, nice=AFTER_RUN_NICE)
         if done is None:
             self.write(records)
             return lambda abandon=False: None
@@ -390,7 +390,8 @@ class PipedChild:
     `serve(sent)` runs in the child over the objects sent (an iterator); `send` pickles one to it,
     `finish` ends them, `abandon` ends the child. Not `started` where it cannot fork."""
 
-    def __init__(self, serve: Callable[[Iterator[Any]], None]) -> None:
+    def __init__(self, serve: Callable[[Iterator[Any]], None], nice: int = 0) -> None:
+        """`nice`: as `run_aside`'s."""
         source, sink = os.pipe()
         _WRITE_ENDS.add(sink)  # a child forked later closes it: else this reader would never see the end
 
@@ -398,7 +399,7 @@ class PipedChild:
             with os.fdopen(source, "rb") as reader:
                 serve(_unpickled(reader))
 
-        self._child = run_aside(work)
+        self._child = run_aside(work, nice)
         os.close(source)
         self._pipe = os.fdopen(sink, "wb") if self._child is not None else None
         if self._pipe is None:
@@ -559,12 +560,21 @@ class WarmChild:
 _WRITE_ENDS: set[int] = set()  # the pipes this process writes to children through (PipedChild)
 
 
-def run_aside(work: Callable[[], None]) -> Callable[[bool], bool] | None:
+# The niceness of the children that write a large point's trace and baseline (and its records.csv
+# when not streamed during the run): after the run they share the two cores with this process's
+# summary and the figure's child, which the command waits for in turn (the summary, then the figure
+# drawn from it); at a lower priority they take what those leave. Scheduling only: every file is the
+# same. (The child that streams records.csv during the run is not lowered: it keeps pace with the run.)
+AFTER_RUN_NICE = 5
+
+
+def run_aside(work: Callable[[], None], nice: int = 0) -> Callable[[bool], bool] | None:
     """`work()` in a forked child process, on another core while this one goes on (POSIX, and no
     other thread: a fork copies only the calling one); None where it cannot fork (nothing run).
     Returns `done(abandon)`: waits for the child (with abandon, ends it first) and says whether
     `work` finished. The child leaves without running anything of the parent's (no exit handlers,
-    no buffers of the parent's flushed) and ignores SIGINT: the parent decides what an interrupt does."""
+    no buffers of the parent's flushed) and ignores SIGINT: the parent decides what an interrupt does.
+    `nice`: added to the child's niceness (os.nice), where the system allows it."""
     if not hasattr(os, "fork") or threading.active_count() > 1:
         return None
     pid = os.fork()
@@ -575,6 +585,11 @@ def run_aside(work: Callable[[], None]) -> Callable[[bool], bool] | None:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             for sink in _WRITE_ENDS:  # the other children's pipes are the parent's to end
                 os.close(sink)
+            if nice:
+                try:
+                    os.nice(nice)
+                except OSError:  # not allowed here: the same work at the same priority
+                    pass
             work()
             code = 0
         finally:
@@ -596,11 +611,11 @@ def run_aside(work: Callable[[], None]) -> Callable[[bool], bool] | None:
 
 
 def aside_or_again(work: Callable[[], None], again: Callable[[], None] | None = None,
-                   ) -> Callable[[bool], None] | None:
+                   nice: int = 0) -> Callable[[bool], None] | None:
     """`work()` in a forked child (`run_aside`); None where it cannot fork (nothing run). Returns
     `done(abandon)`: waits for the child (with abandon, ends it) and, if the child failed and was not
     abandoned, runs `again` (default: `work`) here, where a failure is reported as usual."""
-    child = run_aside(work)
+    child = run_aside(work, nice)
     if child is None:
         return None
     redo = work if again is None else again
@@ -894,7 +909,7 @@ class PointWriter:
                     _write_baseline(baseline, baseline_runs_document(point_result, self.scenario, frame, phases),
                                     lambda document: with_summary(document, point_result, self.scenario, next(summaries)))
 
-                baseline_child = PipedChild(write_baseline)
+                baseline_child = PipedChild(write_baseline, AFTER_RUN_NICE)
                 del write_baseline  # it holds the frame
                 if not baseline_child.started:
                     baseline_child = None
@@ -954,7 +969,7 @@ class PointWriter:
         def write() -> None:
             self._write_trace(point, trace_records(records))
 
-        done = aside_or_again(write)
+        done = aside_or_again(write, nice=AFTER_RUN_NICE)
         if done is not None:
             self._traced = self.out_dir / "trace.json"
         return done

@@ -111,7 +111,7 @@ def _events_json(records: list[Record], pid: int) -> str:
         tid = record.agent + 1
         issued_at = record.issued_at
         cat = _json_text(record.phase)
-        floats = [_us(issued_at), _us(record.latency_s)]
+        floats = [round(issued_at * US_PER_S, _DECIMALS), round(record.latency_s * US_PER_S, _DECIMALS)]  # _us
         events = [_PARENT_JSON % (*ints[:7], _json_text(record.status), cat, floats[1],
                                   _json_text(f"{record.phase}/{record.step}"), pid, tid, floats[0])]
         cursor_s = 0.0
@@ -119,7 +119,7 @@ def _events_json(records: list[Record], pid: int) -> str:
             duration_s = getattr(record, field)
             if duration_s <= 0:
                 continue
-            ts, dur = _us(issued_at + cursor_s), _us(duration_s)
+            ts, dur = round((issued_at + cursor_s) * US_PER_S, _DECIMALS), round(duration_s * US_PER_S, _DECIMALS)
             floats += (ts, dur)
             events.append(_CHILD_JSON % (cat, dur, name, pid, tid, ts))
             cursor_s += duration_s
