@@ -511,7 +511,8 @@ class ContinuousBatching:
         ends = self._decode_ends
         if not ends or ends[0][0] != self._decode_iterations:  # nobody's decode run ends here (most iterations)
             self._iterate()
-            self._release()
+            if self._leaving:  # finished by what _iterate admitted (else _release has nothing to do)
+                self._release()
             return
         finished: list[_Sequence] = []
         while ends and ends[0][0] == self._decode_iterations:
