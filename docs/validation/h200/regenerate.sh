@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Re-compare the committed H200 reference runs (run 1, and later runs where a section below says so) with the simulator as it is now, on the CPU (no GPU, nothing
-# real re-run), into run1-decodefit/. Exp 2.1 is judged on the bundled profile refitted without
-# calibrate's own Exp 2.1 runs (as the live validation did); the agents on the bundled profile.
+# Re-compare the committed H200 reference runs with the simulator as it is now, on the CPU (no GPU,
+# nothing real re-run); each section says what it re-makes. First run 1, into run1-decodefit/: Exp 2.1
+# judged on the bundled profile refitted without calibrate's own Exp 2.1 runs (as the live
+# validation did), the agents on the bundled profile.
 # These re-comparisons are in-sample: the decode fit and spread rules they use were designed after
 # seeing run 1 (each report labels its figures so).
 set -euo pipefail
