@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Re-compare the H200 reference run 1 (and run 3's Exp 2.1, at the end) with the simulator as it is now, on the CPU (no GPU, nothing
-# real re-run), into run1-decodefit/. Exp 2.1 is judged on the bundled profile refitted without
-# calibrate's own Exp 2.1 runs (as the live validation did); the agents on the bundled profile.
+# Re-compare the committed H200 reference runs with the simulator as it is now, on the CPU (no GPU,
+# nothing real re-run); each section says what it re-makes. First run 1, into run1-decodefit/: Exp 2.1
+# judged on the bundled profile refitted without calibrate's own Exp 2.1 runs (as the live
+# validation did), the agents on the bundled profile.
 # These re-comparisons are in-sample: the decode fit and spread rules they use were designed after
 # seeing run 1 (each report labels its figures so).
 set -euo pipefail
@@ -88,3 +89,8 @@ djinnsim validate --from-real $here/run3/exp21-25 --calibration $out/calibration
 for item in link-low exp21-25; do
   djinnsim validate --from-real $here/run4/$item --calibration $out/calibration/run4/h200-llama-2-7b-heldout.json --out $out/run4-$item --quiet --force
 done
+# Run 5's Djinn serial FCFS at N = 32: its repeats ran over two device commands (3 + 2) on the one
+# pooled profile frozen before the first; judged as one validation (held out when re-made by the code
+# that ran them, eb1d587 or a later commit that changes no simulated figure).
+djinnsim validate --from-real $here/run5/djinn-fcfs-32a --also-real $here/run5/djinn-fcfs-32b \
+  --calibration $here/run5/pooled-profile/h200-llama-2-7b.json --out $here/run5/djinn-fcfs-32 --quiet --force
