@@ -41,6 +41,11 @@ def tables(root: Path) -> str:
                    and (root / "median" / p.name / "validation.json").is_file())
     if not items:
         raise SystemExit(f"{root}: no item judged both in fit/ and in median/")
+    head = [f"# The point at the fit and at the median level: `{root.as_posix()}`", "",
+            "Real runs on an NVIDIA H200 (each report names its machine), re-simulated on the CPU; every "
+            "figure **in-sample** (`--level-point median` was written after seeing them; the reports say "
+            "why). Made by `python benchmarks/level_point_table.py` from the reports under `fit/` and "
+            "`median/`; the factor is the `spread.point_level` of the profile the median report was judged on.", ""]
     reports = ["| item | point-level factor | coverage fit -> median | PASS fit -> median (of judged) | "
                "mean abs mean-latency error fit -> median |", "|---|---|---|---|---|"]
     points = ["| item | point | mean latency error fit -> median | per-token error fit -> median | "
@@ -65,7 +70,22 @@ def tables(root: Path) -> str:
                           f"{_pct(_error(p, 'per_token_s'))} -> {_pct(_error(q, 'per_token_s'))} | "
                           + ("-" if real is None else f"{1e3 * real:.2f} ms") + " |")
     reports.append(_totals(root, items))
-    return "\n".join(reports) + "\n\n" + "\n".join(points) + "\n"
+    return "\n".join(head + reports) + "\n\n" + _native(root, items) + "\n\n" + "\n".join(points) + "\n"
+
+
+def _native(root: Path, items: list[str]) -> str:
+    """Exp 2.1's native_pytorch points (the batch-1 decode alone): mean and mean absolute
+    mean-latency error over them, on each side."""
+    out = []
+    for side in ("fit", "median"):
+        errors = [e for item in items for p in _load(root / side / item)["points"]
+                  if p["label"].startswith("native_pytorch") and (e := _error(p, "latency_mean_s")) is not None]
+        if not errors:
+            return "No native_pytorch point."
+        out.append((sum(errors) / len(errors), sum(abs(e) for e in errors) / len(errors), len(errors)))
+    (mb, ab, n), (ma, aa, _) = out
+    return (f"native_pytorch (Exp 2.1), {n} points: mean mean-latency error {_pct(mb)} -> {_pct(ma)}, "
+            f"mean absolute {_pct(ab).lstrip('+')} -> {_pct(aa).lstrip('+')}.")
 
 
 def _totals(root: Path, items: list[str]) -> str:
