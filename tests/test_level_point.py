@@ -127,3 +127,14 @@ def test_an_old_profile_round_trips_byte_identical(tmp_path):
     shutil.copyfile(RUN5, tmp_path / "p.json")
     save_profile(load_profile(tmp_path / "p.json"), tmp_path / "q.json")
     assert (tmp_path / "q.json").read_bytes() == RUN5.read_bytes()
+
+
+def test_a_report_names_the_moved_point(pair):
+    """validate's profile record carries point_level where it is set, and the report's profile line says it."""
+    from djinnsim.validate.pipeline import profile_meta
+    from djinnsim.validate.report import _point_level
+
+    folder, _, median = pair
+    moved, plain = profile_meta(folder / "median.json", "given", median), profile_meta(folder / "fit.json", "given", load_profile(folder / "fit.json"))
+    assert moved["point_level"] == median.spread.point_level and "point_level" not in plain
+    assert _point_level(plain) == "" and f"passes x {median.spread.point_level:.4f}" in _point_level(moved)
