@@ -161,10 +161,15 @@ def _number(text: str | None) -> float | None:
     return value if math.isfinite(value) else None
 
 
+POINT_NOTE = ", the point at the spells' median level (passes x "
+
+
 def refit(profile: Profile, rows: list[dict[str, str]], note: str, left_out: tuple[str, ...] = (),
-          level_from: list[tuple[str, str, Profile, list]] = ()) -> Profile:
+          level_from: list[tuple[str, str, Profile, list]] = (), level_point: str = "fit") -> Profile:
     """`left_out`: sample stages no fit (nor the spread) may use, e.g. ("exp21_step",) to hold
-    calibrate's own Exp 2.1 runs out of the decode fit; the measured jitter sequence stays."""
+    calibrate's own Exp 2.1 runs out of the decode fit; the measured jitter sequence stays.
+    `level_point` "median": the point at the median batch-1 level the bands draw (spread.at_median_level),
+    before the predictions and the serial host time are taken from it."""
     from .composition import loopback_serial_gbps, rows_from_end_to_end
 
     spec = get_model(profile.metadata.model_id)
@@ -204,9 +209,12 @@ def refit(profile: Profile, rows: list[dict[str, str]], note: str, left_out: tup
         "prefill_workspace": fit_workspace(workspace_points(rows, "prefill_workspace"), PREFILL_FEATURES, PREFILL_SCALE, ["prompt_tokens", "batch"]),
         "decode_workspace": fit_workspace(workspace_points(rows, "decode_workspace"), DECODE_FEATURES, DECODE_SCALE, ["batch", "context", "sum_context"]),
     })
-    notes = [n for n in profile.metadata.notes if n != note]  # refitting twice notes it once
+    notes = [n for n in profile.metadata.notes if n.split(POINT_NOTE)[0] != note]  # refitting twice notes it once
     update["metadata"] = profile.metadata.model_copy(update={"notes": [*notes, note]})
-    new = with_spread(profile.model_copy(update=update), rows, left_out, level_from)
+    new = with_spread(profile.model_copy(update=update), rows, left_out, level_from, level_point)
+    if new.spread is not None and new.spread.point_level is not None:  # the note names the factor
+        noted = [*notes, f"{note}{POINT_NOTE}{new.spread.point_level:.4f})"]
+        new = new.model_copy(update={"metadata": new.metadata.model_copy(update={"notes": noted})})
     serial_rows = rows_from_end_to_end(new.end_to_end, ProfileCostModel(new, spec), new.network.loopback_gbps, spec)
     if serial_rows:  # the host time beyond the link parts, against the refitted cap and serialize
         network = new.network.model_copy(update={"loopback_serial_gbps": loopback_serial_gbps(serial_rows)})
@@ -280,10 +288,18 @@ def _same_calibration(profile: Profile, rows: list[dict[str, str]], path: Path, 
 
 
 def refit_file(path: Path, out: Path | None = None, command: str | None = None,
-               left_out: tuple[str, ...] = (), level_from: tuple[Path, ...] = ()) -> tuple[Profile, Path]:
+               left_out: tuple[str, ...] = (), level_from: tuple[Path, ...] = (),
+               level_point: str | None = None) -> tuple[Profile, Path]:
     """Refit `path` from its samples (into `out`, else in place). A pooled profile's earlier
-    --level-from sources are applied again (they must still be there, unchanged), with any new ones."""
+    --level-from sources are applied again (they must still be there, unchanged), with any new ones;
+    so is its point at the median level (`level_point` None: as the profile had it)."""
+    from .spread import LEVEL_POINTS
+
+    if level_point is not None and level_point not in LEVEL_POINTS:
+        raise DjinnsimError(f"--level-point {level_point!r}: not one of {', '.join(LEVEL_POINTS)}")
     profile = load_profile(path)
+    if level_point is None:
+        level_point = "median" if profile.spread is not None and profile.spread.point_level is not None else "fit"
     if not profile.samples_file:
         raise DjinnsimError(f"{path}: the profile names no samples file to refit from")
     samples_file = samples_path(profile, path) or Path(path).parent / profile.samples_file
@@ -302,7 +318,7 @@ def refit_file(path: Path, out: Path | None = None, command: str | None = None,
     if sources:
         note += f", batch-1 spells also from {', '.join(sources)}"
     pooled = level_sources(profile, samples_file, tuple(Path(p) for p in sources), earlier)
-    new = refit(profile, rows, note, left_out, pooled)
+    new = refit(profile, rows, note, left_out, pooled, level_point)
     target = Path(out) if out is not None else Path(path)
     samples = target.with_suffix(".csv")
     if target.resolve() != Path(path).resolve():  # the samples travel with the profile

@@ -124,6 +124,34 @@ def spread_from_samples(profile: Profile, rows, left_out: tuple[str, ...] = (),
     )
 
 
+LEVEL_POINTS = ("fit", "median")
+
+
 def with_spread(profile: Profile, rows, left_out: tuple[str, ...] = (),
-                level_from: list[tuple[str, str, Profile, list]] = ()) -> Profile:
-    return profile.model_copy(update={"spread": spread_from_samples(profile, rows, left_out, level_from)})
+                level_from: list[tuple[str, str, Profile, list]] = (), level_point: str = "fit") -> Profile:
+    """The profile with its spread. `level_point` "median": its point moved to the median of the
+    batch-1 spell levels the bands draw (`at_median_level`); "fit": the point at the fits."""
+    new = profile.model_copy(update={"spread": spread_from_samples(profile, rows, left_out, level_from)})
+    return at_median_level(new, rows, left_out, level_from) if level_point == "median" else new
+
+
+def at_median_level(profile: Profile, rows, left_out: tuple[str, ...] = (),
+                    level_from: list[tuple[str, str, Profile, list]] = ()) -> Profile:
+    """The profile with its passes at the median m of its spread's decode_level (sim.bands.level_scaled:
+    the decode step x m at every batch, prefill and cached-prefill host floors x m) and its spread
+    taken again over that point: each spell's factor becomes f / m, each grid residual over the new
+    fits, so a band draw f / m of the point m x fit is f x fit, where it was. The decode step is
+    scaled whole: calibrate's decode grid is launch-bound from batch 1 to 64 (on the H200 its batch-64
+    steps sit in the batch-1 range, and residuals show no trend with batch), and bands scale the whole
+    fit by the level drawn, so a batch-1-only shift would move the bands at larger batches."""
+    from djinnsim.errors import DjinnsimError
+    from djinnsim.sim.bands import level_scaled
+
+    levels = profile.spread.decode_level if profile.spread is not None else []
+    if not levels:
+        raise DjinnsimError("--level-point median: the profile's spread has no batch-1 decode spells "
+                            "(decode_level) to take a level from")
+    median = float(np.median(levels))
+    scaled = level_scaled(profile, median)
+    spread = spread_from_samples(scaled, rows, left_out, level_from)
+    return scaled.model_copy(update={"spread": spread.model_copy(update={"point_level": median})})

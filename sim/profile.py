@@ -40,6 +40,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+def _without_unset(out: dict, field: str) -> dict:
+    """A serialized model without `field` where it is None (a field added later, left unset)."""
+    if out.get(field, 0) is None:
+        del out[field]
+    return out
+
+
 class LinearFit(_Strict):
     """time_s = sum(coef[i] * feature_i(inputs)) over `features`; valid on `domain`.
 
@@ -75,10 +82,7 @@ class LinearFit(_Strict):
     @model_serializer(mode="wrap")
     def _without_unset_floor(self, handler):
         """A fit without a floor is written as before the field existed (profiles stay byte-identical)."""
-        out = handler(self)
-        if out.get("floor_s", 0) is None:
-            del out["floor_s"]
-        return out
+        return _without_unset(handler(self), "floor_s")
 
 
 class PiecewiseFit(_Strict):
@@ -209,7 +213,7 @@ class Spread(_Strict):
     decode_level: list[float] = Field(
         default_factory=list, description="decode step level in separate spells: each batch-1 spell "
         "calibrate ran (decode grid point at batch 1, cold_shapes' warm passes, Exp 2.1 run, timeslice_mp's "
-        "lone process), its median step over the decode fit at its median context")
+        "lone process), its median step over the decode fit (x point_level where set) at its median context")
     decode_residual: list[float] = Field(
         default_factory=list, description="each decode grid point's median step over the decode fit")
     prefill_residual: list[float] = Field(
@@ -226,6 +230,13 @@ class Spread(_Strict):
         default_factory=list, description="other calibrations of the same GPU, model and dtype whose batch-1 "
         "spells joined decode_level (`calibrate --refit --level-from`); every later refit applies them again "
         "(checked by sha256); empty: this calibration's spells only")
+    point_level: float | None = Field(
+        default=None, gt=0, le=MAX_FACTOR, strict=True,
+        description="`calibrate --refit --level-point median`: the median of the batch-1 spell factors over "
+        "the decode fit, by which the point's passes were scaled (sim.bands.level_scaled); every factor here "
+        "is over the scaled point, so the point sits at the median level the bands draw and the bands stay "
+        "where they were in absolute terms; a later refit takes the median again. None (older profiles "
+        "too): the point at the decode fit")
 
     @field_validator("decode_level", "decode_residual", "prefill_residual", "weight_load", "copies")
     @classmethod
@@ -233,6 +244,11 @@ class Spread(_Strict):
         if any(not 0 < v <= MAX_FACTOR for v in value):
             raise ValueError(f"spread factors must lie in (0, {MAX_FACTOR:g}]")
         return value
+
+    @model_serializer(mode="wrap")
+    def _without_unset_point_level(self, handler):
+        """A spread whose point is at the fit is written as before the field existed (profiles stay byte-identical)."""
+        return _without_unset(handler(self), "point_level")
 
 
 ProcessLoadTier = Literal["disk", "disk_cold", "pageable", "pinned"]

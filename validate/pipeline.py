@@ -494,8 +494,11 @@ def profile_meta(path: Path, how: str, profile: Profile, moved: tuple[Path, Path
     recorded = path
     if moved is not None and path.is_relative_to(moved[0]):
         recorded = moved[1] / path.relative_to(moved[0])
-    return {"path": str(recorded), "how": how, "date": profile.metadata.date, "quick": profile.metadata.quick,
+    meta = {"path": str(recorded), "how": how, "date": profile.metadata.date, "quick": profile.metadata.quick,
             "gpu_name": profile.metadata.gpu_name, "sha256": file_sha256(path)}
+    if profile.spread is not None and profile.spread.point_level is not None:  # `calibrate --level-point median`
+        meta["point_level"] = profile.spread.point_level
+    return meta
 
 
 def device_notes(scenario_v: Scenario, device: str, model_id: str) -> list[str]:

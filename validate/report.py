@@ -82,6 +82,13 @@ def summary_line(counts: dict) -> str:
             f"{counts.get('N/A', 0)} N/A{cover}")
 
 
+def _point_level(profile_meta: dict) -> str:
+    """How the profile's point was moved off its decode fit (`calibrate --refit --level-point median`), if it was."""
+    level = profile_meta.get("point_level")
+    return "" if level is None else (f"; point at the median batch-1 level its bands draw: passes x {level:.4f} "
+                                     "over the fits")
+
+
 def provenance_lines(meta: dict) -> list[str]:
     from djinnsim.sim.provenance import describe_simulator
 
@@ -127,7 +134,7 @@ def markdown(doc: dict, points: list[PointComparison]) -> str:
         f"Machine: {meta['machine']['name']} ({meta['machine']['device']}), driver {meta['machine'].get('driver') or 'N/A'}, "
         f"torch {meta['machine']['torch']}, transformers {meta['machine']['transformers']}, host {meta['machine']['host_cpu']}.  ",
         f"Profile: `{meta['profile']['path']}` ({meta['profile']['how']}; calibrated {meta['profile']['date']}, "
-        f"quick={meta['profile']['quick']}).  ",
+        f"quick={meta['profile']['quick']}{_point_level(meta['profile'])}).  ",
         *provenance_lines(meta),
         "",
         f"Model {meta['model']}, {meta['repeats']} repeats per point, real and simulated (each simulated repeat "

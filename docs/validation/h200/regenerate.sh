@@ -94,3 +94,33 @@ done
 # that ran them, eb1d587 or a later commit that changes no simulated figure).
 djinnsim validate --from-real $here/run5/djinn-fcfs-32a --also-real $here/run5/djinn-fcfs-32b \
   --calibration $here/run5/pooled-profile/h200-llama-2-7b.json --out $here/run5/djinn-fcfs-32 --quiet --force
+
+# The point at the band's median level (IN-SAMPLE: `--level-point median` was written after seeing runs
+# 1-5): runs 2-5 each on its calibration with the earlier calibrations' batch-1 spells pooled, the point
+# at the fit (fit/) and at the median pooled level (median/), judged alike (Exp 2.1 and the link on the
+# refit without calibrate's Exp 2.1 runs, as the live runs were), into level-point/.
+out=$here/level-point
+cal=$out/calibration
+pooled=$here/pooled-level/calibration
+mkdir -p $cal
+for n in 2 3 4; do
+  djinnsim calibrate --refit $pooled/run$n-pooled.json --out $cal/run$n-median.json --level-point median --quiet
+  djinnsim calibrate --refit $pooled/run$n-pooled.json --out $cal/run$n-median-heldout.json --level-point median --leave-out exp21_step --quiet
+done
+run5pool=$here/run5/pooled-profile/h200-llama-2-7b.json
+djinnsim calibrate --refit $run5pool --out $cal/run5-pooled-heldout.json --leave-out exp21_step --quiet
+djinnsim calibrate --refit $run5pool --out $cal/run5-median.json --level-point median --quiet
+djinnsim calibrate --refit $run5pool --out $cal/run5-median-heldout.json --level-point median --leave-out exp21_step --quiet
+# run:item:profile (held: refitted without calibrate's Exp 2.1 runs; full: the whole profile)
+items="2:exp21-25:held 2:exp21-10:held 2:agents-8:full 2:keepalive-max:full 3:exp21-25:held 3:djinn-fcfs-16:full
+  4:exp21-25:held 4:link-low:held 4:timeslice-12:full 4:timeslice-48:full 5:exp21-25:held 5:link-low:held 5:djinn-fcfs-32a:full"
+for entry in $items; do
+  IFS=: read -r n item which <<< "$entry"
+  also=(); [ "$item" = djinn-fcfs-32a ] && also=(--also-real $here/run5/djinn-fcfs-32b)
+  suffix=; [ "$which" = held ] && suffix=-heldout
+  before=$pooled/run$n-pooled$suffix.json
+  [ $n = 5 ] && before=$( [ "$which" = held ] && echo $cal/run5-pooled-heldout.json || echo $run5pool )
+  djinnsim validate --from-real $here/run$n/$item "${also[@]}" --calibration $before --out $out/fit/run$n-$item --quiet --force
+  djinnsim validate --from-real $here/run$n/$item "${also[@]}" --calibration $cal/run$n-median$suffix.json --out $out/median/run$n-$item --quiet --force
+done
+python benchmarks/level_point_table.py $out > $out/README.md  # the tables, every point
