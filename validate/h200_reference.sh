@@ -54,6 +54,14 @@ for item in $ITEMS; do
       echo "pool failed: no later item runs" >> "$OUT/machine.txt"
       break
     fi
+    # Beside it, the same profile with its point at the median level its bands draw (`--level-point
+    # median`), also made and hashed before any real run: the items judge the plain profile live,
+    # and re-judged offline on this one (`djinnsim validate --from-real DIR --calibration
+    # .../h200-llama-2-7b-median.json`) they are held out too.
+    median="${PROFILE%.json}-median.json"
+    djinnsim calibrate --refit "$PROFILE" --level-point median --out "$median" --quiet >> "$OUT/machine.txt" 2>&1
+    echo "pool: median point exit $? at $(elapsed) s" >> "$OUT/machine.txt"
+    sha256sum "$PROFILE" "$median" >> "$OUT/machine.txt" 2>&1
     # The pooled profile comes back in h200-reference.tar.gz (profile/): extract it into
     # results/h200/ before carrying that folder to a later command, or its items judge another profile.
     mkdir -p "$WORK/profile" && cp "$(dirname "$PROFILE")"/* "$WORK/profile/" 2>> "$OUT/machine.txt"
