@@ -578,6 +578,10 @@ _WRITE_ENDS: set[int] = set()  # the pipes this process writes to children throu
 # drawn from it); at a lower priority they take what those leave. Scheduling only: every file is the
 # same. (The child that streams records.csv during the run is not lowered: it keeps pace with the run.)
 AFTER_RUN_NICE = 5
+# The niceness of the child that writes the trace point's trace.json during its run (`_early_trace`):
+# it takes what the run's process and the child streaming records.csv leave of the two cores (it
+# has the rest of the run to finish in), slowing the run as little as it can.
+DURING_RUN_NICE = 19
 
 
 def run_aside(work: Callable[[], None], nice: int = 0) -> Callable[[bool], bool] | None:
@@ -899,6 +903,7 @@ class PointWriter:
         soon as its records already hold the trace's: the trace shows the first TRACE_MAX_RECORDS
         records in (agent, ...) order, so once agents 0 .. k - 1 are done (no record of theirs is
         still to come) and have that many records, the trace is theirs whatever the run does next.
+        At the lowest priority (DURING_RUN_NICE): the run goes on meanwhile.
         Tried at each flush of a streamed (large) point; an agent-less point never qualifies."""
         def start(builder: "RecordBuilder") -> Callable[[bool], bool] | None:
             agents = builder.complete_agents
@@ -908,7 +913,7 @@ class PointWriter:
             def write() -> None:
                 self._write_trace(point, trace_records(builder.agents_below(agents)))
 
-            return run_aside(write, AFTER_RUN_NICE)
+            return run_aside(write, DURING_RUN_NICE)
 
         return start
 
