@@ -36,15 +36,18 @@ def _mean_abs(points: list[dict], metric: str) -> float | None:
     return sum(errors) / len(errors) if errors else None
 
 
-def tables(root: Path) -> str:
+IN_SAMPLE_NOTE = ("every figure **in-sample** (`--level-point median` was written after seeing them; the "
+                  "reports say why)")
+
+
+def tables(root: Path, note: str = IN_SAMPLE_NOTE) -> str:
     items = sorted(p.name for p in (root / "fit").iterdir() if (p / "validation.json").is_file()
                    and (root / "median" / p.name / "validation.json").is_file())
     if not items:
         raise SystemExit(f"{root}: no item judged both in fit/ and in median/")
     head = [f"# The point at the fit and at the median level: `{root.as_posix()}`", "",
-            "Real runs on an NVIDIA H200 (each report names its machine), re-simulated on the CPU; every "
-            "figure **in-sample** (`--level-point median` was written after seeing them; the reports say "
-            "why). Made by `python benchmarks/level_point_table.py` from the reports under `fit/` and "
+            f"Real runs on an NVIDIA H200 (each report names its machine), re-simulated on the CPU; {note}. "
+            "Made by `python benchmarks/level_point_table.py` from the reports under `fit/` and "
             "`median/`; the factor is the `spread.point_level` of the profile the median report was judged on.", ""]
     reports = ["| item | point-level factor | coverage fit -> median | PASS fit -> median (of judged) | "
                "mean abs mean-latency error fit -> median |", "|---|---|---|---|---|"]
@@ -112,8 +115,9 @@ def _factor(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path)
+    parser.add_argument("--note", default=IN_SAMPLE_NOTE, help="what the figures are (held out or in-sample, and why)")
     args = parser.parse_args(argv)
-    sys.stdout.write(tables(args.root))
+    sys.stdout.write(tables(args.root, args.note))
     return 0
 
 

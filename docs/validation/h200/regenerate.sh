@@ -126,3 +126,23 @@ for entry in $items; do
   djinnsim validate --from-real $here/run$n/$item "${also[@]}" --calibration $cal/run$n-median$suffix.json --out $out/median/run$n-$item --quiet --force
 done
 python benchmarks/level_point_table.py $out > $out/README.md  # the tables, every point
+
+# Run 6 (held out: the pooled profile and its --level-point median twin were both made and hashed on
+# the GPU machine before any real run; the code is that which ran them, e32a25e): every item re-judged
+# offline on the live profile (fit/: the very files the live items froze, so it must reproduce the
+# live reports and their held-out labels) and on the median twin (median/; Exp 2.1 and the links on
+# it refitted without calibrate's Exp 2.1 runs, as live). validate labels median/ in-sample: it cannot
+# check the twin's hash, which machine-cmd2.txt recorded before the runs. Into run6-rejudge/.
+out=$here/run6-rejudge
+run6=$here/run6
+cal=$out/calibration
+mkdir -p $cal
+djinnsim calibrate --refit $run6/pooled-profile/h200-llama-2-7b-median.json --out $cal/run6-median-heldout.json --leave-out exp21_step --quiet
+for entry in exp21-25:held link-100:held link-low:held timeslice-12:full agents-8:full; do
+  IFS=: read -r item which <<< "$entry"
+  if [ "$which" = held ]; then fit=$run6/$item/calibration/h200-llama-2-7b-heldout.json; med=$cal/run6-median-heldout.json
+  else fit=$run6/pooled-profile/h200-llama-2-7b.json; med=$run6/pooled-profile/h200-llama-2-7b-median.json; fi
+  djinnsim validate --from-real $run6/$item --calibration $fit --out $out/fit/run6-$item --quiet --force
+  djinnsim validate --from-real $run6/$item --calibration $med --out $out/median/run6-$item --quiet --force
+done
+python benchmarks/level_point_table.py $out --note "held out in fact: both profiles were hashed on the GPU machine (run6/machine-cmd2.txt) before any real run, by the code that ran them; fit/ keeps the live reports' held-out labels, median/ is labelled in-sample by validate, which cannot check the twin's recorded hash" > $out/README.md
