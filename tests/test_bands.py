@@ -272,3 +272,21 @@ def load_scenario_point():
 
     return expand_points(parse_scenario({"name": "p", "backends": ["djinn"],
                                          "workload": {"kind": "agents", "agents": [1]}}))[0]
+
+
+def test_a_load_draw_scales_loads_by_k_processes_too():
+    """The weight-load factor scales every load: the lone fit and the loads_mp stage's aggregates
+    the cost model reads for k processes at once (each k-process transfer rate exactly 1/factor)."""
+    profile = load_profile(H200)
+    assert profile.loads_mp, "the bundled H200 profile measured loads by k processes"
+    spec = get_model(profile.metadata.model_id)
+    base = ProfileCostModel(profile, spec)
+    drawn = ProfileCostModel(bands.scale_profile(profile, bands.Factors(load=2.0)), spec)
+    tiers = [tier for tier in profile.loads_mp if tier in profile.weight_load]
+    assert tiers
+    for tier in tiers:
+        before, after = base.weight_load(tier), drawn.weight_load(tier)
+        assert after.fixed_s == pytest.approx(2 * before.fixed_s, rel=1e-12)
+        assert before.aggregate_gbps and set(after.aggregate_gbps) == set(before.aggregate_gbps)
+        for k, gbps in before.aggregate_gbps.items():
+            assert after.aggregate_gbps[k] == pytest.approx(gbps / 2, rel=1e-9)
