@@ -36,22 +36,29 @@ def _mean_abs(points: list[dict], metric: str) -> float | None:
     return sum(errors) / len(errors) if errors else None
 
 
-def tables(root: Path) -> str:
-    items = sorted(p.name for p in (root / "fit").iterdir() if (p / "validation.json").is_file()
-                   and (root / "median" / p.name / "validation.json").is_file())
+IN_SAMPLE_NOTE = ("every figure **in-sample** (`--level-point median` was written after seeing them; the "
+                  "reports say why)")
+
+
+TITLE = "The point at the fit and at the median level"
+
+
+def tables(root: Path, note: str = IN_SAMPLE_NOTE, sides: tuple[str, str] = ("fit", "median"), title: str = TITLE) -> str:
+    b, a = sides
+    items = sorted(p.name for p in (root / b).iterdir() if (p / "validation.json").is_file()
+                   and (root / a / p.name / "validation.json").is_file())
     if not items:
-        raise SystemExit(f"{root}: no item judged both in fit/ and in median/")
-    head = [f"# The point at the fit and at the median level: `{root.as_posix()}`", "",
-            "Real runs on an NVIDIA H200 (each report names its machine), re-simulated on the CPU; every "
-            "figure **in-sample** (`--level-point median` was written after seeing them; the reports say "
-            "why). Made by `python benchmarks/level_point_table.py` from the reports under `fit/` and "
-            "`median/`; the factor is the `spread.point_level` of the profile the median report was judged on.", ""]
-    reports = ["| item | point-level factor | coverage fit -> median | PASS fit -> median (of judged) | "
-               "mean abs mean-latency error fit -> median |", "|---|---|---|---|---|"]
-    points = ["| item | point | mean latency error fit -> median | per-token error fit -> median | "
+        raise SystemExit(f"{root}: no item judged both in {b}/ and in {a}/")
+    head = [f"# {title}: `{root.as_posix()}`", "",
+            f"Real runs on an NVIDIA H200 (each report names its machine), re-simulated on the CPU; {note}. "
+            f"Made by `python benchmarks/level_point_table.py` from the reports under `{b}/` and "
+            f"`{a}/`; the factor is the `spread.point_level` of the profile the {a} report was judged on.", ""]
+    reports = [f"| item | point-level factor | coverage {b} -> {a} | PASS {b} -> {a} (of judged) | "
+               f"mean abs mean-latency error {b} -> {a} |", "|---|---|---|---|---|"]
+    points = [f"| item | point | mean latency error {b} -> {a} | per-token error {b} -> {a} | "
               "real mean latency |", "|---|---|---|---|---|"]
     for item in items:
-        before, after = _load(root / "fit" / item), _load(root / "median" / item)
+        before, after = _load(root / b / item), _load(root / a / item)
         sb, sa = before["summary"], after["summary"]
         judged = sb["PASS"] + sb["FAIL"]
         factor = _factor(after)
@@ -69,15 +76,15 @@ def tables(root: Path) -> str:
             points.append(f"| {item} | {p['label']} | {_pct(_error(p, 'latency_mean_s'))} -> {_pct(_error(q, 'latency_mean_s'))} | "
                           f"{_pct(_error(p, 'per_token_s'))} -> {_pct(_error(q, 'per_token_s'))} | "
                           + ("-" if real is None else f"{1e3 * real:.2f} ms") + " |")
-    reports.append(_totals(root, items))
-    return "\n".join(head + reports) + "\n\n" + _native(root, items) + "\n\n" + "\n".join(points) + "\n"
+    reports.append(_totals(root, items, sides))
+    return "\n".join(head + reports) + "\n\n" + _native(root, items, sides) + "\n\n" + "\n".join(points) + "\n"
 
 
-def _native(root: Path, items: list[str]) -> str:
+def _native(root: Path, items: list[str], sides: tuple[str, str] = ("fit", "median")) -> str:
     """Exp 2.1's native_pytorch points (the batch-1 decode alone): mean and mean absolute
     mean-latency error over them, on each side."""
     out = []
-    for side in ("fit", "median"):
+    for side in sides:
         errors = [e for item in items for p in _load(root / side / item)["points"]
                   if p["label"].startswith("native_pytorch") and (e := _error(p, "latency_mean_s")) is not None]
         if not errors:
@@ -88,10 +95,10 @@ def _native(root: Path, items: list[str]) -> str:
             f"mean absolute {_pct(ab).lstrip('+')} -> {_pct(aa).lstrip('+')}.")
 
 
-def _totals(root: Path, items: list[str]) -> str:
+def _totals(root: Path, items: list[str], sides: tuple[str, str] = ("fit", "median")) -> str:
     """The all-reports row: PASS counts and coverage (real repeat values inside the band) summed."""
     cells = []
-    for side in ("fit", "median"):
+    for side in sides:
         summaries = [_load(root / side / item)["summary"] for item in items]
         covered, banded = sum(s["covered"] for s in summaries), sum(s["banded"] for s in summaries)
         cells.append((sum(s["PASS"] for s in summaries), sum(s["PASS"] + s["FAIL"] for s in summaries), covered, banded))
@@ -112,8 +119,12 @@ def _factor(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path)
+    parser.add_argument("--note", default=IN_SAMPLE_NOTE, help="what the figures are (held out or in-sample, and why)")
+    parser.add_argument("--sides", nargs=2, default=["fit", "median"], metavar=("BEFORE", "AFTER"),
+                        help="the two folders under ROOT to compare (default: fit median)")
+    parser.add_argument("--title", default=TITLE)
     args = parser.parse_args(argv)
-    sys.stdout.write(tables(args.root))
+    sys.stdout.write(tables(args.root, args.note, tuple(args.sides), args.title))
     return 0
 
 

@@ -90,7 +90,7 @@ CAP = re.compile(r"tcp loopback: .*?([\d.]+) GB/s")
 SERIALIZE = re.compile(r"fit serialize: ([\d.]+) us \+ bytes / ([\d.]+) GB/s")
 
 
-def calibration(log: Path, profile_path: Path | None = None, out: Path | None = None) -> None:
+def calibration(log: Path, profile_path: Path | None = None, out: Path | None = None, with_path: bool = False) -> None:
     lines = log.read_text().splitlines()
     text = " ".join(line.rstrip() for line in lines)  # the log wraps long lines
     text = re.sub(r" {2,}", " ", text)
@@ -119,15 +119,16 @@ def calibration(log: Path, profile_path: Path | None = None, out: Path | None = 
               f"{host * 1e3 / (up + down):.3f} ms/MB each way")
         rows.append((seq_len, measured, {"h2d_s": h2d, "compute_s": compute, "d2h_s": d2h}))
     if profile_path is not None:
-        serial_from_profile(rows, profile_path, out)
+        serial_from_profile(rows, profile_path, out, with_path)
 
 
-def serial_from_profile(logged: list, profile_path: Path, out: Path | None) -> None:
-    """calibrate's loopback_serial_gbps from the logged composition rows, the link parts predicted
-    with `profile_path`'s primitives; with `out`, a copy of the profile (and its samples CSV) with it."""
+def serial_from_profile(logged: list, profile_path: Path, out: Path | None, with_path: bool = False) -> None:
+    """calibrate's loopback_serial_gbps (and loopback_path) from the logged composition rows, the link
+    parts predicted with `profile_path`'s primitives; with `out`, a copy of the profile (and its
+    samples CSV) with the first (`with_path`: with both)."""
     import shutil
 
-    from djinnsim.calibrate.composition import composition_row, loopback_serial_gbps
+    from djinnsim.calibrate.composition import composition_row, loopback_path, loopback_serial_gbps
     from djinnsim.sim.costmodel import ProfileCostModel
     from djinnsim.sim.profile import load_profile, samples_path, save_profile
     from djinnsim.sim.specs import get_model
@@ -137,12 +138,15 @@ def serial_from_profile(logged: list, profile_path: Path, out: Path | None) -> N
     cost = ProfileCostModel(profile, spec)
     rows = [composition_row(cost, profile.network.loopback_gbps, spec, seq_len, measured, server)
             for seq_len, measured, server in logged]
-    gbps = loopback_serial_gbps(rows)
+    gbps, path = loopback_serial_gbps(rows), loopback_path(rows)
     print(f"   loopback_serial_gbps with {profile_path}: {gbps if gbps is None else f'{gbps:.3f}'}"
           + (f" GB/s = {1 / gbps:.3f} ms/MB" if gbps else ""))
+    print("   loopback_path: " + ("none" if path is None else
+                                  ", ".join(f"{b / 2**20:.0f} MiB {per_byte * 1e9:.3f} ms/MB" for b, per_byte in path)))
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        network = profile.network.model_copy(update={"loopback_serial_gbps": gbps})
+        network = profile.network.model_copy(update={"loopback_serial_gbps": gbps,
+                                                      **({"loopback_path": path} if with_path else {})})
         save_profile(profile.model_copy(update={"network": network}), out / profile_path.name)
         csv = samples_path(profile, profile_path)
         if csv is not None and csv.exists():
@@ -157,6 +161,8 @@ def main() -> int:
     parser.add_argument("--profile", nargs="*", default=[], type=Path,
                         help="one profile per --calibration log: compute calibrate's loopback_serial_gbps with it")
     parser.add_argument("--out", nargs="*", default=[], type=Path, help="one folder per --profile: write a copy with it")
+    parser.add_argument("--with-path", action="store_true",
+                        help="the copies written by --out also get calibrate's loopback_path (the host path with serialization)")
     parser.add_argument("--fit", action="store_true", help="fit s + max(1/rate, c) over all --records folders")
     args = parser.parse_args()
     if len(args.profile) not in (0, len(args.calibration)) or len(args.out) not in (0, len(args.profile)):
@@ -169,7 +175,7 @@ def main() -> int:
     for folder in args.records:
         records(folder)
     for i, log in enumerate(args.calibration):
-        calibration(log, args.profile[i] if args.profile else None, args.out[i] if args.out else None)
+        calibration(log, args.profile[i] if args.profile else None, args.out[i] if args.out else None, args.with_path)
     if args.fit and args.records:
         serial_and_max(args.records)
     return 0

@@ -84,6 +84,33 @@ def loopback_serial_gbps(rows: list[dict]) -> float | None:
     return 1.0 / (s_per_byte * 1e9) if s_per_byte > 0 else None
 
 
+PATH_PARTS = ("connect", "wire", "deserialize")  # what the simulator charges beside loopback_path
+
+
+def loopback_path(rows: list[dict]) -> list[tuple[int, float]] | None:
+    """The real path's host time per byte each way over loopback, serialization included, against
+    the message's bytes: per partially_aware row (`rows`, as for loopback_serial_gbps), measured -
+    the server's h2d, compute and d2h - the connection, the wire at the loopback cap and
+    deserialize, over the bytes both ways, at the mean of the two messages' bytes; the median where
+    a size repeats; rows whose remainder is not positive are left out. None without such rows.
+    Unlike loopback_serial_gbps it keeps serialization in: the serialize stage's pack of a buffer
+    it reuses changes regime at 64 MiB where the real path, which packs into a fresh buffer, does
+    not, so a residual taken beyond it moves with the message size."""
+    by_size: dict[int, list[float]] = {}
+    for row in rows:
+        if row["backend"] != "partially_aware":
+            continue
+        server = sum(row["server"][k] for k in ("h2d_s", "compute_s", "d2h_s"))
+        modelled = sum(row["predicted"][k] for k in PATH_PARTS)
+        both = row["up_bytes"] + row["down_bytes"]
+        per_byte = (row["measured_s"] - server - modelled) / both
+        if per_byte > 0:
+            by_size.setdefault(int(round(both / 2)), []).append(per_byte)
+    if not by_size:
+        return None
+    return [(size, float(np.median(values))) for size, values in sorted(by_size.items())]
+
+
 def composition_row(cost: CostModel, link_gbps: float, spec: ModelSpec, seq_len: int, measured_s: float,
                     server: dict[str, float]) -> dict:
     """A partially_aware row as loopback_serial_gbps reads it, its link parts predicted with `cost`."""

@@ -85,7 +85,8 @@ _GPU_FULL = Plan(
     net_sizes=(64 * KIB, MIB, 16 * MIB, 64 * MIB),
     net_rtt_repeat=500,
     net_connect_repeat=200,
-    composition_contexts=(128, 512, 2048),
+    # 16 and 64: messages of 8 and 32 MiB, the sizes of Exp 2.1's logits and KV (38-63 MB), below 128's 64 MiB.
+    composition_contexts=(16, 64, 128, 512, 2048),
     composition_repeat=3,
     weight_load_max_bytes=None,
     weight_load_concurrency=(),  # concurrency is the loads_mp stage's, with processes

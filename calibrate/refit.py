@@ -165,12 +165,13 @@ POINT_NOTE = ", the point at the spells' median level (passes x "
 
 
 def refit(profile: Profile, rows: list[dict[str, str]], note: str, left_out: tuple[str, ...] = (),
-          level_from: list[tuple[str, str, Profile, list]] = (), level_point: str = "fit") -> Profile:
+          level_from: list[tuple[str, str, Profile, list]] = (), level_point: str = "fit",
+          with_path: bool = False) -> Profile:
     """`left_out`: sample stages no fit (nor the spread) may use, e.g. ("exp21_step",) to hold
     calibrate's own Exp 2.1 runs out of the decode fit; the measured jitter sequence stays.
     `level_point` "median": the point at the median batch-1 level the bands draw (spread.at_median_level),
     before the predictions and the serial host time are taken from it."""
-    from .composition import loopback_serial_gbps, rows_from_end_to_end
+    from .composition import loopback_path, loopback_serial_gbps, rows_from_end_to_end
 
     spec = get_model(profile.metadata.model_id)
     rows = [row for row in rows if row["stage"] not in left_out]
@@ -217,7 +218,11 @@ def refit(profile: Profile, rows: list[dict[str, str]], note: str, left_out: tup
         new = new.model_copy(update={"metadata": new.metadata.model_copy(update={"notes": noted})})
     serial_rows = rows_from_end_to_end(new.end_to_end, ProfileCostModel(new, spec), new.network.loopback_gbps, spec)
     if serial_rows:  # the host time beyond the link parts, against the refitted cap and serialize
-        network = new.network.model_copy(update={"loopback_serial_gbps": loopback_serial_gbps(serial_rows)})
+        # loopback_path: recomputed when the profile has one (calibrate made it) or when asked
+        # (`with_path`), so a refit of an earlier calibration keeps the link model it was judged with.
+        path = loopback_path(serial_rows) if with_path or new.network.loopback_path is not None else None
+        network = new.network.model_copy(update={"loopback_serial_gbps": loopback_serial_gbps(serial_rows),
+                                                  "loopback_path": path})
         new = new.model_copy(update={"network": network})
     Profile.model_validate(new.model_dump())  # the refit must still be a valid profile
     return new.model_copy(update={"end_to_end": _predictions(new, spec)})
@@ -289,7 +294,7 @@ def _same_calibration(profile: Profile, rows: list[dict[str, str]], path: Path, 
 
 def refit_file(path: Path, out: Path | None = None, command: str | None = None,
                left_out: tuple[str, ...] = (), level_from: tuple[Path, ...] = (),
-               level_point: str | None = None) -> tuple[Profile, Path]:
+               level_point: str | None = None, with_path: bool = False) -> tuple[Profile, Path]:
     """Refit `path` from its samples (into `out`, else in place). A pooled profile's earlier
     --level-from sources are applied again (they must still be there, unchanged), with any new ones;
     so is its point at the median level (`level_point` None: as the profile had it)."""
@@ -318,7 +323,9 @@ def refit_file(path: Path, out: Path | None = None, command: str | None = None,
     if sources:
         note += f", batch-1 spells also from {', '.join(sources)}"
     pooled = level_sources(profile, samples_file, tuple(Path(p) for p in sources), earlier)
-    new = refit(profile, rows, note, left_out, pooled, level_point)
+    if with_path:
+        note += ", with the loopback host path"
+    new = refit(profile, rows, note, left_out, pooled, level_point, with_path)
     target = Path(out) if out is not None else Path(path)
     samples = target.with_suffix(".csv")
     if target.resolve() != Path(path).resolve():  # the samples travel with the profile

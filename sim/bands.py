@@ -94,6 +94,9 @@ def scale_profile(profile: Profile, f: Factors) -> Profile:
         "prefill": _scale_fit(profile.prefill, f.prefill),
         **cached,
         "weight_load": {tier: _scale_rate(spec, f.load) for tier, spec in profile.weight_load.items()},
+        # k processes loading at once: the same factor (the cost model reads their aggregates from here)
+        "loads_mp": {tier: spec.model_copy(update={"aggregate_gbps": {k: v / f.load for k, v in spec.aggregate_gbps.items()}})
+                     for tier, spec in profile.loads_mp.items()},
         **{name: _scale_rate(getattr(profile, name), f.copy)
            for name in ("h2d_pinned", "h2d_pageable", "d2h_pinned", "d2h_pageable")},
         "kv_swaps": None if profile.kv_swaps is None else profile.kv_swaps.model_copy(

@@ -8,6 +8,7 @@ they belong to the scenario.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from statistics import NormalDist
 from typing import Literal
@@ -226,6 +227,12 @@ class CostModel(ABC):
         """Host time per message over the loopback stack that the cap does not hide: paid in series
         with the link, beyond (de)serialization (0: not measured)."""
         return 0.0
+
+    def stream_path_s(self, nbytes: float) -> float | None:
+        """Host time of a message of `nbytes` over the loopback stack, serialization included, that
+        the cap does not hide: paid in series with the link instead of serialize_s and
+        stream_serial_s (None: not measured; those two are charged)."""
+        return None
 
     def gpu_busy_fraction(self) -> float:
         """Share of a decode pass during which the GPU itself is busy; the rest is host time
@@ -467,6 +474,17 @@ class ProfileCostModel(CostModel):
     def stream_serial_s(self, nbytes: float) -> float:
         gbps = self.profile.network.loopback_serial_gbps
         return nbytes / (gbps * GB) if gbps and nbytes > 0 else 0.0
+
+    def stream_path_s(self, nbytes: float) -> float | None:
+        points = self.profile.network.loopback_path
+        if points is None:
+            return None
+        if nbytes <= 0:
+            return 0.0
+        if len(points) == 1:
+            return nbytes * points[0][1]
+        per_byte = float(np.interp(math.log(nbytes), [math.log(b) for b, _ in points], [s for _, s in points]))
+        return nbytes * per_byte
 
     def gpu_busy_fraction(self) -> float:
         """From the timeslice_mp stage when measured: the f that makes the relative time-sliced

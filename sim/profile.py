@@ -7,6 +7,7 @@ jitter and metadata saying where and with what it was measured. Raw samples live
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Literal
@@ -157,7 +158,29 @@ class Network(_Strict):
     loopback_serial_gbps: float | None = Field(
         default=None, gt=0, description="validate's real host path per byte each way beyond serialize, "
         "deserialize and the loopback cap, in series with the link (the composition stage's partially_aware "
-        "steps); None: not measured, nothing charged")
+        "steps); None: not measured, nothing charged. Superseded by loopback_path when that is set")
+    loopback_path: list[tuple[int, float]] | None = Field(
+        default=None, description="validate's real host path over loopback, seconds per byte each way beyond "
+        "the connection, the loopback cap and deserialize, serialization included, against the message's "
+        "bytes (the composition stage's partially_aware steps, one point per context, sorted by bytes); "
+        "charged in series with the link instead of serialize and loopback_serial_gbps, interpolated "
+        "linearly in log bytes and flat beyond the points; None: not measured")
+
+    @field_validator("loopback_path")
+    @classmethod
+    def _path_points(cls, v: list[tuple[int, float]] | None) -> list[tuple[int, float]] | None:
+        if v is None:
+            return v
+        if not v or any(b <= 0 or not math.isfinite(s) or s <= 0 for b, s in v):
+            raise ValueError("loopback_path needs points of positive bytes and positive, finite seconds per byte")
+        if any(a[0] >= b[0] for a, b in zip(v, v[1:])):
+            raise ValueError("loopback_path's points must be sorted by bytes, each size once")
+        return v
+
+    @model_serializer(mode="wrap")
+    def _without_unset_path(self, handler):
+        """A network without the path is written as before the field existed (profiles stay byte-identical)."""
+        return _without_unset(handler(self), "loopback_path")
 
 
 class Memory(_Strict):

@@ -67,7 +67,8 @@ class Link(_Strict):
         description="nic: the link is a NIC at its line rate, the hosts add the profile's per-message and "
         "(de)serialization costs; loopback: also caps every connection at the TCP throughput the "
         "profile measured on one host's loopback (how `validate` runs its real clients and server) and "
-        "charges its loopback_serial_gbps host time per message in series with the link, when measured",
+        "charges its loopback host time per message in series with the link, when measured (loopback_path, "
+        "serialization included, else serialize and loopback_serial_gbps)",
     )
     stream_cap_gbps: float | None = Field(
         default=None, ge=MIN_LINK_GBPS, le=MAX_LINK_GBPS, description="caps every connection at this many Gbps (overrides host_stack's cap)"

@@ -201,7 +201,7 @@ def test_h200_plan_estimates_and_commands_the_validate_cli_accepts():
 
 
 def test_a_refit_puts_the_loopback_host_time_of_the_kept_composition_rows_into_the_profile():
-    from djinnsim.calibrate.composition import loopback_serial_gbps, rows_from_end_to_end
+    from djinnsim.calibrate.composition import loopback_path, loopback_serial_gbps, rows_from_end_to_end
 
     profile = load_profile(H200)
     rows = read_samples(H200.parent / profile.samples_file)
@@ -218,6 +218,11 @@ def test_a_refit_puts_the_loopback_host_time_of_the_kept_composition_rows_into_t
     assert len(kept) == 2
     assert new.network.loopback_serial_gbps == pytest.approx(loopback_serial_gbps(kept), rel=1e-12)
     assert new.network.loopback_serial_gbps > 0
+    assert new.network.loopback_path is None  # an earlier calibration's refit keeps its link model
+    pathed = refit(profile.model_copy(update={"end_to_end": e}), rows, "test", with_path=True)
+    assert pathed.network.loopback_path == loopback_path(kept) and len(pathed.network.loopback_path) == 2
+    again = refit(pathed, rows, "test")  # a profile that has one: recomputed
+    assert again.network.loopback_path == pathed.network.loopback_path
 
 
 def test_a_prefill_draw_scales_prefill_on_a_cached_context_too():
@@ -267,3 +272,21 @@ def load_scenario_point():
 
     return expand_points(parse_scenario({"name": "p", "backends": ["djinn"],
                                          "workload": {"kind": "agents", "agents": [1]}}))[0]
+
+
+def test_a_load_draw_scales_loads_by_k_processes_too():
+    """The weight-load factor scales every load: the lone fit and the loads_mp stage's aggregates
+    the cost model reads for k processes at once (each k-process transfer rate exactly 1/factor)."""
+    profile = load_profile(H200)
+    assert profile.loads_mp, "the bundled H200 profile measured loads by k processes"
+    spec = get_model(profile.metadata.model_id)
+    base = ProfileCostModel(profile, spec)
+    drawn = ProfileCostModel(bands.scale_profile(profile, bands.Factors(load=2.0)), spec)
+    tiers = [tier for tier in profile.loads_mp if tier in profile.weight_load]
+    assert tiers
+    for tier in tiers:
+        before, after = base.weight_load(tier), drawn.weight_load(tier)
+        assert after.fixed_s == pytest.approx(2 * before.fixed_s, rel=1e-12)
+        assert before.aggregate_gbps and set(after.aggregate_gbps) == set(before.aggregate_gbps)
+        for k, gbps in before.aggregate_gbps.items():
+            assert after.aggregate_gbps[k] == pytest.approx(gbps / 2, rel=1e-9)

@@ -14,7 +14,9 @@ class Link:
     whatever the line rate (None: a NIC at line rate; world.stream_cap_Bps says when it is set). `send` adds the hosts' per-message and
     (de)serialization costs of `host` (a CostModel) and `framing_bytes` per message, and returns the
     event to wait for. With `stream_serial`, each send also pays the host's `stream_serial_s`
-    before it joins the pipe (the loopback stack's time in series with the wire; world.stream_serial)."""
+    before it joins the pipe (the loopback stack's time in series with the wire; world.stream_serial),
+    or, where the profile measured it, the host's `stream_path_s` per message in place of that and of
+    serialization."""
 
     def __init__(self, env: simpy.Environment, gbps: float, rtt_s: float, stream_cap_Bps: float | None = None,
                  framing_bytes: int = 0, host=None, stream_serial: bool = False) -> None:
@@ -35,8 +37,12 @@ class Link:
         costs = self._costs.get(key)
         if costs is None:
             host = self.host
-            serial_s = host.stream_serial_s(payload) if self.stream_serial else 0.0
-            costs = self._costs[key] = (messages * host.per_message_s() + host.serialize_s(payload) + serial_s,
+            path_s = host.stream_path_s(payload / messages) if self.stream_serial and messages > 0 else None
+            if path_s is not None:  # the measured loopback path, serialization included, per message
+                host_s = messages * path_s
+            else:
+                host_s = host.serialize_s(payload) + (host.stream_serial_s(payload) if self.stream_serial else 0.0)
+            costs = self._costs[key] = (messages * host.per_message_s() + host_s,
                                         messages * self.rtt_s / 2 + host.deserialize_s(payload))
         return costs
 

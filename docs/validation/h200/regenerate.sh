@@ -126,3 +126,51 @@ for entry in $items; do
   djinnsim validate --from-real $here/run$n/$item "${also[@]}" --calibration $cal/run$n-median$suffix.json --out $out/median/run$n-$item --quiet --force
 done
 python benchmarks/level_point_table.py $out > $out/README.md  # the tables, every point
+
+# Run 6 (held out: the pooled profile and its --level-point median twin were both made and hashed on
+# the GPU machine before any real run; the code is that which ran them, e32a25e): every item re-judged
+# offline on the live profile (fit/: the very files the live items froze, so it must reproduce the
+# live reports and their held-out labels) and on the median twin (median/; Exp 2.1 and the links on
+# it refitted without calibrate's Exp 2.1 runs, as live). validate labels median/ in-sample: it cannot
+# check the twin's hash, which machine-cmd2.txt recorded before the runs. Into run6-rejudge/.
+out=$here/run6-rejudge
+run6=$here/run6
+cal=$out/calibration
+mkdir -p $cal
+djinnsim calibrate --refit $run6/pooled-profile/h200-llama-2-7b-median.json --out $cal/run6-median-heldout.json --leave-out exp21_step --quiet
+for entry in exp21-25:held link-100:held link-low:held timeslice-12:full agents-8:full; do
+  IFS=: read -r item which <<< "$entry"
+  if [ "$which" = held ]; then fit=$run6/$item/calibration/h200-llama-2-7b-heldout.json; med=$cal/run6-median-heldout.json
+  else fit=$run6/pooled-profile/h200-llama-2-7b.json; med=$run6/pooled-profile/h200-llama-2-7b-median.json; fi
+  djinnsim validate --from-real $run6/$item --calibration $fit --out $out/fit/run6-$item --quiet --force
+  djinnsim validate --from-real $run6/$item --calibration $med --out $out/median/run6-$item --quiet --force
+done
+python benchmarks/level_point_table.py $out --note "held out in fact: both profiles were hashed on the GPU machine (run6/machine-cmd2.txt) before any real run, by the code that ran them; fit/ keeps the live reports' held-out labels, median/ is labelled in-sample by validate, which cannot check the twin's recorded hash" > $out/README.md
+
+# The loopback host path with serialization, per message size (network.loopback_path; IN-SAMPLE:
+# written after seeing run 6): each run's Exp 2.1 and link items judged on the profile it was judged
+# on (before/: runs 3 and 4 as link-serial/ re-judged them, runs 5 and 6 live) and on that profile
+# with loopback_path from the run's own composition rows (after/: runs 3 and 4 from their
+# calibrate.log, whose profiles keep no server times; runs 5 and 6 by `--refit --loopback-path`),
+# into link-path/.
+out=$here/link-path
+cal=$out/calibration
+mkdir -p $cal
+python benchmarks/partially_aware_host.py --with-path \
+  --calibration docs/calibration/h200-run3/calibrate.log docs/calibration/h200-run4/calibrate.log \
+  --profile $here/run3/calibration/h200-llama-2-7b-heldout.json $here/run4/link-low/calibration/h200-llama-2-7b-heldout.json \
+  --out $cal/run3 $cal/run4 > /dev/null
+for n in 5 6; do
+  djinnsim calibrate --refit $here/run$n/pooled-profile/h200-llama-2-7b.json --out $cal/run$n/h200-llama-2-7b-heldout.json \
+    --leave-out exp21_step --loopback-path --quiet
+done
+for entry in 3:exp21-25 4:exp21-25 4:link-low 5:exp21-25 5:link-low 6:exp21-25 6:link-100 6:link-low; do
+  IFS=: read -r n item <<< "$entry"
+  real=$here/run$n/$item
+  if [ $n -le 4 ]; then before=$here/link-serial/calibration/run$n/h200-llama-2-7b-heldout.json
+  else before=$real/calibration/h200-llama-2-7b-heldout.json; fi
+  djinnsim validate --from-real $real --calibration $before --out $out/before/run$n-$item --quiet --force
+  djinnsim validate --from-real $real --calibration $cal/run$n/h200-llama-2-7b-heldout.json --out $out/after/run$n-$item --quiet --force
+done
+python benchmarks/level_point_table.py $out --sides before after --title "The loopback host path with serialization, per message size" \
+  --note "every figure **in-sample** (loopback_path was written after seeing run 6; the reports say why)" > $out/README.md
