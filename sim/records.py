@@ -104,6 +104,7 @@ def _compact(values: np.ndarray) -> np.ndarray | Any:
     return values.copy() if values.base is not None else values
 
 
+_AGENT = ROW_COLUMNS.index("agent")
 _ROW_DTYPE = np.dtype([(name, np.float64 if _array_type(name) == "d" else np.int64) for name in ROW_COLUMNS])
 
 
@@ -122,6 +123,8 @@ class RecordBuilder:
         self._columns = [array(_array_type(name)) for name in ROW_COLUMNS]
         self._rows: list[tuple] = []
         self.on_flush = on_flush
+        self.complete_agents = 0  # agents 0 .. complete_agents - 1 have all their records here
+        self._finished_ahead: set[int] = set()  # agents done past that prefix
 
     def add(self, *values: float | int) -> None:
         """One record: the values of ROW_COLUMNS in order; phase, status and kv_state as codes
@@ -130,6 +133,18 @@ class RecordBuilder:
         rows.append(values)
         if len(rows) >= self.flush_rows:
             self._flush()
+
+    def finished(self, agent: int) -> None:
+        """No more records of `agent` will come (its process ended): what `complete_agents` counts."""
+        if agent != self.complete_agents:
+            self._finished_ahead.add(agent)
+            return
+        agent += 1
+        ahead = self._finished_ahead
+        while agent in ahead:
+            ahead.remove(agent)
+            agent += 1
+        self.complete_agents = agent
 
     def _flush(self) -> None:
         """The tuples waiting, into the columns: one numpy record array made of them all (a C-level
@@ -157,6 +172,17 @@ class RecordBuilder:
         columns = {name: np.frombuffer(column[start:], dtype=np.float64 if column.typecode == "d" else np.int64)
                    for name, column in zip(ROW_COLUMNS, self._columns)}
         return RecordTable(self.flushed - start, {**self.constants, **columns})
+
+    def count_agents_below(self, agents: int) -> int:
+        """How many records in the columns are of agents 0 .. `agents` - 1."""
+        return int(np.count_nonzero(np.frombuffer(self._columns[_AGENT], dtype=np.int64) < agents))
+
+    def agents_below(self, agents: int) -> "RecordTable":
+        """The records in the columns of agents 0 .. `agents` - 1, in the order they came (a copy)."""
+        table = self.rows_since(0)
+        keep = table.column("agent") < agents
+        return RecordTable(int(np.count_nonzero(keep)), {name: value[keep] if isinstance(value, np.ndarray) else value
+                                                         for name, value in table._columns.items()})
 
     def table(self) -> "RecordTable":
         self._flush()

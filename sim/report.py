@@ -459,10 +459,15 @@ class RowStream:
     `RecordsCsv.write` does the whole table (the same text: a row's cells do not depend on the
     other rows). The other core formats while this one simulates."""
 
-    def __init__(self, csv: RecordsCsv, on_start: Callable[[], None] | None = None) -> None:
-        """`on_start()`: called once the child is started (the point is a large one)."""
+    def __init__(self, csv: RecordsCsv, on_start: Callable[[], None] | None = None,
+                 early: Callable[["RecordBuilder"], Callable[[bool], bool] | None] | None = None) -> None:
+        """`on_start()`: called once the child is started (the point is a large one). `early(builder)`:
+        tried at each flush once the child is started, until it returns something (`early_done`):
+        work started early on what the point holds so far (its trace, PointWriter._early_trace)."""
         self.csv = csv
         self.on_start = on_start
+        self.early = early
+        self.early_done: Callable[[bool], bool] | None = None
         self.sent = 0  # records handed to the child
         self.offset = 0  # where the point's rows start in records.csv
         self.failed = False  # no child (cannot fork), or it stopped reading: written after the run
@@ -474,6 +479,10 @@ class RowStream:
         table = builder.rows_since(self.sent)
         self.sent = builder.flushed
         self.failed = not self._child.send(table)
+        if self.early is not None:
+            self.early_done = self.early(builder)
+            if self.early_done is not None:
+                self.early = None
 
     def _start(self) -> bool:
         csv_file = self.csv._file
@@ -514,10 +523,13 @@ class RowStream:
         return done
 
     def abandon(self) -> None:
-        """Ends the child of a point whose run did not finish."""
+        """Ends the child of a point whose run did not finish (and the early work's)."""
         if self._child is not None:
             self._child.abandon()
             self._child = None
+        if self.early_done is not None:
+            self.early_done(True)
+            self.early_done = None
 
 
 class WarmChild:
@@ -566,6 +578,10 @@ _WRITE_ENDS: set[int] = set()  # the pipes this process writes to children throu
 # drawn from it); at a lower priority they take what those leave. Scheduling only: every file is the
 # same. (The child that streams records.csv during the run is not lowered: it keeps pace with the run.)
 AFTER_RUN_NICE = 5
+# The niceness of the child that writes the trace point's trace.json during its run (`_early_trace`):
+# it takes what the run's process and the child streaming records.csv leave of the two cores (it
+# has the rest of the run to finish in), slowing the run as little as it can.
+DURING_RUN_NICE = 19
 
 
 def run_aside(work: Callable[[], None], nice: int = 0) -> Callable[[bool], bool] | None:
@@ -878,8 +894,28 @@ class PointWriter:
         large point; RowStream), handed over with its result to `write_point`."""
         if self._stream is not None:
             self._stream.abandon()
-        self._stream = RowStream(self._csv, self._prepare_figure)
+        early = self._early_trace(point) if len(self.summaries) == self.trace_index else None
+        self._stream = RowStream(self._csv, self._prepare_figure, early)
         return self._stream
+
+    def _early_trace(self, point: Any) -> Callable[["RecordBuilder"], Callable[[bool], bool] | None]:
+        """The trace point's trace.json written during its run, by a forked child (`run_aside`), as
+        soon as its records already hold the trace's: the trace shows the first TRACE_MAX_RECORDS
+        records in (agent, ...) order, so once agents 0 .. k - 1 are done (no record of theirs is
+        still to come) and have that many records, the trace is theirs whatever the run does next.
+        At the lowest priority (DURING_RUN_NICE): the run goes on meanwhile.
+        Tried at each flush of a streamed (large) point; an agent-less point never qualifies."""
+        def start(builder: "RecordBuilder") -> Callable[[bool], bool] | None:
+            agents = builder.complete_agents
+            if not agents or builder.count_agents_below(agents) < TRACE_MAX_RECORDS:
+                return None
+
+            def write() -> None:
+                self._write_trace(point, trace_records(builder.agents_below(agents)))
+
+            return run_aside(write, DURING_RUN_NICE)
+
+        return start
 
     def _prepare_figure(self) -> None:
         """A large scenario: its figure is drawn by a child forked now, which imports and warms
@@ -898,9 +934,17 @@ class PointWriter:
         baseline = self.out_dir / "baselines" / f"{point_result.point.label}.json"
         baseline_child = None
         stream, self._stream = self._stream, None
-        # its rows: written while it ran, else now on another core where it can
-        csv_done = (stream.done(records) if stream is not None else None) or self._csv.write_aside(records)
-        trace_done = self._trace_aside(point_result.point, records) if i == self.trace_index else None
+        early_trace = stream.early_done if stream is not None else None  # its trace, begun during its run
+        if early_trace is not None:
+            stream.early_done = None
+        try:
+            # its rows: written while it ran, else now on another core where it can
+            csv_done = (stream.done(records) if stream is not None else None) or self._csv.write_aside(records)
+        except BaseException:
+            if early_trace is not None:
+                early_trace(True)
+            raise
+        trace_done = self._trace_aside(point_result.point, records, early_trace) if i == self.trace_index else None
         try:
             frame = records_frame(records, metrics.SUMMARY_COLUMNS)  # the columns summaries read
             point_phases = metrics.agent_phases(frame) if workload == "agents" else None
@@ -958,18 +1002,24 @@ class PointWriter:
             draw, png = self._figure_drawing()
             self._drawn = figure.call(draw, summaries, list(self.scenario.backends), png)
 
-    def _trace_aside(self, point: Any, records: "RecordTable") -> Callable[[bool], None] | None:
+    def _trace_aside(self, point: Any, records: "RecordTable",
+                     early: Callable[[bool], bool] | None = None) -> Callable[[bool], None] | None:
         """trace.json of a large point written by a forked child (`run_aside`) while this process
-        computes the point's summary; `done(abandon)` waits for it (with abandon, ends it) and
-        writes the trace here if the child failed, where a failure is reported as usual. None for a
-        small point, or where it cannot fork: written here after the summary, as before."""
-        if len(records) < self._csv.aside_rows:
-            return None
-
+        computes the point's summary, or by the one `early` started during its run
+        (`_early_trace`); `done(abandon)` waits for it (with abandon, ends it) and writes the trace
+        here if the child failed, where a failure is reported as usual. None for a small point, or
+        where it cannot fork: written here after the summary, as before."""
         def write() -> None:
             self._write_trace(point, trace_records(records))
 
-        done = aside_or_again(write, nice=AFTER_RUN_NICE)
+        if early is not None:
+            def done(abandon: bool = False) -> None:
+                if not early(abandon) and not abandon:
+                    write()
+        elif len(records) < self._csv.aside_rows:
+            return None
+        else:
+            done = aside_or_again(write, nice=AFTER_RUN_NICE)
         if done is not None:
             self._traced = self.out_dir / "trace.json"
         return done

@@ -318,6 +318,68 @@ def test_records_csv_streamed_to_a_child_while_simulating_is_the_file_written_af
         assert (streamed / name).read_bytes() == (expected / name).read_bytes(), name
 
 
+def _early_traces(monkeypatch) -> list:
+    """A trace of 4 records (so that the streamed points' first agents hold it early); the early
+    traces started are listed."""
+    monkeypatch.setattr(report, "TRACE_MAX_RECORDS", 4)
+    started, early = [], report.PointWriter._early_trace
+
+    def counted(self, point):
+        start = early(self, point)
+        return lambda builder: started.append(start(builder)) or started[-1]
+
+    monkeypatch.setattr(report.PointWriter, "_early_trace", counted)
+    return started
+
+
+def test_trace_begun_during_the_run_is_the_trace_written_after(tmp_path, monkeypatch):
+    """Once its first agents are done and hold the trace's records, the trace point's trace.json is
+    written by a child during its run: the same file as the one written after it."""
+    monkeypatch.setattr(report, "TRACE_MAX_RECORDS", 4)
+    expected = _run_streamed(tmp_path, "after")
+    started = _early_traces(monkeypatch)
+    streamed = _run_streamed(tmp_path, "streamed", monkeypatch, stream=True)
+    assert started and started[-1] is not None  # begun before the end of the run
+    assert (streamed / "trace.json").read_bytes() == (expected / "trace.json").read_bytes()
+
+
+def test_trace_whose_early_child_fails_is_written_again_here(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setattr(report, "TRACE_MAX_RECORDS", 4)
+    expected = _run_streamed(tmp_path, "after")
+    started = _early_traces(monkeypatch)
+    parent, write_trace = os.getpid(), report.write_trace
+
+    def fails_in_a_child(records, path, **kwargs):
+        if os.getpid() != parent:
+            path.write_text('{"traceEvents": [')
+            raise OSError("No space left on device")
+        return write_trace(records, path, **kwargs)
+
+    monkeypatch.setattr(report, "write_trace", fails_in_a_child)
+    streamed = _run_streamed(tmp_path, "streamed", monkeypatch, stream=True)
+    assert started and started[-1] is not None
+    assert (streamed / "trace.json").read_bytes() == (expected / "trace.json").read_bytes()
+
+
+def test_complete_agents_counts_the_agents_done_from_the_first_on():
+    from djinnsim.sim.records import ROW_COLUMNS, RecordBuilder
+
+    builder = RecordBuilder(0, "djinn", "m", "g", 25.0, 4)
+    for agent in (0, 2, 1, 3, 2, 0):  # records of the agents, in the order they finish phases
+        builder.add(agent, *[0] * (len(ROW_COLUMNS) - 1))
+    builder._flush()
+    assert builder.complete_agents == 0
+    builder.finished(2)
+    assert builder.complete_agents == 0
+    builder.finished(0)
+    assert builder.complete_agents == 1 and builder.count_agents_below(1) == 2
+    builder.finished(1)
+    assert builder.complete_agents == 3 and builder.count_agents_below(3) == 5
+    assert [r.agent for r in builder.agents_below(3)] == [0, 2, 1, 2, 0]
+
+
 def test_figure_whose_child_fails_is_drawn_again_here(tmp_path, monkeypatch):
     import os
 

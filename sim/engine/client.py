@@ -128,6 +128,7 @@ def agent(env: simpy.Environment, pool: GpuPool, planner: Planner, log: RecordBu
                    spec.input_tokens, spec.new_tokens, kv_state, context - resident)
             if outcomes[-1].status != "ok":
                 pool.release(channel)
+                log.finished(agent_id)
                 return
             context += spec.input_tokens + spec.new_tokens
             kv_state = "resident" if planner.serving.session_kv else "none"
@@ -136,3 +137,4 @@ def agent(env: simpy.Environment, pool: GpuPool, planner: Planner, log: RecordBu
                 yield env.timeout(act_s())
                 kv_state = channel.server.wake(session)
     pool.release(channel)
+    log.finished(agent_id)

@@ -158,11 +158,15 @@ class SharedPipe:
             return False
         while lone and lone[0].end_at <= now:
             lone.popleft()
+        # its flows end together; a fixed time after the pipe (a downlink's propagation and
+        # deserialization) brings them to one instant, as a lone transfer's (`_start`): one event
+        # there fires them all, in order, where the step-by-step pipe scheduled one each there
+        done_at = end_at + after_s if after_s > 0 else end_at
         ended = simpy.Event(self.env)
         dones = [transfer[3] for transfer in held]
-        ended.callbacks.append(lambda _event: _group_ended(self.env, dones, after_s))
-        lone.append(_Alone(join_at, end_at, end_at, nbytes, flow_class, ended, after_s, rate, dones))
-        schedule_at(self.env, ended, end_at)
+        ended.callbacks.append(lambda _event: fire_all(self.env, dones))
+        lone.append(_Alone(join_at, end_at, done_at, nbytes, flow_class, ended, after_s, rate, dones))
+        schedule_at(self.env, ended, done_at)
         return True
 
     def _start(self, now: float, join_at: float, nbytes: float, flow_class, done: simpy.Event, after_s: float) -> None:
@@ -361,17 +365,6 @@ class _Alone:
     after_s: float
     rate: float
     group: list | None = None  # a group's flows' events (done is then the group's own)
-
-
-def _group_ended(env: simpy.Environment, dones: list, after_s: float) -> None:
-    """A group's flows are through: as the step-by-step pipe's wake-up ends them (in order)."""
-    if after_s > 0:
-        for done in dones:
-            done._ok = True
-            done._value = None
-            env.schedule(done, simpy.core.NORMAL, after_s)
-        return
-    fire_all(env, dones)
 
 
 class _Holds:
