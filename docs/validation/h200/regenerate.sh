@@ -3,8 +3,9 @@
 # nothing real re-run); each section says what it re-makes. First run 1, into run1-decodefit/: Exp 2.1
 # judged on the bundled profile refitted without calibrate's own Exp 2.1 runs (as the live
 # validation did), the agents on the bundled profile. The re-made folders pooled-level/,
-# level-conditioned/, link-serial/ and level-point/ commit their reports and profiles only: their
-# records and figures are re-made here and ignored by git (the tree travels to the GPU machine).
+# level-conditioned/, link-serial/, level-point/, run6-rejudge/ and link-path/ commit their reports and
+# profiles only: their records and figures (and, in the last three, the refitted profiles' samples
+# CSVs) are re-made here and ignored by git (the tree travels to the GPU machine).
 # These re-comparisons are in-sample: the decode fit and spread rules they use were designed after
 # seeing run 1 (each report labels its figures so).
 set -euo pipefail
