@@ -94,7 +94,8 @@ for item in link-low exp21-25; do
 done
 # Run 5's Djinn serial FCFS at N = 32: its repeats ran over two device commands (3 + 2) on the one
 # pooled profile frozen before the first; judged as one validation (held out when re-made by the code
-# that ran them, eb1d587 or a later commit that changes no simulated figure).
+# that ran them, eb1d587, as committed; re-made by model code committed after the runs, validate labels
+# it in-sample).
 djinnsim validate --from-real $here/run5/djinn-fcfs-32a --also-real $here/run5/djinn-fcfs-32b \
   --calibration $here/run5/pooled-profile/h200-llama-2-7b.json --out $here/run5/djinn-fcfs-32 --quiet --force
 
@@ -133,7 +134,9 @@ python benchmarks/level_point_table.py $out > $out/README.md  # the tables, ever
 # offline on the live profile (fit/: the very files the live items froze, so it must reproduce the
 # live reports and their held-out labels) and on the median twin (median/; Exp 2.1 and the links on
 # it refitted without calibrate's Exp 2.1 runs, as live). validate labels median/ in-sample: it cannot
-# check the twin's hash, which machine-cmd2.txt recorded before the runs. Into run6-rejudge/.
+# check the twin's hash, which machine-cmd2.txt recorded before the runs. Into run6-rejudge/. As
+# committed, made by the code that ran them (bfab232); re-made by later model code, every report is
+# labelled in-sample.
 out=$here/run6-rejudge
 run6=$here/run6
 cal=$out/calibration
