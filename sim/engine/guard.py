@@ -47,6 +47,7 @@ def diagnose(cost, point, prompt_tokens: int) -> str:
         ("serialization of 1 MB (profile field serialize)", lambda: cost.serialize_s(1e6)),
         ("deserialization of 1 MB (profile field deserialize)", lambda: cost.deserialize_s(1e6)),
         ("the loopback host time of 1 MB (profile field network.loopback_serial_gbps)", lambda: cost.stream_serial_s(1e6)),
+        ("the loopback host path of 1 MB (profile field network.loopback_path)", lambda: cost.stream_path_s(1e6) or 0.0),
         ("the per-message host cost (profile field network.per_message_s)", cost.per_message_s),
         ("the connection set-up cost (profile field network.connect_s)", cost.connect_s),
     ]
