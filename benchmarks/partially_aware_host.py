@@ -128,7 +128,7 @@ def serial_from_profile(logged: list, profile_path: Path, out: Path | None, with
     samples CSV) with the first (`with_path`: with both)."""
     import shutil
 
-    from djinnsim.calibrate.composition import composition_row, loopback_path, loopback_serial_gbps
+    from djinnsim.calibrate.composition import composition_row, describe_path, loopback_path, loopback_serial_gbps
     from djinnsim.sim.costmodel import ProfileCostModel
     from djinnsim.sim.profile import load_profile, samples_path, save_profile
     from djinnsim.sim.specs import get_model
@@ -141,8 +141,7 @@ def serial_from_profile(logged: list, profile_path: Path, out: Path | None, with
     gbps, path = loopback_serial_gbps(rows), loopback_path(rows)
     print(f"   loopback_serial_gbps with {profile_path}: {gbps if gbps is None else f'{gbps:.3f}'}"
           + (f" GB/s = {1 / gbps:.3f} ms/MB" if gbps else ""))
-    print("   loopback_path: " + ("none" if path is None else
-                                  ", ".join(f"{b / 2**20:.0f} MiB {per_byte * 1e9:.3f} ms/MB" for b, per_byte in path)))
+    print(f"   loopback_path: {'none' if path is None else describe_path(path)}")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         network = profile.network.model_copy(update={"loopback_serial_gbps": gbps,

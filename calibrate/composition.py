@@ -64,6 +64,20 @@ def predict_step_s(cost: CostModel, link_gbps: float, backend_name: str, spec: M
 HOST_PARTS = ("connect", "serialize", "wire", "deserialize")  # predict_step_s's link parts
 
 
+def _host_per_byte(rows: list[dict], parts: tuple[str, ...]) -> list[tuple[float, float]]:
+    """Per partially_aware row: (bytes both ways, its host time per byte beyond the server's h2d,
+    compute and d2h and the predicted `parts`)."""
+    out = []
+    for row in rows:
+        if row["backend"] != "partially_aware":
+            continue
+        server = sum(row["server"][k] for k in ("h2d_s", "compute_s", "d2h_s"))
+        modelled = sum(row["predicted"][k] for k in parts)
+        both = row["up_bytes"] + row["down_bytes"]
+        out.append((both, (row["measured_s"] - server - modelled) / both))
+    return out
+
+
 def loopback_serial_gbps(rows: list[dict]) -> float | None:
     """The host time per byte each way that the real path (`rows`: partially_aware steps of the
     composition stage, which runs the real server process, a new connection per request, no
@@ -71,13 +85,7 @@ def loopback_serial_gbps(rows: list[dict]) -> float | None:
     loopback cap, deserialize), as a rate: per row, measured - the server's h2d, compute and
     d2h - those parts, over the bytes both ways; the median over rows. None without such rows,
     or when the primitives already account for it all (the simulator then charges nothing more)."""
-    per_byte = []
-    for row in rows:
-        if row["backend"] != "partially_aware":
-            continue
-        server = sum(row["server"][k] for k in ("h2d_s", "compute_s", "d2h_s"))
-        modelled = sum(row["predicted"][k] for k in HOST_PARTS)
-        per_byte.append((row["measured_s"] - server - modelled) / (row["up_bytes"] + row["down_bytes"]))
+    per_byte = [value for _, value in _host_per_byte(rows, HOST_PARTS)]
     if not per_byte:
         return None
     s_per_byte = float(np.median(per_byte))
@@ -97,18 +105,17 @@ def loopback_path(rows: list[dict]) -> list[tuple[int, float]] | None:
     it reuses changes regime at 64 MiB where the real path, which packs into a fresh buffer, does
     not, so a residual taken beyond it moves with the message size."""
     by_size: dict[int, list[float]] = {}
-    for row in rows:
-        if row["backend"] != "partially_aware":
-            continue
-        server = sum(row["server"][k] for k in ("h2d_s", "compute_s", "d2h_s"))
-        modelled = sum(row["predicted"][k] for k in PATH_PARTS)
-        both = row["up_bytes"] + row["down_bytes"]
-        per_byte = (row["measured_s"] - server - modelled) / both
+    for both, per_byte in _host_per_byte(rows, PATH_PARTS):
         if per_byte > 0:
             by_size.setdefault(int(round(both / 2)), []).append(per_byte)
     if not by_size:
         return None
     return [(size, float(np.median(values))) for size, values in sorted(by_size.items())]
+
+
+def describe_path(path: list[tuple[int, float]]) -> str:
+    """loopback_path as a line: each message size and its host time per MB."""
+    return ", ".join(f"{size / 2**20:.0f} MiB {per_byte * 1e9:.3f} ms/MB" for size, per_byte in path)
 
 
 def composition_row(cost: CostModel, link_gbps: float, spec: ModelSpec, seq_len: int, measured_s: float,

@@ -310,7 +310,7 @@ def _stages(s: Session, staged, oom_probe: bool) -> None:
     from .bench_processes import run_loads_mp, run_timeslice_mp, timeslice_budget_s
     from .bench_shapes import fit_cold_shapes, run_cold_shapes
     from .bench_weights import run_weight_loads
-    from .composition import loopback_path, loopback_serial_gbps, run_composition
+    from .composition import describe_path, loopback_path, loopback_serial_gbps, run_composition
     from .profile_builder import build_profile, decode_anchor_points, exp21_prediction, fit_decode, fit_prefill
     from .telemetry import NvmlSampler, nvml_handle
 
@@ -387,8 +387,7 @@ def _stages(s: Session, staged, oom_probe: bool) -> None:
     if serial_gbps is not None:
         s.say(f"loopback host path in series with the link (composition, partially_aware): {serial_gbps:.2f} GB/s each way")
     if path is not None:
-        s.say("loopback host path with serialization, per message size: "
-              + ", ".join(f"{b / 2**20:.0f} MiB {per_byte * 1e9:.3f} ms/MB" for b, per_byte in path))
+        s.say(f"loopback host path with serialization, per message size: {describe_path(path)}")
     for row in rows:
         key = f"composition.{row['backend']}.L{row['seq_len']}"
         r["end_to_end"][f"{key}.measured_s"] = row["measured_s"]

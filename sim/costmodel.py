@@ -481,8 +481,6 @@ class ProfileCostModel(CostModel):
             return None
         if nbytes <= 0:
             return 0.0
-        if len(points) == 1:
-            return nbytes * points[0][1]
         per_byte = float(np.interp(math.log(nbytes), [math.log(b) for b, _ in points], [s for _, s in points]))
         return nbytes * per_byte
 
