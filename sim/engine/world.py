@@ -150,6 +150,9 @@ class Driven:
                     exc.__cause__ = event._value
                     event = self._throw(exc)
             except StopIteration:
+                # its bound `_resume` refers to it: without this, every agent that ends would
+                # be cyclic garbage, left for the collector (a run's objects churn through memory)
+                self._resume = None
                 return
             if event.callbacks is not None:
                 event.callbacks.append(self._resume)
