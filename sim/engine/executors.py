@@ -21,14 +21,14 @@ from .pipe import FlowClass, SharedPipe, call_after, fire_all
 Pass = tuple  # ("prefill", tokens, context) | ("decode", context)
 
 
-@dataclass
+@dataclass(slots=True)
 class GpuWork:
     passes: list[Pass]
     batch: int = 1
     process: object = "server"  # the GPU process that runs it: its attention-shape cache is its own
 
 
-@dataclass
+@dataclass(slots=True)
 class Execution:
     queued_s: float
     compute_s: float
@@ -450,6 +450,8 @@ class ContinuousBatching:
                     break  # nothing to admit (most iterations)
                 self._busy = False
                 return
+            if 0 < self.max_batch <= self.running:
+                break  # a full batch: nothing admitted, nobody finished by admission
             admitted: list[_Sequence] = []
             while self.waiting and self.running < self.max_batch:
                 seq = self.waiting.popleft()
