@@ -356,7 +356,8 @@ def _measure_tier(s: Session, pool: WorkerPool, workers: list[int], tier: str, k
     oom_limit, drops = None, []
     for k in ks:
         walls = []
-        for rep in range(plan.loads_mp_repeat):
+        repeats = plan.loads_mp_disk_repeat if tier == "disk" and plan.loads_mp_disk_repeat else plan.loads_mp_repeat
+        for rep in range(repeats):
             if tier == "disk_cold":
                 method, resident = drop_page_cache(path)
                 drops.append((method, resident))

@@ -103,6 +103,55 @@ def copy_factors(rows, profile: Profile) -> list[float]:
     return _kept(out)
 
 
+def loads_mp_factors(rows, profile: Profile, pooled: list[Profile] = ()) -> dict[str, list[float]] | None:
+    """Per tier, k processes loading at once (k >= 2): each of this calibration's runs, its wall over
+    the median wall at its k (`rows`: its samples), and each `pooled` calibration's aggregate at the
+    same tier and k over this profile's (a time factor: theirs slower gives more than 1). None when
+    the profile measured no k-process loads."""
+    if not profile.loads_mp:
+        return None
+    out: dict[str, list[float]] = {}
+    for tier, loads in profile.loads_mp.items():
+        walls = _groups(rows, f"loads_mp_{tier}")
+        factors: list[float | None] = []
+        for k in sorted(k for k in loads.aggregate_gbps if k >= 2):
+            values = [_num(r, "value") for r in walls.get(f"k{k}_wall", [])]
+            values = [v for v in values if v is not None and np.isfinite(v) and v > 0]
+            factors += [_ratio(v, float(np.median(values))) for v in values] or [1.0]
+            for other in pooled:
+                theirs = other.loads_mp.get(tier)
+                if theirs is not None and k in theirs.aggregate_gbps:
+                    factors.append(_ratio(loads.aggregate_gbps[k], theirs.aggregate_gbps[k]))
+        kept = _kept(factors)
+        if kept:
+            out[tier] = kept
+    return out or None
+
+
+def path_factors(rows, profile: Profile) -> list[float] | None:
+    """Each repeat of the composition stage's partially_aware steps: its time beyond the server's
+    compute and copies (the profile's medians of those) over the same of the median repeat, at each
+    message size. None without composition rows with the server's compute (older calibrations)."""
+    e = profile.end_to_end
+    factors: list[float | None] = []
+    for point, group in _groups(rows, "composition").items():
+        if not point.startswith("partially_aware_L"):
+            continue
+        prefix = f"composition.partially_aware.{point.rsplit('_', 1)[1]}"
+        compute = e.get(f"{prefix}.server_compute_s")
+        values = [_num(r, "value") for r in group]
+        values = [v for v in values if v is not None and np.isfinite(v)]
+        if compute is None or not values:
+            continue
+        # the copies, where recorded (the first H200 calibration kept the compute only: a few ms of hundreds)
+        server = compute + sum(e.get(f"{prefix}.server_{k}", 0.0) for k in ("h2d_s", "d2h_s"))
+        beyond = float(np.median(values)) - server
+        if beyond > 0:
+            factors += [_ratio(v - server, beyond) for v in values]
+    kept = _kept(factors)
+    return kept or None
+
+
 def spread_from_samples(profile: Profile, rows, left_out: tuple[str, ...] = (),
                         level_from: list[tuple[str, str, Profile, list]] = ()) -> Spread:
     """The profile's spread from the raw samples its fits came from (`rows` without `left_out` stages).
@@ -117,6 +166,8 @@ def spread_from_samples(profile: Profile, rows, left_out: tuple[str, ...] = (),
         prefill_residual=prefill_residuals(rows, profile),
         weight_load=load_factors(rows, profile),
         copies=copy_factors(rows, profile),
+        loads_mp=loads_mp_factors(rows, profile, [other for _, _, other, _ in level_from]),
+        loopback_path=path_factors(rows, profile),
         left_out=sorted(left_out),
         source="calibrate.spread: raw samples over the profile's own predictions",
         level_sources=[LevelSource(path=path, samples_sha256=sha, spells=sum(f is not None for f in factors))

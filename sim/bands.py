@@ -52,6 +52,10 @@ class Factors:
     # a pageable KV swap-out's host pages all fresh (page-faulting), where the tensor size leaves the
     # regime open (ProfileCostModel.kv_swap_bandwidth); False: the regime the copies stage saw
     kv_fresh: bool = False
+    # the loopback host path (network.loopback_path, or the series rate where it is unset)
+    path: float = 1.0
+    # per tier, k processes loading at once; a tier absent here takes `load`
+    loads_mp: tuple[tuple[str, float], ...] = ()
 
 
 def draw_factors(spread: Spread, rng: np.random.Generator) -> Factors:
@@ -65,8 +69,11 @@ def draw_factors(spread: Spread, rng: np.random.Generator) -> Factors:
 
     factors = Factors(decode=pick(spread.decode_level or spread.decode_residual), prefill=pick(spread.prefill_residual),
                       load=pick(spread.weight_load), copy=pick(spread.copies))
-    # drawn last, so the factors above are those of profiles without two pageable regimes
-    return replace(factors, kv_fresh=bool(rng.random() < KV_FRESH_SHARE))
+    # drawn after those, so the factors above are those of profiles without two pageable regimes
+    factors = replace(factors, kv_fresh=bool(rng.random() < KV_FRESH_SHARE))
+    # then the later categories: a spread without them draws nothing more (its bands unchanged)
+    loads = tuple((tier, pick(values)) for tier, values in sorted((spread.loads_mp or {}).items()) if values)
+    return replace(factors, path=pick(spread.loopback_path or []), loads_mp=loads)
 
 
 def _scale_fit(fit: LinearFit | PiecewiseFit, factor: float) -> LinearFit | PiecewiseFit:
@@ -85,18 +92,32 @@ def _scale_rate(spec, factor: float):
                                    "large_gbps": None if spec.large_gbps is None else spec.large_gbps / factor})
 
 
+def _scale_path(network, factor: float):
+    """The network with its loopback host path `factor` times longer (the line rate, the loopback cap
+    and the per-message costs as measured)."""
+    if factor == 1.0:
+        return network
+    path = None if network.loopback_path is None else [(b, s * factor) for b, s in network.loopback_path]
+    serial = None if network.loopback_serial_gbps is None else network.loopback_serial_gbps / factor
+    return network.model_copy(update={"loopback_path": path, "loopback_serial_gbps": serial})
+
+
 def scale_profile(profile: Profile, f: Factors) -> Profile:
     """The profile with each category's cost functions scaled by its factor (domains unchanged);
     prefill on a cached context is a prefill, scaled by the prefill factor."""
+    loads = dict(f.loads_mp)
     cached = {} if profile.cached_prefill is None else {"cached_prefill": _scale_fit(profile.cached_prefill, f.prefill)}
     return profile.model_copy(update={
         "decode_step": _scale_fit(profile.decode_step, f.decode),
         "prefill": _scale_fit(profile.prefill, f.prefill),
         **cached,
         "weight_load": {tier: _scale_rate(spec, f.load) for tier, spec in profile.weight_load.items()},
-        # k processes loading at once: the same factor (the cost model reads their aggregates from here)
-        "loads_mp": {tier: spec.model_copy(update={"aggregate_gbps": {k: v / f.load for k, v in spec.aggregate_gbps.items()}})
+        # k processes loading at once: their tier's own factor where the spread has one, else the lone
+        # load's (the cost model reads their aggregates from here)
+        "loads_mp": {tier: spec.model_copy(update={"aggregate_gbps": {k: v / loads.get(tier, f.load)
+                                                                      for k, v in spec.aggregate_gbps.items()}})
                      for tier, spec in profile.loads_mp.items()},
+        "network": _scale_path(profile.network, f.path),
         **{name: _scale_rate(getattr(profile, name), f.copy)
            for name in ("h2d_pinned", "h2d_pageable", "d2h_pinned", "d2h_pageable")},
         "kv_swaps": None if profile.kv_swaps is None else profile.kv_swaps.model_copy(

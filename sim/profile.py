@@ -218,6 +218,12 @@ class ColdShapes(_Strict):
         return self.prefill_extra_s + self.prefill_extra_per_token_s * tokens
 
 
+def _factors(value: list[float]) -> list[float]:
+    if any(not 0 < v <= MAX_FACTOR for v in value):
+        raise ValueError(f"spread factors must lie in (0, {MAX_FACTOR:g}]")
+    return value
+
+
 class LevelSource(_Strict):
     """One earlier calibration whose batch-1 spells joined a spread's decode level."""
 
@@ -253,6 +259,17 @@ class Spread(_Strict):
         default_factory=list, description="other calibrations of the same GPU, model and dtype whose batch-1 "
         "spells joined decode_level (`calibrate --refit --level-from`); every later refit applies them again "
         "(checked by sha256); empty: this calibration's spells only")
+    loads_mp: dict[str, list[float]] | None = Field(
+        default=None, description="k processes loading at once (k >= 2), per tier: each run's wall over the "
+        "median wall at its k, and each --level-from calibration's aggregate at the same tier and k over "
+        "this one's (so the bands span the spread between calibrations, not one calibration's); a band "
+        "draw scales that tier's k-process aggregates by one of them, in place of the lone load's factor. "
+        "None: not computed (older profiles), the lone load's factor scales them")
+    loopback_path: list[float] | None = Field(
+        default=None, description="each repeat of calibrate's composition stage (partially_aware over "
+        "loopback, a fresh connection each): its time beyond the server's copies and compute over the "
+        "median repeat's, at each message size; a band draw scales network.loopback_path (or the series "
+        "rate) by one of them. None: not computed (older profiles), the path unscaled")
     point_level: float | None = Field(
         default=None, gt=0, le=MAX_FACTOR, strict=True,
         description="`calibrate --refit --level-point median`: the median of the batch-1 spell factors over "
@@ -264,17 +281,35 @@ class Spread(_Strict):
     @field_validator("decode_level", "decode_residual", "prefill_residual", "weight_load", "copies")
     @classmethod
     def _positive(cls, value: list[float]) -> list[float]:
-        if any(not 0 < v <= MAX_FACTOR for v in value):
-            raise ValueError(f"spread factors must lie in (0, {MAX_FACTOR:g}]")
+        return _factors(value)
+
+    @field_validator("loopback_path")
+    @classmethod
+    def _positive_path(cls, value: list[float] | None) -> list[float] | None:
+        return None if value is None else _factors(value)
+
+    @field_validator("loads_mp")
+    @classmethod
+    def _positive_loads(cls, value: dict[str, list[float]] | None) -> dict[str, list[float]] | None:
+        if value is not None:
+            for tier, factors in value.items():
+                if tier not in PROCESS_LOAD_TIERS:
+                    raise ValueError(f"loads_mp: {tier!r} is not a tier ({', '.join(PROCESS_LOAD_TIERS)})")
+                _factors(factors)
         return value
 
     @model_serializer(mode="wrap")
     def _without_unset_point_level(self, handler):
-        """A spread whose point is at the fit is written as before the field existed (profiles stay byte-identical)."""
-        return _without_unset(handler(self), "point_level")
+        """A spread whose point is at the fit, or without the fields added later, is written as
+        before those fields existed (profiles stay byte-identical)."""
+        out = handler(self)
+        for field in ("point_level", "loads_mp", "loopback_path"):
+            out = _without_unset(out, field)
+        return out
 
 
 ProcessLoadTier = Literal["disk", "disk_cold", "pageable", "pinned"]
+PROCESS_LOAD_TIERS = ("disk", "disk_cold", "pageable", "pinned")
 
 
 class ProcessRun(_Strict):

@@ -150,7 +150,11 @@ def test_spread_from_the_bundled_samples_and_a_held_out_refit():
     profile = load_profile(H200)  # refitted by this code (the H100 profile keeps its older spread)
     rows = read_samples(H200.parent / profile.samples_file)
     spread = spread_from_samples(profile, rows)
-    assert spread == profile.spread  # what --refit wrote is what the samples give
+    # what --refit wrote is what the samples give, but for the categories added after the bundled
+    # profile was refitted (its k-process loads and loopback path repeats), which it does not carry
+    assert profile.spread.loads_mp is None and profile.spread.loopback_path is None
+    assert spread.model_copy(update={"loads_mp": None, "loopback_path": None}) == profile.spread
+    assert set(spread.loads_mp) == set(profile.loads_mp) and spread.loopback_path
     spells = {(r["stage"], r["point"]) for r in rows if r["stage"] in ("exp21_step", "warm_decode")
               or (r["stage"] == "decode" and r["batch"] == "1") or (r["stage"] == "timeslice_mp" and r["point"] == "k1")}
     assert len(spread.decode_level) == len(spells) and spread.decode_residual and spread.copies and spread.weight_load
@@ -290,3 +294,71 @@ def test_a_load_draw_scales_loads_by_k_processes_too():
         assert before.aggregate_gbps and set(after.aggregate_gbps) == set(before.aggregate_gbps)
         for k, gbps in before.aggregate_gbps.items():
             assert after.aggregate_gbps[k] == pytest.approx(gbps / 2, rel=1e-9)
+
+
+def test_k_process_loads_take_their_tiers_own_factor_and_the_path_its_own():
+    """A spread with k-process load factors per tier scales that tier's aggregates by its drawn
+    factor (not the lone load's); the loopback path's factor scales its seconds per byte and nothing
+    else on the link."""
+    profile = load_profile(H200)
+    spec = get_model(profile.metadata.model_id)
+    with_path = profile.model_copy(update={"network": profile.network.model_copy(
+        update={"loopback_path": [(8 << 20, 1.4e-9), (64 << 20, 1.5e-9)]})})
+    base = ProfileCostModel(with_path, spec)
+    scaled = bands.scale_profile(with_path, bands.Factors(load=2.0, path=1.25, loads_mp=(("disk", 0.5),)))
+    drawn = ProfileCostModel(scaled, spec)
+    assert drawn.weight_load("disk").fixed_s == pytest.approx(2 * base.weight_load("disk").fixed_s)
+    # the k-process walls (k B / aggregate) take the tier's factor; the lone load's fixed part the lone factor
+    for k, gbps in with_path.loads_mp["disk"].aggregate_gbps.items():
+        assert scaled.loads_mp["disk"].aggregate_gbps[k] == pytest.approx(gbps / 0.5, rel=1e-12)
+    for k, gbps in with_path.loads_mp["pinned"].aggregate_gbps.items():  # no factor of its own: the lone load's
+        assert scaled.loads_mp["pinned"].aggregate_gbps[k] == pytest.approx(gbps / 2.0, rel=1e-12)
+    assert drawn.load_aggregate_gbps("disk", 8) > base.load_aggregate_gbps("disk", 8)
+    for nbytes in (1e6, 3e7, 2e8):
+        assert drawn.stream_path_s(nbytes) == pytest.approx(1.25 * base.stream_path_s(nbytes), rel=1e-12)
+    assert drawn.stream_gbps() == base.stream_gbps() and drawn.connect_s() == base.connect_s()
+    serial = ProfileCostModel(bands.scale_profile(profile, bands.Factors(path=2.0)), spec)
+    assert serial.stream_serial_s(1e8) == pytest.approx(2.0 * ProfileCostModel(profile, spec).stream_serial_s(1e8))
+
+
+def test_the_later_spread_categories_leave_earlier_draws_alone():
+    """A spread without k-process load or path factors draws exactly what it drew before they
+    existed (no rng consumed for them); with them, the earlier categories' draws do not move."""
+    old = Spread(decode_level=[0.8, 1.2, 1.5], prefill_residual=[0.9, 1.1], weight_load=[0.7, 1.3], copies=[1.0, 2.0])
+    new = old.model_copy(update={"loads_mp": {"disk": [0.5, 0.75], "pinned": [1.0]}, "loopback_path": [0.9, 1.1]})
+    for d in range(30):
+        a = bands.draw_factors(old, np.random.default_rng(d))
+        b = bands.draw_factors(new, np.random.default_rng(d))
+        assert (a.path, a.loads_mp) == (1.0, ())
+        assert (a.decode, a.prefill, a.load, a.copy, a.kv_fresh) == (b.decode, b.prefill, b.load, b.copy, b.kv_fresh)
+        assert b.path in (0.9, 1.1) and dict(b.loads_mp)["disk"] in (0.5, 0.75) and dict(b.loads_mp)["pinned"] == 1.0
+    assert "loads_mp" not in old.model_dump() and "loopback_path" not in old.model_dump()  # profiles stay byte-identical
+    with pytest.raises(ValueError, match="not a tier"):
+        Spread(loads_mp={"floppy": [1.0]})
+    with pytest.raises(ValueError, match="spread factors"):
+        Spread(loopback_path=[0.0])
+
+
+def test_k_process_load_factors_pool_other_calibrations_and_path_factors_its_repeats():
+    """loads_mp_factors: each run's wall over the median at its k, then each pooled calibration's
+    aggregate at the same tier and k over this one's; path_factors: each composition repeat's time
+    beyond the server's compute and copies over the median repeat's."""
+    from djinnsim.calibrate.spread import loads_mp_factors, path_factors
+
+    profile = load_profile(H200)
+    disk = profile.loads_mp["disk"]
+    mine = profile.model_copy(update={"loads_mp": {"disk": disk.model_copy(update={"aggregate_gbps": {1: 5.0, 2: 10.0, 8: 20.0}})}})
+    other = profile.model_copy(update={"loads_mp": {"disk": disk.model_copy(update={"aggregate_gbps": {1: 5.0, 8: 25.0}})}})
+    rows = [{"stage": "loads_mp_disk", "point": "k8_wall", "value": v, "unit": "s"} for v in (4.0, 5.0, 6.0)]
+    got = loads_mp_factors(rows, mine, [other])
+    assert sorted(got) == ["disk"]
+    assert sorted(got["disk"]) == pytest.approx(sorted([1.0, 0.8, 1.0, 1.2, 20.0 / 25.0]))  # k=2: its one run; k=1 not a k-process load
+    assert loads_mp_factors(rows, profile.model_copy(update={"loads_mp": {}})) is None
+    e = {"composition.partially_aware.L64.server_compute_s": 0.02, "composition.partially_aware.L64.server_h2d_s": 0.005,
+         "composition.partially_aware.L64.server_d2h_s": 0.005}
+    rows = [{"stage": "composition", "point": p, "value": v, "unit": "s"}
+            for p, v in (("partially_aware_L64", 0.13), ("partially_aware_L64", 0.23), ("partially_aware_L64", 0.33),
+                         ("full_djinn_L64", 9.0))]
+    factors = path_factors(rows, profile.model_copy(update={"end_to_end": e}))
+    assert sorted(factors) == pytest.approx([0.5, 1.0, 1.5])
+    assert path_factors(rows, profile.model_copy(update={"end_to_end": {}})) is None

@@ -151,6 +151,24 @@ for entry in exp21-25:held link-100:held link-low:held timeslice-12:full agents-
 done
 python benchmarks/level_point_table.py $out --note "held out in fact: both profiles were hashed on the GPU machine (run6/machine-cmd2.txt) before any real run, by the code that ran them; fit/ keeps the live reports' held-out labels, median/ is labelled in-sample by validate, which cannot check the twin's recorded hash" > $out/README.md
 
+# Run 7's items re-judged on the `--level-point median` twin of its pooled profile, as run 6's
+# above (held out in fact: run7/machine-cmd2.txt recorded both hashes before the runs). Into
+# run7-rejudge/. As committed, made by the code that ran them (cae8b05; the model code is unchanged
+# at the commit that added this section); re-made by later model code, every report is labelled in-sample.
+out=$here/run7-rejudge
+run7=$here/run7
+cal=$out/calibration
+mkdir -p $cal
+djinnsim calibrate --refit $run7/pooled-profile/h200-llama-2-7b-median.json --out $cal/run7-median-heldout.json --leave-out exp21_step --quiet
+for entry in exp21-25:held link-100:held timeslice-12:full agents-8:full; do
+  IFS=: read -r item which <<< "$entry"
+  if [ "$which" = held ]; then fit=$run7/$item/calibration/h200-llama-2-7b-heldout.json; med=$cal/run7-median-heldout.json
+  else fit=$run7/pooled-profile/h200-llama-2-7b.json; med=$run7/pooled-profile/h200-llama-2-7b-median.json; fi
+  djinnsim validate --from-real $run7/$item --calibration $fit --out $out/fit/run7-$item --quiet --force
+  djinnsim validate --from-real $run7/$item --calibration $med --out $out/median/run7-$item --quiet --force
+done
+python benchmarks/level_point_table.py $out --note "held out in fact: both profiles were hashed on the GPU machine (run7/machine-cmd2.txt) before any real run, by the code that ran them; fit/ keeps the live reports' held-out labels, median/ is labelled in-sample by validate, which cannot check the twin's recorded hash" > $out/README.md
+
 # The loopback host path with serialization, per message size (network.loopback_path; IN-SAMPLE:
 # written after seeing run 6): each run's Exp 2.1 and link items judged on the profile it was judged
 # on (before/: runs 3 and 4 as link-serial/ re-judged them, runs 5 and 6 live) and on that profile
