@@ -186,3 +186,19 @@ for entry in 3:exp21-25 4:exp21-25 4:link-low 5:exp21-25 5:link-low 6:exp21-25 6
 done
 python benchmarks/level_point_table.py $out --sides before after --title "The loopback host path with serialization, per message size" \
   --note "every figure **in-sample** (loopback_path was written after seeing run 6; the reports say why)" > $out/README.md
+
+# The loopback link's band spread pooled over calibrations (spread.loopback_path with the
+# --level-from calibrations' composition rows over this one's; IN-SAMPLE: written after seeing run
+# 7): run 7's Exp 2.1 and 100 Gbps items judged on the profile they were judged on live (before/) and
+# on the same pooled profile refitted by this code (after/), into path-pool/.
+out=$here/path-pool
+cal=$out/calibration
+mkdir -p $cal
+djinnsim calibrate --refit $here/run7/pooled-profile/h200-llama-2-7b.json --out $cal/run7-heldout.json --leave-out exp21_step --quiet
+for item in exp21-25 link-100; do
+  djinnsim validate --from-real $here/run7/$item --calibration $here/run7/$item/calibration/h200-llama-2-7b-heldout.json \
+    --out $out/before/run7-$item --quiet --force
+  djinnsim validate --from-real $here/run7/$item --calibration $cal/run7-heldout.json --out $out/after/run7-$item --quiet --force
+done
+python benchmarks/level_point_table.py $out --sides before after --title "The loopback link's band spread pooled over calibrations" \
+  --note "every figure **in-sample** (the pooled path spread was written after seeing run 7; the reports say why)" > $out/README.md
