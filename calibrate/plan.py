@@ -86,8 +86,10 @@ _GPU_FULL = Plan(
     net_sizes=(64 * KIB, MIB, 16 * MIB, 64 * MIB),
     net_rtt_repeat=500,
     net_connect_repeat=200,
-    # 16 and 64: messages of 8 and 32 MiB, the sizes of Exp 2.1's logits and KV (38-63 MB), below 128's 64 MiB.
-    composition_contexts=(16, 64, 128, 512, 2048),
+    # 16 and 64: messages of 8 and 32 MiB, below 128's 64 MiB; 80 and 104 (40 and 52 MiB): inside Exp 2.1's
+    # KV messages (36-61 MB), where H200 run 7's time per MB each way (wire at the loopback cap and host path) rose from
+    # about 1.1 ms (32 MiB) to 1.7 ms (64 MiB) and the real runs paid 1.7-1.8, which interpolation missed.
+    composition_contexts=(16, 64, 80, 104, 128, 512, 2048),
     composition_repeat=3,
     weight_load_max_bytes=None,
     weight_load_concurrency=(),  # concurrency is the loads_mp stage's, with processes

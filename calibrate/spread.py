@@ -128,26 +128,39 @@ def loads_mp_factors(rows, profile: Profile, pooled: list[Profile] = ()) -> dict
     return out or None
 
 
-def path_factors(rows, profile: Profile) -> list[float] | None:
-    """Each repeat of the composition stage's partially_aware steps: its time beyond the server's
-    compute and copies (the profile's medians of those) over the same of the median repeat, at each
-    message size. None without composition rows with the server's compute (older calibrations)."""
+def _beyond_server(end_to_end: dict, prefix: str) -> float | None:
+    """A composition row's median step beyond the server's compute and copies (the copies where
+    recorded: the first H200 calibration kept the compute only, a few ms of hundreds)."""
+    measured, compute = end_to_end.get(f"{prefix}.measured_s"), end_to_end.get(f"{prefix}.server_compute_s")
+    if measured is None or compute is None:
+        return None
+    beyond = measured - compute - sum(end_to_end.get(f"{prefix}.server_{k}", 0.0) for k in ("h2d_s", "d2h_s"))
+    return beyond if beyond > 0 else None
+
+
+def path_factors(rows, profile: Profile, pooled: list[Profile] = ()) -> list[float] | None:
+    """The loopback path's spread, on the composition stage's partially_aware steps beyond the
+    server's compute and copies (the link over loopback: connection, wire at the cap, host path):
+    each repeat's over the median repeat's at each message size, and each `pooled` calibration's
+    median over this one's at each size both ran (the path moves between calibrations: H200 runs 6
+    and 7). None without such rows (older calibrations)."""
     e = profile.end_to_end
     factors: list[float | None] = []
     for point, group in _groups(rows, "composition").items():
         if not point.startswith("partially_aware_L"):
             continue
         prefix = f"composition.partially_aware.{point.rsplit('_', 1)[1]}"
-        compute = e.get(f"{prefix}.server_compute_s")
+        beyond = _beyond_server(e, prefix)
         values = [_num(r, "value") for r in group]
         values = [v for v in values if v is not None and np.isfinite(v)]
-        if compute is None or not values:
+        if beyond is None or not values:
             continue
-        # the copies, where recorded (the first H200 calibration kept the compute only: a few ms of hundreds)
-        server = compute + sum(e.get(f"{prefix}.server_{k}", 0.0) for k in ("h2d_s", "d2h_s"))
-        beyond = float(np.median(values)) - server
-        if beyond > 0:
-            factors += [_ratio(v - server, beyond) for v in values]
+        server = e[f"{prefix}.measured_s"] - beyond  # the medians': the repeats' own server times are not kept
+        factors += [_ratio(v - server, float(np.median(values)) - server) for v in values]
+        for other in pooled:
+            theirs = _beyond_server(other.end_to_end, prefix)
+            if theirs is not None:
+                factors.append(_ratio(theirs, beyond))
     kept = _kept(factors)
     return kept or None
 
@@ -167,7 +180,7 @@ def spread_from_samples(profile: Profile, rows, left_out: tuple[str, ...] = (),
         weight_load=load_factors(rows, profile),
         copies=copy_factors(rows, profile),
         loads_mp=loads_mp_factors(rows, profile, [other for _, _, other, _ in level_from]),
-        loopback_path=path_factors(rows, profile),
+        loopback_path=path_factors(rows, profile, [other for _, _, other, _ in level_from]),
         left_out=sorted(left_out),
         source="calibrate.spread: raw samples over the profile's own predictions",
         level_sources=[LevelSource(path=path, samples_sha256=sha, spells=sum(f is not None for f in factors))

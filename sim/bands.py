@@ -93,13 +93,15 @@ def _scale_rate(spec, factor: float):
 
 
 def _scale_path(network, factor: float):
-    """The network with its loopback host path `factor` times longer (the line rate, the loopback cap
-    and the per-message costs as measured)."""
+    """The network with its loopback link `factor` times slower: the host path (or the series rate)
+    and the loopback cap, whose time beyond the server the spread's factors measure; the line rate
+    and the per-message costs as measured."""
     if factor == 1.0:
         return network
     path = None if network.loopback_path is None else [(b, s * factor) for b, s in network.loopback_path]
     serial = None if network.loopback_serial_gbps is None else network.loopback_serial_gbps / factor
-    return network.model_copy(update={"loopback_path": path, "loopback_serial_gbps": serial})
+    cap = None if network.loopback_gbps is None else network.loopback_gbps / factor
+    return network.model_copy(update={"loopback_path": path, "loopback_serial_gbps": serial, "loopback_gbps": cap})
 
 
 def scale_profile(profile: Profile, f: Factors) -> Profile:

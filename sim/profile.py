@@ -266,10 +266,11 @@ class Spread(_Strict):
         "draw scales that tier's k-process aggregates by one of them, in place of the lone load's factor. "
         "None: not computed (older profiles), the lone load's factor scales them")
     loopback_path: list[float] | None = Field(
-        default=None, description="each repeat of calibrate's composition stage (partially_aware over "
-        "loopback, a fresh connection each): its time beyond the server's copies and compute over the "
-        "median repeat's, at each message size; a band draw scales network.loopback_path (or the series "
-        "rate) by one of them. None: not computed (older profiles), the path unscaled")
+        default=None, description="calibrate's composition stage (partially_aware over loopback, a fresh "
+        "connection each), its time beyond the server's compute and copies: each repeat's over the median "
+        "repeat's at each message size, and each --level-from calibration's median over this one's; a band "
+        "draw makes the loopback link that many times slower (network.loopback_path or the series rate, and "
+        "the loopback cap). None: not computed (older profiles), the link unscaled")
     point_level: float | None = Field(
         default=None, gt=0, le=MAX_FACTOR, strict=True,
         description="`calibrate --refit --level-point median`: the median of the batch-1 spell factors over "

@@ -316,7 +316,8 @@ def test_k_process_loads_take_their_tiers_own_factor_and_the_path_its_own():
     assert drawn.load_aggregate_gbps("disk", 8) > base.load_aggregate_gbps("disk", 8)
     for nbytes in (1e6, 3e7, 2e8):
         assert drawn.stream_path_s(nbytes) == pytest.approx(1.25 * base.stream_path_s(nbytes), rel=1e-12)
-    assert drawn.stream_gbps() == base.stream_gbps() and drawn.connect_s() == base.connect_s()
+    assert drawn.stream_gbps() == pytest.approx(base.stream_gbps() / 1.25)  # the loopback cap too
+    assert drawn.connect_s() == base.connect_s() and drawn.per_message_s() == base.per_message_s()
     serial = ProfileCostModel(bands.scale_profile(profile, bands.Factors(path=2.0)), spec)
     assert serial.stream_serial_s(1e8) == pytest.approx(2.0 * ProfileCostModel(profile, spec).stream_serial_s(1e8))
 
@@ -342,7 +343,8 @@ def test_the_later_spread_categories_leave_earlier_draws_alone():
 def test_k_process_load_factors_pool_other_calibrations_and_path_factors_its_repeats():
     """loads_mp_factors: each run's wall over the median at its k, then each pooled calibration's
     aggregate at the same tier and k over this one's; path_factors: each composition repeat's time
-    beyond the server's compute and copies over the median repeat's."""
+    beyond the server's compute and copies over the median repeat's, then each pooled calibration's
+    over this one's at the same message size."""
     from djinnsim.calibrate.spread import loads_mp_factors, path_factors
 
     profile = load_profile(H200)
@@ -359,6 +361,11 @@ def test_k_process_load_factors_pool_other_calibrations_and_path_factors_its_rep
     rows = [{"stage": "composition", "point": p, "value": v, "unit": "s"}
             for p, v in (("partially_aware_L64", 0.13), ("partially_aware_L64", 0.23), ("partially_aware_L64", 0.33),
                          ("full_djinn_L64", 9.0))]
-    factors = path_factors(rows, profile.model_copy(update={"end_to_end": e}))
+    e["composition.partially_aware.L64.measured_s"] = 0.23  # the median, as calibrate keeps it
+    mine = profile.model_copy(update={"end_to_end": e})
+    factors = path_factors(rows, mine)
     assert sorted(factors) == pytest.approx([0.5, 1.0, 1.5])
+    slower = profile.model_copy(update={"end_to_end": {**e, "composition.partially_aware.L64.measured_s": 0.43}})
+    no_compute = profile.model_copy(update={"end_to_end": {"composition.partially_aware.L64.measured_s": 0.5}})
+    assert sorted(path_factors(rows, mine, [slower, no_compute])) == pytest.approx([0.5, 1.0, 1.5, 2.0])
     assert path_factors(rows, profile.model_copy(update={"end_to_end": {}})) is None

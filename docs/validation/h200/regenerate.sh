@@ -137,37 +137,27 @@ python benchmarks/level_point_table.py $out > $out/README.md  # the tables, ever
 # check the twin's hash, which machine-cmd2.txt recorded before the runs. Into run6-rejudge/. As
 # committed, made by the code that ran them (bfab232); re-made by later model code, every report is
 # labelled in-sample.
-out=$here/run6-rejudge
-run6=$here/run6
-cal=$out/calibration
-mkdir -p $cal
-djinnsim calibrate --refit $run6/pooled-profile/h200-llama-2-7b-median.json --out $cal/run6-median-heldout.json --leave-out exp21_step --quiet
-for entry in exp21-25:held link-100:held link-low:held timeslice-12:full agents-8:full; do
-  IFS=: read -r item which <<< "$entry"
-  if [ "$which" = held ]; then fit=$run6/$item/calibration/h200-llama-2-7b-heldout.json; med=$cal/run6-median-heldout.json
-  else fit=$run6/pooled-profile/h200-llama-2-7b.json; med=$run6/pooled-profile/h200-llama-2-7b-median.json; fi
-  djinnsim validate --from-real $run6/$item --calibration $fit --out $out/fit/run6-$item --quiet --force
-  djinnsim validate --from-real $run6/$item --calibration $med --out $out/median/run6-$item --quiet --force
-done
-python benchmarks/level_point_table.py $out --note "held out in fact: both profiles were hashed on the GPU machine (run6/machine-cmd2.txt) before any real run, by the code that ran them; fit/ keeps the live reports' held-out labels, median/ is labelled in-sample by validate, which cannot check the twin's recorded hash" > $out/README.md
+rejudge_median() {  # run number, then its items as ITEM:held (judged on the Exp 2.1-held-out refit) or ITEM:full
+  local n=$1; shift
+  local out=$here/run$n-rejudge run=$here/run$n cal=$here/run$n-rejudge/calibration item which fit med entry
+  mkdir -p $cal
+  djinnsim calibrate --refit $run/pooled-profile/h200-llama-2-7b-median.json --out $cal/run$n-median-heldout.json --leave-out exp21_step --quiet
+  for entry in "$@"; do
+    IFS=: read -r item which <<< "$entry"
+    if [ "$which" = held ]; then fit=$run/$item/calibration/h200-llama-2-7b-heldout.json; med=$cal/run$n-median-heldout.json
+    else fit=$run/pooled-profile/h200-llama-2-7b.json; med=$run/pooled-profile/h200-llama-2-7b-median.json; fi
+    djinnsim validate --from-real $run/$item --calibration $fit --out $out/fit/run$n-$item --quiet --force
+    djinnsim validate --from-real $run/$item --calibration $med --out $out/median/run$n-$item --quiet --force
+  done
+  python benchmarks/level_point_table.py $out --note "held out in fact: both profiles were hashed on the GPU machine (run$n/machine-cmd2.txt) before any real run, by the code that ran them; fit/ keeps the live reports' held-out labels, median/ is labelled in-sample by validate, which cannot check the twin's recorded hash" > $out/README.md
+}
+rejudge_median 6 exp21-25:held link-100:held link-low:held timeslice-12:full agents-8:full
 
 # Run 7's items re-judged on the `--level-point median` twin of its pooled profile, as run 6's
 # above (held out in fact: run7/machine-cmd2.txt recorded both hashes before the runs). Into
 # run7-rejudge/. As committed, made by the code that ran them (cae8b05; the model code is unchanged
 # at the commit that added this section); re-made by later model code, every report is labelled in-sample.
-out=$here/run7-rejudge
-run7=$here/run7
-cal=$out/calibration
-mkdir -p $cal
-djinnsim calibrate --refit $run7/pooled-profile/h200-llama-2-7b-median.json --out $cal/run7-median-heldout.json --leave-out exp21_step --quiet
-for entry in exp21-25:held link-100:held timeslice-12:full agents-8:full; do
-  IFS=: read -r item which <<< "$entry"
-  if [ "$which" = held ]; then fit=$run7/$item/calibration/h200-llama-2-7b-heldout.json; med=$cal/run7-median-heldout.json
-  else fit=$run7/pooled-profile/h200-llama-2-7b.json; med=$run7/pooled-profile/h200-llama-2-7b-median.json; fi
-  djinnsim validate --from-real $run7/$item --calibration $fit --out $out/fit/run7-$item --quiet --force
-  djinnsim validate --from-real $run7/$item --calibration $med --out $out/median/run7-$item --quiet --force
-done
-python benchmarks/level_point_table.py $out --note "held out in fact: both profiles were hashed on the GPU machine (run7/machine-cmd2.txt) before any real run, by the code that ran them; fit/ keeps the live reports' held-out labels, median/ is labelled in-sample by validate, which cannot check the twin's recorded hash" > $out/README.md
+rejudge_median 7 exp21-25:held link-100:held timeslice-12:full agents-8:full
 
 # The loopback host path with serialization, per message size (network.loopback_path; IN-SAMPLE:
 # written after seeing run 6): each run's Exp 2.1 and link items judged on the profile it was judged
@@ -196,3 +186,19 @@ for entry in 3:exp21-25 4:exp21-25 4:link-low 5:exp21-25 5:link-low 6:exp21-25 6
 done
 python benchmarks/level_point_table.py $out --sides before after --title "The loopback host path with serialization, per message size" \
   --note "every figure **in-sample** (loopback_path was written after seeing run 6; the reports say why)" > $out/README.md
+
+# The loopback link's band spread pooled over calibrations (spread.loopback_path with the
+# --level-from calibrations' composition rows over this one's; IN-SAMPLE: written after seeing run
+# 7): run 7's Exp 2.1 and 100 Gbps items judged on the profile they were judged on live (before/) and
+# on the same pooled profile refitted by this code (after/), into path-pool/.
+out=$here/path-pool
+cal=$out/calibration
+mkdir -p $cal
+djinnsim calibrate --refit $here/run7/pooled-profile/h200-llama-2-7b.json --out $cal/run7-heldout.json --leave-out exp21_step --quiet
+for item in exp21-25 link-100; do
+  djinnsim validate --from-real $here/run7/$item --calibration $here/run7/$item/calibration/h200-llama-2-7b-heldout.json \
+    --out $out/before/run7-$item --quiet --force
+  djinnsim validate --from-real $here/run7/$item --calibration $cal/run7-heldout.json --out $out/after/run7-$item --quiet --force
+done
+python benchmarks/level_point_table.py $out --sides before after --title "The loopback link's band spread pooled over calibrations" \
+  --note "every figure **in-sample** (the pooled path spread was written after seeing run 7; the reports say why)" > $out/README.md
