@@ -168,10 +168,12 @@ def path_factors(rows, profile: Profile, pooled: list[Profile] = ()) -> list[flo
 def spread_from_samples(profile: Profile, rows, left_out: tuple[str, ...] = (),
                         level_from: list[tuple[str, str, Profile, list]] = ()) -> Spread:
     """The profile's spread from the raw samples its fits came from (`rows` without `left_out` stages).
-    `level_from`: (path, samples sha256, profile, samples) of other calibrations whose batch-1 spells (also without
-    `left_out`) join decode_level: one calibration may sit at one launch-bound level throughout."""
+    `level_from`: (path, samples sha256, profile, samples) of other calibrations whose batch-1 spells join
+    decode_level: one calibration may sit at one launch-bound level throughout. `left_out` holds this
+    calibration's own stages out (e.g. its Exp 2.1 runs, minutes from the real ones judged); the other
+    calibrations' spells of those stages stay, runs of other sessions that no judged run shares."""
     rows = [row for row in rows if row["stage"] not in left_out]
-    pooled = [spell_factors([row for row in other_rows if row["stage"] not in left_out], profile, other)
+    pooled = [spell_factors(other_rows, profile, other)
               for _, _, other, other_rows in level_from]
     return Spread(
         decode_level=decode_levels(rows, profile, [f for factors in pooled for f in factors]),
