@@ -41,7 +41,7 @@ def request(env: simpy.Environment, pool: GpuPool, channel: Channel, plan: Reque
         pool.route(channel, plan)
     server, link = channel.server, channel.link
     serving = server.serving
-    out = Outcome(issued_at=env.now)
+    out = Outcome(env.now)  # issued_at
     server.routed += 1  # routed here and not yet answered (what least_loaded counts)
     if serving.remote:
         if serving.connect_per_request or not channel.connected:
@@ -123,10 +123,13 @@ def agent(env: simpy.Environment, pool: GpuPool, planner: Planner, log: RecordBu
             # GpuServer.resident_tokens, inlined: all of the context, or none once its KV was dropped
             resident = (context if session.kv_tokens else 0) if planner.serving.session_kv else context
             plan = planner.generate(context, spec.input_tokens, spec.new_tokens, resident=resident)
-            outcomes = yield from generate(env, pool, channel, plan)
-            record(log, channel, outcomes[0] if len(outcomes) == 1 else merge(outcomes), agent_id, iteration, phase, -1, False, context,
+            if len(plan.requests) == 1:  # a whole phase in one request: no generate() frame between
+                out = yield from request(env, pool, channel, plan.requests[0])
+            else:  # merged, its status the last request's
+                out = merge((yield from generate(env, pool, channel, plan)))
+            record(log, channel, out, agent_id, iteration, phase, -1, False, context,
                    spec.input_tokens, spec.new_tokens, kv_state, context - resident)
-            if outcomes[-1].status != "ok":
+            if out.status != "ok":
                 pool.release(channel)
                 log.finished(agent_id)
                 return

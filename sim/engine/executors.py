@@ -16,19 +16,19 @@ import numpy as np
 import simpy
 
 from ..costmodel import CostModel
-from .pipe import FlowClass, SharedPipe, fire_all
+from .pipe import FlowClass, SharedPipe, call_after, fire_all
 
 Pass = tuple  # ("prefill", tokens, context) | ("decode", context)
 
 
-@dataclass
+@dataclass(slots=True)
 class GpuWork:
     passes: list[Pass]
     batch: int = 1
     process: object = "server"  # the GPU process that runs it: its attention-shape cache is its own
 
 
-@dataclass
+@dataclass(slots=True)
 class Execution:
     queued_s: float
     compute_s: float
@@ -384,6 +384,7 @@ class ContinuousBatching:
         self._leaving: list[_Sequence] = []  # finished in this event, their requests not yet resumed
         self._prefilling: list[_Sequence] = []  # the sequences of the prefill iteration under way
         self._iteration: tuple = ()  # that iteration's pass, batch and duration
+        self._decode_steps: dict[tuple[int, int], float] = {}  # (batch, sum of contexts) -> cost model's step
 
     def execute(self, work: GpuWork):
         memo = self._segment_memo.get(id(work.passes))  # _segments, its memo read inline
@@ -449,6 +450,8 @@ class ContinuousBatching:
                     break  # nothing to admit (most iterations)
                 self._busy = False
                 return
+            if 0 < self.max_batch <= self.running:
+                break  # a full batch: nothing admitted, nobody finished by admission
             admitted: list[_Sequence] = []
             while self.waiting and self.running < self.max_batch:
                 seq = self.waiting.popleft()
@@ -479,12 +482,24 @@ class ContinuousBatching:
             prompt = max(round(tokens / batch), 1)
             iteration_s = timer.base_s(("prefill", prompt, context), batch) * timer.factor("prefill")
             self._prefilling, self._iteration = prefilling, (("prefill", prompt, context), batch, iteration_s)
-            env.timeout(iteration_s).callbacks.append(self._prefilled)
+            call_after(env, iteration_s, self._prefilled)
         else:
             batch, sum_context = self._decoding_batch, self._sum_context
-            iteration_s = timer.cost.decode_step_s(batch, sum_context) * timer.factor("decode")  # batched_decode_s
+            step_s = self._decode_steps.get((batch, sum_context))  # the cost model's decode step, memoized
+            if step_s is None:
+                step_s = self._decode_step_s(batch, sum_context)
+            iteration_s = step_s * timer.factor("decode")  # batched_decode_s
             self._iteration = (sum_context, batch, iteration_s)
-            env.timeout(iteration_s).callbacks.append(self._decoded)
+            call_after(env, iteration_s, self._decoded)
+
+    def _decode_step_s(self, batch: int, sum_context: int) -> float:
+        """The cost model's decode step of a batch over `sum_context` tokens, into the memo (most
+        batches recur: a full batch moves by one sum between runs that end; cleared at a bound,
+        every run's sums differ)."""
+        if len(self._decode_steps) >= 1 << 16:
+            self._decode_steps.clear()
+        step_s = self._decode_steps[(batch, sum_context)] = self.timer.cost.decode_step_s(batch, sum_context)
+        return step_s
 
     def _prefilled(self, _event) -> None:
         step, batch, iteration_s = self._iteration

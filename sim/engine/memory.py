@@ -38,9 +38,12 @@ class GpuMemory:
         self.peak_bytes = max(self.peak_bytes, self.used_bytes)
 
     def try_alloc(self, nbytes: int) -> bool:
-        if nbytes > self.free_bytes or self._waiting:
+        # free_bytes and _take, inlined: every request allocates here
+        if nbytes > self.capacity_bytes - self.used_bytes or self._waiting:
             return False
-        self._take(nbytes)
+        self.used_bytes = used = self.used_bytes + nbytes
+        if used > self.peak_bytes:
+            self.peak_bytes = used
         return True
 
     def alloc_wait(self, nbytes: int, priority: int = 0) -> simpy.Event:
@@ -57,7 +60,8 @@ class GpuMemory:
     def free(self, nbytes: int) -> None:
         self.used_bytes -= nbytes
         assert self.used_bytes >= 0, "freed more GPU memory than was allocated"
-        self._grant()
+        if self._waiting:
+            self._grant()
 
     def _grant(self) -> None:
         waiting = self._waiting

@@ -421,6 +421,27 @@ def _push_at(env: simpy.Environment, event: simpy.Event, at: float) -> None:
     heapq.heappush(env._queue, (at, simpy.core.NORMAL, next(env._eid), event))
 
 
+class _Call:
+    """What the event loop needs of a succeeded event (`_ok`, `_value`, its callbacks): a callback
+    scheduled by `call_after`."""
+
+    __slots__ = ("callbacks",)
+    _ok = True
+    _value = None
+
+    def __init__(self, callback: Callable[[object], None]) -> None:
+        self.callbacks = [callback]
+
+
+def call_after(env: simpy.Environment, delay_s: float, callback: Callable[[object], None]) -> None:
+    """`callback(event)` after `delay_s`, where `env.timeout(delay_s).callbacks.append(callback)`
+    would run it (the same place in the queue, the same checks), without a Timeout: for callbacks
+    that carry on by themselves (the batching scheduler's iterations), nothing waits for it."""
+    if delay_s < 0:
+        raise ValueError(f"Negative delay {delay_s}")  # as SimPy's Timeout
+    env.schedule(_Call(callback), simpy.core.NORMAL, delay_s)
+
+
 def fire_now(done: simpy.Event) -> None:
     """Trigger and process `done` within the event under way (a pipe's wake-up that found its flow
     finished, a batching iteration that finished a sequence): the waiting process resumes now

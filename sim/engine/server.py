@@ -165,6 +165,7 @@ class GpuServer:
                                       max_prefills=self.rules.max_concurrent_prefills)
         self.kv_bytes_per_token = cost.kv_bytes_per_token
         self._workspace: dict[tuple[int, int], int] = {}
+        self._works: dict[int, tuple[RequestPlan, GpuWork]] = {}  # id(plan) -> plan, its work in the shared process
         self.process_bytes = cost.weight_bytes + cost.context_bytes_per_process
         qos = self.rules.qos
         self.qos_gate = QosGate(env, qos.escalate_after_ms / 1e3) if qos.enabled and serving.scheduler == "serial_fcfs" else None
@@ -354,6 +355,12 @@ class GpuServer:
             nbytes = self._workspace[key] = self.cost.workspace_bytes(tokens, batch)
         return nbytes
 
+    def _shared_work(self, plan: RequestPlan) -> GpuWork:
+        """The GPU work of `plan` in the shared server process, memoized (holding `plan`, so its id stays its own)."""
+        work = GpuWork(plan.passes, plan.batch, "server")
+        self._works[id(plan)] = (plan, work)
+        return work
+
     # --- what a router reads ---------------------------------------------------------------------
     @property
     def used_bytes(self) -> int:
@@ -447,8 +454,11 @@ class GpuServer:
                 self.resident_kv_bytes += restore
             session.kv_on_gpu = True
             out.copy_s += env.now - t0
-        work = GpuWork(plan.passes, plan.batch,  # self.gpu_process(session), inlined
-                       session.agent if serving.process_per_agent or serving.load_per_request else "server")
+        if serving.process_per_agent or serving.load_per_request:  # self.gpu_process(session), inlined
+            work = GpuWork(plan.passes, plan.batch, session.agent)
+        else:  # the one shared process: one GpuWork per plan (the executors only read it)
+            memo = self._works.get(id(plan))
+            work = memo[1] if memo is not None and memo[0] is plan else self._shared_work(plan)
         if self.qos_gate is not None:
             t0 = env.now
             yield self.qos_gate.acquire(QOS_CLASSES.index(session.qos_class))

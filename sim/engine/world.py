@@ -42,6 +42,12 @@ def _rare_gc():
         gc.set_threshold(*thresholds)
 
 
+# read by the scheduling methods below once per event: module globals, not attribute look-ups
+_NORMAL = simpy.core.NORMAL
+_INF = math.inf
+_heappush = heapq.heappush
+
+
 class CountingEnvironment(simpy.Environment):
     """A SimPy environment that counts the events it schedules (for the speed benchmark) and
     guards the clock (sim/engine/guard.py): no step that is negative, NaN or infinite, and the
@@ -78,23 +84,23 @@ class CountingEnvironment(simpy.Environment):
         self._check_at = window
         self._checked_now = -math.inf
 
-    def schedule(self, event, priority=simpy.core.NORMAL, delay=0):
-        if not 0 <= delay < math.inf:  # NaN fails both comparisons
+    def schedule(self, event, priority=_NORMAL, delay=0):
+        if not 0 <= delay < _INF:  # NaN fails both comparisons
             guard.check_delay(delay)
-        self.events_scheduled += 1
-        if self.events_scheduled >= self._check_at:
+        self.events_scheduled = scheduled = self.events_scheduled + 1
+        if scheduled >= self._check_at:
             self._check_progress()
-        heapq.heappush(self._queue, (self.now + delay, priority, next(self._eid), event))
+        _heappush(self._queue, (self.now + delay, priority, next(self._eid), event))
 
     def schedule_at(self, event, at: float) -> None:
         """Schedule `event` at the instant `at` exactly (pipe.schedule_at), counted and guarded as `schedule`."""
         delay = at - self.now
-        if not 0 <= delay < math.inf:
+        if not 0 <= delay < _INF:
             guard.check_delay(delay)
-        self.events_scheduled += 1
-        if self.events_scheduled >= self._check_at:
+        self.events_scheduled = scheduled = self.events_scheduled + 1
+        if scheduled >= self._check_at:
             self._check_progress()
-        heapq.heappush(self._queue, (at, simpy.core.NORMAL, next(self._eid), event))
+        _heappush(self._queue, (at, _NORMAL, next(self._eid), event))
 
     def _check_progress(self) -> None:
         if not self.now > self._checked_now:
@@ -150,6 +156,9 @@ class Driven:
                     exc.__cause__ = event._value
                     event = self._throw(exc)
             except StopIteration:
+                # its bound `_resume` refers to it: without this, every agent that ends would
+                # be cyclic garbage, left for the collector (a run's objects churn through memory)
+                self._resume = None
                 return
             if event.callbacks is not None:
                 event.callbacks.append(self._resume)
