@@ -175,14 +175,15 @@ def spread_from_samples(profile: Profile, rows, left_out: tuple[str, ...] = (),
     rows = [row for row in rows if row["stage"] not in left_out]
     pooled = [spell_factors(other_rows, profile, other)
               for _, _, other, other_rows in level_from]
+    others = [other for _, _, other, _ in level_from]
     return Spread(
         decode_level=decode_levels(rows, profile, [f for factors in pooled for f in factors]),
         decode_residual=decode_residuals(rows, profile),
         prefill_residual=prefill_residuals(rows, profile),
         weight_load=load_factors(rows, profile),
         copies=copy_factors(rows, profile),
-        loads_mp=loads_mp_factors(rows, profile, [other for _, _, other, _ in level_from]),
-        loopback_path=path_factors(rows, profile, [other for _, _, other, _ in level_from]),
+        loads_mp=loads_mp_factors(rows, profile, others),
+        loopback_path=path_factors(rows, profile, others),
         left_out=sorted(left_out),
         source="calibrate.spread: raw samples over the profile's own predictions",
         level_sources=[LevelSource(path=path, samples_sha256=sha, spells=sum(f is not None for f in factors))
