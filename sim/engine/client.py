@@ -51,9 +51,16 @@ def request(env: simpy.Environment, pool: GpuPool, channel: Channel, plan: Reque
             channel.connected = serving.keep_connection
         lead_s = out.connect_s if out.connect_s > 0 else 0.0
         sent_at = env.now + lead_s if lead_s > 0 else env.now  # as the clock reads after a timeout of lead_s
-        yield link.send(link.up, plan.bytes_up, plan.messages, lead_s)
-        # link.wire_bytes, inlined (two calls per request)
-        out.uplink_s, out.wire_bytes_up = env.now - sent_at, plan.bytes_up + link.framing_bytes * plan.messages
+        # link.send's wire bytes and costs, memoized with the plan (nothing on the wire: link.send itself)
+        sends = link._requests.get(id(plan))
+        if sends is None or sends[0] is not plan:
+            sends = link.request_costs(plan)
+        _, wire_up, before_s, after_s, wire_down, down_before_s, down_after_s = sends
+        if wire_up > 0:
+            yield link.up.transfer(wire_up, lead_s=lead_s, before_s=before_s, after_s=after_s)
+        else:
+            yield link.send(link.up, plan.bytes_up, plan.messages, lead_s)
+        out.uplink_s, out.wire_bytes_up = env.now - sent_at, wire_up
         out.bytes_up = plan.bytes_up
     yield from server.serve(channel.session, plan, out)
     if out.status != "ok":
@@ -61,8 +68,11 @@ def request(env: simpy.Environment, pool: GpuPool, channel: Channel, plan: Reque
         return out
     if serving.remote:
         sent_at = env.now
-        yield link.send(link.down, plan.bytes_down, plan.messages)
-        out.downlink_s, out.wire_bytes_down = env.now - sent_at, plan.bytes_down + link.framing_bytes * plan.messages
+        if wire_down > 0:
+            yield link.down.transfer(wire_down, before_s=down_before_s, after_s=down_after_s)
+        else:
+            yield link.send(link.down, plan.bytes_down, plan.messages)
+        out.downlink_s, out.wire_bytes_down = env.now - sent_at, wire_down
         out.bytes_down = plan.bytes_down
     out.finished_at = env.now
     server.routed -= 1

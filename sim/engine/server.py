@@ -359,7 +359,8 @@ class GpuServer:
         """What a request of `plan` takes here, memoized per plan (holding `plan`, so its id stays its
         own): (plan, its work in the shared process (None where each session has its own), the KV
         it allocates, its pass's workspace, the bytes it allocates (the weights of a per-request
-        load too), the bytes it copies in and out, the KV it keeps and holds only while it runs)."""
+        load too), the bytes it copies in and out, the KV it keeps and holds only while it runs, and
+        how its copies in and out move (`Pcie.copy_plan`))."""
         kv_bytes, serving = self.kv_bytes_per_token, self.serving
         kv_request = (plan.kv_transient_tokens + plan.kv_grow_tokens) * kv_bytes
         workspace = self.workspace_bytes(plan.workspace_tokens, plan.batch)
@@ -369,9 +370,11 @@ class GpuServer:
         # the one shared process: one GpuWork per plan (the executors only read it)
         work = None if serving.process_per_agent or serving.load_per_request else GpuWork(plan.passes, plan.batch,
                                                                                           "server")
-        costs = (plan, work, kv_request, workspace, request_bytes, plan.bytes_up if serving.remote else 0,
-                 plan.bytes_down if serving.remote else 0, plan.kv_grow_tokens * kv_bytes,
-                 plan.kv_transient_tokens * kv_bytes)
+        up = plan.bytes_up if serving.remote else 0
+        down = plan.bytes_down if serving.remote else 0
+        costs = (plan, work, kv_request, workspace, request_bytes, up, down, plan.kv_grow_tokens * kv_bytes,
+                 plan.kv_transient_tokens * kv_bytes, self.pcie.copy_plan("h2d", up, False) if up else None,
+                 self.pcie.copy_plan("d2h", down, False) if down else None)
         self._requests[id(plan)] = costs
         return costs
 
@@ -422,7 +425,7 @@ class GpuServer:
         costs = self._requests.get(id(plan))
         if costs is None or costs[0] is not plan:
             costs = self._request_costs(plan)
-        _, work, kv_request, workspace, request_bytes, up, down, grow_bytes, transient_bytes = costs
+        _, work, kv_request, workspace, request_bytes, up, down, grow_bytes, transient_bytes, copy_in, copy_out = costs
         swap_out = session.swap_out
         if swap_out is not None and not swap_out.processed:
             t0 = env.now
@@ -460,8 +463,8 @@ class GpuServer:
         out.h2d_bytes = h2d
         if h2d:
             t0 = env.now
-            if up:
-                yield self.pcie.copy("h2d", up, pinned=False)
+            if up:  # self.pcie.copy("h2d", up, pinned=False), its plan memoized with the request's
+                yield copy_in[0].transfer(up, copy_in[2], before_s=copy_in[1])
             if restore:
                 yield self.pcie.swap("h2d", restore, self.pinned_host_kv)
                 self._host_release(restore)
@@ -488,7 +491,7 @@ class GpuServer:
         out.gpu_mem_bytes = memory.used_bytes
         if down:
             t0 = env.now
-            yield self.pcie.copy("d2h", down, pinned=False)
+            yield copy_out[0].transfer(down, copy_out[2], before_s=copy_out[1])  # self.pcie.copy("d2h", down, pinned=False)
             out.copy_s += env.now - t0
             out.d2h_bytes = down
         if serving.hold_request_kv:
