@@ -464,7 +464,11 @@ class ContinuousBatching:
                 admitted.append(seq)
             finished: list[_Sequence] = []
             for seq in admitted:
-                self._next(seq, finished)
+                segments = seq.segments
+                if segments and segments[0][0] == "prefill":  # _next of a new sequence (most begin so)
+                    heapq.heappush(self._prefill, (seq.order, seq))
+                else:
+                    self._next(seq, finished)
             self._finish(finished)
             if self.running:
                 break
