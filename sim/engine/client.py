@@ -9,6 +9,7 @@ request, or each agent phase, becomes one record, naming the GPU that served it.
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Callable
 
 import simpy
@@ -24,14 +25,19 @@ _STATUS = {name: code for code, name in enumerate(STATUSES)}
 _KV_STATE = {name: code for code, name in enumerate(KV_STATES)}
 
 
+# an Outcome's fields in the order of the record's columns (ROW_COLUMNS), read by one C call each
+_OUTCOME_TIMES = attrgetter("issued_at", "started_at", "finished_at", "connect_s", "uplink_s", "queue_s", "load_s",
+                            "copy_s", "compute_s", "downlink_s")
+_OUTCOME_BYTES = attrgetter("bytes_up", "bytes_down", "wire_bytes_up", "wire_bytes_down", "h2d_bytes", "d2h_bytes",
+                            "gpu_mem_bytes")
+
+
 def record(log: RecordBuilder, channel: Channel, out: Outcome, agent: int, run: int, phase: str, step: int,
            warmup: bool, context: int, input_tokens: int, new_tokens: int, kv_state: str = "none",
            recomputed_tokens: int = 0) -> None:
     server = channel.server
-    log.add(agent, run, _PHASE[phase], step, _STATUS[out.status], warmup, out.issued_at, out.started_at,
-            out.finished_at, out.connect_s, out.uplink_s, out.queue_s, out.load_s, out.copy_s, out.compute_s,
-            out.downlink_s, context, input_tokens, new_tokens, out.bytes_up, out.bytes_down, out.wire_bytes_up,
-            out.wire_bytes_down, out.h2d_bytes, out.d2h_bytes, out.gpu_mem_bytes, server.memory.peak_bytes,
+    log.add(agent, run, _PHASE[phase], step, _STATUS[out.status], warmup, *_OUTCOME_TIMES(out),
+            context, input_tokens, new_tokens, *_OUTCOME_BYTES(out), server.memory.peak_bytes,
             _KV_STATE[kv_state], recomputed_tokens, out.gpu_busy_s, server.node, server.index)
 
 
