@@ -427,34 +427,20 @@ def _push_at(env: simpy.Environment, event: simpy.Event, at: float) -> None:
     heapq.heappush(env._queue, (at, simpy.core.NORMAL, next(env._eid), event))
 
 
-class _Call:
-    """What the event loop needs of a succeeded event (`_ok`, `_value`, its callbacks): a callback
-    scheduled by `call_after`."""
-
-    __slots__ = ("callbacks",)
-    _ok = True
-    _value = None
-
-    def __init__(self, callback: Callable[[object], None]) -> None:
-        self.callbacks = [callback]
+_NORMAL = simpy.core.NORMAL
 
 
-def call_after(env: simpy.Environment, delay_s: float, callback: Callable[[object], None]) -> None:
-    """`callback(event)` after `delay_s`, where `env.timeout(delay_s).callbacks.append(callback)`
-    would run it (the same place in the queue, the same checks), without a Timeout: for callbacks
-    that carry on by themselves (the batching scheduler's iterations), nothing waits for it."""
-    if delay_s < 0:
-        raise ValueError(f"Negative delay {delay_s}")  # as SimPy's Timeout
-    env.schedule(_Call(callback), simpy.core.NORMAL, delay_s)
-
-
-class Recurring(_Call):
-    """`call_after` of one callback, again and again, one at a time (the batching scheduler's next
-    iteration): one object scheduled anew each time instead of a `_Call` and a bound method per
-    call. The event loop takes its callbacks when it fires (`callbacks` is None until the next
+class Recurring:
+    """`callback(event)` after a delay, again and again, one call at a time (the batching
+    scheduler's next iteration), where `env.timeout(delay_s).callbacks.append(callback)` would run
+    it (the same place in the queue, the same checks), without a Timeout, nor an object and a bound
+    method per call: nothing waits for it. It has what the event loop needs of a succeeded event
+    (`_ok`, `_value`, `callbacks`); the loop takes its callbacks when it fires (None until the next
     `after`), so it is never in the queue twice."""
 
-    __slots__ = ("_once",)
+    __slots__ = ("callbacks", "_once")
+    _ok = True
+    _value = None
 
     def __init__(self, callback: Callable[[object], None]) -> None:
         self._once = (callback,)  # the event loop only iterates over callbacks
@@ -465,9 +451,6 @@ class Recurring(_Call):
             raise ValueError(f"Negative delay {delay_s}")  # as SimPy's Timeout
         self.callbacks = self._once
         env.schedule(self, _NORMAL, delay_s)
-
-
-_NORMAL = simpy.core.NORMAL
 
 
 def fire_now(done: simpy.Event) -> None:
