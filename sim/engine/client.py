@@ -9,6 +9,7 @@ request, or each agent phase, becomes one record, naming the GPU that served it.
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Callable
 
 import simpy
@@ -24,14 +25,19 @@ _STATUS = {name: code for code, name in enumerate(STATUSES)}
 _KV_STATE = {name: code for code, name in enumerate(KV_STATES)}
 
 
+# an Outcome's fields in the order of the record's columns (ROW_COLUMNS), read by one C call each
+_OUTCOME_TIMES = attrgetter("issued_at", "started_at", "finished_at", "connect_s", "uplink_s", "queue_s", "load_s",
+                            "copy_s", "compute_s", "downlink_s")
+_OUTCOME_BYTES = attrgetter("bytes_up", "bytes_down", "wire_bytes_up", "wire_bytes_down", "h2d_bytes", "d2h_bytes",
+                            "gpu_mem_bytes")
+
+
 def record(log: RecordBuilder, channel: Channel, out: Outcome, agent: int, run: int, phase: str, step: int,
            warmup: bool, context: int, input_tokens: int, new_tokens: int, kv_state: str = "none",
            recomputed_tokens: int = 0) -> None:
     server = channel.server
-    log.add(agent, run, _PHASE[phase], step, _STATUS[out.status], warmup, out.issued_at, out.started_at,
-            out.finished_at, out.connect_s, out.uplink_s, out.queue_s, out.load_s, out.copy_s, out.compute_s,
-            out.downlink_s, context, input_tokens, new_tokens, out.bytes_up, out.bytes_down, out.wire_bytes_up,
-            out.wire_bytes_down, out.h2d_bytes, out.d2h_bytes, out.gpu_mem_bytes, server.memory.peak_bytes,
+    log.add(agent, run, _PHASE[phase], step, _STATUS[out.status], warmup, *_OUTCOME_TIMES(out),
+            context, input_tokens, new_tokens, *_OUTCOME_BYTES(out), server.memory.peak_bytes,
             _KV_STATE[kv_state], recomputed_tokens, out.gpu_busy_s, server.node, server.index)
 
 
@@ -51,9 +57,16 @@ def request(env: simpy.Environment, pool: GpuPool, channel: Channel, plan: Reque
             channel.connected = serving.keep_connection
         lead_s = out.connect_s if out.connect_s > 0 else 0.0
         sent_at = env.now + lead_s if lead_s > 0 else env.now  # as the clock reads after a timeout of lead_s
-        yield link.send(link.up, plan.bytes_up, plan.messages, lead_s)
-        # link.wire_bytes, inlined (two calls per request)
-        out.uplink_s, out.wire_bytes_up = env.now - sent_at, plan.bytes_up + link.framing_bytes * plan.messages
+        # link.send's wire bytes and costs, memoized with the plan (nothing on the wire: link.send itself)
+        sends = link._requests.get(id(plan))
+        if sends is None or sends[0] is not plan:
+            sends = link.request_costs(plan)
+        _, wire_up, before_s, after_s, wire_down, down_before_s, down_after_s = sends
+        if wire_up > 0:
+            yield link.up.transfer(wire_up, lead_s=lead_s, before_s=before_s, after_s=after_s)
+        else:
+            yield link.send(link.up, plan.bytes_up, plan.messages, lead_s)
+        out.uplink_s, out.wire_bytes_up = env.now - sent_at, wire_up
         out.bytes_up = plan.bytes_up
     yield from server.serve(channel.session, plan, out)
     if out.status != "ok":
@@ -61,8 +74,11 @@ def request(env: simpy.Environment, pool: GpuPool, channel: Channel, plan: Reque
         return out
     if serving.remote:
         sent_at = env.now
-        yield link.send(link.down, plan.bytes_down, plan.messages)
-        out.downlink_s, out.wire_bytes_down = env.now - sent_at, plan.bytes_down + link.framing_bytes * plan.messages
+        if wire_down > 0:
+            yield link.down.transfer(wire_down, before_s=down_before_s, after_s=down_after_s)
+        else:
+            yield link.send(link.down, plan.bytes_down, plan.messages)
+        out.downlink_s, out.wire_bytes_down = env.now - sent_at, wire_down
         out.bytes_down = plan.bytes_down
     out.finished_at = env.now
     server.routed -= 1

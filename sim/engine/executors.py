@@ -16,7 +16,7 @@ import numpy as np
 import simpy
 
 from ..costmodel import CostModel
-from .pipe import FlowClass, SharedPipe, call_after, fire_all
+from .pipe import FlowClass, Recurring, SharedPipe, fire_all
 
 Pass = tuple  # ("prefill", tokens, context) | ("decode", context)
 
@@ -385,6 +385,10 @@ class ContinuousBatching:
         self._prefilling: list[_Sequence] = []  # the sequences of the prefill iteration under way
         self._iteration: tuple = ()  # that iteration's pass, batch and duration
         self._decode_steps: dict[tuple[int, int], float] = {}  # (batch, sum of contexts) -> cost model's step
+        # a prefill of one sequence (most prefill iterations), per (pass, batch): its step and base cost
+        self._prefill_steps: dict[tuple, tuple[tuple, float]] = {}
+        self._prefilled_call = Recurring(self._prefilled)  # the iteration under way's end
+        self._decoded_call = Recurring(self._decoded)
 
     def execute(self, work: GpuWork):
         memo = self._segment_memo.get(id(work.passes))  # _segments, its memo read inline
@@ -460,7 +464,11 @@ class ContinuousBatching:
                 admitted.append(seq)
             finished: list[_Sequence] = []
             for seq in admitted:
-                self._next(seq, finished)
+                segments = seq.segments
+                if segments and segments[0][0] == "prefill":  # _next of a new sequence (most begin so)
+                    heapq.heappush(self._prefill, (seq.order, seq))
+                else:
+                    self._next(seq, finished)
             self._finish(finished)
             if self.running:
                 break
@@ -471,7 +479,12 @@ class ContinuousBatching:
                 seq = heapq.heappop(self._prefill)[1]
                 prefilling, p = [seq], seq.segments[seq.segment][1]
                 batch = seq.work.batch
-                tokens, context = batch * p[1], p[2]
+                memo = self._prefill_steps.get((p, batch))
+                if memo is None:
+                    prompt = max(round(batch * p[1] / batch), 1)
+                    step = ("prefill", prompt, p[2])
+                    memo = self._prefill_steps[(p, batch)] = (step, timer.base_s(step, batch))
+                step, base_s = memo
             else:
                 prefilling = [heapq.heappop(self._prefill)[1] for _ in range(count)]
                 # One batched forward over the pending prompts (their mean length, their deepest cache).
@@ -479,10 +492,12 @@ class ContinuousBatching:
                 batch = sum(s.work.batch for s in prefilling)
                 tokens = sum(s.work.batch * p[1] for s, p in zip(prefilling, passes))
                 context = max(p[2] for p in passes)
-            prompt = max(round(tokens / batch), 1)
-            iteration_s = timer.base_s(("prefill", prompt, context), batch) * timer.factor("prefill")
-            self._prefilling, self._iteration = prefilling, (("prefill", prompt, context), batch, iteration_s)
-            call_after(env, iteration_s, self._prefilled)
+                prompt = max(round(tokens / batch), 1)
+                step = ("prefill", prompt, context)
+                base_s = timer.base_s(step, batch)
+            iteration_s = base_s * timer.factor("prefill")
+            self._prefilling, self._iteration = prefilling, (step, batch, iteration_s)
+            self._prefilled_call.after(env, iteration_s)
         else:
             batch, sum_context = self._decoding_batch, self._sum_context
             step_s = self._decode_steps.get((batch, sum_context))  # the cost model's decode step, memoized
@@ -490,7 +505,7 @@ class ContinuousBatching:
                 step_s = self._decode_step_s(batch, sum_context)
             iteration_s = step_s * timer.factor("decode")  # batched_decode_s
             self._iteration = (sum_context, batch, iteration_s)
-            call_after(env, iteration_s, self._decoded)
+            self._decoded_call.after(env, iteration_s)
 
     def _decode_step_s(self, batch: int, sum_context: int) -> float:
         """The cost model's decode step of a batch over `sum_context` tokens, into the memo (most

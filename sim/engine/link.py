@@ -29,6 +29,7 @@ class Link:
         self.host = host
         self.stream_serial = stream_serial
         self._costs: dict[tuple[int, int], tuple[float, float]] = {}
+        self._requests: dict[int, tuple] = {}  # id(plan) -> request_costs(plan)
 
     def costs_s(self, payload: int, messages: int) -> tuple[float, float]:
         """(sender's software + serialization, propagation + receiver's deserialization) of a
@@ -44,6 +45,14 @@ class Link:
                 host_s = host.serialize_s(payload) + (host.stream_serial_s(payload) if self.stream_serial else 0.0)
             costs = self._costs[key] = (messages * host.per_message_s() + host_s,
                                         messages * self.rtt_s / 2 + host.deserialize_s(payload))
+        return costs
+
+    def request_costs(self, plan) -> tuple:
+        """A request plan's sends over this link, memoized per plan (holding it, so its id stays its
+        own): (plan, then up and down: the bytes on the wire, `costs_s`)."""
+        costs = (plan, self.wire_bytes(plan.bytes_up, plan.messages), *self.costs_s(plan.bytes_up, plan.messages),
+                 self.wire_bytes(plan.bytes_down, plan.messages), *self.costs_s(plan.bytes_down, plan.messages))
+        self._requests[id(plan)] = costs
         return costs
 
     def wire_bytes(self, payload: int, messages: int = 1) -> int:

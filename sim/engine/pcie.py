@@ -71,11 +71,17 @@ class Pcie:
         """An event that fires when a host<->device copy of `nbytes` (> 0) from pinned or pageable
         host memory is done, copied as `pieces` equal buffers one after another (Bandwidth.time_s:
         latency per buffer, rate by its size)."""
+        pipe, latency_s, flow_class = self.copy_plan(direction, nbytes, pinned, pieces)
+        return pipe.transfer(nbytes, flow_class, before_s=latency_s)
+
+    def copy_plan(self, direction: Direction, nbytes: float, pinned: bool,
+                  pieces: int = 1) -> tuple[SharedPipe, float, FlowClass]:
+        """How `copy` moves `nbytes`: (its pipe, its fixed latency before it joins, its flow class)."""
         plan = self._moves.get(("copy", direction, nbytes, pinned, pieces))
         if plan is None:
             plan = self._plan_move(("copy", direction, nbytes, pinned, pieces), direction, nbytes, pinned,
                                    self.cost.copy_bandwidth(direction, pinned), pieces)
-        return self.pipes[direction].transfer(nbytes, plan[1], before_s=plan[0])
+        return self.pipes[direction], plan[0], plan[1]
 
     def swap(self, direction: Direction, nbytes: float, pinned: bool) -> simpy.Event:
         """An event that fires when a session's KV cache of `nbytes` (> 0) is swapped out (d2h) or

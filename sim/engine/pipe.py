@@ -19,7 +19,7 @@ import heapq
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import simpy
 
@@ -145,7 +145,7 @@ class SharedPipe:
         join_at, nbytes, flow_class, _, after_s = held[0]
         lone = self._lone
         if (not self.closed_form or join_at <= now or self._classes or self._joining
-                or (lone and not lone[-1].end_at < join_at)):
+                or (lone and not lone[-1][1] < join_at)):
             return False
         for other in held:
             if other[0] != join_at or other[1] != nbytes or other[2] is not flow_class or other[4] != after_s:
@@ -156,7 +156,7 @@ class SharedPipe:
         end_at = join_at + nbytes / rate  # the wake-up _reschedule plans at the join
         if not nbytes <= (end_at - join_at) * rate + rate * _DONE_WITHIN_S:
             return False
-        while lone and lone[0].end_at <= now:
+        while lone and lone[0][1] <= now:
             lone.popleft()
         # its flows end together; a fixed time after the pipe (a downlink's propagation and
         # deserialization) brings them to one instant, as a lone transfer's (`_start`): one event
@@ -165,13 +165,15 @@ class SharedPipe:
         ended = simpy.Event(self.env)
         dones = [transfer[3] for transfer in held]
         ended.callbacks.append(lambda _event: fire_all(self.env, dones))
-        lone.append(_Alone(join_at, end_at, done_at, nbytes, flow_class, ended, after_s, rate, dones))
-        schedule_at(self.env, ended, done_at)
+        lone.append(_new_alone((join_at, end_at, done_at, nbytes, flow_class, ended, after_s, rate, dones)))
+        ended._ok = True  # schedule_at, inlined
+        ended._value = None
+        self._schedule_at(ended, done_at)
         return True
 
     def _start(self, now: float, join_at: float, nbytes: float, flow_class, done: simpy.Event, after_s: float) -> None:
         lone = self._lone
-        if self.closed_form and not self._classes and not self._joining and (not lone or lone[-1].end_at < join_at):
+        if self.closed_form and not self._classes and not self._joining and (not lone or lone[-1][1] < join_at):
             # A lone transfer's instants, as the pipe would compute them step by step (unless its
             # wake-up would not find it done, which float round-off allows on very long runs).
             rate = self._lone_rates.get(flow_class)
@@ -180,9 +182,9 @@ class SharedPipe:
             end_at = join_at + nbytes / rate
             if nbytes <= (end_at - join_at) * rate + rate * _DONE_WITHIN_S:
                 done_at = end_at + after_s if after_s > 0 else end_at
-                while lone and lone[0].end_at <= now:
+                while lone and lone[0][1] <= now:
                     lone.popleft()
-                lone.append(_Alone(join_at, end_at, done_at, nbytes, flow_class, done, after_s, rate))
+                lone.append(_new_alone((join_at, end_at, done_at, nbytes, flow_class, done, after_s, rate, None)))
                 done._ok = True  # schedule_at, inlined: most transfers come here
                 done._value = None
                 self._schedule_at(done, done_at)
@@ -352,9 +354,10 @@ class SharedPipe:
                 fire_now(done)
 
 
-@dataclass(slots=True)
-class _Alone:
-    """A transfer that found the pipe idle: its instants in closed form."""
+class _Alone(NamedTuple):
+    """A transfer that found the pipe idle: its instants in closed form. A tuple: one is made for
+    most transfers, by `_new_alone` without the named constructor's Python frame, and the hot paths
+    read its `end_at` as `[1]`."""
 
     join_at: float
     end_at: float
@@ -365,6 +368,9 @@ class _Alone:
     after_s: float
     rate: float
     group: list | None = None  # a group's flows' events (done is then the group's own)
+
+
+_new_alone = functools.partial(tuple.__new__, _Alone)  # _Alone from the tuple of all its fields
 
 
 class _Holds:
@@ -421,25 +427,30 @@ def _push_at(env: simpy.Environment, event: simpy.Event, at: float) -> None:
     heapq.heappush(env._queue, (at, simpy.core.NORMAL, next(env._eid), event))
 
 
-class _Call:
-    """What the event loop needs of a succeeded event (`_ok`, `_value`, its callbacks): a callback
-    scheduled by `call_after`."""
+_NORMAL = simpy.core.NORMAL
 
-    __slots__ = ("callbacks",)
+
+class Recurring:
+    """`callback(event)` after a delay, again and again, one call at a time (the batching
+    scheduler's next iteration), where `env.timeout(delay_s).callbacks.append(callback)` would run
+    it (the same place in the queue, the same checks), without a Timeout, nor an object and a bound
+    method per call: nothing waits for it. It has what the event loop needs of a succeeded event
+    (`_ok`, `_value`, `callbacks`); the loop takes its callbacks when it fires (None until the next
+    `after`), so it is never in the queue twice."""
+
+    __slots__ = ("callbacks", "_once")
     _ok = True
     _value = None
 
     def __init__(self, callback: Callable[[object], None]) -> None:
-        self.callbacks = [callback]
+        self._once = (callback,)  # the event loop only iterates over callbacks
+        self.callbacks = None
 
-
-def call_after(env: simpy.Environment, delay_s: float, callback: Callable[[object], None]) -> None:
-    """`callback(event)` after `delay_s`, where `env.timeout(delay_s).callbacks.append(callback)`
-    would run it (the same place in the queue, the same checks), without a Timeout: for callbacks
-    that carry on by themselves (the batching scheduler's iterations), nothing waits for it."""
-    if delay_s < 0:
-        raise ValueError(f"Negative delay {delay_s}")  # as SimPy's Timeout
-    env.schedule(_Call(callback), simpy.core.NORMAL, delay_s)
+    def after(self, env: simpy.Environment, delay_s: float) -> None:
+        if delay_s < 0:
+            raise ValueError(f"Negative delay {delay_s}")  # as SimPy's Timeout
+        self.callbacks = self._once
+        env.schedule(self, _NORMAL, delay_s)
 
 
 def fire_now(done: simpy.Event) -> None:

@@ -165,7 +165,7 @@ class GpuServer:
                                       max_prefills=self.rules.max_concurrent_prefills)
         self.kv_bytes_per_token = cost.kv_bytes_per_token
         self._workspace: dict[tuple[int, int], int] = {}
-        self._works: dict[int, tuple[RequestPlan, GpuWork]] = {}  # id(plan) -> plan, its work in the shared process
+        self._requests: dict[int, tuple] = {}  # id(plan) -> _request_costs(plan)
         self.process_bytes = cost.weight_bytes + cost.context_bytes_per_process
         qos = self.rules.qos
         self.qos_gate = QosGate(env, qos.escalate_after_ms / 1e3) if qos.enabled and serving.scheduler == "serial_fcfs" else None
@@ -355,11 +355,28 @@ class GpuServer:
             nbytes = self._workspace[key] = self.cost.workspace_bytes(tokens, batch)
         return nbytes
 
-    def _shared_work(self, plan: RequestPlan) -> GpuWork:
-        """The GPU work of `plan` in the shared server process, memoized (holding `plan`, so its id stays its own)."""
-        work = GpuWork(plan.passes, plan.batch, "server")
-        self._works[id(plan)] = (plan, work)
-        return work
+    def _request_costs(self, plan: RequestPlan) -> tuple:
+        """What a request of `plan` takes here, memoized per plan (holding `plan`, so its id stays its
+        own): (plan, its work in the shared process (None where each session has its own), the KV
+        it allocates, its pass's workspace, the bytes it allocates (the weights of a per-request
+        load too), the bytes it copies in and out, the KV it keeps and holds only while it runs, and
+        how its copies in and out move (`Pcie.copy_plan`))."""
+        kv_bytes, serving = self.kv_bytes_per_token, self.serving
+        kv_request = (plan.kv_transient_tokens + plan.kv_grow_tokens) * kv_bytes
+        workspace = self.workspace_bytes(plan.workspace_tokens, plan.batch)
+        request_bytes = kv_request + workspace
+        if serving.load_per_request:
+            request_bytes += self.process_bytes
+        # the one shared process: one GpuWork per plan (the executors only read it)
+        work = None if serving.process_per_agent or serving.load_per_request else GpuWork(plan.passes, plan.batch,
+                                                                                          "server")
+        up = plan.bytes_up if serving.remote else 0
+        down = plan.bytes_down if serving.remote else 0
+        costs = (plan, work, kv_request, workspace, request_bytes, up, down, plan.kv_grow_tokens * kv_bytes,
+                 plan.kv_transient_tokens * kv_bytes, self.pcie.copy_plan("h2d", up, False) if up else None,
+                 self.pcie.copy_plan("d2h", down, False) if down else None)
+        self._requests[id(plan)] = costs
+        return costs
 
     # --- what a router reads ---------------------------------------------------------------------
     @property
@@ -395,40 +412,41 @@ class GpuServer:
     def serve(self, session: ServerSession, plan: RequestPlan, out: Outcome):
         """Admit, load, copy in, execute and copy out one request whose payload has arrived; fills
         `out` (status "rejected" over the admission limit; "oom" when it cannot get memory, and the
-        session is dead from then on)."""
-        env, cost, serving = self.env, self.cost, self.serving
-        if not self._admit(session):
-            out.status = "rejected"
-            out.started_at = out.finished_at = env.now
-            return
-        kv_bytes = self.kv_bytes_per_token
-        t0 = env.now
-        if session.swap_out is not None and not session.swap_out.processed:
-            yield session.swap_out  # its KV is still leaving the GPU: it must be gone to come back
-        out.queue_s += env.now - t0
+        session is dead from then on). A wait that takes no time adds nothing to `out.queue_s`
+        (adding 0.0 leaves it as it is: it is never -0.0)."""
+        env, serving = self.env, self.serving
+        if self._limited:
+            if not self._admit(session):
+                out.status = "rejected"
+                out.started_at = out.finished_at = env.now
+                return
+        else:  # _admit without a limit to check
+            self.in_flight[session.qos_class] += 1
+        costs = self._requests.get(id(plan))
+        if costs is None or costs[0] is not plan:
+            costs = self._request_costs(plan)
+        _, work, kv_request, workspace, request_bytes, up, down, grow_bytes, transient_bytes, copy_in, copy_out = costs
+        swap_out = session.swap_out
+        if swap_out is not None and not swap_out.processed:
+            t0 = env.now
+            yield swap_out  # its KV is still leaving the GPU: it must be gone to come back
+            out.queue_s += env.now - t0
         if session.held_kv_bytes:
             self.drop_held_kv(session)  # this request re-prefills the context into a KV of its own
-        restore = 0 if session.kv_on_gpu else session.kv_tokens * kv_bytes
-        kv_request = (plan.kv_transient_tokens + plan.kv_grow_tokens) * kv_bytes
-        workspace = self._workspace.get((plan.workspace_tokens, plan.batch))  # workspace_bytes, its memo inline
-        if workspace is None:
-            workspace = self.workspace_bytes(plan.workspace_tokens, plan.batch)
-        request_bytes = kv_request + workspace
-        if serving.load_per_request:
-            request_bytes += self.process_bytes
+        restore = 0 if session.kv_on_gpu else session.kv_tokens * self.kv_bytes_per_token
         need = request_bytes + restore
-        t0 = env.now
         memory, memory_plan = self.memory, self.memory_plan
         if (not self.ok or session.dead or need > memory.capacity_bytes  # GpuMemory.fits_ever
                 or (memory_plan.caps is not None and not memory_plan.fits(data=kv_request + restore, stack=workspace))):
             granted = False
         elif serving.wait_for_memory:
-            if not self.memory.try_alloc(need):  # at once when it fits and nobody waits: no event
-                yield self.memory.alloc_wait(need)
+            if not memory.try_alloc(need):  # at once when it fits and nobody waits: no event
+                t0 = env.now
+                yield memory.alloc_wait(need)
+                out.queue_s += env.now - t0
             granted = True
         else:
-            granted = self.memory.try_alloc(need)
-        out.queue_s += env.now - t0
+            granted = memory.try_alloc(need)
         if not granted:
             out.status = "oom"
             out.started_at = out.finished_at = env.now
@@ -439,26 +457,22 @@ class GpuServer:
             memory_plan.take(data=kv_request + restore, stack=workspace)
         if serving.load_per_request:
             t0 = env.now
-            yield from self.pcie.load(serving.weight_tier, cost.weight_bytes)
+            yield from self.pcie.load(serving.weight_tier, self.cost.weight_bytes)
             out.load_s = env.now - t0
-        up = plan.bytes_up if serving.remote else 0
         h2d = up + restore
         out.h2d_bytes = h2d
         if h2d:
             t0 = env.now
-            if up:
-                yield self.pcie.copy("h2d", up, pinned=False)
+            if up:  # self.pcie.copy("h2d", up, pinned=False), its plan memoized with the request's
+                yield copy_in[0].transfer(up, copy_in[2], before_s=copy_in[1])
             if restore:
                 yield self.pcie.swap("h2d", restore, self.pinned_host_kv)
                 self._host_release(restore)
                 self.resident_kv_bytes += restore
             session.kv_on_gpu = True
             out.copy_s += env.now - t0
-        if serving.process_per_agent or serving.load_per_request:  # self.gpu_process(session), inlined
+        if work is None:  # self.gpu_process(session), inlined: the agent's own process
             work = GpuWork(plan.passes, plan.batch, session.agent)
-        else:  # the one shared process: one GpuWork per plan (the executors only read it)
-            memo = self._works.get(id(plan))
-            work = memo[1] if memo is not None and memo[0] is plan else self._shared_work(plan)
         if self.qos_gate is not None:
             t0 = env.now
             yield self.qos_gate.acquire(QOS_CLASSES.index(session.qos_class))
@@ -472,17 +486,17 @@ class GpuServer:
         out.gpu_busy_s = execution.gpu_busy_s
         out.started_at = execution.started_at
         session.kv_tokens += plan.kv_grow_tokens
-        self.resident_kv_bytes += plan.kv_grow_tokens * kv_bytes if serving.session_kv else 0
-        out.gpu_mem_bytes = self.memory.used_bytes
-        down = plan.bytes_down if serving.remote else 0
+        if serving.session_kv:
+            self.resident_kv_bytes += grow_bytes
+        out.gpu_mem_bytes = memory.used_bytes
         if down:
             t0 = env.now
-            yield self.pcie.copy("d2h", down, pinned=False)
+            yield copy_out[0].transfer(down, copy_out[2], before_s=copy_out[1])  # self.pcie.copy("d2h", down, pinned=False)
             out.copy_s += env.now - t0
             out.d2h_bytes = down
         if serving.hold_request_kv:
-            session.held_kv_bytes = plan.kv_transient_tokens * kv_bytes
-        memory.free(request_bytes - plan.kv_grow_tokens * kv_bytes - session.held_kv_bytes)
+            session.held_kv_bytes = transient_bytes
+        memory.free(request_bytes - grow_bytes - session.held_kv_bytes)
         if memory_plan.caps is not None:
-            memory_plan.give(data=plan.kv_transient_tokens * kv_bytes - session.held_kv_bytes, stack=workspace)
+            memory_plan.give(data=transient_bytes - session.held_kv_bytes, stack=workspace)
         self.in_flight[session.qos_class] -= 1
