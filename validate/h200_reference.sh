@@ -11,8 +11,9 @@
 # carried back with the run tool's `carry: ["results/h200"]`) and a copy to $OUT/profile/ to commit.
 # Every later item validates against that profile, frozen (sha256) before its real runs start;
 # `python -m djinnsim.validate.plan docs/validation/h200/plan.yaml` lists the items and their
-# estimated device time. Every report folder travels in $OUT/h200-reference.tar.gz (the run tool
-# brings back few files); each item's validation.md and log also land in $OUT.
+# estimated device time. Every report folder, each item's log and its validation.md travel in
+# $OUT/h200-reference.tar.gz: the run tool brings back at most 8 files, so $OUT gets only that
+# tarball and machine.txt (the short table is printed last).
 set -uo pipefail
 PLAN=docs/validation/h200/plan.yaml
 OUT=${OUT:-results/validation/h200}
@@ -77,17 +78,18 @@ for item in $ITEMS; do
   fi
   cmd=$(python3 -m djinnsim.validate.plan "$PLAN" --command "$item" --profile "$PROFILE" --budget-s $(( left - 45 )))
   echo "$item: $cmd" >> "$OUT/machine.txt"
-  OUT="$WORK" timeout --kill-after=10 "$left" bash -c "$cmd" > "$OUT/$item.log" 2>&1
+  OUT="$WORK" timeout --kill-after=10 "$left" bash -c "$cmd" > "$WORK/$item.log" 2>&1
   echo "$item: exit $? at $(elapsed) s" >> "$OUT/machine.txt"
-  [ -f "$WORK/$item/validation.md" ] && cp "$WORK/$item/validation.md" "$OUT/$item.md"
+  [ -f "$WORK/$item/validation.md" ] && cp "$WORK/$item/validation.md" "$WORK/$item.md"
 done
 
+cp "$OUT/machine.txt" "$WORK/machine.txt"
 tar czf "$OUT/h200-reference.tar.gz" -C "$WORK" . 2>> "$OUT/machine.txt"
 cat "$OUT/machine.txt"
 for item in $ITEMS; do
-  [ -f "$OUT/$item.log" ] || continue
+  [ -f "$WORK/$item.log" ] || continue
   echo "== $item"
-  sed -n '/^point /,/^report:/p' "$OUT/$item.log" | grep -v '^report:'
-  grep -E '^error:|Traceback' "$OUT/$item.log" | head -3
+  sed -n '/^point /,/^report:/p' "$WORK/$item.log" | grep -v '^report:'
+  grep -E '^error:|Traceback' "$WORK/$item.log" | head -3
 done
 echo "total $(elapsed) s"
