@@ -58,10 +58,7 @@ def request(env: simpy.Environment, pool: GpuPool, channel: Channel, plan: Reque
         lead_s = out.connect_s if out.connect_s > 0 else 0.0
         sent_at = env.now + lead_s if lead_s > 0 else env.now  # as the clock reads after a timeout of lead_s
         # link.send's wire bytes and costs, memoized with the plan (nothing on the wire: link.send itself)
-        sends = link._requests.get(id(plan))
-        if sends is None or sends[0] is not plan:
-            sends = link.request_costs(plan)
-        _, wire_up, before_s, after_s, wire_down, down_before_s, down_after_s = sends
+        _, wire_up, before_s, after_s, wire_down, down_before_s, down_after_s = link.request_costs(plan)
         if wire_up > 0:
             yield link.up.transfer(wire_up, lead_s=lead_s, before_s=before_s, after_s=after_s)
         else:

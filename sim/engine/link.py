@@ -50,6 +50,9 @@ class Link:
     def request_costs(self, plan) -> tuple:
         """A request plan's sends over this link, memoized per plan (holding it, so its id stays its
         own): (plan, then up and down: the bytes on the wire, `costs_s`)."""
+        costs = self._requests.get(id(plan))
+        if costs is not None and costs[0] is plan:
+            return costs
         costs = (plan, self.wire_bytes(plan.bytes_up, plan.messages), *self.costs_s(plan.bytes_up, plan.messages),
                  self.wire_bytes(plan.bytes_down, plan.messages), *self.costs_s(plan.bytes_down, plan.messages))
         self._requests[id(plan)] = costs
