@@ -53,17 +53,22 @@ def _figures(point: dict) -> dict:
     return {k: v for k, v in point.items() if k not in ("sample", "sample_reasons")}
 
 
-@pytest.fixture(scope="module")
-def real_folder(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("offline")
+def validate_tiny(folder: Path, *extra: str) -> tuple[Path, Path]:
+    """A small real CPU validation of DECODE in `folder` with a hand-made profile: (report, profile)."""
     scenario = folder / "decode.yaml"
     scenario.write_text(DECODE)
     profile = _cpu_profile(folder / "cpu-tiny.json")
     out = folder / "real"
     result = runner.invoke(app, ["validate", str(scenario), "--device", "cpu", "--calibration", str(profile),
-                                 "--out", str(out), "--runs", "3", "--warmup-runs", "1", "--repeats", "2", "--quiet"])
+                                 "--out", str(out), "--runs", "3", "--warmup-runs", "1", "--repeats", "2", "--quiet",
+                                 *extra])
     assert result.exit_code == 0, result.output
-    return out
+    return out, profile
+
+
+@pytest.fixture(scope="module")
+def real_folder(tmp_path_factory) -> Path:
+    return validate_tiny(tmp_path_factory.mktemp("offline"))[0]
 
 
 def _offline(folder: Path, out: Path, *extra: str):

@@ -64,6 +64,7 @@ def validate(
     act_s: Annotated[Optional[float], typer.Option(help="agents workloads: ACT (tool call) seconds, fixed")] = 1.0,
     iterations: Annotated[Optional[int], typer.Option(help="agents workloads: REASON/ACT/REFLECT cycles (default: the scenario's)")] = None,
     oom_probe_max: Annotated[int, typer.Option(help="keep-alive: most model copies tried when looking for the OOM N (GPU only)")] = 8,
+    level_probe: Annotated[bool, typer.Option(help="before each point with a resident model process, a 40-token batch-1 decode on it outside the scored runs; the report judges the point again at the level it measured (validate.anchored), counted apart")] = False,
     time_budget_s: Annotated[float, typer.Option(help="no new real run starts after this many seconds (calibration excluded)")] = 1800.0,
     seed: Annotated[Optional[int], typer.Option(help="override the scenario's seed")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress lines or summary table")] = False,
@@ -85,7 +86,7 @@ def validate(
                  "--runs": runs != 5, "--warmup-runs": warmup_runs != 1, "--new-tokens": new_tokens is not None,
                  "--agents": agents != "1,2", "--act-s": act_s != 1.0, "--iterations": iterations is not None,
                  "--oom-probe-max": oom_probe_max != 8, "--time-budget-s": time_budget_s != 1800.0,
-                 "--seed": seed is not None}
+                 "--seed": seed is not None, "--level-probe": level_probe}
         clash = [name for name, on in given.items() if on]
         if clash:
             raise DjinnsimError(f"--from-real re-compares runs already made: {', '.join(clash)} cannot change them")
@@ -128,6 +129,7 @@ def validate(
             command=command,
             force=force,
             overrides=tuple(collect(set_)),
+            level_probe=level_probe,
         )
     )
     _check_strict(out_dir, strict)

@@ -200,6 +200,21 @@ def decode_local(port: int, ctx: RecordContext, workload: DecodeWorkload, rng: n
     return records
 
 
+# --- the level probe: a short native decode on a resident process, outside the scored runs -------
+PROBE_PROMPT_TOKENS = 32
+PROBE_NEW_TOKENS = 40
+
+
+def level_probe(port: int, vocab_size: int, timeout_s: float) -> dict:
+    """One batch-1 greedy decode of PROBE_NEW_TOKENS tokens after a PROBE_PROMPT_TOKENS prompt on the
+    process at `port` (its own model, no link): the launch-bound level that process steps at now.
+    Returns its start time (perf_counter), the prompt length and each decode step's seconds."""
+    rng = np.random.default_rng(0)  # the same prompt every time: only the machine's level varies
+    prompt = _prompt(rng, vocab_size, 1, PROBE_PROMPT_TOKENS)
+    ex = Client(NO_LINK, timeout_s).request(port, Op.LOCAL_DECODE, {"new": PROBE_NEW_TOKENS}, {"ids": prompt})
+    return {"at": float(ex.header["decode_at"]), "prompt_tokens": PROBE_PROMPT_TOKENS,
+            "step_s": [float(s) for s in ex.header["step_s"]]}
+
 # --- Exp 2.2: agents, one generate request per phase --------------------------------------------
 @dataclass
 class AgentOutcome:

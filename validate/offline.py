@@ -130,7 +130,8 @@ def real_result(doc: dict, scenario_v: Scenario, records: dict[tuple[int, int], 
         errors = [n for n in row.get("notes", []) if not n.startswith(OUT_OF_RANGE_NOTE)]
         if errors and repeats:
             repeats[0].errors = errors  # the report lists a point's errors flattened over its repeats
-        points.append(RealPointResult(point, repeats, row.get("skipped")))
+        probe = (doc.get("level_probes") or {}).get(str(point.index))  # validate --level-probe
+        points.append(RealPointResult(point, repeats, row.get("skipped"), probe))
     probes = [OomProbe(row["backend"], row["real_loaded"], row["real_oom_n"], row["probe_max"] or 0,
                        row.get("message", "")) for row in doc["oom"]]
     ours = set(device_notes(scenario_v, meta["machine"]["device"], meta["model"]))

@@ -30,7 +30,7 @@ from djinnsim.sim.specs import ModelSpec, get_model
 
 from djinnsim.sim.provenance import file_sha256, simulator
 
-from . import compare, heldout, report
+from . import anchored, compare, heldout, report
 from .points import CPU_MODEL, Shortening, select_points, validation_scenario
 from .realrun import RealOptions, RealResult, RealRunner
 
@@ -65,6 +65,7 @@ class ValidateRequest:
     quiet: bool = False
     command: str = "djinnsim validate"
     overrides: tuple = ()  # sim.overrides.Override: `--set FIELD=VALUE`, applied to the scenario file first
+    level_probe: bool = False  # validate.anchored: probe each point's level before it, judge it anchored too
 
 
 @dataclass
@@ -457,6 +458,7 @@ def run_validation(req: ValidateRequest) -> Path:
             context_bytes_per_process=profile.memory.context_bytes_per_process, weight_bytes=profile.memory.weight_bytes,
             dtype=profile.metadata.dtype,
             request_timeout_s=300.0 if cuda else 60.0, start_timeout_s=600.0 if cuda else 120.0, expected_s=expected_s,
+            level_probe=req.level_probe,
         )
         # Frozen: the hash of the profile every figure is judged with, taken before the first real run.
         frozen = {"sha256": file_sha256(profile_path),
@@ -478,6 +480,8 @@ def run_validation(req: ValidateRequest) -> Path:
             "runs_started_at": runs_started_at, "simulator": simulator(), "bands": req.bands,
             "ray": RAY_EMULATION,
         }
+        if req.level_probe:
+            meta["level_probe"] = True
         real_records = [r for rp in real.points for rep in rp.repeats for r in rep.records]
         real_repeats = [i for rp in real.points for i, rep in enumerate(rp.repeats) for _ in rep.records]
         _write_records(out_dir / "records_real.csv", real_records, real_repeats)
@@ -575,6 +579,8 @@ def compare_and_report(out_dir: Path, scenario_v: Scenario, points: list, real: 
     for row in oom_rows:
         compare.add_oom(summary, row["verdict"], meta["sample"]["label"])
 
+    anchor = anchored.anchored(out_dir, scenario_v, real, profile_path, profile, n_repeats,
+                               draws if spread is not None else 0, agents, cuda, meta["sample"]["label"], say)
     figures = report.overlay_plots(out_dir, agents, _curves(agents, comparisons, real, sims))
     doc = {
         "meta": meta,
@@ -585,6 +591,9 @@ def compare_and_report(out_dir: Path, scenario_v: Scenario, points: list, real: 
         "notes": real.notes + device_notes(scenario_v, meta["machine"]["device"], meta["model"]),
         "figures": figures,
     }
+    if anchor is not None:
+        doc["level_probes"] = anchored.probes_of(real)
+        doc["anchored"] = {k: v for k, v in anchor.items() if k != "comparisons"}
     if started_wall is not None:
         meta["wall_s"] = time.perf_counter() - started_wall
     report.write_json(doc, out_dir / "validation.json")
@@ -594,7 +603,29 @@ def compare_and_report(out_dir: Path, scenario_v: Scenario, points: list, real: 
                    [i for i, pr in sim_runs for _ in pr.records])
     if not quiet:
         print(short_table(comparisons, oom_rows, summary))
+        if anchor is not None:
+            print(anchored_table(anchor))
     return doc
+
+
+def anchored_table(anchor: dict) -> str:
+    """One line per probed point: the level factor before and after it, the anchored mean's error."""
+    by_index = {pc.index: pc for pc in anchor["comparisons"]}
+    lines = [f"{'anchored to the level probe before the point':58} {'m before':>8} {'m after':>8} "
+             f"{'mean sim':>11} {'err':>7} {'p99 err':>8}  verdicts"]
+    for row in anchor["rows"]:
+        pc = by_index.get(row["index"])
+        m_before = "-" if row["factor"] is None else f"x{row['factor']:.3f}"
+        m_after = "-" if row["factor_after"] is None else f"x{row['factor_after']:.3f}"
+        if pc is None:
+            lines.append(f"{row['label'][:58]:58} {m_before:>8} {m_after:>8}  no probe step: {row.get('error') or '-'}")
+            continue
+        m = {c.metric: c for c in pc.metrics}
+        verdicts = "".join({"PASS": "P", "FAIL": "F", "info": ".", "N/A": "-"}[v] for v in pc.verdicts)
+        lines.append(f"{row['label'][:58]:58} {m_before:>8} {m_after:>8} {report.fmt(m['latency_mean_s'].sim, 's'):>11} "
+                     f"{report.fmt_err(m['latency_mean_s'].rel_err):>7} {report.fmt_err(m['latency_p99_s'].rel_err):>8}  {verdicts}")
+    lines.append(f"anchored summary (apart from the verdicts above): {report.summary_line(anchor['summary'])}")
+    return "\n".join(lines)
 
 
 def short_table(comparisons: list[compare.PointComparison], oom_rows: list[dict], summary: dict) -> str:

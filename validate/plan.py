@@ -128,6 +128,8 @@ def command(plan: dict, item: dict, base: Path, profile_path: Path | None, budge
         args += ["--warmup-runs", str(short.warmup_runs)]
     if short.agents is not None:
         args += ["--oom-probe-max", str(probe_max(item, short))]
+    if item.get("level_probe"):
+        args += ["--level-probe"]
     return " ".join(shlex.quote(a) for a in args) + f" --out \"$OUT/{item['name']}\""
 
 

@@ -53,6 +53,9 @@ class RealPointResult:
     point: Point
     repeats: list[RepeatResult] = field(default_factory=list)
     skipped: str | None = None
+    # `--level-probe`: {"before": probe, "after": probe} of clients.level_probe on the point's resident
+    # process, just before its first repeat and just after its last (an "error" key when one failed)
+    level_probe: dict | None = None
 
 
 @dataclass
@@ -86,6 +89,7 @@ class RealOptions:
     weight_bytes: int = 0
     dtype: str | None = None
     expected_s: dict[int, float] | None = None  # point index -> simulated wall time: shortest run first
+    level_probe: bool = False  # a short native decode on the point's resident process before and after it
 
 
 def unsupported(point: Point, scenario: Scenario) -> str | None:
@@ -283,18 +287,33 @@ class RealRunner:
         _, result.peak_mem_bytes = self.monitor.window(started_at, ended_at)
         return result
 
-    def _run_point(self, point: Point, ports: list[int | None], reset_ports: list[int]) -> None:
+    def _run_point(self, point: Point, ports: list[int | None], reset_ports: list[int],
+                   probe_port: int | None = None) -> None:
         result = self.results[point.index]
         self.say(f"real: {point.label} ({self.opt.repeats} repeats)")
+        probe = self.opt.level_probe and probe_port is not None
+        if probe:
+            self._probe(result, "before", probe_port)
         for repeat in range(self.opt.repeats):
             if not self._time_left():
                 result.skipped = result.skipped or f"time budget spent after {repeat} repeats"
-                return
+                break
             try:
                 result.repeats.append(self._repeat(point, repeat, ports, reset_ports))
             except (TimeoutError, OSError, clients.ServerError) as exc:
                 result.skipped = f"repeat {repeat} failed: {type(exc).__name__}: {exc}"
-                return
+                return  # no probe after: the process may be what failed
+        if probe and result.repeats:
+            self._probe(result, "after", probe_port)
+
+    def _probe(self, result: RealPointResult, when: str, port: int) -> None:
+        """`--level-probe`: the level the point's resident process steps at, outside the scored repeats.
+        A failed probe leaves a note; the point's repeats are judged as usual."""
+        result.level_probe = result.level_probe or {}
+        try:
+            result.level_probe[when] = clients.level_probe(port, result.point.model.vocab_size, self.opt.request_timeout_s)
+        except (TimeoutError, OSError, clients.ServerError) as exc:
+            result.level_probe.setdefault("error", f"{when}: {type(exc).__name__}: {exc}")
 
     # --- groups of points by where their weights live -----------------------------------------------
     def _run_shared(self, points: list[Point], weights_file: Path | None, when_done: Callable[[], None]) -> bool:
@@ -323,7 +342,7 @@ class RealRunner:
                     if status != "ready":
                         self.results[point.index].skipped = f"server did not start ({status}: {message})"
                         continue
-                self._run_point(point, [server.port] * (point.n_agents or 1), [server.port])
+                self._run_point(point, [server.port] * (point.n_agents or 1), [server.port], server.port)
             when_done()
             if weights_file is None or server.port is None:
                 return False
@@ -387,7 +406,7 @@ class RealRunner:
                     self.results[point.index].skipped = str(exc)
                     continue
                 agent_ports = [ports[i] if i < len(ports) else None for i in range(n)]
-                self._run_point(point, agent_ports, [p for p in agent_ports if p is not None])
+                self._run_point(point, agent_ports, [p for p in agent_ports if p is not None], agent_ports[0])
             if self.cuda:
                 try:
                     load_up_to(probe_max)

@@ -112,6 +112,41 @@ def provenance_lines(meta: dict) -> list[str]:
     return lines
 
 
+def _anchored_section(anchor: dict) -> list[str]:
+    """validate.anchored: the probed points judged again at the level their probe measured."""
+    lines = ["", "## Anchored to the level probe before each point (validate --level-probe)", "",
+             "Before its first repeat, each point's own process decoded 40 tokens at batch 1 after a 32-token "
+             "prompt, outside the scored runs; m is the median step of that probe over the step the profile "
+             "predicts for the same shape. The point is simulated again with every level-bound pass x m "
+             "(bands drawing no level on top) and judged by the same rules. The probe after its last repeat "
+             "shows how far the level moved during the point. These verdicts are counted apart from the "
+             "summary above.", "",
+             f"**Anchored: {summary_line(anchor['summary'])}.**", "",
+             "| point | probe step before | m before | probe step after | m after | metric | real mean | sim mean | "
+             "sim P10 – P90 | coverage | error | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    by_index = {p["index"]: p for p in anchor["points"]}
+    for row in anchor["rows"]:
+        head = (f"| {row['label']} | {fmt(row['probe_before_step_s'], 's')} | {_factor(row['factor'])} | "
+                f"{fmt(row['probe_after_step_s'], 's')} | {_factor(row['factor_after'])} |")
+        point = by_index.get(row["index"])
+        if point is None:
+            lines.append(f"{head} (no probe step{': ' + row['error'] if row.get('error') else ''}) | | | | | | |")
+            continue
+        for name in ("latency_mean_s", "latency_p99_s", "per_token_s"):
+            c = point["metrics"].get(name)
+            if c is None or c.get("real_mean") is None:
+                continue
+            band = c.get("band")
+            lines.append(f"{head} {name} | {fmt(c['real_mean'], 's')} | {fmt(c['sim'], 's')} | "
+                         f"{'-' if not band else fmt(band[0], 's') + ' – ' + fmt(band[1], 's')} | {_pct(c.get('coverage'))} | "
+                         f"{fmt_err(c['rel_err'])} | {VERDICT_MARK[c['verdict']]} |")
+    return lines
+
+
+def _factor(value: float | None) -> str:
+    return "-" if value is None else f"x{value:.3f}"
+
+
 def markdown(doc: dict, points: list[PointComparison]) -> str:
     meta = doc["meta"]
     offline = meta.get("offline")
@@ -204,6 +239,8 @@ def markdown(doc: dict, points: list[PointComparison]) -> str:
             lines.append(f"| {at} | {row['point']} | {row['repeat']} | {fmt(row['real_mean_s'], 's')} | "
                          f"{fmt(row['sim_mean_s'], 's')} | {fmt(row['real_compute_per_token_s'], 's')} | "
                          f"{fmt(row['sim_compute_per_token_s'], 's')} |")
+    if doc.get("anchored"):
+        lines += _anchored_section(doc["anchored"])
     skipped = [p for p in points if p.skipped]
     if skipped:
         lines += ["", "## Points not (fully) run for real", ""]
