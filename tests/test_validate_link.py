@@ -171,10 +171,11 @@ def test_keepalive_probe_loads_copies_in_order_until_the_first_oom():
     runner = RealRunner(s, points, RealOptions(device="cuda:0", gpu_index=0, repeats=1, seed=0,
                                                deadline=time.perf_counter() + 60), say=lambda m: None)
     ran = []
-    runner._run_point = lambda point, ports, reset: ran.append((point.n_agents, list(ports)))
+    runner._run_point = lambda point, ports, reset, probe_port: ran.append((point.n_agents, list(ports), probe_port))
     workers = [_FakeWorker(1000 + i, fits=i < 3) for i in range(6)]
     probe = runner._run_per_agent("ray_keepalive", points, workers)
-    assert ran == [(1, [1000]), (2, [1000, 1001])]  # each point with exactly N copies resident
+    # each point with exactly N copies resident; --level-probe would probe the first copy
+    assert ran == [(1, [1000], 1000), (2, [1000, 1001], 1000)]
     assert (probe.loaded, probe.oom_n, probe.max_n) == (3, 4, 6)
     assert [w.started for w in workers] == [True, True, True, True, False, False]  # stops at the first OOM
     assert all(w.stopped for w in workers)
