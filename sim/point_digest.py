@@ -35,7 +35,7 @@ class PointDigest:
     False when a record came for an agent already digested (the summary must then come from the
     whole table)."""
 
-    batch_rows = 16_384  # records of complete agents grouped at once
+    batch_rows = 8_192  # records of complete agents grouped at once
 
     def __init__(self, scenario: Any, point: Any, path: Path) -> None:
         self.scenario, self.point, self.path = scenario, point, Path(path)

@@ -108,6 +108,7 @@ def point_summary(point_result: "PointResult", workload: str, frame: "pd.DataFra
     frame = frame if frame is not None else _frame(point_result)
     point = point_result.point
     peak = max(int(point_result.peak_mem_bytes or 0), metrics.peak_gpu_mem_bytes(frame))
+    oom_records = metrics.oom_records(frame)
     summary: dict[str, Any] = {
         "index": point.index,
         "label": point.label,
@@ -119,8 +120,8 @@ def point_summary(point_result: "PointResult", workload: str, frame: "pd.DataFra
         "cost_model": point_result.cost_model,
         "events": int(point_result.events),
         "records": int(len(frame)),
-        "oom": metrics.oom_records(frame) > 0,
-        "oom_records": metrics.oom_records(frame),
+        "oom": oom_records > 0,
+        "oom_records": oom_records,
         "peak_gpu_mem_bytes": peak,
         "capacity_bytes": int(point_result.capacity_bytes),
         "memory_bound_agents": point_result.memory_bound_agents,
