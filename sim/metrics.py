@@ -233,8 +233,14 @@ def agent_iterations(frame: "pd.DataFrame", weight_bytes: int | None = None,
     return iterations
 
 
+# The columns of agent_phases that agent_summary reads (a table of phases kept for it needs no other)
+AGENT_SUMMARY_PHASE_COLUMNS = ("agent", "phase", "oom", "rejected", "latency_ms",
+                               *(f"{g}_ms" for g in BREAKDOWN_GROUPS), "bytes_up", "bytes_down")
+
+
 def agent_summary(frame: "pd.DataFrame", phases: "pd.DataFrame | None" = None) -> dict[str, Any]:
-    """Per-phase and pooled (REASON + REFLECT of all agents) latency statistics of one N."""
+    """Per-phase and pooled (REASON + REFLECT of all agents) latency statistics of one N (of
+    `phases`, only AGENT_SUMMARY_PHASE_COLUMNS are read)."""
     phases = agent_phases(frame) if phases is None else phases
     ok = rows_where(phases, ~(phases["oom"].astype(bool) | phases["rejected"].astype(bool)))
     # a phase's rows of the columns read (not a copy of every column per phase)

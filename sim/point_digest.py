@@ -85,7 +85,7 @@ class PointDigest:
             self._file.write(report.baseline_before_runs(report.baseline_head(self.point, self.scenario)))
         if ok_ids:
             self._file.write(("," if self._listed else "") + report._runs_json(ok_runs, ok_ids))
-        self._phases.append(phases)
+        self._phases.append(phases[list(metrics.AGENT_SUMMARY_PHASE_COLUMNS)])
         self._totals.append(runs[["total_ms", "per_token_ms", "oom", "rejected"]])
         self._runs += len(runs)
         self._listed += len(ok_ids)
@@ -102,12 +102,19 @@ class PointDigest:
         if self._pending is not None and len(self._pending["agent"]):
             self._digest(self._pending)
         self._pending = None
-        frame = _table({name: np.concatenate(parts) if parts else np.zeros(0, np.int64)
-                        for name, parts in self._parts.items()}).frame(metrics.SUMMARY_COLUMNS)
+        columns = {}
+        for name in _KEPT:  # a column at a time, its parts dropped as it is joined
+            parts = self._parts.pop(name)
+            if parts:
+                columns[name] = np.concatenate(parts)
+            del parts
+        frame = _table(columns).frame(metrics.SUMMARY_COLUMNS)
+        del columns
         if not self._phases:  # no phase at all: the whole table's (empty) table of phases
             phases = metrics.agent_phases(frame)
         else:
             phases = self._phases[0] if len(self._phases) == 1 else pd.concat(self._phases, ignore_index=True)
+        self._phases = []
         return report.point_summary(point_result, "agents", frame, phases)
 
     def finish_baseline(self, point_result: "PointResult", summary: dict[str, Any]) -> None:
