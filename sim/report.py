@@ -571,7 +571,7 @@ class RowStream:
                         digest.finish_baseline(point_result, summary)
             csv_file.flush()
 
-        self._child = PipedChild(write)
+        self._child = PipedChild(write, STREAM_NICE)
         if reply_sink is not None:
             os.close(reply_sink)
         if not self._child.started:
@@ -681,8 +681,13 @@ _WRITE_ENDS: set[int] = set()  # the pipes this process writes to children throu
 # when not streamed during the run): after the run they share the two cores with this process's
 # summary and the figure's child, which the command waits for in turn (the summary, then the figure
 # drawn from it); at a lower priority they take what those leave. Scheduling only: every file is the
-# same. (The child that streams records.csv during the run is not lowered: it keeps pace with the run.)
+# same.
 AFTER_RUN_NICE = 5
+# The niceness of the child that streams records.csv and digests the point during its run (RowStream):
+# it has most of the other core to itself, and where it meets the run's process on one core the run
+# goes first (the run's process no longer waits for it: it reads its pipe from a thread); once the
+# run is over the summary it computes is what the command waits for, and only lower ones run beside it.
+STREAM_NICE = 5
 # The niceness of the child that writes the trace point's trace.json during its run (`_early_trace`):
 # it takes what the run's process and the child streaming records.csv leave of the two cores (it
 # has the rest of the run to finish in), slowing the run as little as it can.
