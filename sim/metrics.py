@@ -233,24 +233,33 @@ def agent_iterations(frame: "pd.DataFrame", weight_bytes: int | None = None,
     return iterations
 
 
+# The columns of agent_phases that agent_summary reads (a table of phases kept for it needs no other)
+AGENT_SUMMARY_PHASE_COLUMNS = ("agent", "phase", "oom", "rejected", "latency_ms",
+                               *(f"{g}_ms" for g in BREAKDOWN_GROUPS), "bytes_up", "bytes_down")
+
+
 def agent_summary(frame: "pd.DataFrame", phases: "pd.DataFrame | None" = None) -> dict[str, Any]:
-    """Per-phase and pooled (REASON + REFLECT of all agents) latency statistics of one N."""
+    """Per-phase and pooled (REASON + REFLECT of all agents) latency statistics of one N (of
+    `phases`, only AGENT_SUMMARY_PHASE_COLUMNS are read)."""
     phases = agent_phases(frame) if phases is None else phases
-    ok = phases[~(phases["oom"].astype(bool) | phases["rejected"].astype(bool))]
+    ok = rows_where(phases, ~(phases["oom"].astype(bool) | phases["rejected"].astype(bool)))
+    # a phase's rows of the columns read (not a copy of every column per phase)
+    phase_of, read = ok["phase"].to_numpy(), ok[["latency_ms", *(f"{g}_ms" for g in BREAKDOWN_GROUPS)]]
     per_phase = {}
     for name in AGENT_PHASES:
-        rows = ok[ok["phase"] == name]
+        rows = read[phase_of == name]
         stats = describe_ms(rows["latency_ms"])
         stats["breakdown_mean_ms"] = {g: _mean(rows[f"{g}_ms"]) for g in BREAKDOWN_GROUPS}
         per_phase[name] = stats
     pooled = describe_ms(ok["latency_ms"])
     oom_phases = phases[phases["oom"].astype(bool)]
+    oom = oom_records(frame)
     return {
         "phases": per_phase,
         "pooled": pooled,
         "agents": int(frame["agent"].nunique()) if not frame.empty else 0,
-        "oom": bool(oom_records(frame) > 0),
-        "oom_records": oom_records(frame),
+        "oom": bool(oom > 0),
+        "oom_records": oom,
         "oom_phases": int(len(oom_phases)),
         "oom_agents": int(oom_phases["agent"].nunique()),
         "rejected_records": rejected_records(frame),

@@ -10,6 +10,7 @@ pandas and matplotlib are imported inside the functions that use them (CLI start
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -17,9 +18,15 @@ import math
 import os
 import pickle
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no child processes either (run_aside)
+    fcntl = None
 
 import numpy as np
 
@@ -101,6 +108,7 @@ def point_summary(point_result: "PointResult", workload: str, frame: "pd.DataFra
     frame = frame if frame is not None else _frame(point_result)
     point = point_result.point
     peak = max(int(point_result.peak_mem_bytes or 0), metrics.peak_gpu_mem_bytes(frame))
+    oom_records = metrics.oom_records(frame)
     summary: dict[str, Any] = {
         "index": point.index,
         "label": point.label,
@@ -112,8 +120,8 @@ def point_summary(point_result: "PointResult", workload: str, frame: "pd.DataFra
         "cost_model": point_result.cost_model,
         "events": int(point_result.events),
         "records": int(len(frame)),
-        "oom": metrics.oom_records(frame) > 0,
-        "oom_records": metrics.oom_records(frame),
+        "oom": oom_records > 0,
+        "oom_records": oom_records,
         "peak_gpu_mem_bytes": peak,
         "capacity_bytes": int(point_result.capacity_bytes),
         "memory_bound_agents": point_result.memory_bound_agents,
@@ -258,28 +266,34 @@ def baseline_runs_document(point_result: "PointResult", scenario: Any, frame: "p
     """A baseline_document's keys up to its `aggregates`, what needs no summary of the point (its
     runs may be written while the summary is computed; `with_summary` adds the rest)."""
     workload = scenario.workload
-    point = point_result.point
     weight_bytes = _weight_bytes(point_result)
     if workload.kind == "agents":
         runs = metrics.agent_iterations(frame, weight_bytes, phases)
+    else:
+        runs = metrics.decode_runs(frame, weight_bytes)
+    run_ids = list(range(1, len(runs) + 1)) if workload.kind == "agents" else [int(r) + 1 for r in runs["run"]]
+    ok_runs, ok_ids = ok_run_entries(runs, run_ids)
+    return {**baseline_head(point_result.point, scenario),
+            "runs": RunEntries(ok_runs, ok_ids, runs_measured=len(runs), runs_oom=len(run_ids) - len(ok_ids)),
+            "aggregates": _aggregates(runs)}
+
+
+def baseline_head(point: Any, scenario: Any) -> dict[str, Any]:
+    """A baseline's keys before its runs (what the point's records do not change)."""
+    workload = scenario.workload
+    if workload.kind == "agents":
         prompt_tokens, new_tokens, batch = (workload.reason.input_tokens,
                                             workload.reason.new_tokens + workload.reflect.new_tokens, 1)
     else:
-        runs = metrics.decode_runs(frame, weight_bytes)
         prompt_tokens, new_tokens, batch = workload.prompt_tokens, workload.new_tokens, workload.batch
-    run_ids = list(range(1, len(runs) + 1)) if workload.kind == "agents" else [int(r) + 1 for r in runs["run"]]
+    return {"baseline": point.backend.name, "model_id": point.model.model_id, "prompt_tokens": prompt_tokens,
+            "new_tokens": new_tokens, "batch_size": batch}
+
+
+def ok_run_entries(runs: "pd.DataFrame", run_ids: list[int]) -> tuple["pd.DataFrame", list[int]]:
+    """The runs a baseline lists (no OOM, no rejection) and their run ids."""
     ok_mask = ~_failed(runs)
-    ok_runs = metrics.rows_where(runs, ok_mask)
-    ok_ids = [rid for rid, ok in zip(run_ids, ok_mask) if ok]
-    return {
-        "baseline": point.backend.name,
-        "model_id": point.model.model_id,
-        "prompt_tokens": prompt_tokens,
-        "new_tokens": new_tokens,
-        "batch_size": batch,
-        "runs": RunEntries(ok_runs, ok_ids, runs_measured=len(runs), runs_oom=int((~ok_mask).sum())),
-        "aggregates": _aggregates(runs),
-    }
+    return metrics.rows_where(runs, ok_mask), [rid for rid, ok in zip(run_ids, ok_mask) if ok]
 
 
 def with_summary(document: dict[str, Any], point_result: "PointResult", scenario: Any,
@@ -394,10 +408,10 @@ class PipedChild:
         """`nice`: as `run_aside`'s."""
         source, sink = os.pipe()
         _WRITE_ENDS.add(sink)  # a child forked later closes it: else this reader would never see the end
+        _widen(sink)
 
         def work() -> None:
-            with os.fdopen(source, "rb") as reader:
-                serve(_unpickled(reader))
+            serve(_received(source))
 
         self._child = run_aside(work, nice)
         os.close(source)
@@ -416,6 +430,14 @@ class PipedChild:
         data = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
         try:
             self._pipe.write(data)
+            return True
+        except OSError:
+            return False
+
+    def flush(self) -> bool:
+        """What is sent so far, out of this process's buffer into the pipe; False as `send`."""
+        try:
+            self._pipe.flush()
             return True
         except OSError:
             return False
@@ -443,12 +465,46 @@ class PipedChild:
             return False
 
 
-def _unpickled(reader) -> Iterator[Any]:
-    while True:
+def _widen(pipe: int) -> None:
+    """The pipe's buffer as large as the system allows a process (Linux: pipe-max-size, 1 MiB by
+    default, against 64 KiB): a table of records sent at a flush then mostly fits at once."""
+    resize = getattr(fcntl, "F_SETPIPE_SZ", None) if fcntl is not None else None
+    if resize is not None:
         try:
-            yield pickle.load(reader)
-        except EOFError:
-            return
+            fcntl.fcntl(pipe, resize, 1 << 20)
+        except OSError:  # not allowed here: the pipe as it is
+            pass
+
+
+_END = object()
+
+
+def _received(source: int) -> Iterator[Any]:
+    """The objects sent through the pipe `source` (a PipedChild's child), unpickled by a thread of
+    this process as soon as they come, so the sender does not wait while this process works on an
+    earlier one (a flush's table sent while the child still formats the previous)."""
+    import queue
+
+    messages: queue.SimpleQueue = queue.SimpleQueue()
+
+    def drain() -> None:
+        try:
+            with os.fdopen(source, "rb") as reader:
+                while True:
+                    try:
+                        messages.put(pickle.load(reader))
+                    except EOFError:
+                        break
+            messages.put(_END)
+        except BaseException as exc:  # raised where the messages are read
+            messages.put((_END, exc))
+
+    sys.setswitchinterval(0.001)  # the reader takes its turn soon after a read returns
+    threading.Thread(target=drain, daemon=True).start()
+    while (message := messages.get()) is not _END:
+        if type(message) is tuple and message and message[0] is _END:
+            raise message[1]
+        yield message
 
 
 class RowStream:
@@ -457,28 +513,35 @@ class RowStream:
     `RecordsCsv.aside_rows` records (a smaller point is written after its run, as before), each
     flush's records go through a pipe to the child, which formats and writes them as
     `RecordsCsv.write` does the whole table (the same text: a row's cells do not depend on the
-    other rows). The other core formats while this one simulates."""
+    other rows). The other core formats while this one simulates. With a `digest`
+    (point_digest.PointDigest, an agents point), the child also groups the records of the agents
+    that are done as they come and writes their baseline runs; `summary` then asks it for the
+    point's summary after the run, and it completes the baseline."""
 
     def __init__(self, csv: RecordsCsv, on_start: Callable[[], None] | None = None,
-                 early: Callable[["RecordBuilder"], Callable[[bool], bool] | None] | None = None) -> None:
+                 early: Callable[["RecordBuilder"], Callable[[bool], bool] | None] | None = None,
+                 digest: Any = None) -> None:
         """`on_start()`: called once the child is started (the point is a large one). `early(builder)`:
         tried at each flush once the child is started, until it returns something (`early_done`):
         work started early on what the point holds so far (its trace, PointWriter._early_trace)."""
         self.csv = csv
         self.on_start = on_start
         self.early = early
+        self.digest = digest
         self.early_done: Callable[[bool], bool] | None = None
         self.sent = 0  # records handed to the child
         self.offset = 0  # where the point's rows start in records.csv
         self.failed = False  # no child (cannot fork), or it stopped reading: written after the run
         self._child: PipedChild | None = None
+        self.digesting = False  # a child with the digest was started
+        self._reply: int | None = None  # the pipe the child answers `summary` through
 
     def __call__(self, builder: "RecordBuilder") -> None:
         if self.failed or (self._child is None and (builder.flushed < self.csv.aside_rows or not self._start())):
             return
         table = builder.rows_since(self.sent)
         self.sent = builder.flushed
-        self.failed = not self._child.send(table)
+        self.failed = not self._child.send(("rows", table, builder.complete_agents))
         if self.early is not None:
             self.early_done = self.early(builder)
             if self.early_done is not None:
@@ -488,42 +551,83 @@ class RowStream:
         csv_file = self.csv._file
         csv_file.flush()
         self.offset = csv_file.tell()
+        digest = self.digest
+        reply_source, reply_sink = os.pipe() if digest is not None else (None, None)
 
-        def write(tables: Iterator["RecordTable"]) -> None:
+        def write(messages: Iterator[tuple]) -> None:
             self.csv.chunk_rows = self.csv.aside_chunk_rows
-            for table in tables:
-                self.csv.write(table)
+            for kind, *content in messages:
+                if kind == "rows":
+                    table, complete_agents = content
+                    self.csv.write(table)
+                    if digest is not None:
+                        digest.add(table, complete_agents)
+                elif digest is not None:  # ("point", the PointResult without its records): the run is over
+                    point_result, = content
+                    summary = digest.summary(point_result)
+                    with os.fdopen(reply_sink, "wb") as reply:
+                        pickle.dump(summary, reply, protocol=pickle.HIGHEST_PROTOCOL)
+                    if summary is not None:
+                        digest.finish_baseline(point_result, summary)
             csv_file.flush()
 
-        self._child = PipedChild(write)
+        self._child = PipedChild(write, STREAM_NICE)
+        if reply_sink is not None:
+            os.close(reply_sink)
         if not self._child.started:
+            if reply_source is not None:
+                os.close(reply_source)
             self._child, self.failed = None, True
             return False
+        self._reply = reply_source
+        self.digesting = digest is not None
         if self.on_start is not None:
             self.on_start()
         return True
 
-    def done(self, records: "RecordTable") -> Callable[[bool], None] | None:
+    def summary(self, point_result: "PointResult") -> dict[str, Any] | None:
+        """The point's summary from the child's digest, once its run is over (the child then completes
+        the baseline); None when there is none (no digest, no child, the child failed or did not
+        take every record): the summary and baseline are then this process's to compute."""
+        reply, self._reply = self._reply, None
+        if reply is None:
+            return None
+        with os.fdopen(reply, "rb") as reader:
+            if (self._child is None or self.failed or self.sent != len(point_result.records)
+                    or not self._child.send(("point", dataclasses.replace(point_result, records=RecordTable(0, {}))))
+                    or not self._child.flush()):
+                return None
+            try:
+                return pickle.load(reader)
+            except (EOFError, pickle.UnpicklingError):
+                return None
+
+    def done(self, records: "RecordTable") -> Callable[[bool], bool] | None:
         """For the point's whole `records` (the run is over): `done(abandon)` as
-        `RecordsCsv.write_aside` returns it, with the same fall-back; None when no child took them."""
+        `RecordsCsv.write_aside` returns it, with the same fall-back, which also says whether the
+        child finished its work; None when no child took them."""
         if self._child is None:
             return None
         child, delivered = self._child.finish()
         self._child = None
         complete = delivered and not self.failed and self.sent == len(records)
 
-        def done(abandon: bool = False) -> None:
+        def done(abandon: bool = False) -> bool:
             finished = child(abandon)
             if not abandon and not (finished and complete):
                 csv_file = self.csv._file
                 csv_file.seek(self.offset)
                 csv_file.truncate()
                 self.csv.write(records)
+            return finished
 
         return done
 
     def abandon(self) -> None:
         """Ends the child of a point whose run did not finish (and the early work's)."""
+        if self._reply is not None:
+            os.close(self._reply)
+            self._reply = None
         if self._child is not None:
             self._child.abandon()
             self._child = None
@@ -537,14 +641,15 @@ class WarmChild:
     while this process works, then runs the one call handed to it with `call` (a figure drawn
     while this process writes the rest: matplotlib is imported and warmed in the child alone)."""
 
-    def __init__(self, prepare: Callable[[], None]) -> None:
+    def __init__(self, prepare: Callable[[], None], nice: int = 0) -> None:
+        """`nice`: as `run_aside`'s."""
         def serve(calls: Iterator[tuple]) -> None:
             prepare()
             for function, args in calls:
                 function(*args)
                 return
 
-        self._child: PipedChild | None = PipedChild(serve)
+        self._child: PipedChild | None = PipedChild(serve, nice)
 
     def call(self, function: Callable, *args: Any) -> Callable[[bool], bool] | None:
         """`function(*args)` in the child (both picklable); `done(abandon)` as `run_aside` returns
@@ -576,12 +681,20 @@ _WRITE_ENDS: set[int] = set()  # the pipes this process writes to children throu
 # when not streamed during the run): after the run they share the two cores with this process's
 # summary and the figure's child, which the command waits for in turn (the summary, then the figure
 # drawn from it); at a lower priority they take what those leave. Scheduling only: every file is the
-# same. (The child that streams records.csv during the run is not lowered: it keeps pace with the run.)
+# same.
 AFTER_RUN_NICE = 5
+# The niceness of the child that streams records.csv and digests the point during its run (RowStream):
+# it has most of the other core to itself, and where it meets the run's process on one core the run
+# goes first (the run's process no longer waits for it: it reads its pipe from a thread); once the
+# run is over the summary it computes is what the command waits for, and only lower ones run beside it.
+STREAM_NICE = 5
 # The niceness of the child that writes the trace point's trace.json during its run (`_early_trace`):
 # it takes what the run's process and the child streaming records.csv leave of the two cores (it
 # has the rest of the run to finish in), slowing the run as little as it can.
 DURING_RUN_NICE = 19
+# The niceness of the child that prepares the figure during a large point's run (WarmChild): its
+# imports take what the run's process leaves, and once the run is over that process only waits.
+PREPARE_NICE = 10
 
 
 def run_aside(work: Callable[[], None], nice: int = 0) -> Callable[[bool], bool] | None:
@@ -778,19 +891,27 @@ def _write_baseline(path: Path, document: dict[str, Any],
     text as the whole document through json.dumps(indent=2), without its millions of small strings.
     With `complete`, `document` holds the keys up to the runs' and `complete(document)` gives the
     whole one once its runs are written (its summary may come meanwhile)."""
-    mark = json.dumps(_RUNS_MARK)
-    head = strict_json({**document, "runs": _RUNS_MARK}, indent=2).split(mark)[0]
     with path.open("w") as file:
-        file.write(head + "[")
+        file.write(baseline_before_runs(document))
         separator = ""
         for chunk in document["runs"].chunks_json():
             file.write(separator + chunk)
             separator = ","
         if complete is not None:
             document = complete(document)
-        tail = strict_json({**document, "runs": _RUNS_MARK}, indent=2).split(mark)[1]
-        file.write(("\n  ]" if separator else "]") + tail + "\n")
+        file.write(baseline_after_runs(document, bool(separator)))
     return path
+
+
+def baseline_before_runs(document: dict[str, Any]) -> str:
+    """A baseline's text up to its first run's entry (only the keys before `runs` are read)."""
+    return strict_json({**document, "runs": _RUNS_MARK}, indent=2).split(json.dumps(_RUNS_MARK))[0] + "["
+
+
+def baseline_after_runs(document: dict[str, Any], any_runs: bool) -> str:
+    """A whole baseline document's text after its last run's entry (`any_runs`: whether it has one)."""
+    tail = strict_json({**document, "runs": _RUNS_MARK}, indent=2).split(json.dumps(_RUNS_MARK))[1]
+    return ("\n  ]" if any_runs else "]") + tail + "\n"
 
 
 def _entries_json(entries: list[dict[str, Any]]) -> str:
@@ -895,8 +1016,16 @@ class PointWriter:
         if self._stream is not None:
             self._stream.abandon()
         early = self._early_trace(point) if len(self.summaries) == self.trace_index else None
-        self._stream = RowStream(self._csv, self._prepare_figure, early)
+        digest = None
+        if self.scenario.workload.kind == "agents" and self.given is None:
+            from .point_digest import PointDigest
+
+            digest = PointDigest(self.scenario, point, self._baseline_path(point))
+        self._stream = RowStream(self._csv, self._prepare_figure, early, digest)
         return self._stream
+
+    def _baseline_path(self, point: Any) -> Path:
+        return self.out_dir / "baselines" / f"{point.label}.json"
 
     def _early_trace(self, point: Any) -> Callable[["RecordBuilder"], Callable[[bool], bool] | None]:
         """The trace point's trace.json written during its run, by a forked child (`run_aside`), as
@@ -921,7 +1050,7 @@ class PointWriter:
         """A large scenario: its figure is drawn by a child forked now, which imports and warms
         matplotlib on the other core while the points are simulated (`finish` hands it the summaries)."""
         if self._figure is None:
-            self._figure = WarmChild(figures.prepare)
+            self._figure = WarmChild(figures.prepare, PREPARE_NICE)
 
     def write_point(self, point_result: "PointResult") -> dict[str, Any]:
         """One point's summary (returned), baseline JSON and rows of records.csv (and trace.json, for
@@ -931,24 +1060,33 @@ class PointWriter:
         i = len(self.summaries)
         workload = self.scenario.workload.kind
         records = point_result.records
-        baseline = self.out_dir / "baselines" / f"{point_result.point.label}.json"
+        baseline = self._baseline_path(point_result.point)
         baseline_child = None
         stream, self._stream = self._stream, None
         early_trace = stream.early_done if stream is not None else None  # its trace, begun during its run
         if early_trace is not None:
             stream.early_done = None
         try:
+            # its summary and baseline: digested by the child that wrote its rows while it ran
+            digesting = stream is not None and stream.digesting
+            digested = stream.summary(point_result) if digesting else None
             # its rows: written while it ran, else now on another core where it can
             csv_done = (stream.done(records) if stream is not None else None) or self._csv.write_aside(records)
         except BaseException:
+            if stream is not None:
+                stream.abandon()
             if early_trace is not None:
                 early_trace(True)
             raise
         trace_done = self._trace_aside(point_result.point, records, early_trace) if i == self.trace_index else None
         try:
-            frame = records_frame(records, metrics.SUMMARY_COLUMNS)  # the columns summaries read
-            point_phases = metrics.agent_phases(frame) if workload == "agents" else None
-            if len(records) >= self._csv.aside_rows:
+            frame = point_phases = None
+            if digested is None:
+                frame = records_frame(records, metrics.SUMMARY_COLUMNS)  # the columns summaries read
+                point_phases = metrics.agent_phases(frame) if workload == "agents" else None
+            if digesting:
+                pass  # its baseline: the child's; if it failed, written here once it has ended (below)
+            elif len(records) >= self._csv.aside_rows:
                 def write_baseline(summaries: Iterator[dict[str, Any]], frame=frame, phases=point_phases) -> None:
                     _write_baseline(baseline, baseline_runs_document(point_result, self.scenario, frame, phases),
                                     lambda document: with_summary(document, point_result, self.scenario, next(summaries)))
@@ -957,9 +1095,11 @@ class PointWriter:
                 del write_baseline  # it holds the frame
                 if not baseline_child.started:
                     baseline_child = None
-            summary = (point_summary(point_result, workload, frame, point_phases) if self.given is None
-                       else self.given[i])
-            if baseline_child is None:
+            summary = (digested if digested is not None else self.given[i] if self.given is not None
+                       else point_summary(point_result, workload, frame, point_phases))
+            if digesting:
+                pass
+            elif baseline_child is None:
                 _write_baseline(baseline, baseline_document(point_result, self.scenario, frame, summary, point_phases))
             else:
                 baseline_child.send(summary)  # False: the child failed, and says so when it ends
@@ -976,13 +1116,18 @@ class PointWriter:
                 baseline_child.abandon()
             raise
         try:
-            csv_done(False)
+            finished = csv_done(False)
         except BaseException:
             if trace_done is not None:
                 trace_done(True)
             raise
         if trace_done is not None:
             trace_done(False)
+        if digesting and (digested is None or not finished):
+            # the digest failed, or the child after it: the baseline written here, as without one
+            frame = records_frame(records, metrics.SUMMARY_COLUMNS)
+            point_phases = metrics.agent_phases(frame)
+            _write_baseline(baseline, baseline_document(point_result, self.scenario, frame, summary, point_phases))
         if baseline_child is not None:
             child, delivered = baseline_child.finish()
             if not child(False) or not delivered:

@@ -318,6 +318,67 @@ def test_records_csv_streamed_to_a_child_while_simulating_is_the_file_written_af
         assert (streamed / name).read_bytes() == (expected / name).read_bytes(), name
 
 
+def _streamed_outputs(folder) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*"))
+            if path.is_file() and path.name != "provenance.json"}
+
+
+def test_summary_and_baselines_digested_while_simulating_are_those_computed_after(tmp_path, monkeypatch):
+    """Each streamed point's summary and baseline come from the child that writes its rows, which
+    groups the agents that are done at each flush (batch_rows = 1): every file is the one the run
+    writes without a child, and this process computes no summary."""
+    from djinnsim.sim import point_digest
+
+    expected = _run_streamed(tmp_path, "after")
+    monkeypatch.setattr(point_digest.PointDigest, "batch_rows", 1)
+    computed, point_summary = [], report.point_summary
+    monkeypatch.setattr(report, "point_summary", lambda *a, **k: computed.append(1) or point_summary(*a, **k))
+    streamed = _run_streamed(tmp_path, "streamed", monkeypatch, stream=True)
+    assert computed == []  # in this process: every summary came from a child
+    assert _streamed_outputs(streamed) == _streamed_outputs(expected)
+
+
+@pytest.mark.parametrize("failing", ["summary", "finish_baseline", "add"])
+def test_digest_whose_child_fails_is_computed_again_here(tmp_path, monkeypatch, failing):
+    """The child's digest fails before the summary, after it (the baseline half written) or while
+    the records come: the summary and baseline are computed here, the same files."""
+    import os
+
+    from djinnsim.sim import point_digest
+
+    expected = _run_streamed(tmp_path, "after")
+    parent, method = os.getpid(), getattr(point_digest.PointDigest, failing)
+
+    def fails_in_a_child(self, *args):
+        if os.getpid() != parent:
+            if self._file is not None:
+                self._file.write('{"half')
+                self._file.flush()
+            raise OSError("No space left on device")
+        return method(self, *args)
+
+    monkeypatch.setattr(point_digest.PointDigest, failing, fails_in_a_child)
+    streamed = _run_streamed(tmp_path, "streamed", monkeypatch, stream=True)
+    assert _streamed_outputs(streamed) == _streamed_outputs(expected)
+
+
+def test_digest_of_an_agent_already_grouped_gives_no_summary(tmp_path):
+    """A record of an agent whose records were grouped already (not expected from the engine):
+    the digest says it is not valid, so the whole table's summary is computed instead."""
+    from djinnsim.sim.point_digest import PointDigest
+    from djinnsim.sim.records import ROW_COLUMNS, RecordBuilder
+
+    result = agents_result()
+    digest = PointDigest(result.scenario, result.points[0].point, tmp_path / "b.json")
+    digest.batch_rows = 1
+    builder = RecordBuilder(0, "djinn", "m", "g", 25.0, 4)
+    for agent in (0, 1, 0):
+        builder.add(agent, *[0] * (len(ROW_COLUMNS) - 1))
+        builder._flush()
+        digest.add(builder.rows_since(builder.flushed - 1), 1)
+    assert not digest.valid and digest.summary(result.points[0]) is None
+
+
 def _early_traces(monkeypatch) -> list:
     """A trace of 4 records (so that the streamed points' first agents hold it early); the early
     traces started are listed."""
