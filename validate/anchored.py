@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from djinnsim.sim.profile import Profile, load_profile
+from djinnsim.sim.profile import Profile
 
 from . import compare
 
@@ -37,21 +37,21 @@ def probe_factor(probe: dict, cost) -> float | None:
     return float(np.median(steps) / np.median(predicted))
 
 
-def anchored_profile(profile: Profile, profile_path: Path, factor: float, index: int, out_dir: Path) -> Path:
-    """The profile with its level x `factor` and no level drawn by its bands, saved beside the report."""
+def at_given_level(profile: Profile, factor: float, note: str, path: Path) -> Profile:
+    """The profile with its level-bound passes x `factor` (`sim.bands.level_scaled`), no level drawn
+    by its bands on top of it (fit residuals stay), `note` added; saved at `path` and returned.
+    Used by `--level-probe` here and by `--from-real --condition-on-level` (validate.offline)."""
     from djinnsim.sim.bands import level_scaled
     from djinnsim.sim.profile import save_profile
 
     scaled = level_scaled(profile, factor)
-    if scaled.spread is not None:  # the level is given: bands draw no level on top of it (fit residuals stay)
+    if scaled.spread is not None:
         scaled = scaled.model_copy(update={"spread": scaled.spread.model_copy(update={"decode_level": [], "level_sources": []})})
-    note = f"{ANCHORED_NOTE} (point {index}): decode, prefill and cached prefill x {factor:.4f}"
     scaled = scaled.model_copy(update={"samples_file": None, "samples_sha256": None, "metadata": scaled.metadata.model_copy(
         update={"notes": [*scaled.metadata.notes, note]})})
-    path = out_dir / "anchored" / f"{Path(profile_path).stem}-p{index}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     save_profile(scaled, path)
-    return path
+    return scaled
 
 
 def anchored(out_dir: Path, scenario_v, real, profile_path: Path, profile: Profile, n_repeats: int, draws: int,
@@ -81,8 +81,9 @@ def anchored(out_dir: Path, scenario_v, real, profile_path: Path, profile: Profi
         rows.append(row)
         if m is None:
             continue
-        path = anchored_profile(profile, profile_path, m, p.index, out_dir)
-        scaled = load_profile(path)
+        path = out_dir / "anchored" / f"{Path(profile_path).stem}-p{p.index}.json"
+        scaled = at_given_level(profile, m, f"{ANCHORED_NOTE} (point {p.index}): decode, prefill and cached prefill "
+                                f"x {m:.4f}", path)
         say(f"anchored: {p.label}: level probe x {m:.3f}")
         sims = simulate(scenario_v, path, scaled, n_repeats, order, parts=parts)
         twins = sims[p.index][:len(rp.repeats)]

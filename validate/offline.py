@@ -277,9 +277,7 @@ def _conditioned(out_dir: Path, scenario_v: Scenario, real: RealResult, profile_
     simulated repeats' (same order, same processes). Judged on it, a report says whether the rest of
     the model (queues, bytes, links, scheduling) predicts the runs once the launch-bound level they
     met is given: in-sample by construction (the factor comes from the runs judged), and labelled so."""
-    from djinnsim.sim.bands import level_scaled
-    from djinnsim.sim.profile import save_profile
-
+    from .anchored import at_given_level
     from .heldout import CONDITIONED_NOTE
     from .pipeline import _repeat_figures, real_order, real_parts, simulate
 
@@ -296,16 +294,10 @@ def _conditioned(out_dir: Path, scenario_v: Scenario, real: RealResult, profile_
         raise DjinnsimError("--condition-on-level: no point where one process has the GPU (Exp 2.1, Djinn's "
                             "server) generated tokens to take the level from")
     factor = float(np.mean(real_tok) / np.mean(sim_tok))  # each repeat met its own level: the repeats' mean
-    scaled = level_scaled(profile, factor)
-    if scaled.spread is not None:  # the level is given: bands draw no level on top of it (fit residuals stay)
-        scaled = scaled.model_copy(update={"spread": scaled.spread.model_copy(update={"decode_level": [], "level_sources": []})})
     path = out_dir / "calibration" / f"{Path(profile_path).stem}-level-conditioned.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scaled = scaled.model_copy(update={"samples_file": None, "samples_sha256": None, "metadata": scaled.metadata.model_copy(
-        update={"notes": [*scaled.metadata.notes, f"{CONDITIONED_NOTE}: decode, prefill and cached "
-                          f"prefill x {factor:.4f} (real compute per token {np.mean(real_tok) * 1e3:.2f} ms, simulated "
-                          f"{np.mean(sim_tok) * 1e3:.2f} ms: each repeat's median, averaged over repeats); IN-SAMPLE"]})})
-    save_profile(scaled, path)
+    scaled = at_given_level(profile, factor, f"{CONDITIONED_NOTE}: decode, prefill and cached prefill x {factor:.4f} "
+                            f"(real compute per token {np.mean(real_tok) * 1e3:.2f} ms, simulated "
+                            f"{np.mean(sim_tok) * 1e3:.2f} ms: each repeat's median, averaged over repeats); IN-SAMPLE", path)
     say(f"conditioned on the real runs' level: passes x {factor:.4f}")
     return path, f"{Path(profile_path).name} conditioned on the real runs' level (passes x {factor:.4f}; IN-SAMPLE)", scaled
 
