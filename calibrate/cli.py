@@ -27,6 +27,7 @@ def calibrate(
     level_from: Annotated[list[Path] | None, typer.Option(help="with --refit: another calibration (profile JSON, samples beside it) of the same GPU, model and dtype whose batch-1 decode spells join the spread's decode level, for bands that do not rest on one calibration's level (repeatable)")] = None,
     level_point: Annotated[str | None, typer.Option(help="with --refit: where the point's batch-1 launch-bound level sits: 'fit' (the decode fit) or 'median' (the median of the spread's batch-1 spell levels, which the bands draw, so the point is their centre; the spread re-expressed over it, bands unchanged). Default: as the profile refitted has it (fit for a measured one)")] = None,
     loopback_path: Annotated[bool, typer.Option(help="with --refit: also compute network.loopback_path (the real loopback path's host time with serialization, per message size) from the composition rows the profile keeps; recomputed anyway when the profile has one")] = False,
+    loads_from: Annotated[Path | None, typer.Option(help="with --refit, for a profile whose calibration stopped before its load stages: an earlier full calibration (profile JSON, samples beside it) of the same GPU, model and dtype whose whole-model loads, k-process loads and k-process decoding the profile carries, named in its metadata and in every run's warnings")] = None,
     force: Annotated[bool, typer.Option(help="measuring: replace the profile at --out if it exists")] = False,
 ) -> None:
     """Measure a GPU (or the CPU) with microbenchmarks and write a calibration profile."""
@@ -35,19 +36,21 @@ def calibrate(
     model = model or default_model(device)
     command = command_line(gpu=gpu, device=device, model=model, dtype=dtype, weights=weights, quick=quick,
                            oom_probe=oom_probe, out=out, refit=refit, leave_out=leave_out or None,
-                           level_from=level_from or None, level_point=level_point, loopback_path=loopback_path)
-    if (leave_out or level_from or level_point is not None or loopback_path) and refit is None:
+                           level_from=level_from or None, level_point=level_point, loopback_path=loopback_path,
+                           loads_from=loads_from)
+    if (leave_out or level_from or level_point is not None or loopback_path or loads_from) and refit is None:
         from djinnsim.errors import DjinnsimError
 
         flag = ("--leave-out" if leave_out else "--level-from" if level_from else "--level-point"
-                if level_point is not None else "--loopback-path")
+                if level_point is not None else "--loads-from" if loads_from else "--loopback-path")
         raise DjinnsimError(f"{flag} applies to --refit only (a calibration measures every stage)")
     if refit is not None:
         from djinnsim.calibrate.refit import refit_file
         from djinnsim.calibrate.report import print_refit
 
         profile, path = refit_file(refit, out=out, command=command, left_out=tuple(leave_out or ()),
-                                   level_from=tuple(level_from or ()), level_point=level_point, with_path=loopback_path)
+                                   level_from=tuple(level_from or ()), level_point=level_point, with_path=loopback_path,
+                                   loads_from=loads_from)
         if not quiet:
             print_refit(profile, path)
         return

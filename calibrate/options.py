@@ -6,7 +6,8 @@ from pathlib import Path
 
 DEFAULTS = {"gpu": 0, "device": "cuda", "model": "llama-2-7b", "dtype": None, "weights": "random",
             "quick": False, "oom_probe": False, "out": None, "refit": None,
-            "leave_out": None, "level_from": None, "level_point": None, "loopback_path": False}
+            "leave_out": None, "level_from": None, "level_point": None, "loopback_path": False,
+            "loads_from": None}
 
 
 CPU_MODEL = "tiny-llama"  # the only bundled model a CPU calibrates in minutes
@@ -23,7 +24,8 @@ def command_line(**options: object) -> str:
     """`djinnsim calibrate` with every option that differs from its default (flags as flags)."""
     parts = ["djinnsim", "calibrate"]
     if options.get("refit") is not None:  # a refit measures nothing: the other options do not apply
-        options = {k: options.get(k) for k in ("refit", "out", "leave_out", "level_from", "level_point", "loopback_path")}
+        options = {k: options.get(k) for k in ("refit", "out", "leave_out", "level_from", "level_point", "loopback_path",
+                                            "loads_from")}
     for name, value in options.items():
         if value == DEFAULTS.get(name, object()) and name not in ("gpu", "model"):
             continue

@@ -17,7 +17,7 @@ import numpy as np
 
 from djinnsim.errors import DjinnsimError
 from djinnsim.sim.costmodel import ProfileCostModel
-from djinnsim.sim.profile import KvSwaps, Profile, fit_gpu_step_s, load_profile, samples_path, save_profile
+from djinnsim.sim.profile import KvSwaps, LoadsSource, Profile, fit_gpu_step_s, load_profile, samples_path, save_profile
 from djinnsim.sim.provenance import file_sha256
 from djinnsim.sim.specs import get_model
 
@@ -162,12 +162,39 @@ def _number(text: str | None) -> float | None:
 
 
 POINT_NOTE = ", the point at the spells' median level (passes x "
+# The samples of the stages `--loads-from` takes from another calibration (weights, k-process loads,
+# k processes decoding at once).
+LOAD_STAGES = ("weights_load_", "loads_mp", "timeslice_mp")
+
+
+def loads_source(profile: Profile, path: Path, expected: str | None = None) -> tuple[str, str, Profile, list]:
+    """The calibration `path` whose load stages `profile` is to carry: (path, samples sha256,
+    profile, samples). Same GPU, model and dtype; it must have measured whole-model loads; its
+    samples file must be beside it (with `expected`, the sha256 recorded when first taken)."""
+    other = load_profile(path)
+    mine, theirs = profile.metadata, other.metadata
+    if (theirs.gpu_key, theirs.model_id, theirs.dtype) != (mine.gpu_key, mine.model_id, mine.dtype):
+        raise DjinnsimError(f"--loads-from {path}: a calibration of {theirs.gpu_key} / {theirs.model_id} / "
+                            f"{theirs.dtype}, not of {mine.gpu_key} / {mine.model_id} / {mine.dtype}")
+    if not other.weight_load:
+        raise DjinnsimError(f"--loads-from {path}: that calibration measured no whole-model loads either")
+    file = samples_path(other, path)
+    if file is None:
+        raise DjinnsimError(f"--loads-from {path}: no samples file beside it")
+    sha = file_sha256(file)
+    if expected is not None and sha != expected:
+        raise DjinnsimError(f"--loads-from {path}: its samples file changed since the profile took its loads "
+                            f"(sha256 {sha[:12]}, recorded {expected[:12]})")
+    return Path(path).as_posix(), sha, other, read_samples(file)
 
 
 def refit(profile: Profile, rows: list[dict[str, str]], note: str, left_out: tuple[str, ...] = (),
           level_from: list[tuple[str, str, Profile, list]] = (), level_point: str = "fit",
-          with_path: bool = False) -> Profile:
-    """`left_out`: sample stages no fit (nor the spread) may use, e.g. ("exp21_step",) to hold
+          with_path: bool = False, loads: tuple[str, str, Profile, list] | None = None) -> Profile:
+    """`loads`: (path, samples sha256, profile, samples) of the calibration whose load stages the
+    profile carries (its own stopped before them): weight_load, loads_mp and timeslice_mp are
+    copied, and its load samples join the rows the timeslice fit and the spread read.
+    `left_out`: sample stages no fit (nor the spread) may use, e.g. ("exp21_step",) to hold
     calibrate's own Exp 2.1 runs out of the decode fit; the measured jitter sequence stays.
     `level_point` "median": the point at the median batch-1 level the bands draw (spread.at_median_level),
     before the predictions and the serial host time are taken from it."""
@@ -175,6 +202,14 @@ def refit(profile: Profile, rows: list[dict[str, str]], note: str, left_out: tup
 
     spec = get_model(profile.metadata.model_id)
     rows = [row for row in rows if row["stage"] not in left_out]
+    if loads is not None:
+        path, sha, other, other_rows = loads
+        rows = [row for row in rows if not row["stage"].startswith(LOAD_STAGES)]
+        rows += [row for row in other_rows if row["stage"].startswith(LOAD_STAGES)]
+        source = LoadsSource(path=path, samples_sha256=sha, date=other.metadata.date)
+        profile = profile.model_copy(update={
+            "weight_load": other.weight_load, "loads_mp": other.loads_mp, "timeslice_mp": other.timeslice_mp,
+            "metadata": profile.metadata.model_copy(update={"loads_from": source})})
     update: dict = {}
     prefill, decode = prefill_points(rows), decode_points(rows)
     if len(prefill) < len(PREFILL_FEATURES) or len(decode) < len(DECODE_FEATURES):
@@ -294,10 +329,13 @@ def _same_calibration(profile: Profile, rows: list[dict[str, str]], path: Path, 
 
 def refit_file(path: Path, out: Path | None = None, command: str | None = None,
                left_out: tuple[str, ...] = (), level_from: tuple[Path, ...] = (),
-               level_point: str | None = None, with_path: bool = False) -> tuple[Profile, Path]:
+               level_point: str | None = None, with_path: bool = False,
+               loads_from: Path | None = None) -> tuple[Profile, Path]:
     """Refit `path` from its samples (into `out`, else in place). A pooled profile's earlier
     --level-from sources are applied again (they must still be there, unchanged), with any new ones;
-    so is its point at the median level (`level_point` None: as the profile had it)."""
+    so is its point at the median level (`level_point` None: as the profile had it), and the load
+    stages of `loads_from` (a profile whose calibration stopped before its loads; refitted again,
+    it takes them from the same calibration unless given another)."""
     from .spread import LEVEL_POINTS
 
     if level_point is not None and level_point not in LEVEL_POINTS:
@@ -325,7 +363,16 @@ def refit_file(path: Path, out: Path | None = None, command: str | None = None,
     pooled = level_sources(profile, samples_file, tuple(Path(p) for p in sources), earlier)
     if with_path:
         note += ", with the loopback host path"
-    new = refit(profile, rows, note, left_out, pooled, level_point, with_path)
+    taken = profile.metadata.loads_from
+    if loads_from is not None and taken is None and profile.weight_load:
+        raise DjinnsimError(f"--loads-from {loads_from}: {Path(path).name} measured its own whole-model loads")
+    loads = None
+    if loads_from is not None or taken is not None:
+        again = taken is not None and (loads_from is None or Path(loads_from).as_posix() == taken.path)
+        loads = loads_source(profile, Path(loads_from if loads_from is not None else taken.path),
+                             taken.samples_sha256 if again else None)
+        note += f", the load stages from {loads[0]}"
+    new = refit(profile, rows, note, left_out, pooled, level_point, with_path, loads)
     target = Path(out) if out is not None else Path(path)
     samples = target.with_suffix(".csv")
     if target.resolve() != Path(path).resolve():  # the samples travel with the profile

@@ -176,13 +176,15 @@ def spread_from_samples(profile: Profile, rows, left_out: tuple[str, ...] = (),
     pooled = [spell_factors(other_rows, profile, other)
               for _, _, other, other_rows in level_from]
     others = [other for _, _, other, _ in level_from]
+    borrowed = profile.metadata.loads_from  # its k-process loads are this profile's own samples here
+    load_others = [other for _, sha, other, _ in level_from if borrowed is None or sha != borrowed.samples_sha256]
     return Spread(
         decode_level=decode_levels(rows, profile, [f for factors in pooled for f in factors]),
         decode_residual=decode_residuals(rows, profile),
         prefill_residual=prefill_residuals(rows, profile),
         weight_load=load_factors(rows, profile),
         copies=copy_factors(rows, profile),
-        loads_mp=loads_mp_factors(rows, profile, others),
+        loads_mp=loads_mp_factors(rows, profile, load_others),
         loopback_path=path_factors(rows, profile, others),
         left_out=sorted(left_out),
         source="calibrate.spread: raw samples over the profile's own predictions",

@@ -15,6 +15,8 @@ from typing import Literal
 
 import numpy as np
 
+from djinnsim.errors import DjinnsimError
+
 from .notices import fit_inputs
 from .profile import Bandwidth, LinearFit, PiecewiseFit, Profile, WeightLoad
 from .specs import GpuSpec, ModelSpec
@@ -404,7 +406,11 @@ class ProfileCostModel(CostModel):
         """The lone-load fit; with the loads_mp stage, its aggregates are the processes' (threads'
         otherwise), turned into transfer rates: k loads of B bytes took wall W = k B / aggregate,
         of which each load's fixed part is paid once in parallel, so the pipe moves k B in W - fixed."""
-        lone = self.profile.weight_load[tier]
+        lone = self.profile.weight_load.get(tier)
+        if lone is None:
+            raise DjinnsimError(
+                f"the profile has no whole-model load from {tier} (its calibration stopped before the weights "
+                "stage?): refit it with `djinnsim calibrate --refit PROFILE --loads-from` an earlier full calibration")
         measured = self.profile.loads_mp.get(tier)
         if measured is None:
             return lone

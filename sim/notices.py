@@ -57,6 +57,11 @@ def cpu_profile(path: str) -> str:
             "predictions for any GPU")
 
 
+def loads_from(path: str, source: str, date: str | None) -> str:
+    return (f"the profile {path} carries its whole-model loads, k-process loads and k-process decoding from "
+            f"another calibration, {source}" + (f" ({date})" if date else "") + ": its own stopped before them")
+
+
 def once(warnings: Iterable[str]) -> list[str]:
     """Each warning once, in the order first given."""
     return list(dict.fromkeys(warnings))

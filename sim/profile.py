@@ -433,6 +433,15 @@ class Timeslice(_Strict):
         return max(p.processes for p in self.points)
 
 
+class LoadsSource(_Strict):
+    """Another calibration of the same GPU, model and dtype whose load stages (weight_load, loads_mp,
+    timeslice_mp, and their samples for the spread) a profile carries because its own calibration
+    stopped before them (`calibrate --refit --loads-from`)."""
+    path: str
+    samples_sha256: str
+    date: str | None = None
+
+
 class Metadata(_Strict):
     source: Literal["measured", "roofline", "transferred"]
     gpu_name: str
@@ -453,6 +462,8 @@ class Metadata(_Strict):
     duration_s: float | None = None
     quick: bool = False
     notes: list[str] = Field(default_factory=list)
+    loads_from: LoadsSource | None = Field(
+        default=None, description="the calibration the load stages come from, when not this one")
 
 
 class Profile(_Strict):

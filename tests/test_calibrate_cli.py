@@ -263,6 +263,71 @@ def test_cuda_without_a_gpu_is_refused(tmp_path):
     assert "no CUDA GPU is visible" in result.output + (result.stderr if result.stderr_bytes is not None else "")
 
 
+def _without_loads(out: Path, folder: Path) -> Path:
+    """A copy of the calibration at `out` as one stopped before its load stages: no weight_load,
+    loads_mp nor timeslice_mp, none of their samples."""
+    import json
+
+    from djinnsim.calibrate.refit import LOAD_STAGES
+    from djinnsim.sim.provenance import file_sha256
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = list(csv.DictReader(out.with_suffix(".csv").open(newline="")))
+    with (folder / "tiny.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(row for row in rows if not row["stage"].startswith(LOAD_STAGES))
+    data = json.loads(out.read_text())
+    data.update(weight_load={}, loads_mp={}, timeslice_mp=None, samples_sha256=file_sha256(folder / "tiny.csv"))
+    (folder / "tiny.json").write_text(json.dumps(data))
+    return folder / "tiny.json"
+
+
+def test_a_calibration_stopped_before_its_loads_takes_them_from_another(cpu_calibration, tmp_path):
+    """--loads-from: a profile without load stages (an interrupted calibration) asked a whole-model
+    load says so in one line; refitted with --loads-from a full calibration it carries that
+    calibration's loads, k-process loads and k-process decoding, the source named with its samples'
+    sha256, applied again by a later refit; a full profile, a source without loads and a source
+    whose samples changed are refused by name."""
+    from djinnsim.errors import DjinnsimError
+
+    _, out, _ = cpu_calibration
+    full = load_profile(out)
+    cut = _without_loads(out, tmp_path / "cut")
+    with pytest.raises(DjinnsimError, match="no whole-model load from disk.*--loads-from"):
+        ProfileCostModel(load_profile(cut), TINY).weight_load("disk")
+    result = runner.invoke(app, ["calibrate", "--refit", str(cut), "--loads-from", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    taken = load_profile(cut)
+    assert taken.metadata.loads_from.path == out.as_posix() and taken.metadata.loads_from.date == full.metadata.date
+    assert taken.metadata.loads_from.samples_sha256 == full.samples_sha256
+    assert taken.weight_load == full.weight_load and taken.loads_mp == full.loads_mp
+    assert taken.timeslice_mp.gpu_step_s == pytest.approx(full.timeslice_mp.gpu_step_s, rel=1e-6)  # refitted from the source's samples
+    assert taken.spread.weight_load and taken.spread.weight_load == pytest.approx(full.spread.weight_load, rel=1e-6)
+    assert "the load stages from" in taken.metadata.notes[-1]
+    ProfileCostModel(taken, TINY).weight_load("disk")
+    median = tmp_path / "median.json"
+    assert runner.invoke(app, ["calibrate", "--refit", str(cut), "--level-point", "median", "--out", str(median),
+                               "--quiet"]).exit_code == 0
+    assert load_profile(median).metadata.loads_from == taken.metadata.loads_from and load_profile(median).weight_load
+    no_loads = _without_loads(out, tmp_path / "none")
+    for args, message in ((["--refit", str(out), "--out", str(tmp_path / "x.json"), "--loads-from", str(cut)],
+                           "measured its own whole-model loads"),
+                          (["--refit", str(no_loads), "--out", str(tmp_path / "y.json"), "--loads-from", str(_without_loads(out, tmp_path / "none2"))],
+                           "measured no whole-model loads either"),
+                          (["--device", "cpu", "--loads-from", str(out), "--out", str(tmp_path / "z.json")],
+                           "--loads-from applies to --refit only")):
+        result = runner.invoke(app, ["calibrate", *args, "--quiet"])
+        text = result.output + (result.stderr if result.stderr_bytes is not None else "")
+        assert result.exit_code == 1 and message in text and "Traceback" not in text, text
+    moved = _other_calibration(out, tmp_path / "moved", 1.0)
+    assert runner.invoke(app, ["calibrate", "--refit", str(no_loads), "--loads-from", str(moved), "--quiet"]).exit_code == 0
+    _other_calibration(out, tmp_path / "moved", 1.1)  # the source redone in place, its sha256 with it
+    result = runner.invoke(app, ["calibrate", "--refit", str(no_loads), "--quiet"])
+    text = result.output + (result.stderr if result.stderr_bytes is not None else "")
+    assert result.exit_code == 1 and "changed since the profile took its loads" in text and "Traceback" not in text, text
+
+
 def test_interrupted_calibration_keeps_what_it_measured(tmp_path, monkeypatch):
     """Ctrl-C during Exp 2.1: the grids are measured, so a profile is still written, and marked."""
     from djinnsim.calibrate import bench_compute

@@ -59,3 +59,19 @@ def test_warnings_once_on_stderr_in_words(capsys):
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == "warning: a thing happened, so X\nwarning: another\n"
     assert fit_inputs({"prompt_tokens": 16, "batch": 1, "context": 122}) == "16 prompt tokens, batch 1, 122 context tokens"
+
+
+def test_a_profile_with_another_calibrations_loads_says_so(tmp_path):
+    """A profile whose load stages come from another calibration (`calibrate --refit --loads-from`):
+    every run reading it names that calibration among its warnings."""
+    from djinnsim.sim.profile import LoadsSource
+
+    profile = make_profile()
+    source = LoadsSource(path="docs/calibration/run7/p.json", samples_sha256="ab" * 32, date="2026-12-02T18:13:03+00:00")
+    profile = profile.model_copy(update={"metadata": profile.metadata.model_copy(update={"loads_from": source})})
+    path = save_profile(profile, tmp_path / "p.json")
+    scenario = parse_scenario({"name": "c", "backends": ["full_djinn"], "gpu": "h100-80gb", "cost_model": "profile",
+                               "workload": {"kind": "decode", "runs": 2, "warmup_runs": 0, "new_tokens": 2}})
+    warnings = simulate_scenario(scenario, path).warnings
+    assert any("docs/calibration/run7/p.json (2026-12-02T18:13:03+00:00)" in w and "another calibration" in w
+               for w in warnings), warnings
