@@ -44,6 +44,10 @@ def test_the_probes_run_outside_the_scored_repeats(probed):
         before, after = probe["before"], probe["after"]
         assert len(before["step_s"]) == clients.PROBE_NEW_TOKENS - 1 == len(after["step_s"])
         assert before["prompt_tokens"] == clients.PROBE_PROMPT_TOKENS
+        # the probe is the second of two identical decodes: the first pays the lengths' first use
+        assert len(before["cold_step_s"]) == len(before["step_s"]) == len(after["cold_step_s"])
+        for one in (before, after):
+            assert one["cold_at"] + sum(one["cold_step_s"]) <= one["at"]
         assert before["at"] + sum(before["step_s"]) < min(float(r["issued_at"]) for r in mine)
         assert after["at"] > max(float(r["finished_at"]) for r in mine)
 

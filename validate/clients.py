@@ -206,14 +206,20 @@ PROBE_NEW_TOKENS = 40
 
 
 def level_probe(port: int, vocab_size: int, timeout_s: float) -> dict:
-    """One batch-1 greedy decode of PROBE_NEW_TOKENS tokens after a PROBE_PROMPT_TOKENS prompt on the
-    process at `port` (its own model, no link): the launch-bound level that process steps at now.
-    Returns its start time (perf_counter), the prompt length and each decode step's seconds."""
+    """The launch-bound level the process at `port` steps at now (its own model, no link): a batch-1
+    greedy decode of PROBE_NEW_TOKENS tokens after a PROBE_PROMPT_TOKENS prompt, twice; the second
+    is the probe. The first pays each context length's first use by this process (cold shapes: in
+    H200 runs 9 and 10 a probe on a fresh process stepped at 52 ms where the same probe after the
+    point's runs stepped at 19-23 ms), and is kept apart (`cold_at`, `cold_step_s`).
+    Returns the probe's start time (perf_counter), the prompt length and each decode step's seconds."""
     rng = np.random.default_rng(0)  # the same prompt every time: only the machine's level varies
     prompt = _prompt(rng, vocab_size, 1, PROBE_PROMPT_TOKENS)
-    ex = Client(NO_LINK, timeout_s).request(port, Op.LOCAL_DECODE, {"new": PROBE_NEW_TOKENS}, {"ids": prompt})
+    client = Client(NO_LINK, timeout_s)
+    cold = client.request(port, Op.LOCAL_DECODE, {"new": PROBE_NEW_TOKENS}, {"ids": prompt})
+    ex = client.request(port, Op.LOCAL_DECODE, {"new": PROBE_NEW_TOKENS}, {"ids": prompt})
     return {"at": float(ex.header["decode_at"]), "prompt_tokens": PROBE_PROMPT_TOKENS,
-            "step_s": [float(s) for s in ex.header["step_s"]]}
+            "step_s": [float(s) for s in ex.header["step_s"]],
+            "cold_at": float(cold.header["decode_at"]), "cold_step_s": [float(s) for s in cold.header["step_s"]]}
 
 # --- Exp 2.2: agents, one generate request per phase --------------------------------------------
 @dataclass
