@@ -149,7 +149,8 @@ rejudge_median() {  # run number, then its items as ITEM:held (judged on the Exp
     djinnsim validate --from-real $run/$item --calibration $fit --out $out/fit/run$n-$item --quiet --force
     djinnsim validate --from-real $run/$item --calibration $med --out $out/median/run$n-$item --quiet --force
   done
-  python benchmarks/level_point_table.py $out --note "held out in fact: both profiles were hashed on the GPU machine (run$n/machine-cmd2.txt) before any real run, by the code that ran them; fit/ keeps the live reports' held-out labels, median/ is labelled in-sample by validate, which cannot check the twin's recorded hash" > $out/README.md
+  local hashed; hashed=$(cd $run && grep -l -- "-median.json" machine-cmd*.txt | head -1)
+  python benchmarks/level_point_table.py $out --note "held out in fact: both profiles were hashed on the GPU machine (run$n/$hashed) before any real run, by the code that ran them; fit/ keeps the live reports' held-out labels, median/ is labelled in-sample by validate, which cannot check the twin's recorded hash" > $out/README.md
 }
 rejudge_median 6 exp21-25:held link-100:held link-low:held timeslice-12:full agents-8:full
 
@@ -202,3 +203,8 @@ for item in exp21-25 link-100; do
 done
 python benchmarks/level_point_table.py $out --sides before after --title "The loopback link's band spread pooled over calibrations" \
   --note "every figure **in-sample** (the pooled path spread was written after seeing run 7; the reports say why)" > $out/README.md
+
+# Runs 9 and 10 re-judged the same way (both hashes in run9/ and run10/machine-cmd1.txt, taken
+# before any real run), into run9-rejudge/ and run10-rejudge/.
+rejudge_median 9 exp21-25:held
+rejudge_median 10 link-low:held djinn-fcfs-16:full
