@@ -162,22 +162,30 @@ def _number(text: str | None) -> float | None:
 
 
 POINT_NOTE = ", the point at the spells' median level (passes x "
-# The samples of the stages `--loads-from` takes from another calibration (weights, k-process loads,
-# k processes decoding at once).
-LOAD_STAGES = ("weights_load_", "loads_mp", "timeslice_mp")
+# The profile sections `--loads-from` may take from another calibration, each with the prefix of its
+# samples' stages: whole-model loads, loads by k processes at once, k processes decoding at once.
+LOAD_SECTIONS = {"weight_load": "weights_load_", "loads_mp": "loads_mp", "timeslice_mp": "timeslice_mp"}
+LOAD_STAGES = tuple(LOAD_SECTIONS.values())
 
 
-def loads_source(profile: Profile, path: Path, expected: str | None = None) -> tuple[str, str, Profile, list]:
-    """The calibration `path` whose load stages `profile` is to carry: (path, samples sha256,
-    profile, samples). Same GPU, model and dtype; it must have measured whole-model loads; its
-    samples file must be beside it (with `expected`, the sha256 recorded when first taken)."""
+def missing_load_sections(profile: Profile) -> list[str]:
+    """The load sections a calibration did not measure (it stopped before them)."""
+    return [name for name in LOAD_SECTIONS if not getattr(profile, name)]
+
+
+def loads_source(profile: Profile, path: Path, sections: list[str],
+                 expected: str | None = None) -> tuple[str, str, Profile, list]:
+    """The calibration `path` whose load `sections` `profile` is to carry: (path, samples sha256,
+    profile, samples). Same GPU, model and dtype; it must have measured each section; its samples
+    file must be beside it (with `expected`, the sha256 recorded when first taken)."""
     other = load_profile(path)
     mine, theirs = profile.metadata, other.metadata
     if (theirs.gpu_key, theirs.model_id, theirs.dtype) != (mine.gpu_key, mine.model_id, mine.dtype):
         raise DjinnsimError(f"--loads-from {path}: a calibration of {theirs.gpu_key} / {theirs.model_id} / "
                             f"{theirs.dtype}, not of {mine.gpu_key} / {mine.model_id} / {mine.dtype}")
-    if not other.weight_load:
-        raise DjinnsimError(f"--loads-from {path}: that calibration measured no whole-model loads either")
+    lacking = [name for name in sections if not getattr(other, name)]
+    if lacking:
+        raise DjinnsimError(f"--loads-from {path}: that calibration measured no {', '.join(lacking)} either")
     file = samples_path(other, path)
     if file is None:
         raise DjinnsimError(f"--loads-from {path}: no samples file beside it")
@@ -190,10 +198,11 @@ def loads_source(profile: Profile, path: Path, expected: str | None = None) -> t
 
 def refit(profile: Profile, rows: list[dict[str, str]], note: str, left_out: tuple[str, ...] = (),
           level_from: list[tuple[str, str, Profile, list]] = (), level_point: str = "fit",
-          with_path: bool = False, loads: tuple[str, str, Profile, list] | None = None) -> Profile:
-    """`loads`: (path, samples sha256, profile, samples) of the calibration whose load stages the
-    profile carries (its own stopped before them): weight_load, loads_mp and timeslice_mp are
-    copied, and its load samples join the rows the timeslice fit and the spread read.
+          with_path: bool = False, loads: tuple[str, str, Profile, list] | None = None,
+          load_sections: tuple[str, ...] = ()) -> Profile:
+    """`loads`: (path, samples sha256, profile, samples) of the calibration whose `load_sections`
+    (of LOAD_SECTIONS) the profile carries because its own calibration stopped before them: they are
+    copied, and their samples join the rows the timeslice fit and the spread read.
     `left_out`: sample stages no fit (nor the spread) may use, e.g. ("exp21_step",) to hold
     calibrate's own Exp 2.1 runs out of the decode fit; the measured jitter sequence stays.
     `level_point` "median": the point at the median batch-1 level the bands draw (spread.at_median_level),
@@ -204,11 +213,12 @@ def refit(profile: Profile, rows: list[dict[str, str]], note: str, left_out: tup
     rows = [row for row in rows if row["stage"] not in left_out]
     if loads is not None:
         path, sha, other, other_rows = loads
-        rows = [row for row in rows if not row["stage"].startswith(LOAD_STAGES)]
-        rows += [row for row in other_rows if row["stage"].startswith(LOAD_STAGES)]
-        source = LoadsSource(path=path, samples_sha256=sha, date=other.metadata.date)
+        prefixes = tuple(LOAD_SECTIONS[name] for name in load_sections)
+        rows = [row for row in rows if not row["stage"].startswith(prefixes)]
+        rows += [row for row in other_rows if row["stage"].startswith(prefixes)]
+        source = LoadsSource(path=path, samples_sha256=sha, date=other.metadata.date, sections=list(load_sections))
         profile = profile.model_copy(update={
-            "weight_load": other.weight_load, "loads_mp": other.loads_mp, "timeslice_mp": other.timeslice_mp,
+            **{name: getattr(other, name) for name in load_sections},
             "metadata": profile.metadata.model_copy(update={"loads_from": source})})
     update: dict = {}
     prefill, decode = prefill_points(rows), decode_points(rows)
@@ -364,15 +374,16 @@ def refit_file(path: Path, out: Path | None = None, command: str | None = None,
     if with_path:
         note += ", with the loopback host path"
     taken = profile.metadata.loads_from
-    if loads_from is not None and taken is None and profile.weight_load:
-        raise DjinnsimError(f"--loads-from {loads_from}: {Path(path).name} measured its own whole-model loads")
+    sections = list(taken.sections) if taken is not None else missing_load_sections(profile)
+    if loads_from is not None and not sections:
+        raise DjinnsimError(f"--loads-from {loads_from}: {Path(path).name} measured every load stage itself")
     loads = None
     if loads_from is not None or taken is not None:
         again = taken is not None and (loads_from is None or Path(loads_from).as_posix() == taken.path)
-        loads = loads_source(profile, Path(loads_from if loads_from is not None else taken.path),
+        loads = loads_source(profile, Path(loads_from if loads_from is not None else taken.path), sections,
                              taken.samples_sha256 if again else None)
-        note += f", the load stages from {loads[0]}"
-    new = refit(profile, rows, note, left_out, pooled, level_point, with_path, loads)
+        note += f", {', '.join(sections)} from {loads[0]}"
+    new = refit(profile, rows, note, left_out, pooled, level_point, with_path, loads, tuple(sections))
     target = Path(out) if out is not None else Path(path)
     samples = target.with_suffix(".csv")
     if target.resolve() != Path(path).resolve():  # the samples travel with the profile

@@ -529,14 +529,16 @@ class ProfileCostModel(CostModel):
         """More processes at once than the timeslice_mp stage measured: flagged in the run's warnings
         (g, fitted to the k measured, is taken to hold beyond them)."""
         measured = self.profile.timeslice_mp
-        if measured is not None and processes > measured.max_k:
+        if measured is None and processes > 1:  # max(1, k f) over the busy fraction, never measured
+            self.out_of_range.add("time-sliced decoding by several processes at once (no timeslice_mp stage)")
+        elif measured is not None and processes > measured.max_k:
             self.out_of_range.add(f"time-sliced decoding with more than {measured.max_k} processes")
 
     def timeslice_slowdown(self, processes: int) -> float:
         measured = self.profile.timeslice_mp
+        self.timeslice_processes(processes)
         if measured is None:
             return super().timeslice_slowdown(processes)
-        self.timeslice_processes(processes)
         return measured.slowdown(processes)
 
     @property

@@ -57,9 +57,10 @@ def cpu_profile(path: str) -> str:
             "predictions for any GPU")
 
 
-def loads_from(path: str, source: str, date: str | None) -> str:
-    return (f"the profile {path} carries its whole-model loads, k-process loads and k-process decoding from "
-            f"another calibration, {source}" + (f" ({date})" if date else "") + ": its own stopped before them")
+def loads_from(path: str, source: str, date: str | None, sections: list[str]) -> str:
+    names = {"weight_load": "whole-model loads", "loads_mp": "k-process loads", "timeslice_mp": "k-process decoding"}
+    return (f"the profile {path} carries its {', '.join(names[s] for s in sections)} from another calibration, "
+            f"{source}" + (f" ({date})" if date else "") + ": its own stopped before them")
 
 
 def once(warnings: Iterable[str]) -> list[str]:

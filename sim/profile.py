@@ -434,12 +434,14 @@ class Timeslice(_Strict):
 
 
 class LoadsSource(_Strict):
-    """Another calibration of the same GPU, model and dtype whose load stages (weight_load, loads_mp,
-    timeslice_mp, and their samples for the spread) a profile carries because its own calibration
-    stopped before them (`calibrate --refit --loads-from`)."""
+    """Another calibration of the same GPU, model and dtype whose load `sections` (of weight_load,
+    loads_mp, timeslice_mp; with their samples for the fits and the spread) a profile carries because
+    its own calibration stopped before them (`calibrate --refit --loads-from`)."""
     path: str
     samples_sha256: str
     date: str | None = None
+    sections: list[Literal["weight_load", "loads_mp", "timeslice_mp"]] = Field(
+        default_factory=lambda: ["weight_load", "loads_mp", "timeslice_mp"], min_length=1)
 
 
 class Metadata(_Strict):

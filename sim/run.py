@@ -100,7 +100,8 @@ class CostModels:
         if meta.device == "cpu":
             self.warnings.append(notices.cpu_profile(str(path)))
         if meta.loads_from is not None:
-            self.warnings.append(notices.loads_from(str(path), meta.loads_from.path, meta.loads_from.date))
+            self.warnings.append(notices.loads_from(str(path), meta.loads_from.path, meta.loads_from.date,
+                                                     meta.loads_from.sections))
         if meta.model_id != point.model.model_id:
             raise DjinnsimError(
                 f"calibration {path} is for model {meta.model_id}, but the scenario asks {point.model.model_id}"

@@ -263,9 +263,9 @@ def test_cuda_without_a_gpu_is_refused(tmp_path):
     assert "no CUDA GPU is visible" in result.output + (result.stderr if result.stderr_bytes is not None else "")
 
 
-def _without_loads(out: Path, folder: Path) -> Path:
-    """A copy of the calibration at `out` as one stopped before its load stages: no weight_load,
-    loads_mp nor timeslice_mp, none of their samples."""
+def _without_loads(out: Path, folder: Path, keep_weights: bool = False) -> Path:
+    """A copy of the calibration at `out` as one stopped before its load stages: no weight_load
+    (unless `keep_weights`), loads_mp nor timeslice_mp, none of their samples."""
     import json
 
     from djinnsim.calibrate.refit import LOAD_STAGES
@@ -276,9 +276,12 @@ def _without_loads(out: Path, folder: Path) -> Path:
     with (folder / "tiny.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(row for row in rows if not row["stage"].startswith(LOAD_STAGES))
+        cut = LOAD_STAGES[1:] if keep_weights else LOAD_STAGES
+        writer.writerows(row for row in rows if not row["stage"].startswith(cut))
     data = json.loads(out.read_text())
-    data.update(weight_load={}, loads_mp={}, timeslice_mp=None, samples_sha256=file_sha256(folder / "tiny.csv"))
+    data.update(loads_mp={}, timeslice_mp=None, samples_sha256=file_sha256(folder / "tiny.csv"))
+    if not keep_weights:
+        data["weight_load"] = {}
     (folder / "tiny.json").write_text(json.dumps(data))
     return folder / "tiny.json"
 
@@ -304,17 +307,22 @@ def test_a_calibration_stopped_before_its_loads_takes_them_from_another(cpu_cali
     assert taken.weight_load == full.weight_load and taken.loads_mp == full.loads_mp
     assert taken.timeslice_mp.gpu_step_s == pytest.approx(full.timeslice_mp.gpu_step_s, rel=1e-6)  # refitted from the source's samples
     assert taken.spread.weight_load and taken.spread.weight_load == pytest.approx(full.spread.weight_load, rel=1e-6)
-    assert "the load stages from" in taken.metadata.notes[-1]
+    assert taken.metadata.loads_from.sections == ["weight_load", "loads_mp", "timeslice_mp"]
+    assert "weight_load, loads_mp, timeslice_mp from" in taken.metadata.notes[-1]
     ProfileCostModel(taken, TINY).weight_load("disk")
     median = tmp_path / "median.json"
     assert runner.invoke(app, ["calibrate", "--refit", str(cut), "--level-point", "median", "--out", str(median),
                                "--quiet"]).exit_code == 0
     assert load_profile(median).metadata.loads_from == taken.metadata.loads_from and load_profile(median).weight_load
+    partial = _without_loads(out, tmp_path / "partial", keep_weights=True)
+    assert runner.invoke(app, ["calibrate", "--refit", str(partial), "--loads-from", str(out), "--quiet"]).exit_code == 0
+    some = load_profile(partial)
+    assert some.metadata.loads_from.sections == ["loads_mp", "timeslice_mp"] and some.loads_mp == full.loads_mp
     no_loads = _without_loads(out, tmp_path / "none")
     for args, message in ((["--refit", str(out), "--out", str(tmp_path / "x.json"), "--loads-from", str(cut)],
-                           "measured its own whole-model loads"),
+                           "measured every load stage itself"),
                           (["--refit", str(no_loads), "--out", str(tmp_path / "y.json"), "--loads-from", str(_without_loads(out, tmp_path / "none2"))],
-                           "measured no whole-model loads either"),
+                           "measured no weight_load, loads_mp, timeslice_mp either"),
                           (["--device", "cpu", "--loads-from", str(out), "--out", str(tmp_path / "z.json")],
                            "--loads-from applies to --refit only")):
         result = runner.invoke(app, ["calibrate", *args, "--quiet"])

@@ -73,5 +73,5 @@ def test_a_profile_with_another_calibrations_loads_says_so(tmp_path):
     scenario = parse_scenario({"name": "c", "backends": ["full_djinn"], "gpu": "h100-80gb", "cost_model": "profile",
                                "workload": {"kind": "decode", "runs": 2, "warmup_runs": 0, "new_tokens": 2}})
     warnings = simulate_scenario(scenario, path).warnings
-    assert any("docs/calibration/run7/p.json (2026-12-02T18:13:03+00:00)" in w and "another calibration" in w
-               for w in warnings), warnings
+    assert any("whole-model loads, k-process loads, k-process decoding from another calibration, "
+               "docs/calibration/run7/p.json (2026-12-02T18:13:03+00:00)" in w for w in warnings), warnings

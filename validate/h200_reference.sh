@@ -47,9 +47,9 @@ for item in $ITEMS; do
     # The profile refitted in place with the batch-1 spells of the earlier calibrations (plan.yaml's
     # level_from), before any real run of the items after it, which judge it frozen.
     froms=$(python3 -c "import yaml; print(' '.join('--level-from ' + p for p in yaml.safe_load(open('$PLAN')).get('level_from', [])))")
-    # A calibration interrupted before its load stages (TOTAL_S) carries plan.yaml's loads_from's
-    # whole-model loads, k-process loads and k-process decoding, named in every run's warnings.
-    if python3 -c "import json, sys; sys.exit(0 if json.load(open('$PROFILE'))['weight_load'] else 1)"; then :; else
+    # A calibration interrupted before some of its load stages (TOTAL_S) carries those of plan.yaml's
+    # loads_from (whole-model loads, k-process loads, k-process decoding), named in every run's warnings.
+    if python3 -c "import json, sys; p = json.load(open('$PROFILE')); sys.exit(0 if p['weight_load'] and p['loads_mp'] and p['timeslice_mp'] else 1)"; then :; else
       froms="$froms --loads-from $(python3 -c "import yaml; print(yaml.safe_load(open('$PLAN'))['loads_from'])")"
     fi
     echo "pool: djinnsim calibrate --refit $PROFILE $froms --quiet" >> "$OUT/machine.txt"
