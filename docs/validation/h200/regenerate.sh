@@ -208,3 +208,13 @@ python benchmarks/level_point_table.py $out --sides before after --title "The lo
 # before any real run), into run9-rejudge/ and run10-rejudge/.
 rejudge_median 9 exp21-25:held
 rejudge_median 10 link-low:held djinn-fcfs-16:full
+
+# Run 11's keepalive-max (k = 10) re-judged on its pooled profile carrying run 7's k-process stages
+# (`--loads-from`, plan.yaml's loads_from, named before the run; the live pool did not apply it
+# because the calibration had measured its whole-model loads): IN-SAMPLE, made after seeing the run.
+out=$here/run11-rejudge
+mkdir -p $out/calibration
+cp $here/run11/pooled-profile/h200-llama-2-7b.json $here/run11/pooled-profile/h200-llama-2-7b.csv $out/calibration/
+djinnsim calibrate --refit $out/calibration/h200-llama-2-7b.json --loads-from docs/calibration/h200-run7/h200-llama-2-7b.json --quiet
+djinnsim validate --from-real $here/run11/keepalive-max --calibration $out/calibration/h200-llama-2-7b.json \
+  --out $out/loads-run7/run11-keepalive-max --quiet --force
