@@ -128,6 +128,25 @@ def loads_mp_factors(rows, profile: Profile, pooled: list[Profile] = ()) -> dict
     return out or None
 
 
+def timeslice_factors(profile: Profile, pooled: list[Profile] = ()) -> list[float] | None:
+    """The spread of timeslice_mp's g: each process's median step at each saturated k over k g (the
+    processes of one calibration), and each `pooled` calibration's g over this one's (the GPU's own
+    time between calibrations: 8.01-8.16 ms in H200 runs 1-7). None without g."""
+    measured = profile.timeslice_mp
+    if measured is None or measured.gpu_step_s is None:
+        return None
+    g = measured.gpu_step_s
+    factors: list[float | None] = []
+    for point in measured.points:
+        if point.processes >= 2 and point.processes in measured.saturated_k:
+            factors += [_ratio(step, point.processes * g) for step in point.per_process_step_s_p50]
+    for other in pooled:
+        theirs = other.timeslice_mp
+        if theirs is not None and theirs.gpu_step_s is not None:
+            factors.append(_ratio(theirs.gpu_step_s, g))
+    return _kept(factors) or None
+
+
 def _beyond_server(end_to_end: dict, prefix: str) -> float | None:
     """A composition row's median step beyond the server's compute and copies (the copies where
     recorded: the first H200 calibration kept the compute only, a few ms of hundreds)."""
@@ -186,6 +205,7 @@ def spread_from_samples(profile: Profile, rows, left_out: tuple[str, ...] = (),
         copies=copy_factors(rows, profile),
         loads_mp=loads_mp_factors(rows, profile, load_others),
         loopback_path=path_factors(rows, profile, others),
+        timeslice_gpu=timeslice_factors(profile, load_others),
         left_out=sorted(left_out),
         source="calibrate.spread: raw samples over the profile's own predictions",
         level_sources=[LevelSource(path=path, samples_sha256=sha, spells=sum(f is not None for f in factors))

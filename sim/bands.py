@@ -56,6 +56,8 @@ class Factors:
     path: float = 1.0
     # per tier, k processes loading at once; a tier absent here takes `load`
     loads_mp: tuple[tuple[str, float], ...] = ()
+    # the GPU's own time per step once k processes saturate it (timeslice_mp's g)
+    timeslice: float = 1.0
 
 
 def draw_factors(spread: Spread, rng: np.random.Generator) -> Factors:
@@ -73,7 +75,8 @@ def draw_factors(spread: Spread, rng: np.random.Generator) -> Factors:
     factors = replace(factors, kv_fresh=bool(rng.random() < KV_FRESH_SHARE))
     # then the later categories: a spread without them draws nothing more (its bands unchanged)
     loads = tuple((tier, pick(values)) for tier, values in sorted((spread.loads_mp or {}).items()) if values)
-    return replace(factors, path=pick(spread.loopback_path or []), loads_mp=loads)
+    factors = replace(factors, path=pick(spread.loopback_path or []), loads_mp=loads)
+    return replace(factors, timeslice=pick(spread.timeslice_gpu or []))
 
 
 def _scale_fit(fit: LinearFit | PiecewiseFit, factor: float) -> LinearFit | PiecewiseFit:
@@ -120,6 +123,9 @@ def scale_profile(profile: Profile, f: Factors) -> Profile:
                                                                       for k, v in spec.aggregate_gbps.items()}})
                      for tier, spec in profile.loads_mp.items()},
         "network": _scale_path(profile.network, f.path),
+        **({"timeslice_mp": profile.timeslice_mp.model_copy(
+            update={"gpu_step_s": profile.timeslice_mp.gpu_step_s * f.timeslice})}
+           if f.timeslice != 1.0 and profile.timeslice_mp is not None and profile.timeslice_mp.gpu_step_s else {}),
         **{name: _scale_rate(getattr(profile, name), f.copy)
            for name in ("h2d_pinned", "h2d_pageable", "d2h_pinned", "d2h_pageable")},
         "kv_swaps": None if profile.kv_swaps is None else profile.kv_swaps.model_copy(

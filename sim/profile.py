@@ -271,6 +271,11 @@ class Spread(_Strict):
         "repeat's at each message size, and each --level-from calibration's median over this one's; a band "
         "draw makes the loopback link that many times slower (network.loopback_path or the series rate, and "
         "the loopback cap). None: not computed (older profiles), the link unscaled")
+    timeslice_gpu: list[float] | None = Field(
+        default=None, description="the GPU's own seconds per step once k processes saturate it (timeslice_mp's "
+        "g): each process's median step at a saturated k over k g, and each --level-from calibration's g over "
+        "this one's; a band draw scales g by one of them. None: not computed (older profiles, or no "
+        "timeslice_mp stage), g unscaled")
     point_level: float | None = Field(
         default=None, gt=0, le=MAX_FACTOR, strict=True,
         description="`calibrate --refit --level-point median`: the median of the batch-1 spell factors over "
@@ -284,7 +289,7 @@ class Spread(_Strict):
     def _positive(cls, value: list[float]) -> list[float]:
         return _factors(value)
 
-    @field_validator("loopback_path")
+    @field_validator("loopback_path", "timeslice_gpu")
     @classmethod
     def _positive_path(cls, value: list[float] | None) -> list[float] | None:
         return None if value is None else _factors(value)
@@ -304,7 +309,7 @@ class Spread(_Strict):
         """A spread whose point is at the fit, or without the fields added later, is written as
         before those fields existed (profiles stay byte-identical)."""
         out = handler(self)
-        for field in ("point_level", "loads_mp", "loopback_path"):
+        for field in ("point_level", "loads_mp", "loopback_path", "timeslice_gpu"):
             out = _without_unset(out, field)
         return out
 

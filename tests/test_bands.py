@@ -151,10 +151,10 @@ def test_spread_from_the_bundled_samples_and_a_held_out_refit():
     rows = read_samples(H200.parent / profile.samples_file)
     spread = spread_from_samples(profile, rows)
     # what --refit wrote is what the samples give, but for the categories added after the bundled
-    # profile was refitted (its k-process loads and loopback path repeats), which it does not carry
-    assert profile.spread.loads_mp is None and profile.spread.loopback_path is None
-    assert spread.model_copy(update={"loads_mp": None, "loopback_path": None}) == profile.spread
-    assert set(spread.loads_mp) == set(profile.loads_mp) and spread.loopback_path
+    # profile was refitted (its k-process loads, loopback path repeats and g), which it does not carry
+    assert profile.spread.loads_mp is None and profile.spread.loopback_path is None and profile.spread.timeslice_gpu is None
+    assert spread.model_copy(update={"loads_mp": None, "loopback_path": None, "timeslice_gpu": None}) == profile.spread
+    assert set(spread.loads_mp) == set(profile.loads_mp) and spread.loopback_path and spread.timeslice_gpu
     spells = {(r["stage"], r["point"]) for r in rows if r["stage"] in ("exp21_step", "warm_decode")
               or (r["stage"] == "decode" and r["batch"] == "1") or (r["stage"] == "timeslice_mp" and r["point"] == "k1")}
     assert len(spread.decode_level) == len(spells) and spread.decode_residual and spread.copies and spread.weight_load
@@ -369,3 +369,33 @@ def test_k_process_load_factors_pool_other_calibrations_and_path_factors_its_rep
     no_compute = profile.model_copy(update={"end_to_end": {"composition.partially_aware.L64.measured_s": 0.5}})
     assert sorted(path_factors(rows, mine, [slower, no_compute])) == pytest.approx([0.5, 1.0, 1.5, 2.0])
     assert path_factors(rows, profile.model_copy(update={"end_to_end": {}})) is None
+
+
+def test_the_gpu_step_spread_pools_calibrations_and_scales_g_alone():
+    """timeslice_factors: each process's median step at a saturated k over k g, then each pooled
+    calibration's g over this one's; a drawn factor scales g (what k processes step at once the GPU
+    is saturated) and leaves the lone step alone; a spread without it draws what it drew before."""
+    from djinnsim.calibrate.spread import timeslice_factors
+
+    profile = load_profile(H200)
+    ts = profile.timeslice_mp
+    g = ts.gpu_step_s
+    expected = [step / (p.processes * g) for p in ts.points if p.processes >= 2 and p.processes in ts.saturated_k
+                for step in p.per_process_step_s_p50]
+    assert expected  # the bundled H200 profile measured saturated k with each process's median
+    other = profile.model_copy(update={"timeslice_mp": ts.model_copy(update={"gpu_step_s": 1.02 * g})})
+    got = timeslice_factors(profile, [other, profile.model_copy(update={"timeslice_mp": None})])
+    assert sorted(got) == pytest.approx(sorted(expected + [1.02]))
+    assert timeslice_factors(profile.model_copy(update={"timeslice_mp": None})) is None
+    spec = get_model(profile.metadata.model_id)
+    base, drawn = ProfileCostModel(profile, spec), ProfileCostModel(bands.scale_profile(profile, bands.Factors(timeslice=1.5)), spec)
+    assert drawn.profile.timeslice_mp.gpu_step_s == pytest.approx(1.5 * g, rel=1e-12)
+    context = int(np.mean(ts.context_tokens))
+    assert drawn.timeslice_step_s(16, context) == pytest.approx(1.5 * base.timeslice_step_s(16, context), rel=1e-9)
+    assert drawn.timeslice_step_s(1, context) == pytest.approx(base.timeslice_step_s(1, context), rel=1e-12)
+    old = Spread(decode_level=[0.8, 1.2], loopback_path=[0.9, 1.1])
+    new = old.model_copy(update={"timeslice_gpu": [0.99, 1.01]})
+    for d in range(20):
+        a, b = bands.draw_factors(old, np.random.default_rng(d)), bands.draw_factors(new, np.random.default_rng(d))
+        assert a.timeslice == 1.0 and b.timeslice in (0.99, 1.01) and (a.decode, a.path) == (b.decode, b.path)
+    assert "timeslice_gpu" not in old.model_dump()
