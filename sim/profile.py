@@ -472,6 +472,11 @@ class Metadata(_Strict):
     loads_from: LoadsSource | None = Field(
         default=None, description="the calibration the load stages come from, when not this one")
 
+    @model_serializer(mode="wrap")
+    def _without_unset_loads_from(self, handler):
+        """Metadata whose loads are its own is written as before the field existed (profiles stay byte-identical)."""
+        return _without_unset(handler(self), "loads_from")
+
 
 class Profile(_Strict):
     schema_version: int
