@@ -2,11 +2,11 @@
 
     python benchmarks/partially_aware_host.py --records DIR [DIR ...] --calibration LOG [LOG ...]
 
-For each validation folder (records_real.csv and records_sim.csv of one `djinnsim validate`):
-partially_aware's steps after the first (t = 0 sends the prompt, not a KV), warm-up runs and
-failures left out, per link rate: the mean of each record component real / simulated, then
-uplink_s and downlink_s fitted per step as a + b * MB (the KV grows 0.5 MB a step), b beside
-the emulated wire's 1 / rate. For each calibrate.log: the composition stage's partially_aware rows
+For each validation folder (records_real.csv and records_sim.csv of one `djinnsim validate`, plain
+or gzipped as committed): partially_aware's steps after the first (t = 0 sends the prompt, not a
+KV), warm-up runs and failures left out, per link rate: the mean of each record component real /
+simulated, then uplink_s and downlink_s fitted per step as a + b * MB (the KV grows 0.5 MB a step),
+b beside the emulated wire's 1 / rate. For each calibrate.log: the composition stage's partially_aware rows
 (validate's own kind of server process, a new connection per request, no pacing), the host path
 being measured - server h2d - compute - d2h, per MB each way, beside what the stage predicted for
 the same path (connect + serialize + bytes / loopback cap + deserialize), and the loopback stage's
@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from djinnsim.validate.offline import records_file
+
 PARTS = ("connect_s", "uplink_s", "queue_s", "copy_s", "compute_s", "downlink_s", "latency_s")
 MS = r"([\d.]+) (ms|s|us)"
 
@@ -31,14 +33,18 @@ def _seconds(value: str, unit: str) -> float:
     return float(value) * {"s": 1.0, "ms": 1e-3, "us": 1e-6}[unit]
 
 
-def _steps(path: Path) -> pd.DataFrame:
-    df = pd.read_csv(path)
+def _steps(folder: Path, kind: str) -> pd.DataFrame:
+    name = f"records_{kind}.csv"
+    path = records_file(folder, name)
+    if path is None:
+        raise SystemExit(f"{folder}: no {name} (nor {name}.gz)")
+    df = pd.read_csv(path)  # a .gz decompressed (pandas infers it from the name)
     keep = (df.backend == "partially_aware") & ~df.warmup.astype(bool) & (df.status == "ok") & (df.step > 0)
     return df[keep]
 
 
 def records(folder: Path) -> None:
-    real, sim = _steps(folder / "records_real.csv"), _steps(folder / "records_sim.csv")
+    real, sim = _steps(folder, "real"), _steps(folder, "sim")
     if real.empty:
         print(f"{folder}: no partially_aware steps")
         return
@@ -64,7 +70,7 @@ def serial_and_max(folders: list[Path]) -> None:
     s a host cost per MB in series with the wire, c the host stack's own ms per MB, which the
     emulated rate hides when slower (the simulator's form is s = serialize, c = 1 / loopback cap)."""
     for kind in ("real", "sim"):
-        frames = [_steps(folder / f"records_{kind}.csv") for folder in folders]
+        frames = [_steps(folder, kind) for folder in folders]
         df = pd.concat(frames)
         for part, nbytes in (("uplink_s", "bytes_up"), ("downlink_s", "bytes_down")):
             mb = df[nbytes].to_numpy() / 1e6

@@ -148,6 +148,46 @@ def test_offline_refuses_a_folder_without_real_records(real_folder, tmp_path):
     assert result.exit_code == 1 and "no records_real.csv" in result.output
 
 
+def _gzip_records(folder: Path) -> None:
+    """Each records_*.csv of `folder` replaced by its `gzip -n` form, as committed under docs/validation/."""
+    import gzip
+
+    for plain in sorted(folder.glob("records_*.csv")):
+        plain.with_name(plain.name + ".gz").write_bytes(gzip.compress(plain.read_bytes(), mtime=0))  # no name, no time
+        plain.unlink()
+
+
+def test_offline_reads_gzipped_records_as_the_plain_ones(real_folder, second_real_folder, tmp_path):
+    """Committed reports keep their records gzipped: the same folders, their records gzipped in place,
+    give byte for byte the reports (and the plain records_real.csv) they give plain, alone and with
+    --also-real."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    shutil.copytree(real_folder, first)
+    shutil.copytree(second_real_folder, second)
+    runs = {"one": (), "merged": ("--also-real", str(second))}
+    for form in ("plain", "gzipped"):
+        if form == "gzipped":
+            _gzip_records(first)
+            _gzip_records(second)
+        for name, extra in runs.items():
+            result = _offline(first, tmp_path / form / name, *extra)
+            assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in second.glob("records_*")) == ["records_real.csv.gz", "records_sim.csv.gz"]
+    for name in runs:
+        for file in ("validation.json", "validation.md", "records_real.csv", "records_sim.csv"):
+            assert (tmp_path / "gzipped" / name / file).read_bytes() == (tmp_path / "plain" / name / file).read_bytes(), \
+                (name, file)
+    assert (tmp_path / "gzipped" / "one" / "records_real.csv").read_bytes() == (real_folder / "records_real.csv").read_bytes()
+
+    (first / "records_real.csv").write_bytes((real_folder / "records_real.csv").read_bytes())
+    result = _offline(first, tmp_path / "both")
+    assert result.exit_code == 1 and "holds both records_real.csv and records_real.csv.gz" in result.output
+    (first / "records_real.csv").unlink()
+    (first / "records_real.csv.gz").write_bytes(b"not gzip")
+    result = _offline(first, tmp_path / "bad")
+    assert result.exit_code == 1 and "cannot read" in result.output and "Traceback" not in result.output
+
+
 @pytest.mark.skipif(not (H100 / "exp21" / "validation.json").is_file(), reason="no H100 reference validation here")
 @pytest.mark.parametrize("part", ["exp21", "agents"])
 def test_h100_reference_real_side_comes_back(part, tmp_path):

@@ -2,7 +2,8 @@
 its folder, with the simulator as it is now, on any machine (no GPU, no torch).
 
 A validation folder holds everything the real side of the comparison needs: the validation
-scenario as run (scenario.yaml), every real record with its repeat (records_real.csv), and in
+scenario as run (scenario.yaml), every real record with its repeat (records_real.csv, or
+records_real.csv.gz as committed under docs/validation/), and in
 validation.json the figures no record carries (NVML peak memory and utilization, the servers'
 first-token stamps, the keep-alive OOM probe, the machine, the real runs' notes). They are put
 back together as the RealResult the real runner returned, and the comparison and report code of a
@@ -12,10 +13,12 @@ live validation runs on it unchanged.
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import shutil
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -47,6 +50,24 @@ from .points import as_run_for_real
 from .realrun import OomProbe, RealPointResult, RealResult, RepeatResult
 
 FOLDER_FILES = ("scenario.yaml", "records_real.csv", "validation.json")
+GZIP_SUFFIX = ".gz"  # committed reports keep their records gzipped: the tree sent to the GPU machine is capped
+
+
+def records_file(folder: Path, name: str = "records_real.csv") -> Path | None:
+    """A validation folder's records file `name`, plain or gzipped (`name`.gz); None when neither is there.
+    Both at once is refused: one of them may be stale."""
+    folder = Path(folder)
+    found = [path for path in (folder / name, folder / f"{name}{GZIP_SUFFIX}") if path.is_file()]
+    if len(found) > 1:
+        raise DjinnsimError(f"{folder} holds both {name} and {name}{GZIP_SUFFIX}; keep one")
+    return found[0] if found else None
+
+
+def open_records(path: Path, binary: bool = False) -> IO:
+    """A records file opened for the csv module (text, newline="") or as bytes, a gzipped one decompressed."""
+    if Path(path).suffix == GZIP_SUFFIX:
+        return gzip.open(path, "rb") if binary else gzip.open(path, "rt", newline="")
+    return open(path, "rb") if binary else open(path, newline="")
 
 
 @dataclass(frozen=True)
@@ -77,14 +98,14 @@ _OPTIONAL = frozenset(f.name for f in fields(Record) if f.default is not MISSING
 
 
 def read_real_records(path: Path) -> dict[tuple[int, int], list[Record]]:
-    """records_real.csv back into Records, by (point index, repeat), in file order."""
+    """records_real.csv (or .csv.gz) back into Records, by (point index, repeat), in file order."""
     # The csv module and float(): every float comes back bit for bit (pandas' parser is exact
     # only from pandas 3), so latencies and means are the ones measured.
     types = {f.name: f.type for f in fields(Record)}
     casts = {"int": int, "float": float, "str": str, "bool": lambda v: v == "True"}
     out: dict[tuple[int, int], list[Record]] = {}
     try:
-        with path.open(newline="") as handle:
+        with open_records(path) as handle:
             reader = csv.DictReader(handle)
             present = set(reader.fieldnames or [])
             missing = [c for c in ("repeat", *RECORD_COLUMNS) if c not in present and c not in _OPTIONAL]
@@ -94,7 +115,7 @@ def read_real_records(path: Path) -> dict[tuple[int, int], list[Record]]:
             for row in reader:
                 record = Record(**{name: casts[types[name]](row[name]) for name in columns})
                 out.setdefault((record.point, int(row["repeat"])), []).append(record)
-    except (OSError, ValueError, csv.Error) as exc:
+    except (OSError, EOFError, ValueError, csv.Error) as exc:  # gzip: BadGzipFile is an OSError, truncation EOFError
         raise DjinnsimError(f"cannot read {path}: {exc}") from None
     return out
 
@@ -157,7 +178,8 @@ def _finished_folder(folder: Path, flag: str) -> Path:
     folder = Path(folder)
     if not folder.is_dir():
         raise DjinnsimError(f"{flag} {folder} is not a folder")
-    missing = [name for name in FOLDER_FILES if not (folder / name).is_file()]
+    missing = [name for name in FOLDER_FILES if not (folder / name).is_file()
+               and not (name == "records_real.csv" and records_file(folder, name))]  # or gzipped
     if missing:
         raise DjinnsimError(f"{flag} {folder} is not a finished validation: no {', '.join(missing)}")
     return folder
@@ -215,7 +237,7 @@ def merge_real(folder: Path, doc: dict, scenario_v: Scenario, real: RealResult, 
             differ.append("the profile frozen before the runs")
         if differ:
             raise DjinnsimError(f"--also-real {other} is not more repeats of {folder}: {', '.join(differ)} differ")
-        more = real_result(other_doc, scenario_v, read_real_records(other / "records_real.csv"))
+        more = real_result(other_doc, scenario_v, read_real_records(records_file(other)))
         for rp in more.points:
             for repeat in rp.repeats:
                 repeat.part = part
@@ -256,7 +278,7 @@ def run_offline(req: OfflineRequest) -> Path:
     # The real servers ran in the profile's dtype, which validation.json does not record: not checked.
     check_profile(profile, profile_path, Machine(**real_meta["machine"]), spec, None,
                   hint=f"pass --calibration with a profile of the machine the real runs in {folder} used")
-    real = real_result(doc, scenario_v, read_real_records(folder / "records_real.csv"))
+    real = real_result(doc, scenario_v, read_real_records(records_file(folder)))
     if req.also_real:
         real_meta = merge_real(folder, doc, scenario_v, real, tuple(req.also_real))
     say(f"offline re-comparison of {folder}{f' and {len(req.also_real)} more' if req.also_real else ''}: "
@@ -310,8 +332,9 @@ def _recompare_into(out_dir: Path, req: OfflineRequest, folder: Path, scenario_v
     if "parts" in real_meta:  # repeats of several commands: renumbered, one file
         merged = [(i, r) for rp in real.points for i, rep in enumerate(rp.repeats) for r in rep.records]
         _write_records(out_dir / "records_real.csv", [r for _, r in merged], [i for i, _ in merged])
-    else:
-        shutil.copyfile(folder / "records_real.csv", out_dir / "records_real.csv")
+    else:  # the runs' file as written, plain like every output of validate (a gzipped one decompressed)
+        with open_records(records_file(folder), binary=True) as source, (out_dir / "records_real.csv").open("wb") as target:
+            shutil.copyfileobj(source, target)
     # No clock time or wall seconds of this run: the same folder, profile and simulator give the same bytes.
     # The hash frozen before the real runs (recorded since issue 9) stays; the profile used now is hashed anew.
     frozen = {k: real_meta["profile"][k] for k in ("frozen_sha256", "frozen_at") if k in real_meta.get("profile", {})}

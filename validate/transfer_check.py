@@ -9,7 +9,7 @@ context, time-slicing, first use of a shape, capacity) from the transferred prof
 measured one; the error is (transferred - measured) / measured. A value the cost model flags as
 outside its calibrated range is marked `*`.
 
-(b) Real runs: every validation folder under RUNS (scenario.yaml, records_real.csv,
+(b) Real runs: every validation folder under RUNS (scenario.yaml, records_real.csv or its .gz,
 validation.json) re-simulated offline (`djinnsim validate --from-real`) once with the measured
 profile the runs were judged with (the folder's calibration/*-heldout.json where there is one,
 else --measured) and once with the transferred profile, saved to a file first. Both are judged by

@@ -218,3 +218,9 @@ cp $here/run11/pooled-profile/h200-llama-2-7b.json $here/run11/pooled-profile/h2
 djinnsim calibrate --refit $out/calibration/h200-llama-2-7b.json --loads-from docs/calibration/h200-run7/h200-llama-2-7b.json --quiet
 djinnsim validate --from-real $here/run11/keepalive-max --calibration $out/calibration/h200-llama-2-7b.json \
   --out $out/loads-run7/run11-keepalive-max --quiet --force
+
+# Committed reports keep their records gzipped (the tree that travels to the GPU machine is capped at
+# 64 MiB; validate's --from-real reads either form): the records re-made above that git would
+# track (run1-decodefit/, run3/exp21-25-resim/, run5/djinn-fcfs-32/) go back to that form; the ignored
+# ones stay plain. `gzip -n` stores no name or time stamp: the same records give the same bytes.
+git ls-files -z --others --exclude-standard -- $here | { grep -z '/records_[a-z]*\.csv$' || true; } | xargs -0 -r gzip -n -f
