@@ -83,8 +83,11 @@ def decode_anchor_points(rows) -> list[FitPoint]:
     return decode_spells(rows, LEVEL_ANCHOR_STAGES)
 
 
-def fit_decode(points: list[FitPoint]) -> LinearFit | PiecewiseFit:
-    return fit_piecewise(points, DECODE_FEATURES, DECODE_SCALE, ["batch", "context", "sum_context"], ["batch", "context"])
+def fit_decode(points: list[FitPoint], anchors: list[FitPoint] = ()) -> LinearFit | PiecewiseFit:
+    """The decode step over the grid `points` and the batch-1 level `anchors` (decode_anchor_points):
+    both fitted, the grid's errors alone deciding where the fit splits."""
+    return fit_piecewise([*points, *anchors], DECODE_FEATURES, DECODE_SCALE, ["batch", "context", "sum_context"],
+                         ["batch", "context"], judged=points)
 
 
 def _with_domain(fit, extra: dict[str, tuple[float, float]]):

@@ -72,13 +72,18 @@ def prefill_points(rows) -> list[FitPoint]:
 
 
 def decode_points(rows) -> list[FitPoint]:
+    """The decode grid's points, then the batch-1 level anchors (decode_anchor_points)."""
+    return decode_grid_points(rows) + decode_anchor_points(rows)
+
+
+def decode_grid_points(rows) -> list[FitPoint]:
     points = []
     for group in _timed(rows, "decode").values():
         batch = _num(group[0], "batch")
         context = float(np.median([_num(r, "context") for r in group]))
         inputs = {"batch": batch, "context": context, "sum_context": batch * context}
         points.append(FitPoint(inputs, float(np.median([_num(r, "value") for r in group]))))
-    return points + decode_anchor_points(rows)
+    return points
 
 
 def cached_prefill_points(rows) -> list[FitPoint]:
@@ -225,7 +230,7 @@ def refit(profile: Profile, rows: list[dict[str, str]], note: str, left_out: tup
     if len(prefill) < len(PREFILL_FEATURES) or len(decode) < len(DECODE_FEATURES):
         raise DjinnsimError("the samples hold too few prefill or decode points to fit")
     update["prefill"] = fit_prefill(prefill)
-    update["decode_step"] = fit_decode(decode)
+    update["decode_step"] = fit_decode(decode_grid_points(rows), decode_anchor_points(rows))
     cached = fit_cached_prefill(cached_prefill_points(rows))
     if cached is not None:
         update["cached_prefill"] = cached

@@ -354,7 +354,7 @@ def _stages(s: Session, staged, oom_probe: bool) -> None:
     if r.get("cold_shapes") is None:  # the stage failed: the decode grid's first pass still tells
         r["cold_shapes"] = fit_cold_shapes(s.log.rows)
     r["fits"] = {"prefill": fit_prefill(r["prefill"]["points"]),
-                 "decode": fit_decode(r["decode"]["points"] + decode_anchor_points(s.log.rows))}
+                 "decode": fit_decode(r["decode"]["points"], decode_anchor_points(s.log.rows))}
     for name, fit in r["fits"].items():
         for line in describe_fit(fit):
             s.say(f"fit {name}: {line}")

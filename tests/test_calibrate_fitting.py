@@ -332,3 +332,31 @@ def test_flat_data_gets_no_floor_over_a_constant_that_fits_as_well(level):
     assert fit.floor_s is None and fit.scale == PREFILL_SCALE
     faster = _scale_level(fit, 0.5)
     assert predict(faster, {"prompt_tokens": 16, "batch": 1, "context": 0}) == pytest.approx(0.5 * level)
+
+
+def test_level_spells_join_the_decode_fit_but_do_not_split_it():
+    """H200 run 10's samples: Exp 2.1's batch-1 spells at context 96 ran at about 26 ms, the decode
+    grid minutes later at 32-35 ms at every context. Judged on every point the fit split at 96 (26.3
+    ms below, 33.3 above: no cost of context); judged on the grid, with the spells fitted, it is one
+    level between the two. A grid whose own steps change with context still splits."""
+    from pathlib import Path
+
+    from djinnsim.calibrate.fitting import FitPoint, fit_piecewise, predict
+    from djinnsim.calibrate.profile_builder import DECODE_FEATURES, DECODE_SCALE, decode_anchor_points
+    from djinnsim.calibrate.refit import decode_grid_points, read_samples
+
+    rows = read_samples(Path(__file__).resolve().parents[1] / "docs" / "calibration" / "h200-run10" / "h200-llama-2-7b.csv")
+    grid, spells = decode_grid_points(rows), decode_anchor_points(rows)
+    old = fit_piecewise([*grid, *spells], DECODE_FEATURES, DECODE_SCALE, ["batch", "context", "sum_context"], ["batch", "context"])
+    fit = fit_decode(grid, spells)
+
+    def b1(f, c):
+        return predict(f, {"batch": 1, "context": c, "sum_context": c})
+
+    assert isinstance(old, PiecewiseFit) and b1(old, 150) / b1(old, 80) > 1.2
+    assert isinstance(fit, LinearFit)
+    assert b1(old, 80) < b1(fit, 80) < b1(old, 150) and abs(b1(fit, 1000) / b1(fit, 80) - 1) < 0.01
+    trend = [FitPoint({"batch": float(b), "context": float(c), "sum_context": float(b * c)},
+                      (0.02 if c <= 96 else 0.04) * (1 + 0.001 * ((b * 7 + c) % 5)))
+             for b in (1, 2, 4) for c in (68, 80, 96, 260, 516, 1028, 2052)]
+    assert isinstance(fit_decode(trend, spells), PiecewiseFit)

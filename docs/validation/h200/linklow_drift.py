@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from djinnsim.validate.offline import records_file
 
 from djinnsim.sim.costmodel import ProfileCostModel
 from djinnsim.sim.profile import load_profile, save_profile
@@ -111,7 +112,7 @@ def host_charge_s(cost: ProfileCostModel, nbytes: float) -> float:
 def per_message(profiles: dict[str, Path]) -> None:
     frames = []
     for run, folder in RUNS.items():
-        df = pd.read_csv(folder / "records_real.csv")
+        df = pd.read_csv(records_file(folder, "records_real.csv"))
         df = df[(df.backend == "partially_aware") & ~df.warmup.astype(bool) & (df.status == "ok") & (df.step > 0)]
         for part, wire in (("uplink_s", "wire_bytes_up"), ("downlink_s", "wire_bytes_down")):
             excess = df[part] - df[wire] * 8 / (df.link_gbps * 1e9) - RTT_S / 2
@@ -166,7 +167,7 @@ def by_rate() -> None:
     print("| real run | Gbps | real ms/MB | run 10's profile ms/MB |")
     print("|---|---|---|---|")
     for folder in folders:
-        df = pd.read_csv(folder / "records_real.csv")
+        df = pd.read_csv(records_file(folder, "records_real.csv"))
         df = df[(df.backend == "partially_aware") & ~df.warmup.astype(bool) & (df.status == "ok") & (df.step > 0)]
         for gbps in sorted(df.link_gbps.unique()):
             d = df[df.link_gbps == gbps]

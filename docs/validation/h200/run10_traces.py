@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from djinnsim.validate.offline import records_file
 
 from djinnsim.calibrate.fitting import fit_linear, fit_piecewise, whole_fit_stats
 from djinnsim.calibrate.profile_builder import DECODE_FEATURES, DECODE_SCALE
@@ -53,7 +54,7 @@ def ms(x: float) -> str:
 
 
 def records(side: str, where: Path = RUN) -> pd.DataFrame:
-    d = pd.read_csv(where / f"records_{side}.csv").sort_values(["repeat", "started_at"]).reset_index(drop=True)
+    d = pd.read_csv(records_file(where, f"records_{side}.csv")).sort_values(["repeat", "started_at"]).reset_index(drop=True)
     first = d.groupby(["repeat", "phase"])["started_at"].transform("min") == d["started_at"]
     d["cold"] = first & (d["repeat"] == d["repeat"].min())  # each phase's shapes run first in the process
     return d
@@ -227,7 +228,7 @@ def part_a(out: Path) -> None:
     for label, d, where in (("as judged live", live, RUN), ("flat at piece 1", doc, dest)):
         m = d["points"][0]["metrics"]
         s = d["summary"]
-        simc = pd.read_csv(where / "records_sim.csv")["compute_s"].mean()
+        simc = pd.read_csv(records_file(where, "records_sim.csv"))["compute_s"].mean()
         print(f"| {label} | {m['latency_mean_s']['sim']:.3f} s | {m['latency_mean_s']['rel_err'] * 100:+.1f}% "
               f"| {m['latency_p99_s']['rel_err'] * 100:+.1f}% | {m['per_token_s']['rel_err'] * 100:+.1f}% | {ms(simc)} ms "
               f"| {s['PASS']} / {s['FAIL']} |")
