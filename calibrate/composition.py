@@ -198,7 +198,13 @@ class BackendServer:
                         self.s.sync()
                         conn.sendall(wire.pack(REPLY, {}))
                         continue
-                    conn.sendall(self._step(header["backend"], tensors))
+                    reply = self._step(header["backend"], tensors)
+                    if header.get("pace_gbps"):  # the reply paced as the request was
+                        from djinnsim.common.linkemu import LinkParams, Pacer
+
+                        Pacer(LinkParams(gbps=float(header["pace_gbps"]), rtt_s=0.0)).send(conn, [reply])
+                    else:
+                        conn.sendall(reply)
 
     def _step(self, backend: str, tensors: dict) -> bytearray:
         from .modeling import cache_from_tensors, cache_tensors, forward
@@ -238,12 +244,14 @@ def run_composition(s: Session, cost: CostModel, link_gbps: float) -> list[dict]
 
     spec, plan = s.spec, s.plan
     contexts = [c for c in plan.composition_contexts if c < spec.max_position_embeddings]
+    paced = [c for c in plan.composition_paced_contexts if c < spec.max_position_embeddings] if plan.composition_paced_gbps else []
     server = BackendServer(s)
     client = subprocess.Popen(
         [
             sys.executable, "-m", "djinnsim.calibrate.composition_client",
             "--port", str(server.port), "--model", model_key(spec), "--dtype", str(s.dtype).removeprefix("torch."),
             "--contexts", ",".join(map(str, contexts)), "--repeat", str(plan.composition_repeat),
+            "--paced-gbps", ",".join(f"{g:g}" for g in plan.composition_paced_gbps), "--paced-contexts", ",".join(map(str, paced)),
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -261,10 +269,21 @@ def run_composition(s: Session, cost: CostModel, link_gbps: float) -> list[dict]
         got = json.loads(line)
         backend, seq_len = got["backend"], got["seq_len"]
         total = Timing(got["samples_s"])
+        server_side = {k: float(np.median([m[k] for m in got["server"]])) for k in ("h2d_s", "compute_s", "d2h_s")}
+        gbps = got.get("paced_gbps")
+        if gbps is not None:  # measured only: no fit reads these yet
+            s.log.add_timing("composition_paced", f"{backend}_L{seq_len}_{gbps:g}gbps", total.samples_s, context=seq_len)
+            shape = step_shape(backend, spec, seq_len)
+            rows.append({"backend": backend, "seq_len": seq_len, "paced_gbps": gbps, "measured_s": total.p50,
+                         "server": server_side, "up_bytes": shape.up_bytes, "down_bytes": shape.down_bytes})
+            wire_s = (shape.up_bytes + shape.down_bytes) / (gbps * 1e9 / 8)
+            s.say(f"composition {backend:15} L={seq_len:>5} paced at {gbps:g} Gbps: measured {total.describe()}; "
+                  f"the paced wire alone {wire_s * 1e3:.2f} ms, the server {sum(server_side.values()) * 1e3:.2f} ms")
+            s.advance(1)
+            continue
         s.log.add_timing("composition", f"{backend}_L{seq_len}", total.samples_s, context=seq_len)
         predicted = predict_step_s(cost, link_gbps, backend, spec, seq_len)
         shape = step_shape(backend, spec, seq_len)
-        server_side = {k: float(np.median([m[k] for m in got["server"]])) for k in ("h2d_s", "compute_s", "d2h_s")}
         rows.append({
             "backend": backend,
             "seq_len": seq_len,

@@ -66,6 +66,25 @@ def test_samples_csv_holds_every_stage(cpu_calibration):
         assert stage in stages, stage
 
 
+def test_composition_also_runs_partially_aware_paced_below_the_loopback_cap(cpu_calibration):
+    """Each paced rate at each paced context: its samples and medians kept apart from the unpaced
+    composition rows, which alone make the loopback path."""
+    from djinnsim.calibrate.plan import plan_for
+
+    _, out, _ = cpu_calibration
+    profile = load_profile(out)
+    plan = plan_for("cpu", quick=True)
+    with (out.parent / profile.samples_file).open() as fh:
+        paced = {row["point"] for row in csv.DictReader(fh) if row["stage"] == "composition_paced"}
+    want = {f"partially_aware_L{c}_{g:g}gbps" for c in plan.composition_paced_contexts for g in plan.composition_paced_gbps}
+    assert want and paced == want
+    for c in plan.composition_paced_contexts:
+        for g in plan.composition_paced_gbps:
+            key = f"composition_paced.partially_aware.L{c}.{g:g}gbps"
+            assert profile.end_to_end[f"{key}.measured_s"] > profile.end_to_end[f"{key}.server_compute_s"] > 0
+    assert not any(k.startswith("composition.") and "gbps" in k for k in profile.end_to_end)
+
+
 def test_profile_carries_the_process_stages_and_the_cached_prefill_fit(cpu_calibration):
     result, out, _ = cpu_calibration
     profile = load_profile(out)
