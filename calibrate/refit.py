@@ -378,6 +378,8 @@ def refit_file(path: Path, out: Path | None = None, command: str | None = None,
     pooled = level_sources(profile, samples_file, tuple(Path(p) for p in sources), earlier)
     if with_path:
         note += ", with the loopback host path"
+    if loads_from is not None and not Path(loads_from).is_file():
+        raise DjinnsimError(f"--loads-from {loads_from}: no such profile")
     taken = profile.metadata.loads_from
     sections = list(taken.sections) if taken is not None else missing_load_sections(profile)
     if loads_from is not None and not sections:

@@ -43,6 +43,9 @@ def simulator() -> dict:
     (MODEL_PATHS) with their commit times; without git only the package version."""
     out: dict = {"package": package_version(), "commit": None, "commit_at": None, "model_commit": None,
                  "model_commit_at": None, "dirty": None}
+    top = _git("rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != ROOT:  # installed: a git checkout above site-packages is not ours
+        return out
     head = _git("log", "-1", "--format=%H %cI")
     if head is None:
         return out

@@ -342,6 +342,8 @@ def test_a_calibration_stopped_before_its_loads_takes_them_from_another(cpu_cali
                            "measured every load stage itself"),
                           (["--refit", str(no_loads), "--out", str(tmp_path / "y.json"), "--loads-from", str(_without_loads(out, tmp_path / "none2"))],
                            "measured no weight_load, loads_mp, timeslice_mp either"),
+                          (["--refit", str(no_loads), "--out", str(tmp_path / "w.json"), "--loads-from", str(tmp_path / "nope.json")],
+                           "nope.json: no such profile"),
                           (["--device", "cpu", "--loads-from", str(out), "--out", str(tmp_path / "z.json")],
                            "--loads-from applies to --refit only")):
         result = runner.invoke(app, ["calibrate", *args, "--quiet"])

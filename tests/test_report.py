@@ -755,3 +755,24 @@ def test_trace_segments_follow_each_other_and_add_up_to_the_latency(issued_at, d
     for child in children:
         assert child["ts"] == pytest.approx(cursor, abs=1e-3 * len(children) + 1e-9 * record.finished_at * 1e6)
         cursor = child["ts"] + child["dur"]
+
+
+def test_the_commit_recorded_is_this_checkouts_or_none(tmp_path, monkeypatch):
+    """In this checkout the simulator's commit is its HEAD; installed under another git checkout (a
+    site-packages inside pyenv's own git tree) it records none rather than that tree's HEAD."""
+    import subprocess
+
+    from djinnsim.sim import provenance
+
+    here = provenance.simulator()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=provenance.ROOT, capture_output=True, text=True)
+    if head.returncode == 0 and (provenance.ROOT / ".git").exists():
+        assert here["commit"] == head.stdout.strip()
+    other = tmp_path / "other"
+    (other / "site-packages").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(other)], check=True)
+    subprocess.run(["git", "-C", str(other), "-c", "user.name=x", "-c", "user.email=x@x", "commit", "-q",
+                    "--allow-empty", "-m", "x"], check=True)
+    monkeypatch.setattr(provenance, "ROOT", other / "site-packages")
+    installed = provenance.simulator()
+    assert installed["commit"] is None and installed["model_commit"] is None and installed["package"]
