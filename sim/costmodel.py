@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from statistics import NormalDist
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 
@@ -102,18 +102,40 @@ _DECODE_FEATURES = {"1": 0, "batch": 1, "sum_context": 2}  # a decode step's reg
 _DECODE_INPUTS = {"batch": 0, "sum_context": 1, "context": 2}
 
 
-def _decode_terms(fit: LinearFit | PiecewiseFit) -> tuple | None:
-    """A linear decode-step fit as positional terms, for `ProfileCostModel.decode_step_s`, which
-    runs once per batched decode iteration: ((coef, feature position) per feature, (input position,
-    lo, hi) per domain bound). None where the general `evaluate_fit` must do it (a piecewise fit,
-    another feature, a bound on another variable)."""
+def _decode_terms(fit: LinearFit | PiecewiseFit) -> Callable[[int, int, float], float | None] | None:
+    """A linear decode-step fit as a function of (batch, sum_context, context), for
+    `ProfileCostModel.decode_step_s`, which runs once per batched decode iteration: evaluate_fit's
+    arithmetic (the same products, added by sum() in the same order) where the point lies inside
+    the fit's domain, None outside it (the general path flags it). None where the general
+    `evaluate_fit` must do it (a piecewise fit, another feature, a bound on another variable)."""
     if not isinstance(fit, LinearFit) or fit.floor_s is not None or not all(f in _DECODE_FEATURES for f in fit.features):
         return None
     if not all(var in _DECODE_INPUTS for var in fit.domain):
         return None
     terms = tuple((k, _DECODE_FEATURES[f]) for k, f in zip(fit.coef, fit.features))
     bounds = tuple((_DECODE_INPUTS[var], lo, hi) for var, (lo, hi) in fit.domain.items())
-    return terms, bounds
+    if len(terms) == 3 and sorted(i for i, _, _ in bounds) == [0, 1, 2]:
+        # the usual fit (a constant, batch and sum_context, bounded on all three inputs), unrolled
+        (k0, f0), (k1, f1), (k2, f2) = terms
+        (b_lo, b_hi), (s_lo, s_hi), (c_lo, c_hi) = ((lo, hi) for _, lo, hi in sorted(bounds))
+
+        def step_s(batch: int, sum_context: int, context: float) -> float | None:
+            if b_lo <= batch <= b_hi and s_lo <= sum_context <= s_hi and c_lo <= context <= c_hi:
+                values = (1.0, batch, sum_context)
+                return max(sum((k0 * values[f0], k1 * values[f1], k2 * values[f2])), 0.0)
+            return None
+
+        return step_s
+
+    def step_s(batch: int, sum_context: int, context: float) -> float | None:
+        inputs = (batch, sum_context, context)
+        for i, lo, hi in bounds:
+            if not lo <= inputs[i] <= hi:
+                return None
+        values = (1.0, batch, sum_context)
+        return max(sum([k * values[i] for k, i in terms]), 0.0)
+
+    return step_s
 
 
 class CostModel(ABC):
@@ -379,16 +401,9 @@ class ProfileCostModel(CostModel):
             compiled = self._decode_compiled = (fit, _decode_terms(fit))
         context = sum_context / max(batch, 1)
         if compiled[1] is not None:
-            # evaluate_fit's arithmetic (the same products, added by sum() in the same order) when
-            # the point lies inside the fit's domain; outside, the general path flags it
-            terms, bounds = compiled[1]
-            inputs = (batch, sum_context, context)
-            for i, lo, hi in bounds:
-                if not lo <= inputs[i] <= hi:
-                    break
-            else:
-                values = (1.0, batch, sum_context)
-                return max(sum([k * values[i] for k, i in terms]), 0.0)
+            step_s = compiled[1](batch, sum_context, context)
+            if step_s is not None:
+                return step_s
         inputs = {"batch": batch, "sum_context": sum_context, "context": context}
         return self._eval("decode_step", fit, inputs)
 

@@ -402,8 +402,12 @@ def fire_all(env: simpy.Environment, events: list[simpy.Event]) -> None:
         return
     holds.active = True
     try:
-        for event in events:
-            fire_now(event)
+        for event in events:  # fire_now, inlined
+            event._ok = True
+            event._value = None
+            callbacks, event.callbacks = event.callbacks, None
+            for callback in callbacks:
+                callback(event)
     finally:
         holds.active = False
     pipes, holds.pipes = holds.pipes, []
