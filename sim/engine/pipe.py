@@ -23,6 +23,8 @@ from typing import Callable, NamedTuple
 
 import simpy
 
+from . import guard
+
 _DONE_WITHIN_S = 1e-9  # a flow less than this from done is done (float round-off on GB-sized flows)
 
 
@@ -80,8 +82,7 @@ class SharedPipe:
         self._lone: deque[_Alone] = deque()
         self.closed_form = True  # False: every transfer steps through the pipe (what the closed form must equal)
         self._lone_rates: dict[FlowClass | None, float] = {}  # a flow's rate alone in the pipe, per class
-        at_exactly = getattr(env, "schedule_at", None)  # world.CountingEnvironment's counts and guards
-        self._schedule_at = at_exactly if at_exactly is not None else functools.partial(_push_at, env)
+        self._queue = env._queue  # the environment's event queue (`_push_at` inlined pushes there)
         self._holds = _holds_of(env)
         self._held: list[tuple] = []  # transfers started while the environment's pipes are held (fire_all)
         self.bytes_carried = 0.0
@@ -168,7 +169,9 @@ class SharedPipe:
         lone.append(_new_alone((join_at, end_at, done_at, nbytes, flow_class, ended, after_s, rate, dones)))
         ended._ok = True  # schedule_at, inlined
         ended._value = None
-        self._schedule_at(ended, done_at)
+        if not 0 <= done_at - now < _INF:
+            guard.check_delay(done_at - now)
+        _heappush(self._queue, (done_at, _NORMAL, next(self.env._eid), ended))
         return True
 
     def _start(self, now: float, join_at: float, nbytes: float, flow_class, done: simpy.Event, after_s: float) -> None:
@@ -187,7 +190,9 @@ class SharedPipe:
                 lone.append(_new_alone((join_at, end_at, done_at, nbytes, flow_class, done, after_s, rate, None)))
                 done._ok = True  # schedule_at, inlined: most transfers come here
                 done._value = None
-                self._schedule_at(done, done_at)
+                if not 0 <= done_at - now < _INF:
+                    guard.check_delay(done_at - now)
+                _heappush(self._queue, (done_at, _NORMAL, next(self.env._eid), done))
                 return
         if join_at > now:
             self._join_at(join_at, (nbytes, flow_class, done, after_s))
@@ -420,18 +425,20 @@ def schedule_at(env: simpy.Environment, event: simpy.Event, at: float) -> None:
     delay added to the clock cannot reach every instant to the bit (SimPy computes now + delay)."""
     event._ok = True
     event._value = None
-    at_exactly = getattr(env, "schedule_at", None)
-    if at_exactly is not None:
-        at_exactly(event, at)
-    else:
-        _push_at(env, event, at)
+    _push_at(env, event, at)
 
 
 def _push_at(env: simpy.Environment, event: simpy.Event, at: float) -> None:
-    heapq.heappush(env._queue, (at, simpy.core.NORMAL, next(env._eid), event))
+    """`event` into the environment's queue at `at`, as `env.schedule` puts it at now + delay (the
+    next id: world.CountingEnvironment counts the events by their ids), the step guarded as there."""
+    if not 0 <= at - env.now < _INF:
+        guard.check_delay(at - env.now)
+    _heappush(env._queue, (at, _NORMAL, next(env._eid), event))
 
 
 _NORMAL = simpy.core.NORMAL
+_INF = math.inf
+_heappush = heapq.heappush
 
 
 class Recurring:
@@ -451,10 +458,12 @@ class Recurring:
         self.callbacks = None
 
     def after(self, env: simpy.Environment, delay_s: float) -> None:
-        if delay_s < 0:
-            raise ValueError(f"Negative delay {delay_s}")  # as SimPy's Timeout
+        if not 0 <= delay_s < _INF:
+            if delay_s < 0:
+                raise ValueError(f"Negative delay {delay_s}")  # as SimPy's Timeout
+            guard.check_delay(delay_s)  # NaN or infinite: as world.CountingEnvironment.schedule
         self.callbacks = self._once
-        env.schedule(self, _NORMAL, delay_s)
+        _heappush(env._queue, (env.now + delay_s, _NORMAL, next(env._eid), self))  # env.schedule, inlined
 
 
 def fire_now(done: simpy.Event) -> None:

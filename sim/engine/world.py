@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import gc
 import heapq
+import itertools
 import math
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -55,9 +56,10 @@ class CountingEnvironment(simpy.Environment):
 
     `schedule` and `run` are SimPy's own, inlined (the same queue, the same order of events): on a
     run of millions of events the method calls and the exception set-up of `step` per event were
-    a tenth of the simulation's time."""
-
-    events_scheduled = 0
+    a tenth of the simulation's time. The count is the queue's own: every scheduled event takes
+    the next id of SimPy's counter (`_eid`, its place among events at one instant), so the ids
+    handed out are the events scheduled, and `run` checks the clock when it takes the event whose
+    id ends a window (where `schedule` would have counted each event and checked there)."""
 
     # The clock as a plain attribute: SimPy's `now` is a property over `_now`, and a run reads the
     # clock a few dozen times per agent phase. `now` shadows that property (an instance attribute
@@ -84,23 +86,17 @@ class CountingEnvironment(simpy.Environment):
         self._check_at = window
         self._checked_now = -math.inf
 
+    @property
+    def events_scheduled(self) -> int:
+        """The events scheduled so far: the ids handed out (the next one read, then handed out again)."""
+        issued = next(self._eid)
+        self._eid = itertools.count(issued)
+        return issued
+
     def schedule(self, event, priority=_NORMAL, delay=0):
         if not 0 <= delay < _INF:  # NaN fails both comparisons
             guard.check_delay(delay)
-        self.events_scheduled = scheduled = self.events_scheduled + 1
-        if scheduled >= self._check_at:
-            self._check_progress()
         _heappush(self._queue, (self.now + delay, priority, next(self._eid), event))
-
-    def schedule_at(self, event, at: float) -> None:
-        """Schedule `event` at the instant `at` exactly (pipe.schedule_at), counted and guarded as `schedule`."""
-        delay = at - self.now
-        if not 0 <= delay < _INF:
-            guard.check_delay(delay)
-        self.events_scheduled = scheduled = self.events_scheduled + 1
-        if scheduled >= self._check_at:
-            self._check_progress()
-        _heappush(self._queue, (at, _NORMAL, next(self._eid), event))
 
     def _check_progress(self) -> None:
         if not self.now > self._checked_now:
@@ -108,12 +104,17 @@ class CountingEnvironment(simpy.Environment):
         self._checked_now, self._check_at = self.now, self._check_at + self.window
 
     def run(self, until=None):
-        """`Environment.run()` to the end of the events, as `step` processes them; with `until`, SimPy's own."""
+        """`Environment.run()` to the end of the events, as `step` processes them; with `until`, SimPy's own
+        (each delay guarded, the clock's progress not checked)."""
         if until is not None:
             return super().run(until)
         queue, pop = self._queue, heapq.heappop
+        check_at = self._check_at
         while queue:
-            self.now, _, _, event = pop(queue)
+            self.now, _, eid, event = pop(queue)
+            if eid >= check_at:  # the event that ends a window of ids: has the clock moved?
+                self._check_progress()
+                check_at = self._check_at
             callbacks, event.callbacks = event.callbacks, None
             for callback in callbacks:
                 callback(event)
