@@ -387,7 +387,7 @@ class ContinuousBatching:
         self._busy_s = 0.0
         self._segment_memo: dict[int, tuple] = {}
         self._busy = False  # an iteration, or the wake-up that starts one, is scheduled
-        self._leaving: list[_Sequence] = []  # finished in this event, their requests not yet resumed
+        self._leaving: list[simpy.Event] = []  # the done events of those finished in this event, not yet fired
         self._prefilling: list[_Sequence] = []  # the sequences of the prefill iteration under way
         self._iteration: tuple = ()  # that iteration's pass, batch and duration
         self._decode_steps: dict[tuple[int, int], float] = {}  # (batch, sum of contexts) -> cost model's step
@@ -577,9 +577,10 @@ class ContinuousBatching:
         callers skip an empty list."""
         if len(finished) > 1:
             finished.sort(key=lambda seq: seq.order)
+        leaving = self._leaving
         for seq in finished:
-            self.running -= 1
-        self._leaving.extend(finished)
+            leaving.append(seq.done)
+        self.running -= len(finished)
         finished.clear()
 
     def _release(self) -> None:
@@ -589,7 +590,7 @@ class ContinuousBatching:
         if not self._leaving:
             return
         leaving, self._leaving = self._leaving, []
-        fire_all(self.env, [seq.done for seq in leaving])
+        fire_all(self.env, leaving)
 
 
 # The registry of scheduling policies, keyed by their YAML tag (`server.scheduler`, a backend's

@@ -148,9 +148,11 @@ class SharedPipe:
         if (not self.closed_form or join_at <= now or self._classes or self._joining
                 or (lone and not lone[-1][1] < join_at)):
             return False
+        dones = []
         for other in held:
             if other[0] != join_at or other[1] != nbytes or other[2] is not flow_class or other[4] != after_s:
                 return False
+            dones.append(other[3])
         k = len(held)
         cap_of = self._default.cap_of if flow_class is None else (lambda k, rate=flow_class.rate_Bps: rate(k) / k)
         rate = min(cap_of(k), self.rate_Bps(k) / k)  # _allocate with one class
@@ -164,7 +166,6 @@ class SharedPipe:
         # there fires them all, in order, where the step-by-step pipe scheduled one each there
         done_at = end_at + after_s if after_s > 0 else end_at
         ended = simpy.Event(self.env)
-        dones = [transfer[3] for transfer in held]
         ended.callbacks.append(lambda _event: fire_all(self.env, dones))
         lone.append(_new_alone((join_at, end_at, done_at, nbytes, flow_class, ended, after_s, rate, dones)))
         ended._ok = True  # schedule_at, inlined
