@@ -228,7 +228,8 @@ class GpuServer:
         if self.serving.session_kv and session.kv_tokens and session.kv_on_gpu:
             policy = self.serving.kv_policy
             decision = decide(policy, self.idle_facts(session, next_input_tokens) if policy.kind == "min_waste" else None)
-            self._act(session, decision.now)
+            if decision.now != "preserve":
+                self._act(session, decision.now)
             if decision.after_s is not None:
                 self.env.process(self._later(session, epoch, decision.after_s, decision.then))
         eviction_s = self.rules.idle_eviction_s
