@@ -11,6 +11,7 @@ import functools
 import heapq
 from collections import deque
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -357,6 +358,9 @@ class _Sequence:
     context_weight: int = 0
 
 
+_ORDER = attrgetter("order")  # a sequence's arrival order (a sort key without a Python frame per sequence)
+
+
 class ContinuousBatching:
     """vLLM-style iteration-level batching: new sequences are prefilled, then all running ones decode
     together, one token per iteration, up to `max_batch` sequences. Such an engine brings its own
@@ -576,7 +580,7 @@ class ContinuousBatching:
         """Done in arrival order, as they leave the batch (their requests go on in `_release`): the
         callers skip an empty list."""
         if len(finished) > 1:
-            finished.sort(key=lambda seq: seq.order)
+            finished.sort(key=_ORDER)
         leaving = self._leaving
         for seq in finished:
             leaving.append(seq.done)

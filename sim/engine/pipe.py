@@ -82,6 +82,7 @@ class SharedPipe:
         self._lone: deque[_Alone] = deque()
         self.closed_form = True  # False: every transfer steps through the pipe (what the closed form must equal)
         self._lone_rates: dict[FlowClass | None, float] = {}  # a flow's rate alone in the pipe, per class
+        self._group_rates: dict[tuple, float] = {}  # (class, k) -> each flow's rate in a group of k alone
         self._queue = env._queue  # the environment's event queue (`_push_at` inlined pushes there)
         self._holds = _holds_of(env)
         self._held: list[tuple] = []  # transfers started while the environment's pipes are held (fire_all)
@@ -154,8 +155,9 @@ class SharedPipe:
                 return False
             dones.append(other[3])
         k = len(held)
-        cap_of = self._default.cap_of if flow_class is None else (lambda k, rate=flow_class.rate_Bps: rate(k) / k)
-        rate = min(cap_of(k), self.rate_Bps(k) / k)  # _allocate with one class
+        rate = self._group_rates.get((flow_class, k))
+        if rate is None:
+            rate = self._group_rate(flow_class, k)
         end_at = join_at + nbytes / rate  # the wake-up _reschedule plans at the join
         if not nbytes <= (end_at - join_at) * rate + rate * _DONE_WITHIN_S:
             return False
@@ -251,6 +253,16 @@ class SharedPipe:
         self._seq += 1
         self._allocate()
         self._reschedule()
+
+    def _group_rate(self, flow_class, k: int) -> float:
+        """Each flow's rate in a group of `k` of `flow_class` alone in the pipe, as `_allocate` gives
+        it with one class (memoized per class and size: `_group` reads the memo first)."""
+        cap_of = self._default.cap_of if flow_class is None else (lambda k, rate=flow_class.rate_Bps: rate(k) / k)
+        rate = min(cap_of(k), self.rate_Bps(k) / k)
+        if len(self._group_rates) >= 256:  # some classes live for one transfer (FluidTimeSliced's)
+            self._group_rates.clear()
+        self._group_rates[(flow_class, k)] = rate
+        return rate
 
     def _lone_rate(self, flow_class) -> float:
         """A flow's rate alone in the pipe (memoized per class: `_start` reads the memo first)."""
@@ -401,7 +413,9 @@ def fire_all(env: simpy.Environment, events: list[simpy.Event]) -> None:
     """`fire_now` each of `events` in turn, with the transfers the resumed processes start held until
     all have been resumed (then each pipe takes its own in their order: transfers that join an idle
     pipe together, alike, cost one event as a group)."""
-    holds = _holds_of(env)
+    holds = env.__dict__.get("_pipe_holds")  # _holds_of, inlined
+    if holds is None:
+        holds = _holds_of(env)
     if holds.active:  # within another fire_all: its flush takes these too
         for event in events:
             fire_now(event)
