@@ -23,6 +23,7 @@ from ..scenario import Link as LinkSpec
 from . import guard
 from .client import agent, decode_client
 from .link import Link
+from .pipe import Recurring
 from .plan import Planner
 from .pool import GpuPool
 from .server import GpuServer
@@ -290,7 +291,8 @@ class World:
         have arrived exist (a million agents are not a million processes waiting from t = 0). A
         chain of timeouts: an arrival schedules the next one, then starts its agent within its own
         event (as an arrival process would start it: from an urgent event right after, in the same
-        order)."""
+        order). The next arrival is one `pipe.Recurring` scheduled again and again (nothing waits
+        for it: no Timeout per agent)."""
         env, workload = self.env, self.scenario.workload
         mean_gap_s = 1.0 / workload.arrival.rate_per_s
         gaps = drawn_in_blocks(lambda n: self.arrival_rng.exponential(mean_gap_s, n))
@@ -304,13 +306,14 @@ class World:
             while next_agent < agents:
                 start_at += next(gaps)
                 if start_at > env.now:
-                    env.timeout(_delay_to(env.now, start_at)).callbacks.append(arrive)
+                    next_arrival.after(env, _delay_to(env.now, start_at))
                     break
                 arrived.append(next_agent)  # due now too (a gap the clock cannot show)
                 next_agent += 1
             for agent_id in arrived:
                 Driven(env, agent(env, self.pool, self.planner, self.log, agent_id, workload, 0.0, act_s), at_once=True)
 
+        next_arrival = Recurring(arrive)
         first = simpy.Event(env)
         first._ok, first._value, first.callbacks = True, None, [arrive]
         env.schedule(first, simpy.core.URGENT)
