@@ -8,6 +8,7 @@ they belong to the scenario.
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import ABC, abstractmethod
 from statistics import NormalDist
@@ -103,7 +104,8 @@ _DECODE_INPUTS = {"batch": 0, "sum_context": 1, "context": 2}
 
 
 def _decode_terms(fit: LinearFit | PiecewiseFit) -> Callable[[int, int, float], float | None] | None:
-    """A linear decode-step fit as a function of (batch, sum_context, context), for
+    """A linear decode-step fit as a function of (batch, sum_context, context) (a partial of a
+    module function: a cost model that holds it still pickles), for
     `ProfileCostModel.decode_step_s`, which runs once per batched decode iteration: evaluate_fit's
     arithmetic (the same products, added by sum() in the same order) where the point lies inside
     the fit's domain, None outside it (the general path flags it). None where the general
@@ -116,26 +118,29 @@ def _decode_terms(fit: LinearFit | PiecewiseFit) -> Callable[[int, int, float], 
     bounds = tuple((_DECODE_INPUTS[var], lo, hi) for var, (lo, hi) in fit.domain.items())
     if len(terms) == 3 and sorted(i for i, _, _ in bounds) == [0, 1, 2]:
         # the usual fit (a constant, batch and sum_context, bounded on all three inputs), unrolled
-        (k0, f0), (k1, f1), (k2, f2) = terms
-        (b_lo, b_hi), (s_lo, s_hi), (c_lo, c_hi) = ((lo, hi) for _, lo, hi in sorted(bounds))
+        limits = [(lo, hi) for _, lo, hi in sorted(bounds)]
+        return functools.partial(_three_term_step_s, *terms, *limits)
+    return functools.partial(_step_s, terms, bounds)
 
-        def step_s(batch: int, sum_context: int, context: float) -> float | None:
-            if b_lo <= batch <= b_hi and s_lo <= sum_context <= s_hi and c_lo <= context <= c_hi:
-                values = (1.0, batch, sum_context)
-                return max(sum((k0 * values[f0], k1 * values[f1], k2 * values[f2])), 0.0)
-            return None
 
-        return step_s
-
-    def step_s(batch: int, sum_context: int, context: float) -> float | None:
-        inputs = (batch, sum_context, context)
-        for i, lo, hi in bounds:
-            if not lo <= inputs[i] <= hi:
-                return None
+def _three_term_step_s(term0: tuple, term1: tuple, term2: tuple, batch_limits: tuple, sum_limits: tuple,
+                       context_limits: tuple, batch: int, sum_context: int, context: float) -> float | None:
+    """`_step_s` of three terms and a bound on each input, unrolled (its arithmetic, step by step)."""
+    if (batch_limits[0] <= batch <= batch_limits[1] and sum_limits[0] <= sum_context <= sum_limits[1]
+            and context_limits[0] <= context <= context_limits[1]):
         values = (1.0, batch, sum_context)
-        return max(sum([k * values[i] for k, i in terms]), 0.0)
+        return max(sum((term0[0] * values[term0[1]], term1[0] * values[term1[1]], term2[0] * values[term2[1]])), 0.0)
+    return None
 
-    return step_s
+
+def _step_s(terms: tuple, bounds: tuple, batch: int, sum_context: int, context: float) -> float | None:
+    """A linear decode step from its positional terms, None outside its bounds (`_decode_terms`)."""
+    inputs = (batch, sum_context, context)
+    for i, lo, hi in bounds:
+        if not lo <= inputs[i] <= hi:
+            return None
+    values = (1.0, batch, sum_context)
+    return max(sum([k * values[i] for k, i in terms]), 0.0)
 
 
 class CostModel(ABC):
