@@ -8,10 +8,11 @@ they belong to the scenario.
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import ABC, abstractmethod
 from statistics import NormalDist
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 
@@ -102,18 +103,44 @@ _DECODE_FEATURES = {"1": 0, "batch": 1, "sum_context": 2}  # a decode step's reg
 _DECODE_INPUTS = {"batch": 0, "sum_context": 1, "context": 2}
 
 
-def _decode_terms(fit: LinearFit | PiecewiseFit) -> tuple | None:
-    """A linear decode-step fit as positional terms, for `ProfileCostModel.decode_step_s`, which
-    runs once per batched decode iteration: ((coef, feature position) per feature, (input position,
-    lo, hi) per domain bound). None where the general `evaluate_fit` must do it (a piecewise fit,
-    another feature, a bound on another variable)."""
+def _decode_terms(fit: LinearFit | PiecewiseFit) -> Callable[[int, int, float], float | None] | None:
+    """A linear decode-step fit as a function of (batch, sum_context, context) (a partial of a
+    module function: a cost model that holds it still pickles), for
+    `ProfileCostModel.decode_step_s`, which runs once per batched decode iteration: evaluate_fit's
+    arithmetic (the same products, added by sum() in the same order) where the point lies inside
+    the fit's domain, None outside it (the general path flags it). None where the general
+    `evaluate_fit` must do it (a piecewise fit, another feature, a bound on another variable)."""
     if not isinstance(fit, LinearFit) or fit.floor_s is not None or not all(f in _DECODE_FEATURES for f in fit.features):
         return None
     if not all(var in _DECODE_INPUTS for var in fit.domain):
         return None
     terms = tuple((k, _DECODE_FEATURES[f]) for k, f in zip(fit.coef, fit.features))
     bounds = tuple((_DECODE_INPUTS[var], lo, hi) for var, (lo, hi) in fit.domain.items())
-    return terms, bounds
+    if len(terms) == 3 and sorted(i for i, _, _ in bounds) == [0, 1, 2]:
+        # the usual fit (a constant, batch and sum_context, bounded on all three inputs), unrolled
+        limits = [(lo, hi) for _, lo, hi in sorted(bounds)]
+        return functools.partial(_three_term_step_s, *terms, *limits)
+    return functools.partial(_step_s, terms, bounds)
+
+
+def _three_term_step_s(term0: tuple, term1: tuple, term2: tuple, batch_limits: tuple, sum_limits: tuple,
+                       context_limits: tuple, batch: int, sum_context: int, context: float) -> float | None:
+    """`_step_s` of three terms and a bound on each input, unrolled (its arithmetic, step by step)."""
+    if (batch_limits[0] <= batch <= batch_limits[1] and sum_limits[0] <= sum_context <= sum_limits[1]
+            and context_limits[0] <= context <= context_limits[1]):
+        values = (1.0, batch, sum_context)
+        return max(sum((term0[0] * values[term0[1]], term1[0] * values[term1[1]], term2[0] * values[term2[1]])), 0.0)
+    return None
+
+
+def _step_s(terms: tuple, bounds: tuple, batch: int, sum_context: int, context: float) -> float | None:
+    """A linear decode step from its positional terms, None outside its bounds (`_decode_terms`)."""
+    inputs = (batch, sum_context, context)
+    for i, lo, hi in bounds:
+        if not lo <= inputs[i] <= hi:
+            return None
+    values = (1.0, batch, sum_context)
+    return max(sum([k * values[i] for k, i in terms]), 0.0)
 
 
 class CostModel(ABC):
@@ -379,16 +406,9 @@ class ProfileCostModel(CostModel):
             compiled = self._decode_compiled = (fit, _decode_terms(fit))
         context = sum_context / max(batch, 1)
         if compiled[1] is not None:
-            # evaluate_fit's arithmetic (the same products, added by sum() in the same order) when
-            # the point lies inside the fit's domain; outside, the general path flags it
-            terms, bounds = compiled[1]
-            inputs = (batch, sum_context, context)
-            for i, lo, hi in bounds:
-                if not lo <= inputs[i] <= hi:
-                    break
-            else:
-                values = (1.0, batch, sum_context)
-                return max(sum([k * values[i] for k, i in terms]), 0.0)
+            step_s = compiled[1](batch, sum_context, context)
+            if step_s is not None:
+                return step_s
         inputs = {"batch": batch, "sum_context": sum_context, "context": context}
         return self._eval("decode_step", fit, inputs)
 

@@ -7,10 +7,12 @@ times a jitter factor drawn from the calibrated step-time distribution.
 
 from __future__ import annotations
 
+import functools
 import heapq
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable
+from operator import attrgetter
+from typing import Callable, NamedTuple
 
 import numpy as np
 import simpy
@@ -28,12 +30,17 @@ class GpuWork:
     process: object = "server"  # the GPU process that runs it: its attention-shape cache is its own
 
 
-@dataclass(slots=True)
-class Execution:
+class Execution(NamedTuple):
+    """What a unit of work's execution took (what `execute` returns). A tuple: one is made per
+    request, by `_new_execution` on the batching path, without the named constructor's Python frame."""
+
     queued_s: float
     compute_s: float
     started_at: float
     gpu_busy_s: float  # the part of compute_s the GPU ran kernels (its share of a batched step)
+
+
+_new_execution = functools.partial(tuple.__new__, Execution)  # Execution from the tuple of its fields
 
 
 class PassTimer:
@@ -351,6 +358,9 @@ class _Sequence:
     context_weight: int = 0
 
 
+_ORDER = attrgetter("order")  # a sequence's arrival order (a sort key without a Python frame per sequence)
+
+
 class ContinuousBatching:
     """vLLM-style iteration-level batching: new sequences are prefilled, then all running ones decode
     together, one token per iteration, up to `max_batch` sequences. Such an engine brings its own
@@ -381,7 +391,7 @@ class ContinuousBatching:
         self._busy_s = 0.0
         self._segment_memo: dict[int, tuple] = {}
         self._busy = False  # an iteration, or the wake-up that starts one, is scheduled
-        self._leaving: list[_Sequence] = []  # finished in this event, their requests not yet resumed
+        self._leaving: list[simpy.Event] = []  # the done events of those finished in this event, not yet fired
         self._prefilling: list[_Sequence] = []  # the sequences of the prefill iteration under way
         self._iteration: tuple = ()  # that iteration's pass, batch and duration
         self._decode_steps: dict[tuple[int, int], float] = {}  # (batch, sum of contexts) -> cost model's step
@@ -389,6 +399,7 @@ class ContinuousBatching:
         self._prefill_steps: dict[tuple, tuple[tuple, float]] = {}
         self._prefilled_call = Recurring(self._prefilled)  # the iteration under way's end
         self._decoded_call = Recurring(self._decoded)
+        self._host_fraction = 1.0 - timer.gpu_fraction  # of a decode pass (PassTimer.host_s)
 
     def execute(self, work: GpuWork):
         memo = self._segment_memo.get(id(work.passes))  # _segments, its memo read inline
@@ -403,8 +414,8 @@ class ContinuousBatching:
             wakeup.succeed()
         yield seq.done
         # Time stalled behind other sequences' prefills counts as waiting, like time before admission.
-        return Execution(max(self.env.now - seq.arrived_at - seq.compute_s, 0.0), seq.compute_s, seq.started_at,
-                         seq.gpu_busy_s)
+        return _new_execution((max(self.env.now - seq.arrived_at - seq.compute_s, 0.0), seq.compute_s,
+                               seq.started_at, seq.gpu_busy_s))
 
     def _segments(self, passes) -> tuple:
         """("prefill", pass) or ("decode", first context, passes) per segment, memoized per plan."""
@@ -469,7 +480,8 @@ class ContinuousBatching:
                     heapq.heappush(self._prefill, (seq.order, seq))
                 else:
                     self._next(seq, finished)
-            self._finish(finished)
+            if finished:
+                self._finish(finished)
             if self.running:
                 break
         # Prefill-priority iterations (vLLM's default): pending prefills run before the next decode.
@@ -487,11 +499,15 @@ class ContinuousBatching:
                 step, base_s = memo
             else:
                 prefilling = [heapq.heappop(self._prefill)[1] for _ in range(count)]
-                # One batched forward over the pending prompts (their mean length, their deepest cache).
-                passes = [s.segments[s.segment][1] for s in prefilling]
-                batch = sum(s.work.batch for s in prefilling)
-                tokens = sum(s.work.batch * p[1] for s, p in zip(prefilling, passes))
-                context = max(p[2] for p in passes)
+                # One batched forward over the pending prompts (their mean length, their deepest
+                # cache): their batches, tokens and contexts, summed in one loop
+                batch = tokens = 0
+                context = None
+                for s in prefilling:
+                    p = s.segments[s.segment][1]
+                    batch += s.work.batch
+                    tokens += s.work.batch * p[1]
+                    context = p[2] if context is None or p[2] > context else context
                 prompt = max(round(tokens / batch), 1)
                 step = ("prefill", prompt, context)
                 base_s = timer.base_s(step, batch)
@@ -527,7 +543,8 @@ class ContinuousBatching:
             seq.segment += 1
             self._next(seq, finished)
         self._prefilling = []
-        self._finish(finished)
+        if finished:
+            self._finish(finished)
         self._iterate()
         self._release()
 
@@ -535,7 +552,7 @@ class ContinuousBatching:
         sum_context, batch, iteration_s = self._iteration
         self._decode_s += iteration_s
         # a decode pass's host time, as PassTimer.host_s has it: (1 - f) of the pass
-        self._busy_s += (iteration_s - (1.0 - self.timer.gpu_fraction) * iteration_s) / batch
+        self._busy_s += (iteration_s - self._host_fraction * iteration_s) / batch
         self._decode_iterations += 1
         self._sum_context += batch  # every decoding sequence's context grows by one
         ends = self._decode_ends
@@ -554,19 +571,20 @@ class ContinuousBatching:
             seq.gpu_busy_s += (self._busy_s - seq.joined_busy_s) * seq.work.batch
             seq.segment += 1
             self._next(seq, finished)
-        self._finish(finished)
+        if finished:
+            self._finish(finished)
         self._iterate()
         self._release()
 
     def _finish(self, finished: list[_Sequence]) -> None:
-        """Done in arrival order, as they leave the batch (their requests go on in `_release`)."""
-        if not finished:
-            return
+        """Done in arrival order, as they leave the batch (their requests go on in `_release`): the
+        callers skip an empty list."""
         if len(finished) > 1:
-            finished.sort(key=lambda seq: seq.order)
+            finished.sort(key=_ORDER)
+        leaving = self._leaving
         for seq in finished:
-            self.running -= 1
-        self._leaving.extend(finished)
+            leaving.append(seq.done)
+        self.running -= len(finished)
         finished.clear()
 
     def _release(self) -> None:
@@ -576,7 +594,7 @@ class ContinuousBatching:
         if not self._leaving:
             return
         leaving, self._leaving = self._leaving, []
-        fire_all(self.env, [seq.done for seq in leaving])
+        fire_all(self.env, leaving)
 
 
 # The registry of scheduling policies, keyed by their YAML tag (`server.scheduler`, a backend's

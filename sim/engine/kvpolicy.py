@@ -80,10 +80,12 @@ def _min_waste(spec: KvPolicySpec, idle: IdleKv) -> KvDecision:
 
 
 # The registry, keyed by `kv_policy.kind`: each maps (its spec, the idle session) to a decision.
+# A fixed policy's decision is one constant (a decision is immutable): none is built per ACT.
+_FIXED = {action: KvDecision(action) for action in ACTIONS}
 KV_POLICIES: dict[str, Callable[[KvPolicySpec, IdleKv], KvDecision]] = {
-    "preserve": lambda spec, idle: KvDecision("preserve"),
-    "swap": lambda spec, idle: KvDecision("swap"),
-    "discard": lambda spec, idle: KvDecision("discard"),
+    "preserve": lambda spec, idle: _FIXED["preserve"],
+    "swap": lambda spec, idle: _FIXED["swap"],
+    "discard": lambda spec, idle: _FIXED["discard"],
     "ttl": lambda spec, idle: KvDecision("preserve", spec.ttl_s, spec.then),
     "min_waste": _min_waste,
 }

@@ -23,6 +23,8 @@ from typing import Callable, NamedTuple
 
 import simpy
 
+from . import guard
+
 _DONE_WITHIN_S = 1e-9  # a flow less than this from done is done (float round-off on GB-sized flows)
 
 
@@ -80,8 +82,8 @@ class SharedPipe:
         self._lone: deque[_Alone] = deque()
         self.closed_form = True  # False: every transfer steps through the pipe (what the closed form must equal)
         self._lone_rates: dict[FlowClass | None, float] = {}  # a flow's rate alone in the pipe, per class
-        at_exactly = getattr(env, "schedule_at", None)  # world.CountingEnvironment's counts and guards
-        self._schedule_at = at_exactly if at_exactly is not None else functools.partial(_push_at, env)
+        self._group_rates: dict[tuple, float] = {}  # (class, k) -> each flow's rate in a group of k alone
+        self._queue = env._queue  # the environment's event queue (`_push_at` inlined pushes there)
         self._holds = _holds_of(env)
         self._held: list[tuple] = []  # transfers started while the environment's pipes are held (fire_all)
         self.bytes_carried = 0.0
@@ -147,12 +149,15 @@ class SharedPipe:
         if (not self.closed_form or join_at <= now or self._classes or self._joining
                 or (lone and not lone[-1][1] < join_at)):
             return False
+        dones = []
         for other in held:
             if other[0] != join_at or other[1] != nbytes or other[2] is not flow_class or other[4] != after_s:
                 return False
+            dones.append(other[3])
         k = len(held)
-        cap_of = self._default.cap_of if flow_class is None else (lambda k, rate=flow_class.rate_Bps: rate(k) / k)
-        rate = min(cap_of(k), self.rate_Bps(k) / k)  # _allocate with one class
+        rate = self._group_rates.get((flow_class, k))
+        if rate is None:
+            rate = self._group_rate(flow_class, k)
         end_at = join_at + nbytes / rate  # the wake-up _reschedule plans at the join
         if not nbytes <= (end_at - join_at) * rate + rate * _DONE_WITHIN_S:
             return False
@@ -163,12 +168,13 @@ class SharedPipe:
         # there fires them all, in order, where the step-by-step pipe scheduled one each there
         done_at = end_at + after_s if after_s > 0 else end_at
         ended = simpy.Event(self.env)
-        dones = [transfer[3] for transfer in held]
         ended.callbacks.append(lambda _event: fire_all(self.env, dones))
         lone.append(_new_alone((join_at, end_at, done_at, nbytes, flow_class, ended, after_s, rate, dones)))
         ended._ok = True  # schedule_at, inlined
         ended._value = None
-        self._schedule_at(ended, done_at)
+        if not 0 <= done_at - now < _INF:
+            guard.check_delay(done_at - now)
+        _heappush(self._queue, (done_at, _NORMAL, next(self.env._eid), ended))
         return True
 
     def _start(self, now: float, join_at: float, nbytes: float, flow_class, done: simpy.Event, after_s: float) -> None:
@@ -187,7 +193,9 @@ class SharedPipe:
                 lone.append(_new_alone((join_at, end_at, done_at, nbytes, flow_class, done, after_s, rate, None)))
                 done._ok = True  # schedule_at, inlined: most transfers come here
                 done._value = None
-                self._schedule_at(done, done_at)
+                if not 0 <= done_at - now < _INF:
+                    guard.check_delay(done_at - now)
+                _heappush(self._queue, (done_at, _NORMAL, next(self.env._eid), done))
                 return
         if join_at > now:
             self._join_at(join_at, (nbytes, flow_class, done, after_s))
@@ -245,6 +253,16 @@ class SharedPipe:
         self._seq += 1
         self._allocate()
         self._reschedule()
+
+    def _group_rate(self, flow_class, k: int) -> float:
+        """Each flow's rate in a group of `k` of `flow_class` alone in the pipe, as `_allocate` gives
+        it with one class (memoized per class and size: `_group` reads the memo first)."""
+        cap_of = self._default.cap_of if flow_class is None else (lambda k, rate=flow_class.rate_Bps: rate(k) / k)
+        rate = min(cap_of(k), self.rate_Bps(k) / k)
+        if len(self._group_rates) >= 256:  # some classes live for one transfer (FluidTimeSliced's)
+            self._group_rates.clear()
+        self._group_rates[(flow_class, k)] = rate
+        return rate
 
     def _lone_rate(self, flow_class) -> float:
         """A flow's rate alone in the pipe (memoized per class: `_start` reads the memo first)."""
@@ -395,15 +413,21 @@ def fire_all(env: simpy.Environment, events: list[simpy.Event]) -> None:
     """`fire_now` each of `events` in turn, with the transfers the resumed processes start held until
     all have been resumed (then each pipe takes its own in their order: transfers that join an idle
     pipe together, alike, cost one event as a group)."""
-    holds = _holds_of(env)
+    holds = env.__dict__.get("_pipe_holds")  # _holds_of, inlined
+    if holds is None:
+        holds = _holds_of(env)
     if holds.active:  # within another fire_all: its flush takes these too
         for event in events:
             fire_now(event)
         return
     holds.active = True
     try:
-        for event in events:
-            fire_now(event)
+        for event in events:  # fire_now, inlined
+            event._ok = True
+            event._value = None
+            callbacks, event.callbacks = event.callbacks, None
+            for callback in callbacks:
+                callback(event)
     finally:
         holds.active = False
     pipes, holds.pipes = holds.pipes, []
@@ -416,18 +440,20 @@ def schedule_at(env: simpy.Environment, event: simpy.Event, at: float) -> None:
     delay added to the clock cannot reach every instant to the bit (SimPy computes now + delay)."""
     event._ok = True
     event._value = None
-    at_exactly = getattr(env, "schedule_at", None)
-    if at_exactly is not None:
-        at_exactly(event, at)
-    else:
-        _push_at(env, event, at)
+    _push_at(env, event, at)
 
 
 def _push_at(env: simpy.Environment, event: simpy.Event, at: float) -> None:
-    heapq.heappush(env._queue, (at, simpy.core.NORMAL, next(env._eid), event))
+    """`event` into the environment's queue at `at`, as `env.schedule` puts it at now + delay (the
+    next id: world.CountingEnvironment counts the events by their ids), the step guarded as there."""
+    if not 0 <= at - env.now < _INF:
+        guard.check_delay(at - env.now)
+    _heappush(env._queue, (at, _NORMAL, next(env._eid), event))
 
 
 _NORMAL = simpy.core.NORMAL
+_INF = math.inf
+_heappush = heapq.heappush
 
 
 class Recurring:
@@ -447,10 +473,12 @@ class Recurring:
         self.callbacks = None
 
     def after(self, env: simpy.Environment, delay_s: float) -> None:
-        if delay_s < 0:
-            raise ValueError(f"Negative delay {delay_s}")  # as SimPy's Timeout
+        if not 0 <= delay_s < _INF:
+            if delay_s < 0:
+                raise ValueError(f"Negative delay {delay_s}")  # as SimPy's Timeout
+            guard.check_delay(delay_s)  # NaN or infinite: as world.CountingEnvironment.schedule
         self.callbacks = self._once
-        env.schedule(self, _NORMAL, delay_s)
+        _heappush(env._queue, (env.now + delay_s, _NORMAL, next(env._eid), self))  # env.schedule, inlined
 
 
 def fire_now(done: simpy.Event) -> None:

@@ -169,7 +169,7 @@ class GpuServer:
         self.process_bytes = cost.weight_bytes + cost.context_bytes_per_process
         qos = self.rules.qos
         self.qos_gate = QosGate(env, qos.escalate_after_ms / 1e3) if qos.enabled and serving.scheduler == "serial_fcfs" else None
-        self.in_flight = {name: 0 for name in QOS_CLASSES}
+        self.in_flight = {name: 0 for name in QOS_CLASSES}  # requests inside, per class (only with a limit)
         self._limited = self.rules.admission.enabled or self.rules.qos.enabled  # _admit has a limit to check
         self.host_kv_bytes = 0  # swapped-out KV in host memory (the swap pool, when that rule is on)
         self.host_kv_sessions = 0
@@ -228,7 +228,8 @@ class GpuServer:
         if self.serving.session_kv and session.kv_tokens and session.kv_on_gpu:
             policy = self.serving.kv_policy
             decision = decide(policy, self.idle_facts(session, next_input_tokens) if policy.kind == "min_waste" else None)
-            self._act(session, decision.now)
+            if decision.now != "preserve":
+                self._act(session, decision.now)
             if decision.after_s is not None:
                 self.env.process(self._later(session, epoch, decision.after_s, decision.then))
         eviction_s = self.rules.idle_eviction_s
@@ -415,13 +416,11 @@ class GpuServer:
         session is dead from then on). A wait that takes no time adds nothing to `out.queue_s`
         (adding 0.0 leaves it as it is: it is never -0.0)."""
         env, serving = self.env, self.serving
-        if self._limited:
-            if not self._admit(session):
-                out.status = "rejected"
-                out.started_at = out.finished_at = env.now
-                return
-        else:  # _admit without a limit to check
-            self.in_flight[session.qos_class] += 1
+        limited = self._limited  # without a limit nothing reads in_flight: not kept
+        if limited and not self._admit(session):
+            out.status = "rejected"
+            out.started_at = out.finished_at = env.now
+            return
         costs = self._requests.get(id(plan))
         if costs is None or costs[0] is not plan:
             costs = self._request_costs(plan)
@@ -451,7 +450,8 @@ class GpuServer:
             out.status = "oom"
             out.started_at = out.finished_at = env.now
             session.dead = True
-            self.in_flight[session.qos_class] -= 1
+            if limited:
+                self.in_flight[session.qos_class] -= 1
             return
         if memory_plan.caps is not None:  # without the memory split there is no book to keep
             memory_plan.take(data=kv_request + restore, stack=workspace)
@@ -499,4 +499,5 @@ class GpuServer:
         memory.free(request_bytes - grow_bytes - session.held_kv_bytes)
         if memory_plan.caps is not None:
             memory_plan.give(data=transient_bytes - session.held_kv_bytes, stack=workspace)
-        self.in_flight[session.qos_class] -= 1
+        if limited:
+            self.in_flight[session.qos_class] -= 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import gc
 import heapq
+import itertools
 import math
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -22,6 +23,7 @@ from ..scenario import Link as LinkSpec
 from . import guard
 from .client import agent, decode_client
 from .link import Link
+from .pipe import Recurring
 from .plan import Planner
 from .pool import GpuPool
 from .server import GpuServer
@@ -55,9 +57,10 @@ class CountingEnvironment(simpy.Environment):
 
     `schedule` and `run` are SimPy's own, inlined (the same queue, the same order of events): on a
     run of millions of events the method calls and the exception set-up of `step` per event were
-    a tenth of the simulation's time."""
-
-    events_scheduled = 0
+    a tenth of the simulation's time. The count is the queue's own: every scheduled event takes
+    the next id of SimPy's counter (`_eid`, its place among events at one instant), so the ids
+    handed out are the events scheduled, and `run` checks the clock when it takes the event whose
+    id ends a window (where `schedule` would have counted each event and checked there)."""
 
     # The clock as a plain attribute: SimPy's `now` is a property over `_now`, and a run reads the
     # clock a few dozen times per agent phase. `now` shadows that property (an instance attribute
@@ -84,23 +87,17 @@ class CountingEnvironment(simpy.Environment):
         self._check_at = window
         self._checked_now = -math.inf
 
+    @property
+    def events_scheduled(self) -> int:
+        """The events scheduled so far: the ids handed out (the next one read, then handed out again)."""
+        issued = next(self._eid)
+        self._eid = itertools.count(issued)
+        return issued
+
     def schedule(self, event, priority=_NORMAL, delay=0):
         if not 0 <= delay < _INF:  # NaN fails both comparisons
             guard.check_delay(delay)
-        self.events_scheduled = scheduled = self.events_scheduled + 1
-        if scheduled >= self._check_at:
-            self._check_progress()
         _heappush(self._queue, (self.now + delay, priority, next(self._eid), event))
-
-    def schedule_at(self, event, at: float) -> None:
-        """Schedule `event` at the instant `at` exactly (pipe.schedule_at), counted and guarded as `schedule`."""
-        delay = at - self.now
-        if not 0 <= delay < _INF:
-            guard.check_delay(delay)
-        self.events_scheduled = scheduled = self.events_scheduled + 1
-        if scheduled >= self._check_at:
-            self._check_progress()
-        _heappush(self._queue, (at, _NORMAL, next(self._eid), event))
 
     def _check_progress(self) -> None:
         if not self.now > self._checked_now:
@@ -108,12 +105,17 @@ class CountingEnvironment(simpy.Environment):
         self._checked_now, self._check_at = self.now, self._check_at + self.window
 
     def run(self, until=None):
-        """`Environment.run()` to the end of the events, as `step` processes them; with `until`, SimPy's own."""
+        """`Environment.run()` to the end of the events, as `step` processes them; with `until`, SimPy's own
+        (each delay guarded, the clock's progress not checked)."""
         if until is not None:
             return super().run(until)
         queue, pop = self._queue, heapq.heappop
+        check_at = self._check_at
         while queue:
-            self.now, _, _, event = pop(queue)
+            self.now, _, eid, event = pop(queue)
+            if eid >= check_at:  # the event that ends a window of ids: has the clock moved?
+                self._check_progress()
+                check_at = self._check_at
             callbacks, event.callbacks = event.callbacks, None
             for callback in callbacks:
                 callback(event)
@@ -289,7 +291,8 @@ class World:
         have arrived exist (a million agents are not a million processes waiting from t = 0). A
         chain of timeouts: an arrival schedules the next one, then starts its agent within its own
         event (as an arrival process would start it: from an urgent event right after, in the same
-        order)."""
+        order). The next arrival is one `pipe.Recurring` scheduled again and again (nothing waits
+        for it: no Timeout per agent)."""
         env, workload = self.env, self.scenario.workload
         mean_gap_s = 1.0 / workload.arrival.rate_per_s
         gaps = drawn_in_blocks(lambda n: self.arrival_rng.exponential(mean_gap_s, n))
@@ -303,13 +306,14 @@ class World:
             while next_agent < agents:
                 start_at += next(gaps)
                 if start_at > env.now:
-                    env.timeout(_delay_to(env.now, start_at)).callbacks.append(arrive)
+                    next_arrival.after(env, _delay_to(env.now, start_at))
                     break
                 arrived.append(next_agent)  # due now too (a gap the clock cannot show)
                 next_agent += 1
             for agent_id in arrived:
                 Driven(env, agent(env, self.pool, self.planner, self.log, agent_id, workload, 0.0, act_s), at_once=True)
 
+        next_arrival = Recurring(arrive)
         first = simpy.Event(env)
         first._ok, first._value, first.callbacks = True, None, [arrive]
         env.schedule(first, simpy.core.URGENT)
