@@ -1259,7 +1259,8 @@ def print_summary(result: "SimulationResult", console: Any, summaries: list[dict
         elif key != "n_agents" or not decode:
             value = next(iter(values), None)
             shared.append(f"{value:g} Gbps" if key == "link_gbps" else f"N={value}" if key == "n_agents"
-                          else f"{value} cost model" if key == "cost_model" else str(value))
+                          else f"{value} cost model" if key == "cost_model" and "cost model" not in str(value)
+                          else str(value))
     what = ("per-token latency, payload MB per run" if decode
             else "per-phase latency (REASON+REFLECT), payload MB per phase")
     table = Table(title=f"{result.scenario.name} ({', '.join(shared)}): {what}")

@@ -173,3 +173,10 @@ def test_the_simulator_never_imports_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_run_tables_title_names_the_cost_model_once(scenario_file, tmp_path):
+    result = _run("run", str(scenario_file(SMALL)), "--out", str(tmp_path / "o"))
+    assert result.exit_code == 0, result.output
+    title = " ".join(result.output.split())  # rich wraps the title over lines
+    assert "cost model:" in title and "cost model cost model" not in title and "HBM3 cost model)" not in title
