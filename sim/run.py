@@ -235,7 +235,7 @@ def _simulate_and_write(scenario: Scenario, calibration: Path | None, folder: Ou
                 writer.write_point(point_result)
                 return without_records(point_result)
 
-            if quiet:
+            if quiet or not console.is_terminal:  # a progress bar only where someone watches it
                 result = simulate_scenario(scenario, calibration, progress=None, on_point=on_point,
                                            in_process=in_process, row_stream=writer.row_stream)
             else:

@@ -180,3 +180,17 @@ def test_the_run_tables_title_names_the_cost_model_once(scenario_file, tmp_path)
     assert result.exit_code == 0, result.output
     title = " ".join(result.output.split())  # rich wraps the title over lines
     assert "cost model:" in title and "cost model cost model" not in title and "HBM3 cost model)" not in title
+
+
+def test_an_error_after_the_run_started_leaves_stdout_empty_when_piped(scenario_file, tmp_path):
+    """A fault met once the run is under way (a corrupt profile read for the first point): one line
+    on stderr, exit 1, and nothing on a piped stdout (no progress bar's blank line)."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"schema_version": 2, "metadata": ')
+    done = subprocess.run([sys.executable, "-m", "djinnsim", "run", str(scenario_file(SMALL)), "--calibration", str(bad),
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stdout == ""
+    assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("error: ") and "bad.json" in done.stderr
