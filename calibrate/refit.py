@@ -178,22 +178,29 @@ def missing_load_sections(profile: Profile) -> list[str]:
     return [name for name in LOAD_SECTIONS if not getattr(profile, name)]
 
 
+def _other_calibration(profile: Profile, path: Path, flag: str, what: str) -> tuple[Profile, Path]:
+    """Another calibration (`flag` PATH) of `profile`'s GPU, model and dtype, and its samples file,
+    which must be beside it (`what`: what the samples are read for, in the refusal)."""
+    other = load_profile(path)
+    mine, theirs = profile.metadata, other.metadata
+    if (theirs.gpu_key, theirs.model_id, theirs.dtype) != (mine.gpu_key, mine.model_id, mine.dtype):
+        raise DjinnsimError(f"{flag} {path}: a calibration of {theirs.gpu_key} / {theirs.model_id} / "
+                            f"{theirs.dtype}, not of {mine.gpu_key} / {mine.model_id} / {mine.dtype}")
+    file = samples_path(other, path)
+    if file is None:
+        raise DjinnsimError(f"{flag} {path}: no samples file beside it{what}")
+    return other, file
+
+
 def loads_source(profile: Profile, path: Path, sections: list[str],
                  expected: str | None = None) -> tuple[str, str, Profile, list]:
     """The calibration `path` whose load `sections` `profile` is to carry: (path, samples sha256,
     profile, samples). Same GPU, model and dtype; it must have measured each section; its samples
     file must be beside it (with `expected`, the sha256 recorded when first taken)."""
-    other = load_profile(path)
-    mine, theirs = profile.metadata, other.metadata
-    if (theirs.gpu_key, theirs.model_id, theirs.dtype) != (mine.gpu_key, mine.model_id, mine.dtype):
-        raise DjinnsimError(f"--loads-from {path}: a calibration of {theirs.gpu_key} / {theirs.model_id} / "
-                            f"{theirs.dtype}, not of {mine.gpu_key} / {mine.model_id} / {mine.dtype}")
+    other, file = _other_calibration(profile, path, "--loads-from", "")
     lacking = [name for name in sections if not getattr(other, name)]
     if lacking:
         raise DjinnsimError(f"--loads-from {path}: that calibration measured no {', '.join(lacking)} either")
-    file = samples_path(other, path)
-    if file is None:
-        raise DjinnsimError(f"--loads-from {path}: no samples file beside it")
     sha = file_sha256(file)
     if expected is not None and sha != expected:
         raise DjinnsimError(f"--loads-from {path}: its samples file changed since the profile took its loads "
@@ -226,11 +233,11 @@ def refit(profile: Profile, rows: list[dict[str, str]], note: str, left_out: tup
             **{name: getattr(other, name) for name in load_sections},
             "metadata": profile.metadata.model_copy(update={"loads_from": source})})
     update: dict = {}
-    prefill, decode = prefill_points(rows), decode_points(rows)
-    if len(prefill) < len(PREFILL_FEATURES) or len(decode) < len(DECODE_FEATURES):
+    prefill, grid, anchors = prefill_points(rows), decode_grid_points(rows), decode_anchor_points(rows)
+    if len(prefill) < len(PREFILL_FEATURES) or len(grid) + len(anchors) < len(DECODE_FEATURES):
         raise DjinnsimError("the samples hold too few prefill or decode points to fit")
     update["prefill"] = fit_prefill(prefill)
-    update["decode_step"] = fit_decode(decode_grid_points(rows), decode_anchor_points(rows))
+    update["decode_step"] = fit_decode(grid, anchors)
     cached = fit_cached_prefill(cached_prefill_points(rows))
     if cached is not None:
         update["cached_prefill"] = cached
@@ -307,14 +314,7 @@ def level_sources(profile: Profile, own_samples: Path, paths: tuple[Path, ...],
     spells were first read (a refit applying them again), which the file must still have."""
     out, seen = [], {file_sha256(own_samples): "the profile refitted"}
     for path in paths:
-        other = load_profile(path)
-        mine, theirs = profile.metadata, other.metadata
-        if (theirs.gpu_key, theirs.model_id, theirs.dtype) != (mine.gpu_key, mine.model_id, mine.dtype):
-            raise DjinnsimError(f"--level-from {path}: a calibration of {theirs.gpu_key} / {theirs.model_id} / "
-                                f"{theirs.dtype}, not of {mine.gpu_key} / {mine.model_id} / {mine.dtype}")
-        file = samples_path(other, path)
-        if file is None:
-            raise DjinnsimError(f"--level-from {path}: no samples file beside it to read its spells from")
+        other, file = _other_calibration(profile, path, "--level-from", " to read its spells from")
         sha = file_sha256(file)
         if sha in seen:
             raise DjinnsimError(f"--level-from {path}: its samples are those of {seen[sha]} (the same spells twice)")
