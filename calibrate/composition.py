@@ -8,6 +8,7 @@ per_request), frames its tensors with wire.pack, and reads the reply. If measure
 
 from __future__ import annotations
 
+import math
 import socket
 import time
 from dataclasses import dataclass
@@ -142,6 +143,60 @@ def rows_from_end_to_end(end_to_end: dict[str, float], cost: CostModel, link_gbp
     return rows
 
 
+def paced_path(rows: list[dict], cost: CostModel) -> list[tuple[float, float]] | None:
+    """The real path's host time per byte each way in series with a link paced below the loopback
+    cap, serialization included, against the rate: per paced partially_aware row (`rows`: backend,
+    paced_gbps, measured_s, server, up_bytes, down_bytes), measured - the server's h2d, compute and
+    d2h - the connection - the wire at the paced rate (or the cap, where that is slower) -
+    deserialize, over the bytes both ways; the median over a rate's rows, one point per rate, sorted.
+    Rates whose remainder is not positive are left out. None without such rows.
+    A paced link leaves the host's serialization and socket copies time to overlap the wire that an
+    unpaced one does not (H200 runs 6 and 10: about 0.66 ms/MB in series at 2 and 4 Gbps against
+    loopback_path's 0.9-1.0), so the loopback path measured at the cap does not stand in for it."""
+    cap_Bps = (cost.stream_gbps() or math.inf) * 1e9
+    connect = cost.connect_s() + 2 * cost.per_message_s()
+    by_rate: dict[float, list[float]] = {}
+    for row in rows:
+        gbps = row.get("paced_gbps")
+        if row["backend"] != "partially_aware" or gbps is None:
+            continue
+        both = row["up_bytes"] + row["down_bytes"]
+        server = sum(row["server"][k] for k in ("h2d_s", "compute_s", "d2h_s"))
+        wire = both / min(gbps * 1e9 / 8, cap_Bps)
+        deserialize = cost.deserialize_s(row["up_bytes"]) + cost.deserialize_s(row["down_bytes"])
+        per_byte = (row["measured_s"] - server - connect - wire - deserialize) / both
+        if per_byte > 0:
+            by_rate.setdefault(float(gbps), []).append(per_byte)
+    if not by_rate:
+        return None
+    return [(gbps, float(np.median(values))) for gbps, values in sorted(by_rate.items())]
+
+
+def paced_rows_from_end_to_end(end_to_end: dict[str, float], spec: ModelSpec) -> list[dict]:
+    """The paced partially_aware rows as a profile keeps them (end_to_end's
+    `composition_paced.partially_aware.L<context>.<rate>gbps` measured and server times), for
+    paced_path; rows without server times are skipped."""
+    rows = []
+    for key, measured_s in end_to_end.items():
+        parts = key.rsplit(".", 1)[0].split(".", 3)
+        if not key.endswith(".measured_s") or len(parts) != 4 or parts[:2] != ["composition_paced", "partially_aware"]:
+            continue
+        prefix = key.removesuffix(".measured_s")
+        server = {k: end_to_end.get(f"{prefix}.server_{k}") for k in ("h2d_s", "compute_s", "d2h_s")}
+        if any(v is None for v in server.values()) or not parts[3].endswith("gbps"):
+            continue
+        seq_len = int(parts[2].removeprefix("L"))
+        shape = step_shape("partially_aware", spec, seq_len)
+        rows.append({"backend": "partially_aware", "seq_len": seq_len, "paced_gbps": float(parts[3].removesuffix("gbps")),
+                     "measured_s": measured_s, "server": server, "up_bytes": shape.up_bytes, "down_bytes": shape.down_bytes})
+    return rows
+
+
+def describe_paced(path: list[tuple[float, float]]) -> str:
+    """paced_path as a line: each rate and its host time per MB."""
+    return ", ".join(f"{gbps:g} Gbps {per_byte * 1e9:.3f} ms/MB" for gbps, per_byte in path)
+
+
 def _to_numpy(t) -> np.ndarray:
     import torch
 
@@ -271,7 +326,7 @@ def run_composition(s: Session, cost: CostModel, link_gbps: float) -> list[dict]
         total = Timing(got["samples_s"])
         server_side = {k: float(np.median([m[k] for m in got["server"]])) for k in ("h2d_s", "compute_s", "d2h_s")}
         gbps = got.get("paced_gbps")
-        if gbps is not None:  # measured only: no fit reads these yet
+        if gbps is not None:  # network.paced_path (runner) reads these
             s.log.add_timing("composition_paced", f"{backend}_L{seq_len}_{gbps:g}gbps", total.samples_s, context=seq_len)
             shape = step_shape(backend, spec, seq_len)
             rows.append({"backend": backend, "seq_len": seq_len, "paced_gbps": gbps, "measured_s": total.p50,

@@ -102,9 +102,11 @@ def _scale_path(network, factor: float):
     if factor == 1.0:
         return network
     path = None if network.loopback_path is None else [(b, s * factor) for b, s in network.loopback_path]
+    paced = None if network.paced_path is None else [(g, s * factor) for g, s in network.paced_path]
     serial = None if network.loopback_serial_gbps is None else network.loopback_serial_gbps / factor
     cap = None if network.loopback_gbps is None else network.loopback_gbps / factor
-    return network.model_copy(update={"loopback_path": path, "loopback_serial_gbps": serial, "loopback_gbps": cap})
+    return network.model_copy(update={"loopback_path": path, "paced_path": paced, "loopback_serial_gbps": serial,
+                                      "loopback_gbps": cap})
 
 
 def scale_profile(profile: Profile, f: Factors) -> Profile:

@@ -257,10 +257,11 @@ class CostModel(ABC):
         with the link, beyond (de)serialization (0: not measured)."""
         return 0.0
 
-    def stream_path_s(self, nbytes: float) -> float | None:
+    def stream_path_s(self, nbytes: float, gbps: float | None = None) -> float | None:
         """Host time of a message of `nbytes` over the loopback stack, serialization included, that
         the cap does not hide: paid in series with the link instead of serialize_s and
-        stream_serial_s (None: not measured; those two are charged)."""
+        stream_serial_s (None: not measured; those two are charged). `gbps`: the link's rate, where
+        a link paced below the cap has its own measured path (None: at the cap)."""
         return None
 
     def gpu_busy_fraction(self) -> float:
@@ -501,13 +502,23 @@ class ProfileCostModel(CostModel):
         gbps = self.profile.network.loopback_serial_gbps
         return nbytes / (gbps * GB) if gbps and nbytes > 0 else 0.0
 
-    def stream_path_s(self, nbytes: float) -> float | None:
-        points = self.profile.network.loopback_path
+    def stream_path_s(self, nbytes: float, gbps: float | None = None) -> float | None:
+        """loopback_path in log bytes; on a link paced below the loopback cap, paced_path in log rate
+        up to loopback_path's value at the cap (a rate below the slowest measured: flagged)."""
+        network = self.profile.network
+        points = network.loopback_path
         if points is None:
             return None
         if nbytes <= 0:
             return 0.0
         per_byte = float(np.interp(math.log(nbytes), [math.log(b) for b, _ in points], [s for _, s in points]))
+        cap_gbps = (network.loopback_gbps or 0.0) * 8  # loopback_gbps is in GB/s
+        paced = [(g, s) for g, s in network.paced_path or () if g < cap_gbps]
+        if paced and gbps is not None and gbps < cap_gbps:
+            if gbps < paced[0][0]:
+                self.out_of_range.add(f"a loopback link paced below {paced[0][0]:g} Gbps (its host path taken as at {paced[0][0]:g})")
+            rates = [math.log(g) for g, _ in paced] + [math.log(cap_gbps)]
+            per_byte = float(np.interp(math.log(gbps), rates, [s for _, s in paced] + [per_byte]))
         return nbytes * per_byte
 
     def gpu_busy_fraction(self) -> float:

@@ -165,22 +165,31 @@ class Network(_Strict):
         "bytes (the composition stage's partially_aware steps, one point per context, sorted by bytes); "
         "charged in series with the link instead of serialize and loopback_serial_gbps, interpolated "
         "linearly in log bytes and flat beyond the points; None: not measured")
+    paced_path: list[tuple[float, float]] | None = Field(
+        default=None, description="validate's real host path in series with a link paced below the loopback "
+        "cap, seconds per byte each way beyond the connection, the paced wire and deserialize, serialization "
+        "included, against the link's rate in Gbps (the composition stage's paced partially_aware steps, one "
+        "point per rate, the median over its contexts). A loopback link slower than the cap is charged this "
+        "instead of loopback_path: interpolated linearly in log rate from the slowest rate measured up to "
+        "loopback_path's value at the cap, flat below it (flagged in the run's warnings); None: not measured, "
+        "loopback_path is charged at every rate")
 
-    @field_validator("loopback_path")
+    @field_validator("loopback_path", "paced_path")
     @classmethod
-    def _path_points(cls, v: list[tuple[int, float]] | None) -> list[tuple[int, float]] | None:
+    def _path_points(cls, v: list[tuple[float, float]] | None, info) -> list[tuple[float, float]] | None:
         if v is None:
             return v
-        if not v or any(b <= 0 or not math.isfinite(s) or s <= 0 for b, s in v):
-            raise ValueError("loopback_path needs points of positive bytes and positive, finite seconds per byte")
+        unit = "bytes" if info.field_name == "loopback_path" else "Gbps"
+        if not v or any(not math.isfinite(x) or x <= 0 or not math.isfinite(s) or s <= 0 for x, s in v):
+            raise ValueError(f"{info.field_name} needs points of positive {unit} and positive, finite seconds per byte")
         if any(a[0] >= b[0] for a, b in zip(v, v[1:])):
-            raise ValueError("loopback_path's points must be sorted by bytes, each size once")
+            raise ValueError(f"{info.field_name}'s points must be sorted by {unit}, each once")
         return v
 
     @model_serializer(mode="wrap")
     def _without_unset_path(self, handler):
-        """A network without the path is written as before the field existed (profiles stay byte-identical)."""
-        return _without_unset(handler(self), "loopback_path")
+        """A network without the paths is written as before the fields existed (profiles stay byte-identical)."""
+        return _without_unset(_without_unset(handler(self), "loopback_path"), "paced_path")
 
 
 class Memory(_Strict):

@@ -68,7 +68,8 @@ class Link(_Strict):
         "(de)serialization costs; loopback: also caps every connection at the TCP throughput the "
         "profile measured on one host's loopback (how `validate` runs its real clients and server) and "
         "charges its loopback host time per message in series with the link, when measured (loopback_path, "
-        "serialization included, else serialize and loopback_serial_gbps)",
+        "serialization included, else serialize and loopback_serial_gbps; below the cap, paced_path where "
+        "the profile has it)",
     )
     stream_cap_gbps: float | None = Field(
         default=None, ge=MIN_LINK_GBPS, le=MAX_LINK_GBPS, description="caps every connection at this many Gbps (overrides host_stack's cap)"

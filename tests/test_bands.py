@@ -303,7 +303,7 @@ def test_k_process_loads_take_their_tiers_own_factor_and_the_path_its_own():
     profile = load_profile(H200)
     spec = get_model(profile.metadata.model_id)
     with_path = profile.model_copy(update={"network": profile.network.model_copy(
-        update={"loopback_path": [(8 << 20, 1.4e-9), (64 << 20, 1.5e-9)]})})
+        update={"loopback_path": [(8 << 20, 1.4e-9), (64 << 20, 1.5e-9)], "paced_path": [(2.0, 0.6e-9), (4.0, 0.7e-9)]})})
     base = ProfileCostModel(with_path, spec)
     scaled = bands.scale_profile(with_path, bands.Factors(load=2.0, path=1.25, loads_mp=(("disk", 0.5),)))
     drawn = ProfileCostModel(scaled, spec)
@@ -316,6 +316,8 @@ def test_k_process_loads_take_their_tiers_own_factor_and_the_path_its_own():
     assert drawn.load_aggregate_gbps("disk", 8) > base.load_aggregate_gbps("disk", 8)
     for nbytes in (1e6, 3e7, 2e8):
         assert drawn.stream_path_s(nbytes) == pytest.approx(1.25 * base.stream_path_s(nbytes), rel=1e-12)
+        for gbps in (2.0, 4.0):  # the paced path too, at its measured rates
+            assert drawn.stream_path_s(nbytes, gbps) == pytest.approx(1.25 * base.stream_path_s(nbytes, gbps), rel=1e-12)
     assert drawn.stream_gbps() == pytest.approx(base.stream_gbps() / 1.25)  # the loopback cap too
     assert drawn.connect_s() == base.connect_s() and drawn.per_message_s() == base.per_message_s()
     serial = ProfileCostModel(bands.scale_profile(profile, bands.Factors(path=2.0)), spec)

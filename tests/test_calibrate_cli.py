@@ -83,6 +83,12 @@ def test_composition_also_runs_partially_aware_paced_below_the_loopback_cap(cpu_
             key = f"composition_paced.partially_aware.L{c}.{g:g}gbps"
             assert profile.end_to_end[f"{key}.measured_s"] > profile.end_to_end[f"{key}.server_compute_s"] > 0
     assert not any(k.startswith("composition.") and "gbps" in k for k in profile.end_to_end)
+    # network.paced_path is what those kept rows give (a refit recomputes it from them the same way)
+    from djinnsim.calibrate.composition import paced_path, paced_rows_from_end_to_end
+
+    rows = paced_rows_from_end_to_end(profile.end_to_end, TINY)
+    assert len(rows) == len(want)
+    assert profile.network.paced_path == paced_path(rows, ProfileCostModel(profile, TINY))
 
 
 def test_profile_carries_the_process_stages_and_the_cached_prefill_fit(cpu_calibration):
@@ -123,6 +129,7 @@ def test_refit_reproduces_the_profile_from_its_samples(cpu_calibration, tmp_path
     assert _approx(after.cached_prefill.model_dump()) == before.cached_prefill.model_dump()
     assert _approx(after.memory.model_dump()) == before.memory.model_dump()  # workspace fits included
     assert _approx(after.kv_swaps.model_dump()) == before.kv_swaps.model_dump()
+    assert _approx(after.network.model_dump().get("paced_path")) == before.network.model_dump().get("paced_path")
     assert after.cold_shapes.source == before.cold_shapes.source and "stage cold_shapes" in after.cold_shapes.source
     assert any("fits recomputed" in note for note in after.metadata.notes)
 

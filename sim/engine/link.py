@@ -15,13 +15,14 @@ class Link:
     (de)serialization costs of `host` (a CostModel) and `framing_bytes` per message, and returns the
     event to wait for. With `stream_serial`, each send also pays the host's `stream_serial_s`
     before it joins the pipe (the loopback stack's time in series with the wire; world.stream_serial),
-    or, where the profile measured it, the host's `stream_path_s` per message in place of that and of
-    serialization."""
+    or, where the profile measured it, the host's `stream_path_s` per message at the link's rate in
+    place of that and of serialization."""
 
     def __init__(self, env: simpy.Environment, gbps: float, rtt_s: float, stream_cap_Bps: float | None = None,
                  framing_bytes: int = 0, host=None, stream_serial: bool = False) -> None:
         rate = gbps * 1e9 / 8
         self.env = env
+        self.gbps = gbps
         self.up = SharedPipe(env, lambda k: rate, stream_cap_Bps)
         self.down = SharedPipe(env, lambda k: rate, stream_cap_Bps)
         self.rtt_s = rtt_s
@@ -38,7 +39,7 @@ class Link:
         costs = self._costs.get(key)
         if costs is None:
             host = self.host
-            path_s = host.stream_path_s(payload / messages) if self.stream_serial and messages > 0 else None
+            path_s = host.stream_path_s(payload / messages, self.gbps) if self.stream_serial and messages > 0 else None
             if path_s is not None:  # the measured loopback path, serialization included, per message
                 host_s = messages * path_s
             else:
