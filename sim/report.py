@@ -42,6 +42,7 @@ from .trace import write_trace
 if TYPE_CHECKING:
     import pandas as pd
 
+    from .records import RecordRow
     from .run import SimulationResult
     from .simulate import PointResult
 
@@ -801,16 +802,19 @@ def write_records_csv(tables: "list[RecordTable | list[Record]]", path: Path) ->
 TRACE_MAX_RECORDS = 20_000  # a trace beyond this is too large for a viewer to open
 
 
-def trace_records(records: "RecordTable | list[Record]") -> "list[Record]":
+def trace_records(records: "RecordTable | list[Record]") -> "list[Record] | list[RecordRow]":
     """The records trace.json shows: all of them, or past TRACE_MAX_RECORDS the first that many in
-    the trace's own order (agent, issued_at, run, step, phase)."""
+    the trace's own order (agent, issued_at, run, step, phase); from a table, as RecordRows."""
+    if not isinstance(records, RecordTable):
+        if len(records) <= TRACE_MAX_RECORDS:
+            return list(records)
+        records = RecordTable.from_records(records)
     if len(records) <= TRACE_MAX_RECORDS:
-        return list(records)
-    table = records if isinstance(records, RecordTable) else RecordTable.from_records(records)
+        return list(records.take(np.arange(len(records)), light=True))
     # phase codes sort as the names do (decode < reason < reflect)
-    order = np.lexsort([table.column(name) if name != "phase" else table.codes("phase")
+    order = np.lexsort([records.column(name) if name != "phase" else records.codes("phase")
                         for name in ("phase", "step", "run", "issued_at", "agent")])
-    return list(table.take(order[:TRACE_MAX_RECORDS]))
+    return list(records.take(order[:TRACE_MAX_RECORDS], light=True))
 
 
 def write_figure6(summaries: list[dict[str, Any]], backends: list[str], path: Path) -> Path:

@@ -218,11 +218,13 @@ def run_scenario_file(path: Path, calibration: Path | None = None, out: Path | N
 
 def _simulate_and_write(scenario: Scenario, calibration: Path | None, folder: OutputFolder, quiet: bool,
                         in_process: bool = False) -> Path:
-    from rich.console import Console
-
     from .report import PointWriter, print_summary
 
-    console = Console(stderr=False, quiet=quiet)
+    console = None  # quiet: nothing printed, rich not imported (start-up time)
+    if not quiet:
+        from rich.console import Console
+
+        console = Console(stderr=False)
     points = expand_points(scenario)
     if not points:
         raise DjinnsimError(f"scenario {scenario.name!r} expanded to no points")
@@ -235,7 +237,7 @@ def _simulate_and_write(scenario: Scenario, calibration: Path | None, folder: Ou
                 writer.write_point(point_result)
                 return without_records(point_result)
 
-            if quiet or not console.is_terminal:  # a progress bar only where someone watches it
+            if console is None or not console.is_terminal:  # a progress bar only where someone watches it
                 result = simulate_scenario(scenario, calibration, progress=None, on_point=on_point,
                                            in_process=in_process, row_stream=writer.row_stream)
             else:
