@@ -336,6 +336,12 @@ def test_a_calibration_stopped_before_its_loads_takes_them_from_another(cpu_cali
     assert taken.metadata.loads_from.sections == ["weight_load", "loads_mp", "timeslice_mp"]
     assert "weight_load, loads_mp, timeslice_mp from" in taken.metadata.notes[-1]
     ProfileCostModel(taken, TINY).weight_load("disk")
+    from djinnsim.validate.pipeline import profile_notes  # a validation judged on it names the source too
+
+    assert profile_notes(cut, taken) == [f"the profile {cut} carries its whole-model loads, k-process loads, k-process "
+                                         f"decoding from another calibration, {out.as_posix()} ({full.metadata.date}): "
+                                         "its own stopped before them"]
+    assert profile_notes(out, full) == [] and profile_notes(None, None) == []
     median = tmp_path / "median.json"
     assert runner.invoke(app, ["calibrate", "--refit", str(cut), "--level-point", "median", "--out", str(median),
                                "--quiet"]).exit_code == 0

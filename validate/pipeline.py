@@ -21,6 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from djinnsim.errors import DjinnsimError
+from djinnsim.sim import notices
 from djinnsim.sim.outputs import OutputFolder
 from djinnsim.sim.profile import Profile, load_profile
 from djinnsim.sim.records import Record, records_frame
@@ -505,6 +506,15 @@ def profile_meta(path: Path, how: str, profile: Profile, moved: tuple[Path, Path
     return meta
 
 
+def profile_notes(profile_path, profile) -> list[str]:
+    """What the judged profile carries from elsewhere, as a run's warnings say it (a report judged on
+    a profile whose load stages came from another calibration names that calibration)."""
+    source = profile.metadata.loads_from if profile is not None else None
+    if source is None:
+        return []
+    return [notices.loads_from(str(profile_path), source.path, source.date, source.sections)]
+
+
 def device_notes(scenario_v: Scenario, device: str, model_id: str) -> list[str]:
     """Notes the report adds for the device the real runs used (not part of the real runs' own notes)."""
     if device == "cuda":
@@ -588,7 +598,7 @@ def compare_and_report(out_dir: Path, scenario_v: Scenario, points: list, real: 
         "points": [pc.to_dict() for pc in comparisons],
         "oom": oom_rows,
         "repeats": repeat_rows(real, sims),
-        "notes": real.notes + device_notes(scenario_v, meta["machine"]["device"], meta["model"]),
+        "notes": real.notes + device_notes(scenario_v, meta["machine"]["device"], meta["model"]) + profile_notes(profile_path, profile),
         "figures": figures,
     }
     if anchor is not None:
