@@ -219,6 +219,10 @@ djinnsim calibrate --refit $out/calibration/h200-llama-2-7b.json --loads-from do
 djinnsim validate --from-real $here/run11/keepalive-max --calibration $out/calibration/h200-llama-2-7b.json \
   --out $out/loads-run7/run11-keepalive-max --quiet --force
 
+# Run 12 re-judged the same way (both hashes in run12/machine-cmd1.txt, taken before any real run;
+# made by the code that ran them, 9401062, merged with perf15's output-only changes), into run12-rejudge/.
+rejudge_median 12 exp21-25:held exp21-10:held link-low:held djinn-fcfs-16:full keepalive-max:full
+
 # Committed reports keep their records gzipped (the tree that travels to the GPU machine is capped at
 # 64 MiB; validate's --from-real reads either form): the records re-made above that git would
 # track (run1-decodefit/, run3/exp21-25-resim/, run5/djinn-fcfs-32/) go back to that form; the ignored
