@@ -144,15 +144,17 @@ def rows_from_end_to_end(end_to_end: dict[str, float], cost: CostModel, link_gbp
 
 
 def paced_path(rows: list[dict], cost: CostModel) -> list[tuple[float, float]] | None:
-    """The real path's host time per byte each way in series with a link paced below the loopback
-    cap, serialization included, against the rate: per paced partially_aware row (`rows`: backend,
+    """The real path's host time per byte each way in series with a link paced by the link
+    emulator, serialization included, against the rate: per paced partially_aware row (`rows`: backend,
     paced_gbps, measured_s, server, up_bytes, down_bytes), measured - the server's h2d, compute and
     d2h - the connection - the wire at the paced rate (or the cap, where that is slower) -
     deserialize, over the bytes both ways; the median over a rate's rows, one point per rate, sorted.
     Rates whose remainder is not positive are left out. None without such rows.
     A paced link leaves the host's serialization and socket copies time to overlap the wire that an
     unpaced one does not (H200 runs 6 and 10: about 0.66 ms/MB in series at 2 and 4 Gbps against
-    loopback_path's 0.9-1.0), so the loopback path measured at the cap does not stand in for it."""
+    loopback_path's 0.9-1.0), and at or above the cap the emulator's chunked sends are not the
+    unpaced stage's one sendall (run 12: 1.03 ms/MB real beyond the wire at 25 Gbps, 0.64 charged), so
+    the loopback path measured unpaced does not stand in for it."""
     cap_Bps = (cost.stream_gbps() or math.inf) * 1e9
     connect = cost.connect_s() + 2 * cost.per_message_s()
     by_rate: dict[float, list[float]] = {}

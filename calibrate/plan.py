@@ -44,11 +44,12 @@ class Plan:
     decode_discard_passes: int = 0  # leading decode passes kept as warm-up only
     warmup_s: float = 1.0  # untimed decoding before the grids
     # cached_prefill: new tokens x cached context x batch, one warm-up pass then `repeat` timed
-    # composition, partially_aware again with its messages paced below the loopback cap at these line
-    # rates (the validate link emulator's Pacer), at these contexts: where the host path's time hides
-    # under the pacing, which the simulator's series charge of the unpaced path overstates
-    # (docs/validation/h200/linklow-drift.md). Measured only: no fit reads it yet.
-    composition_paced_gbps: tuple[float, ...] = (2.0, 4.0)
+    # composition, partially_aware again with its messages paced by the validate link emulator's Pacer
+    # at these line rates, at these contexts: network.paced_path. Below the loopback cap the host
+    # path's time partly hides under the pacing (docs/validation/h200/linklow-drift.md); at and above
+    # it the Pacer's chunked sends are still not the unpaced stage's one sendall (H200 run 12). The
+    # rates validate's scenarios pace: link-low, Exp 2.1, the link sweep.
+    composition_paced_gbps: tuple[float, ...] = (2.0, 4.0, 10.0, 25.0, 100.0)
     composition_paced_contexts: tuple[int, ...] = (80, 104)
     cached_prefill_tokens: tuple[int, ...] = (1, 16, 32)
     cached_prefill_contexts: tuple[int, ...] = (0, 64, 128)

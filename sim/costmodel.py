@@ -503,8 +503,10 @@ class ProfileCostModel(CostModel):
         return nbytes / (gbps * GB) if gbps and nbytes > 0 else 0.0
 
     def stream_path_s(self, nbytes: float, gbps: float | None = None) -> float | None:
-        """loopback_path in log bytes; on a link paced below the loopback cap, paced_path in log rate
-        up to loopback_path's value at the cap (a rate below the slowest measured: flagged)."""
+        """loopback_path in log bytes; on a paced link, paced_path in log rate. Where the paced rows
+        reach the loopback cap, they alone give the curve (flat beyond its ends, flagged); where they
+        stop below it, they run up to loopback_path's value at the cap, and a link at or above the
+        cap is charged loopback_path (a rate below the slowest measured: flagged)."""
         network = self.profile.network
         points = network.loopback_path
         if points is None:
@@ -512,13 +514,19 @@ class ProfileCostModel(CostModel):
         if nbytes <= 0:
             return 0.0
         per_byte = float(np.interp(math.log(nbytes), [math.log(b) for b, _ in points], [s for _, s in points]))
+        paced = network.paced_path
+        if not paced or gbps is None:
+            return nbytes * per_byte
         cap_gbps = (network.loopback_gbps or 0.0) * 8  # loopback_gbps is in GB/s
-        paced = [(g, s) for g, s in network.paced_path or () if g < cap_gbps]
-        if paced and gbps is not None and gbps < cap_gbps:
-            if gbps < paced[0][0]:
-                self.out_of_range.add(f"a loopback link paced below {paced[0][0]:g} Gbps (its host path taken as at {paced[0][0]:g})")
-            rates = [math.log(g) for g, _ in paced] + [math.log(cap_gbps)]
-            per_byte = float(np.interp(math.log(gbps), rates, [s for _, s in paced] + [per_byte]))
+        if paced[-1][0] < cap_gbps:  # measured below the cap only: up to the unpaced path at the cap
+            if gbps >= cap_gbps:
+                return nbytes * per_byte
+            paced = [*paced, (cap_gbps, per_byte)]
+        elif gbps > paced[-1][0]:
+            self.out_of_range.add(f"a loopback link paced above {paced[-1][0]:g} Gbps (its host path taken as at {paced[-1][0]:g})")
+        if gbps < paced[0][0]:
+            self.out_of_range.add(f"a loopback link paced below {paced[0][0]:g} Gbps (its host path taken as at {paced[0][0]:g})")
+        per_byte = float(np.interp(math.log(gbps), [math.log(g) for g, _ in paced], [s for _, s in paced]))
         return nbytes * per_byte
 
     def gpu_busy_fraction(self) -> float:

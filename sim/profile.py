@@ -166,13 +166,14 @@ class Network(_Strict):
         "charged in series with the link instead of serialize and loopback_serial_gbps, interpolated "
         "linearly in log bytes and flat beyond the points; None: not measured")
     paced_path: list[tuple[float, float]] | None = Field(
-        default=None, description="validate's real host path in series with a link paced below the loopback "
-        "cap, seconds per byte each way beyond the connection, the paced wire and deserialize, serialization "
-        "included, against the link's rate in Gbps (the composition stage's paced partially_aware steps, one "
-        "point per rate, the median over its contexts). A loopback link slower than the cap is charged this "
-        "instead of loopback_path: interpolated linearly in log rate from the slowest rate measured up to "
-        "loopback_path's value at the cap, flat below it (flagged in the run's warnings); None: not measured, "
-        "loopback_path is charged at every rate")
+        default=None, description="validate's real host path in series with a link paced by its link "
+        "emulator, seconds per byte each way beyond the connection, the paced wire (or the loopback cap, "
+        "where slower) and deserialize, serialization included, against the link's rate in Gbps (the "
+        "composition stage's paced partially_aware steps, one point per rate, the median over its contexts). "
+        "A loopback link is charged this instead of loopback_path, interpolated linearly in log rate and flat "
+        "beyond the rates measured (flagged in the run's warnings); where no rate measured reaches the cap, "
+        "it runs up to loopback_path's value at the cap and a link at or above the cap is charged "
+        "loopback_path. None: not measured, loopback_path is charged at every rate")
 
     @field_validator("loopback_path", "paced_path")
     @classmethod

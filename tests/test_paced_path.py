@@ -82,11 +82,6 @@ def test_the_cost_model_charges_the_paced_path_in_log_rate_up_to_the_loopback_pa
     assert _cost(None, [(2.0, 0.5e-9)]).stream_path_s(MB, 2.0) is None  # no path at the cap: nothing charged
 
 
-def test_a_paced_rate_at_or_above_the_cap_is_not_interpolated_against():
-    cost = _cost([(MB, 1e-9)], [(2.0, 0.5e-9), (20.0, 3e-9)], cap_GBps=1.0)  # cap 8 Gbps
-    assert cost.stream_path_s(MB, 4.0) == pytest.approx(MB * 0.75e-9, rel=1e-12)  # from 0.5 at 2 to 1.0 at 8
-
-
 @pytest.mark.parametrize("points", [[(2.0, -1e-9)], [(0.0, 1e-9)], [(4.0, 1e-9), (2.0, 1e-9)], [(2.0, math.inf)],
                                     [(math.nan, 1e-9)], []])
 def test_a_profile_refuses_a_paced_path_that_is_not_positive_finite_and_sorted(points):
@@ -111,3 +106,18 @@ def test_a_send_over_a_paced_loopback_link_pays_the_paced_path_in_series_with_th
         env.run(link.send(link.up, 10 * MB))
         expected = cost.per_message_s() + 10 * MB * per_byte + 10 * MB / rate_Bps + rtt / 2 + cost.deserialize_s(10 * MB)
         assert env.now == pytest.approx(expected, rel=1e-9)
+
+
+def test_paced_rows_that_reach_the_cap_give_the_whole_curve_flat_beyond_both_ends():
+    """Rates measured at and above the loopback cap (the link emulator paces there too): no
+    loopback_path value enters, a link above the fastest rate or below the slowest is held flat and flagged."""
+    cost = _cost([(MB, 9e-9)], [(2.0, 0.4e-9), (4.0, 0.5e-9), (25.0, 1.0e-9), (100.0, 1.2e-9)], cap_GBps=1.6)
+    assert cost.stream_path_s(10 * MB, 10.0) == pytest.approx(10 * MB * (0.5e-9 + 0.5e-9 * math.log(2.5) / math.log(6.25)), rel=1e-12)
+    assert cost.stream_path_s(10 * MB, 50.0) == pytest.approx(10 * MB * 1.1e-9, rel=1e-12)  # halfway in log rate
+    assert cost.stream_path_s(10 * MB, 100.0) == pytest.approx(10 * MB * 1.2e-9, rel=1e-12)
+    assert not cost.out_of_range
+    assert cost.stream_path_s(10 * MB, 400.0) == pytest.approx(10 * MB * 1.2e-9, rel=1e-12)
+    assert cost.stream_path_s(10 * MB, 1.0) == pytest.approx(10 * MB * 0.4e-9, rel=1e-12)
+    assert cost.out_of_range == {"a loopback link paced above 100 Gbps (its host path taken as at 100)",
+                                 "a loopback link paced below 2 Gbps (its host path taken as at 2)"}
+    assert cost.stream_path_s(10 * MB) == pytest.approx(10 * MB * 9e-9, rel=1e-12)  # no rate given: loopback_path
