@@ -57,10 +57,18 @@ def cpu_profile(path: str) -> str:
             "predictions for any GPU")
 
 
+_LOADS_FROM_TAIL = ": its own stopped before them"
+
+
 def loads_from(path: str, source: str, date: str | None, sections: list[str]) -> str:
     names = {"weight_load": "whole-model loads", "loads_mp": "k-process loads", "timeslice_mp": "k-process decoding"}
     return (f"the profile {path} carries its {', '.join(names[s] for s in sections)} from another calibration, "
-            f"{source}" + (f" ({date})" if date else "") + ": its own stopped before them")
+            f"{source}" + (f" ({date})" if date else "") + _LOADS_FROM_TAIL)
+
+
+def is_loads_from(note: str) -> bool:
+    """Whether `note` is a loads_from notice (a report re-made on another profile says its own)."""
+    return note.startswith("the profile ") and " from another calibration, " in note and note.endswith(_LOADS_FROM_TAIL)
 
 
 def once(warnings: Iterable[str]) -> list[str]:

@@ -370,3 +370,39 @@ def test_condition_on_level_is_an_in_sample_rescaling(real_folder, tmp_path):
     assert sum(sim_now) / len(sim_now) == pytest.approx(sum(real) / len(real), rel=0.05)
     result = runner.invoke(app, ["validate", "--condition-on-level", "--out", str(tmp_path / "o"), "--quiet"])
     assert result.exit_code == 1 and "give --from-real DIR" in result.output
+
+
+def test_a_borrowed_load_source_is_noted_once_and_only_for_the_profile_judged_on(real_folder, tmp_path):
+    """A report judged on a profile carrying another calibration's load stages names them once; a
+    re-judge of that report on the same profile still once, on a profile without them not at all."""
+    from djinnsim.sim.profile import LoadsSource, load_profile
+
+    plain = Path(json.loads((real_folder / "validation.json").read_text())["meta"]["profile"]["path"])
+    profile = load_profile(plain)
+    source = LoadsSource(path="docs/calibration/elsewhere.json", samples_sha256="0" * 64, date="2026-12-02",
+                         sections=["weight_load"])
+    borrowed = tmp_path / "borrowed.json"
+    save_profile(profile.model_copy(update={"metadata": profile.metadata.model_copy(update={"loads_from": source})}), borrowed)
+
+    def noted(folder: Path) -> list[str]:
+        return [n for n in json.loads((folder / "validation.json").read_text())["notes"] if "another calibration" in n]
+
+    once, twice, back = tmp_path / "once", tmp_path / "twice", tmp_path / "back"
+    assert _offline(real_folder, once, "--calibration", str(borrowed)).exit_code == 0
+    assert noted(once) == [f"the profile {borrowed} carries its whole-model loads from another calibration, "
+                           "docs/calibration/elsewhere.json (2026-12-02): its own stopped before them"]
+    assert _offline(once, twice, "--calibration", str(borrowed)).exit_code == 0
+    assert noted(twice) == noted(once)
+    assert _offline(once, back, "--calibration", str(plain)).exit_code == 0
+    assert noted(back) == []
+
+
+def test_a_profile_made_in_the_staging_folder_is_recorded_where_it_ends_up(real_folder, tmp_path):
+    """--condition-on-level writes its profile into the report's folder while that is still being
+    made: the report names the final path, never the temporary one."""
+    out = tmp_path / "conditioned"
+    assert _offline(real_folder, out, "--condition-on-level").exit_code == 0
+    text = (out / "validation.json").read_text()
+    assert ".partial" not in text
+    (scaled,) = (out / "calibration").glob("*-level-conditioned.json")
+    assert json.loads(text)["meta"]["profile"]["path"] == str(scaled)

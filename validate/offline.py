@@ -23,6 +23,7 @@ from typing import IO
 import numpy as np
 
 from djinnsim.errors import DjinnsimError
+from djinnsim.sim import notices
 from djinnsim.sim.outputs import OutputFolder
 from djinnsim.sim.profile import load_profile
 from djinnsim.sim.provenance import simulator
@@ -155,8 +156,8 @@ def real_result(doc: dict, scenario_v: Scenario, records: dict[tuple[int, int], 
         points.append(RealPointResult(point, repeats, row.get("skipped"), probe))
     probes = [OomProbe(row["backend"], row["real_loaded"], row["real_oom_n"], row["probe_max"] or 0,
                        row.get("message", "")) for row in doc["oom"]]
-    ours = set(device_notes(scenario_v, meta["machine"]["device"], meta["model"]))
-    notes = [n for n in doc.get("notes", []) if n not in ours]
+    ours = set(device_notes(scenario_v, meta["machine"]["device"], meta["model"]))  # and the profile's: re-made
+    notes = [n for n in doc.get("notes", []) if n not in ours and not notices.is_loads_from(n)]
     return RealResult(points, probes, notes, float(meta.get("real_wall_s") or 0.0))
 
 
@@ -287,7 +288,8 @@ def run_offline(req: OfflineRequest) -> Path:
     with output as staging:
         if req.condition_on_level:
             profile_path, how, profile = _conditioned(staging, scenario_v, real, profile_path, profile, say)
-        _recompare_into(staging, req, folder, scenario_v, real, real_meta, profile_path, how, profile, say)
+        _recompare_into(staging, req, folder, scenario_v, real, real_meta, profile_path, how, profile, say,
+                        moved=(staging, output.path))
     if not req.quiet:
         print(f"report: {output.path / 'validation.md'}")
     return output.path
@@ -325,7 +327,8 @@ def _conditioned(out_dir: Path, scenario_v: Scenario, real: RealResult, profile_
 
 
 def _recompare_into(out_dir: Path, req: OfflineRequest, folder: Path, scenario_v, real, real_meta: dict,
-                    profile_path: Path, how: str, profile, say) -> None:
+                    profile_path: Path, how: str, profile, say, moved: tuple[Path, Path] | None = None) -> None:
+    """`moved` (staging, final): where a profile written into the staging folder will be recorded."""
     from djinnsim.calibrate.environment import host_cpu
 
     shutil.copyfile(folder / "scenario.yaml", out_dir / "scenario.yaml")
@@ -338,7 +341,7 @@ def _recompare_into(out_dir: Path, req: OfflineRequest, folder: Path, scenario_v
     # No clock time or wall seconds of this run: the same folder, profile and simulator give the same bytes.
     # The hash frozen before the real runs (recorded since issue 9) stays; the profile used now is hashed anew.
     frozen = {k: real_meta["profile"][k] for k in ("frozen_sha256", "frozen_at") if k in real_meta.get("profile", {})}
-    meta = {**real_meta, "profile": {**profile_meta(profile_path, how, profile), **frozen},
+    meta = {**real_meta, "profile": {**profile_meta(profile_path, how, profile, moved), **frozen},
             "runs_started_at": real_meta.get("runs_started_at") or real_meta["started_at"],
             "bands": req.bands,
             "offline": {"from_real": str(folder), "command": req.command, "simulator": simulator(),

@@ -598,7 +598,7 @@ def compare_and_report(out_dir: Path, scenario_v: Scenario, points: list, real: 
         "points": [pc.to_dict() for pc in comparisons],
         "oom": oom_rows,
         "repeats": repeat_rows(real, sims),
-        "notes": real.notes + device_notes(scenario_v, meta["machine"]["device"], meta["model"]) + profile_notes(profile_path, profile),
+        "notes": real.notes + device_notes(scenario_v, meta["machine"]["device"], meta["model"]) + profile_notes(meta["profile"]["path"], profile),
         "figures": figures,
     }
     if anchor is not None:
