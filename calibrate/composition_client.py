@@ -66,7 +66,7 @@ def run(port: int, model: str, dtype: str, contexts: list[int], repeat: int,
     from djinnsim.common.linkemu import LinkParams, Pacer
 
     spec = get_model(model)
-    for seq_len in sorted(set(paced_contexts)):  # partially_aware paced below the loopback cap, both ways
+    for seq_len in sorted(set(paced_contexts)):  # partially_aware paced by the link emulator, both ways
         kv = random_kv(model, seq_len - 1, dtype)
         tensors = {"ids": np.array([[7]], dtype=np.int64), **kv}
         for gbps in paced_gbps:

@@ -58,7 +58,7 @@ def summary_rows(profile: Profile, r: dict[str, Any]) -> list[tuple[str, str]]:
     rows.append(("tcp loopback", f"connect {n.connect_s * 1e6:.0f} us, RTT {n.loopback_rtt_s * 1e6:.0f} us, {n.loopback_gbps:.2f} GB/s"
                  + (f", in series {n.loopback_serial_gbps:.2f} GB/s" if n.loopback_serial_gbps else "")
                  + (f"; path with serialization {describe_path(n.loopback_path)}" if n.loopback_path else "")
-                 + (f"; paced below the cap {describe_paced(n.paced_path)}" if n.paced_path else "")))
+                 + (f"; paced {describe_paced(n.paced_path)}" if n.paced_path else "")))
     for tier, load in profile.weight_load.items():
         agg = ", ".join(f"x{k}: {v:.2f}" for k, v in sorted(load.aggregate_gbps.items()))
         rows.append((f"weight load {tier}", f"{load.fixed_s * 1e3:.0f} ms + {load.gbps:.2f} GB/s; aggregate GB/s {agg or 'n/a'}"))

@@ -384,7 +384,7 @@ def _stages(s: Session, staged, oom_probe: bool) -> None:
     measured = staged("composition", run_composition, s, cost, r["network"].loopback_gbps, optional=True) or []
     rows = [row for row in measured if row.get("paced_gbps") is None]
     r["composition"] = rows
-    for row in measured:  # partially_aware paced below the loopback cap: network.paced_path, below
+    for row in measured:  # partially_aware paced by the link emulator: network.paced_path, below
         if row.get("paced_gbps") is not None:
             key = f"composition_paced.{row['backend']}.L{row['seq_len']}.{row['paced_gbps']:g}gbps"
             r["end_to_end"][f"{key}.measured_s"] = row["measured_s"]

@@ -261,7 +261,7 @@ class CostModel(ABC):
         """Host time of a message of `nbytes` over the loopback stack, serialization included, that
         the cap does not hide: paid in series with the link instead of serialize_s and
         stream_serial_s (None: not measured; those two are charged). `gbps`: the link's rate, where
-        a link paced below the cap has its own measured path (None: at the cap)."""
+        a paced link has its own measured path (None: the unpaced path)."""
         return None
 
     def gpu_busy_fraction(self) -> float:

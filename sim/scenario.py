@@ -68,7 +68,7 @@ class Link(_Strict):
         "(de)serialization costs; loopback: also caps every connection at the TCP throughput the "
         "profile measured on one host's loopback (how `validate` runs its real clients and server) and "
         "charges its loopback host time per message in series with the link, when measured (loopback_path, "
-        "serialization included, else serialize and loopback_serial_gbps; below the cap, paced_path where "
+        "serialization included, else serialize and loopback_serial_gbps; paced_path at the link's rate where "
         "the profile has it)",
     )
     stream_cap_gbps: float | None = Field(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -88,6 +90,7 @@ def test_composition_also_runs_partially_aware_paced_below_the_loopback_cap(cpu_
 
     rows = paced_rows_from_end_to_end(profile.end_to_end, TINY)
     assert len(rows) == len(want)
+    assert profile.network.paced_path is not None
     assert profile.network.paced_path == paced_path(rows, ProfileCostModel(profile, TINY))
 
 
@@ -130,6 +133,16 @@ def test_refit_reproduces_the_profile_from_its_samples(cpu_calibration, tmp_path
     assert _approx(after.memory.model_dump()) == before.memory.model_dump()  # workspace fits included
     assert _approx(after.kv_swaps.model_dump()) == before.kv_swaps.model_dump()
     assert _approx(after.network.model_dump().get("paced_path")) == before.network.model_dump().get("paced_path")
+    # recomputed from the rows the profile keeps, not carried: a profile without it gets it back
+    stripped = tmp_path / "stripped" / "tiny.json"
+    stripped.parent.mkdir()
+    data = json.loads(out.read_text())
+    del data["network"]["paced_path"]
+    stripped.write_text(json.dumps(data))
+    shutil.copyfile(out.parent / before.samples_file, stripped.parent / before.samples_file)
+    assert runner.invoke(app, ["calibrate", "--refit", str(stripped), "--quiet"]).exit_code == 0
+    assert before.network.paced_path is not None
+    assert _approx(load_profile(stripped).network.model_dump()["paced_path"]) == before.network.model_dump()["paced_path"]
     assert after.cold_shapes.source == before.cold_shapes.source and "stage cold_shapes" in after.cold_shapes.source
     assert any("fits recomputed" in note for note in after.metadata.notes)
 

@@ -39,7 +39,8 @@ def _row(gbps: float, each: int, server_s: float, per_byte: float, cost: Profile
 
 def test_the_paced_path_is_what_each_rate_took_beyond_the_connection_the_paced_wire_and_deserialize():
     cost = _cost([(40 * MB, 1e-9)], None)
-    rows = [_row(4.0, 40 * MB, 0.03, 0.6e-9, cost), _row(4.0, 52 * MB, 0.03, 0.8e-9, cost),  # median 0.7 ns/B
+    rows = [_row(4.0, 40 * MB, 0.03, 0.6e-9, cost), _row(4.0, 52 * MB, 0.03, 0.7e-9, cost),  # median 0.7 ns/B,
+            _row(4.0, 46 * MB, 0.03, 1.1e-9, cost),  # the mean 0.8
             _row(2.0, 40 * MB, 0.03, 0.5e-9, cost),
             _row(20.0, 40 * MB, 0.03, 0.9e-9, cost),  # above the 12 Gbps cap: the wire at the cap
             _row(1.0, 40 * MB, 0.03, -0.1e-9, cost),  # nothing left: left out
@@ -47,8 +48,10 @@ def test_the_paced_path_is_what_each_rate_took_beyond_the_connection_the_paced_w
             {**_row(3.0, 40 * MB, 0.03, 0.5e-9, cost), "paced_gbps": None}]  # unpaced: loopback_path's
     path = paced_path(rows, cost)
     assert [g for g, _ in path] == [2.0, 4.0, 20.0]
-    assert [s for _, s in path] == pytest.approx([0.5e-9, 0.7e-9, 0.9e-9], rel=1e-6)
-    assert paced_path(rows[4:], cost) is None
+    # in ns/B to 1e-9 of one: the connection and deserialize (each under 0.01 ns/B here) must be taken off
+    assert [s * 1e9 for _, s in path] == pytest.approx([0.5, 0.7, 0.9], rel=0, abs=1e-9)
+    assert cost.connect_s() / (80 * MB) * 1e9 > 1e-6 and cost.deserialize_s(40 * MB) / (40 * MB) * 1e9 > 1e-6
+    assert paced_path(rows[5:], cost) is None
 
 
 def test_the_paced_rows_are_read_back_from_what_the_profile_keeps_every_rate_and_context():
