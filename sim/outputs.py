@@ -8,8 +8,10 @@
 - a default destination (`results/<name>/<UTC second>`) that another run took first, even in the
   same second, becomes `<stamp>-2`, `-3`...: the rename itself decides (it fails on a non-empty
   folder), so two runs never mix their files;
-- on an error, SIGINT or SIGTERM the temporary folder is removed; only a SIGKILL or a power cut can
-  leave one, and its dotted `.partial-` name says it is not a result;
+- on an error, SIGINT or SIGTERM the temporary folder is removed, and so are the parents this run
+  created for it (`results/<name>/` of a first run) while they are empty; a folder that existed
+  before is never removed; only a SIGKILL or a power cut can leave a temporary folder, and its
+  dotted `.partial-` name says it is not a result;
 - the commit and the clean-up run with SIGINT and SIGTERM blocked, so a signal cannot stop them
   half way (it is delivered right after);
 - a full disk, a read-only file system, a permission or a name too long is one line.
@@ -22,6 +24,7 @@ import json
 import math
 import os
 import re
+import secrets
 import shutil
 import signal
 import tempfile
@@ -74,12 +77,6 @@ def signals_deferred() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _absolute(path: Path, option: str) -> Path:
     text = str(path)
     if "\x00" in text:
@@ -104,6 +101,7 @@ class OutputFolder:
         self.force = force
         self.path = _absolute(Path(out) if out is not None else Path(default), option)
         self._staging: Path | None = None
+        self._made: list[Path] = []  # the destination's parents this run created, outermost first
         try:
             self._check()
         except OSError as exc:
@@ -127,14 +125,62 @@ class OutputFolder:
                                         "output; not replacing it, even with --force")
 
     def __enter__(self) -> Path:
-        parent = self.path.parent
         try:
-            parent.mkdir(parents=True, exist_ok=True)
-            self._staging = Path(tempfile.mkdtemp(prefix=f".{self.path.name[:100]}{PARTIAL_TAG}", dir=parent))
-            os.chmod(self._staging, 0o777 & ~_umask())  # mkdtemp makes it private; a result folder is not
-        except OSError as exc:
-            raise DjinnsimError(os_error_line(exc, "create the output folder")) from None
+            with signals_deferred():
+                self._make_staging()
+        except BaseException as exc:  # a signal (held back above, or taken by another thread) lands here too
+            self._discard()
+            if isinstance(exc, OSError):
+                raise DjinnsimError(os_error_line(exc, "create the output folder")) from None
+            raise
+        assert self._staging is not None
         return self._staging
+
+    # Each folder is recorded before it is made, so a KeyboardInterrupt between any two steps leaves
+    # nothing unrecorded (the signal mask does not hold back a signal that another thread takes).
+
+    def _make_staging(self, attempts: int = 100) -> None:
+        """The staging folder `.NAME.partial-XXXXXXXX` and the destination's missing parents."""
+        for attempt in range(attempts):
+            self._make_parents()
+            self._staging = self.path.parent / f".{self.path.name[:100]}{PARTIAL_TAG}{secrets.token_hex(4)}"
+            try:
+                self._staging.mkdir()  # 0o777 less the umask, as any folder the user makes
+                return
+            except (FileExistsError, FileNotFoundError):  # that name is taken; or another run, failing, removed
+                self._staging = None                         # the parent it had made just as this one came
+                if attempt == attempts - 1:
+                    raise
+
+    def _make_parents(self) -> None:
+        """mkdir -p the destination's parent; what this call makes is in `_made`, outermost first."""
+        missing = []
+        for folder in (self.path.parent, *self.path.parent.parents):
+            if folder.is_dir():
+                break
+            missing.append(folder)
+        for folder in reversed(missing):
+            self._made.append(folder)
+            try:
+                folder.mkdir()
+            except FileExistsError:
+                self._made.pop()  # another run made it: not this one's to remove
+                if not folder.is_dir():
+                    raise
+
+    def _discard(self) -> None:
+        """Remove the staging folder and the parents this run made, innermost first, while they are
+        empty (another run may be writing into one; a folder that existed before is never touched)."""
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
+        while self._made:
+            try:
+                self._made.pop().rmdir()
+            except FileNotFoundError:
+                continue
+            except OSError:  # not empty: another run's, or the user's, files are in it
+                self._made.clear()
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         staging = self._staging
@@ -144,10 +190,12 @@ class OutputFolder:
                 try:
                     self.path = self._commit(staging)
                     return False
-                except OSError as error:
-                    shutil.rmtree(staging, ignore_errors=True)
-                    raise DjinnsimError(os_error_line(error, "write the results")) from None
-            shutil.rmtree(staging, ignore_errors=True)
+                except BaseException as error:
+                    self._discard()
+                    if isinstance(error, OSError):
+                        raise DjinnsimError(os_error_line(error, "write the results")) from None
+                    raise
+            self._discard()
         if isinstance(exc, OSError):
             raise DjinnsimError(os_error_line(exc, "write the results")) from None
         return False

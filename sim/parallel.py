@@ -22,6 +22,7 @@ claims' searches does so, and runs sequentially outside any `held`).
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
 import socket
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -30,6 +31,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from djinnsim.errors import DjinnsimError
+
+from . import grpc_probe
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -172,14 +175,23 @@ def _on_ray(ray, fn, items, progress) -> list:
 
 
 def _reachable(address: str, timeout_s: float = 5.0) -> None:
-    """Fail in seconds, not after Ray's minutes of retries, when nothing listens at HOST:PORT."""
+    """Fail in seconds, before `ray.init` (which retries for about 20 s and prints Ray's own warnings
+    meanwhile), when nothing listens at HOST:PORT or what listens is not a gRPC server, so not Ray
+    (sim.grpc_probe). Other forms ("auto", no port) are Ray's to resolve. With RAY_USE_TLS the
+    server expects TLS, which the probe does not speak: only the connection is checked."""
     host, _, port = address.removeprefix("ray://").rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")  # [IPv6]:PORT
     if not host or not port.isdigit():
-        return  # "auto" and other forms: Ray resolves them
+        return
     try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+        if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+            socket.create_connection((host, int(port)), timeout=timeout_s).close()
+            return
+        not_grpc = grpc_probe.probe(host, int(port), timeout_s)
     except OSError as exc:
         raise DjinnsimError(f"--ray: nothing answers at {address} ({exc.strerror or exc})") from None
+    if not_grpc is not None:
+        raise DjinnsimError(f"--ray: no Ray at {address}: {not_grpc}")
 
 
 def _ray_get(ray, ref):

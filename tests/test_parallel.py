@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import socket
 import sys
+import threading
 import types
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ from typer.testing import CliRunner
 
 from djinnsim.cli import app
 from djinnsim.errors import DjinnsimError
+from djinnsim.sim import parallel
 from djinnsim.sim.parallel import map_points
 from djinnsim.sim.run import run_scenario_file
 
@@ -82,13 +86,6 @@ def test_ray_missing_is_one_line(sequential, tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["run", str(sequential[0]), "--out", str(tmp_path / "x"), "--ray"])
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == ["error: --ray needs Ray: pip install 'djinnsim[ray]'"]
-
-
-def test_ray_address_nobody_listens_at_is_one_line(sequential, tmp_path):
-    pytest.importorskip("ray")
-    result = CliRunner().invoke(app, ["run", str(sequential[0]), "--quiet", "--ray", "127.0.0.1:1"])
-    assert result.exit_code == 1
-    assert result.output.strip().splitlines()[-1].startswith("error: --ray: nothing answers at 127.0.0.1:1")
 
 
 # --- search on the same executor ------------------------------------------------------------------
@@ -220,3 +217,122 @@ def test_run_on_ray_starts_ray_once_for_the_sweep_and_the_claims_searches(tmp_pa
     # 4 points, then the claims' searches (density: djinn and keep-alive; keep-alive's OOM N) as 3 more tasks
     assert (fake.inits, fake.shutdowns, fake.tasks) == (1, 1, 7)
     _same_files(run_scenario_file(path, out=tmp_path / "sequential", quiet=True), tmp_path / "out")
+
+
+# --- --ray ADDRESS: what answers there is checked before ray.init ----------------------------------
+
+NOT_HTTP2 = "does not speak HTTP/2, so it is not gRPC"
+SETTINGS_FRAME = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # an empty SETTINGS frame, HTTP/2's first word
+
+
+def _headers_frame(block: bytes) -> bytes:
+    """A response's HEADERS frame on stream 1 (END_STREAM | END_HEADERS) holding an HPACK `block`."""
+    return len(block).to_bytes(3, "big") + b"\x01\x05\x00\x00\x00\x01" + block
+
+
+@contextmanager
+def _listener(answer: bytes | None):
+    """A server on 127.0.0.1 that sends `answer` to whoever connects, then waits for them to close
+    (`answer` None: says nothing until they close; b"": closes at once). Yields its HOST:PORT."""
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve():
+        server.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                connection, _ = server.accept()
+            except OSError:
+                continue
+            with connection:
+                connection.settimeout(30)
+                try:
+                    connection.recv(65536)  # the client's preface and request
+                    if answer == b"":
+                        continue
+                    if answer is not None:
+                        connection.sendall(answer)
+                    while connection.recv(65536):
+                        pass
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
+
+
+def _free_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        return server.getsockname()[1]
+
+
+def test_ray_address_nobody_listens_at_is_one_line(sequential, tmp_path, monkeypatch):
+    fake = _FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    address = f"127.0.0.1:{_free_port()}"
+    result = CliRunner().invoke(app, ["run", str(sequential[0]), "--out", str(tmp_path / "x"), "--quiet",
+                                      "--ray", address])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [f"error: --ray: nothing answers at {address} (Connection refused)"]
+    assert fake.inits == 0 and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("answer,reason", [
+    # an egress proxy that takes every connection and answers HTTP/2 requests 404 (":status 404", static index 13)
+    (SETTINGS_FRAME + _headers_frame(b"\x8d"), "is not a gRPC server (HTTP status 404)"),
+    # ":status 502" as nginx or envoy write it: a literal, Huffman-coded
+    (SETTINGS_FRAME + _headers_frame(bytes.fromhex("48826c02")), "is not a gRPC server (HTTP status 502)"),
+    (b"-ERR unknown command 'PRI', with args beginning with: \r\n", NOT_HTTP2),  # a Redis
+    (b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n", NOT_HTTP2),
+    (b"", "closed the connection without a gRPC answer"),  # answer b"": it closes at once
+], ids=["proxy_404", "huffman_502", "redis", "http1", "closes"])
+def test_ray_address_where_something_else_answers_is_one_line_and_never_starts_ray(sequential, tmp_path,
+                                                                                     monkeypatch, answer, reason):
+    """Before the probe, ray.init tried such an address for about 20 s, printing Ray's C++ warnings."""
+    fake = _FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    with _listener(answer) as address:
+        result = CliRunner().invoke(app, ["run", str(sequential[0]), "--out", str(tmp_path / "x"), "--quiet",
+                                          "--ray", address])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [f"error: --ray: no Ray at {address}: what answers there {reason}"]
+    assert fake.inits == 0 and not (tmp_path / "x").exists()
+
+
+def test_a_server_that_says_nothing_fails_the_probe():
+    with _listener(None) as address:
+        with pytest.raises(DjinnsimError, match=f"^--ray: no Ray at {address}: no gRPC answer within 0.2 s$"):
+            parallel._reachable(address, timeout_s=0.2)
+
+
+def test_a_grpc_answer_goes_on_to_ray(sequential, tmp_path, monkeypatch):
+    """A gRPC server answers HTTP status 200 (its own status in the trailers), whatever the method."""
+    fake = _FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    with _listener(SETTINGS_FRAME + _headers_frame(b"\x88")) as address:
+        result = CliRunner().invoke(app, ["run", str(sequential[0]), "--out", str(tmp_path / "ray"), "--quiet",
+                                          "--ray", address])
+    assert result.exit_code == 0, result.output
+    assert fake.inits == 1
+    _same_files(sequential[1], tmp_path / "ray")
+
+
+@pytest.mark.ray
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed")
+def test_a_ray_gcs_passes_the_probe():
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        parallel._reachable(ray.get_runtime_context().gcs_address)
+    finally:
+        if started:
+            ray.shutdown()

@@ -358,13 +358,84 @@ def test_an_output_folder_appears_only_once_complete(tmp_path):
 
 @pytest.mark.parametrize("error", [KeyboardInterrupt(), DjinnsimError("bad"), OSError(errno.ENOSPC, "No space left on device")])
 def test_a_failed_run_leaves_nothing(tmp_path, error):
+    """Not even the parents it made for its folder (results/ and results/x/ of a first run)."""
     with pytest.raises((KeyboardInterrupt, DjinnsimError)) as info:
         with outputs.OutputFolder(None, tmp_path / "results" / "x" / "stamp") as staging:
             (staging / "summary.json").write_text("{}")
             raise error
-    assert list((tmp_path / "results" / "x").iterdir()) == []
+    assert list(tmp_path.iterdir()) == []
     if isinstance(error, OSError):
         assert "disk full" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_failed_run_keeps_the_folders_that_were_there(tmp_path):
+    (tmp_path / "results" / "x").mkdir(parents=True)  # empty, but not this run's to remove
+    (tmp_path / "results" / "y").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        with outputs.OutputFolder(None, tmp_path / "results" / "x" / "stamp"):
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        with outputs.OutputFolder(tmp_path / "results" / "new" / "deeper" / "out", tmp_path / "unused"):
+            raise KeyboardInterrupt
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["results", "results/x", "results/y"]
+
+
+def test_a_parent_another_run_writes_into_stays(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with outputs.OutputFolder(None, tmp_path / "results" / "x" / "one"):
+            with outputs.OutputFolder(None, tmp_path / "results" / "x" / "two") as other:
+                (other / "summary.json").write_text("{}")
+            raise KeyboardInterrupt
+    assert [p.name for p in (tmp_path / "results" / "x").iterdir()] == ["two"]
+
+
+@pytest.mark.parametrize("signal_after", ["results", "x", outputs.PARTIAL_TAG])
+def test_a_signal_while_the_folders_are_made_leaves_none(tmp_path, monkeypatch, signal_after):
+    """SIGINT right after any of the folders is made (held back until the step ends, or raised at once
+    when another thread of the process takes it): all are removed."""
+    real_mkdir = Path.mkdir
+
+    def signalled(self, *args, **kwargs):
+        real_mkdir(self, *args, **kwargs)
+        if signal_after in self.name:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(Path, "mkdir", signalled)
+    with pytest.raises(KeyboardInterrupt):
+        with outputs.OutputFolder(None, tmp_path / "results" / "x" / "stamp"):
+            pytest.fail("the block ran although SIGINT came before it")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_commit_refused_leaves_no_partial_folder(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(DjinnsimError, match="was filled by something else"):
+        with outputs.OutputFolder(out, out) as staging:
+            (staging / "summary.json").write_text("{}")
+            out.mkdir()
+            (out / "notes.txt").write_text("someone else's")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, DjinnsimError])
+@pytest.mark.parametrize("agents", [None, "1,3"])  # results/s/ or, with an override, results/s__<hash>/
+def test_a_run_interrupted_or_failed_leaves_no_results_folder(tmp_path, monkeypatch, error, agents):
+    from djinnsim.overrides_cli import collect
+    from djinnsim.sim import run as run_module
+
+    scenario = _write(tmp_path, yaml.safe_dump(SMALL))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results" / "earlier").mkdir(parents=True)  # results/ was there: it stays
+
+    def fail_while_simulating(*args, **kwargs):
+        staging = [p for p in (tmp_path / "results").rglob("*") if outputs.PARTIAL_TAG in p.name]
+        assert len(staging) == 1 and (staging[0] / "scenario.yaml").is_file()  # inside the run, folders made
+        raise error("stopped")
+
+    monkeypatch.setattr(run_module, "simulate_scenario", fail_while_simulating)
+    with pytest.raises(error):
+        run_scenario_file(scenario, quiet=True, overrides=collect(None, agents=agents))
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["earlier"]
 
 
 def test_default_folders_of_the_same_second_do_not_mix(tmp_path):
@@ -401,7 +472,7 @@ def test_a_permission_error_is_one_line(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "ro"))
 
-    monkeypatch.setattr(outputs.tempfile, "mkdtemp", refuse)
+    monkeypatch.setattr(outputs.os, "mkdir", refuse)
     with pytest.raises(DjinnsimError, match="cannot create the output folder .*ro: Permission denied"):
         with outputs.OutputFolder(tmp_path / "ro" / "out", tmp_path):
             pass
