@@ -182,6 +182,26 @@ def test_the_run_tables_title_names_the_cost_model_once(scenario_file, tmp_path)
     assert "cost model:" in title and "cost model cost model" not in title and "HBM3 cost model)" not in title
 
 
+def test_several_cost_models_are_named_short_in_the_table_and_whole_under_it(tmp_path):
+    """exp21_decode runs a measured H100 and a transferred A100: each row is one line wide in 80
+    columns, its cost model's kind in the column, every description once under the table."""
+    from djinnsim.sim.report import print_summary
+    from djinnsim.sim.run import simulate_scenario
+    from djinnsim.sim.scenario import load_scenario
+    from rich.console import Console
+
+    result = simulate_scenario(load_scenario(REPO / "scenarios" / "exp21_decode.yaml"))
+    console = Console(width=80, record=True, force_terminal=False)
+    print_summary(result, console)
+    text = console.export_text()
+    rows = [line for line in text.splitlines() if line.startswith("│")]
+    assert len(rows) == len(result.points), text  # no row wraps
+    assert sum("measured" in r for r in rows) == sum("transfe" in r for r in rows) == len(rows) // 2
+    described = " ".join(line for line in text.splitlines() if not line.startswith(("│", "┃", "┏", "┡", "└")))
+    assert " ".join(described.split()).count("transferred cost model: meta-llama/Llama-2-7b-hf on NVIDIA A100") == 1
+    assert " ".join(described.split()).count("measured cost model: meta-llama/Llama-2-7b-hf on NVIDIA H100") == 1
+
+
 def test_an_error_after_the_run_started_leaves_stdout_empty_when_piped(scenario_file, tmp_path):
     """A fault met once the run is under way (a corrupt profile read for the first point): one line
     on stderr, exit 1, and nothing on a piped stdout (no progress bar's blank line)."""
