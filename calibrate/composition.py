@@ -174,6 +174,14 @@ def paced_path(rows: list[dict], cost: CostModel) -> list[tuple[float, float]] |
     return [(gbps, float(np.median(values))) for gbps, values in sorted(by_rate.items())]
 
 
+def paced_path_bytes(rows: list[dict]) -> int | None:
+    """The message size (each way) paced_path was measured at: the geometric mean over the paced
+    partially_aware rows of their messages' mean size. None without such rows."""
+    sizes = [(row["up_bytes"] + row["down_bytes"]) / 2 for row in rows
+             if row["backend"] == "partially_aware" and row.get("paced_gbps") is not None]
+    return int(round(math.exp(float(np.mean(np.log(sizes)))))) if sizes else None
+
+
 def paced_rows_from_end_to_end(end_to_end: dict[str, float], spec: ModelSpec) -> list[dict]:
     """The paced partially_aware rows as a profile keeps them (end_to_end's
     `composition_paced.partially_aware.L<context>.<rate>gbps` measured and server times), for

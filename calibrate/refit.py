@@ -219,7 +219,8 @@ def refit(profile: Profile, rows: list[dict[str, str]], note: str, left_out: tup
     calibrate's own Exp 2.1 runs out of the decode fit; the measured jitter sequence stays.
     `level_point` "median": the point at the median batch-1 level the bands draw (spread.at_median_level),
     before the predictions and the serial host time are taken from it."""
-    from .composition import loopback_path, loopback_serial_gbps, paced_path, paced_rows_from_end_to_end, rows_from_end_to_end
+    from .composition import (loopback_path, loopback_serial_gbps, paced_path, paced_path_bytes, paced_rows_from_end_to_end,
+                               rows_from_end_to_end)
 
     spec = get_model(profile.metadata.model_id)
     rows = [row for row in rows if row["stage"] not in left_out]
@@ -282,7 +283,11 @@ def refit(profile: Profile, rows: list[dict[str, str]], note: str, left_out: tup
         paced_rows = paced_rows_from_end_to_end(new.end_to_end, spec)
         paced = paced_path(paced_rows, ProfileCostModel(new, spec)) if path is not None and paced_rows else None
         network = new.network.model_copy(update={"loopback_serial_gbps": loopback_serial_gbps(serial_rows),
-                                                  "loopback_path": path, "paced_path": paced})
+                                                  "loopback_path": path, "paced_path": paced,
+                                                  # kept off where the profile was made without it (H200 run 12:
+                                                  # a refit keeps the link model its runs were judged with)
+                                                  "paced_path_bytes": paced_path_bytes(paced_rows)
+                                                  if paced and new.network.paced_path_bytes is not None else None})
         new = new.model_copy(update={"network": network})
     Profile.model_validate(new.model_dump())  # the refit must still be a valid profile
     return new.model_copy(update={"end_to_end": _predictions(new, spec)})

@@ -311,7 +311,8 @@ def _stages(s: Session, staged, oom_probe: bool) -> None:
     from .bench_processes import run_loads_mp, run_timeslice_mp, timeslice_budget_s
     from .bench_shapes import fit_cold_shapes, run_cold_shapes
     from .bench_weights import run_weight_loads
-    from .composition import describe_paced, describe_path, loopback_path, loopback_serial_gbps, paced_path, run_composition
+    from .composition import (describe_paced, describe_path, loopback_path, loopback_serial_gbps, paced_path, paced_path_bytes,
+                              run_composition)
     from .profile_builder import build_profile, decode_anchor_points, exp21_prediction, fit_decode, fit_prefill
     from .telemetry import NvmlSampler, nvml_handle
 
@@ -391,9 +392,11 @@ def _stages(s: Session, staged, oom_probe: bool) -> None:
             for part in ("h2d_s", "compute_s", "d2h_s"):
                 r["end_to_end"][f"{key}.server_{part}"] = row["server"][part]
     serial_gbps, path = loopback_serial_gbps(rows), loopback_path(rows)
-    paced = paced_path([row for row in measured if row.get("paced_gbps") is not None], cost) if path is not None else None
+    paced_rows = [row for row in measured if row.get("paced_gbps") is not None]
+    paced = paced_path(paced_rows, cost) if path is not None else None
     r["network"] = r["network"].model_copy(update={"loopback_serial_gbps": serial_gbps, "loopback_path": path,
-                                                    "paced_path": paced})
+                                                    "paced_path": paced,
+                                                    "paced_path_bytes": paced_path_bytes(paced_rows) if paced else None})
     if serial_gbps is not None:
         s.say(f"loopback host path in series with the link (composition, partially_aware): {serial_gbps:.2f} GB/s each way")
     if path is not None:

@@ -513,10 +513,14 @@ class ProfileCostModel(CostModel):
             return None
         if nbytes <= 0:
             return 0.0
-        per_byte = float(np.interp(math.log(nbytes), [math.log(b) for b, _ in points], [s for _, s in points]))
+        sizes, values = [math.log(b) for b, _ in points], [s for _, s in points]
+        per_byte = float(np.interp(math.log(nbytes), sizes, values))
         paced = network.paced_path
         if not paced or gbps is None:
             return nbytes * per_byte
+        if network.paced_path_bytes is not None:  # the paced rows' level, loopback_path's shape over sizes
+            shape = per_byte / float(np.interp(math.log(network.paced_path_bytes), sizes, values))
+            paced = [(g, s * shape) for g, s in paced]
         cap_gbps = (network.loopback_gbps or 0.0) * 8  # loopback_gbps is in GB/s
         if paced[-1][0] < cap_gbps:  # measured below the cap only: up to the unpaced path at the cap
             if gbps >= cap_gbps:

@@ -175,6 +175,12 @@ class Network(_Strict):
         "it runs up to loopback_path's value at the cap and a link at or above the cap is charged "
         "loopback_path. None: not measured, loopback_path is charged at every rate")
 
+    paced_path_bytes: int | None = Field(
+        default=None, gt=0, description="the message size (each way, the geometric mean over the paced rows) at "
+        "which paced_path was measured: where set, a message of another size is charged paced_path x "
+        "loopback_path(size) / loopback_path(this), loopback_path giving the shape over sizes and the paced rows "
+        "the level at each rate; None (profiles before it): paced_path at every size")
+
     @field_validator("loopback_path", "paced_path")
     @classmethod
     def _path_points(cls, v: list[tuple[float, float]] | None, info) -> list[tuple[float, float]] | None:
@@ -190,7 +196,10 @@ class Network(_Strict):
     @model_serializer(mode="wrap")
     def _without_unset_path(self, handler):
         """A network without the paths is written as before the fields existed (profiles stay byte-identical)."""
-        return _without_unset(_without_unset(handler(self), "loopback_path"), "paced_path")
+        out = handler(self)
+        for field in ("loopback_path", "paced_path", "paced_path_bytes"):
+            out = _without_unset(out, field)
+        return out
 
 
 class Memory(_Strict):

@@ -86,12 +86,15 @@ def test_composition_also_runs_partially_aware_paced_below_the_loopback_cap(cpu_
             assert profile.end_to_end[f"{key}.measured_s"] > profile.end_to_end[f"{key}.server_compute_s"] > 0
     assert not any(k.startswith("composition.") and "gbps" in k for k in profile.end_to_end)
     # network.paced_path is what those kept rows give (a refit recomputes it from them the same way)
-    from djinnsim.calibrate.composition import paced_path, paced_rows_from_end_to_end
+    from djinnsim.calibrate.composition import paced_path, paced_path_bytes, paced_rows_from_end_to_end
 
     rows = paced_rows_from_end_to_end(profile.end_to_end, TINY)
     assert len(rows) == len(want)
     assert profile.network.paced_path is not None
     assert profile.network.paced_path == paced_path(rows, ProfileCostModel(profile, TINY))
+    assert profile.network.paced_path_bytes == paced_path_bytes(rows)  # between the two contexts' messages
+    sizes = [(r["up_bytes"] + r["down_bytes"]) / 2 for r in rows]
+    assert min(sizes) < profile.network.paced_path_bytes < max(sizes)
 
 
 def test_profile_carries_the_process_stages_and_the_cached_prefill_fit(cpu_calibration):
@@ -133,6 +136,7 @@ def test_refit_reproduces_the_profile_from_its_samples(cpu_calibration, tmp_path
     assert _approx(after.memory.model_dump()) == before.memory.model_dump()  # workspace fits included
     assert _approx(after.kv_swaps.model_dump()) == before.kv_swaps.model_dump()
     assert _approx(after.network.model_dump().get("paced_path")) == before.network.model_dump().get("paced_path")
+    assert before.network.paced_path_bytes is not None and after.network.paced_path_bytes == before.network.paced_path_bytes
     # recomputed from the rows the profile keeps, not carried: a profile without it gets it back
     stripped = tmp_path / "stripped" / "tiny.json"
     stripped.parent.mkdir()

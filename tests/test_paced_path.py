@@ -124,3 +124,21 @@ def test_paced_rows_that_reach_the_cap_give_the_whole_curve_flat_beyond_both_end
     assert cost.out_of_range == {"a loopback link paced above 100 Gbps (its host path taken as at 100)",
                                  "a loopback link paced below 2 Gbps (its host path taken as at 2)"}
     assert cost.stream_path_s(10 * MB) == pytest.approx(10 * MB * 9e-9, rel=1e-12)  # no rate given: loopback_path
+
+
+def test_with_the_paced_rows_message_size_other_sizes_take_the_loopback_paths_shape():
+    """paced_path_bytes set: a message of another size is charged the paced rows' level times
+    loopback_path's ratio between its size and theirs (so a 4 MB message is not charged a 46 MB one's
+    per-byte time); at their size, or without the field, the paced value as measured."""
+    path = [(4 * MB, 0.2e-9), (46 * MB, 0.8e-9)]
+    cost = _cost(path, [(2.0, 0.4e-9), (100.0, 1.2e-9)], cap_GBps=1.6)
+    sized = _cost(path, [(2.0, 0.4e-9), (100.0, 1.2e-9)], cap_GBps=1.6)
+    sized.profile = sized.profile.model_copy(update={"network": sized.profile.network.model_copy(update={"paced_path_bytes": 46 * MB})})
+    for gbps, level in ((2.0, 0.4e-9), (100.0, 1.2e-9)):
+        assert sized.stream_path_s(46 * MB, gbps) == pytest.approx(46 * MB * level, rel=1e-12)
+        assert sized.stream_path_s(4 * MB, gbps) == pytest.approx(4 * MB * level * 0.25, rel=1e-12)
+        assert cost.stream_path_s(4 * MB, gbps) == pytest.approx(4 * MB * level, rel=1e-12)  # no size: as measured
+    below = _cost(path, [(2.0, 0.4e-9)], cap_GBps=1.6)  # paced below the cap only: up to loopback_path at the cap
+    below.profile = below.profile.model_copy(update={"network": below.profile.network.model_copy(update={"paced_path_bytes": 46 * MB})})
+    assert below.stream_path_s(4 * MB, 12.8) == pytest.approx(4 * MB * 0.2e-9, rel=1e-12)
+    assert below.stream_path_s(4 * MB, 2.0) == pytest.approx(4 * MB * 0.1e-9, rel=1e-12)
