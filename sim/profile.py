@@ -174,7 +174,6 @@ class Network(_Strict):
         "beyond the rates measured (flagged in the run's warnings); where no rate measured reaches the cap, "
         "it runs up to loopback_path's value at the cap and a link at or above the cap is charged "
         "loopback_path. None: not measured, loopback_path is charged at every rate")
-
     paced_path_bytes: int | None = Field(
         default=None, gt=0, description="the message size (each way, the geometric mean over the paced rows) at "
         "which paced_path was measured: where set, a message of another size is charged paced_path x "

@@ -1276,14 +1276,14 @@ def print_summary(result: "SimulationResult", console: Any, summaries: list[dict
     table.add_column("OOM", justify="center")
     # several cost models: a short name in the column (the GPU column tells two measured ones apart),
     # each one's whole description under the table, so the rows stay one line each
-    legend = {_short_cost_model(row["cost_model"]): row["cost_model"] for row in rows} if ("cost_model", "cost model") in varying else {}
+    legend = dict.fromkeys(row["cost_model"] for row in rows) if ("cost_model", "cost model") in varying else {}
     for row in rows:
         cells = [row["backend"], *(f"{row[k]:g}" if k == "link_gbps" else _short_cost_model(row[k]) if k == "cost_model"
                                    else str(row[k]) for k, _ in varying)]
         cells += [_cell(row["mean_ms"]), _cell(row["p99_ms"]), _cell(row["mb_up"]), _cell(row["mb_down"])]
         table.add_row(*cells, "[red]OOM[/]" if row["oom"] else "")
     console.print(table)
-    for full in dict.fromkeys(legend.values()):
+    for full in legend:
         console.print(full, highlight=False, markup=False)
 
 
