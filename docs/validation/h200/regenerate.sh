@@ -223,6 +223,10 @@ djinnsim validate --from-real $here/run11/keepalive-max --calibration $out/calib
 # made by the code that ran them, 9401062, merged with perf15's output-only changes), into run12-rejudge/.
 rejudge_median 12 exp21-25:held exp21-10:held link-low:held djinn-fcfs-16:full keepalive-max:full
 
+# Run 13 re-judged the same way (both hashes in run13/machine-cmd2.txt, taken before any real run;
+# made by the code that ran them, f48e099), into run13-rejudge/.
+rejudge_median 13 exp21-25:held link-100:held keepalive-max:full timeslice-48:full
+
 # Committed reports keep their records gzipped (the tree that travels to the GPU machine is capped at
 # 64 MiB; validate's --from-real reads either form): the records re-made above that git would
 # track (run1-decodefit/, run3/exp21-25-resim/, run5/djinn-fcfs-32/) go back to that form; the ignored
