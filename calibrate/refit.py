@@ -17,8 +17,8 @@ import numpy as np
 
 from djinnsim.errors import DjinnsimError
 from djinnsim.sim.costmodel import ProfileCostModel
-from djinnsim.sim.profile import KvSwaps, LoadsSource, Profile, fit_gpu_step_s, load_profile, samples_path, save_profile
-from djinnsim.sim.provenance import file_sha256
+from djinnsim.sim.profile import (SAMPLES_GZIP_SUFFIX, KvSwaps, LoadsSource, Profile, fit_gpu_step_s, load_profile,
+                                  open_samples, samples_path, samples_sha256, save_profile)
 from djinnsim.sim.specs import get_model
 
 from .fitting import (
@@ -41,8 +41,11 @@ def read_samples(path: Path) -> list[dict[str, str]]:
     is refused in one line naming the file, its line and stage (no fit takes it as a point)."""
     if not path.is_file():
         raise DjinnsimError(f"samples file not found: {path}")
-    with path.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    try:
+        with open_samples(path) as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, EOFError, UnicodeDecodeError) as exc:  # gzip.BadGzipFile is an OSError
+        raise DjinnsimError(f"{path}: cannot read the samples file ({exc})") from None
     for line, row in enumerate(rows, start=2):
         value = _number(row.get("value"))
         if value is None or (row.get("unit") == "s" and value <= 0):
@@ -201,7 +204,7 @@ def loads_source(profile: Profile, path: Path, sections: list[str],
     lacking = [name for name in sections if not getattr(other, name)]
     if lacking:
         raise DjinnsimError(f"--loads-from {path}: that calibration measured no {', '.join(lacking)} either")
-    sha = file_sha256(file)
+    sha = samples_sha256(file)
     if expected is not None and sha != expected:
         raise DjinnsimError(f"--loads-from {path}: its samples file changed since the profile took its loads "
                             f"(sha256 {sha[:12]}, recorded {expected[:12]})")
@@ -320,10 +323,10 @@ def level_sources(profile: Profile, own_samples: Path, paths: tuple[Path, ...],
     samples file beside it (sha256 checked), and none may be this calibration or another source
     again (the same spells counted twice). `expected`: path -> the samples sha256 recorded when the
     spells were first read (a refit applying them again), which the file must still have."""
-    out, seen = [], {file_sha256(own_samples): "the profile refitted"}
+    out, seen = [], {samples_sha256(own_samples): "the profile refitted"}
     for path in paths:
         other, file = _other_calibration(profile, path, "--level-from", " to read its spells from")
-        sha = file_sha256(file)
+        sha = samples_sha256(file)
         if sha in seen:
             raise DjinnsimError(f"--level-from {path}: its samples are those of {seen[sha]} (the same spells twice)")
         want = (expected or {}).get(Path(path).as_posix())
@@ -406,9 +409,13 @@ def refit_file(path: Path, out: Path | None = None, command: str | None = None,
 
         target.parent.mkdir(parents=True, exist_ok=True)
         if samples.resolve() != samples_file.resolve():
-            shutil.copyfile(samples_file, samples)
+            if samples_file.suffix == SAMPLES_GZIP_SUFFIX:  # written plain beside the new profile
+                with open_samples(samples_file) as src, samples.open("w", newline="") as dst:
+                    shutil.copyfileobj(src, dst)
+            else:
+                shutil.copyfile(samples_file, samples)
         new = new.model_copy(update={"samples_file": samples.name})
     if new.samples_sha256 is None:  # a profile older than the check gets it from the file it was refitted from
-        new = new.model_copy(update={"samples_sha256": file_sha256(samples_file)})
+        new = new.model_copy(update={"samples_sha256": samples_sha256(samples_file)})
     save_profile(new, target)
     return new, target

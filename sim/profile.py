@@ -7,10 +7,12 @@ jitter and metadata saying where and with what it was measured. Raw samples live
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import math
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import IO, Annotated, Literal
 
 import numpy as np
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_serializer,
@@ -545,16 +547,49 @@ class Profile(_Strict):
         return value
 
 
+SAMPLES_GZIP_SUFFIX = ".gz"
+
+
+def open_samples(file: str | Path) -> IO[str]:
+    """A samples file opened for the csv module; one stored gzipped (`NAME.csv.gz`, as the committed
+    calibrations under docs/ are: the tree that travels to the GPU machine is capped) decompressed."""
+    file = Path(file)
+    if file.suffix == SAMPLES_GZIP_SUFFIX:
+        return gzip.open(file, "rt", newline="")
+    return file.open(newline="")
+
+
+def samples_sha256(file: str | Path) -> str:
+    """The sha256 of a samples file's content, the one its profile records: of the decompressed
+    bytes for a gzipped copy, so gzipping a committed samples file keeps it its profile's."""
+    file = Path(file)
+    if file.suffix != SAMPLES_GZIP_SUFFIX:
+        return file_sha256(file)
+    digest = hashlib.sha256()
+    with gzip.open(file, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def samples_path(profile: Profile, path: str | Path) -> Path | None:
-    """The samples file beside the profile at `path`, or None when it names none or the file is
-    absent. A file whose sha256 is not the one recorded with the profile is another calibration's
-    samples (a profile copied over an older folder): refused, so no refit or band mixes the two."""
+    """The samples file beside the profile at `path` (the name it records, or that name + `.gz`
+    where only a gzipped copy lies there), or None when it names none or the file is absent. A
+    file whose sha256 (of its content) is not the one recorded with the profile is another
+    calibration's samples (a profile copied over an older folder): refused, so no refit or band
+    mixes the two."""
     if not profile.samples_file:
         return None
     file = Path(path).parent / profile.samples_file
     if not file.is_file():
-        return None
-    if profile.samples_sha256 is not None and file_sha256(file) != profile.samples_sha256:
+        file = file.with_name(file.name + SAMPLES_GZIP_SUFFIX)
+        if not file.is_file():
+            return None
+    try:
+        content_sha256 = samples_sha256(file) if profile.samples_sha256 is not None else None
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise DjinnsimError(f"{file}: cannot read the samples file ({exc})") from None
+    if profile.samples_sha256 is not None and content_sha256 != profile.samples_sha256:
         raise DjinnsimError(f"{file}: not the samples file of {Path(path).name} (sha256 differs from the one the "
                             f"profile records: it belongs to another calibration; copy the profile with its own "
                             f"{profile.samples_file})")

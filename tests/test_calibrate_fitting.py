@@ -345,7 +345,7 @@ def test_level_spells_join_the_decode_fit_but_do_not_split_it():
     from djinnsim.calibrate.profile_builder import DECODE_FEATURES, DECODE_SCALE, decode_anchor_points
     from djinnsim.calibrate.refit import decode_grid_points, read_samples
 
-    rows = read_samples(Path(__file__).resolve().parents[1] / "docs" / "calibration" / "h200-run10" / "h200-llama-2-7b.csv")
+    rows = read_samples(Path(__file__).resolve().parents[1] / "docs" / "calibration" / "h200-run10" / "h200-llama-2-7b.csv.gz")
     grid, spells = decode_grid_points(rows), decode_anchor_points(rows)
     old = fit_piecewise([*grid, *spells], DECODE_FEATURES, DECODE_SCALE, ["batch", "context", "sum_context"], ["batch", "context"])
     fit = fit_decode(grid, spells)

@@ -23,7 +23,7 @@ import csv
 from datetime import datetime
 from pathlib import Path
 
-from djinnsim.sim.profile import LinearFit, Profile, samples_path
+from djinnsim.sim.profile import LinearFit, Profile, open_samples, samples_path
 from djinnsim.sim.scenario import DecodeWorkload, Scenario
 
 from .compare import HELD_OUT, IN_SAMPLE
@@ -41,7 +41,7 @@ def _samples(profile: Profile, path: Path) -> list[dict[str, str]] | None:
     file = samples_path(profile, path)
     if file is None:
         return None
-    with file.open(newline="") as handle:
+    with open_samples(file) as handle:
         return list(csv.DictReader(handle))
 
 

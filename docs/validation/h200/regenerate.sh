@@ -214,7 +214,7 @@ rejudge_median 10 link-low:held djinn-fcfs-16:full
 # because the calibration had measured its whole-model loads): IN-SAMPLE, made after seeing the run.
 out=$here/run11-rejudge
 mkdir -p $out/calibration
-cp $here/run11/pooled-profile/h200-llama-2-7b.json $here/run11/pooled-profile/h200-llama-2-7b.csv $out/calibration/
+cp $here/run11/pooled-profile/h200-llama-2-7b.json $here/run11/pooled-profile/h200-llama-2-7b.csv.gz $out/calibration/
 djinnsim calibrate --refit $out/calibration/h200-llama-2-7b.json --loads-from docs/calibration/h200-run7/h200-llama-2-7b.json --quiet
 djinnsim validate --from-real $here/run11/keepalive-max --calibration $out/calibration/h200-llama-2-7b.json \
   --out $out/loads-run7/run11-keepalive-max --quiet --force
@@ -227,8 +227,10 @@ rejudge_median 12 exp21-25:held exp21-10:held link-low:held djinn-fcfs-16:full k
 # made by the code that ran them, f48e099), into run13-rejudge/.
 rejudge_median 13 exp21-25:held link-100:held keepalive-max:full timeslice-48:full
 
-# Committed reports keep their records gzipped (the tree that travels to the GPU machine is capped at
-# 64 MiB; validate's --from-real reads either form): the records re-made above that git would
-# track (run1-decodefit/, run3/exp21-25-resim/, run5/djinn-fcfs-32/) go back to that form; the ignored
-# ones stay plain. `gzip -n` stores no name or time stamp: the same records give the same bytes.
-git ls-files -z --others --exclude-standard -- $here | { grep -z '/records_[a-z]*\.csv$' || true; } | xargs -0 -r gzip -n -f
+# Committed reports keep their records and the calibrations' samples files gzipped (the tree that
+# travels to the GPU machine is capped at 64 MiB; validate's --from-real and every samples reader take
+# either form, and a samples file is hashed by its content): the CSVs re-made above that git would
+# track (records in run1-decodefit/, run3/exp21-25-resim/, run5/djinn-fcfs-32/; the refitted profiles'
+# samples) go back to that form; the ignored ones stay plain. `gzip -n` stores no name or time stamp:
+# the same rows give the same bytes.
+git ls-files -z --others --exclude-standard -- $here | { grep -z '\.csv$' || true; } | xargs -0 -r gzip -n -f

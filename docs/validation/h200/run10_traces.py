@@ -44,6 +44,12 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
 RUN = HERE / "run10" / "djinn-fcfs-16"
 PROFILE = HERE / "run10" / "pooled-profile" / "h200-llama-2-7b.json"
+
+
+def _samples(profile: Path) -> Path:
+    """The samples CSV beside `profile`, or its gzipped copy (as committed)."""
+    plain = profile.with_suffix(".csv")
+    return plain if plain.exists() else plain.with_name(plain.name + ".gz")
 KV = {"run 5": (ROOT / "docs/validation/kv-costs-h200-run5/kv_costs.json", HERE / "run5/pooled-profile/h200-llama-2-7b.json"),
       "run 6": (ROOT / "docs/validation/kv-costs-h200-run6/kv_costs.json", PROFILE)}
 REFLECT_TOKENS = 16
@@ -106,7 +112,8 @@ def flat_profile(out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     doc["samples_file"] = "flat.csv"
     (out / "flat.json").write_text(json.dumps(doc, indent=1))
-    shutil.copy(PROFILE.with_suffix(".csv"), out / "flat.csv")
+    src = _samples(PROFILE)
+    shutil.copy(src, out / ("flat.csv" + (".gz" if src.suffix == ".gz" else "")))
     return out / "flat.json"
 
 
@@ -187,7 +194,7 @@ def part_a(out: Path) -> None:
         prev = r
 
     print("\nThe decode fit's batch-1 points (ms) by the stage that measured them, and the pieces\n")
-    rows = read_samples(PROFILE.with_suffix(".csv"))
+    rows = read_samples(_samples(PROFILE))
     stage_of = {}
     for row in rows:
         if row["stage"] in ("decode", "exp21_step", "warm_decode") and float(row.get("batch") or 1) == 1.0:
@@ -288,7 +295,7 @@ def part_b_level() -> None:
     for run, cal in (("run 5", "h200-run5"), ("run 6", "h200-run10")):
         doc = json.loads(KV[run][0].read_text())
         rows = {(r["op"], r["context_tokens"]): r for r in doc["rows"]}
-        samples = pd.read_csv(ROOT / "docs/calibration" / cal / "h200-llama-2-7b.csv")
+        samples = pd.read_csv(_samples(ROOT / "docs/calibration" / cal / "h200-llama-2-7b.json"))
         cp = samples[(samples["stage"] == "cached_prefill") & (samples["batch"] == 1) & (samples["prompt_tokens"] == REFLECT_TOKENS)]
         for context in (128, 512, 1024):
             cal_s = float(cp[cp["context"] == context]["value"].median())
