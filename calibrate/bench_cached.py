@@ -12,7 +12,7 @@ import time
 
 from djinnsim.sim.profile import LinearFit
 
-from .fitting import FitPoint, fit_floor_max
+from .fitting import FitPoint, describe_floor_split, fit_floor_max, floor_split_stats
 from .modeling import cache_from_tensors, cache_tensors, cut_cache, forward, random_ids
 from .session import Session, is_oom
 from .timer import Timing
@@ -99,4 +99,6 @@ def run_cached_prefill(s: Session) -> dict:
     fit = fit_cached_prefill(points)
     s.say(f"cached_prefill: {len(points)} points (new tokens x cached context x batch) in {time.perf_counter() - started:.1f} s"
           + (f", {skipped} skipped by the time budget" if skipped else ""))
+    if fit is not None:  # the whole-fit worst error is the floor's host spread: say which side it is on
+        s.say(f"cached_prefill fit: {describe_floor_split(floor_split_stats(fit, points))}")
     return {"points": points, "fit": fit}

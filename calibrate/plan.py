@@ -2,7 +2,7 @@
 
 The full GPU plan is sized to finish in well under 10 minutes for a 7B model on one H100 or H200
 (eager decode at batch 1 is launch bound, ~20-30 ms a step): 294 s on an H100 before the stages
-cached_prefill, loads_mp and timeslice_mp, which add at most their budgets (60 + 150 s, and about
+cached_prefill, loads_mp and timeslice_mp, which add at most their budgets (65 + 150 s, and about
 40 s: four 4 s runs after spawning 8 workers that build a model each). --quick keeps every stage
 but thins each grid.
 """
@@ -106,12 +106,20 @@ _GPU_FULL = Plan(
     grid_passes=3,
     decode_discard_passes=1,
     warmup_s=5.0,
-    # covers djinn's REFLECT (16-24 new tokens after ~122 cached) up to the batch of 32 agents32_batching asks
-    cached_prefill_tokens=(1, 8, 16, 24, 32, 64, 128),
-    cached_prefill_contexts=(0, 64, 128, 256, 512, 1024),
+    # covers djinn's REFLECT (16-24 new tokens after ~122 cached) up to the batch of 32 agents32_batching asks,
+    # and contexts to 2048 (the KV-costs table's longest session, long agent sessions). 8 and 24 new tokens
+    # are gone to pay for 2048: about 70% of the grid sits at the host's launch floor, where they add no
+    # information (leave-one-calibration-out over H200 runs 2-13 is the same without them), and 16 and 32
+    # bracket REFLECT's 24. 210 points, about 52 s on the H200 from those runs' per-point times (3 passes
+    # plus ~106 ms each, and ~5 s more of cache builds at 2048; docs/calibration/README.md), as long as
+    # the 252 before. The budget, 5 s over the old one, leaves a slow host (run 3: 132 ms a point, ~60 s
+    # here) batch 32 at 2048, the grid's last points, without eating into the 600 s a full H200
+    # calibration has (run 13 ended at 570 s).
+    cached_prefill_tokens=(1, 16, 32, 64, 128),
+    cached_prefill_contexts=(0, 64, 128, 256, 512, 1024, 2048),
     cached_prefill_batches=(1, 2, 4, 8, 16, 32),
     cached_prefill_repeat=2,
-    cached_prefill_budget_s=60.0,
+    cached_prefill_budget_s=65.0,
     kv_swap_contexts=(64, 256, 1024, 2048),
     loads_mp_k=(1, 2, 4, 8),
     loads_mp_repeat=1,
@@ -155,7 +163,7 @@ _GPU_QUICK = Plan(
     decode_discard_passes=1,
     warmup_s=3.0,
     cached_prefill_tokens=(1, 16, 32, 128),
-    cached_prefill_contexts=(0, 128, 512, 1024),
+    cached_prefill_contexts=(0, 128, 512, 1024, 2048),
     cached_prefill_batches=(1, 4, 32),
     cached_prefill_repeat=2,
     cached_prefill_budget_s=30.0,

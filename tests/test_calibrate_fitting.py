@@ -13,6 +13,7 @@ from djinnsim.calibrate.fitting import (
     fit_bandwidth,
     fit_floor_max,
     fit_linear,
+    floor_split_stats,
     predict,
 )
 from djinnsim.calibrate.profile_builder import fit_decode, fit_prefill
@@ -144,6 +145,31 @@ def test_floor_max_fit_without_a_floor_in_the_data_stays_additive():
     assert fit.floor_s is None and fit.scale == PREFILL_SCALE
     _close(fit.coef, [0.002, 3e-5, 5e-10])
     assert "floor_s" not in fit.model_dump(mode="json")  # written as before the field existed
+
+
+def test_floor_split_puts_the_host_spread_on_the_floor_side():
+    """Launch-bound points scattered 2x about the floor (host spells), GPU-bound ones exact: the
+    whole fit's worst error is the floor side's, the points above it fit to rounding, and the
+    floor-bound points' measured p10-p90 shows the spread."""
+    rng = np.random.default_rng(7)
+
+    def cost(tokens, tokens_sq):
+        gpu = 3e-5 * tokens
+        return gpu if gpu > 0.03 else 0.03 * rng.uniform(0.7, 1.4)
+
+    points = prefill_grid(cost)
+    fit = fit_floor_max(points, PREFILL_FEATURES, PREFILL_SCALE, ["prompt_tokens", "batch"])
+    split = floor_split_stats(fit, points)
+    assert split["at_floor"] + split["above"] == len(points) and split["at_floor"] > 0 < split["above"]
+    assert split["above_max_rel_err"] < 0.02 < 0.1 < split["at_floor_max_rel_err"] == pytest.approx(fit.max_rel_err)
+    floor_bound = sorted(p.value for p in points if 3e-5 * p.inputs["batch"] * p.inputs["prompt_tokens"] < fit.floor_s)
+    assert floor_bound[0] <= split["at_floor_p10_s"] < split["at_floor_p90_s"] <= floor_bound[-1]
+    assert split["at_floor_p90_s"] > 1.3 * split["at_floor_p10_s"]
+
+
+def test_floor_split_of_an_additive_fit_is_none():
+    points = prefill_grid(lambda tokens, tokens_sq: 0.002 + 3e-5 * tokens)
+    assert floor_split_stats(fit_prefill(points), points) is None
 
 
 def test_pieces_cover_the_grid_without_gaps():

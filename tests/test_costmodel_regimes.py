@@ -106,11 +106,26 @@ def test_prefill_on_a_cached_context_uses_the_stage_fit(h100_profile):
     cost = ProfileCostModel(h100_profile.model_copy(update={"cached_prefill": fit}), LLAMA)
     assert cost.prefill_s(16, 1, 122) == pytest.approx(0.02 + 4e-5 * 16 + 2e-9 * 16 * 122, rel=0.02)
     assert cost.out_of_range == set()
+    cost.prefill_s(16, 1, 2048)  # the KV-costs table's longest session: inside the grid
+    assert cost.out_of_range == set()
     cost.prefill_s(16, 1, 3000)  # past the largest context measured
     assert [item.split(" ")[0] for item in cost.out_of_range] == ["cached_prefill"]
     cost.out_of_range.clear()
     cost.prefill_s(64, 1, 0)  # no context: the prefill grid's fit, as before
     assert cost.out_of_range == set()
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_the_gpu_plans_cached_grid_reaches_2048_and_brackets_reflect(quick):
+    """Both GPU plans time a prefill after 2048 cached tokens (the KV-costs table's longest
+    session) at every batch, within the 7B model's positions, and bracket REFLECT's 16-24 new
+    tokens at batch 1."""
+    plan = plan_for("cuda", quick=quick)
+    grid = cached_prefill_points(plan, LLAMA.max_position_embeddings)
+    assert len(grid) == len(plan.cached_prefill_batches) * len(plan.cached_prefill_contexts) * len(plan.cached_prefill_tokens)
+    assert {b for b, c, _ in grid if c == 2048} == set(plan.cached_prefill_batches)
+    tokens = {p for b, c, p in grid if b == 1 and c == 2048}
+    assert 16 in tokens and max(tokens) >= 24 and min(tokens) < 16
 
 
 def test_a_profile_without_the_stage_keeps_flagging_cached_prefill():
