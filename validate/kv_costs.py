@@ -161,13 +161,14 @@ def _reflects(cost: ProfileCostModel, spec: ModelSpec, context: int, policy: str
 
 def engine_swap_out_s(cost: ProfileCostModel, nbytes: int, pinned: bool) -> float:
     """A session's KV leaving the GPU alone on the engine's PCIe link (server.py's swap-out:
-    `Pcie.swap("d2h", ...)`, at `cost.kv_swap_bandwidth`): the simulated time."""
+    `Pcie.swap("d2h", ...)`, at `cost.kv_swap_bandwidth`), with no other session's KV on the host
+    (the one-agent scenario: `lone`): the simulated time."""
     import simpy
 
     from djinnsim.sim.engine.pcie import Pcie
 
     env = simpy.Environment()
-    env.run(Pcie(env, cost).swap("d2h", nbytes, pinned))
+    env.run(Pcie(env, cost).swap("d2h", nbytes, pinned, lone=True))
     return env.now
 
 
@@ -195,8 +196,9 @@ def simulated_costs(cost: ProfileCostModel, spec: ModelSpec, context: int, hosts
 
 
 def swap_out_range_s(cost: ProfileCostModel, context: int, host: str | None) -> tuple[float, float] | None:
-    """A pageable swap-out's range at `context` tokens: (the charge, every tensor into fresh pages)."""
-    return cost.kv_swap_out_range_s(context * cost.kv_bytes_per_token) if host == "pageable" else None
+    """A pageable swap-out's range at `context` tokens, the one agent's (lone: no other KV on the host):
+    (every tensor into warm pages, every tensor into fresh pages), widened to hold the charge."""
+    return cost.kv_swap_out_range_s(context * cost.kv_bytes_per_token, lone=True) if host == "pageable" else None
 
 
 # --- the real side --------------------------------------------------------------------------------
