@@ -154,6 +154,7 @@ def run_kv_swaps(s: Session) -> dict:
         # pageable swap-outs of large sets page-fault with long tails (p90 8x the p50 on the H200): 5 at least
         repeat = s.plan.repeat if total < 2**28 else max(5, s.plan.repeat // 2)
         for kind in kinds:
+            note = ""
             if kind == "pinned":
                 pool = [torch.empty(each, dtype=torch.uint8, pin_memory=True) for _ in range(tensors)]
                 out = measure(lambda: [p.copy_(t, non_blocking=True) for p, t in zip(pool, dev)], s.sync, warmup=1, repeat=repeat)
@@ -166,13 +167,15 @@ def run_kv_swaps(s: Session) -> dict:
                 faults: list[int] = []
                 out = measure(_counting_faults(lambda: held.append([to_host(t) for t in dev]), faults), s.sync,
                               warmup=1, repeat=repeat, setup=lambda: _release_held(held))
-                add_faults("d2h_pageable", context, total, faults[-len(out.samples_s):])
+                faults = faults[-len(out.samples_s):]
+                add_faults("d2h_pageable", context, total, faults)
+                note = f" (faults p50 {int(np.median(faults))} of {total // PAGE_BYTES} pages)"
                 back = measure(lambda: [to_device(t) for t in held[-1]], s.sync, warmup=1, repeat=repeat)
                 del held
             add(f"d2h_{kind}", context, total, out)
             add(f"h2d_{kind}", context, total, back)
             s.say(f"kv swap {kind:8} C={context:5} ({tensors} x {each / 2**20:.2f} MiB): out {out.describe()} "
-                  f"{total / out.p50 / 1e9:6.2f} GB/s | in {back.describe()} {total / back.p50 / 1e9:6.2f} GB/s")
+                  f"{total / out.p50 / 1e9:6.2f} GB/s{note} | in {back.describe()} {total / back.p50 / 1e9:6.2f} GB/s")
             s.free()
         del dev
         s.free()
