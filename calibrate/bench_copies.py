@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from djinnsim.sim.profile import Bandwidth
 
 from .fitting import fit_bandwidth
+from .kv_cycle import PAGE_BYTES, REFLECT_TOKENS, KvCycle, minor_faults
 from .session import Session
-from .timer import measure
+from .timer import Timing, measure
+
+CYCLE_WARMUPS = 3  # validate.kv_costs's default: the allocator's thresholds settle in the first swaps
 
 
 def _host_buffer(nbytes: int, pinned: bool):
@@ -71,12 +76,29 @@ def kv_swap_tensor_bytes(s: Session, context: int) -> int:
 
 
 def _release_held(held: list) -> None:
-    """Untimed, before a swap-out: every earlier swapped-out set freed, as a swap finds host memory
-    (kv_costs's real swap-out runs after the previous set was freed). Holding the last set here kept
-    the freed one below it in the heap, warm for the next set; freed whole, it may go back to the
-    kernel and page-fault again (on the 2-core CPU machine, 64 clones of 4 MiB took 32-53 ms with
-    the previous set held and 64-67 ms with it freed: docs/validation/kv-costs.md)."""
+    """Untimed, before a swap-out of the `freed` pattern: every earlier swapped-out set freed."""
     held.clear()
+
+
+def _counting_faults(fn, faults: list[int]):
+    """`fn` that also appends the process's minor page faults during each call to `faults`."""
+    def call():
+        before = minor_faults()
+        result = fn()
+        faults.append(minor_faults() - before)
+        return result
+    return call
+
+
+def _swap_cycle(s: Session, context: int, repeat: int) -> tuple[list[float], list[int], int] | None:
+    """The pageable swap-out as validate.kv_costs times it (calibrate.kv_cycle's sequence, with the
+    calibrated model's own prefilled K and V): (seconds and minor page faults per swap-out, the set's
+    bytes). None without a model or where the context + REFLECT does not fit its positions."""
+    if s.model is None or context + REFLECT_TOKENS > s.spec.max_position_embeddings:
+        return None
+    hosts = ("pinned", "pageable") if s.is_cuda else ("pageable",)
+    samples, facts = KvCycle(s.model, s.spec, s.device, seed=0).measure(context, hosts, repeat, CYCLE_WARMUPS)
+    return samples[("swap_out", "pageable")], facts["swap_out_faults"]["pageable"], facts["kv_bytes"]
 
 
 def run_kv_swaps(s: Session) -> dict:
@@ -85,9 +107,26 @@ def run_kv_swaps(s: Session) -> dict:
 
     - pinned: into (out of) a pool allocated once, `copy_(non_blocking=True)` for every tensor, so the
       copies queue on one stream and their fixed latencies overlap (a swap pool holds them so);
-    - pageable: `tensor.to("cpu")` into freshly allocated host memory after the previous set was
-      freed (untimed; as validate.kv_costs swaps, the freed memory may have gone back to the kernel
-      and page-faults again), and back with `tensor.to(device)`.
+    - pageable: `tensor.to("cpu")` into freshly allocated host memory, and back with `tensor.to(device)`.
+      Whether the host pages a pageable swap-out writes are warm (glibc's heap) or fresh (returned
+      to the kernel and faulted again) depends on what ran since the previous set was freed
+      (calibrate/kv_cycle.py), so the swap-out is timed in two patterns, each swap-out's minor page
+      faults counted beside its time (rows `kv_swap_d2h_pageable[_cycle]_faults`, unit count):
+      - `d2h_pageable` (freed): the previous set freed (untimed) right before the timed swap-out,
+        flat buffers of the K/V tensors' bytes, nothing in between (the stage's pattern since H200
+        run 4: on the H200 1.3-2.1 GB/s, fresh pages; on the 2-core CPU machine every page warm);
+      - `d2h_pageable_cycle`: validate.kv_costs's own loop (calibrate.kv_cycle.KvCycle) on the
+        calibrated model: REFLECT, re-prefill, the pinned swap (on a GPU), then the pageable swap-out
+        with the previous pageable set freed by the rebinding before the REFLECTs in between. Added
+        after H200 KV-costs runs 1-8 (which real pageable swap-outs ran at 2.5-11.4 GB/s, between the
+        two stages' regimes): those runs are in-sample for it; no constant comes from them, the stage
+        times the validation's sequence on the machine being calibrated.
+
+    Which one a simulated swap-out should pay: a lone session (one set at a time on the host, other
+    work in between: validate's loop, an agent alone on a server) is the cycle; a server swapping
+    several sessions in and out finds the set freed by a swap-in below sets still held, which glibc
+    cannot trim, so its pages stay warm (4 sessions round robin on the CPU machine: a median of
+    0-2.3% of the pages fresh per swap-out, at most 14%): the copies stage's warm regime (ProfileCostModel.kv_swap_bandwidth).
 
     Fits time = latency + bytes / rate per direction and kind, on the whole set's bytes; the
     simulator charges a swap of the model's KV with it (CostModel.kv_swap_bandwidth). On the CPU
@@ -97,6 +136,17 @@ def run_kv_swaps(s: Session) -> dict:
     tensors = 2 * s.spec.num_layers
     kinds = ("pinned", "pageable") if s.is_cuda else ("pageable",)
     points: dict[str, tuple[list[float], list[float]]] = {}
+
+    def add(name: str, context: int, nbytes: int, timing: Timing) -> None:
+        s.log.add_timing(f"kv_swap_{name}", f"{context}", timing.samples_s, nbytes=nbytes)
+        sizes, times = points.setdefault(name, ([], []))
+        sizes.append(float(nbytes))
+        times.append(timing.p50)
+
+    def add_faults(name: str, context: int, nbytes: int, faults: list[int]) -> None:
+        for rep, count in enumerate(faults):
+            s.log.add(f"kv_swap_{name}_faults", f"{context}", float(count), "count", rep, nbytes=nbytes)
+
     for context in s.plan.kv_swap_contexts:
         each = kv_swap_tensor_bytes(s, context)
         total = each * tensors
@@ -104,6 +154,7 @@ def run_kv_swaps(s: Session) -> dict:
         # pageable swap-outs of large sets page-fault with long tails (p90 8x the p50 on the H200): 5 at least
         repeat = s.plan.repeat if total < 2**28 else max(5, s.plan.repeat // 2)
         for kind in kinds:
+            note = ""
             if kind == "pinned":
                 pool = [torch.empty(each, dtype=torch.uint8, pin_memory=True) for _ in range(tensors)]
                 out = measure(lambda: [p.copy_(t, non_blocking=True) for p, t in zip(pool, dev)], s.sync, warmup=1, repeat=repeat)
@@ -113,20 +164,31 @@ def run_kv_swaps(s: Session) -> dict:
                 to_host = (lambda t: t.to("cpu")) if s.is_cuda else (lambda t: t.clone())
                 to_device = (lambda t: t.to(s.device)) if s.is_cuda else (lambda t: t.clone())
                 held = [[to_host(t) for t in dev]]
-                out = measure(lambda: held.append([to_host(t) for t in dev]), s.sync, warmup=1, repeat=repeat,
-                              setup=lambda: _release_held(held))
+                faults: list[int] = []
+                out = measure(_counting_faults(lambda: held.append([to_host(t) for t in dev]), faults), s.sync,
+                              warmup=1, repeat=repeat, setup=lambda: _release_held(held))
+                faults = faults[-len(out.samples_s):]
+                add_faults("d2h_pageable", context, total, faults)
+                note = f" (faults p50 {int(np.median(faults))} of {total // PAGE_BYTES} pages)"
                 back = measure(lambda: [to_device(t) for t in held[-1]], s.sync, warmup=1, repeat=repeat)
                 del held
-            for name, timing in ((f"d2h_{kind}", out), (f"h2d_{kind}", back)):
-                s.log.add_timing(f"kv_swap_{name}", f"{context}", timing.samples_s, nbytes=total)
-                sizes, times = points.setdefault(name, ([], []))
-                sizes.append(float(total))
-                times.append(timing.p50)
+            add(f"d2h_{kind}", context, total, out)
+            add(f"h2d_{kind}", context, total, back)
             s.say(f"kv swap {kind:8} C={context:5} ({tensors} x {each / 2**20:.2f} MiB): out {out.describe()} "
-                  f"{total / out.p50 / 1e9:6.2f} GB/s | in {back.describe()} {total / back.p50 / 1e9:6.2f} GB/s")
+                  f"{total / out.p50 / 1e9:6.2f} GB/s{note} | in {back.describe()} {total / back.p50 / 1e9:6.2f} GB/s")
             s.free()
         del dev
         s.free()
+        cycle = _swap_cycle(s, context, repeat)
+        if cycle is not None:
+            seconds, faults, kv_bytes = cycle
+            timing = Timing(seconds)
+            add("d2h_pageable_cycle", context, kv_bytes, timing)
+            add_faults("d2h_pageable_cycle", context, kv_bytes, faults)
+            s.say(f"kv swap pageable C={context:5} as validate's loop: out {timing.describe()} "
+                  f"{kv_bytes / timing.p50 / 1e9:6.2f} GB/s, faults per swap-out p50 {int(np.median(faults))} "
+                  f"of {kv_bytes // PAGE_BYTES} pages")
+            s.free()
         s.advance(1)
     fits = {}
     for name, (sizes, times) in points.items():

@@ -132,11 +132,12 @@ def bandwidth_from(rows, stage: str):
     return fit_bandwidth(*zip(*points))[0]
 
 
-def _copy_fits(rows, prefix: str) -> dict:
-    """{direction_kind: Bandwidth} from the samples of stages `prefix` + h2d_pinned etc.; on a CPU
-    device only the pageable kind (host memcpy) was measured and stands for pinned too."""
+def _copy_fits(rows, prefix: str, extra: tuple[str, ...] = ()) -> dict:
+    """{direction_kind: Bandwidth} from the samples of stages `prefix` + h2d_pinned etc. (and the
+    `extra` keys); on a CPU device only the pageable kind (host memcpy) was measured and stands for
+    pinned too."""
     fits = {}
-    for key in ("h2d_pinned", "h2d_pageable", "d2h_pinned", "d2h_pageable"):
+    for key in ("h2d_pinned", "h2d_pageable", "d2h_pinned", "d2h_pageable", *extra):
         bw = bandwidth_from(rows, f"{prefix}{key}")
         if bw is None and key.endswith("pinned"):
             bw = bandwidth_from(rows, f"{prefix}{key.replace('pinned', 'pageable')}")
@@ -246,7 +247,7 @@ def refit(profile: Profile, rows: list[dict[str, str]], note: str, left_out: tup
     if cached is not None:
         update["cached_prefill"] = cached
     update.update(_copy_fits(rows, "copy_"))
-    swaps = _copy_fits(rows, "kv_swap_")
+    swaps = _copy_fits(rows, "kv_swap_", extra=("d2h_pageable_cycle",))
     if swaps:
         update["kv_swaps"] = KvSwaps(tensors=2 * spec.num_layers, fits=swaps)
     for field in ("serialize", "deserialize"):

@@ -209,27 +209,29 @@ class CostModel(ABC):
     def copy_s(self, nbytes: float, direction: Literal["h2d", "d2h"] = "h2d", pinned: bool = True) -> float:
         return self.copy_bandwidth(direction, pinned).time_s(nbytes) if nbytes > 0 else 0.0
 
-    def kv_swap_bandwidth(self, direction: Literal["h2d", "d2h"], pinned: bool) -> tuple[Bandwidth, int]:
+    def kv_swap_bandwidth(self, direction: Literal["h2d", "d2h"], pinned: bool,
+                          lone: bool = False) -> tuple[Bandwidth, int]:
         """How a session's KV cache (`kv_tensors` buffers) crosses PCIe in a swap: the bandwidth and
         how many buffers pay its fixed latency one after another. Without a measured kv_swaps stage:
         pinned copies are issued non_blocking into a pool and queue on one stream, so their
         latencies overlap (paid once for the set); pageable copies are synchronous, one per buffer
-        (each at the rate of its size: Bandwidth.rate_gbps)."""
+        (each at the rate of its size: Bandwidth.rate_gbps). `lone`: no other session's KV is held
+        in host memory at the swap (ProfileCostModel.kv_swap_bandwidth); no difference here."""
         bandwidth = self.copy_bandwidth(direction, pinned)
         return bandwidth, 1 if pinned else self.kv_tensors
 
-    def kv_swap_s(self, nbytes: float, direction: Literal["h2d", "d2h"], pinned: bool) -> float:
-        """A swap of `nbytes` of one session's KV, alone on the bus."""
+    def kv_swap_s(self, nbytes: float, direction: Literal["h2d", "d2h"], pinned: bool, lone: bool = False) -> float:
+        """A swap of `nbytes` of one session's KV, alone on the bus (`lone`: kv_swap_bandwidth)."""
         if nbytes <= 0:
             return 0.0
-        bandwidth, pieces = self.kv_swap_bandwidth(direction, pinned)
+        bandwidth, pieces = self.kv_swap_bandwidth(direction, pinned, lone)
         return bandwidth.time_s(nbytes, pieces)
 
-    def kv_swap_out_range_s(self, nbytes: float) -> tuple[float, float]:
+    def kv_swap_out_range_s(self, nbytes: float, lone: bool = False) -> tuple[float, float]:
         """A pageable swap-out of `nbytes` of one session's KV, alone on the bus, with the host pages
-        warm and with them fresh (page-faulting): (the charge, the fresh-page charge). Equal where the
-        cost model knows one regime only (CostModel: the charge twice)."""
-        charged = self.kv_swap_s(nbytes, "d2h", False)
+        warm and with them fresh (page-faulting): (the lower, the upper end), the charge inside.
+        Equal where the cost model knows one regime only (CostModel: the charge twice)."""
+        charged = self.kv_swap_s(nbytes, "d2h", False, lone)
         return charged, charged
 
     @abstractmethod
@@ -460,31 +462,57 @@ class ProfileCostModel(CostModel):
     def _fresh(self, copy: Bandwidth) -> Bandwidth:
         return Bandwidth(latency_s=copy.latency_s, gbps=copy.large_gbps)
 
-    def kv_swap_bandwidth(self, direction: Literal["h2d", "d2h"], pinned: bool) -> tuple[Bandwidth, int]:
-        """A pageable swap-out where the copies stage saw two regimes (`pageable_regimes`): every K and
-        V tensor `.to("cpu")` on its own at the regime its size falls in (Bandwidth.rate_gbps: warm up
-        to `large_from_bytes`, fresh pages above), or fresh pages whatever the size when this cost
-        model is a band draw of the fresh regime (`pageable_swap_out="fresh"`). Otherwise the kv_swaps
-        stage's fit for the whole set, when the profile has it for this model's layout; else the
-        copies stage's bandwidth (CostModel.kv_swap_bandwidth)."""
+    def _swap_fit(self, key: str) -> Bandwidth | None:
+        """The kv_swaps stage's fit `key` for the whole set, where the profile has it for this model's layout."""
+        swaps = self.profile.kv_swaps
+        if swaps is not None and swaps.tensors == self.kv_tensors and key in swaps.fits:
+            return swaps.fits[key]
+        return None
+
+    def kv_swap_bandwidth(self, direction: Literal["h2d", "d2h"], pinned: bool,
+                          lone: bool = False) -> tuple[Bandwidth, int]:
+        """A pageable swap-out's host pages are warm (glibc's heap) or fresh (trimmed back to the
+        kernel and faulted again), as the host allocator's state leaves them (calibrate/kv_cycle.py):
+
+        - a band draw of the fresh regime (`pageable_swap_out="fresh"`, where the copies stage saw two
+          regimes): every tensor into fresh pages, whatever the size;
+        - `lone` (no other session's KV held in host memory: one agent, or validate.kv_costs's loop),
+          where the profile has the kv_swaps stage's `d2h_pageable_cycle` fit: that fit for the whole
+          set, the stage having timed validate's own loop on the calibrated machine;
+        - otherwise, where the copies stage saw two regimes (`pageable_regimes`): every K and V tensor
+          `.to("cpu")` on its own at the regime its size falls in (Bandwidth.rate_gbps: warm up to
+          `large_from_bytes`, fresh pages above). The default for a server swapping several
+          sessions: the set a swap-in frees lies below sets still held, which glibc's trim (only of
+          the heap's top) cannot reach, so the next swap-out reuses its pages warm (on the 2-core CPU
+          machine, 4 sessions round robin: a median of 0-2.3% of the pages fresh).
+
+        Otherwise the kv_swaps stage's fit for the whole set, when the profile has it for this
+        model's layout; else the copies stage's bandwidth (CostModel.kv_swap_bandwidth). Profiles
+        without `d2h_pageable_cycle` (before the stage ran it) are charged as before, lone or not."""
         if direction == "d2h" and not pinned:
             copy = self.pageable_regimes()
+            if copy is not None and self.pageable_swap_out == "fresh":
+                return self._fresh(copy), self.kv_tensors
+            cycle = self._swap_fit("d2h_pageable_cycle") if lone else None
+            if cycle is not None:
+                return cycle, 1
             if copy is not None:
-                return (self._fresh(copy) if self.pageable_swap_out == "fresh" else copy), self.kv_tensors
-        swaps = self.profile.kv_swaps
-        key = f"{direction}_{'pinned' if pinned else 'pageable'}"
-        if swaps is not None and swaps.tensors == self.kv_tensors and key in swaps.fits:
-            return swaps.fits[key], 1
+                return copy, self.kv_tensors
+        fit = self._swap_fit(f"{direction}_{'pinned' if pinned else 'pageable'}")
+        if fit is not None:
+            return fit, 1
         return super().kv_swap_bandwidth(direction, pinned)
 
-    def kv_swap_out_range_s(self, nbytes: float) -> tuple[float, float]:
-        """(the charge, the charge with every tensor into fresh pages): the range a pageable swap-out
-        may take where the copies stage saw two regimes; the charge twice otherwise."""
-        charged = self.kv_swap_s(nbytes, "d2h", False)
+    def kv_swap_out_range_s(self, nbytes: float, lone: bool = False) -> tuple[float, float]:
+        """(lower, upper): the range a pageable swap-out may take where the copies stage saw two
+        regimes, from every tensor into warm pages to every tensor into fresh ones, widened to hold
+        the charge (a lone swap-out's cycle fit may lie outside); the charge twice otherwise."""
+        charged = self.kv_swap_s(nbytes, "d2h", False, lone)
         copy = self.pageable_regimes()
         if copy is None or nbytes <= 0:
             return charged, charged
-        return charged, self._fresh(copy).time_s(nbytes, self.kv_tensors)
+        warm = copy.time_s(nbytes, self.kv_tensors) if self.pageable_swap_out != "fresh" else charged
+        return min(charged, warm), max(charged, self._fresh(copy).time_s(nbytes, self.kv_tensors))
 
     def serde_bandwidth(self, which: Literal["serialize", "deserialize"]) -> Bandwidth:
         return getattr(self.profile, which)

@@ -127,14 +127,17 @@ class Bandwidth(_Strict):
         return pieces * self.latency_s + nbytes / (self.rate_gbps(nbytes / pieces) * 1e9)
 
 
-KvSwapKey = Literal["d2h_pinned", "h2d_pinned", "d2h_pageable", "h2d_pageable"]
+KvSwapKey = Literal["d2h_pinned", "h2d_pinned", "d2h_pageable", "h2d_pageable", "d2h_pageable_cycle"]
 
 
 class KvSwaps(_Strict):
     """A session's whole KV cache (`tensors` K and V buffers) moved the way a swap moves it (stage
     kv_swaps): time = latency + bytes / rate for the whole set, per direction and host-memory kind.
     Pinned: non_blocking copies into (out of) a pool, queued on one stream; pageable: `.to("cpu")`
-    into freshly allocated host memory, and back."""
+    into freshly allocated host memory, and back: `d2h_pageable` right after the previous set was
+    freed, `d2h_pageable_cycle` (profiles since the stage ran it; absent before) inside
+    validate.kv_costs's loop (calibrate/kv_cycle.py), where the host allocator's state, and so
+    whether the pages are warm or fresh, is the one that loop leaves."""
 
     tensors: int = Field(gt=0)
     fits: dict[KvSwapKey, Bandwidth]

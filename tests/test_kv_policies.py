@@ -301,6 +301,65 @@ def test_pageable_swap_out_without_two_regimes_is_charged_as_before():
             cost.kv_swap_s(nbytes, "d2h", False)
 
 
+def test_a_lone_pageable_swap_out_pays_the_stage_s_cycle_fit():
+    """Closed form: with the kv_swaps stage's `d2h_pageable_cycle` fit, a pageable swap-out with no
+    other session's KV on the host (lone) pays it once for the set; with others held it pays the
+    copies stage's warm regime per tensor, as without the fit; a band draw of the fresh regime pays
+    fresh pages either way; the range holds the charge; swap-in and pinned swaps ignore `lone`."""
+    from djinnsim.sim.costmodel import ProfileCostModel
+    from djinnsim.sim.profile import KvSwaps
+    from djinnsim.validate.kv_costs import engine_swap_out_s, swap_out_range_s
+
+    profile, spec, copy, tensors = _two_regimes()
+    each = 4 * 2**20
+    nbytes = tensors * each
+    warm = tensors * (2e-5 + each / 12e9)
+    fresh = tensors * (2e-5 + each / 1.5e9)
+    before = ProfileCostModel(profile, spec)
+    for cycle_gbps in (3.0, 20.0, 0.5):  # between the regimes, faster than warm, slower than fresh
+        cycle = Bandwidth(latency_s=2e-3, gbps=cycle_gbps)
+        fits = {**profile.kv_swaps.fits, "d2h_pageable_cycle": cycle}
+        cost = ProfileCostModel(profile.model_copy(update={"kv_swaps": KvSwaps(tensors=tensors, fits=fits)}), spec)
+        lone = 2e-3 + nbytes / (cycle_gbps * 1e9)
+        assert cost.kv_swap_s(nbytes, "d2h", False, lone=True) == pytest.approx(lone, rel=1e-12)
+        assert cost.kv_swap_s(nbytes, "d2h", False) == pytest.approx(warm, rel=1e-12)
+        assert cost.kv_swap_out_range_s(nbytes, lone=True) == pytest.approx((min(lone, warm), max(lone, fresh)), rel=1e-12)
+        assert cost.kv_swap_out_range_s(nbytes) == pytest.approx((warm, fresh), rel=1e-12)
+        assert engine_swap_out_s(cost, nbytes, False) == pytest.approx(lone, rel=1e-9)  # validate's one agent
+        assert swap_out_range_s(cost, nbytes // cost.kv_bytes_per_token, "pageable") == cost.kv_swap_out_range_s(nbytes, lone=True)
+        drawn = ProfileCostModel(cost.profile, spec, pageable_swap_out="fresh")
+        assert drawn.kv_swap_s(nbytes, "d2h", False, lone=True) == pytest.approx(fresh, rel=1e-12)
+        for direction, pinned in (("h2d", False), ("d2h", True), ("h2d", True)):
+            assert cost.kv_swap_s(nbytes, direction, pinned, lone=True) == cost.kv_swap_s(nbytes, direction, pinned)
+    # a profile from before the stage timed the cycle: lone or not, as before
+    assert before.kv_swap_s(nbytes, "d2h", False, lone=True) == before.kv_swap_s(nbytes, "d2h", False)
+
+
+def test_the_server_swaps_out_lone_only_with_no_other_session_s_kv_on_the_host(monkeypatch):
+    """Two agents whose ACTs overlap: the first swap-out finds no other KV on the host (lone), the
+    second finds the first's; each agent's later swap-outs follow the same rule."""
+    from djinnsim.sim.engine.pcie import Pcie
+    from djinnsim.sim.run import simulate_scenario
+
+    seen = []
+    swap = Pcie.swap
+
+    def spy(self, direction, nbytes, pinned, lone=False):
+        if direction == "d2h":
+            seen.append(lone)
+        return swap(self, direction, nbytes, pinned, lone)
+
+    monkeypatch.setattr(Pcie, "swap", spy)
+    scenario = parse_scenario({
+        "name": "lone", "backends": ["djinn"], "cost_model": "roofline",
+        "server": {"kv_policy": "swap", "pinned_host_kv": False},
+        "workload": {"kind": "agents", "agents": [2], "reason": {"input_tokens": 500, "new_tokens": 4},
+                     "act": {"kind": "fixed", "seconds": 5.0}, "reflect": {"input_tokens": 16, "new_tokens": 4}},
+    })
+    simulate_scenario(scenario)
+    assert seen[:2] == [True, False]
+
+
 @pytest.mark.parametrize(("field", "value", "says"), [
     ("large_gbps", None, "large_from_bytes and large_gbps go together"),
     ("large_gbps", -1.5, "d2h_pageable.large_gbps"),

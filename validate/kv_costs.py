@@ -6,11 +6,15 @@
 
 The real side builds the profile's model from its bundled config with random weights, prefills a
 session of C tokens (batch 1) and, for each KV policy of `server.kv_policy`, times what the engine
-charges for it (host wall clock around synchronized calls, warm-ups dropped, as calibrate times):
+charges for it (host wall clock around synchronized calls, warm-ups dropped, as calibrate times),
+in calibrate/kv_cycle.py's sequence (calibrate's kv_swaps stage times its pageable swap-out in the same
+one, `d2h_pageable_cycle`):
 
 - swap_out / swap_in: the session's per-layer K and V tensors copied to host memory and back
   (pinned: into buffers allocated once, as a swap pool holds them; pageable: `tensor.to("cpu")` and
   back, as calibrate measures pageable copies); on a CPU device both are memcpy, as in calibrate;
+  every swap-out's minor page faults are counted too (facts `swap_out_faults`: how many host pages
+  it met fresh, the regime a pageable swap-out ran in);
 - reflect_after_swap: swap_in, then a REFLECT of 16 new tokens on the restored cache up to its first
   new token (the swap-out happened during ACT, off the REFLECT's path);
 - reflect_discard: the KV freed, the REFLECT re-prefills the whole context (C + 16 tokens) up to its
@@ -49,6 +53,7 @@ from typing import Annotated, Callable
 import numpy as np
 import typer
 
+from djinnsim.calibrate.kv_cycle import PAGE_BYTES, REFLECT_TOKENS, KvCycle
 from djinnsim.errors import DjinnsimError
 from djinnsim.sim.costmodel import ProfileCostModel
 from djinnsim.sim.outputs import write_json
@@ -56,14 +61,12 @@ from djinnsim.sim.profile import Profile, load_profile
 from djinnsim.sim.provenance import file_sha256, simulator
 from djinnsim.sim.specs import ModelSpec, get_model
 
-REFLECT_TOKENS = 16
 TOLERANCE = 0.10  # the target: the simulated cost within 10% of the real one
 TARGET = (f"the simulated cost within {TOLERANCE:.0%} of the real one: PASS when it lies in the real mean's 95% "
           f"bootstrap interval widened by {TOLERANCE:.0%} on each side and that interval is at most "
           f"{2 * TOLERANCE:.0%} of the mean wide; FAIL when it lies outside the widened interval; UNSURE when it "
           "lies inside but the real runs spread too widely to judge to that tolerance")
 VERDICTS = ("PASS", "FAIL", "UNSURE")
-USABLE_COSINE = 0.999
 OPS = ("swap_out", "swap_in", "reflect_after_swap", "reflect_discard", "reflect_preserve")
 
 
@@ -158,13 +161,14 @@ def _reflects(cost: ProfileCostModel, spec: ModelSpec, context: int, policy: str
 
 def engine_swap_out_s(cost: ProfileCostModel, nbytes: int, pinned: bool) -> float:
     """A session's KV leaving the GPU alone on the engine's PCIe link (server.py's swap-out:
-    `Pcie.swap("d2h", ...)`, at `cost.kv_swap_bandwidth`): the simulated time."""
+    `Pcie.swap("d2h", ...)`, at `cost.kv_swap_bandwidth`), with no other session's KV on the host
+    (the one-agent scenario: `lone`): the simulated time."""
     import simpy
 
     from djinnsim.sim.engine.pcie import Pcie
 
     env = simpy.Environment()
-    env.run(Pcie(env, cost).swap("d2h", nbytes, pinned))
+    env.run(Pcie(env, cost).swap("d2h", nbytes, pinned, lone=True))
     return env.now
 
 
@@ -192,122 +196,25 @@ def simulated_costs(cost: ProfileCostModel, spec: ModelSpec, context: int, hosts
 
 
 def swap_out_range_s(cost: ProfileCostModel, context: int, host: str | None) -> tuple[float, float] | None:
-    """A pageable swap-out's range at `context` tokens: (the charge, every tensor into fresh pages)."""
-    return cost.kv_swap_out_range_s(context * cost.kv_bytes_per_token) if host == "pageable" else None
+    """A pageable swap-out's range at `context` tokens, the one agent's (lone: no other KV on the host):
+    (every tensor into warm pages, every tensor into fresh pages), widened to hold the charge."""
+    return cost.kv_swap_out_range_s(context * cost.kv_bytes_per_token, lone=True) if host == "pageable" else None
 
 
 # --- the real side --------------------------------------------------------------------------------
 
-class RealSession:
-    """The profile's model on `device` and one session's KV of C tokens, with timed operations."""
+class RealSession(KvCycle):
+    """The profile's model on `device` (random weights from its bundled config) and one session's KV
+    of C tokens, put through calibrate.kv_cycle's sequence (the kv_swaps stage runs the same one)."""
 
     def __init__(self, spec: ModelSpec, device: str, dtype: str | None, seed: int) -> None:
         import torch
 
         from djinnsim.calibrate.modeling import build_model, resolve_dtype
 
-        self.torch = torch
-        self.spec = spec
-        self.device = device
         self.dtype = resolve_dtype(spec, dtype, device)
         torch.manual_seed(seed)
-        self.model = build_model(spec, device, self.dtype)
-        self.seed = seed
-
-    def sync(self) -> None:
-        if self.device.startswith("cuda"):
-            self.torch.cuda.synchronize(self.device)
-
-    def timed(self, fn: Callable[[], object]) -> tuple[float, object]:
-        self.sync()
-        start = time.perf_counter()
-        result = fn()
-        self.sync()
-        return time.perf_counter() - start, result
-
-    def first_token(self, ids, pairs=None):
-        """One forward over `ids` (after the cache `pairs`, if any): the last position's logits,
-        and the new token picked from them (so the time includes what a server does for it)."""
-        from djinnsim.calibrate.modeling import cache_from_tensors, forward
-
-        cache = cache_from_tensors(pairs) if pairs is not None else None
-        logits, _ = forward(self.model, ids, cache)
-        last = logits[:, -1]
-        last.argmax(-1)
-        return last
-
-    def measure(self, context: int, hosts: tuple[str, ...], repeats: int, warmups: int) -> tuple[dict, dict]:
-        """({(op, host): [seconds per repeat]}, facts) for a session of `context` tokens."""
-        from djinnsim.calibrate.modeling import cache_tensors, forward, random_ids
-
-        torch = self.torch
-        with torch.inference_mode():
-            ids = random_ids(self.spec, 1, context + REFLECT_TOKENS, self.device, seed=self.seed + context)
-            prompt, reflect = ids[:, :context], ids[:, context:]
-            _, cache = forward(self.model, prompt)
-            pairs = [(k.contiguous(), v.contiguous()) for k, v in cache_tensors(cache)]
-            del cache
-            tensors = [t for pair in pairs for t in pair]
-            kv_bytes = sum(t.numel() * t.element_size() for t in tensors)
-            samples: dict[tuple[str, str | None], list[float]] = {}
-
-            def keep(key, value):
-                samples.setdefault(key, []).append(value)
-
-            reference = None
-            outputs = {}
-            for i in range(warmups + repeats):
-                record = i >= warmups
-                preserve_s, logits = self.timed(lambda: self.first_token(reflect, pairs))
-                reference = logits if reference is None else reference
-                discard_s, logits = self.timed(lambda: self.first_token(ids))
-                outputs.setdefault("discard", logits)
-                if record:
-                    keep(("reflect_preserve", None), preserve_s)
-                    keep(("reflect_discard", None), discard_s)
-                for host in hosts:
-                    out_s, host_kv = self.timed(self._swap_out(tensors, host))
-                    in_s, restored = self.timed(self._swap_in(host_kv, host))
-                    back = list(zip(restored[0::2], restored[1::2]))
-                    reflect_s, logits = self.timed(lambda: self.first_token(reflect, back))
-                    outputs.setdefault(f"swap_{host}", logits)
-                    del restored, back
-                    if record:
-                        keep(("swap_out", host), out_s)
-                        keep(("swap_in", host), in_s)
-                        keep(("reflect_after_swap", host), in_s + reflect_s)
-            facts = {"kv_bytes": kv_bytes, "kv_tensors": len(tensors),
-                     "usable": {name: _usable(reference, logits) for name, logits in outputs.items()}}
-        return samples, facts
-
-    def _swap_out(self, tensors: list, host: str) -> Callable[[], list]:
-        torch = self.torch
-        if not self.device.startswith("cuda"):
-            return lambda: [t.clone() for t in tensors]  # host memcpy, as calibrate copies on the CPU
-        if host == "pageable":
-            return lambda: [t.to("cpu") for t in tensors]
-        pool = getattr(self, "_pool", None)
-        if pool is None or [p.shape for p in pool] != [t.shape for t in tensors]:
-            pool = self._pool = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
-        return lambda: [p.copy_(t, non_blocking=True) for p, t in zip(pool, tensors)]
-
-    def _swap_in(self, host_kv: list, host: str) -> Callable[[], list]:
-        if not self.device.startswith("cuda"):
-            return lambda: [t.clone() for t in host_kv]
-        pinned = host == "pinned"
-        return lambda: [t.to(self.device, non_blocking=pinned) for t in host_kv]
-
-
-def _usable(reference, logits) -> dict:
-    import torch
-
-    a, b = reference.float().flatten(), logits.float().flatten()
-    cosine = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
-    top1 = bool(a.argmax() == b.argmax())
-    max_abs_diff = float((a - b).abs().max())
-    tied = float(a.max() - a[b.argmax()]) <= 2 * max_abs_diff  # b's pick is a's best within the noise
-    return {"top1_agrees": top1, "top1_tied": tied, "cosine": cosine, "max_abs_diff": max_abs_diff,
-            "usable": (top1 or tied) and cosine >= USABLE_COSINE}
+        super().__init__(build_model(spec, device, self.dtype), spec, device, seed)
 
 
 # --- the comparison -------------------------------------------------------------------------------
@@ -516,6 +423,16 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _faults(facts: dict) -> str:
+    """Minor page faults per real swap-out by host kind, the median over the repeats, beside the KV's
+    pages (how many pages the swap-out met fresh); runs before they were counted: n/a."""
+    counted = facts.get("swap_out_faults")
+    if not counted:
+        return "n/a"
+    pages = facts["kv_bytes"] // PAGE_BYTES
+    return ", ".join(f"{host} {int(np.median(values))}" for host, values in counted.items() if values) + f" ({pages})"
+
+
 def markdown(doc: dict, rows: list[Row]) -> str:
     meta = doc["meta"]
     out = [f"# KV costs during ACT: real against simulated ({meta['device']}, {meta['model']})", "",
@@ -525,12 +442,13 @@ def markdown(doc: dict, rows: list[Row]) -> str:
            f"REFLECT of {meta['reflect_tokens']} tokens to its first new token. Sim: mean of {meta['sim_draws']} "
            "jitter draws of a one-agent Djinn scenario under each KV policy.",
            f"- Target: {meta['target']}.", f"- Started {meta['started_at']}.", "", table(rows),
-           "| C | KV bytes real | KV bytes sim | tensors | usable after swap / discard | outside the calibrated range |",
-           "|---:|---:|---:|---:|---|---|"]
+           "| C | KV bytes real | KV bytes sim | tensors | usable after swap / discard | outside the calibrated range "
+           "| swap-out page faults, median (of pages) |",
+           "|---:|---:|---:|---:|---|---|---|"]
     for c, f in doc["facts"].items():
         usable = ", ".join(f"{k}: {'yes' if u['usable'] else 'NO'} (cos {u['cosine']:.5f})" for k, u in f["usable"].items())
         out.append(f"| {c} | {f['kv_bytes']} | {f['sim_kv_bytes']} | {f['kv_tensors']} | {usable} | "
-                   f"{len(f['out_of_range'])} queries |")
+                   f"{len(f['out_of_range'])} queries | {_faults(f)} |")
     s = doc["summary"]
     out += ["", f"{_counts(s)}; every swapped and re-prefilled cache usable: {s['all_usable']}.", ""]
     return "\n".join(out)

@@ -9,7 +9,9 @@ and its class says what else holds it back (max-min fair shares, see pipe.py):
 - pageable copies (a request's tensors, staged by the driver through a bounce buffer; KV swaps
   when the host pool is not pinned): the profile's pageable rate (for a swap, the kv_swaps stage's,
   freshly allocated host memory included; a swap-out, per tensor at the warm or fresh-page regime
-  of its size where the copies stage saw two: ProfileCostModel.kv_swap_bandwidth), shared by the pageable copies in flight. Sharing, not a rate per copy: the measured aggregate of concurrent loads from pageable
+  of its size where the copies stage saw two, or, when no other session's KV is on the host, the
+  stage's timing of validate.kv_costs's own loop where the profile has it:
+  ProfileCostModel.kv_swap_bandwidth), shared by the pageable copies in flight. Sharing, not a rate per copy: the measured aggregate of concurrent loads from pageable
   memory stays flat with k (7.3, 6.5, 7.1 GB/s at k = 1, 2, 4 on the H100);
 - weight loads from a tier (disk cache, pageable, pinned host memory): the measured aggregate of k
   concurrent loads from that tier, `load_aggregate_gbps(tier, k)`, split among them.
@@ -83,15 +85,17 @@ class Pcie:
                                    self.cost.copy_bandwidth(direction, pinned), pieces)
         return self.pipes[direction], plan[0], plan[1]
 
-    def swap(self, direction: Direction, nbytes: float, pinned: bool) -> simpy.Event:
+    def swap(self, direction: Direction, nbytes: float, pinned: bool, lone: bool = False) -> simpy.Event:
         """An event that fires when a session's KV cache of `nbytes` (> 0) is swapped out (d2h) or
         restored (h2d): `cost.kv_swap_bandwidth`, the measured swap of the whole set where the
         profile has it (pinned copies queue and pay their latency once; pageable ones pay it per K
-        and V tensor)."""
-        plan = self._moves.get(("swap", direction, nbytes, pinned))
+        and V tensor); `lone`: no other session's KV is held in host memory (a pageable swap-out's
+        host pages then depend on what the process did since its last set was freed)."""
+        key = ("swap", direction, nbytes, pinned, lone)
+        plan = self._moves.get(key)
         if plan is None:
-            bandwidth, pieces = self.cost.kv_swap_bandwidth(direction, pinned)
-            plan = self._plan_move(("swap", direction, nbytes, pinned), direction, nbytes, pinned, bandwidth, pieces)
+            bandwidth, pieces = self.cost.kv_swap_bandwidth(direction, pinned, lone)
+            plan = self._plan_move(key, direction, nbytes, pinned, bandwidth, pieces)
         return self.pipes[direction].transfer(nbytes, plan[1], before_s=plan[0])
 
     def _plan_move(self, key: tuple, direction: Direction, nbytes: float, pinned: bool, bandwidth,

@@ -255,7 +255,7 @@ class GpuServer:
         return IdleKv(
             kv_bytes=nbytes,
             expected_act_s=self.expected_act_s,
-            swap_out_s=cost.kv_swap_s(nbytes, "d2h", pinned),
+            swap_out_s=cost.kv_swap_s(nbytes, "d2h", pinned, lone=self.host_kv_sessions == 0),
             swap_in_s=cost.kv_swap_s(nbytes, "h2d", pinned),
             recompute_s=recompute_s(cost, session.kv_tokens, next_input_tokens),
             others_resident_bytes=self.resident_kv_bytes - nbytes,
@@ -288,13 +288,14 @@ class GpuServer:
         pool = self.rules.swap_pool
         if pool.enabled and (self.host_kv_bytes + nbytes > pool.gib * 2**30 or self.host_kv_sessions >= pool.sessions):
             return
+        lone = self.host_kv_sessions == 0  # no other session's KV on the host (kv_swap_bandwidth)
         self.host_kv_bytes += nbytes
         self.host_kv_sessions += 1
         self.resident_kv_bytes -= nbytes
 
         def swap_out():
             if nbytes > 0:
-                yield self.pcie.swap("d2h", nbytes, self.pinned_host_kv)
+                yield self.pcie.swap("d2h", nbytes, self.pinned_host_kv, lone)
             self.memory.free(nbytes)
             self.memory_plan.give(data=nbytes)
 
