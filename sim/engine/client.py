@@ -52,11 +52,11 @@ def request(env: simpy.Environment, pool: GpuPool, channel: Channel, plan: Reque
     if serving.remote:
         if serving.connect_per_request or not channel.connected:
             out.connect_s = link.rtt_s + server.cost.connect_s()  # waited as the send's lead
-            if not out.connect_s > 0:  # zero, or a bad cost the clock's guard reports
+            if not out.connect_s > 0.0:  # zero, or a bad cost the clock's guard reports
                 yield env.timeout(out.connect_s)
             channel.connected = serving.keep_connection
-        lead_s = out.connect_s if out.connect_s > 0 else 0.0
-        sent_at = env.now + lead_s if lead_s > 0 else env.now  # as the clock reads after a timeout of lead_s
+        lead_s = out.connect_s if out.connect_s > 0.0 else 0.0
+        sent_at = env.now + lead_s if lead_s > 0.0 else env.now  # as the clock reads after a timeout of lead_s
         # link.send's wire bytes and costs, memoized with the plan (nothing on the wire: link.send
         # itself); Link.request_costs' memo read inline
         costs = link._requests.get(id(plan))
