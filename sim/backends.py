@@ -35,14 +35,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from djinnsim.errors import DjinnsimError
 
 from .engine.plan import GeneratePlan, ServingPlan, generate_plan, serving_plan
 from .server_rules import KvPolicySpec
-from .specs import TOKEN_ID_BYTES, ModelSpec
+from .specs import TOKEN_ID_BYTES, ModelSpec, load_bundled_yaml
 
 Scheduler = Literal["serial_fcfs", "time_sliced", "time_sliced_per_pass", "continuous_batching"]
 
@@ -144,7 +143,7 @@ class Backend(BaseModel):
 @lru_cache(maxsize=1)
 def _preset_table() -> dict[str, dict[str, Any]]:
     path = Path(str(resources.files("djinnsim.sim") / "data" / "backends.yaml"))
-    return yaml.safe_load(path.read_text())
+    return load_bundled_yaml(path.read_text())
 
 
 def _resolve(name: str, table: dict[str, dict[str, Any]], seen: tuple[str, ...] = ()) -> dict[str, Any]:

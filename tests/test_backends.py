@@ -3,6 +3,8 @@ scenario-defined backends and their errors."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -201,3 +203,18 @@ def test_bad_backend_is_a_one_line_error_naming_it(custom, backends, needles):
 def test_get_backend_unknown_lists_known_ones():
     with pytest.raises(DjinnsimError, match="unknown backend 'nope'; known backends: .*full_djinn"):
         get_backend("nope")
+
+
+def test_bundled_yaml_files_read_as_yaml_safe_load_reads_them():
+    """The bundled models, GPUs and backend presets are read by LibYAML's parser where PyYAML has it
+    (specs.load_bundled_yaml): the same values, of the same types, in the same order."""
+    import yaml
+
+    from djinnsim.sim import specs
+
+    data = Path(specs.__file__).parent / "data"
+    files = [*sorted(data.glob("models/*.yaml")), *sorted(data.glob("gpus/*.yaml")), data / "backends.yaml"]
+    assert len(files) >= 9
+    for path in files:
+        text = path.read_text()
+        assert repr(specs.load_bundled_yaml(text)) == repr(yaml.safe_load(text)), path.name

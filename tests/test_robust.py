@@ -267,6 +267,40 @@ def test_a_delay_that_is_not_a_finite_duration_stops_the_run(delay):
         CountingEnvironment().timeout(delay)
 
 
+def _push_through(site: str, env: CountingEnvironment, step_s: float) -> None:
+    """A step of `step_s` scheduled by one of the places that push an event into the queue themselves."""
+    import simpy
+
+    from djinnsim.sim.engine import pipe
+
+    if site == "schedule":
+        env.schedule(simpy.Event(env), delay=step_s)
+    elif site == "recurring":
+        pipe.Recurring(lambda _event: None).after(env, step_s)
+    elif site == "schedule_at":
+        pipe.schedule_at(env, simpy.Event(env), env.now + step_s)
+    else:  # a lone transfer's closed form, its fixed time after the pipe being the step
+        pipe.SharedPipe(env, lambda k: 1e9).transfer(1e6, after_s=step_s)
+
+
+@pytest.mark.parametrize("site", ["schedule", "recurring", "schedule_at", "closed_form"])
+@pytest.mark.parametrize("step_s", [math.nan, math.inf, -0.5, 0, 0.0, 2, 0.25])
+def test_every_place_that_schedules_guards_its_step(site, step_s):
+    """Each place that pushes an event itself checks the step as `schedule` does (their float
+    comparisons with float literals: NaN, infinity and a negative step are still refused, a zero
+    or positive one, int or float, taken)."""
+    env = CountingEnvironment()
+    refused = (site != "closed_form" and not 0 <= step_s < math.inf) or (site == "closed_form" and step_s == math.inf)
+    if refused:  # a negative delay of a recurring call is SimPy's own ValueError, as a Timeout's
+        with pytest.raises((guard.ClockStalled, ValueError), match="simulated step|Negative delay"):
+            _push_through(site, env, step_s)
+        return
+    _push_through(site, env, step_s)
+    assert len(env._queue) == 1
+    expected_at = (1e6 / 1e9 + (step_s if step_s > 0 else 0.0)) if site == "closed_form" else step_s
+    assert env._queue[0][0] == pytest.approx(expected_at)
+
+
 def test_a_clock_that_stands_still_stops_the_run_after_one_window():
     env = CountingEnvironment(window=1000)
 

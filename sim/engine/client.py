@@ -52,11 +52,11 @@ def request(env: simpy.Environment, pool: GpuPool, channel: Channel, plan: Reque
     if serving.remote:
         if serving.connect_per_request or not channel.connected:
             out.connect_s = link.rtt_s + server.cost.connect_s()  # waited as the send's lead
-            if not out.connect_s > 0:  # zero, or a bad cost the clock's guard reports
+            if not out.connect_s > 0.0:  # zero, or a bad cost the clock's guard reports
                 yield env.timeout(out.connect_s)
             channel.connected = serving.keep_connection
-        lead_s = out.connect_s if out.connect_s > 0 else 0.0
-        sent_at = env.now + lead_s if lead_s > 0 else env.now  # as the clock reads after a timeout of lead_s
+        lead_s = out.connect_s if out.connect_s > 0.0 else 0.0
+        sent_at = env.now + lead_s if lead_s > 0.0 else env.now  # as the clock reads after a timeout of lead_s
         # link.send's wire bytes and costs, memoized with the plan (nothing on the wire: link.send
         # itself); Link.request_costs' memo read inline
         costs = link._requests.get(id(plan))
@@ -134,26 +134,31 @@ def agent(env: simpy.Environment, pool: GpuPool, planner: Planner, log: RecordBu
     session = channel.session
     context = 0
     kv_state = "none"
+    # the workload's numbers read once: a pydantic model's attribute is a slow read (its class
+    # defines __getattr__, so CPython cannot specialize the lookup), and these are read per phase
+    phases = (("reason", workload.reason.input_tokens, workload.reason.new_tokens),
+              ("reflect", workload.reflect.input_tokens, workload.reflect.new_tokens))
+    reflect_input_tokens = workload.reflect.input_tokens
     for iteration in range(workload.iterations):
-        for phase, spec in (("reason", workload.reason), ("reflect", workload.reflect)):
+        for phase, input_tokens, new_tokens in phases:
             # a session with KV on the GPU stays there (only a serverless task moves between GPUs)
             # GpuServer.resident_tokens, inlined: all of the context, or none once its KV was dropped
             resident = (context if session.kv_tokens else 0) if planner.serving.session_kv else context
-            plan = planner.generate(context, spec.input_tokens, spec.new_tokens, resident=resident)
+            plan = planner.generate(context, input_tokens, new_tokens, resident=resident)
             if len(plan.requests) == 1:  # a whole phase in one request: no generate() frame between
                 out = yield from request(env, pool, channel, plan.requests[0])
             else:  # merged, its status the last request's
                 out = merge((yield from generate(env, pool, channel, plan)))
             record(log, channel, out, agent_id, iteration, phase, -1, False, context,
-                   spec.input_tokens, spec.new_tokens, kv_state, context - resident)
+                   input_tokens, new_tokens, kv_state, context - resident)
             if out.status != "ok":
                 pool.release(channel)
                 log.finished(agent_id)
                 return
-            context += spec.input_tokens + spec.new_tokens
+            context += input_tokens + new_tokens
             kv_state = "resident" if planner.serving.session_kv else "none"
             if phase == "reason":
-                channel.server.idle(session, workload.reflect.input_tokens)
+                channel.server.idle(session, reflect_input_tokens)
                 yield env.timeout(act_s())
                 kv_state = channel.server.wake(session)
     pool.release(channel)

@@ -107,9 +107,9 @@ class SharedPipe:
             return done
         self.bytes_carried += nbytes
         join_at = now = env.now
-        if lead_s > 0:
+        if lead_s > 0.0:  # float literals: a float-to-float compare is specialized (3.11), not one to an int
             join_at = join_at + lead_s  # as chained timeouts add them
-        if before_s > 0:
+        if before_s > 0.0:
             join_at = join_at + before_s
         if self._holds.active:
             if not self._held:
@@ -166,13 +166,13 @@ class SharedPipe:
         # its flows end together; a fixed time after the pipe (a downlink's propagation and
         # deserialization) brings them to one instant, as a lone transfer's (`_start`): one event
         # there fires them all, in order, where the step-by-step pipe scheduled one each there
-        done_at = end_at + after_s if after_s > 0 else end_at
+        done_at = end_at + after_s if after_s > 0.0 else end_at
         ended = simpy.Event(self.env)
         ended.callbacks.append(lambda _event: fire_all(self.env, dones))
         lone.append(_new_alone((join_at, end_at, done_at, nbytes, flow_class, ended, after_s, rate, dones)))
         ended._ok = True  # schedule_at, inlined
         ended._value = None
-        if not 0 <= done_at - now < _INF:
+        if not 0.0 <= done_at - now < _INF:
             guard.check_delay(done_at - now)
         _heappush(self._queue, (done_at, _NORMAL, next(self.env._eid), ended))
         return True
@@ -187,13 +187,13 @@ class SharedPipe:
                 rate = self._lone_rate(flow_class)
             end_at = join_at + nbytes / rate
             if nbytes <= (end_at - join_at) * rate + rate * _DONE_WITHIN_S:
-                done_at = end_at + after_s if after_s > 0 else end_at
+                done_at = end_at + after_s if after_s > 0.0 else end_at
                 while lone and lone[0][1] <= now:
                     lone.popleft()
                 lone.append(_new_alone((join_at, end_at, done_at, nbytes, flow_class, done, after_s, rate, None)))
                 done._ok = True  # schedule_at, inlined: most transfers come here
                 done._value = None
-                if not 0 <= done_at - now < _INF:
+                if not 0.0 <= done_at - now < _INF:
                     guard.check_delay(done_at - now)
                 _heappush(self._queue, (done_at, _NORMAL, next(self.env._eid), done))
                 return
@@ -446,7 +446,7 @@ def schedule_at(env: simpy.Environment, event: simpy.Event, at: float) -> None:
 def _push_at(env: simpy.Environment, event: simpy.Event, at: float) -> None:
     """`event` into the environment's queue at `at`, as `env.schedule` puts it at now + delay (the
     next id: world.CountingEnvironment counts the events by their ids), the step guarded as there."""
-    if not 0 <= at - env.now < _INF:
+    if not 0.0 <= at - env.now < _INF:
         guard.check_delay(at - env.now)
     _heappush(env._queue, (at, _NORMAL, next(env._eid), event))
 
@@ -473,7 +473,7 @@ class Recurring:
         self.callbacks = None
 
     def after(self, env: simpy.Environment, delay_s: float) -> None:
-        if not 0 <= delay_s < _INF:
+        if not 0.0 <= delay_s < _INF:
             if delay_s < 0:
                 raise ValueError(f"Negative delay {delay_s}")  # as SimPy's Timeout
             guard.check_delay(delay_s)  # NaN or infinite: as world.CountingEnvironment.schedule

@@ -95,7 +95,7 @@ class CountingEnvironment(simpy.Environment):
         return issued
 
     def schedule(self, event, priority=_NORMAL, delay=0):
-        if not 0 <= delay < _INF:  # NaN fails both comparisons
+        if not 0.0 <= delay < _INF:  # NaN fails both comparisons (a float literal: see pipe.transfer)
             guard.check_delay(delay)
         _heappush(self._queue, (self.now + delay, priority, next(self._eid), event))
 
