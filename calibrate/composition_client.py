@@ -71,19 +71,22 @@ PACED_TIMEOUT_S = 300.0  # one paced request's bound (a 2048-token KV at 2 Gbps 
 
 
 def paced_step(client, port: int, prompt: np.ndarray) -> tuple[float, dict]:
-    """One partially_aware step at len(prompt) + 1 as validate's real client takes it (its Client,
+    """One partially_aware step at len(prompt) + 2 as validate's real decode takes it (its Client,
     validate/clients.py, against validate's own request handling on the server): a request for the
-    prompt, whose KV comes down (not timed), then the step that sends the next id and that KV
-    (a view into the reply just received, framed again) back up, timed from issue to the reply
-    read. Returns (its seconds, the server's h2d, compute and d2h seconds)."""
+    prompt, whose KV comes down, and a step that sends the next id and that KV back up (neither
+    timed), then the step that does the same with the KV the last reply left (a view into the
+    buffer just received, framed again), timed from issue to the reply read: as in validate's
+    decode, the timed request follows a step. Returns (its seconds, the server's h2d, compute and
+    d2h seconds)."""
     from djinnsim.sim.backends import get_backend
     from djinnsim.validate.clients import step_header
     from djinnsim.validate.protocol import Op
 
     backend = get_backend("partially_aware")
-    first = client.request(port, Op.STEP, step_header(backend, "0", False), {"ids": prompt})
-    nxt = first.tensors["logits"][:, -1].argmax(-1).reshape(-1, 1).astype(np.int64)
-    ex = client.request(port, Op.STEP, step_header(backend, "0", True), {"ids": nxt, "kv": first.tensors["kv"]})
+    ex = client.request(port, Op.STEP, step_header(backend, "0", False), {"ids": prompt})
+    for last in (False, True):
+        nxt = ex.tensors["logits"][:, -1].argmax(-1).reshape(-1, 1).astype(np.int64)
+        ex = client.request(port, Op.STEP, step_header(backend, "0", last), {"ids": nxt, "kv": ex.tensors["kv"]})
     return ex.finished_at - ex.issued_at, {k: float(ex.header[k]) for k in ("h2d_s", "compute_s", "d2h_s")}
 
 
@@ -101,7 +104,7 @@ def paced(ports: list[int], model: str, paced_gbps: list[float], paced_contexts:
     for port, gbps in zip(ports, paced_gbps):
         client = Client(LinkParams(gbps=gbps, rtt_s=0.0), PACED_TIMEOUT_S)
         for seq_len in sorted(set(paced_contexts)):
-            prompt = np.random.default_rng(seq_len).integers(0, spec.vocab_size, (1, seq_len - 1), dtype=np.int64)
+            prompt = np.random.default_rng(seq_len).integers(0, spec.vocab_size, (1, seq_len - 2), dtype=np.int64)
             samples, marks = [], []
             for rep in range(repeat + 1):
                 elapsed, server = paced_step(client, port, prompt)

@@ -1,6 +1,7 @@
 """calibrate's paced composition rows (network.paced_path) take validate's own message path: its
 client frames each step from the KV view the last reply left and paces it, and the server's side is
-validate's own request handling (validate/server.py serve_model) around calibrate's model. Before
+validate's own request handling (validate/server.py serve_model) around calibrate's model, and the
+timed request follows a step, as in validate's decode. Before
 H200 runs 12 and 13 the rows resent a message framed once, outside the timing, to the composition
 server's single thread: a cheaper host path than the one validate's real runs take."""
 
@@ -56,10 +57,13 @@ def test_the_paced_rows_are_validate_steps_served_by_validates_request_handling(
 
     spec = tiny_session.spec
     assert [(row["paced_gbps"], row["seq_len"]) for row in rows] == [(g, CONTEXT) for g in RATES]
-    kv_shape = (spec.num_layers, 2, 1, spec.num_kv_heads, CONTEXT - 1, spec.head_dim)
-    for gbps in RATES:  # each sample (one warm-up + REPEAT): the prompt, then the step sending its KV back up
+    def kv_shape(tokens):
+        return (spec.num_layers, 2, 1, spec.num_kv_heads, tokens, spec.head_dim)
+
+    for gbps in RATES:  # each sample (one warm-up + REPEAT): the prompt, then two steps sending the KV back up
         mine = [s for s in steps if s[0] == gbps]
-        assert [s[2] for s in mine] == [{"ids": (1, CONTEXT - 1)}, {"ids": (1, 1), "kv": kv_shape}] * (1 + REPEAT)
+        sample = [{"ids": (1, CONTEXT - 2)}, {"ids": (1, 1), "kv": kv_shape(CONTEXT - 2)}, {"ids": (1, 1), "kv": kv_shape(CONTEXT - 1)}]
+        assert [s[2] for s in mine] == sample * (1 + REPEAT)
         assert {s[1] for s in mine} == {"client"}
     for *_, reply in steps:  # the server's copy time, split so the rows keep h2d and d2h apart
         assert reply["copy_s"] == pytest.approx(reply["h2d_s"] + reply["d2h_s"], abs=1e-12)
@@ -72,27 +76,29 @@ def test_the_paced_rows_are_validate_steps_served_by_validates_request_handling(
     assert kept == {f"partially_aware_L{CONTEXT}_{g:g}gbps" for g in RATES}
 
 
-def test_a_paced_step_frames_again_the_kv_view_its_prompt_reply_left_and_times_that_step_whole():
-    kv = np.arange(2 * 3 * 5, dtype=np.float32).reshape(1, 2, 1, 3, 5)
-    received = bytearray(kv.tobytes())  # the reply's receive buffer
-    view = np.frombuffer(received, dtype=np.float32).reshape(kv.shape)
+def test_a_paced_step_frames_again_the_kv_view_the_last_reply_left_and_times_the_step_after_a_step():
+    def received(tokens):  # a reply's KV: a view into the buffer it was received into
+        kv = np.arange(2 * tokens * 5, dtype=np.float32).reshape(1, 2, 1, tokens, 5)
+        return np.frombuffer(bytearray(kv.tobytes()), dtype=np.float32).reshape(kv.shape)
+
+    views = [received(3), received(4), received(5)]
     sent = []
 
     class Client:  # validate's Client.request, recorded
         def request(self, port, op, header, tensors, conn=None):
+            k = len(sent)
             sent.append((op, header, tensors))
-            first = len(sent) == 1
-            return Exchange(issued_at=10.0, finished_at=10.0 + (0.5 if first else 0.25), connect_s=0.001, status="ok",
-                            header={"h2d_s": 0.01, "compute_s": 0.02, "d2h_s": 0.03},
-                            tensors={"logits": np.array([[[0.0, 3.0, 1.0]]], dtype=np.float32), "kv": view} if first else {},
+            return Exchange(issued_at=10.0 * k, finished_at=10.0 * k + 0.25 * (k + 1), connect_s=0.001, status="ok",
+                            header={"h2d_s": 0.01 * k, "compute_s": 0.02, "d2h_s": 0.03},
+                            tensors={"logits": np.eye(4, dtype=np.float32)[k + 1].reshape(1, 1, 4), "kv": views[k]},
                             bytes_up=0, bytes_down=0, wire_bytes_up=0, wire_bytes_down=0)
 
     prompt = np.array([[5, 6, 7]], dtype=np.int64)
     elapsed, marks = composition_client.paced_step(Client(), 1234, prompt)
-    assert elapsed == 0.25 and marks == {"h2d_s": 0.01, "compute_s": 0.02, "d2h_s": 0.03}
-    (op1, head1, up1), (op2, head2, up2) = sent
-    assert op1 == op2 == Op.STEP
-    assert head1["kv"] == head2["kv"] == "client" and head2["end"] and not head1["end"]
-    assert up1["ids"] is prompt and "kv" not in up1
-    assert up2["ids"].tolist() == [[1]]  # the argmax of the prompt's last logits, as validate's decode takes it
-    assert up2["kv"] is view  # the received view itself: Client.request frames it again, inside the timing
+    assert elapsed == 0.75 and marks == {"h2d_s": 0.02, "compute_s": 0.02, "d2h_s": 0.03}  # the third request's
+    assert [op for op, _, _ in sent] == [Op.STEP] * 3
+    assert [h["kv"] for _, h, _ in sent] == ["client"] * 3 and [h["end"] for _, h, _ in sent] == [False, False, True]
+    (_, _, up0), (_, _, up1), (_, _, up2) = sent
+    assert up0["ids"] is prompt and "kv" not in up0
+    assert up1["ids"].tolist() == [[1]] and up2["ids"].tolist() == [[2]]  # each reply's argmax, as validate's decode takes it
+    assert up1["kv"] is views[0] and up2["kv"] is views[1]  # the received views themselves: Client.request frames them again
