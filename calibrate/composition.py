@@ -4,6 +4,12 @@ socket, next to what the fitted primitives predict for the same step.
 The server is this process, holding the model; the client is a separate process
 (composition_client) that opens a new TCP connection per request (the presets' connection:
 per_request), frames its tensors with wire.pack, and reads the reply. If measured and predicted agree, the simulator's sum of primitives describes these backends.
+
+partially_aware paced by the link emulator (network.paced_path) is served apart, rate by rate, by
+validate's own request handling around this process's model (validate/server.py serve_model) and
+driven by validate's own client: the path those rows measure is the one validate's real runs
+take. Before H200 runs 12 and 13 they went through this module's BackendServer and a message the
+client framed once, outside the timing; see paced_path.
 """
 
 from __future__ import annotations
@@ -154,7 +160,12 @@ def paced_path(rows: list[dict], cost: CostModel) -> list[tuple[float, float]] |
     unpaced one does not (H200 runs 6 and 10: about 0.66 ms/MB in series at 2 and 4 Gbps against
     loopback_path's 0.9-1.0), and at or above the cap the emulator's chunked sends are not the
     unpaced stage's one sendall (run 12: 1.03 ms/MB real beyond the wire at 25 Gbps, 0.64 charged), so
-    the loopback path measured unpaced does not stand in for it."""
+    the loopback path measured unpaced does not stand in for it.
+    The paced rows are validate's own client and server handling (composition_client.paced_step,
+    validate/server.py serve_model): until H200 runs 12 and 13 they were a message framed once and
+    resent, against this module's single-threaded BackendServer, and took about 1.0 ms/MB beyond the
+    wire where validate's real steps took 1.3 (run 13, L=104 at 25 Gbps; run 12 alike). The change
+    came after those runs (in-sample for them); the next GPU run judges it."""
     cap_Bps = (cost.stream_gbps() or math.inf) * 1e9
     connect = cost.connect_s() + 2 * cost.per_message_s()
     by_rate: dict[float, list[float]] = {}
@@ -263,13 +274,7 @@ class BackendServer:
                         self.s.sync()
                         conn.sendall(wire.pack(REPLY, {}))
                         continue
-                    reply = self._step(header["backend"], tensors)
-                    if header.get("pace_gbps"):  # the reply paced as the request was
-                        from djinnsim.common.linkemu import LinkParams, Pacer
-
-                        Pacer(LinkParams(gbps=float(header["pace_gbps"]), rtt_s=0.0)).send(conn, [reply])
-                    else:
-                        conn.sendall(reply)
+                    conn.sendall(self._step(header["backend"], tensors))
 
     def _step(self, backend: str, tensors: dict) -> bytearray:
         from .modeling import cache_from_tensors, cache_tensors, forward
@@ -299,29 +304,44 @@ class BackendServer:
         return wire.pack(REPLY, marks, reply)
 
 
+PACED_LIFETIME_S = 1800.0  # bounds of one rate's server (it stops at the client's SHUTDOWN, or when the client is gone)
+PACED_IDLE_S = 300.0
+
+
 def run_composition(s: Session, cost: CostModel, link_gbps: float) -> list[dict]:
     """The client is its own process (composition_client); the server, and so the model, stays here."""
     import json
     import subprocess
     import sys
 
+    from djinnsim.validate.server import ServerConfig, serve_model
+
     from .runner import model_key
 
     spec, plan = s.spec, s.plan
     contexts = [c for c in plan.composition_contexts if c < spec.max_position_embeddings]
     paced = [c for c in plan.composition_paced_contexts if c < spec.max_position_embeddings] if plan.composition_paced_gbps else []
+    rates = list(plan.composition_paced_gbps) if paced else []
+    dtype = str(s.dtype).removeprefix("torch.")
+    paced_listeners = [socket.create_server(("127.0.0.1", 0), backlog=64) for _ in rates]  # one per rate, in order
     server = BackendServer(s)
     client = subprocess.Popen(
         [
             sys.executable, "-m", "djinnsim.calibrate.composition_client",
-            "--port", str(server.port), "--model", model_key(spec), "--dtype", str(s.dtype).removeprefix("torch."),
+            "--port", str(server.port), "--model", model_key(spec), "--dtype", dtype,
             "--contexts", ",".join(map(str, contexts)), "--repeat", str(plan.composition_repeat),
-            "--paced-gbps", ",".join(f"{g:g}" for g in plan.composition_paced_gbps), "--paced-contexts", ",".join(map(str, paced)),
+            "--paced-gbps", ",".join(f"{g:g}" for g in rates), "--paced-contexts", ",".join(map(str, paced)),
+            "--paced-ports", ",".join(str(listener.getsockname()[1]) for listener in paced_listeners),
         ],
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
+        for gbps, listener in zip(rates, paced_listeners):  # validate's server handling, paced at the rate
+            with listener:
+                serve_model(s.model, ServerConfig(model=model_key(spec), device=s.device, dtype=dtype, link_gbps=gbps,
+                                                  rtt_s=0.0, lifetime_s=PACED_LIFETIME_S, idle_s=PACED_IDLE_S),
+                            listener, client_alive=lambda: client.poll() is None)
         server.serve_forever(client_alive=lambda: client.poll() is None)
         output, _ = client.communicate(timeout=60)
     finally:

@@ -4,7 +4,16 @@ A separate process, as a real client is: with client and server as threads of on
 socket loops contend for one interpreter lock and the transfers ran about twice as slow. It frames
 each backend's request with the wire format, opens a new connection per request, and prints one
 JSON line per (backend, sequence length) with the timed samples and the server's own breakdown.
-Only numpy, the wire format and the model specs are imported: no torch.
+Only numpy, the wire format, the model specs and validate's client are imported: no torch.
+
+The paced rows (partially_aware at each line rate, network.paced_path) go through validate's own
+client (validate/clients.py: a message framed per step from the KV view the last reply left,
+its uplink Pacer) against validate's own request handling on the server (validate/server.py
+serve_model), as validate's real runs do. Until H200 runs 12 and 13 they were a message framed
+once, outside the timing, and resent from the same buffer, against the composition server's
+single thread: a cheaper host path than validate's (run 13, L=104 at 25 Gbps: about 1.0 ms/MB
+beyond the wire against validate's 1.3). The change came after those runs, so they are in-sample
+for it; the next GPU run judges it.
 """
 
 from __future__ import annotations
@@ -24,14 +33,11 @@ REQUEST, REPLY, SETUP, STOP = 4, 5, 6, 9
 WIRE_DTYPES = {"float16": np.float16, "bfloat16": np.int16, "float32": np.float32}  # bf16 travels as its bits
 
 
-def request(port: int, msg: bytearray, pacer=None) -> dict:
-    """One request on a new connection; with `pacer` (linkemu.Pacer) it leaves at that line rate."""
+def request(port: int, msg: bytearray) -> dict:
+    """One request on a new connection."""
     with socket.create_connection(("127.0.0.1", port)) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if pacer is None:
-            sock.sendall(msg)
-        else:
-            pacer.send(sock, [msg])
+        sock.sendall(msg)
         _, header, _, _ = wire.recv_message(sock)
     return header
 
@@ -48,12 +54,12 @@ def random_kv(model: str, tokens: int, dtype: str) -> dict[str, np.ndarray]:
     return out
 
 
-def timed(port: int, msg: bytearray, repeat: int, pacer=None) -> tuple[list[float], list[dict]]:
+def timed(port: int, msg: bytearray, repeat: int) -> tuple[list[float], list[dict]]:
     """`repeat` timed requests after one warm-up: (seconds each, the server's marks each)."""
     samples, marks = [], []
     for rep in range(repeat + 1):
         t0 = time.perf_counter()
-        header = request(port, msg, pacer)  # framing is timed
+        header = request(port, msg)  # the message was framed before: its framing is not timed
         elapsed = time.perf_counter() - t0
         if rep > 0:  # the first is the warm-up
             samples.append(elapsed)
@@ -61,19 +67,58 @@ def timed(port: int, msg: bytearray, repeat: int, pacer=None) -> tuple[list[floa
     return samples, marks
 
 
-def run(port: int, model: str, dtype: str, contexts: list[int], repeat: int,
-        paced_gbps: list[float] = (), paced_contexts: list[int] = ()) -> None:
-    from djinnsim.common.linkemu import LinkParams, Pacer
+PACED_TIMEOUT_S = 300.0  # one paced request's bound (a 2048-token KV at 2 Gbps takes seconds)
+
+
+def paced_step(client, port: int, prompt: np.ndarray) -> tuple[float, dict]:
+    """One partially_aware step at len(prompt) + 2 as validate's real decode takes it (its Client,
+    validate/clients.py, against validate's own request handling on the server): a request for the
+    prompt, whose KV comes down, and a step that sends the next id and that KV back up (neither
+    timed), then the step that does the same with the KV the last reply left (a view into the
+    buffer just received, framed again), timed from issue to the reply read: as in validate's
+    decode, the timed request follows a step. Returns (its seconds, the server's h2d, compute and
+    d2h seconds)."""
+    from djinnsim.sim.backends import get_backend
+    from djinnsim.validate.clients import step_header
+    from djinnsim.validate.protocol import Op
+
+    backend = get_backend("partially_aware")
+    ex = client.request(port, Op.STEP, step_header(backend, "0", False), {"ids": prompt})
+    for last in (False, True):
+        nxt = ex.tensors["logits"][:, -1].argmax(-1).reshape(-1, 1).astype(np.int64)
+        ex = client.request(port, Op.STEP, step_header(backend, "0", last), {"ids": nxt, "kv": ex.tensors["kv"]})
+    return ex.finished_at - ex.issued_at, {k: float(ex.header[k]) for k in ("h2d_s", "compute_s", "d2h_s")}
+
+
+def paced(ports: list[int], model: str, paced_gbps: list[float], paced_contexts: list[int], repeat: int,
+          shut: list[int]) -> None:
+    """partially_aware paced by the link emulator both ways, rate by rate: ports[i] serves
+    paced_gbps[i] (validate's server handling, its downlink paced at that rate) until this sends it
+    SHUTDOWN (then appended to `shut`). `repeat` timed steps after one warm-up per (rate,
+    context); one JSON line each."""
+    from djinnsim.common.linkemu import LinkParams
+    from djinnsim.validate.clients import Client, control
+    from djinnsim.validate.protocol import Op
 
     spec = get_model(model)
-    for seq_len in sorted(set(paced_contexts)):  # partially_aware paced by the link emulator, both ways
-        kv = random_kv(model, seq_len - 1, dtype)
-        tensors = {"ids": np.array([[7]], dtype=np.int64), **kv}
-        for gbps in paced_gbps:
-            msg = wire.pack(REQUEST, {"backend": "partially_aware", "pace_gbps": gbps}, tensors)
-            samples, marks = timed(port, msg, repeat, Pacer(LinkParams(gbps=gbps, rtt_s=0.0)))
+    for port, gbps in zip(ports, paced_gbps):
+        client = Client(LinkParams(gbps=gbps, rtt_s=0.0), PACED_TIMEOUT_S)
+        for seq_len in sorted(set(paced_contexts)):
+            prompt = np.random.default_rng(seq_len).integers(0, spec.vocab_size, (1, seq_len - 2), dtype=np.int64)
+            samples, marks = [], []
+            for rep in range(repeat + 1):
+                elapsed, server = paced_step(client, port, prompt)
+                if rep > 0:  # the first is the warm-up
+                    samples.append(elapsed)
+                    marks.append(server)
             print(json.dumps({"backend": "partially_aware", "seq_len": seq_len, "paced_gbps": gbps,
                               "samples_s": samples, "server": marks}), flush=True)
+        control(port, Op.SHUTDOWN, timeout_s=PACED_TIMEOUT_S)
+        shut.append(port)
+
+
+def run(port: int, model: str, dtype: str, contexts: list[int], repeat: int) -> None:
+    spec = get_model(model)
     for seq_len in contexts:
         kv = random_kv(model, seq_len - 1, dtype)
         request(port, wire.pack(SETUP, {}, kv))  # full_djinn's resident session KV
@@ -95,15 +140,35 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--paced-gbps", default="", help="comma-separated line rates for partially_aware paced")
     parser.add_argument("--paced-contexts", default="", help="comma-separated sequence lengths for the paced runs")
+    parser.add_argument("--paced-ports", default="", help="comma-separated ports, one per paced rate, in its order")
     args = parser.parse_args()
+    paced_ports = [int(p) for p in args.paced_ports.split(",") if p]
+    paced_gbps = [float(g) for g in args.paced_gbps.split(",") if g]
+    if len(paced_ports) != len(paced_gbps):
+        parser.error("--paced-ports needs one port per --paced-gbps rate")
+    shut: list[int] = []
     try:
-        run(args.port, args.model, args.dtype, [int(c) for c in args.contexts.split(",")], args.repeat,
-            [float(g) for g in args.paced_gbps.split(",") if g], [int(c) for c in args.paced_contexts.split(",") if c])
+        paced(paced_ports, args.model, paced_gbps, [int(c) for c in args.paced_contexts.split(",") if c], args.repeat, shut)
+        run(args.port, args.model, args.dtype, [int(c) for c in args.contexts.split(",") if c], args.repeat)
     finally:
+        stop([p for p in paced_ports if p not in shut], args.port)
+
+
+def stop(paced_ports: list[int], port: int) -> None:
+    """Shut down the paced servers not yet shut down (in order: each serves once the one before it
+    stopped), then the composition server."""
+    from djinnsim.validate.clients import control
+    from djinnsim.validate.protocol import Op
+
+    for paced_port in paced_ports:
         try:
-            request(args.port, wire.pack(STOP, {}))
-        except OSError:
-            print("composition client: could not stop the server", file=sys.stderr)
+            control(paced_port, Op.SHUTDOWN, timeout_s=PACED_TIMEOUT_S)
+        except (OSError, RuntimeError):
+            print(f"composition client: could not shut down the paced server on port {paced_port}", file=sys.stderr)
+    try:
+        request(port, wire.pack(STOP, {}))
+    except OSError:
+        print("composition client: could not stop the server", file=sys.stderr)
 
 
 if __name__ == "__main__":

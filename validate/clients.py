@@ -130,6 +130,11 @@ def _prompt(rng: np.random.Generator, vocab: int, batch: int, tokens: int) -> np
 
 
 # --- Exp 2.1: per-token remote backends and the local baseline ---------------------------------
+def step_header(backend, session: str, end: bool) -> dict:
+    """A per-token STEP request's header: the backend's toggles, its session, whether it is the last."""
+    return {"s": session, "kv": backend.kv, "compute": backend.step_compute, "logits": backend.return_logits, "end": end}
+
+
 def decode_remote(client: Client, port: int, ctx: RecordContext, workload: DecodeWorkload,
                   rng: np.random.Generator, deadline: float) -> list[Record]:
     """`runs` greedy decodes, one request per generated token, with the backend's toggles."""
@@ -150,8 +155,7 @@ def decode_remote(client: Client, port: int, ctx: RecordContext, workload: Decod
                 else:
                     ids = seq[:, -1:]
                 tensors = {"ids": ids} if kv is None else {"ids": ids, "kv": kv}
-                header = {"s": f"{ctx.repeat}.{run}", "kv": backend.kv, "compute": backend.step_compute,
-                          "logits": backend.return_logits, "end": t == workload.new_tokens - 1}
+                header = step_header(backend, f"{ctx.repeat}.{run}", t == workload.new_tokens - 1)
                 if backend.connection == "persistent" and conn is None:
                     conn = client.connect(port)
                 ex = client.request(port, Op.STEP, header, tensors, conn=conn)

@@ -100,8 +100,10 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 class _Server:
-    def __init__(self, config: ServerConfig, state: "_GpuState", listener: socket.socket, deadline: float, parent: int):
+    def __init__(self, config: ServerConfig, state: "_GpuState", listener: socket.socket, deadline: float, parent: int,
+                 client_alive=lambda: True):
         self.config = config
+        self.client_alive = client_alive
         self.state = state
         self.listener = listener
         self.deadline = deadline
@@ -155,7 +157,8 @@ class _Server:
             try:
                 op, header, tensors, received_at, replies = self.requests.get(timeout=0.2)
             except queue.Empty:
-                if time.perf_counter() - self.last_request_at > self.config.idle_s or os.getppid() != self.parent:
+                if (time.perf_counter() - self.last_request_at > self.config.idle_s or os.getppid() != self.parent
+                        or not self.client_alive()):
                     return
                 continue
             self.last_request_at = time.perf_counter()
@@ -178,10 +181,22 @@ def _drain(replies: queue.Queue, timeout_s: float) -> None:
     time.sleep(0.05)
 
 
+def serve_model(model, config: ServerConfig, listener: socket.socket, client_alive=lambda: True) -> None:
+    """This server's request handling around a model already built in the calling process, run in
+    the calling thread (connection threads do the socket I/O, as in a server process) until a
+    SHUTDOWN request, `config.idle_s` without a request, `config.lifetime_s`, or, while idle, once
+    `client_alive()` is false. calibrate's
+    composition stage times partially_aware's paced steps through it, so that the host path it
+    measures is the one validate's real runs take (the same framing, handoffs, pacer and copies)."""
+    state = _GpuState(config, None, model=model)
+    listener.settimeout(0.2)
+    _Server(config, state, listener, time.perf_counter() + config.lifetime_s, os.getppid(), client_alive).run()
+
+
 class _GpuState:
     """The model, the sessions' KV caches and the handlers of each request type."""
 
-    def __init__(self, config: ServerConfig, memory_slots) -> None:
+    def __init__(self, config: ServerConfig, memory_slots, model=None) -> None:
         import torch
 
         from djinnsim.calibrate.modeling import build_model, resolve_dtype
@@ -201,7 +216,9 @@ class _GpuState:
         if self.cuda:
             torch.cuda.set_device(torch.device(config.device))
             torch.cuda.init()
-        if config.resident:
+        if model is not None:  # built and warmed up by the process that hosts this state (serve_model)
+            self.model = model
+        elif config.resident:
             self.model = build_model(self.spec, config.device, self.dtype)
             self._warm_up()
         else:
@@ -297,7 +314,7 @@ class _GpuState:
         elif header["kv"] == "session":
             cache = self.sessions.pop(header["s"], None)
         self._sync()
-        copy_s, h2d = time.perf_counter() - t0, sum(a.nbytes for a in tensors.values())
+        h2d_s, h2d = time.perf_counter() - t0, sum(a.nbytes for a in tensors.values())
         t0 = time.perf_counter()
         compute = header["compute"]
         keep_all = header["logits"] == "all"
@@ -318,9 +335,10 @@ class _GpuState:
         elif header["kv"] == "session" and not header.get("end"):
             self.sessions[header["s"]] = cache
         del cache
-        copy_s += time.perf_counter() - t0
+        d2h_s = time.perf_counter() - t0
         d2h = sum(a.nbytes for a in out.values())
-        return {"compute_s": compute_s, "copy_s": copy_s, "h2d": h2d, "d2h": d2h}, out
+        return {"compute_s": compute_s, "copy_s": h2d_s + d2h_s, "h2d_s": h2d_s, "d2h_s": d2h_s,
+                "h2d": h2d, "d2h": d2h}, out
 
     def _generate(self, header: dict, tensors: dict) -> tuple[dict, dict]:
         """One generate call: (load weights,) prefill what is new, greedy-decode new_tokens."""
