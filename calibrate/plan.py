@@ -48,9 +48,12 @@ class Plan:
     # its link emulator at these line rates, at these contexts: network.paced_path. Below the loopback cap the host
     # path's time partly hides under the pacing (docs/validation/h200/linklow-drift.md); at and above
     # it the Pacer's chunked sends are still not the unpaced stage's one sendall (H200 run 12). The
-    # rates validate's scenarios pace: link-low, Exp 2.1, the link sweep.
+    # rates validate's scenarios pace: link-low, Exp 2.1, the link sweep. One context, near Exp 2.1's
+    # mean (72 + 25 tokens): since each paced sample is a prompt, an untimed step and the timed step
+    # through validate's client (after H200 run 13), two contexts would add about 15 s to a full
+    # calibration, which had 8 s to spare in run 13; loopback_path gives the shape over sizes.
     composition_paced_gbps: tuple[float, ...] = (2.0, 4.0, 10.0, 25.0, 100.0)
-    composition_paced_contexts: tuple[int, ...] = (80, 104)
+    composition_paced_contexts: tuple[int, ...] = (104,)
     cached_prefill_tokens: tuple[int, ...] = (1, 16, 32)
     cached_prefill_contexts: tuple[int, ...] = (0, 64, 128)
     cached_prefill_batches: tuple[int, ...] = (1, 2)
