@@ -170,17 +170,32 @@ class OutputFolder:
 
     def _discard(self) -> None:
         """Remove the staging folder and the parents this run made, innermost first, while they are
-        empty (another run may be writing into one; a folder that existed before is never touched)."""
-        if self._staging is not None:
-            shutil.rmtree(self._staging, ignore_errors=True)
-            self._staging = None
-        while self._made:
+        empty (another run may be writing into one; a folder that existed before is never touched).
+
+        A signal cannot cut it in two: one that another thread took (a native thread of a library,
+        which the signal mask of `signals_deferred` does not cover) raises in this thread at any
+        later step, so a KeyboardInterrupt landing here is held until every step is done, then
+        raised (each step is repeatable: a folder leaves the list only once it is gone)."""
+        interrupted: BaseException | None = None
+        for _ in range(1000):  # a bound, not a retry policy: each pass ends a step or the list
             try:
-                self._made.pop().rmdir()
-            except FileNotFoundError:
-                continue
-            except OSError:  # not empty: another run's, or the user's, files are in it
-                self._made.clear()
+                if self._staging is not None:
+                    shutil.rmtree(self._staging, ignore_errors=True)
+                    self._staging = None
+                if not self._made:
+                    break
+                try:
+                    self._made[-1].rmdir()
+                except FileNotFoundError:
+                    pass
+                except OSError:  # not empty: another run's, or the user's, files are in it
+                    self._made.clear()
+                    break
+                self._made.pop()
+            except BaseException as exc:  # noqa: BLE001 - held, and raised once the folders are gone
+                interrupted = interrupted or exc
+        if interrupted is not None:
+            raise interrupted
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         staging = self._staging

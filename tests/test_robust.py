@@ -623,7 +623,9 @@ def test_an_interrupt_while_children_write_ends_them_too(tmp_path):
     """A large point's rows and its figure are written by child processes while it is simulated
     (sim/report.py): an interrupt then ends them with the command, and leaves no folder."""
     doc = _scenario(server={"scheduler": "continuous_batching"})
-    doc["workload"] = {**doc["workload"], "agents": [20000], "arrival": {"kind": "poisson", "rate_per_s": 50}}
+    # large enough that the run is still going when its children have come (20,000 agents finished
+    # first on some runs); interrupted as soon as they come, it costs no more
+    doc["workload"] = {**doc["workload"], "agents": [200000], "arrival": {"kind": "poisson", "rate_per_s": 50}}
     _write(tmp_path, yaml.safe_dump(doc))
     driver = ("import sys; from djinnsim.sim import records, report; report.RecordsCsv.aside_rows = 1; "
               "records.RecordBuilder.flush_rows = 64; from djinnsim.main import main; main(sys.argv[1:])")
@@ -660,3 +662,23 @@ def test_a_results_folder_named_after_the_file_stays_under_results(file_name, fo
 
     name = results_folder(file_name)
     assert name == folder and "/" not in name and ".." not in name and not name.startswith(".")
+
+
+def test_an_interrupt_in_the_middle_of_a_discard_still_removes_every_folder(tmp_path, monkeypatch):
+    """A KeyboardInterrupt raised inside the clean-up (a signal another thread took lands at any later
+    step of this one): the clean-up finishes, then the interrupt is raised."""
+    real_rmdir = Path.rmdir
+    raised = []
+
+    def interrupted_once(self):
+        real_rmdir(self)
+        if not raised:
+            raised.append(self)
+            raise KeyboardInterrupt
+
+    folder = outputs.OutputFolder(None, tmp_path / "results" / "x" / "stamp")
+    with pytest.raises(KeyboardInterrupt):
+        with folder:
+            monkeypatch.setattr(Path, "rmdir", interrupted_once)
+            raise ValueError("the run failed")
+    assert raised and list(tmp_path.iterdir()) == []
