@@ -7,7 +7,7 @@ and writes every byte of it, as the driver's copy into a freshly allocated pagea
 
 Each (pattern, size) runs in its own process (the allocator's state is the thing measured). A set
 is `--tensors` buffers of the size (Llama-2-7B: 64 K and V tensors of 0.5 MiB per 128 tokens).
-Patterns (calibrate.bench_copies.SWAP_PATTERNS for the calibrated ones):
+Patterns (calibrate.bench_copies's kv_swaps and kv_cycle stages time the calibrated ones):
 
 - freed: calibrate's kv_swaps stage before the change: the previous set freed, then the timed
   swap-out at once;

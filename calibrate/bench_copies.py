@@ -8,7 +8,7 @@ from djinnsim.sim.profile import Bandwidth
 
 from .fitting import fit_bandwidth
 from .kv_cycle import PAGE_BYTES, REFLECT_TOKENS, KvCycle, minor_faults
-from .session import Session
+from .session import Session, is_oom
 from .timer import Timing, measure
 
 CYCLE_WARMUPS = 3  # validate.kv_costs's default: the allocator's thresholds settle in the first swaps
@@ -101,6 +101,50 @@ def _swap_cycle(s: Session, context: int, repeat: int) -> tuple[list[float], lis
     return samples[("swap_out", "pageable")], facts["swap_out_faults"]["pageable"], facts["kv_bytes"]
 
 
+def run_kv_cycle(s: Session) -> dict[str, Bandwidth]:
+    """The pageable swap-out in validate.kv_costs's own loop (`_swap_cycle`), at the smallest and
+    largest of `plan.kv_swap_contexts` (two sizes fit latency + bytes / rate; each repeat also runs
+    two REFLECTs, a re-prefill and a pinned swap, and a full calibration has no 10 s to spare: H200
+    run 13 ended its last stage at 570 s of 578): {"d2h_pageable_cycle": fit}, empty where it
+    could not run. Its own stage, after `warm_up` and `cold_shapes`: the model's first forwards
+    stay theirs (the process's library set-up, the first use of a shape), and the `kv_swaps`
+    stage's pageable pattern keeps the host heap it had before this loop existed."""
+    contexts = sorted({min(s.plan.kv_swap_contexts), max(s.plan.kv_swap_contexts)})
+    repeat = s.plan.repeat
+    sizes, times = [], []
+    for context in contexts:
+        try:
+            cycle = _swap_cycle(s, context, repeat if context * s.spec.kv_bytes_per_token < 2**28 else max(5, repeat // 2))
+        except (RuntimeError, MemoryError) as exc:  # the prefill of the context ran out of memory
+            if not is_oom(exc):
+                raise
+            s.free()
+            s.notes.append(f"kv_cycle: out of memory at context {context}; the cycle fit not measured")
+            s.say(f"kv cycle C={context}: out of memory, stage skipped")
+            return {}
+        if cycle is None:
+            continue
+        seconds, faults, kv_bytes = cycle
+        timing = Timing(seconds)
+        s.log.add_timing("kv_swap_d2h_pageable_cycle", f"{context}", timing.samples_s, nbytes=kv_bytes)
+        for rep, count in enumerate(faults):
+            s.log.add("kv_swap_d2h_pageable_cycle_faults", f"{context}", float(count), "count", rep, nbytes=kv_bytes)
+        sizes.append(float(kv_bytes))
+        times.append(timing.p50)
+        s.say(f"kv swap pageable C={context:5} as validate's loop: out {timing.describe()} "
+              f"{kv_bytes / timing.p50 / 1e9:6.2f} GB/s, faults per swap-out p50 {int(np.median(faults))} "
+              f"of {kv_bytes // PAGE_BYTES} pages")
+        s.free()
+        s.advance(1)
+    s.log.flush()
+    if len(sizes) < 2:
+        return {}
+    bw, stats = fit_bandwidth(sizes, times)
+    s.say(f"fit kv swap d2h_pageable_cycle: latency {bw.latency_s * 1e6:.1f} us + bytes / {bw.gbps:.2f} GB/s "
+          f"(max rel err {100 * stats['max_rel_err']:.1f}%)")
+    return {"d2h_pageable_cycle": bw}
+
+
 def run_kv_swaps(s: Session) -> dict:
     """A session's whole KV cache moved the way a swap moves it, at contexts `plan.kv_swap_contexts`:
     its 2 x layers K and V tensors one after another, timed around one synchronize for the set.
@@ -179,20 +223,6 @@ def run_kv_swaps(s: Session) -> dict:
             s.free()
         del dev
         s.free()
-        # validate's loop at the smallest and largest context only (two sizes fit latency + bytes / rate):
-        # each of its repeats also runs two REFLECTs, a re-prefill and a pinned swap, and a full
-        # calibration has no 10 s to spare (H200 run 13 ended its last stage at 570 s of 578)
-        ends = (min(s.plan.kv_swap_contexts), max(s.plan.kv_swap_contexts))
-        cycle = _swap_cycle(s, context, repeat) if context in ends else None
-        if cycle is not None:
-            seconds, faults, kv_bytes = cycle
-            timing = Timing(seconds)
-            add("d2h_pageable_cycle", context, kv_bytes, timing)
-            add_faults("d2h_pageable_cycle", context, kv_bytes, faults)
-            s.say(f"kv swap pageable C={context:5} as validate's loop: out {timing.describe()} "
-                  f"{kv_bytes / timing.p50 / 1e9:6.2f} GB/s, faults per swap-out p50 {int(np.median(faults))} "
-                  f"of {kv_bytes // PAGE_BYTES} pages")
-            s.free()
         s.advance(1)
     fits = {}
     for name, (sizes, times) in points.items():

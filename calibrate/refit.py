@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import math
+import zlib
 from collections import defaultdict
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def read_samples(path: Path) -> list[dict[str, str]]:
     try:
         with open_samples(path) as fh:
             rows = list(csv.DictReader(fh))
-    except (OSError, EOFError, UnicodeDecodeError) as exc:  # gzip.BadGzipFile is an OSError
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
         raise DjinnsimError(f"{path}: cannot read the samples file ({exc})") from None
     for line, row in enumerate(rows, start=2):
         value = _number(row.get("value"))
@@ -411,7 +412,9 @@ def refit_file(path: Path, out: Path | None = None, command: str | None = None,
         target.parent.mkdir(parents=True, exist_ok=True)
         if samples.resolve() != samples_file.resolve():
             if samples_file.suffix == SAMPLES_GZIP_SUFFIX:  # written plain beside the new profile
-                with open_samples(samples_file) as src, samples.open("w", newline="") as dst:
+                import gzip
+
+                with gzip.open(samples_file, "rb") as src, samples.open("wb") as dst:  # bytes: the same sha256
                     shutil.copyfileobj(src, dst)
             else:
                 shutil.copyfile(samples_file, samples)

@@ -305,7 +305,7 @@ def _stages(s: Session, staged, oom_probe: bool) -> None:
 
     from .bench_cached import run_cached_prefill
     from .bench_compute import run_decode_grid, run_exp21, run_prefill_grid, warm_up
-    from .bench_copies import run_copies, run_kv_swaps
+    from .bench_copies import run_copies, run_kv_cycle, run_kv_swaps
     from .bench_memory import oom_probe as probe
     from .bench_network import run_loopback, run_serde
     from .bench_processes import run_loads_mp, run_timeslice_mp, timeslice_budget_s
@@ -325,6 +325,9 @@ def _stages(s: Session, staged, oom_probe: bool) -> None:
     r["network"] = staged("network", run_loopback, s)
     staged("warm_up", warm_up, s)
     r["cold_shapes"] = staged("cold_shapes", run_cold_shapes, s, optional=True)
+    cycle = staged("kv_cycle", run_kv_cycle, s, optional=True)
+    if cycle:  # validate.kv_costs's own swap loop: a fit beside the kv_swaps stage's
+        r.setdefault("kv_swaps", {"tensors": 2 * s.spec.num_layers, "fits": {}})["fits"].update(cycle)
     r["prefill"] = staged("prefill", run_prefill_grid, s)
     cached = staged("cached_prefill", run_cached_prefill, s, optional=True, budget_s=s.plan.cached_prefill_budget_s)
     if cached is not None:

@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import math
 import os
+import zlib
 from pathlib import Path
 from typing import IO, Annotated, Literal
 
@@ -590,7 +591,7 @@ def samples_path(profile: Profile, path: str | Path) -> Path | None:
             return None
     try:
         content_sha256 = samples_sha256(file) if profile.samples_sha256 is not None else None
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError; damaged deflate data a zlib.error
         raise DjinnsimError(f"{file}: cannot read the samples file ({exc})") from None
     if profile.samples_sha256 is not None and content_sha256 != profile.samples_sha256:
         raise DjinnsimError(f"{file}: not the samples file of {Path(path).name} (sha256 differs from the one the "

@@ -27,7 +27,10 @@ def stage():
     plan = dataclasses.replace(plan_for("cpu", quick=True), kv_swap_contexts=(64, 256), repeat=3)
     s = Session(spec=TINY, device="cpu", dtype=dtype, plan=plan, log=SampleLog(), say=lambda line: None)
     s.model = build_model(TINY, "cpu", dtype)
-    return s, bench_copies.run_kv_swaps(s)
+    result = bench_copies.run_kv_swaps(s)
+    assert "d2h_pageable_cycle" not in result["fits"]  # its own stage since the review of the change
+    cycle = bench_copies.run_kv_cycle(s)  # as calibrate's runner merges the kv_cycle stage's fit
+    return s, {**result, "fits": {**result["fits"], **cycle}}
 
 
 def _rows(s, stage_name):

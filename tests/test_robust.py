@@ -638,8 +638,13 @@ def test_an_interrupt_while_children_write_ends_them_too(tmp_path):
             break
         time.sleep(0.01)
     assert len(children) >= 2, "no child processes came"
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
+    try:
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:  # a run the interrupt did not end would go on loading the machine
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 130 and stderr.strip().splitlines()[-1] == "interrupted", stderr
     for child in children:
         assert not _running(child), f"child {child} outlived the command"

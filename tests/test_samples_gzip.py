@@ -56,3 +56,20 @@ def test_gzipped_samples_of_another_calibration_or_corrupt_are_refused(tmp_path)
     gz.write_bytes(b"\x1f\x8b not gzip at all")
     with pytest.raises(DjinnsimError, match="cannot read the samples file"):
         samples_path(load_profile(packed), packed)
+
+
+def test_damaged_deflate_data_is_one_line_everywhere(tmp_path):
+    """A gzipped samples file whose compressed stream is damaged (a zlib.error, not an OSError): refused
+    in one line by the lookup, by the reader, and by a refit."""
+    packed = _copy(tmp_path / "packed", True)
+    gz = packed.parent / (BUNDLED.with_suffix(".csv").name + ".gz")
+    data = bytearray(gz.read_bytes())
+    for i in range(40, min(len(data) - 20, 4000)):  # keep the header, garble the deflate stream
+        data[i] ^= 0x5A
+    gz.write_bytes(bytes(data))
+    with pytest.raises(DjinnsimError, match="cannot read the samples file"):
+        samples_path(load_profile(packed), packed)
+    with pytest.raises(DjinnsimError, match="cannot read the samples file"):
+        read_samples(gz)
+    with pytest.raises(DjinnsimError, match="cannot read the samples file"):
+        refit_file(packed, out=tmp_path / "out" / BUNDLED.name)

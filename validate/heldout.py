@@ -19,11 +19,10 @@ newer than the runs. Otherwise it is in-sample, and the report says why:
 
 from __future__ import annotations
 
-import csv
 from datetime import datetime
 from pathlib import Path
 
-from djinnsim.sim.profile import LinearFit, Profile, open_samples, samples_path
+from djinnsim.sim.profile import LinearFit, Profile, samples_path
 from djinnsim.sim.scenario import DecodeWorkload, Scenario
 
 from .compare import HELD_OUT, IN_SAMPLE
@@ -41,8 +40,9 @@ def _samples(profile: Profile, path: Path) -> list[dict[str, str]] | None:
     file = samples_path(profile, path)
     if file is None:
         return None
-    with open_samples(file) as handle:
-        return list(csv.DictReader(handle))
+    from djinnsim.calibrate.refit import read_samples  # one line for an unreadable or damaged file
+
+    return read_samples(file)
 
 
 def has_samples(profile: Profile, path: Path) -> bool:

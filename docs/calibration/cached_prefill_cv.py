@@ -131,7 +131,8 @@ FORMS = {
 
 
 def load(run: int):
-    points = cached_prefill_points(read_samples(HERE / f"h200-run{run}" / "h200-llama-2-7b.csv"))
+    plain = HERE / f"h200-run{run}" / "h200-llama-2-7b.csv"
+    points = cached_prefill_points(read_samples(plain if plain.exists() else plain.with_name(plain.name + ".gz")))
     x = np.array([[p.inputs["batch"], p.inputs["context"], p.inputs["prompt_tokens"]] for p in points])
     return x, np.array([p.value for p in points]), points
 
