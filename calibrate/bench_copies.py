@@ -159,8 +159,9 @@ def run_kv_swaps(s: Session) -> dict:
       - `d2h_pageable` (freed): the previous set freed (untimed) right before the timed swap-out,
         flat buffers of the K/V tensors' bytes, nothing in between (the stage's pattern since H200
         run 4: on the H200 1.3-2.1 GB/s, fresh pages; on the 2-core CPU machine every page warm);
-      - `d2h_pageable_cycle`: validate.kv_costs's own loop (calibrate.kv_cycle.KvCycle) on the
-        calibrated model: REFLECT, re-prefill, the pinned swap (on a GPU), then the pageable swap-out
+      - `d2h_pageable_cycle`, timed by its own stage after `warm_up` and `cold_shapes`
+        (`run_kv_cycle`) and merged into this section: validate.kv_costs's own loop
+        (calibrate.kv_cycle.KvCycle) on the calibrated model: REFLECT, re-prefill, the pinned swap (on a GPU), then the pageable swap-out
         with the previous pageable set freed by the rebinding before the REFLECTs in between. Added
         after H200 KV-costs runs 1-8 (which real pageable swap-outs ran at 2.5-11.4 GB/s, between the
         two stages' regimes): those runs are in-sample for it; no constant comes from them, the stage
