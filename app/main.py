@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> None:
     try:  # the handlers are installed inside the try: a signal right after one is installed is caught here
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, _on_signal)
+        # a parent that held them back when it started this process passes its mask on: unblocked,
+        # or an interrupt would wait until the run had finished
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
         for stream in (sys.stdout, sys.stderr):  # an undecodable file name prints escaped, not as a crash
             if hasattr(stream, "reconfigure"):
                 stream.reconfigure(errors="backslashreplace")

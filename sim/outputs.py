@@ -74,7 +74,18 @@ def signals_deferred() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        # A signal another thread took raises in this one at any later step, this call included: the
+        # mask is restored whatever lands, or the process would hold SIGINT back for good (and pass
+        # the blocked mask on to every process it starts); what landed is raised after.
+        landed: BaseException | None = None
+        for _ in range(100):
+            try:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+                break
+            except BaseException as exc:  # noqa: BLE001 - re-raised once the mask is back
+                landed = landed or exc
+        if landed is not None:
+            raise landed
 
 
 def _absolute(path: Path, option: str) -> Path:
