@@ -114,7 +114,8 @@ class CostModels:
             moved = transfer_profile(profile, get_gpu(meta.gpu_key), point.gpu, point.model)
             return ProfileCostModel(moved, point.model)
         raise DjinnsimError(
-            f"calibration {path} was measured on {meta.gpu_name}, but the scenario asks {point.gpu.key}; "
+            f"calibration {path} was measured on {meta.gpu_name} ({meta.gpu_key or 'no datasheet key'}), "
+            f"but the scenario asks {point.gpu.key}; "
             "set cost_model: transfer (move it by datasheet ratios, e.g. --set cost_model=transfer) or roofline"
         )
 

@@ -4,6 +4,7 @@ a CPU profile that says it predicts no GPU, and warnings printed once on stderr 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import typer
@@ -75,3 +76,17 @@ def test_a_profile_with_another_calibrations_loads_says_so(tmp_path):
     warnings = simulate_scenario(scenario, path).warnings
     assert any("whole-model loads, k-process loads, k-process decoding from another calibration, "
                "docs/calibration/run7/p.json (2026-12-02T18:13:03+00:00)" in w for w in warnings), warnings
+
+
+def test_a_profile_of_another_gpu_names_its_gpu_and_key(tmp_path):
+    """A profile measured on one GPU, a scenario of another with cost_model: profile: one line naming the
+    profile's GPU by name and by key beside the scenario's key (a hand-edited profile whose name and
+    key disagree would otherwise read as a contradiction)."""
+    profile = make_profile()
+    path = save_profile(profile, tmp_path / "p.json")
+    meta = profile.metadata
+    other = "h200" if meta.gpu_key != "h200" else "h100-80gb"
+    scenario = parse_scenario({"name": "c", "backends": ["full_djinn"], "gpu": other, "cost_model": "profile",
+                               "workload": {"kind": "decode", "runs": 2, "warmup_runs": 0, "new_tokens": 2}})
+    with pytest.raises(DjinnsimError, match=re.escape(f"measured on {meta.gpu_name} ({meta.gpu_key}), but the scenario asks {other};")):
+        simulate_scenario(scenario, path)
