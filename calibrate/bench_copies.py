@@ -101,6 +101,18 @@ def _swap_cycle(s: Session, context: int, repeat: int) -> tuple[list[float], lis
     return samples[("swap_out", "pageable")], facts["swap_out_faults"]["pageable"], facts["kv_bytes"]
 
 
+def _swap_repeat(s: Session, nbytes: int) -> int:
+    """Timed swaps of a set of `nbytes`: pageable swap-outs of large sets page-fault with long tails
+    (p90 8x the p50 on the H200), so 5 at least, and half the plan's repeats from 256 MiB."""
+    return s.plan.repeat if nbytes < 2**28 else max(5, s.plan.repeat // 2)
+
+
+def _log_faults(s: Session, name: str, context: int, nbytes: int, faults: list[int]) -> None:
+    """One `kv_swap_<name>_faults` row (unit count) per timed swap-out."""
+    for rep, count in enumerate(faults):
+        s.log.add(f"kv_swap_{name}_faults", f"{context}", float(count), "count", rep, nbytes=nbytes)
+
+
 def run_kv_cycle(s: Session) -> dict[str, Bandwidth]:
     """The pageable swap-out in validate.kv_costs's own loop (`_swap_cycle`), at the smallest and
     largest of `plan.kv_swap_contexts` (two sizes fit latency + bytes / rate; each repeat also runs
@@ -110,11 +122,10 @@ def run_kv_cycle(s: Session) -> dict[str, Bandwidth]:
     stay theirs (the process's library set-up, the first use of a shape), and the `kv_swaps`
     stage's pageable pattern keeps the host heap it had before this loop existed."""
     contexts = sorted({min(s.plan.kv_swap_contexts), max(s.plan.kv_swap_contexts)})
-    repeat = s.plan.repeat
     sizes, times = [], []
     for context in contexts:
         try:
-            cycle = _swap_cycle(s, context, repeat if context * s.spec.kv_bytes_per_token < 2**28 else max(5, repeat // 2))
+            cycle = _swap_cycle(s, context, _swap_repeat(s, context * s.spec.kv_bytes_per_token))
         except (RuntimeError, MemoryError) as exc:  # the prefill of the context ran out of memory
             if not is_oom(exc):
                 raise
@@ -127,8 +138,7 @@ def run_kv_cycle(s: Session) -> dict[str, Bandwidth]:
         seconds, faults, kv_bytes = cycle
         timing = Timing(seconds)
         s.log.add_timing("kv_swap_d2h_pageable_cycle", f"{context}", timing.samples_s, nbytes=kv_bytes)
-        for rep, count in enumerate(faults):
-            s.log.add("kv_swap_d2h_pageable_cycle_faults", f"{context}", float(count), "count", rep, nbytes=kv_bytes)
+        _log_faults(s, "d2h_pageable_cycle", context, kv_bytes, faults)
         sizes.append(float(kv_bytes))
         times.append(timing.p50)
         s.say(f"kv swap pageable C={context:5} as validate's loop: out {timing.describe()} "
@@ -188,16 +198,11 @@ def run_kv_swaps(s: Session) -> dict:
         sizes.append(float(nbytes))
         times.append(timing.p50)
 
-    def add_faults(name: str, context: int, nbytes: int, faults: list[int]) -> None:
-        for rep, count in enumerate(faults):
-            s.log.add(f"kv_swap_{name}_faults", f"{context}", float(count), "count", rep, nbytes=nbytes)
-
     for context in s.plan.kv_swap_contexts:
         each = kv_swap_tensor_bytes(s, context)
         total = each * tensors
         dev = [torch.empty(each, dtype=torch.uint8, device=s.device).fill_(1) for _ in range(tensors)]
-        # pageable swap-outs of large sets page-fault with long tails (p90 8x the p50 on the H200): 5 at least
-        repeat = s.plan.repeat if total < 2**28 else max(5, s.plan.repeat // 2)
+        repeat = _swap_repeat(s, total)
         for kind in kinds:
             note = ""
             if kind == "pinned":
@@ -213,7 +218,7 @@ def run_kv_swaps(s: Session) -> dict:
                 out = measure(_counting_faults(lambda: held.append([to_host(t) for t in dev]), faults), s.sync,
                               warmup=1, repeat=repeat, setup=lambda: _release_held(held))
                 faults = faults[-len(out.samples_s):]
-                add_faults("d2h_pageable", context, total, faults)
+                _log_faults(s, "d2h_pageable", context, total, faults)
                 note = f" (faults p50 {int(np.median(faults))} of {total // PAGE_BYTES} pages)"
                 back = measure(lambda: [to_device(t) for t in held[-1]], s.sync, warmup=1, repeat=repeat)
                 del held

@@ -39,6 +39,7 @@ import numpy as np
 from djinnsim.calibrate.bench_cached import CACHED_PREFILL_FEATURES, fit_cached_prefill
 from djinnsim.calibrate.fitting import describe_floor_split, floor_split_stats, predict, solve_relative
 from djinnsim.calibrate.refit import cached_prefill_points, read_samples
+from djinnsim.sim.profile import load_profile, samples_path
 
 HERE = Path(__file__).resolve().parent
 RUNS = tuple(range(2, 14))
@@ -131,8 +132,8 @@ FORMS = {
 
 
 def load(run: int):
-    plain = HERE / f"h200-run{run}" / "h200-llama-2-7b.csv"
-    points = cached_prefill_points(read_samples(plain if plain.exists() else plain.with_name(plain.name + ".gz")))
+    profile = HERE / f"h200-run{run}" / "h200-llama-2-7b.json"
+    points = cached_prefill_points(read_samples(samples_path(load_profile(profile), profile)))
     x = np.array([[p.inputs["batch"], p.inputs["context"], p.inputs["prompt_tokens"]] for p in points])
     return x, np.array([p.value for p in points]), points
 

@@ -47,9 +47,10 @@ PROFILE = HERE / "run10" / "pooled-profile" / "h200-llama-2-7b.json"
 
 
 def _samples(profile: Path) -> Path:
-    """The samples CSV beside `profile`, or its gzipped copy (as committed)."""
-    plain = profile.with_suffix(".csv")
-    return plain if plain.exists() else plain.with_name(plain.name + ".gz")
+    """The samples file beside `profile` (its gzipped copy, as committed), its sha256 checked."""
+    from djinnsim.sim.profile import load_profile, samples_path
+
+    return samples_path(load_profile(profile), profile)
 KV = {"run 5": (ROOT / "docs/validation/kv-costs-h200-run5/kv_costs.json", HERE / "run5/pooled-profile/h200-llama-2-7b.json"),
       "run 6": (ROOT / "docs/validation/kv-costs-h200-run6/kv_costs.json", PROFILE)}
 REFLECT_TOKENS = 16
