@@ -227,6 +227,10 @@ rejudge_median 12 exp21-25:held exp21-10:held link-low:held djinn-fcfs-16:full k
 # made by the code that ran them, f48e099), into run13-rejudge/.
 rejudge_median 13 exp21-25:held link-100:held keepalive-max:full timeslice-48:full
 
+# Run 14 re-judged the same way (both hashes in run14/machine-cmd2.txt, taken before any real run;
+# made by the code that ran them, b9968e5), into run14-rejudge/.
+rejudge_median 14 exp21-25:held link-low:held link-100:held timeslice-48:full
+
 # Committed reports keep their records and the calibrations' samples files gzipped (the tree that
 # travels to the GPU machine is capped at 64 MiB; validate's --from-real and every samples reader take
 # either form, and a samples file is hashed by its content): the CSVs re-made above that git would
