@@ -3,8 +3,9 @@ time it against validate's real client and server, on this machine's CPU.
 
     python benchmarks/composition_vs_validate.py [--model gpt2] [--context 730] [--gbps 25] [--steps 6] [--rounds 5]
 
-composition: calibrate/composition.py's run_composition, paced rows only (this process serving the
-  model on the CPU, composition_client its own process), as `djinnsim calibrate` runs them; host
+composition: calibrate/composition.py's run_composition, paced rows only (validate's server process
+  spawned with its own model on the CPU, composition_client its own process), as `djinnsim
+  calibrate` runs them; host
   path = the step's time (the median) - the server's h2d, compute and d2h - the paced wire, as
   paced_path takes it (the connection left in).
 validate: validate/server.py's server process and validate/clients.py's client stepping

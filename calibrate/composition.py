@@ -5,11 +5,14 @@ The server is this process, holding the model; the client is a separate process
 (composition_client) that opens a new TCP connection per request (the presets' connection:
 per_request), frames its tensors with wire.pack, and reads the reply. If measured and predicted agree, the simulator's sum of primitives describes these backends.
 
-partially_aware paced by the link emulator (network.paced_path) is served apart, rate by rate, by
-validate's own request handling around this process's model (validate/server.py serve_model) and
-driven by validate's own client: the path those rows measure is the one validate's real runs
-take. Before H200 runs 12 and 13 they went through this module's BackendServer and a message the
-client framed once, outside the timing; see paced_path.
+partially_aware paced by the link emulator (network.paced_path) is served apart by validate's own
+server, a spawned process with its own model as validate's real runs start it (validate/realrun.py
+ServerProcess), its downlink paced at each rate in turn (Op.PACE), and driven by validate's own
+client: the path those rows measure is the one validate's real runs take, process included. Before
+H200 runs 12 and 13 they went through this module's BackendServer and a message the client framed
+once, outside the timing; in run 14 through validate's request handling inside this
+process, where the server's copies ran 3-10x faster than in validate's server process with the
+same handling (run 14: 13-16 ms against 47 ms at 104 tokens); see paced_path.
 """
 
 from __future__ import annotations
@@ -161,11 +164,14 @@ def paced_path(rows: list[dict], cost: CostModel) -> list[tuple[float, float]] |
     loopback_path's 0.9-1.0), and at or above the cap the emulator's chunked sends are not the
     unpaced stage's one sendall (run 12: 1.03 ms/MB real beyond the wire at 25 Gbps, 0.64 charged), so
     the loopback path measured unpaced does not stand in for it.
-    The paced rows are validate's own client and server handling (composition_client.paced_step,
-    validate/server.py serve_model): until H200 runs 12 and 13 they were a message framed once and
-    resent, against this module's single-threaded BackendServer, and took about 1.0 ms/MB beyond the
-    wire where validate's real steps took 1.3 (run 13, L=104 at 25 Gbps; run 12 alike). The change
-    came after those runs (in-sample for them); the next GPU run judges it."""
+    The paced rows are validate's own client and server process (composition_client.paced_step,
+    start_paced_server): until H200 runs 12 and 13 they were a message framed once and resent,
+    against this module's single-threaded BackendServer, and took about 1.0 ms/MB beyond the wire
+    where validate's real steps took 1.3 (run 13, L=104 at 25 Gbps; run 12 alike). In run 14 they
+    went through validate's request handling inside this process and still read 0.24-0.27 ms/MB
+    below validate's real steps at every rate (2-100 Gbps), with the server's copies 3-10x faster
+    than validate's server process had them with the same handling: the process differed. Both changes
+    came after the runs they answer (in-sample for runs 12-14); the next GPU run judges the last."""
     cap_Bps = (cost.stream_gbps() or math.inf) * 1e9
     connect = cost.connect_s() + 2 * cost.per_message_s()
     by_rate: dict[float, list[float]] = {}
@@ -304,17 +310,41 @@ class BackendServer:
         return wire.pack(REPLY, marks, reply)
 
 
-PACED_LIFETIME_S = 1800.0  # bounds of one rate's server (it stops at the client's SHUTDOWN, or when the client is gone)
+PACED_LIFETIME_S = 1800.0  # bounds of the paced rows' server (it stops at the client's SHUTDOWN, or when this process is gone)
 PACED_IDLE_S = 300.0
+PACED_START_S = 600.0  # its imports, model build and warm-up
+
+
+def start_paced_server(s: Session, rates: list[float]):
+    """validate's server process for the paced rows, started and ready (its port in `.port`), or None
+    with a note where it could not start (the paced rows are then not measured)."""
+    import multiprocessing
+
+    import torch
+    from djinnsim.validate.realrun import ServerProcess
+    from djinnsim.validate.server import ServerConfig
+
+    from .runner import model_key
+
+    threads = None if s.is_cuda else torch.get_num_threads()  # on the CPU, the threads this process steps with
+    config = ServerConfig(model=model_key(s.spec), device=s.device, dtype=str(s.dtype).removeprefix("torch."),
+                          link_gbps=rates[0], rtt_s=0.0, lifetime_s=PACED_LIFETIME_S, idle_s=PACED_IDLE_S, threads=threads)
+    server = ServerProcess(multiprocessing.get_context("spawn"), config)
+    status, message = server.start(PACED_START_S)
+    if status == "ready":
+        return server
+    server.stop()
+    s.notes.append(f"composition: the paced rows' server process did not start ({status}: {message}); network.paced_path not measured")
+    s.say(f"composition: the paced rows' server did not start ({status}: {message}); paced rows skipped")
+    return None
 
 
 def run_composition(s: Session, cost: CostModel, link_gbps: float) -> list[dict]:
-    """The client is its own process (composition_client); the server, and so the model, stays here."""
+    """The client is its own process (composition_client); the unpaced rows' server stays here, the
+    paced rows' is validate's own server process."""
     import json
     import subprocess
     import sys
-
-    from djinnsim.validate.server import ServerConfig, serve_model
 
     from .runner import model_key
 
@@ -323,30 +353,32 @@ def run_composition(s: Session, cost: CostModel, link_gbps: float) -> list[dict]
     paced = [c for c in plan.composition_paced_contexts if c < spec.max_position_embeddings] if plan.composition_paced_gbps else []
     rates = list(plan.composition_paced_gbps) if paced else []
     dtype = str(s.dtype).removeprefix("torch.")
-    paced_listeners = [socket.create_server(("127.0.0.1", 0), backlog=64) for _ in rates]  # one per rate, in order
-    server = BackendServer(s)
-    client = subprocess.Popen(
-        [
-            sys.executable, "-m", "djinnsim.calibrate.composition_client",
-            "--port", str(server.port), "--model", model_key(spec), "--dtype", dtype,
-            "--contexts", ",".join(map(str, contexts)), "--repeat", str(plan.composition_repeat),
-            "--paced-gbps", ",".join(f"{g:g}" for g in rates), "--paced-contexts", ",".join(map(str, paced)),
-            "--paced-ports", ",".join(str(listener.getsockname()[1]) for listener in paced_listeners),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    paced_server = start_paced_server(s, rates) if rates else None
+    if paced_server is None:
+        rates = []
+    server = None
     try:
-        for gbps, listener in zip(rates, paced_listeners):  # validate's server handling, paced at the rate
-            with listener:
-                serve_model(s.model, ServerConfig(model=model_key(spec), device=s.device, dtype=dtype, link_gbps=gbps,
-                                                  rtt_s=0.0, lifetime_s=PACED_LIFETIME_S, idle_s=PACED_IDLE_S),
-                            listener, client_alive=lambda: client.poll() is None)
-        server.serve_forever(client_alive=lambda: client.poll() is None)
-        output, _ = client.communicate(timeout=60)
+        server = BackendServer(s)
+        client = subprocess.Popen(
+            [
+                sys.executable, "-m", "djinnsim.calibrate.composition_client",
+                "--port", str(server.port), "--model", model_key(spec), "--dtype", dtype,
+                "--contexts", ",".join(map(str, contexts)), "--repeat", str(plan.composition_repeat),
+                "--paced-gbps", ",".join(f"{g:g}" for g in rates), "--paced-contexts", ",".join(map(str, paced)),
+                "--paced-port", str(paced_server.port) if paced_server is not None else "",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            server.serve_forever(client_alive=lambda: client.poll() is None)
+            output, _ = client.communicate(timeout=60)
+        finally:
+            if client.poll() is None:
+                client.kill()
     finally:
-        if client.poll() is None:
-            client.kill()
+        if paced_server is not None:
+            paced_server.stop()
     if client.returncode != 0:
         raise RuntimeError(f"composition client exited with code {client.returncode}")
     rows = []

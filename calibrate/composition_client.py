@@ -8,8 +8,8 @@ Only numpy, the wire format, the model specs and validate's client are imported:
 
 The paced rows (partially_aware at each line rate, network.paced_path) go through validate's own
 client (validate/clients.py: a message framed per step from the KV view the last reply left,
-its uplink Pacer) against validate's own request handling on the server (validate/server.py
-serve_model), as validate's real runs do. Until H200 runs 12 and 13 they were a message framed
+its uplink Pacer) against validate's own server process (validate/server.py, its downlink paced
+at each rate in turn by Op.PACE), as validate's real runs do. Until H200 runs 12 and 13 they were a message framed
 once, outside the timing, and resent from the same buffer, against the composition server's
 single thread: a cheaper host path than validate's (run 13, L=104 at 25 Gbps: about 1.0 ms/MB
 beyond the wire against validate's 1.3). The change came after those runs, so they are in-sample
@@ -90,18 +90,20 @@ def paced_step(client, port: int, prompt: np.ndarray) -> tuple[float, dict]:
     return ex.finished_at - ex.issued_at, {k: float(ex.header[k]) for k in ("h2d_s", "compute_s", "d2h_s")}
 
 
-def paced(ports: list[int], model: str, paced_gbps: list[float], paced_contexts: list[int], repeat: int,
-          shut: list[int]) -> None:
-    """partially_aware paced by the link emulator both ways, rate by rate: ports[i] serves
-    paced_gbps[i] (validate's server handling, its downlink paced at that rate) until this sends it
-    SHUTDOWN (then appended to `shut`). `repeat` timed steps after one warm-up per (rate,
+def paced(port: int | None, model: str, paced_gbps: list[float], paced_contexts: list[int], repeat: int) -> None:
+    """partially_aware paced by the link emulator both ways, rate by rate, against validate's server
+    on `port` (its downlink set to each rate by a PACE request), then SHUTDOWN: its process and
+    model are gone before the unpaced rows. `repeat` timed steps after one warm-up per (rate,
     context); one JSON line each."""
     from djinnsim.common.linkemu import LinkParams
     from djinnsim.validate.clients import Client, control
     from djinnsim.validate.protocol import Op
 
+    if port is None:
+        return
     spec = get_model(model)
-    for port, gbps in zip(ports, paced_gbps):
+    for gbps in paced_gbps:
+        control(port, Op.PACE, {"link_gbps": gbps}, timeout_s=PACED_TIMEOUT_S)
         client = Client(LinkParams(gbps=gbps, rtt_s=0.0), PACED_TIMEOUT_S)
         for seq_len in sorted(set(paced_contexts)):
             prompt = np.random.default_rng(seq_len).integers(0, spec.vocab_size, (1, seq_len - 2), dtype=np.int64)
@@ -113,8 +115,7 @@ def paced(ports: list[int], model: str, paced_gbps: list[float], paced_contexts:
                     marks.append(server)
             print(json.dumps({"backend": "partially_aware", "seq_len": seq_len, "paced_gbps": gbps,
                               "samples_s": samples, "server": marks}), flush=True)
-        control(port, Op.SHUTDOWN, timeout_s=PACED_TIMEOUT_S)
-        shut.append(port)
+    control(port, Op.SHUTDOWN, timeout_s=PACED_TIMEOUT_S)
 
 
 def run(port: int, model: str, dtype: str, contexts: list[int], repeat: int) -> None:
@@ -140,27 +141,26 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--paced-gbps", default="", help="comma-separated line rates for partially_aware paced")
     parser.add_argument("--paced-contexts", default="", help="comma-separated sequence lengths for the paced runs")
-    parser.add_argument("--paced-ports", default="", help="comma-separated ports, one per paced rate, in its order")
+    parser.add_argument("--paced-port", default="", help="validate's server for the paced rows (empty: none)")
     args = parser.parse_args()
-    paced_ports = [int(p) for p in args.paced_ports.split(",") if p]
+    paced_port = int(args.paced_port) if args.paced_port else None
     paced_gbps = [float(g) for g in args.paced_gbps.split(",") if g]
-    if len(paced_ports) != len(paced_gbps):
-        parser.error("--paced-ports needs one port per --paced-gbps rate")
-    shut: list[int] = []
+    if paced_gbps and paced_port is None:
+        parser.error("--paced-gbps needs --paced-port")
     try:
-        paced(paced_ports, args.model, paced_gbps, [int(c) for c in args.paced_contexts.split(",") if c], args.repeat, shut)
+        paced(paced_port, args.model, paced_gbps, [int(c) for c in args.paced_contexts.split(",") if c], args.repeat)
+        paced_port = None  # shut down by paced()
         run(args.port, args.model, args.dtype, [int(c) for c in args.contexts.split(",") if c], args.repeat)
     finally:
-        stop([p for p in paced_ports if p not in shut], args.port)
+        stop(paced_port, args.port)
 
 
-def stop(paced_ports: list[int], port: int) -> None:
-    """Shut down the paced servers not yet shut down (in order: each serves once the one before it
-    stopped), then the composition server."""
+def stop(paced_port: int | None, port: int) -> None:
+    """Shut down the paced rows' server (validate's), then the composition server."""
     from djinnsim.validate.clients import control
     from djinnsim.validate.protocol import Op
 
-    for paced_port in paced_ports:
+    if paced_port is not None:
         try:
             control(paced_port, Op.SHUTDOWN, timeout_s=PACED_TIMEOUT_S)
         except (OSError, RuntimeError):

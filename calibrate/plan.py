@@ -44,7 +44,8 @@ class Plan:
     decode_discard_passes: int = 0  # leading decode passes kept as warm-up only
     warmup_s: float = 1.0  # untimed decoding before the grids
     # cached_prefill: new tokens x cached context x batch, one warm-up pass then `repeat` timed
-    # composition, partially_aware again through validate's own client and server handling, paced by
+    # composition, partially_aware again through validate's own client and server process (spawned
+    # with its own model: about 15-25 s more on the H200, estimated, after H200 run 14), paced by
     # its link emulator at these line rates, at these contexts: network.paced_path. Below the loopback cap the host
     # path's time partly hides under the pacing (docs/validation/h200/linklow-drift.md); at and above
     # it the Pacer's chunked sends are still not the unpaced stage's one sendall (H200 run 12). The

@@ -1,13 +1,18 @@
 """calibrate's paced composition rows (network.paced_path) take validate's own message path: its
-client frames each step from the KV view the last reply left and paces it, and the server's side is
-validate's own request handling (validate/server.py serve_model) around calibrate's model, and the
-timed request follows a step, as in validate's decode. Before
-H200 runs 12 and 13 the rows resent a message framed once, outside the timing, to the composition
-server's single thread: a cheaper host path than the one validate's real runs take."""
+client frames each step from the KV view the last reply left and paces it, the server is
+validate's own server process (spawned with its own model, as validate's real runs start it; its
+downlink paced at each rate by Op.PACE), and the timed request follows a step, as in validate's
+decode. Before H200 runs 12 and 13 the rows resent a message framed once, outside the timing, to
+the composition server's single thread; in run 14 validate's request handling ran inside
+calibrate's own process, where the server's copies ran 3-10x faster than in validate's."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import socket
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -21,11 +26,12 @@ from djinnsim.calibrate.samples import SampleLog  # noqa: E402
 from djinnsim.calibrate.session import Session  # noqa: E402
 from djinnsim.sim.specs import get_model  # noqa: E402
 from djinnsim.validate import server  # noqa: E402
-from djinnsim.validate.clients import Exchange  # noqa: E402
+from djinnsim.common.linkemu import LinkParams  # noqa: E402
+from djinnsim.validate.clients import Client, Exchange, ServerError, control  # noqa: E402
 from djinnsim.validate.protocol import Op  # noqa: E402
 
 CONTEXT = 24
-RATES = (4.0, 100.0)
+RATES = (0.01, 100.0)  # the slow rate paces each step tens of ms: its rows must show it
 REPEAT = 2
 
 
@@ -39,41 +45,84 @@ def tiny_session():
                    model=build_model(spec, "cpu", torch.float32))
 
 
-def test_the_paced_rows_are_validate_steps_served_by_validates_request_handling(tiny_session, monkeypatch):
-    steps = []
-    validate_step = server._GpuState._step
+def test_the_paced_rows_are_validate_steps_served_by_a_validate_server_process(tiny_session, monkeypatch):
+    started = []
+    real_start = composition.start_paced_server
 
-    def spy(self, header, tensors):
-        reply, out = validate_step(self, header, tensors)
-        steps.append((self.config.link_gbps, header["kv"], {k: v.shape for k, v in tensors.items()}, reply))
-        return reply, out
+    def spy(s, rates):
+        server_process = real_start(s, rates)
+        started.append((server_process.process.pid, server_process.process.is_alive(), server_process.info))
+        return server_process
 
     def refuse(*args):
         raise AssertionError("the composition server stepped a paced row")
 
-    monkeypatch.setattr(server._GpuState, "_step", spy)
+    monkeypatch.setattr(composition, "start_paced_server", spy)
     monkeypatch.setattr(composition.BackendServer, "_step", refuse)
     rows = composition.run_composition(tiny_session, cost=None, link_gbps=100.0)
 
+    [(pid, alive, info)] = started  # one process of its own for every rate, up before the rows
+    assert alive and pid != os.getpid() and info
     spec = tiny_session.spec
     assert [(row["paced_gbps"], row["seq_len"]) for row in rows] == [(g, CONTEXT) for g in RATES]
-    def kv_shape(tokens):
-        return (spec.num_layers, 2, 1, spec.num_kv_heads, tokens, spec.head_dim)
-
-    for gbps in RATES:  # each sample (one warm-up + REPEAT): the prompt, then two steps sending the KV back up
-        mine = [s for s in steps if s[0] == gbps]
-        sample = [{"ids": (1, CONTEXT - 2)}, {"ids": (1, 1), "kv": kv_shape(CONTEXT - 2)}, {"ids": (1, 1), "kv": kv_shape(CONTEXT - 1)}]
-        assert [s[2] for s in mine] == sample * (1 + REPEAT)
-        assert {s[1] for s in mine} == {"client"}
-    for *_, reply in steps:  # the server's copy time, split so the rows keep h2d and d2h apart
-        assert reply["copy_s"] == pytest.approx(reply["h2d_s"] + reply["d2h_s"], abs=1e-12)
     shape = composition.step_shape("partially_aware", spec, CONTEXT)
     for row in rows:
         assert (row["up_bytes"], row["down_bytes"]) == (shape.up_bytes, shape.down_bytes)
         assert set(row["server"]) == {"h2d_s", "compute_s", "d2h_s"} and all(v > 0 for v in row["server"].values())
         assert row["measured_s"] > sum(row["server"].values())
+    slow, fast = rows  # the downlink paced at each rate in turn: the slow rate paces the KV down tens of ms slower
+    wire_gap = (shape.down_bytes + shape.up_bytes) * 8 / 1e9 * (1 / RATES[0] - 1 / RATES[1])
+    assert slow["measured_s"] - fast["measured_s"] > 0.25 * wire_gap  # about 0.5 measured; 100 Gbps alone would read ~0
+    assert fast["measured_s"] < 0.5 * shape.down_bytes * 8 / (RATES[0] * 1e9)  # its reply not paced at the first rate
     kept = {r["point"] for r in tiny_session.log.rows if r["stage"] == "composition_paced"}
     assert kept == {f"partially_aware_L{CONTEXT}_{g:g}gbps" for g in RATES}
+
+
+def test_validates_server_steps_a_paced_row_as_it_steps_a_real_decode(tiny_session, monkeypatch):
+    """What the spawned server runs for each paced sample (validate's _GpuState._step, spied on in
+    a server run in this process): the prompt, then two steps sending the KV back up."""
+    steps = []
+    validate_step = server._GpuState._step
+
+    def spy(self, header, tensors):
+        reply, out = validate_step(self, header, tensors)
+        steps.append((header["kv"], {k: v.shape for k, v in tensors.items()}, reply))
+        return reply, out
+
+    monkeypatch.setattr(server._GpuState, "_step", spy)
+    spec = tiny_session.spec
+    config = server.ServerConfig(model="tiny-llama", device="cpu", dtype="float32", link_gbps=RATES[0], rtt_s=0.0,
+                                 lifetime_s=120.0, idle_s=60.0, threads=1)
+    state = server._GpuState(config, None)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)  # as serve() sets it: the accept thread sees the stop
+    before = set(threading.enumerate())
+    runner = server._Server(config, state, listener, time.perf_counter() + 120.0, os.getppid())
+    thread = threading.Thread(target=runner.run, daemon=True)
+    thread.start()
+    port = listener.getsockname()[1]
+    assert control(port, Op.PACE, {"link_gbps": RATES[1]})["link_gbps"] == RATES[1]
+    assert runner.downlink.params.gbps == RATES[1]
+    prompt = np.random.default_rng(0).integers(0, spec.vocab_size, (1, CONTEXT - 2), dtype=np.int64)
+    composition_client.paced_step(Client(LinkParams(gbps=RATES[1], rtt_s=0.0), 60.0), port, prompt)
+    for bad in (0, -1.0, float("nan"), "fast", None):  # a bad rate answers with one line; the server lives on
+        with pytest.raises(ServerError, match="link_gbps"):
+            control(port, Op.PACE, {"link_gbps": bad})
+    assert runner.downlink.params.gbps == RATES[1]
+    control(port, Op.SHUTDOWN)
+    thread.join(30)
+    for extra in set(threading.enumerate()) - before:  # no thread of the server outlives it (a later fork needs one thread)
+        extra.join(30)
+        assert not extra.is_alive()
+
+    def kv_shape(tokens):
+        return (spec.num_layers, 2, 1, spec.num_kv_heads, tokens, spec.head_dim)
+
+    assert [st[1] for st in steps] == [{"ids": (1, CONTEXT - 2)}, {"ids": (1, 1), "kv": kv_shape(CONTEXT - 2)},
+                                       {"ids": (1, 1), "kv": kv_shape(CONTEXT - 1)}]
+    assert {st[0] for st in steps} == {"client"}
+    for *_, reply in steps:  # the server's copy time, split so the rows keep h2d and d2h apart
+        assert reply["copy_s"] == pytest.approx(reply["h2d_s"] + reply["d2h_s"], abs=1e-12)
 
 
 def test_a_paced_step_frames_again_the_kv_view_the_last_reply_left_and_times_the_step_after_a_step():
@@ -102,3 +151,13 @@ def test_a_paced_step_frames_again_the_kv_view_the_last_reply_left_and_times_the
     assert up0["ids"] is prompt and "kv" not in up0
     assert up1["ids"].tolist() == [[1]] and up2["ids"].tolist() == [[2]]  # each reply's argmax, as validate's decode takes it
     assert up1["kv"] is views[0] and up2["kv"] is views[1]  # the received views themselves: Client.request frames them again
+
+
+def test_a_paced_server_that_cannot_start_leaves_the_paced_rows_out_with_a_note(tiny_session, monkeypatch):
+    from djinnsim.validate import realrun
+
+    monkeypatch.setattr(realrun.ServerProcess, "start", lambda self, timeout_s: ("oom", "CUDA out of memory"))
+    notes = len(tiny_session.notes)
+    assert composition.run_composition(tiny_session, cost=None, link_gbps=100.0) == []
+    [note] = tiny_session.notes[notes:]
+    assert "paced rows' server process did not start (oom: CUDA out of memory)" in note and "paced_path not measured" in note

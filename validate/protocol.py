@@ -19,6 +19,7 @@ class Op(enum.IntEnum):
     RESET = 5  # drop sessions, free cached allocator blocks, reset peak-memory counters
     SAVE_WEIGHTS = 6  # write the resident weights to a safetensors file (serverless source)
     SHUTDOWN = 7
+    PACE = 8  # the downlink paced at header["link_gbps"] from the next reply on (calibrate's paced rows)
     REPLY = 64
     ERROR = 65
 

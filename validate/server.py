@@ -15,6 +15,7 @@ SHUTDOWN request, or when its parent goes away. It listens on 127.0.0.1 only.
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import socket
@@ -100,10 +101,8 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 class _Server:
-    def __init__(self, config: ServerConfig, state: "_GpuState", listener: socket.socket, deadline: float, parent: int,
-                 client_alive=lambda: True):
+    def __init__(self, config: ServerConfig, state: "_GpuState", listener: socket.socket, deadline: float, parent: int):
         self.config = config
-        self.client_alive = client_alive
         self.state = state
         self.listener = listener
         self.deadline = deadline
@@ -157,12 +156,15 @@ class _Server:
             try:
                 op, header, tensors, received_at, replies = self.requests.get(timeout=0.2)
             except queue.Empty:
-                if (time.perf_counter() - self.last_request_at > self.config.idle_s or os.getppid() != self.parent
-                        or not self.client_alive()):
+                if time.perf_counter() - self.last_request_at > self.config.idle_s or os.getppid() != self.parent:
                     return
                 continue
             self.last_request_at = time.perf_counter()
             try:
+                if op == Op.PACE:  # one server paced at each of calibrate's rates in turn
+                    self.downlink = linkemu.Pacer(linkemu.LinkParams(_rate(header), self.config.rtt_s))
+                    replies.put([wire.pack(Op.REPLY, {"link_gbps": self.downlink.params.gbps}, {})])
+                    continue
                 reply_header, reply_tensors = self.state.handle(Op(op), header, tensors, received_at)
                 replies.put([wire.pack(Op.REPLY, reply_header, reply_tensors)])
             except Exception as exc:  # a failed request answers with one line; the server lives on
@@ -181,22 +183,18 @@ def _drain(replies: queue.Queue, timeout_s: float) -> None:
     time.sleep(0.05)
 
 
-def serve_model(model, config: ServerConfig, listener: socket.socket, client_alive=lambda: True) -> None:
-    """This server's request handling around a model already built in the calling process, run in
-    the calling thread (connection threads do the socket I/O, as in a server process) until a
-    SHUTDOWN request, `config.idle_s` without a request, `config.lifetime_s`, or, while idle, once
-    `client_alive()` is false. calibrate's
-    composition stage times partially_aware's paced steps through it, so that the host path it
-    measures is the one validate's real runs take (the same framing, handoffs, pacer and copies)."""
-    state = _GpuState(config, None, model=model)
-    listener.settimeout(0.2)
-    _Server(config, state, listener, time.perf_counter() + config.lifetime_s, os.getppid(), client_alive).run()
+def _rate(header: dict) -> float:
+    """A PACE request's line rate in Gbps: a finite number above zero."""
+    gbps = header.get("link_gbps")
+    if isinstance(gbps, bool) or not isinstance(gbps, (int, float)) or not math.isfinite(gbps) or gbps <= 0:
+        raise ValueError(f"PACE needs link_gbps, a finite rate above zero (got {gbps!r})")
+    return float(gbps)
 
 
 class _GpuState:
     """The model, the sessions' KV caches and the handlers of each request type."""
 
-    def __init__(self, config: ServerConfig, memory_slots, model=None) -> None:
+    def __init__(self, config: ServerConfig, memory_slots) -> None:
         import torch
 
         from djinnsim.calibrate.modeling import build_model, resolve_dtype
@@ -216,9 +214,7 @@ class _GpuState:
         if self.cuda:
             torch.cuda.set_device(torch.device(config.device))
             torch.cuda.init()
-        if model is not None:  # built and warmed up by the process that hosts this state (serve_model)
-            self.model = model
-        elif config.resident:
+        if config.resident:
             self.model = build_model(self.spec, config.device, self.dtype)
             self._warm_up()
         else:
