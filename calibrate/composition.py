@@ -255,7 +255,9 @@ class BackendServer:
         self.port = self.listener.getsockname()[1]
         self.session_kv: list | None = None
 
-    def serve_forever(self, client_alive=lambda: True) -> None:
+    def serve_forever(self, client_alive=lambda: True, before_first=lambda: None) -> None:
+        """Until the client's STOP, or once it is gone; `before_first()` runs when its first
+        connection is accepted, before that request is read."""
         import torch
 
         self.listener.settimeout(1.0)
@@ -267,6 +269,8 @@ class BackendServer:
                     if not client_alive():
                         return
                     continue
+                before_first()
+                before_first = lambda: None  # noqa: E731
                 conn.settimeout(None)
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 with conn, torch.inference_mode():
@@ -330,7 +334,11 @@ def start_paced_server(s: Session, rates: list[float]):
     config = ServerConfig(model=model_key(s.spec), device=s.device, dtype=str(s.dtype).removeprefix("torch."),
                           link_gbps=rates[0], rtt_s=0.0, lifetime_s=PACED_LIFETIME_S, idle_s=PACED_IDLE_S, threads=threads)
     server = ServerProcess(multiprocessing.get_context("spawn"), config)
-    status, message = server.start(PACED_START_S)
+    try:
+        status, message = server.start(PACED_START_S)
+    except BaseException:  # Ctrl-C or a time limit's SIGTERM while it starts: not left running
+        server.stop()
+        raise
     if status == "ready":
         return server
     server.stop()
@@ -371,7 +379,10 @@ def run_composition(s: Session, cost: CostModel, link_gbps: float) -> list[dict]
             text=True,
         )
         try:
-            server.serve_forever(client_alive=lambda: client.poll() is None)
+            # the client shut the paced rows' server down before its first unpaced request: its
+            # process (model, CUDA context) is gone before that request is served
+            server.serve_forever(client_alive=lambda: client.poll() is None,
+                                 before_first=paced_server.stop if paced_server is not None else lambda: None)
             output, _ = client.communicate(timeout=60)
         finally:
             if client.poll() is None:

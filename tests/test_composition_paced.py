@@ -161,3 +161,46 @@ def test_a_paced_server_that_cannot_start_leaves_the_paced_rows_out_with_a_note(
     assert composition.run_composition(tiny_session, cost=None, link_gbps=100.0) == []
     [note] = tiny_session.notes[notes:]
     assert "paced rows' server process did not start (oom: CUDA out of memory)" in note and "paced_path not measured" in note
+
+
+def test_the_paced_rows_server_process_is_gone_before_the_first_unpaced_request(tiny_session, monkeypatch):
+    """The client shuts it down after the paced rows; its process (on a GPU: its model and CUDA
+    context) must have exited before the unpaced rows are served, not be tearing down beside them."""
+    started, at_unpaced = [], []
+    real_start, real_step = composition.start_paced_server, composition.BackendServer._step
+
+    def spy(s, rates):
+        started.append(real_start(s, rates))
+        return started[-1]
+
+    def step(self, backend, tensors):
+        at_unpaced.append(started[0].process.exitcode)
+        return real_step(self, backend, tensors)
+
+    monkeypatch.setattr(composition, "start_paced_server", spy)
+    monkeypatch.setattr(composition.BackendServer, "_step", step)
+    monkeypatch.setattr(composition, "predict_step_s", lambda *args: {"total": 1.0, "compute": 1.0})
+    session = dataclasses.replace(tiny_session, plan=dataclasses.replace(tiny_session.plan, composition_contexts=(CONTEXT,)))
+    rows = composition.run_composition(session, cost=None, link_gbps=100.0)
+    assert {row.get("paced_gbps") for row in rows} == {None, *RATES}
+    assert at_unpaced and set(at_unpaced) == {0}  # exited, by its own SHUTDOWN, before every unpaced step
+
+
+def test_a_paced_server_interrupted_while_it_starts_is_stopped(tiny_session, monkeypatch):
+    from djinnsim.validate import realrun
+
+    stopped = []
+    real_stop = realrun.ServerProcess.stop
+
+    def interrupted(self, timeout_s):
+        raise KeyboardInterrupt
+
+    def stop(self, timeout_s=10.0):
+        real_stop(self, timeout_s)
+        stopped.append(self.process.is_alive())
+
+    monkeypatch.setattr(realrun.ServerProcess, "start", interrupted)
+    monkeypatch.setattr(realrun.ServerProcess, "stop", stop)
+    with pytest.raises(KeyboardInterrupt):
+        composition.start_paced_server(tiny_session, list(RATES))
+    assert stopped == [False]
