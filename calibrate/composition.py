@@ -11,8 +11,8 @@ ServerProcess), its downlink paced at each rate in turn (Op.PACE), and driven by
 client: the path those rows measure is the one validate's real runs take, process included. Before
 H200 runs 12 and 13 they went through this module's BackendServer and a message the client framed
 once, outside the timing; in run 14 through validate's request handling inside this
-process, where the server's copies ran 3-10x faster than in validate's server process with the
-same handling (run 14: 13-16 ms against 47 ms at 104 tokens); see paced_path.
+process, where the server's copies ran about 3x faster than in validate's server process with the
+same handling (run 14: 13-16 ms against 47 ms at 104 tokens, 3.0-3.6x); see paced_path.
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def paced_path(rows: list[dict], cost: CostModel) -> list[tuple[float, float]] |
     against this module's single-threaded BackendServer, and took about 1.0 ms/MB beyond the wire
     where validate's real steps took 1.3 (run 13, L=104 at 25 Gbps; run 12 alike). In run 14 they
     went through validate's request handling inside this process and still read 0.24-0.27 ms/MB
-    below validate's real steps at every rate (2-100 Gbps), with the server's copies 3-10x faster
+    below validate's real steps at every rate (2-100 Gbps), with the server's copies 3.0-3.6x faster
     than validate's server process had them with the same handling: the process differed. Both changes
     came after the runs they answer (in-sample for runs 12-14); the next GPU run judges the last."""
     cap_Bps = (cost.stream_gbps() or math.inf) * 1e9
@@ -316,7 +316,7 @@ class BackendServer:
 
 PACED_LIFETIME_S = 1800.0  # bounds of the paced rows' server (it stops at the client's SHUTDOWN, or when this process is gone)
 PACED_IDLE_S = 300.0
-PACED_START_S = 600.0  # its imports, model build and warm-up
+PACED_START_S = 120.0  # its imports, then its model build and warm-up, each (H200 run 14: a 7B model built in 12 s)
 
 
 def start_paced_server(s: Session, rates: list[float]):
@@ -333,6 +333,7 @@ def start_paced_server(s: Session, rates: list[float]):
     threads = None if s.is_cuda else torch.get_num_threads()  # on the CPU, the threads this process steps with
     config = ServerConfig(model=model_key(s.spec), device=s.device, dtype=str(s.dtype).removeprefix("torch."),
                           link_gbps=rates[0], rtt_s=0.0, lifetime_s=PACED_LIFETIME_S, idle_s=PACED_IDLE_S, threads=threads)
+    s.free()  # the calibrating process's cached blocks returned before a second model is built beside its own
     server = ServerProcess(multiprocessing.get_context("spawn"), config)
     try:
         status, message = server.start(PACED_START_S)
