@@ -11,8 +11,10 @@ engine in events, measured with `PointResult.events` on the shipped scenarios (s
 - one request per token (round_trip token or op): 18 events per token (uplink, GPU step,
   downlink, host costs);
 - a local backend (native_pytorch): 3 per token;
-- one request per phase on a time-sliced GPU (processes stepping in turn, the Ray baselines): 4 per
-  token, 4.5 counted;
+- one request per phase on a time-sliced GPU (processes sharing it, the Ray baselines): none per
+  token since the executor shares the GPU as a fluid (14-25 events per agent of agents32, all in
+  its two calls, at N = 4-16,384), 0.1 counted (4.5 before: a 16,384-agent agents32 run warned of
+  4 minutes and took 5 s);
 - one request per phase otherwise (a phase's steps run as one pass of Djinn's server): none per
   token, 0.4 counted;
 - and about 20 per generate call (an agent's phase, a decode run: connection, prefill, ACT), 24 counted.
@@ -38,7 +40,7 @@ WARN_AFTER_S = 60.0
 
 EVENTS_PER_TOKEN_REMOTE = 18.0
 EVENTS_PER_TOKEN_LOCAL = 3.0
-EVENTS_PER_TOKEN_TIMESLICED = 4.5
+EVENTS_PER_TOKEN_TIMESLICED = 0.1
 EVENTS_PER_TOKEN_PHASE = 0.4
 EVENTS_PER_CALL = 24.0
 

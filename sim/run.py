@@ -108,6 +108,11 @@ class CostModels:
             )
         if meta.gpu_key == point.gpu.key:
             return ProfileCostModel(profile, point.model)
+        if meta.device == "cpu":  # no GPU to move from: transfer would fail on it
+            raise DjinnsimError(
+                f"calibration {path} was measured on the CPU and stands for no GPU, but the scenario asks "
+                f"{point.gpu.key}; use it with `djinnsim validate --device cpu`, or set cost_model: roofline"
+            )
         if mode == "transfer":
             if meta.gpu_key is None:
                 raise DjinnsimError(f"calibration {path}: GPU {meta.gpu_name!r} has no datasheet to transfer from")
@@ -226,6 +231,8 @@ def _simulate_and_write(scenario: Scenario, calibration: Path | None, folder: Ou
         from rich.console import Console
 
         console = Console(stderr=False)
+        if not console.is_terminal:  # piped or logged: rich's 80 columns would cut the points' names short
+            console = Console(stderr=False, width=170)
     points = expand_points(scenario)
     if not points:
         raise DjinnsimError(f"scenario {scenario.name!r} expanded to no points")

@@ -49,7 +49,7 @@ def test_a_cpu_profile_says_it_predicts_no_gpu(tmp_path):
                                "workload": {"kind": "decode", "runs": 2, "warmup_runs": 0, "new_tokens": 2}})
     # a CPU profile has no GPU of its own: a run refuses it for a GPU, and warns whenever it reads it
     models = CostModels(scenario.model_copy(update={"cost_model": "profile"}), path)
-    with pytest.raises(DjinnsimError, match="measured on cpu"):
+    with pytest.raises(DjinnsimError, match="measured on the CPU and stands for no GPU"):
         models.for_point(expand_points(scenario)[0])
     assert any("measured on a CPU" in w and "not predictions for any GPU" in w for w in models.warnings)
     assert simulate_scenario(scenario).warnings == []  # the roofline run never read it
@@ -89,4 +89,17 @@ def test_a_profile_of_another_gpu_names_its_gpu_and_key(tmp_path):
     scenario = parse_scenario({"name": "c", "backends": ["full_djinn"], "gpu": other, "cost_model": "profile",
                                "workload": {"kind": "decode", "runs": 2, "warmup_runs": 0, "new_tokens": 2}})
     with pytest.raises(DjinnsimError, match=re.escape(f"measured on {meta.gpu_name} ({meta.gpu_key}), but the scenario asks {other};")):
+        simulate_scenario(scenario, path)
+
+
+@pytest.mark.parametrize("cost_model", ["profile", "transfer"])
+def test_a_cpu_profile_on_a_gpu_scenario_points_to_validate_not_to_a_transfer_it_cannot_make(tmp_path, cost_model):
+    """A CPU profile stands for no GPU: a GPU scenario refuses it in one line that names what it serves
+    (validate --device cpu), not a transfer that would fail next for want of a datasheet."""
+    profile = make_profile()
+    meta = profile.metadata.model_copy(update={"device": "cpu", "gpu_name": "cpu: Intel Xeon", "gpu_key": None})
+    path = save_profile(profile.model_copy(update={"metadata": meta}), tmp_path / "p.json")
+    scenario = parse_scenario({"name": "c", "backends": ["full_djinn"], "gpu": "h100-80gb", "cost_model": cost_model,
+                               "workload": {"kind": "decode", "runs": 2, "warmup_runs": 0, "new_tokens": 2}})
+    with pytest.raises(DjinnsimError, match=r"measured on the CPU and stands for no GPU.*validate --device cpu"):
         simulate_scenario(scenario, path)
