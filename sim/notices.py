@@ -52,6 +52,12 @@ def roofline_fallback(model_id: str, gpu_name: str) -> str:
             "predictions from measurements; compare them only with other roofline points")
 
 
+def scheduler_across_processes(backend: str, own: str, override: str) -> str:
+    return (f"server.scheduler: {override} replaces {backend}'s {own}, though its agents run in separate "
+            "processes, each with its own model copy: no real GPU batches or queues separate processes as one "
+            f"server does, so {backend}'s times here are not that design's")
+
+
 def cpu_profile(path: str) -> str:
     return (f"the profile {path} was measured on a CPU: it tests the pipeline, and its times are not "
             "predictions for any GPU")

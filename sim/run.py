@@ -16,6 +16,7 @@ import numpy as np
 
 from djinnsim.errors import DjinnsimError
 
+from .backends import get_backend
 from .costmodel import CostModel, ProfileCostModel, RooflineCostModel, transfer_profile
 from . import notices
 from .estimate import check_workload
@@ -168,6 +169,11 @@ def simulate_scenario(scenario: Scenario, calibration: Path | None = None, seed:
     if on_point is not None and not streamed:
         results = [on_point(result) for result in results]
     warnings = list(models.warnings)
+    override = scenario.server.scheduler
+    for name in scenario.backends:
+        backend = get_backend(name, scenario.custom_backends)
+        if override and override != backend.scheduler and backend.weights != "shared" and not override.startswith("time_sliced"):
+            warnings.append(notices.scheduler_across_processes(name, backend.scheduler, override))
     outside: dict[str, list[str]] = {}
     for result in results:
         for item in result.out_of_range:

@@ -103,3 +103,18 @@ def test_a_cpu_profile_on_a_gpu_scenario_points_to_validate_not_to_a_transfer_it
                                "workload": {"kind": "decode", "runs": 2, "warmup_runs": 0, "new_tokens": 2}})
     with pytest.raises(DjinnsimError, match=r"measured on the CPU and stands for no GPU.*validate --device cpu"):
         simulate_scenario(scenario, path)
+
+
+def test_a_server_scheduler_that_batches_separate_processes_is_named_once_per_backend():
+    """server.scheduler overrides every backend's policy; where the backend's agents are separate
+    processes with their own model copies (Ray keep-alive, serverless), batching or queueing them as one
+    server is not what a GPU does: the run says so, and says nothing for a shared-weights backend."""
+    doc = {"name": "s", "backends": ["ray_keepalive", "ray_serverless", "djinn"], "gpu": "h100-80gb",
+           "cost_model": "roofline", "server": {"scheduler": "continuous_batching"},
+           "workload": {"kind": "agents", "agents": [2], "reason": {"input_tokens": 8, "new_tokens": 2},
+                        "act": {"kind": "fixed", "seconds": 0.1}, "reflect": {"input_tokens": 4, "new_tokens": 2}}}
+    warnings = simulate_scenario(parse_scenario(doc)).warnings
+    named = [w for w in warnings if w.startswith("server.scheduler: continuous_batching replaces")]
+    assert [w.split()[3] for w in named] == ["ray_keepalive's", "ray_serverless's"]
+    doc["server"] = {"scheduler": "time_sliced"}
+    assert not [w for w in simulate_scenario(parse_scenario(doc)).warnings if w.startswith("server.scheduler")]
