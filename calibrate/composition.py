@@ -406,8 +406,14 @@ def run_composition(s: Session, cost: CostModel, link_gbps: float) -> list[dict]
             rows.append({"backend": backend, "seq_len": seq_len, "paced_gbps": gbps, "measured_s": total.p50,
                          "server": server_side, "up_bytes": shape.up_bytes, "down_bytes": shape.down_bytes})
             wire_s = (shape.up_bytes + shape.down_bytes) / (gbps * 1e9 / 8)
+            faults = {k: int(np.median([m[k] for m in got["server"]])) for k in ("h2d_faults", "d2h_faults")
+                      if all(k in m for m in got["server"])}
             s.say(f"composition {backend:15} L={seq_len:>5} paced at {gbps:g} Gbps: measured {total.describe()}; "
-                  f"the paced wire alone {wire_s * 1e3:.2f} ms, the server {sum(server_side.values()) * 1e3:.2f} ms")
+                  f"the paced wire alone {wire_s * 1e3:.2f} ms, the server {sum(server_side.values()) * 1e3:.2f} ms "
+                  f"(h2d {server_side['h2d_s'] * 1e3:.2f}, compute {server_side['compute_s'] * 1e3:.2f}, "
+                  f"d2h {server_side['d2h_s'] * 1e3:.2f} ms"
+                  + (f"; its process's page faults h2d {faults['h2d_faults']}, d2h {faults['d2h_faults']}, "
+                     f"of {(shape.up_bytes + shape.down_bytes) // 4096} pages both ways" if len(faults) == 2 else "") + ")")
             s.advance(1)
             continue
         s.log.add_timing("composition", f"{backend}_L{seq_len}", total.samples_s, context=seq_len)

@@ -77,7 +77,7 @@ def paced_step(client, port: int, prompt: np.ndarray) -> tuple[float, dict]:
     timed), then the step that does the same with the KV the last reply left (a view into the
     buffer just received, framed again), timed from issue to the reply read: as in validate's
     decode, the timed request follows a step. Returns (its seconds, the server's h2d, compute and
-    d2h seconds)."""
+    d2h seconds, and the minor page faults of its process during each copy where it counts them)."""
     from djinnsim.sim.backends import get_backend
     from djinnsim.validate.clients import step_header
     from djinnsim.validate.protocol import Op
@@ -87,7 +87,9 @@ def paced_step(client, port: int, prompt: np.ndarray) -> tuple[float, dict]:
     for last in (False, True):
         nxt = ex.tensors["logits"][:, -1].argmax(-1).reshape(-1, 1).astype(np.int64)
         ex = client.request(port, Op.STEP, step_header(backend, "0", last), {"ids": nxt, "kv": ex.tensors["kv"]})
-    return ex.finished_at - ex.issued_at, {k: float(ex.header[k]) for k in ("h2d_s", "compute_s", "d2h_s")}
+    marks = {k: float(ex.header[k]) for k in ("h2d_s", "compute_s", "d2h_s")}
+    marks.update({k: float(ex.header[k]) for k in ("h2d_faults", "d2h_faults") if k in ex.header})
+    return ex.finished_at - ex.issued_at, marks
 
 
 def paced(port: int | None, model: str, paced_gbps: list[float], paced_contexts: list[int], repeat: int) -> None:

@@ -59,7 +59,11 @@ def test_the_paced_rows_are_validate_steps_served_by_a_validate_server_process(t
 
     monkeypatch.setattr(composition, "start_paced_server", spy)
     monkeypatch.setattr(composition.BackendServer, "_step", refuse)
+    said = []
+    monkeypatch.setattr(tiny_session, "say", said.append)
     rows = composition.run_composition(tiny_session, cost=None, link_gbps=100.0)
+    paced_lines = [line for line in said if "paced at" in line]  # each row names its server's copies and page faults
+    assert len(paced_lines) == len(RATES) and all("d2h" in line and "page faults h2d" in line for line in paced_lines)
 
     [(pid, alive, info)] = started  # one process of its own for every rate, up before the rows
     assert alive and pid != os.getpid() and info
@@ -123,6 +127,7 @@ def test_validates_server_steps_a_paced_row_as_it_steps_a_real_decode(tiny_sessi
     assert {st[0] for st in steps} == {"client"}
     for *_, reply in steps:  # the server's copy time, split so the rows keep h2d and d2h apart
         assert reply["copy_s"] == pytest.approx(reply["h2d_s"] + reply["d2h_s"], abs=1e-12)
+        assert all(isinstance(reply[k], int) and reply[k] >= 0 for k in ("h2d_faults", "d2h_faults"))
 
 
 def test_a_paced_step_frames_again_the_kv_view_the_last_reply_left_and_times_the_step_after_a_step():

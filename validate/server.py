@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 
 from djinnsim.calibrate import wire
+from djinnsim.calibrate.kv_cycle import minor_faults
 
 from djinnsim.common import linkemu
 from .protocol import Op
@@ -301,6 +302,7 @@ class _GpuState:
         from djinnsim.calibrate.modeling import cache_from_tensors, cache_tensors, forward
 
         torch = self.torch
+        faults = minor_faults()
         t0 = time.perf_counter()
         ids = self._to_device(tensors["ids"])
         cache = None
@@ -311,6 +313,7 @@ class _GpuState:
             cache = self.sessions.pop(header["s"], None)
         self._sync()
         h2d_s, h2d = time.perf_counter() - t0, sum(a.nbytes for a in tensors.values())
+        h2d_faults, faults = minor_faults() - faults, minor_faults()
         t0 = time.perf_counter()
         compute = header["compute"]
         keep_all = header["logits"] == "all"
@@ -322,6 +325,7 @@ class _GpuState:
             logits, cache = forward(self.model, ids, cache, last_logits_only=not keep_all)
         self._sync()
         compute_s = time.perf_counter() - t0
+        faults = minor_faults()
         t0 = time.perf_counter()
         out = {}
         if header["logits"] != "none":
@@ -332,9 +336,10 @@ class _GpuState:
             self.sessions[header["s"]] = cache
         del cache
         d2h_s = time.perf_counter() - t0
+        d2h_faults = minor_faults() - faults  # the process's first touches of fresh host pages, every thread
         d2h = sum(a.nbytes for a in out.values())
         return {"compute_s": compute_s, "copy_s": h2d_s + d2h_s, "h2d_s": h2d_s, "d2h_s": d2h_s,
-                "h2d": h2d, "d2h": d2h}, out
+                "h2d": h2d, "d2h": d2h, "h2d_faults": h2d_faults, "d2h_faults": d2h_faults}, out
 
     def _generate(self, header: dict, tensors: dict) -> tuple[dict, dict]:
         """One generate call: (load weights,) prefill what is new, greedy-decode new_tokens."""
