@@ -365,7 +365,6 @@ def run_composition(s: Session, cost: CostModel, link_gbps: float) -> list[dict]
     paced_server = start_paced_server(s, rates) if rates else None
     if paced_server is None:
         rates = []
-    server = None
     try:
         server = BackendServer(s)
         client = subprocess.Popen(

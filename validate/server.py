@@ -313,7 +313,7 @@ class _GpuState:
             cache = self.sessions.pop(header["s"], None)
         self._sync()
         h2d_s, h2d = time.perf_counter() - t0, sum(a.nbytes for a in tensors.values())
-        h2d_faults, faults = minor_faults() - faults, minor_faults()
+        h2d_faults = minor_faults() - faults
         t0 = time.perf_counter()
         compute = header["compute"]
         keep_all = header["logits"] == "all"
